@@ -1,0 +1,23 @@
+"""Pure nn.Modules for the supported model families; never imports peft/ or train/."""
+
+from .attention import KVCache
+from .config import MLAArgs, MoEArgs, ModelArgs, RopeArgs
+from .families import FAMILIES, model_args_from_hf, register_family
+from .loading import build_random_model, load_model, read_hf_config
+from .transformer import CausalLM, CausalLMOutput
+
+__all__ = [
+    "CausalLM",
+    "CausalLMOutput",
+    "FAMILIES",
+    "KVCache",
+    "MLAArgs",
+    "MoEArgs",
+    "ModelArgs",
+    "RopeArgs",
+    "build_random_model",
+    "load_model",
+    "model_args_from_hf",
+    "read_hf_config",
+    "register_family",
+]

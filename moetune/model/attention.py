@@ -1,0 +1,131 @@
+"""Grouped-query attention on ``F.scaled_dot_product_attention``, with an optional KV cache.
+
+Shapes: B batch, T query tokens, S key tokens, D model dim, H query heads, K kv heads, Dh head dim.
+The projections are injected (``q_proj`` ... ``o_proj``), so LoRA replaces leaves and never
+subclasses attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import RMSNorm, apply_rope
+
+
+class KVCache:
+    """Keys and values of earlier positions, per layer, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.layers:
+            old_k, old_v = self.layers[layer]
+            k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, RoPE, optional q/k RMSNorm (per head or full width)."""
+
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        o_proj: nn.Module,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+        qk_norm: str | None = None,
+        clip_qkv: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.qk_norm = qk_norm
+        self.clip_qkv = clip_qkv
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        B, T, _ = x.shape
+        q = q.view(B, T, -1, self.head_dim)
+        k = k.view(B, T, -1, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3 normalises each head
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(B, T, -1, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, D); mask: bool (B, 1, T, S) True = attend, or None for plain causal."""
+        q, k, v = self._project(x)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = sdpa(q, k, v, mask=mask, scale=self.head_dim**-0.5)
+        B, T = x.shape[:2]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """SDPA with GQA; causal when ``mask`` is None (only valid when T == S)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def build_mask(
+    *,
+    batch: int,
+    q_len: int,
+    past: int,
+    device: torch.device,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor | None:
+    """Bool mask (B, 1, T, S), or None when plain causal attention is exact.
+
+    Keys are visible when causal, not padding, in the same packed segment and inside the sliding
+    window. Each query may always see itself, so rows of padding queries never become all-masked
+    (SDPA would return NaN there, and NaN poisons gradients even where the loss ignores it).
+    """
+    if attention_mask is None and segment_ids is None and window is None and past == 0:
+        return None
+    s_len = past + q_len
+    qi = torch.arange(past, s_len, device=device)[:, None]
+    kj = torch.arange(s_len, device=device)[None, :]
+    allowed = (kj <= qi)[None]
+    if window is not None:
+        allowed = allowed & (qi - kj < window)[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, -s_len:].bool()
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    allowed = allowed | (qi == kj)[None]
+    return allowed.expand(batch, q_len, s_len).unsqueeze(1)

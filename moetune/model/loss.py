@@ -1,0 +1,66 @@
+"""Chunked causal-LM cross-entropy.
+
+Full fp32 logits for a long batch are the largest activation in LoRA training: at vocab 151936
+and 8192 tokens they take 151936 * 8192 * 4 B = 4.6 GiB, plus the same again for their gradient
+(and 2.3 GiB more for a bf16 copy). Here the LM head and the loss run on chunks of
+``chunk_size`` tokens (default 1024) under activation checkpointing: the forward keeps only each
+chunk's scalar loss, and the backward recomputes one chunk's logits at a time. Peak logits memory
+is ``chunk_size * vocab * 4`` bytes - 0.58 GiB for 1024 tokens at vocab 151936, an 8x saving at
+8192 tokens (16x counting the gradient), for the price of one extra LM-head matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts labels[t+1]; the last position predicts nothing."""
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    return torch.cat((labels[:, 1:], pad), dim=1)
+
+
+def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean token cross-entropy of ``head(hidden)`` against shifted ``labels``.
+
+    Args:
+        head: maps (n, D) hidden states to (n, V) logits (the LM head, possibly with LoRA).
+        hidden: (B, T, D) final hidden states.
+        labels: (B, T) token ids, -100 where no loss is taken; shifted here.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        Scalar mean over counted tokens (0 with a gradient path if none count).
+    """
+    targets = shift_labels(labels).reshape(-1)
+    keep = targets != IGNORE_INDEX
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    targets = targets[keep]
+    count = targets.numel()
+    if count == 0:
+        return hidden.sum() * 0.0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_size):
+        part_h, part_t = h[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, head, part_h, part_t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(head, part_h, part_t)
+    return total / count

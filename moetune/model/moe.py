@@ -1,0 +1,167 @@
+"""Mixture-of-Experts FFN: router, token dispatch, grouped experts, shared experts, aux loss.
+
+Legend: N tokens (B*T flattened), D model dim, F expert hidden, E experts, k experts per token,
+R = N*k routed rows. Expert weights are 3D ``(E, out, in)``: ``gate_up_proj`` (E, 2F, D) with gate
+rows first, ``down_proj`` (E, D, F) - the same layout and names as transformers 5 in memory, so
+module paths in adapter files match PEFT's.
+
+Dispatch sorts the R rows by expert once per layer; the experts module sees only sorted rows and
+int32 cumulative ``offsets``, which is all a grouped GEMM (and an expert LoRA) needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouped import grouped_linear, grouped_linear_loop
+from .layers import ACTIVATIONS, SwiGLU
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing sums for the load-balancing loss and for metrics.
+
+    Attributes:
+        counts: (E,) number of routed rows per expert (non-padding tokens only).
+        prob_sum: (E,) sum of router probabilities over non-padding tokens (carries gradient).
+        tokens: number of non-padding tokens.
+    """
+
+    counts: torch.Tensor
+    prob_sum: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (N, k) combine weights
+    experts: torch.Tensor  # (N, k) expert ids
+    probs: torch.Tensor  # (N, E) fp32 probabilities (for the aux loss)
+
+
+class TopKRouter(nn.Module):
+    """Softmax over E logits, top-k, optional renormalisation of the k weights."""
+
+    def __init__(self, *, dim: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return Routing(weights=top.to(x.dtype), experts=idx, probs=probs)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as 3D weights, computed with grouped GEMMs on expert-sorted rows."""
+
+    def __init__(self, *, num_experts: int, dim: int, hidden: int, act: str = "silu", use_loop: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, F)
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.act_name = act
+        self.act = ACTIVATIONS[act]
+        self.use_loop = use_loop  # reference path for tests
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return (grouped_linear_loop if self.use_loop else grouped_linear)(x, weight, offsets)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:
+        """x (R, D) sorted by expert; offsets (E,) int32; token_index (R,) token of each row -> (R, D)."""
+        gate, up = self.linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        return self.linear(self.act(gate) * up, self.down_proj, offsets)
+
+
+@dataclass
+class Dispatch:
+    order: torch.Tensor  # (R,) position in the flat (N*k) list of each sorted row
+    token_index: torch.Tensor  # (R,) token of each sorted row
+    offsets: torch.Tensor  # (E,) int32 cumulative ends
+    counts: torch.Tensor  # (E,) rows per expert
+
+
+def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
+    """Sort the (N, k) expert choices by expert id (stable, so ties keep token order)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return Dispatch(order=order, token_index=order // experts.shape[1], offsets=offsets, counts=counts)
+
+
+def combine(rows: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's k expert outputs; (R, D) sorted rows -> (N, D).
+
+    Rows are put back in (N, k) order and summed over k instead of ``index_add_`` so the result
+    is deterministic on GPU (no atomics) and matches the reference summation order.
+    """
+    N, k = weights.shape
+    unsorted = torch.empty_like(rows)
+    unsorted[d.order] = rows
+    return (unsorted.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
+    if token_mask is None:
+        return RouterStats(counts=counts.float(), prob_sum=routing.probs.sum(0), tokens=routing.probs.new_tensor(routing.probs.shape[0]))
+    m = token_mask.float()
+    counts = torch.zeros_like(routing.probs[0]).scatter_add_(0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1]))
+    return RouterStats(counts=counts, prob_sum=(routing.probs * m[:, None]).sum(0), tokens=m.sum())
+
+
+class MoEBlock(nn.Module):
+    """Routed experts plus optional shared expert(s) (with Qwen2-MoE's sigmoid gate)."""
+
+    def __init__(
+        self,
+        *,
+        gate: nn.Module,
+        experts: GroupedExperts,
+        shared_expert: SwiGLU | None = None,
+        shared_expert_gate: nn.Linear | None = None,
+        shared_name: str = "shared_expert",
+    ) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.shared_name = shared_name
+        if shared_expert is not None:
+            setattr(self, shared_name, shared_expert)  # HF module names: shared_expert / shared_experts
+        self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, x: torch.Tensor, *, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        """x (B, T, D); token_mask (B*T,) 1 for real tokens -> (B, T, D) and routing stats."""
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        routing = self.gate(h)
+        d = dispatch(routing.experts, self.experts.num_experts)
+        rows = self.experts(h[d.token_index], d.offsets, token_index=d.token_index)
+        out = combine(rows, d, routing.weights)
+        shared = getattr(self, self.shared_name, None)
+        if shared is not None:
+            s = shared(h)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(h)) * s
+            out = out + s
+        return out.view(shape), router_stats(routing, d.counts, token_mask)
+
+
+def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss over all MoE layers, padding excluded.
+
+    ``E * sum_e f_e * P_e`` with f_e = routed rows to e / tokens and P_e = mean probability of e,
+    both pooled over layers - the same value transformers returns as ``aux_loss``.
+    """
+    counts = torch.stack([s.counts for s in stats]).sum(0)
+    probs = torch.stack([s.prob_sum for s in stats]).sum(0)
+    tokens = torch.stack([torch.as_tensor(s.tokens, device=counts.device) for s in stats]).sum().clamp_min(1)
+    return num_experts * torch.sum((counts / tokens) * (probs / tokens))

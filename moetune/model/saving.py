@@ -1,0 +1,100 @@
+"""Write a native model as a Hugging Face checkpoint folder that transformers loads.
+
+Expert tensors are written per expert, the layout transformers 5 itself writes, so any version
+that reads its own checkpoints reads ours. Files are written to a temporary folder next to the
+destination and moved into place only when complete: an interrupted save never leaves a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .hf import KeyMap
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def native_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Base-model parameters under their native names, looking through adapter wrappers.
+
+    An adapter wrapper is any module with a ``base_layer`` and an ``adapter_params()`` method; its
+    own parameters are skipped and the wrapped layer's are reported under the wrapper's name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if hasattr(model, "base_layer") and callable(getattr(model, "adapter_params", None)):
+        return native_state_dict(model.base_layer, prefix)
+    for name, p in model.named_parameters(recurse=False):
+        out[prefix + name] = p
+    for name, child in model.named_children():
+        out.update(native_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def checkpoint_tensors(model: nn.Module, family: str, *, tied: bool) -> dict[str, torch.Tensor]:
+    keymap = KeyMap(family)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in native_state_dict(model).items():
+        if tied and name == "lm_head.weight":
+            continue
+        for key, t in keymap.export(name, tensor.detach()):
+            tensors[key] = t.to("cpu").contiguous()
+    return tensors
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> Path:
+    """Write config.json and safetensors shards (with an index when sharded) to ``out_dir``."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    tensors = checkpoint_tensors(model, args.family, tied=args.tie_word_embeddings)
+    shards = _shards(tensors, max_shard_size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = dict(args.hf_config)
+        config["dtype"] = DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; an existing folder is swapped out, then removed."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
