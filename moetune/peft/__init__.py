@@ -1,0 +1,1 @@
+"""Adapters (LoRA family, mixtures) on top of the native models; imports model/, never the reverse."""

@@ -1,0 +1,140 @@
+"""The adapter protocol shared by every adapter layer, and per-sample adapter selection.
+
+An adapter layer wraps one base module (``base_layer``) and holds any number of named adapters.
+Everything above it (injection, files, optimizers, merging) talks to it only through
+:class:`AdapterLayer`, never by parameter-name patterns.
+
+Which adapters run on which tokens:
+- by default every name in ``active`` runs on every token (normally one);
+- inside :func:`disable_adapters` none run;
+- when the forward was called with ``adapter_names`` (one per sample), each token runs only the
+  adapter its sample named (None = base only), so one batch can mix adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..model.context import current_context
+
+
+class AdapterLayer(nn.Module):
+    """Base class of adapter wrappers. Subclasses implement the abstract methods below."""
+
+    base_layer: nn.Module
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active: list[str] = []
+        self.disabled = False
+        self.merged: list[str] = []
+
+    # --- protocol -------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def add_adapter(self, name: str, config, *, parts: set[str] | None = None) -> None:
+        """Create adapter ``name`` from a LoraConfig (and initialise it).
+
+        ``parts`` restricts an expert layer to some projections (``gate_proj``, ``up_proj``,
+        ``down_proj``); plain linears ignore it.
+        """
+        raise NotImplementedError
+
+    def peft_config_targets(self, module_path: str) -> dict[str, list[str]]:
+        """How PEFT's adapter_config.json names this layer: ``{"target_modules": [...]}`` or
+        ``{"target_parameters": [...]}``."""
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        """(local name, parameter) of one adapter, or of all adapters when ``name`` is None."""
+        raise NotImplementedError
+
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights (inference only)."""
+        raise NotImplementedError
+
+    def unmerge(self, name: str) -> None:
+        raise NotImplementedError
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter tensors as PEFT stores them, keyed by the suffix after the module path."""
+        raise NotImplementedError
+
+    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+        """Inverse of :meth:`peft_tensors`; shape errors name ``where`` and the tensor."""
+        raise NotImplementedError
+
+    # --- shared helpers -------------------------------------------------------------------
+    def running(self) -> list[str]:
+        """Adapters that may run in this forward (unmerged, not disabled)."""
+        if self.disabled:
+            return []
+        ctx = current_context()
+        if ctx is not None and ctx.adapter_names is not None:
+            wanted = {n for n in ctx.adapter_names if n is not None}
+            return [n for n in self.adapter_names if n in wanted and n not in self.merged]
+        return [n for n in self.active if n not in self.merged]
+
+    def sample_mask(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """(B,) bool mask of samples that use ``name``, or None when all samples do."""
+        ctx = current_context()
+        if ctx is None or ctx.adapter_names is None:
+            return None
+        key = ("sample_mask", name, device)
+        if key not in ctx.extras:
+            ctx.extras[key] = torch.tensor([n == name for n in ctx.adapter_names], device=device)
+        return ctx.extras[key]
+
+    def token_mask(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Mask broadcastable to ``x`` (B, T, ...) or (N, ...) selecting tokens of ``name``'s samples."""
+        samples = self.sample_mask(name, x.device)
+        if samples is None:
+            return None
+        ctx = current_context()
+        if x.dim() >= 3 and x.shape[0] == ctx.batch_size:
+            return samples.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        per_token = samples[ctx.sample_of_token(x.device)]
+        return per_token.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+# base module type -> adapter wrapper class; lora.py and experts.py register themselves.
+WRAPPERS: dict[type, type[AdapterLayer]] = {}
+
+
+def register_wrapper(base_type: type, wrapper: type[AdapterLayer]) -> None:
+    WRAPPERS[base_type] = wrapper
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model only, inside the block."""
+    layers = [m for _, m in adapter_layers(model)]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.disabled = p
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    for _, m in adapter_layers(model):
+        m.active = [n for n in names if n in m.adapter_names]
