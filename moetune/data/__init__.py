@@ -1,0 +1,37 @@
+"""Data: JSONL rows -> token ids, loss masks, packing, collation, resumable batch order.
+
+Typical use::
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    splits = build_datasets(cfg.data, tokenizer)
+    loader = make_train_loader(splits.train, batch_size=cfg.optim.batch_size,
+                               max_length=cfg.data.max_length, packing=cfg.data.packing,
+                               pad_id=tokenizer.pad_id, seed=cfg.seed)
+    for batch, state in loader.iter_from(SamplerState.from_dict(saved) if saved else None):
+        ...  # save state.to_dict() with the checkpoint to resume after this batch
+"""
+
+from moetune.data.collate import Collator
+from moetune.data.dataset import (
+    BatchLoader,
+    DataReport,
+    DataSplits,
+    ResumableSampler,
+    SamplerState,
+    build_datasets,
+    eval_batches,
+    make_train_loader,
+    split_rows,
+)
+from moetune.data.examples import IGNORE, Example, encode_row, tokenize_row
+from moetune.data.formats import ChatRow, InstructionRow, LoadedRows, Row, TextRow, detect_format, load_rows
+from moetune.data.packing import pack_examples, packing_efficiency
+from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer, load_tokenizer
+
+__all__ = [
+    "IGNORE", "BatchLoader", "ByteTokenizer", "ChatEncoding", "ChatRow", "Collator", "DataReport",
+    "DataSplits", "Example", "InstructionRow", "LoadedRows", "ResumableSampler", "Row", "SamplerState",
+    "TextRow", "Tokenizer", "build_datasets", "detect_format", "encode_row", "eval_batches",
+    "load_rows", "load_tokenizer", "make_train_loader", "pack_examples", "packing_efficiency",
+    "split_rows", "tokenize_row",
+]
