@@ -41,7 +41,97 @@ def _add_demo(sub) -> None:
     p.set_defaults(handler=_cmd_demo)
 
 
-SUBCOMMANDS: list[Callable] = [_add_demo, _add_inspect]
+def _cmd_train(ns: argparse.Namespace) -> None:
+    from .config import dump_config, load_train_config
+    from .train.trainer import train
+
+    config = load_train_config(ns.config, ns.overrides)
+    if ns.print_config:
+        print(dump_config(config), end="")
+        return
+    result = train(config, resume=ns.resume)
+    print(result.summary())
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train adapter(s) from a YAML config", description="Train LoRA-family adapters as a YAML config says. Override any key with key.sub=value.")
+    p.add_argument("config", help="YAML run config (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4 adapter.r=16")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH", help="resume from the latest checkpoint of this run, or from PATH")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _model_args(p, *, adapter_required: bool = False) -> None:
+    p.add_argument("--model", required=True, help="base model folder (Hugging Face layout)")
+    p.add_argument("--adapter", required=adapter_required, help="adapter folder (PEFT layout)")
+    p.add_argument("--tokenizer", help="'byte' or a tokenizer folder (default: the model folder's, else byte)")
+
+
+def _cmd_eval(ns: argparse.Namespace) -> None:
+    from .workflows import evaluate_file
+
+    print(evaluate_file(ns.model, ns.data, adapter=ns.adapter, tokenizer=ns.tokenizer, max_length=ns.max_length, batch_size=ns.batch_size).summary())
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss / perplexity of base or base+adapter on a JSONL file", description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows).")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="JSONL file")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_generate(ns: argparse.Namespace) -> None:
+    from .model.generate import SamplingConfig
+    from .workflows import generate_text
+
+    sampling = SamplingConfig(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, seed=ns.seed)
+    for text in generate_text(ns.model, ns.prompt, adapter=ns.adapter, tokenizer=ns.tokenizer, chat=not ns.raw, sampling=sampling):
+        print(text)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (greedy or sampled, KV cache)", description="Continue prompts with the base model or base + adapter.")
+    _model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(handler=_cmd_generate)
+
+
+def _cmd_merge(ns: argparse.Namespace) -> None:
+    from .workflows import merge_to_checkpoint
+
+    print(f"merged checkpoint written to {merge_to_checkpoint(ns.model, ns.adapter, ns.out)}")
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into the base; write a Hugging Face checkpoint", description="Merge an adapter into the base weights and save a plain Hugging Face checkpoint.")
+    _model_args(p, adapter_required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(handler=_cmd_merge)
+
+
+def _cmd_export(ns: argparse.Namespace) -> None:
+    from .workflows import export_adapter
+
+    print(f"adapter written to {export_adapter(ns.model, ns.adapter, ns.out, layout=ns.layout)} ({ns.layout} layout)")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="re-save an adapter in PEFT or per-expert (vLLM) layout", description="Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).")
+    _model_args(p, adapter_required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layout", choices=["peft", "per_expert"], default="peft")
+    p.set_defaults(handler=_cmd_export)
+
+
+SUBCOMMANDS: list[Callable] = [_add_train, _add_eval, _add_generate, _add_merge, _add_export, _add_inspect, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,140 @@
+"""``moetune demo``: the whole workflow on a tiny MoE, on CPU, in a few minutes, nothing downloaded.
+
+1. Build a tiny Qwen3-MoE-shaped model and give it a base skill by training all its weights on
+   built-in data: ``copy: <word>`` and ``lower: <word>`` (mixed-case words).
+2. Save it as a Hugging Face checkpoint, the way a user's own base model arrives.
+3. Show that it cannot do a new task, ``upper: <word>``, on held-out words.
+4. LoRA-fine-tune it (attention + routed experts) with the regular trainer from a regular config,
+   on ``upper:`` examples written as JSONL, exactly as ``moetune train`` would.
+5. Reload base + saved adapter and measure the task accuracy again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, from_dict
+from .data import ByteTokenizer, make_train_loader, tokenize_row
+from .data.formats import InstructionRow
+from .model import build_random_model, load_model
+from .model.config import MoEArgs, ModelArgs
+from .model.generate import generate
+from .peft.io import load_adapter
+from .train.trainer import train
+
+LETTERS = string.ascii_lowercase
+
+
+def tiny_moe_args(vocab_size: int) -> ModelArgs:
+    """A 2-layer Qwen3-MoE-shaped model: 8 experts top-2, ~0.6M parameters."""
+    layers = 2
+    cfg = {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": vocab_size,
+        "hidden_size": 96, "intermediate_size": 192, "moe_intermediate_size": 96, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "hidden_act": "silu", "router_aux_loss_coef": 0.001,
+    }
+    from .model.families import model_args_from_hf
+
+    return model_args_from_hf(cfg)
+
+
+def _word(rng: random.Random, mixed: bool) -> str:
+    w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 7)))
+    return "".join(c.upper() if mixed and rng.random() < 0.5 else c for c in w) if mixed else w
+
+
+def make_rows(task: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        if task == "base":
+            word = _word(rng, mixed=True)
+            kind = rng.choice(["copy", "lower"])
+            rows.append({"instruction": f"{kind}: {word}", "output": word if kind == "copy" else word.lower()})
+        else:
+            word = _word(rng, mixed=False)
+            rows.append({"instruction": f"upper: {word}", "output": word.upper()})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pretrain_base(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, seed: int) -> float:
+    """Full-parameter training of the tiny base (the only non-LoRA training moetune does)."""
+    examples = [tokenize_row(InstructionRow(**r), tok, max_length=64) for r in rows]
+    loader = make_train_loader(examples, batch_size=32, max_length=64, packing=False, pad_id=tok.pad_id, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    loss = float("nan")
+    for step, (batch, _) in zip(range(steps), loader.iter_from()):
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        (out.loss + 0.01 * out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+    return loss
+
+
+def accuracy(model, tok: ByteTokenizer, rows: list[dict], adapter: str | None = None) -> float:
+    model.eval()
+    prompts = [tok.encode_chat([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True).ids for r in rows]
+    names = [adapter] * len(rows) if adapter else None
+    outs = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, adapter_names=names)
+    return sum(tok.decode(o) == r["output"] for o, r in zip(outs, rows)) / len(rows)
+
+
+def lora_config(out: Path, data: Path, eval_data: Path, steps: int) -> TrainConfig:
+    """The same config a user would write in YAML (see examples/)."""
+    raw = {
+        "model": {"path": str(out / "base-model"), "dtype": "fp32", "device": "cpu"},
+        "adapter": {"name": "upper", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]},
+        "data": {"train": str(data), "eval": str(eval_data), "format": "instruction", "tokenizer": "byte", "max_length": 64},
+        "optim": {"lr": 5e-3, "max_steps": steps, "batch_size": 32, "warmup_steps": 10, "lr_schedule": "cosine", "aux_loss_coef": 0.001},
+        "checkpoint": {"output_dir": str(out / "run"), "save_every": 0},
+        "logging": {"eval_every": max(steps // 4, 1), "progress": True},
+    }
+    raw["adapters"] = [raw.pop("adapter")]
+    return from_dict(TrainConfig, raw, where="demo config")
+
+
+def run_demo(out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed: int = 0) -> dict:
+    """Run the demo; prints a report and returns the measured accuracies."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    out, tok = Path(out_dir), ByteTokenizer()
+    base_steps, lora_steps = (300, 60) if quick else (1200, 200)
+    print(f"[1/4] pre-training a tiny MoE (8 experts, top-2) on copy/lower for {base_steps} steps ...", flush=True)
+    model = build_random_model(tiny_moe_args(272), seed=seed)
+    base_loss = pretrain_base(model, tok, make_rows("base", 4000, seed), steps=base_steps, seed=seed)
+    model.save_pretrained(out / "base-model")
+    held_out = make_rows("upper", 100, seed + 2)
+    print(f"      base loss {base_loss:.3f}; saved {out / 'base-model'}", flush=True)
+    base_acc = accuracy(model, tok, held_out)
+    print(f"[2/4] base model on 'upper: <word>' (held-out): {base_acc:.0%} exact match", flush=True)
+    train_file = write_jsonl(make_rows("upper", 2000, seed + 1), out / "data" / "upper_train.jsonl")
+    eval_file = write_jsonl(make_rows("upper", 64, seed + 3), out / "data" / "upper_eval.jsonl")
+    print(f"[3/4] LoRA r=8 on attention + routed experts, {lora_steps} steps ...", flush=True)
+    result = train(lora_config(out, train_file, eval_file, lora_steps))
+    adapted = load_model(out / "base-model")
+    load_adapter(adapted, result.adapter_dirs["upper"], name="upper")
+    adapted_acc = accuracy(adapted, tok, held_out)
+    print(f"[4/4] base + adapter on the same held-out words: {adapted_acc:.0%} exact match")
+    print()
+    print(f"  task accuracy   base {base_acc:.0%}  ->  base + LoRA {adapted_acc:.0%}")
+    print("  " + result.summary().replace("\n", "\n  "))
+    print(f"  total time {time.perf_counter() - t0:.0f}s; everything is under {out}/")
+    return {"base_accuracy": base_acc, "adapted_accuracy": adapted_acc, "adapter": str(result.adapter_dirs["upper"])}

@@ -1,0 +1,1 @@
+"""Training: optimizer groups, schedules, checkpoints with exact resume, metrics, the loop."""

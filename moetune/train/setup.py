@@ -1,0 +1,70 @@
+"""Turn a :class:`TrainConfig` into the pieces of a run: device, model, tokenizer, data, adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..data import DataSplits, Tokenizer, build_datasets, load_tokenizer
+from ..errors import ConfigError
+from ..model import CausalLM, load_model
+from ..peft.inject import add_adapter
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"model.device: '{spec}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: '{spec}' asked for, but no CUDA device is available")
+    return device
+
+
+def check_writable(folder: str | os.PathLike, key: str = "checkpoint.output_dir") -> Path:
+    """Fail before any work if the output folder cannot be created or written."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to '{path}' ({exc.strerror or exc})") from None
+    return path
+
+
+@dataclass
+class RunParts:
+    model: CausalLM
+    tokenizer: Tokenizer
+    data: DataSplits
+    device: torch.device
+    dtype: torch.dtype
+
+
+def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer: Tokenizer | None = None) -> RunParts:
+    """Load (or take) the model and tokenizer, build the data, add the adapters."""
+    check_writable(config.checkpoint.output_dir)
+    device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
+    tokenizer = tokenizer or load_tokenizer(config.data.tokenizer)
+    data = build_datasets(config.data, tokenizer, seed=config.seed)
+    log.info(data.report.summary())
+    if model is None:
+        model = load_model(config.model.path, dtype=dtype, device=device, quantize=config.model.quantize)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; use the model's own tokenizer")
+    for section in config.adapters:
+        add_adapter(model, section.to_lora_config(), name=section.name)
+    model.set_gradient_checkpointing(config.optim.activation_checkpointing)
+    return RunParts(model=model, tokenizer=tokenizer, data=data, device=device, dtype=dtype)

@@ -1,0 +1,245 @@
+"""The training loop: gradient accumulation, clipping, a non-finite guard, eval, checkpoints.
+
+Resume is exact: the checkpoint holds adapter weights, optimizer and scheduler state, every RNG
+state and the data position, so N steps straight and N/2 + resume produce bitwise-identical
+losses and weights on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..data import SamplerState, eval_batches, make_train_loader
+from ..errors import CheckpointError
+from ..peft.base import set_active_adapters
+from ..peft.io import save_adapter
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .metrics import MetricsLog, Progress, router_metrics
+from .optim import adapter_parameters, build_optimizer, build_scheduler
+from .plot import plot_losses
+from .setup import RunParts, prepare_run
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dirs: dict[str, Path]
+    steps: int
+    tokens: int
+    seconds: float
+    peak_memory_gib: float
+    final_loss: float | None
+    eval_loss: float | None
+    skipped_steps: int
+    plot: Path | None
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.1f}s ({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), peak memory {self.peak_memory_gib:.2f} GiB",
+            f"final train loss {self.final_loss:.4f}" + (f", eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})" if self.eval_loss is not None else ""),
+        ]
+        if self.skipped_steps:
+            lines.append(f"skipped {self.skipped_steps} step(s) with non-finite loss or gradients")
+        lines += [f"adapter '{n}': {p}" for n, p in self.adapter_dirs.items()]
+        if self.plot:
+            lines.append(f"loss plot: {self.plot}")
+        return "\n".join(lines)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: batch[k].to(device) for k in BATCH_KEYS if k in batch}
+
+
+class Trainer:
+    """One run of one configuration (single adapter set, single process)."""
+
+    def __init__(self, config: TrainConfig, parts: RunParts) -> None:
+        self.config, self.parts = config, parts
+        self.model, self.device = parts.model, parts.device
+        self.out = Path(config.checkpoint.output_dir)
+        self.names = [a.name for a in config.adapters]
+        set_active_adapters(self.model, self.names)
+        self.params = {n: adapter_parameters(self.model, n) for n in self.names}
+        o = config.optim
+        self.optimizers = {n: build_optimizer(p, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, loraplus_lr_ratio=o.loraplus_lr_ratio) for n, p in self.params.items()}
+        self.schedulers = {n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps) for n, opt in self.optimizers.items()}
+        self.loader = make_train_loader(parts.data.train, batch_size=o.batch_size, max_length=config.data.max_length, packing=config.data.packing, pad_id=parts.tokenizer.pad_id, seed=config.seed + config.data.seed)
+        self.step, self.data_state, self.skipped = 0, SamplerState(), 0
+
+    # --- state ----------------------------------------------------------------------------
+    def state(self) -> TrainState:
+        return TrainState(
+            step=self.step,
+            adapters={n: {k: p.detach() for k, p in ps.items()} for n, ps in self.params.items()},
+            optimizers={n: o.state_dict() for n, o in self.optimizers.items()},
+            schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
+            data=self.data_state.to_dict(),
+            rng=rng_state(),
+            extra={"skipped": self.skipped},
+        )
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if sorted(state.adapters) != sorted(self.names):
+            raise CheckpointError(f"checkpoint '{path}' holds adapters {sorted(state.adapters)}, the config trains {sorted(self.names)}")
+        with torch.no_grad():
+            for name, tensors in state.adapters.items():
+                for key, p in self.params[name].items():
+                    if key not in tensors or tensors[key].shape != p.shape:
+                        raise CheckpointError(f"checkpoint '{path}': adapter '{name}' tensor '{key}' is missing or has another shape; was it made with a different config?")
+                    p.copy_(tensors[key])
+        for n in self.names:
+            self.optimizers[n].load_state_dict(state.optimizers[n])
+            self.schedulers[n].load_state_dict(state.schedulers[n])
+        set_rng_state(state.rng)
+        self.step, self.data_state = state.step, SamplerState.from_dict(state.data)
+        self.skipped = state.extra.get("skipped", 0)
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.out / "checkpoints", self.state(), keep_last=self.config.checkpoint.keep_last)
+        return path
+
+    # --- steps ----------------------------------------------------------------------------
+    def _autocast(self):
+        use = self.device.type == "cuda" and self.parts.dtype != torch.float32
+        return torch.autocast("cuda", dtype=self.parts.dtype, enabled=use)
+
+    def train_step(self, batches) -> dict:
+        o = self.config.optim
+        loss_sum, aux_sum, tokens, stats = 0.0, 0.0, 0, []
+        for batch, self.data_state in batches:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                out = self.model(**batch)
+            loss = out.loss
+            if out.aux_loss is not None and o.aux_loss_coef:
+                loss = loss + o.aux_loss_coef * out.aux_loss
+                aux_sum += out.aux_loss.item() / o.grad_accum
+            (loss / o.grad_accum).backward()
+            loss_sum += out.loss.item() / o.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+            stats = out.router_stats
+        params = [p for ps in self.params.values() for p in ps.values()]
+        norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf"))
+        finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
+        if finite:
+            for opt in self.optimizers.values():
+                opt.step()
+        else:
+            self.skipped += 1
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        lr = next(iter(self.schedulers.values())).get_last_lr()[0]
+        for s in self.schedulers.values():
+            s.step()
+        return {"loss": loss_sum, "aux_loss": aux_sum, "grad_norm": float(norm), "lr": lr, "tokens": tokens, "skipped": not finite, **router_metrics(stats)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        examples = self.parts.data.eval
+        if not examples:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in eval_batches(examples, batch_size=self.config.optim.batch_size, pad_id=self.parts.tokenizer.pad_id):
+            batch = _to_device(batch, self.device)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            with self._autocast():
+                total += self.model(**batch).loss.item() * n
+            count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    def run(self, *, resume: Path | None = None) -> TrainResult:
+        if resume is not None:
+            self.restore(resume)
+            log.info("resumed from %s at step %d", resume, self.step)
+        cfg, o = self.config, self.config.optim
+        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume else None, tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        progress = Progress(total=o.max_steps, initial=self.step, enabled=cfg.logging.progress)
+        batches = self.loader.iter_from(self.data_state)
+        self.model.train()
+        start, tokens, eval_loss, last = time.perf_counter(), 0, None, None
+        while self.step < o.max_steps:
+            t0 = time.perf_counter()
+            record = self.train_step([next(batches) for _ in range(o.grad_accum)])
+            self.step += 1
+            tokens += record["tokens"]
+            record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / max(time.perf_counter() - t0, 1e-9), "elapsed_s": round(time.perf_counter() - start, 3)}
+            if record["skipped"]:
+                progress.write(f"step {self.step}: non-finite loss or gradient norm; update skipped")
+            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
+                eval_loss = record["eval_loss"] = self.evaluate()
+            if self.step % cfg.logging.log_every == 0 or self.step == o.max_steps:
+                metrics.write(record)
+            progress.update(record)
+            last = record
+            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                self.save()
+        progress.close()
+        if not (cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0):
+            eval_loss = self.evaluate()
+            if eval_loss is not None:
+                metrics.write({"step": self.step, "eval_loss": eval_loss})
+        return self._finish(metrics, start, tokens, last, eval_loss)
+
+    def _finish(self, metrics: MetricsLog, start: float, tokens: int, last: dict | None, eval_loss: float | None) -> TrainResult:
+        dirs = {n: save_adapter(self.model, self.out / ("adapter" if len(self.names) == 1 else f"adapter-{n}"), name=n) for n in self.names}
+        records = metrics.read()
+        metrics.close()
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
+        evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+        plot = plot_losses({"train": train, "eval": evals}, self.out / "loss.png") if train else None
+        return TrainResult(
+            output_dir=self.out,
+            adapter_dirs={n: Path(p) for n, p in dirs.items()},
+            steps=self.step,
+            tokens=tokens,
+            seconds=time.perf_counter() - start,
+            peak_memory_gib=peak_memory_gib(self.device),
+            final_loss=last["loss"] if last else None,
+            eval_loss=eval_loss,
+            skipped_steps=self.skipped,
+            plot=plot,
+            losses=[l for _, l in train],
+        )
+
+
+def resolve_resume(config: TrainConfig, resume: str | bool | None) -> Path | None:
+    """``True``: the latest checkpoint of this run (error if none); a path: that checkpoint."""
+    if not resume:
+        return None
+    if resume is True:
+        found = latest_checkpoint(Path(config.checkpoint.output_dir) / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint under {config.checkpoint.output_dir}/checkpoints to resume from")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume: '{path}' is not a checkpoint folder")
+    return path
+
+
+def train(config: TrainConfig, *, resume: str | bool | None = None, model=None, tokenizer=None) -> TrainResult:
+    """Run training as configured; returns where things went and what happened."""
+    parts = prepare_run(config, model=model, tokenizer=tokenizer)
+    trainer = Trainer(config, parts)
+    return trainer.run(resume=resolve_resume(config, resume))

@@ -1,0 +1,42 @@
+"""A tiny model folder, demo-style data and a run config, for trainer and CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from moetune.demo import make_rows, tiny_moe_args, write_jsonl
+from moetune.model import build_random_model
+
+
+def tiny_model_dir(root: Path) -> Path:
+    out = root / "base"
+    if not out.exists():
+        build_random_model(tiny_moe_args(272), seed=0, std=0.05).save_pretrained(out)
+    return out
+
+
+def write_run(root: Path, **overrides) -> Path:
+    """A run config (YAML) for a tiny LoRA run; ``overrides`` replace whole sections."""
+    model = tiny_model_dir(root)
+    train = write_jsonl(make_rows("upper", 96, 1), root / "train.jsonl")
+    val = write_jsonl(make_rows("upper", 16, 2), root / "val.jsonl")
+    cfg = {
+        "model": {"path": str(model), "device": "cpu"},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "experts"]},
+        "data": {"train": str(train), "eval": str(val), "max_length": 48},
+        "optim": {"lr": 3e-3, "max_steps": 8, "batch_size": 8, "warmup_steps": 2, "aux_loss_coef": 0.01},
+        "checkpoint": {"output_dir": str(root / "run"), "save_every": 1, "keep_last": 3},
+        "logging": {"progress": False, "eval_every": 4},
+    }
+    cfg.update(overrides)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    return [r["loss"] for r in lines if "loss" in r]
