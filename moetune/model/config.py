@@ -42,6 +42,7 @@ class MoEArgs:
     shared_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) scales the shared expert
     scoring: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    topk_method: str = "greedy"  # greedy | group_limited_greedy (DeepSeek-V2) | noaux_tc (DeepSeek-V3)
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -58,6 +59,7 @@ class MLAArgs:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    rope_layout: str = "interleave"  # complex (V2) | interleave | half (V3 rope_interleave false)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class ModelArgs:
     rope: RopeArgs = field(default_factory=RopeArgs)
     qkv_bias: bool = False
     o_bias: bool = False
+    mlp_bias: bool = False  # dense and shared-expert FFN biases (DeepSeek-V2 mlp_bias)
     qk_norm: str | None = None  # None | "head" (Qwen3) | "full" (OLMoE)
     clip_qkv: float | None = None
     sliding_window: list[int | None] = field(default_factory=list)  # per layer

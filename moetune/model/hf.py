@@ -33,6 +33,10 @@ PER_EXPERT_RULES: dict[str, list[tuple[str, str, str]]] = {
 
 # Checkpoint keys that carry no weights we need (recomputed buffers).
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+# Per family, keys of modules we do not build. DeepSeek-V3 checkpoints carry their
+# multi-token-prediction module as layer 61, after the 61 decoder layers; transformers skips it
+# with the same pattern (``_keys_to_ignore_on_load_unexpected``).
+IGNORED_FAMILY_KEYS: dict[str, re.Pattern] = {"deepseek_v3": re.compile(r"model\.layers\.61\.")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class KeyMap:
     def __init__(self, family: str) -> None:
         self.family = family
         self.rules = [(_compile(src), src, dst, part) for src, dst, part in PER_EXPERT_RULES.get(family, PER_EXPERT_RULES["default"])]
+
+    def ignored(self, key: str) -> bool:
+        """True for checkpoint keys that map to nothing by design (only asked for unknown keys)."""
+        family = IGNORED_FAMILY_KEYS.get(self.family)
+        return bool(IGNORED_KEYS.match(key) or (family is not None and family.match(key)))
 
     def target(self, key: str) -> Target:
         for regex, _, dst, part in self.rules:

@@ -24,7 +24,7 @@ from ..errors import CheckpointError
 from .build import build_causal_lm
 from .config import ModelArgs
 from .families import model_args_from_hf
-from .hf import IGNORED_KEYS, KeyMap, destination
+from .hf import KeyMap, destination
 from .layers import RMSNorm
 from .transformer import CausalLM
 
@@ -82,7 +82,7 @@ class _Filler:
     def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
         target = self.keymap.target(key)
         if target.name not in self.params:
-            if IGNORED_KEYS.match(key) or (self.tied and key == "lm_head.weight"):
+            if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
                 return
             raise CheckpointError(f"{file.name}: tensor '{key}' is not part of a {self.keymap.family} model (unexpected key)")
         native = self.params[target.name]
