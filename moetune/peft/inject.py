@@ -1,0 +1,369 @@
+"""Target matching, module swapping, freezing and the trainable-parameter report.
+
+Targets are Hugging Face module names matched as suffixes of the full module path
+(``q_proj`` matches ``model.layers.0.self_attn.q_proj``; ``mlp.down_proj`` only the dense MLP's):
+
+- a name that ends at a module with an adapter wrapper (``nn.Linear``, routed experts) adapts it;
+- a name that ends at a container (``shared_expert``, ``shared_experts``, ``self_attn``) adapts
+  every linear under it, routers excepted;
+- ``experts.gate_proj`` / ``experts.up_proj`` / ``experts.down_proj`` adapt one projection of the
+  routed experts (``experts`` adapts all three);
+- ``all-linear`` (alone, or as an entry next to other names) adapts every linear except the LM
+  head and the routers (``gate``, ``router``, ``shared_expert_gate``); name those to add them;
+- ``target_regex`` instead matches full module paths with ``re.fullmatch``.
+
+``layers_to_transform`` keeps decoder layers by index (``...layers.{i}...``); modules outside the
+decoder layers (the LM head) are not affected by it. The wrapper class of a module is looked up in
+:data:`~moetune.peft.base.WRAPPERS`; a module that already carries adapters gets the new one in
+the same wrapper.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError, did_you_mean
+from . import lora  # noqa: F401  (registers LoraLinear for nn.Linear)
+from .base import WRAPPERS, AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
+
+if importlib.util.find_spec(f"{__package__}.experts") is not None:  # routed-expert LoRA, when present
+    importlib.import_module(f"{__package__}.experts")
+
+__all__ = ["AdapterReport", "add_adapter", "adapter_names", "delete_adapter", "disable_adapters",
+           "set_adapter", "targetable_names", "trainable_parameters"]
+
+log = logging.getLogger(__name__)
+
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_GROUP = re.compile(r"^(?:.*\.)?layers\.\d+\.")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+Parts = frozenset | None  # expert projections; None = the whole module
+
+
+# --- module walking -------------------------------------------------------------------------
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of every module; an adapter wrapper stands for its base and is not entered."""
+    stack = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        yield path, module
+        if not isinstance(module, AdapterLayer):
+            kids = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
+            stack.extend(reversed(kids))
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
+def wrapper_for(module: nn.Module) -> type[AdapterLayer] | None:
+    """The adapter class registered for the module's (base) type or a parent class, or None."""
+    for cls in type(_base(module)).__mro__:
+        if cls in WRAPPERS:
+            return WRAPPERS[cls]
+    return None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(_base(module), nn.Linear)
+
+
+def _is_router(path: str) -> bool:
+    return path.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
+def _suffix_match(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
+
+
+def layer_index(path: str) -> int | None:
+    m = _LAYER_INDEX.search(path)
+    return int(m.group(1)) if m else None
+
+
+# --- target resolution ----------------------------------------------------------------------
+def _match_entry(entry: str, modules: dict[str, nn.Module]) -> tuple[list[tuple[str, Parts]], list[str]]:
+    """Modules one target_modules entry selects, and the matched modules that cannot take a LoRA."""
+    hits: list[tuple[str, Parts]] = []
+    refused: list[str] = []
+
+    def linears_under(prefix: str) -> list[tuple[str, Parts]]:
+        return [(q, None) for q, n in modules.items()
+                if q.startswith(prefix + ".") and _is_linear(n) and not _is_router(q)]
+
+    if entry == "all-linear":
+        return [(p, None) for p, m in modules.items()
+                if _is_linear(m) and not _is_router(p) and p.rsplit(".", 1)[-1] != "lm_head"], refused
+    for path, module in modules.items():
+        if not _suffix_match(path, entry):
+            continue
+        inner = [(path, None)] if wrapper_for(module) is not None else linears_under(path)
+        hits += inner
+        if not inner:
+            refused.append(f"{path} ({type(module).__name__})")
+    prefix, _, part = entry.rpartition(".")
+    if prefix and part in EXPERT_PARTS:
+        for path, module in modules.items():
+            if _suffix_match(path, prefix) and not _is_linear(module):
+                if wrapper_for(module) is not None:
+                    hits.append((path, frozenset({part})))
+                else:
+                    refused.append(f"{path} ({type(module).__name__})")
+    return hits, refused
+
+
+def _merge_parts(old: Parts, new: Parts) -> Parts:
+    return None if old is None or new is None else old | new
+
+
+def plan_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
+    """Module path -> expert parts (None = whole module) that ``config`` adapts.
+
+    Raises:
+        AdapterError: for an entry (or the regex) that selects nothing adaptable, naming the
+            targetable names of this model.
+    """
+    modules = dict(logical_modules(model))
+    layers = config.layers_to_transform
+    entries = [config.target_regex] if config.target_regex else (
+        ["all-linear"] if isinstance(config.target_modules, str) else list(config.target_modules))
+    plan: dict[str, Parts] = {}
+    for entry in entries:
+        if config.target_regex:
+            hits = [(p, None) for p, m in modules.items() if re.fullmatch(entry, p) and wrapper_for(m)]
+            refused = [f"{p} ({type(m).__name__})" for p, m in modules.items()
+                       if re.fullmatch(entry, p) and not wrapper_for(m)]
+        else:
+            hits, refused = _match_entry(entry, modules)
+        kept = [(p, parts) for p, parts in hits if layers is None or layer_index(p) in (None, *layers)]
+        if not kept:
+            raise AdapterError(_no_match(model, entry, bool(config.target_regex), hits, refused, layers))
+        for path, parts in kept:
+            plan[path] = _merge_parts(plan[path], parts) if path in plan else parts
+    return plan
+
+
+def _no_match(model, entry, is_regex, hits, refused, layers) -> str:
+    what = f"target_regex {entry!r}" if is_regex else f"target_modules entry '{entry}'"
+    if hits:
+        reason = f" inside layers_to_transform {layers}"
+    elif refused:
+        reason = f": it matches {refused[0]}, which cannot take a LoRA"
+    else:
+        reason = ""
+    names = targetable_names(model)
+    hint = "" if is_regex else did_you_mean(entry.rsplit(".", 1)[-1], names)
+    return f"{what} matches no adaptable module{reason}{hint}; targetable names in this model: {', '.join(names)}"
+
+
+def targetable_names(model: nn.Module) -> list[str]:
+    """Target names this model offers: linear names (``q_proj`` ... ``lm_head``), ``experts`` and
+    ``experts.gate_proj``/``up_proj``/``down_proj`` (when routed-expert LoRA is available), and
+    ``shared_expert``/``shared_experts`` containers. Works on a meta-device model."""
+    names: list[str] = []
+    for path, module in logical_modules(model):
+        last = path.rsplit(".", 1)[-1]
+        if _is_linear(module):
+            new = [last]
+        elif wrapper_for(module) is not None:
+            new = [last, *(f"{last}.{p}" for p in EXPERT_PARTS)]
+        elif last.startswith("shared_expert") and any(_is_linear(m) for m in module.modules()):
+            new = [last]
+        else:
+            new = []
+        names += [n for n in new if n not in names]
+    return names
+
+
+# --- adding, removing, selecting ------------------------------------------------------------
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The config of each adapter added to ``model`` (by name), kept on the model object."""
+    if "adapter_configs" not in model.__dict__:
+        model.__dict__["adapter_configs"] = {}
+    return model.__dict__["adapter_configs"]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names = list(adapter_configs(model))
+    for _, layer in adapter_layers(model):
+        names += [n for n in layer.adapter_names if n not in names]
+    return names
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
+                per_module: Callable[[str, LoraConfig], LoraConfig] | None = None) -> AdapterReport:
+    """Add LoRA adapter ``name`` to the modules ``config`` targets and freeze the base.
+
+    Every parameter that is not an adapter parameter gets ``requires_grad=False``. The new
+    adapter becomes the active one when no adapter is active yet (see :func:`set_adapter`).
+
+    Args:
+        model: a model from :func:`moetune.load_model` (any nn.Module with HF module names).
+        config: the LoRA options and targets.
+        name: adapter name (letters, digits, ``_``, ``-``).
+        per_module: optional ``(module path, config) -> config`` for per-module rank/alpha
+            (used to honour PEFT's ``rank_pattern``/``alpha_pattern`` when loading).
+
+    Returns:
+        The :class:`AdapterReport` (also logged at INFO).
+
+    Raises:
+        AdapterError: bad name, name in use, or a target that matches nothing.
+    """
+    if not isinstance(config, LoraConfig):
+        raise AdapterError(f"add_adapter needs a moetune.LoraConfig, got {type(config).__name__}")
+    if not _ADAPTER_NAME.fullmatch(name):
+        raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+    if name in adapter_names(model):
+        raise AdapterError(f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name")
+    plan = plan_targets(model, config)
+    _check_pissa(model, plan, config)
+    active = [n for n in adapter_names(model) if any(n in layer.active for _, layer in adapter_layers(model))]
+    created: list[str] = []
+    try:
+        for path, parts in plan.items():
+            module = model.get_submodule(path)
+            if not isinstance(module, AdapterLayer):
+                module = wrapper_for(module)(module)
+                model.set_submodule(path, module)
+                created.append(path)
+            module.add_adapter(name, per_module(path, config) if per_module else config,
+                               parts=set(parts) if parts else None)
+    except BaseException:
+        _remove(model, name, created)
+        raise
+    adapter_configs(model)[name] = config
+    freeze_base(model)
+    set_active_adapters(model, active or [name])
+    report = build_report(model, name)
+    log.info("%s", report)
+    return report
+
+
+def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -> None:
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for path in plan:
+        module = model.get_submodule(path)
+        is_pissa = getattr(module, "is_pissa", lambda n: False)
+        existing = module.adapter_names if isinstance(module, AdapterLayer) else []
+        if existing and (config.init == "pissa" or any(is_pissa(n) for n in existing)):
+            raise AdapterError(f"{path}: a PiSSA adapter changes the base weight, so it must be the only "
+                               f"adapter of its module (it already has {existing})")
+        weight = getattr(_base(module), "weight", None)
+        if config.init == "pissa" and weight is not None and counts.get(id(weight), 0) > 1:
+            raise AdapterError(f"{path}: init 'pissa' would change {path}.weight, which is tied to another "
+                               "weight (tied embeddings); leave this module out or use another init")
+
+
+def _remove(model: nn.Module, name: str, paths: list[str] | None = None) -> None:
+    """Delete adapter ``name`` everywhere; unwrap modules left without adapters."""
+    for path, layer in list(adapter_layers(model)):
+        if name in layer.adapter_names:
+            layer.delete_adapter(name)
+            layer.active = [n for n in layer.active if n != name]
+        if not layer.adapter_names and (paths is None or path in paths):
+            model.set_submodule(path, layer.base_layer)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if merged); empty wrappers are unwrapped."""
+    _require(model, [name])
+    _remove(model, name)
+    adapter_configs(model).pop(name, None)
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make ``names`` the adapters that run when a forward does not pass ``adapter_names``."""
+    names = [names] if isinstance(names, str) else list(names)
+    _require(model, names)
+    set_active_adapters(model, names)
+
+
+def _require(model: nn.Module, names: list[str]) -> None:
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            raise AdapterError(f"no adapter named '{n}' in this model{did_you_mean(n, known)} "
+                               f"(adapters: {', '.join(known) or 'none'})")
+
+
+def freeze_base(model: nn.Module) -> None:
+    """``requires_grad`` True for every adapter parameter, False for everything else."""
+    keep = {id(p) for _, layer in adapter_layers(model) for _, p in layer.adapter_params()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Adapter parameters (of adapter ``name``, or all) keyed by ``<module path>.<local name>``."""
+    out: dict[str, nn.Parameter] = {}
+    for path, layer in adapter_layers(model):
+        if name is None or name in layer.adapter_names:
+            for local, p in layer.adapter_params(name):
+                out[f"{path}.{local}"] = p
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------
+@dataclass
+class ReportRow:
+    group: str  # module path without the layer prefix, e.g. "self_attn.q_proj"
+    modules: int
+    params: int
+
+
+@dataclass
+class AdapterReport:
+    """What :func:`add_adapter` adapted: per module group, how many modules and parameters.
+
+    Attributes:
+        name: the adapter.
+        rows: one row per module group (layer index dropped), in model order.
+        trainable: parameters of this adapter.
+        total: all parameters of the model, adapters included.
+    """
+
+    name: str
+    rows: list[ReportRow] = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        width = max([len("module group"), *(len(r.group) for r in self.rows)])
+        lines = [f"adapter '{self.name}'",
+                 f"  {'module group':<{width}}  {'modules':>7}  {'trainable':>12}  {'% of model':>10}"]
+        for r in self.rows:
+            pct = 100.0 * r.params / max(self.total, 1)
+            lines.append(f"  {r.group:<{width}}  {r.modules:>7}  {r.params:>12,}  {pct:>9.4f}%")
+        lines.append(f"  {'total':<{width}}  {sum(r.modules for r in self.rows):>7}  {self.trainable:>12,}  "
+                     f"{self.percent:>9.4f}%   (of {self.total:,} parameters)")
+        return "\n".join(lines)
+
+
+def build_report(model: nn.Module, name: str) -> AdapterReport:
+    rows: dict[str, ReportRow] = {}
+    for path, layer in adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        group = _GROUP.sub("", path)
+        row = rows.setdefault(group, ReportRow(group=group, modules=0, params=0))
+        row.modules += 1
+        row.params += sum(p.numel() for _, p in layer.adapter_params(name))
+    total = sum(p.numel() for p in model.parameters())
+    return AdapterReport(name=name, rows=list(rows.values()), trainable=sum(r.params for r in rows.values()), total=total)

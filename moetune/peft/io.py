@@ -1,0 +1,224 @@
+"""Adapter folders in PEFT's format (and the per-expert layout vLLM reads); merging into the base.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.<suffix>``, the suffixes each adapter layer gives in
+``peft_tensors`` (linears: ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), DoRA
+``lora_magnitude_vector`` (out,); experts: PEFT's ``target_parameters`` layout). Folders are
+written to a temporary folder and moved into place when complete, so an existing folder is never
+half overwritten. Reading routes every file tensor to the adapted module whose path prefixes its
+key; a tensor that reaches no module, a module that gets no tensor and a shape that does not fit
+are errors naming the tensor. Pickled adapters (``adapter_model.bin``) are refused.
+
+PiSSA adapters are saved as the equivalent plain LoRA of rank 2r against the original base
+weights (see :mod:`.lora`), so the file works on the unmodified base model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import AdapterError
+from ..model.saving import _replace_dir
+from .base import AdapterLayer, adapter_layers
+from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
+from .lora import LoraLinear
+from .peft_format import PREFIX, compact_targets, config_from_peft, config_to_peft, normalise_key, rank_alpha
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PER_EXPERT_KEY = re.compile(r"^(\d+)\.(\w+)\.lora_[AB]\.weight$")
+
+
+def _layers(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer]]:
+    layers = [(p, layer) for p, layer in adapter_layers(model) if name in layer.adapter_names]
+    if not layers:
+        known = sorted({n for _, layer in adapter_layers(model) for n in layer.adapter_names})
+        raise AdapterError(f"no adapter named '{name}' in this model (adapters: {', '.join(known) or 'none'})")
+    return layers
+
+
+def _config_targets(layer: AdapterLayer, path: str, name: str) -> dict:
+    fn = layer.peft_config_targets
+    return fn(path, name=name) if "name" in inspect.signature(fn).parameters else fn(path)
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default", *, layout: str = "peft") -> Path:
+    """Write adapter ``name`` as a PEFT adapter folder.
+
+    Args:
+        model: the model carrying the adapter.
+        out_dir: destination folder; replaced as a whole if it exists.
+        name: the adapter to write.
+        layout: ``"peft"`` (PEFT's keys; loads with ``PeftModel.from_pretrained``) or
+            ``"per_expert"`` (routed experts as 2D per-expert pairs
+            ``...mlp.experts.{e}.gate_proj.lora_A.weight``, the layout vLLM and SGLang read).
+
+    Returns:
+        The folder path.
+    """
+    if layout not in ("peft", "per_expert"):
+        raise AdapterError(f"layout {layout!r} is not one of 'peft', 'per_expert'")
+    config = adapter_configs(model).get(name)
+    layers = _layers(model, name)
+    if config is None:
+        raise AdapterError(f"adapter '{name}' was not added with moetune.add_adapter; its config is unknown")
+    tensors: dict[str, torch.Tensor] = {}
+    linear_paths, params, patterns, expert_projs = [], [], [], []
+    for path, layer in layers:
+        if layout == "per_expert" and not isinstance(layer, LoraLinear):
+            if not hasattr(layer, "per_expert_tensors"):
+                raise AdapterError(f"{path}: {type(layer).__name__} cannot write the per_expert layout")
+            part = layer.per_expert_tensors(name)
+            expert_projs += [m.group(2) for k in part if (m := _PER_EXPERT_KEY.match(k))]
+        else:
+            part = layer.peft_tensors(name)
+            targets = _config_targets(layer, path, name)
+            linear_paths += targets.get("target_modules", [])
+            params += targets.get("target_parameters", [])
+            patterns.append((path, targets.get("rank_pattern", {}), targets.get("alpha_pattern", {})))
+        for suffix, t in part.items():
+            tensors[f"{PREFIX}{path}.{suffix}"] = t.detach().to("cpu", torch.float32).contiguous()
+    all_paths = [p for p, _ in logical_modules(model) if p]
+    target_modules = compact_targets(linear_paths, all_paths) + list(dict.fromkeys(expert_projs))
+    r, alpha, rank_pattern, alpha_pattern = rank_alpha(config, patterns)
+    cfg = config_to_peft(config, name=name, layout=layout, r=r, alpha=alpha,
+                         targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
+                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                         base_model=getattr(model, "source_path", None))
+    return _write(Path(out_dir), tensors, cfg)
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _adapter_files(folder: Path) -> tuple[Path, Path]:
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder '{folder}' does not exist or is not a folder")
+    cfg, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg.is_file():
+        raise AdapterError(f"'{folder}' has no {CONFIG_FILE} (expected a PEFT adapter folder)")
+    if weights.is_file():
+        return cfg, weights
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterError(
+            f"'{folder}' holds only a pickled adapter ({pickles[0]}); moetune reads safetensors only, because "
+            "unpickling a file can run arbitrary code. Convert it once with PEFT: "
+            "PeftModel.from_pretrained(base, path).save_pretrained(out) writes adapter_model.safetensors")
+    raise AdapterError(f"'{folder}' has no {WEIGHTS_FILE}")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "default") -> AdapterReport:
+    """Add adapter ``name`` to ``model`` from a PEFT adapter folder (ours or PEFT's own).
+
+    The config is turned into a :class:`~moetune.LoraConfig`, the adapter is created with
+    :func:`~moetune.peft.inject.add_adapter` (same targets, base frozen) and filled from the file.
+    Nothing is left behind when loading fails.
+
+    Raises:
+        AdapterError: unreadable or unsupported folder, a file tensor that maps to no adapted
+            module (naming it), a targeted module with no tensors, or a shape mismatch (naming
+            the tensor, the expected and the found shape).
+    """
+    folder = Path(in_dir)
+    cfg_file, weights = _adapter_files(folder)
+    config, per_module = config_from_peft(_read_config(cfg_file), str(cfg_file))
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise AdapterError(f"{weights}: cannot read safetensors file ({exc})") from None
+    try:
+        report = add_adapter(model, config, name, per_module=per_module)
+    except AdapterError as err:
+        raise AdapterError(f"{cfg_file}: {err}") from None
+    try:
+        _fill(model, name, tensors, weights)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return report
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    layers = dict(_layers(model, name))
+    grouped: dict[str, dict[str, torch.Tensor]] = {path: {} for path in layers}
+    for key, tensor in tensors.items():
+        body = normalise_key(key)
+        tokens = body.split(".")
+        path = next((p for i in range(len(tokens) - 1, 0, -1) if (p := ".".join(tokens[:i])) in layers), None)
+        if path is None:
+            raise AdapterError(f"{file}: tensor '{key}' maps to no adapted module of this model (an adapter for "
+                               "another model, or its adapter_config.json does not target that module)")
+        grouped[path][body[len(path) + 1:]] = tensor
+    for path, layer in layers.items():
+        part = grouped[path]
+        if not part:
+            raise AdapterError(f"{file}: no tensors for '{PREFIX}{path}', which the adapter config targets")
+        where = f"{file}: {PREFIX}{path}"
+        if all(_PER_EXPERT_KEY.match(k) for k in part) and hasattr(layer, "load_per_expert_tensors"):
+            layer.load_per_expert_tensors(name, part, where=where)
+        else:
+            layer.load_peft_tensors(name, part, where=where)
+
+
+def merge_adapter(model: nn.Module, name: str = "default", *, unload: bool = False) -> nn.Module:
+    """Fold adapter ``name`` into the base weights (then ``model.save_pretrained`` writes a plain
+    Hugging Face checkpoint with it). Merging twice is a no-op; ``layer.unmerge`` undoes it.
+
+    Args:
+        unload: also drop the adapter (its effect stays in the weights) and unwrap modules left
+            without adapters.
+
+    Raises:
+        AdapterError: when a merged module's weight is tied to another (tied embeddings).
+    """
+    layers = _layers(model, name)
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for path, layer in layers:
+        weight = getattr(layer.base_layer, "weight", None)
+        if weight is not None and counts.get(id(weight), 0) > 1:
+            raise AdapterError(f"{path}.weight is tied to another weight (tied embeddings); merging adapter "
+                               f"'{name}' would change both. Untie it first, or keep the adapter unmerged")
+    for _, layer in layers:
+        layer.merge(name)
+    if unload:
+        for path, layer in layers:
+            if layer.adapter_names == [name]:
+                model.set_submodule(path, layer.base_layer)
+            else:
+                layer.merged.remove(name)
+                layer.delete_adapter(name)
+                layer.active = [n for n in layer.active if n != name]
+        adapter_configs(model).pop(name, None)
+    return model
