@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .context import ForwardContext, current_context, forward_context
+
 IGNORE_INDEX = -100
 
 
@@ -26,9 +28,21 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat((labels[:, 1:], pad), dim=1)
 
 
-def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, ctx: ForwardContext | None) -> torch.Tensor:
+    # The head runs on a chunk of kept rows, and again in backward outside the model's forward:
+    # give it a context whose "samples" are those rows, so per-sample adapters on the head apply.
+    with forward_context(ctx):
+        logits = head(hidden).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _row_context(ctx: ForwardContext | None, rows: torch.Tensor | None, start: int, end: int) -> ForwardContext | None:
+    """Context for head rows ``start:end`` (one "sample" per row), or ``ctx`` itself when no
+    per-sample adapter names were given."""
+    if ctx is None or ctx.adapter_names is None:
+        return ctx
+    names = [ctx.adapter_names[i] for i in rows[start:end].tolist()]
+    return ForwardContext(batch_size=len(names), seq_len=1, adapter_names=names)
 
 
 def chunked_cross_entropy(
@@ -56,11 +70,16 @@ def chunked_cross_entropy(
     count = targets.numel()
     if count == 0:
         return hidden.sum() * 0.0
+    ctx = current_context()
+    rows = None
+    if ctx is not None and ctx.adapter_names is not None:  # sample of each kept row
+        rows = torch.arange(hidden.shape[0]).repeat_interleave(hidden.shape[1])[keep.cpu()]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_size):
         part_h, part_t = h[start : start + chunk_size], targets[start : start + chunk_size]
+        part_ctx = _row_context(ctx, rows, start, start + chunk_size)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, part_h, part_t, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, head, part_h, part_t, part_ctx, use_reentrant=False)
         else:
-            total = total + _chunk_loss_sum(head, part_h, part_t)
+            total = total + _chunk_loss_sum(head, part_h, part_t, part_ctx)
     return total / count
