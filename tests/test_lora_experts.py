@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -12,6 +14,7 @@ from moetune.config import LoraConfig
 from moetune.errors import AdapterError
 from moetune.model.context import ForwardContext, forward_context
 from moetune.model.moe import GroupedExperts, dispatch
+from moetune.peft.base import disable_adapters
 from moetune.peft.experts import LoraGroupedExperts
 
 E, D, FH, R = 4, 32, 24, 4
@@ -86,7 +89,21 @@ CASES = [(ALL, "per_expert"), ({"gate_proj", "down_proj"}, "per_expert"), ({"up_
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("parts,rank_mode", CASES)
 def test_split_lora_matches_reference_outputs_and_grads(parts, rank_mode, dropout):
-    layer = _layer(parts, rank_mode, dropout).train()
+    _check_against_reference(_layer(parts, rank_mode, dropout), f"parts={sorted(parts)} {rank_mode} p={dropout}")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_separate_gate_up_pairs_match_reference(dropout):
+    """Gate and up pairs with different A's (from a per-expert file): A's in one grouped GEMM."""
+    layer = _layer(dropout=dropout)
+    layer.load_per_expert_tensors("default", _distinct_gate_up(layer, seed=7), where="test")
+    assert layer.pairs("default") == ["gate", "up", "down"]
+    _check_against_reference(layer, f"separate gate/up p={dropout}")
+
+
+def _check_against_reference(layer: LoraGroupedExperts, label: str) -> None:
+    layer.train()
+    dropout = layer.configs["default"].dropout
     x, offsets, token_index = _routed()
     params = {k.split(".")[0]: p for k, p in layer.adapter_params("default")}
     ref_params = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
@@ -105,7 +122,7 @@ def test_split_lora_matches_reference_outputs_and_grads(parts, rank_mode, dropou
 
     errs = {"out": rel(y, y_ref), "x.grad": rel(x1.grad, x2.grad)}
     errs |= {k: rel(params[k].grad, ref_params[k].grad) for k in params}
-    print(f"parts={sorted(parts)} {rank_mode} p={dropout}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    print(f"{label}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert all(v <= 1e-5 for v in errs.values()), errs
     assert all(params[k].grad.abs().sum() > 0 for k in params)
     if dropout:  # the mask really is applied (and the same in both)
@@ -200,3 +217,249 @@ def test_mixed_adapter_rows():
     for s, want in enumerate([only_a, base, only_b]):
         assert (mixed[sample == s] - want[sample == s]).abs().max().item() <= 1e-6
     assert not torch.allclose(only_a, base) and not torch.allclose(only_b, base)
+
+
+# --- PEFT parity: tiny transformers models, PEFT `target_parameters` on the fused experts ----------
+
+peft = pytest.importorskip("peft")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from tiny_hf import save_hf_model  # noqa: E402
+
+PEFT_R, PEFT_ALPHA = 4, 8
+
+
+def _wrap_experts(model, config: LoraConfig, parts=ALL, patterns: dict | None = None) -> dict[str, LoraGroupedExperts]:
+    """Wrap every GroupedExperts by hand (what moetune.add_adapter does for target 'experts');
+    ``patterns``: a PEFT adapter_config whose rank/alpha patterns give per-parameter configs."""
+    layers = {}
+    for path, module in list(model.named_modules()):
+        if isinstance(module, GroupedExperts):
+            parent, _, child = path.rpartition(".")
+            layers[path] = LoraGroupedExperts(module)
+            setattr(model.get_submodule(parent), child, layers[path])
+            per_param = None
+            if patterns:
+                ranks, alphas = patterns.get("rank_pattern") or {}, patterns.get("alpha_pattern") or {}
+                per_param = {p: dataclasses.replace(config, r=ranks.get(f"{path}.{p}", config.r),
+                                                    alpha=float(alphas.get(f"{path}.{p}", config.alpha)))
+                             for p in ("gate_up_proj", "down_proj")}
+            layers[path].add_adapter("default", config, parts=set(parts), param_configs=per_param)
+    return layers
+
+
+def _peft_config(params=("gate_up_proj", "down_proj"), **kw):
+    return peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, target_modules=[],
+                           target_parameters=[f"mlp.experts.{p}" for p in params], **kw)
+
+
+def _ids(vocab):
+    return torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+def _randomize(params, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _export(layers, out_dir, config: peft.LoraConfig, name="default"):
+    """Write a PEFT adapter folder from our tensors (what io.save_adapter will do)."""
+    tensors, targets, ranks, alphas = {}, set(), {}, {}
+    for path, layer in layers.items():
+        tensors |= {f"base_model.model.{path}.{k}": v for k, v in layer.peft_tensors(name).items()}
+        entry = layer.peft_config_targets(path, name)
+        targets |= set(entry["target_parameters"])
+        ranks |= entry.get("rank_pattern", {})
+        alphas |= entry.get("alpha_pattern", {})
+    config.target_parameters, config.rank_pattern, config.alpha_pattern = sorted(targets), ranks, alphas
+    config.save_pretrained(out_dir)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+
+
+def _peft_logits(folder, adapter_dir, ids):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(hf, adapter_dir).eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_peft_layout_and_logits_parity(family, tmp_path):
+    import moetune
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    hf = save_hf_model(family, tmp_path / "model")
+    ours = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    pm = get_peft_model(hf, _peft_config()).eval()
+    _randomize(p for n, p in pm.named_parameters() if "lora_" in n)
+    state = get_peft_model_state_dict(pm)
+
+    layers = _wrap_experts(ours, LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, target_modules=["experts"]))
+    cfg = hf.config
+    E, D, Fh = getattr(cfg, "num_experts", None) or cfg.num_local_experts, cfg.hidden_size, \
+        getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    r = PEFT_R
+    for path, layer in layers.items():
+        prefix = f"base_model.model.{path}."
+        mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        # the layout PEFT 0.21 writes: gate_up_proj inner (base_layer.), down_proj outer, no param name
+        assert {k: tuple(v.shape) for k, v in mine.items()} == {
+            "base_layer.lora_A.weight": (E * r, D), "base_layer.lora_B.weight": (2 * Fh, r * E),
+            "lora_A.weight": (E * r, Fh), "lora_B.weight": (D, r * E)}
+        layer.load_peft_tensors("default", mine, where=path)
+        # expert ordering: A expert-slowest (row e*r+i), B expert-fastest (column i*E+e)
+        a, b = layer.lora_A_gate_up["default"], layer.lora_B_gate_up["default"]
+        assert torch.equal(a[1, 2], mine["base_layer.lora_A.weight"][1 * r + 2])
+        assert torch.equal(b[1, :, 2], mine["base_layer.lora_B.weight"][:, 2 * E + 1])
+        assert {k: torch.equal(v, mine[k]) for k, v in layer.peft_tensors("default").items()} == dict.fromkeys(mine, True)
+
+    ids = _ids(cfg.vocab_size)
+    with torch.no_grad():
+        ref, got = pm(input_ids=ids).logits, ours(ids).logits
+        with pm.disable_adapter():
+            base = pm(input_ids=ids).logits
+    err = (ref - got).abs().max().item()
+    print(f"{family}: PEFT vs moetune logits max|d| {err:.2e} (scale {ref.abs().max():.2f})")
+    assert err <= 1e-4
+    assert (ref - base).abs().max() > 1e-2  # the adapter matters
+
+
+def _distinct_gate_up(layer: LoraGroupedExperts, seed: int) -> dict[str, torch.Tensor]:
+    """Per-expert tensors as a PEFT-v4 / vLLM file has them: gate and up pairs with different A's."""
+    tensors = layer.per_expert_tensors("default")
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in tensors.items()}
+
+
+EXPORTS = [("all", ALL, "per_expert", False), ("shared", ALL, "shared", False),
+           ("gate_only", {"gate_proj"}, "per_expert", False), ("up_down", {"up_proj", "down_proj"}, "per_expert", False),
+           ("down_only", {"down_proj"}, "per_expert", True), ("separate", ALL, "per_expert", False),
+           ("separate_rslora", ALL, "per_expert", True)]
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys")  # PEFT checks modules only
+@pytest.mark.parametrize("case,parts,rank_mode,rslora", EXPORTS, ids=[c[0] for c in EXPORTS])
+def test_saved_adapter_loads_in_peft_with_our_logits(case, parts, rank_mode, rslora, tmp_path):
+    import moetune
+
+    save_hf_model("qwen3_moe", tmp_path / "model")
+    ours = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    config = LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, use_rslora=rslora, target_modules=["experts"], expert_rank=rank_mode)
+    layers = _wrap_experts(ours, config, parts)
+    for i, layer in enumerate(layers.values()):
+        if case.startswith("separate"):
+            layer.load_per_expert_tensors("default", _distinct_gate_up(layer, seed=10 + i), where="test")
+            assert layer.pairs("default") == ["gate", "up", "down"]
+        else:
+            _randomize((p for _, p in layer.adapter_params("default")), seed=10 + i)
+    _export(layers, tmp_path / "adapter", peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, use_rslora=rslora,
+                                                          target_modules=[]))
+    ids = _ids(128)
+    with torch.no_grad():
+        got = ours(ids).logits
+    ref = _peft_logits(tmp_path / "model", tmp_path / "adapter", ids)
+    with torch.no_grad(), disable_adapters(ours):
+        base = ours(ids).logits
+    err = (ref - got).abs().max().item()
+    print(f"{case}: our adapter file in PEFT, logits max|d| {err:.2e} (adapter effect {(got - base).abs().max():.2f})")
+    assert err <= 1e-4
+    assert (got - base).abs().max() > 1e-2
+
+    # and back: a fresh moetune model reading the same folder gives the same logits; rank/alpha
+    # patterns become per-parameter configs (separate gate/up pairs come back as one rank-2r pair)
+    again = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    for path, layer in _wrap_experts(again, config, parts, patterns=saved).items():
+        prefix = f"base_model.model.{path}."
+        layer.load_peft_tensors("default", {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                where=path)
+    with torch.no_grad():
+        assert (again(ids).logits - got).abs().max().item() <= 1e-6
+
+
+def _wrap_fresh(layer: LoraGroupedExperts, config: LoraConfig, parts) -> LoraGroupedExperts:
+    fresh = LoraGroupedExperts(layer.base_layer)
+    fresh.add_adapter("default", config, parts=set(parts))
+    return fresh
+
+
+def test_per_expert_layout_roundtrip():
+    layer = _layer()
+    tensors = layer.per_expert_tensors("default")
+    assert len(tensors) == E * 3 * 2
+    assert tensors["2.gate_proj.lora_A.weight"].shape == (R, D) and tensors["2.up_proj.lora_B.weight"].shape == (FH, R)
+    assert tensors["2.down_proj.lora_A.weight"].shape == (R, FH) and tensors["2.down_proj.lora_B.weight"].shape == (D, R)
+    # a fused pair is a gate pair and an up pair that share A
+    assert torch.equal(tensors["1.gate_proj.lora_A.weight"], tensors["1.up_proj.lora_A.weight"])
+    assert torch.equal(tensors["1.up_proj.lora_B.weight"], layer.lora_B_gate_up["default"][1, FH:])
+    x, offsets, token_index = _routed()
+    fresh = _wrap_fresh(layer, layer.configs["default"], ALL)
+    fresh.load_per_expert_tensors("default", tensors, where="test")
+    assert fresh.pairs("default") == ["gate_up", "down"]  # shared A detected: stays fused
+    assert torch.equal(fresh(x, offsets, token_index=token_index), layer(x, offsets, token_index=token_index))
+
+
+def test_bad_adapter_tensors_name_the_key():
+    layer = _layer()
+    good = layer.peft_tensors("default")
+    with pytest.raises(AdapterError, match="missing tensor.*'lora_B.weight'"):
+        layer.load_peft_tensors("default", {k: v for k, v in good.items() if k != "lora_B.weight"}, where="f.safetensors")
+    with pytest.raises(AdapterError, match="'gate_up_proj.lora_A.weight'.* map to nothing"):
+        layer.load_peft_tensors("default", good | {"gate_up_proj.lora_A.weight": good["lora_A.weight"]}, where="f")
+    with pytest.raises(AdapterError, match=r"f: tensor 'base_layer.lora_A.weight' has shape \(32, 32\), expected \(16, 32\)"):
+        layer.load_peft_tensors("default", good | {"base_layer.lora_A.weight": torch.zeros(32, D)}, where="f")
+    gate_only = _layer({"gate_proj"})
+    with pytest.raises(AdapterError, match="outside the gate block is non-zero"):
+        gate_only.load_peft_tensors("default", {k.removeprefix("base_layer."): v for k, v in good.items()
+                                                if k.startswith("base_layer.")}, where="f")
+    shared = _layer(rank_mode="shared")
+    with pytest.raises(AdapterError, match="differs across experts.*expert_rank='shared'"):
+        shared.load_peft_tensors("default", good, where="f")
+    per_expert = layer.per_expert_tensors("default")
+    del per_expert["3.down_proj.lora_B.weight"]
+    with pytest.raises(AdapterError, match=r"missing tensor.*3.down_proj.lora_B.weight"):
+        layer.load_per_expert_tensors("default", per_expert, where="f")
+
+
+def test_peft_config_targets():
+    layer = _layer({"gate_proj", "down_proj"})
+    assert layer.peft_config_targets("model.layers.0.mlp.experts") == {
+        "target_parameters": ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]}
+    assert set(_layer({"down_proj"}).peft_tensors("default")) == {"lora_A.weight", "lora_B.weight"}
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys")
+def test_peft_rank_pattern_on_experts_loads_exactly(tmp_path):
+    """A PEFT adapter whose gate_up_proj has its own rank and alpha (rank_pattern/alpha_pattern)."""
+    import moetune
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    hf = save_hf_model("qwen3_moe", tmp_path / "model")
+    ours = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    pcfg = _peft_config(rank_pattern={"gate_up_proj": 8}, alpha_pattern={"gate_up_proj": 24})
+    pm = get_peft_model(hf, pcfg).eval()
+    _randomize(p for n, p in pm.named_parameters() if "lora_" in n)
+    state = get_peft_model_state_dict(pm)
+    patterns = {"rank_pattern": {}, "alpha_pattern": {}}
+    for path in (p for p, m in ours.named_modules() if isinstance(m, GroupedExperts)):
+        patterns["rank_pattern"][f"{path}.gate_up_proj"] = 8
+        patterns["alpha_pattern"][f"{path}.gate_up_proj"] = 24
+    config = LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, target_modules=["experts"])
+    for path, layer in _wrap_experts(ours, config, patterns=patterns).items():
+        prefix = f"base_model.model.{path}."
+        layer.load_peft_tensors("default", {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                where=path)
+        assert layer.lora_A_gate_up["default"].shape == (layer.num_experts, 8, layer.dim)
+        assert layer.scaling("default", "gate_up_proj") == 3.0 and layer.scaling("default", "down_proj") == 2.0
+        targets = layer.peft_config_targets(path, "default")
+        assert targets["rank_pattern"] == {f"{path}.gate_up_proj": 8, f"{path}.down_proj": 4}
+        assert targets["alpha_pattern"] == {f"{path}.gate_up_proj": 24.0, f"{path}.down_proj": 8.0}
+    ids = _ids(128)
+    with torch.no_grad():
+        err = (pm(input_ids=ids).logits - ours(ids).logits).abs().max().item()
+    print(f"rank_pattern on gate_up_proj: PEFT vs moetune logits max|d| {err:.2e}")
+    assert err <= 1e-4

@@ -34,15 +34,15 @@ from ..model.context import current_context
 from ..model.moe import GroupedExperts
 from . import experts_layout as layout
 from .base import AdapterLayer, register_wrapper
+from .experts_layout import PROJ_OF_PAIR, ExpertLayoutMixin
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
 
 PAIRS = ("gate_up", "gate", "up", "down")
-PROJ_OF_PAIR = {"gate_up": "gate_up_proj", "gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
 
 
-class LoraGroupedExperts(AdapterLayer):
+class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
     """Named LoRA adapters on a :class:`GroupedExperts` (drop-in: same forward signature)."""
 
     base_layer: GroupedExperts
@@ -53,6 +53,7 @@ class LoraGroupedExperts(AdapterLayer):
             setattr(self, f"lora_A_{pair}", nn.ParameterDict())
             setattr(self, f"lora_B_{pair}", nn.ParameterDict())
         self.configs: dict[str, LoraConfig] = {}
+        self.param_configs: dict[str, dict[str, LoraConfig]] = {}  # rank/alpha per 3D parameter
 
     # --- what MoEBlock reads from its experts ---------------------------------------------
     @property
@@ -82,8 +83,13 @@ class LoraGroupedExperts(AdapterLayer):
         """The pairs adapter ``name`` holds, in :data:`PAIRS` order."""
         return [p for p in PAIRS if name in self.lora_a(p)]
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
+                    param_configs: dict[str, LoraConfig] | None = None) -> None:
         """Create adapter ``name`` on ``parts`` (default all of gate_proj, up_proj, down_proj).
+
+        Args:
+            param_configs: optional rank/alpha per base parameter (``gate_up_proj``, ``down_proj``),
+                e.g. from PEFT's ``rank_pattern``/``alpha_pattern``; other options come from ``config``.
 
         Calling again for an existing name adds the new parts and re-initialises the adapter.
         """
@@ -103,8 +109,9 @@ class LoraGroupedExperts(AdapterLayer):
         pairs = (["gate_up"] if gate and up else ["gate"] if gate else ["up"] if up else [])
         pairs += ["down"] if "down_proj" in parts else []
         self.configs[name] = config
+        self.param_configs[name] = {p: (param_configs or {}).get(p, config) for p in layout.PROJ_PARAMS}
         for pair in pairs:
-            self._new_pair(name, pair, config.r)
+            self._new_pair(name, pair, self.param_configs[name][PROJ_OF_PAIR[pair]].r)
         if not self.active:
             self.active.append(name)
 
@@ -121,6 +128,10 @@ class LoraGroupedExperts(AdapterLayer):
         self.lora_a(pair)[name] = nn.Parameter(a)
         self.lora_b(pair)[name] = nn.Parameter(torch.zeros(*lead, d_out, rank, dtype=torch.float32, device=device))
 
+    def scaling(self, name: str, param: str) -> float:
+        """The factor s of adapter ``name`` on base parameter ``param`` (gate_up_proj or down_proj)."""
+        return self.param_configs[name][param].scaling
+
     def _dims(self, pair: str) -> tuple[int, int]:
         D, Fh = self.dim, self.hidden
         return {"gate_up": (D, 2 * Fh), "gate": (D, Fh), "up": (D, Fh), "down": (Fh, D)}[pair]
@@ -131,6 +142,7 @@ class LoraGroupedExperts(AdapterLayer):
         for pair in self.pairs(name):
             del self.lora_a(pair)[name], self.lora_b(pair)[name]
         self.configs.pop(name, None)
+        self.param_configs.pop(name, None)
         self.active = [n for n in self.active if n != name]
 
     def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
@@ -178,7 +190,8 @@ class LoraGroupedExperts(AdapterLayer):
         h = F.dropout(x, config.dropout, self.training) if config.dropout else x
         a_list = [self.lora_a(p)[name].to(x.dtype) for p in pairs]
         t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets)  # (R, r)
-        t = t * (config.scaling if rows is None else rows * config.scaling)
+        s = self.scaling(name, PROJ_OF_PAIR[pairs[0]])
+        t = t * (s if rows is None else rows * s)
         b_list = [self.lora_b(p)[name] for p in pairs]
         parts = t.split([b.shape[-1] for b in b_list], dim=-1) if len(pairs) > 1 else [t]
         outs = [self._matmul(tp, b.to(x.dtype), offsets) for tp, b in zip(parts, b_list)]
@@ -192,7 +205,7 @@ class LoraGroupedExperts(AdapterLayer):
         """fp32 ``s * B_e @ A_e`` for every expert, (E, out, in). Merging only, never the forward."""
         a, b = self.lora_a(pair)[name], self.lora_b(pair)[name]
         d = (b @ a).expand(self.num_experts, -1, -1) if a.dim() == 2 else torch.bmm(b, a)
-        return d * self.configs[name].scaling
+        return d * self.scaling(name, PROJ_OF_PAIR[pair])
 
     def _fold(self, name: str, sign: float) -> None:
         Fh = self.hidden
@@ -212,121 +225,6 @@ class LoraGroupedExperts(AdapterLayer):
             self._fold(name, -1.0)
             self.merged.remove(name)
 
-    # --- files ----------------------------------------------------------------------------
-    def _targeted(self, names: list[str]) -> list[str]:
-        return [p for p in layout.PROJ_PARAMS if any(PROJ_OF_PAIR[q] == p for n in names for q in self.pairs(n))]
-
-    def peft_config_targets(self, module_path: str, name: str | None = None) -> dict:
-        """PEFT adapter_config entries: ``target_parameters``, plus rank/alpha patterns when
-        adapter ``name`` holds separate gate and up pairs (exported as one rank-2r pair)."""
-        names = [name] if name is not None else self.adapter_names
-        out: dict = {"target_parameters": [f"{module_path}.{p}" for p in self._targeted(names)]}
-        if name is not None and {"gate", "up"} <= set(self.pairs(name)):
-            config = self.configs[name]
-            rank = self.lora_a("gate")[name].shape[-2] + self.lora_a("up")[name].shape[-2]
-            key = f"{module_path}.gate_up_proj"
-            out["rank_pattern"] = {key: rank}
-            out["alpha_pattern"] = {key: config.scaling * (math.sqrt(rank) if config.use_rslora else rank)}
-        return out
-
-    def _full(self, name: str, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Detached fp32 pair with the expert dim: (E, r, in), (E, out, r)."""
-        a, b = self.lora_a(pair)[name].detach(), self.lora_b(pair)[name].detach()
-        if a.dim() == 2:
-            a, b = a.expand(self.num_experts, -1, -1), b.expand(self.num_experts, -1, -1)
-        return a, b
-
-    def _proj_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """One (a, b) per targeted 3D parameter, gate_up as PEFT sees it (over the fused 2F rows)."""
-        pairs, out = self.pairs(name), {}
-        if "gate_up" in pairs:
-            out["gate_up_proj"] = self._full(name, "gate_up")
-        elif "gate" in pairs or "up" in pairs:
-            halves = [self._full(name, h) if h in pairs else None for h in ("gate", "up")]
-            a, b = next(p for p in halves if p is not None)
-            empty = (a[:, :0], torch.zeros_like(b[..., :0]))  # the untargeted half: rank 0, rows zero
-            out["gate_up_proj"] = layout.block_diag_pairs([p if p is not None else empty for p in halves])
-        if "down" in pairs:
-            out["down_proj"] = self._full(name, "down")
-        return out
-
-    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        prefixes = layout.peft_prefixes(self._targeted([name]))
-        out = {}
-        for proj, (a, b) in self._proj_pairs(name).items():
-            out[f"{prefixes[proj]}lora_A.weight"], out[f"{prefixes[proj]}lora_B.weight"] = layout.to_peft(a, b)
-        return out
-
-    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
-        prefixes = layout.peft_prefixes(self._targeted([name]))
-        _check_keys(tensors, {f"{prefixes[p]}lora_{k}.weight" for p in prefixes for k in "AB"}, where)
-        Fh, E = self.hidden, self.num_experts
-        for proj, (a0, b0) in self._proj_pairs(name).items():
-            ka, kb = f"{prefixes[proj]}lora_A.weight", f"{prefixes[proj]}lora_B.weight"
-            layout.check_shape(tensors[ka], (E * a0.shape[1], a0.shape[2]), where=where, key=ka)
-            layout.check_shape(tensors[kb], (b0.shape[1], E * b0.shape[2]), where=where, key=kb)
-            a, b = layout.from_peft(tensors[ka], tensors[kb], E)
-            if proj == "down_proj" or "gate_up" in self.pairs(name):
-                self._set(name, "down" if proj == "down_proj" else "gate_up", a, b, where, ka)
-                continue
-            col = 0
-            for half, rows in (("gate", slice(0, Fh)), ("up", slice(Fh, 2 * Fh))):
-                r = self.lora_a(half)[name].shape[-2] if half in self.pairs(name) else 0
-                other = slice(Fh, 2 * Fh) if half == "gate" else slice(0, Fh)
-                layout.check_zero(b[:, other, col:col + r], where=where, what=f"'{kb}' outside the {half} block")
-                if r:
-                    self._set(name, half, a[:, col:col + r], b[:, rows, col:col + r], where, ka)
-                col += r
-
-    def _set(self, name: str, pair: str, a: torch.Tensor, b: torch.Tensor, where: str, key: str) -> None:
-        pa, pb = self.lora_a(pair)[name], self.lora_b(pair)[name]
-        if pa.dim() == 2:
-            a, b = layout.shared_from(a, where=where, key=key), layout.shared_from(b, where=where, key=key)
-        with torch.no_grad():
-            pa.copy_(a)
-            pb.copy_(b)
-
-    def per_expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """vLLM/SGLang layout: ``{e}.{gate_proj|up_proj|down_proj}.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r)."""
-        out = {}
-        for proj, (a, b) in self._per_proj(name).items():
-            for e in range(self.num_experts):
-                ka, kb = layout.per_expert_keys(e, proj)
-                out[ka], out[kb] = a[e].contiguous(), b[e].contiguous()
-        return out
-
-    def _per_proj(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        pairs, Fh, out = self.pairs(name), self.hidden, {}
-        if "gate_up" in pairs:  # a fused pair is a gate pair and an up pair sharing A: exact at rank r
-            a, b = self._full(name, "gate_up")
-            out["gate_proj"], out["up_proj"] = (a, b[:, :Fh]), (a, b[:, Fh:])
-        for pair, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            if pair in pairs:
-                out[proj] = self._full(name, pair)
-        return dict(sorted(out.items(), key=lambda kv: layout.EXPERT_PROJS.index(kv[0])))
-
-    def load_per_expert_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
-        """Inverse of :meth:`per_expert_tensors`. Gate and up pairs with different A's turn a fused
-        gate_up pair into separate gate and up pairs (call before building the optimizer)."""
-        projs = {p: ab[0].shape for p, ab in self._per_proj(name).items()}
-        _check_keys(tensors, {k for p in projs for e in range(self.num_experts) for k in layout.per_expert_keys(e, p)}, where)
-        stacks = {p: layout.split_per_expert(tensors, p, self.num_experts, where=where) for p in projs}
-        for proj, (a, b) in stacks.items():
-            r, (d_in, d_out) = projs[proj][1], self._dims(proj.removesuffix("_proj"))
-            layout.check_shape(a, (self.num_experts, r, d_in), where=where, key=f"*.{proj}.lora_A.weight")
-            layout.check_shape(b, (self.num_experts, d_out, r), where=where, key=f"*.{proj}.lora_B.weight")
-        if "gate_up" in self.pairs(name):
-            (ag, bg), (au, bu) = stacks.pop("gate_proj"), stacks.pop("up_proj")
-            if torch.equal(ag, au):
-                self._set(name, "gate_up", ag, torch.cat([bg, bu], dim=1), where, "*.gate_proj.lora_A.weight")
-            else:
-                del self.lora_a("gate_up")[name], self.lora_b("gate_up")[name]
-                for half, (a, b) in (("gate", (ag, bg)), ("up", (au, bu))):
-                    self._new_pair(name, half, a.shape[1])
-                    self._set(name, half, a, b, where, f"*.{half}_proj.lora_A.weight")
-        for proj, (a, b) in stacks.items():
-            self._set(name, proj.removesuffix("_proj"), a, b, where, f"*.{proj}.lora_A.weight")
-
 
 def _gate_up_groups(pairs: list[str]) -> tuple[list[str], list[str]]:
     """Split an adapter's gate/up pairs into those added to the fused 2F output and lone halves."""
@@ -338,15 +236,6 @@ def _gate_up_groups(pairs: list[str]) -> tuple[list[str], list[str]]:
 
 def _parts_of(pair: str) -> tuple[str, ...]:
     return ("gate_proj", "up_proj") if pair == "gate_up" else (f"{pair}_proj",)
-
-
-def _check_keys(tensors: dict[str, torch.Tensor], expected: set[str], where: str) -> None:
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if unexpected:
-        raise AdapterError(f"{where}: tensor(s) {unexpected} map to nothing in this experts adapter "
-                           f"(expected {sorted(expected)})")
-    if missing:
-        raise AdapterError(f"{where}: missing tensor(s) {missing}")
 
 
 register_wrapper(GroupedExperts, LoraGroupedExperts)
