@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -212,7 +213,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         config: the LoRA options and targets.
         name: adapter name (letters, digits, ``_``, ``-``).
         per_module: optional ``(module path, config) -> config`` for per-module rank/alpha
-            (used to honour PEFT's ``rank_pattern``/``alpha_pattern`` when loading).
+            (used to honour PEFT's ``rank_pattern``/``alpha_pattern`` when loading); wrappers
+            whose ``add_adapter`` takes ``param_configs`` get it per base parameter too, asked
+            as ``<module path>.<parameter name>``.
 
     Returns:
         The :class:`AdapterReport` (also logged at INFO).
@@ -238,7 +241,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 model.set_submodule(path, module)
                 created.append(path)
             module.add_adapter(name, per_module(path, config) if per_module else config,
-                               parts=set(parts) if parts else None)
+                               parts=set(parts) if parts else None, **_param_configs(module, path, config, per_module))
     except BaseException:
         _remove(model, name, created)
         raise
@@ -248,6 +251,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     report = build_report(model, name)
     log.info("%s", report)
     return report
+
+
+def _param_configs(module: AdapterLayer, path: str, config: LoraConfig, per_module) -> dict:
+    """``param_configs`` for wrappers that take a config per base parameter (routed experts:
+    PEFT's rank_pattern keys them ``<path>.gate_up_proj``), when per-module overrides are given."""
+    if per_module is None or "param_configs" not in inspect.signature(module.add_adapter).parameters:
+        return {}
+    params = [n for n, _ in module.base_layer.named_parameters(recurse=False)]
+    return {"param_configs": {p: per_module(f"{path}.{p}", config) for p in params}}
 
 
 def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -> None:

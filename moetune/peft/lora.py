@@ -157,14 +157,14 @@ class LoraLinear(AdapterLayer):
             if self.disabled or (ctx is not None and ctx.adapter_names is not None):
                 raise AdapterError(f"adapter(s) {self.merged} are merged into the base weights; unmerge them "
                                    "before disabling adapters or choosing adapters per sample")
-        result = self.base_layer(x)
-        for name in self.running():
-            delta = self._adapter_output(name, x, result)
+        base = result = self.base_layer(x)
+        for name in self.running():  # each adapter's term is relative to the base output alone
+            delta = self._adapter_output(name, x, base)
             mask = self.token_mask(name, x)
             result = result + (delta if mask is None else delta * mask)
         return result
 
-    def _adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b, s = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype), self.scaling[name]
         dropout = self.lora_dropout[name]
         xd = dropout(x)
@@ -178,7 +178,7 @@ class LoraLinear(AdapterLayer):
             base = F.linear(xd, weight)
         else:
             bias = self.base_layer.bias
-            base = result if bias is None else result - bias
+            base = base_out if bias is None else base_out - bias
         return (factor - 1) * base + factor * lora * s
 
     # --- weights --------------------------------------------------------------------------

@@ -160,9 +160,8 @@ def config_from_peft(raw: Any, where: str) -> tuple[LoraConfig, Callable[[str, L
         return config, None
 
     def per_module(path: str, cfg: LoraConfig) -> LoraConfig:
-        names = [path, *(f"{path}.{p}" for p in _EXPERT_PARAMS)]  # PEFT keys experts by parameter
-        r = next((v for k, v in ranks.items() for n in names if _pattern_match(k, n)), cfg.r)
-        alpha = next((v for k, v in alphas.items() for n in names if _pattern_match(k, n)), cfg.alpha)
+        r = next((v for k, v in ranks.items() if _pattern_match(k, path)), cfg.r)
+        alpha = next((v for k, v in alphas.items() if _pattern_match(k, path)), cfg.alpha)
         return dataclasses.replace(cfg, r=int(r), alpha=float(alpha)) if (r, alpha) != (cfg.r, cfg.alpha) else cfg
 
     return config, per_module
