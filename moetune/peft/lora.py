@@ -8,7 +8,9 @@ runs in the input's dtype. Gradients are plain autograd (dropout included), so t
 DoRA (``use_dora``) follows PEFT 0.21 exactly: a trained magnitude ``m`` (out,), initialised to
 the row norms of ``W + s*B@A``; the output is ``base + (m/n - 1) * W@x' + (m/n) * s * B@A@x'``
 with ``n = ||W + s*B@A||`` per row, detached, and ``x' = dropout(x)`` (``x' = x`` when dropout
-is off, when PEFT reuses the base output).
+is off, when PEFT reuses the base output). With several adapters running on one token, each
+term is relative to the base output alone (PEFT feeds DoRA the running sum instead; the two agree
+whenever one adapter runs, which is the only case PEFT parity is tested on).
 
 PiSSA (``init="pissa"``) moves the top-r singular part of ``W`` into the adapter, as PEFT's
 ``init_lora_weights="pissa"``: ``A = sqrt(S_r/s) Vh_r``, ``B = U_r sqrt(S_r/s)`` and the base
@@ -16,7 +18,8 @@ becomes ``W_res = W - s*B@A``, so the model's output is unchanged at init but **
 is modified**. The initial pair is kept; files are written as the equivalent plain LoRA of rank
 2r against the original ``W`` (``A' = [A; A0]``, ``B' = [B, -B0]``, alpha doubled - PEFT's
 ``path_initial_model_for_weight_conversion``), so PEFT and vLLM load them on the untouched base.
-A PiSSA adapter must be the only adapter of its layer; deleting it restores ``W``.
+A PiSSA adapter must be the only adapter of its layer; deleting it restores ``W``. Inside
+``disable_adapters`` (and in ``save_pretrained`` before merging) the layer holds ``W_res``, not ``W``.
 """
 
 from __future__ import annotations
