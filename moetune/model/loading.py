@@ -26,6 +26,7 @@ from .config import ModelArgs
 from .families import model_args_from_hf
 from .hf import KeyMap, destination
 from .layers import RMSNorm
+from .quant import NF4Weight, quantize_model, quantized_weights
 from .transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class _Filler:
     """Copies checkpoint tensors into native ones and tracks what was filled."""
 
     def __init__(self, model: nn.Module, keymap: KeyMap, *, tied: bool) -> None:
-        self.params = dict(model.named_parameters())
+        # 4-bit weights (quantize="nf4") are filled through their holders, under the same names.
+        self.params = {**dict(model.named_parameters()), **quantized_weights(model)}
         self.keymap = keymap
         self.tied = tied
         self.filled: dict[str, set] = {name: set() for name in self.params}
@@ -88,10 +90,14 @@ class _Filler:
         native = self.params[target.name]
         if target.expert is not None and target.expert >= native.shape[0]:
             raise CheckpointError(f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} experts")
-        dest = destination(native.data, target)
+        quantized = isinstance(native, NF4Weight)
+        dest = destination(native.layout() if quantized else native.data, target)
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from config.json")
-        dest.copy_(tensor.to(dest.dtype))
+        if quantized:  # quantized now, so full-precision weights never accumulate
+            native.write(dest.storage_offset(), tensor)
+        else:
+            dest.copy_(tensor.to(dest.dtype))
         self.filled[target.name].add((target.expert, target.part))
 
     def check_complete(self, model: nn.Module) -> None:
@@ -141,19 +147,23 @@ def load_model(
         path: local model folder.
         dtype: parameter dtype.
         device: where the weights are allocated.
-        quantize: None, or "nf4" for 4-bit base weights.
+        quantize: None, or "nf4" for 4-bit base weights: every linear but the LM head and the
+            routers, and every routed-expert weight (see :mod:`moetune.model.quant`).
 
     Returns:
         A :class:`CausalLM` in eval mode.
     """
-    if quantize is not None:
-        raise CheckpointError(f"quantize='{quantize}' is not available in this build (supported: None)")
+    if quantize not in (None, "nf4"):
+        raise CheckpointError(f"quantize={quantize!r} is not supported (allowed: None, 'nf4')")
     folder = Path(path)
     args = model_args_from_hf(read_hf_config(folder), where=str(folder / "config.json"))
     files = weight_files(folder)
     with torch.device("meta"):
         model = build_causal_lm(args)
-    model.to(dtype=dtype).to_empty(device=device)
+    model.to(dtype=dtype)
+    if quantize == "nf4":
+        quantize_model(model)  # on meta: empty 4-bit holders, filled tensor by tensor below
+    model.to_empty(device=device)
     _after_materialise(model)
     filler = _Filler(model, KeyMap(args.family), tied=args.tie_word_embeddings)
     for file, key, tensor in iter_checkpoint(files):

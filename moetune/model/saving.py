@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .hf import KeyMap
+from .quant import quantized_weights
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -34,6 +35,8 @@ def native_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Ten
         return native_state_dict(model.base_layer, prefix)
     for name, p in model.named_parameters(recurse=False):
         out[prefix + name] = p
+    for name, holder in quantized_weights(model, recurse=False).items():  # 4-bit base: written dequantized
+        out[prefix + name] = holder.dequantize()
     for name, child in model.named_children():
         out.update(native_state_dict(child, f"{prefix}{name}."))
     return out

@@ -1,0 +1,293 @@
+"""4-bit (NF4) frozen base weights for QLoRA: quantized linears and grouped experts.
+
+Legend: N rows, in/out features, E experts, D model dim, F expert hidden.
+
+:func:`quantize_model` swaps every frozen ``nn.Linear`` for a :class:`QuantLinear` and every
+:class:`GroupedExperts` for a :class:`QuantGroupedExperts`, under the same module names. Kept in
+full precision, as QLoRA and bitsandbytes do: the LM head (logits are the most error-sensitive
+output, it is often tied to the embedding, and PEFT files may carry it whole) and the routers
+(``gate``, ``router``, ``shared_expert_gate``: a tiny share of the parameters that decides where
+every token goes). Embeddings are lookups, not matmuls, and are left alone too.
+
+Each 4-bit weight lives in an :class:`NF4Weight` holder (format in :mod:`.nf4`). Forward
+dequantizes it into the input's dtype just for the matmul; backward dequantizes it again (a
+custom autograd Function that saves no weight), so no dequantized base weight outlives its
+matmul. Gradients flow to the input only: the base is frozen.
+
+On the meta device the swap only creates empty holders, so the loader can allocate ~0.52 bytes
+per weight element and quantize each checkpoint tensor as it is read (:meth:`NF4Weight.write`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nf4
+from .grouped import grouped_linear, grouped_linear_loop
+from .moe import GroupedExperts
+
+KEEP_FULL_PRECISION = frozenset({"lm_head", "gate", "router", "shared_expert_gate"})
+_FP32_STATE = ("absmax_scale", "absmax_offset")
+
+
+class NF4Weight(nn.Module):
+    """One frozen weight of ``shape`` in NF4 with double-quantized block scales (buffers only).
+
+    Buffers: ``codes`` (ceil(n/2),) uint8, ``absmax_codes`` (nb,) uint8, ``absmax_scale`` (nb2,)
+    fp32, ``absmax_offset`` () fp32. ``dtype`` is the dtype it dequantizes to by default (the
+    dtype the full-precision weight would have); ``model.to(dtype)`` changes it but never rounds
+    the fp32 scales.
+    """
+
+    def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        n = self.shape.numel()
+        nb = math.ceil(n / nf4.BLOCK)
+        self.register_buffer("codes", torch.zeros(math.ceil(n / 2), dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_codes", torch.zeros(nb, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_scale", torch.zeros(math.ceil(nb / nf4.SCALE_BLOCK), device=device))
+        self.register_buffer("absmax_offset", torch.zeros((), device=device))
+        self._writer: nf4.BlockQuantizer | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def layout(self) -> torch.Tensor:
+        """A meta tensor of ``shape``: index it like the weight to find a slice's flat offset."""
+        return torch.empty(self.shape, device="meta")
+
+    @torch.no_grad()
+    def write(self, start: int, values: torch.Tensor) -> None:
+        """Quantize ``values`` into flat positions [start, start + numel) of the weight.
+
+        Pieces may come in any order; the block scales are double-quantized once the last piece
+        is in, and only then is the weight usable.
+        """
+        if self._writer is None:
+            self._writer = nf4.BlockQuantizer(self.numel(), self.device)
+        if self._writer.write(start, values):
+            codes, absmax_codes, scale, offset = self._writer.result()
+            self.codes.copy_(codes)
+            self.absmax_codes.copy_(absmax_codes)
+            self.absmax_scale.copy_(scale)
+            self.absmax_offset.copy_(offset)
+            self._writer = None
+
+    @property
+    def pending(self) -> bool:
+        """True while a piecewise write has started but not finished."""
+        return self._writer is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """(nb,) fp32 first-level scales, after undoing the double quantization."""
+        return nf4.dequantize_scales(self.absmax_codes, self.absmax_scale, self.absmax_offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full weight ``shape`` in ``dtype`` (default :attr:`dtype`); a new tensor each call."""
+        flat = nf4.dequantize_blocks(self.codes, self.block_absmax(), self.numel(), dtype or self.dtype)
+        return flat.view(self.shape)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)` reaches every floating buffer; the fp32 scales must only follow the device.
+        # The dtype a plain weight would be cast to is read off a zero-size probe.
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.codes.device))
+        kept = {k: self._buffers[k] for k in _FP32_STATE}
+        super()._apply(fn, recurse)
+        for key, old in kept.items():
+            new = self._buffers[key]
+            if new.dtype != old.dtype:
+                self._buffers[key] = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
+        self.dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, nf4, block={nf4.BLOCK}, double-quant={nf4.SCALE_BLOCK}, dtype={self.dtype}"
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x @ W^T with W dequantized in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.weight.dequantize(grad.dtype), None  # (..., out) @ (out, in)
+
+
+class _NF4Grouped(torch.autograd.Function):
+    """Per-expert x_e @ W_e^T on expert-sorted rows, W (E, out, in) recomputed for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight, offsets: torch.Tensor, loop: bool) -> torch.Tensor:
+        ctx.weight, ctx.loop = weight, loop
+        ctx.save_for_backward(offsets)
+        fn = grouped_linear_loop if loop else grouped_linear
+        y = fn(x, weight.dequantize(x.dtype), offsets)
+        # grouped_linear returns a same-shape view (its grad hook); return the base so later
+        # in-place ops on the output are not in-place ops on a view made inside a Function.
+        return y._base if y._base is not None and y._base.shape == y.shape else y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (offsets,) = ctx.saved_tensors
+        fn = grouped_linear_loop if ctx.loop else grouped_linear
+        w_t = ctx.weight.dequantize(grad.dtype).transpose(-2, -1)  # (E, in, out): dx_e = g_e @ W_e
+        return fn(grad.contiguous(), w_t, offsets), None, None, None
+
+
+class QuantLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight (out, in) is stored in NF4 (``weight_nf4``).
+
+    It stays an ``nn.Linear`` for ``isinstance`` checks (target matching, "all-linear"), keeps
+    ``in_features``/``out_features``/``bias``, and offers the weight read-only: ``weight`` and
+    :meth:`dequantized_weight` return a fresh dequantized tensor, so writing into it changes
+    nothing (an adapter must not merge into it; see ``moetune.peft.qlora``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no full-precision weight
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_nf4 = NF4Weight((out_features, in_features), dtype=dtype, device=device)
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.weight_nf4.dequantize()
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(out, in) dequantized weight in ``dtype`` (default the model dtype), not saved anywhere."""
+        return self.weight_nf4.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _NF4Linear.apply(x, self.weight_nf4)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantLinear:
+        """Quantize ``linear`` (on meta: an empty holder to fill later)."""
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        if not w.is_meta:
+            q.weight_nf4.write(0, w.detach())
+            if linear.bias is not None:
+                q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+
+
+class QuantGroupedExperts(GroupedExperts):
+    """:class:`GroupedExperts` with ``gate_up_proj`` (E, 2F, D) and ``down_proj`` (E, D, F) in NF4.
+
+    The projections are :class:`NF4Weight` holders under the same names; :meth:`linear` accepts
+    either a holder (dequantize + grouped GEMM, recomputed in backward) or a plain 3D tensor (an
+    expert LoRA's A or B), so the base forward and an expert-LoRA wrapper run unchanged.
+    """
+
+    def __init__(self, *, num_experts: int, dim: int, hidden: int, act: str = "silu", use_loop: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None) -> None:
+        with torch.device("meta"):  # the parent's full-precision parameters are replaced at once
+            super().__init__(num_experts=num_experts, dim=dim, hidden=hidden, act=act, use_loop=use_loop)
+        del self.gate_up_proj, self.down_proj
+        self.gate_up_proj = NF4Weight((num_experts, 2 * hidden, dim), dtype=dtype, device=device)
+        self.down_proj = NF4Weight((num_experts, dim, hidden), dtype=dtype, device=device)
+
+    def linear(self, x: torch.Tensor, weight, offsets: torch.Tensor) -> torch.Tensor:
+        if isinstance(weight, NF4Weight):
+            return _NF4Grouped.apply(x, weight, offsets, self.use_loop)
+        return super().linear(x, weight, offsets)
+
+    def dequantized_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``gate_up_proj`` (E, 2F, D) or ``down_proj`` (E, D, F), dequantized."""
+        return getattr(self, name).dequantize(dtype)
+
+    @classmethod
+    def from_experts(cls, experts: GroupedExperts) -> QuantGroupedExperts:
+        w = experts.gate_up_proj
+        q = cls(num_experts=experts.num_experts, dim=experts.dim, hidden=experts.hidden, act=experts.act_name,
+                use_loop=experts.use_loop, dtype=w.dtype, device=w.device)
+        if not w.is_meta:
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(q, name).write(0, getattr(experts, name).detach())
+        return q
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """Swap frozen linears and grouped experts for 4-bit ones, in place; returns ``model``.
+
+    On the meta device the new modules are empty holders for the loader to fill. Adapters must
+    be added after quantizing (a wrapper made for a full-precision layer would not know its base
+    became read-only), so a model that already has adapter layers is refused.
+    """
+    for path, module in list(model.named_modules()):
+        if hasattr(module, "base_layer"):
+            raise ValueError(f"'{path}' already carries adapters; quantize the base model before adding adapters")
+    for path, module in list(model.named_modules())[1:]:  # [0] is the model itself
+        name = path.rsplit(".", 1)[-1]
+        if type(module) is nn.Linear and name not in KEEP_FULL_PRECISION:
+            model.set_submodule(path, QuantLinear.from_linear(module))
+        elif type(module) is GroupedExperts:
+            model.set_submodule(path, QuantGroupedExperts.from_experts(module))
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Inverse swap, in place: 4-bit modules become ``nn.Linear`` / ``GroupedExperts`` holding the
+    dequantized weights (the model a QLoRA adapter was trained against, in full precision)."""
+    for path, module in list(model.named_modules())[1:]:
+        if isinstance(module, QuantLinear):
+            w = module.dequantized_weight()
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(w, requires_grad=False)
+            if module.bias is not None:
+                linear.bias = module.bias
+            model.set_submodule(path, linear)
+        elif isinstance(module, QuantGroupedExperts):
+            with torch.device("meta"):
+                experts = GroupedExperts(num_experts=module.num_experts, dim=module.dim, hidden=module.hidden,
+                                         act=module.act_name, use_loop=module.use_loop)
+            for name in ("gate_up_proj", "down_proj"):
+                setattr(experts, name, nn.Parameter(module.dequantized_weight(name), requires_grad=False))
+            model.set_submodule(path, experts)
+    return model
+
+
+def quantized_weights(model: nn.Module, *, recurse: bool = True) -> dict[str, NF4Weight]:
+    """Native parameter name -> 4-bit holder (``...q_proj.weight``, ``...experts.gate_up_proj``);
+    with ``recurse=False`` only ``model``'s own (``weight`` / ``gate_up_proj``, ``down_proj``)."""
+    out: dict[str, NF4Weight] = {}
+    for path, module in model.named_modules() if recurse else [("", model)]:
+        dot = f"{path}." if path else ""
+        if isinstance(module, QuantLinear):
+            out[f"{dot}weight"] = module.weight_nf4
+        elif isinstance(module, QuantGroupedExperts):
+            out[f"{dot}gate_up_proj"], out[f"{dot}down_proj"] = module.gate_up_proj, module.down_proj
+    return out
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(stored bytes, weight elements) over the model's 4-bit weights."""
+    holders = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    return sum(h.storage_bytes() for h in holders), sum(h.numel() for h in holders)

@@ -1,0 +1,57 @@
+"""QLoRA: the LoRA wrappers of 4-bit base layers (``load_model(..., quantize="nf4")``).
+
+A :class:`~moetune.model.quant.QuantLinear` is an ``nn.Linear`` whose ``weight`` is a read-only,
+freshly dequantized tensor, and a :class:`~moetune.model.quant.QuantGroupedExperts` is a
+``GroupedExperts`` whose ``linear`` takes the 4-bit holders; so :class:`LoraLinear` and
+:class:`LoraGroupedExperts` already train, save and load on them unchanged (DoRA included: it
+reads the dequantized weight). What they must not do is write into the base weight, which a
+4-bit base would silently ignore (or re-round): merging and PiSSA init. The subclasses here refuse
+both with a clear error, and are registered for the 4-bit types, which
+:func:`~moetune.peft.inject.wrapper_for` finds before the ``nn.Linear`` / ``GroupedExperts`` entry
+because it walks the base type's MRO.
+
+Merging a QLoRA adapter is done as QLoRA recommends: load the base without ``quantize`` and merge
+there (the adapter was trained against the dequantized weights, which are within the NF4 bound of
+the originals).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AdapterError
+from ..model.quant import QuantGroupedExperts, QuantLinear
+from .base import register_wrapper
+from .experts import LoraGroupedExperts
+from .lora import LoraLinear
+
+_MERGE_HINT = ("the base weights are 4-bit (quantize='nf4'), so merging would re-round them; load the base "
+               "without quantize and merge the adapter there")
+
+
+class QLoraLinear(LoraLinear):
+    """:class:`LoraLinear` on a :class:`QuantLinear`: same adapters and files, no merge, no PiSSA."""
+
+    def merge(self, name: str) -> None:
+        raise AdapterError(f"cannot merge adapter '{name}': {_MERGE_HINT}")
+
+    def unmerge(self, name: str) -> None:
+        return None  # nothing is ever merged into a 4-bit base
+
+    def _pissa(self, name: str, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        raise AdapterError("init='pissa' rewrites the base weight, which is 4-bit here (quantize='nf4'); "
+                           "use init='kaiming' or 'gaussian', or load the base without quantize")
+
+
+class QLoraGroupedExperts(LoraGroupedExperts):
+    """:class:`LoraGroupedExperts` on :class:`QuantGroupedExperts`: no merge into the 4-bit experts."""
+
+    def merge(self, name: str) -> None:
+        raise AdapterError(f"cannot merge adapter '{name}' into routed experts: {_MERGE_HINT}")
+
+    def unmerge(self, name: str) -> None:
+        return None
+
+
+register_wrapper(QuantLinear, QLoraLinear)
+register_wrapper(QuantGroupedExperts, QLoraGroupedExperts)
