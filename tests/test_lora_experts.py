@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 
@@ -463,3 +464,83 @@ def test_peft_rank_pattern_on_experts_loads_exactly(tmp_path):
         err = (pm(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"rank_pattern on gate_up_proj: PEFT vs moetune logits max|d| {err:.2e}")
     assert err <= 1e-4
+
+
+# --- through the public API (moetune.add_adapter / save_adapter / load_adapter) ------------------
+
+
+def _randomize_model_adapters(model, seed=21):
+    from moetune.peft.base import adapter_layers
+
+    _randomize((p for _, layer in adapter_layers(model) for _, p in layer.adapter_params()), seed=seed)
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys")
+def test_public_api_roundtrip_with_peft(tmp_path):
+    import moetune
+    from peft import get_peft_model
+
+    save_hf_model("qwen3_moe", tmp_path / "model")
+    ids = _ids(128)
+    ours = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    moetune.add_adapter(ours, LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, target_modules=["q_proj", "v_proj", "experts"]))
+    assert all(isinstance(m, LoraGroupedExperts) for p, m in ours.named_modules() if p.endswith("mlp.experts"))
+    _randomize_model_adapters(ours)
+    with torch.no_grad():
+        got = ours(ids).logits
+    for layout_name in ("peft", "per_expert"):
+        moetune.save_adapter(ours, tmp_path / layout_name, layout=layout_name)
+        fresh = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+        moetune.load_adapter(fresh, tmp_path / layout_name)
+        with torch.no_grad():
+            assert (fresh(ids).logits - got).abs().max().item() <= 1e-6, layout_name
+    err = (_peft_logits(tmp_path / "model", tmp_path / "peft", ids) - got).abs().max().item()
+    print(f"moetune.save_adapter (q,v,experts) -> PeftModel.from_pretrained: logits max|d| {err:.2e}")
+    assert err <= 1e-4
+
+    # a folder PEFT itself wrote (attention + target_parameters) reads back with PEFT's logits
+    pm = get_peft_model(save_hf_model("qwen3_moe", tmp_path / "model2"),
+                        peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, target_modules=["q_proj", "v_proj"],
+                                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).eval()
+    _randomize(p for n, p in pm.named_parameters() if "lora_" in n)
+    pm.save_pretrained(tmp_path / "from_peft")
+    mine = moetune.load_model(tmp_path / "model2", dtype=torch.float32)
+    moetune.load_adapter(mine, tmp_path / "from_peft")
+    with torch.no_grad():
+        err = (pm(input_ids=ids).logits - mine(ids).logits).abs().max().item()
+    print(f"PeftModel.save_pretrained -> moetune.load_adapter: logits max|d| {err:.2e}")
+    assert err <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys")
+def test_public_api_separate_gate_up_roundtrip(tmp_path):
+    """A per-expert file whose gate and up A's differ (PEFT v4 / vLLM) -> separate pairs -> PEFT
+    layout at rank 2r with rank/alpha patterns -> PEFT and moetune read it with the same logits."""
+    import moetune
+    from moetune.peft import inject
+
+    if "param_configs" not in inspect.getsource(inject):
+        pytest.skip("inject.add_adapter does not pass per-parameter configs yet")
+    save_hf_model("qwen3_moe", tmp_path / "model")
+    ids = _ids(128)
+    ours = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    moetune.add_adapter(ours, LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, use_rslora=True, target_modules=["experts"]))
+    for i, (path, m) in enumerate((p, m) for p, m in ours.named_modules() if isinstance(m, LoraGroupedExperts)):
+        m.load_per_expert_tensors("default", _distinct_gate_up(m, seed=30 + i), where=path)
+    moetune.save_adapter(ours, tmp_path / "v4", layout="per_expert")
+    with torch.no_grad():
+        got = ours(ids).logits
+    again = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    moetune.load_adapter(again, tmp_path / "v4")
+    assert {m.pairs("default")[0] for m in again.modules() if isinstance(m, LoraGroupedExperts)} == {"gate"}
+    moetune.save_adapter(again, tmp_path / "peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    gate_up_rank = saved["rank_pattern"].get("model.layers.0.mlp.experts.gate_up_proj", saved["r"])
+    assert gate_up_rank == 2 * PEFT_R, saved
+    err = (_peft_logits(tmp_path / "model", tmp_path / "peft", ids) - got).abs().max().item()
+    print(f"separate gate/up -> PEFT rank-2r file -> PeftModel: logits max|d| {err:.2e}")
+    assert err <= 1e-4
+    last = moetune.load_model(tmp_path / "model", dtype=torch.float32)
+    moetune.load_adapter(last, tmp_path / "peft")
+    with torch.no_grad():
+        assert (last(ids).logits - got).abs().max().item() <= 1e-5

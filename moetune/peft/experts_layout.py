@@ -40,9 +40,10 @@ def peft_prefixes(targeted: list[str]) -> dict[str, str]:
 
 
 def to_peft(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, r, in), (E, out, r) -> PEFT's A (E*r, in) expert-slowest and B (out, r*E) expert-fastest."""
+    """(E, r, in), (E, out, r) -> PEFT's A (E*r, in) expert-slowest and B (out, r*E) expert-fastest
+    (new tensors: never views of the parameters)."""
     E, r, _ = a.shape
-    return a.reshape(E * r, -1).contiguous(), b.permute(1, 2, 0).reshape(b.shape[1], r * E).contiguous()
+    return a.reshape(E * r, -1).clone(), b.permute(1, 2, 0).reshape(b.shape[1], r * E).clone()
 
 
 def from_peft(a2: torch.Tensor, b2: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +213,7 @@ class ExpertLayoutMixin:
         for proj, (a, b) in self._per_proj(name).items():
             for e in range(self.num_experts):
                 ka, kb = per_expert_keys(e, proj)
-                out[ka], out[kb] = a[e].contiguous(), b[e].contiguous()
+                out[ka], out[kb] = a[e].clone(), b[e].clone()  # own storage: gate and up share A
         return out
 
     def _per_proj(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
