@@ -116,7 +116,7 @@ def run_demo(out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     out, tok = Path(out_dir), ByteTokenizer()
-    base_steps, lora_steps = (300, 60) if quick else (1200, 200)
+    base_steps, lora_steps = (500, 40) if quick else (1200, 100)
     print(f"[1/4] pre-training a tiny MoE (8 experts, top-2) on copy/lower for {base_steps} steps ...", flush=True)
     model = build_random_model(tiny_moe_args(272), seed=seed)
     base_loss = pretrain_base(model, tok, make_rows("base", 4000, seed), steps=base_steps, seed=seed)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +38,9 @@ def check_writable(folder: str | os.PathLike, key: str = "checkpoint.output_dir"
     path = Path(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)  # unique: ranks probe at once
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write to '{path}' ({exc.strerror or exc})") from None
     return path
@@ -56,6 +58,9 @@ class RunParts:
 def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer: Tokenizer | None = None) -> RunParts:
     """Load (or take) the model and tokenizer, build the data, add the adapters."""
     check_writable(config.checkpoint.output_dir)
+    # One seed fixes adapter init and dropout masks, so two runs of a config are identical.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
     tokenizer = tokenizer or load_tokenizer(config.data.tokenizer)
     data = build_datasets(config.data, tokenizer, seed=config.seed)
