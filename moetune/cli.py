@@ -43,6 +43,7 @@ def _add_demo(sub) -> None:
 
 def _cmd_train(ns: argparse.Namespace) -> None:
     from .config import dump_config, load_train_config
+    from .train.distributed import is_main_process
     from .train.trainer import train
 
     config = load_train_config(ns.config, ns.overrides)
@@ -50,7 +51,8 @@ def _cmd_train(ns: argparse.Namespace) -> None:
         print(dump_config(config), end="")
         return
     result = train(config, resume=ns.resume)
-    print(result.summary())
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
+        print(result.summary())
 
 
 def _add_train(sub) -> None:

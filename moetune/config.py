@@ -488,6 +488,27 @@ class LoggingSection(ConfigSection):
 
 
 @dataclass(kw_only=True)
+class DistributedSection(ConfigSection):
+    """Multi-process training under ``torchrun`` (ignored by a single process).
+
+    Attributes:
+        strategy: ``replicate`` keeps a full model on every rank and all-reduces the adapter
+            gradients (small models); ``fsdp`` shards each decoder layer, frozen base and adapters,
+            with FSDP2 ``fully_shard``; ``auto`` picks ``fsdp`` on CUDA with more than one rank,
+            ``replicate`` otherwise.
+        backend: process-group backend; ``auto`` is NCCL on CUDA and gloo on CPU.
+        timeout_s: seconds a collective may wait for the other ranks before the run fails.
+    """
+
+    strategy: Literal["auto", "fsdp", "replicate"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = 1800
+
+    def validate(self) -> None:
+        _require(self.timeout_s >= 1, "timeout_s", "an integer >= 1", self.timeout_s)
+
+
+@dataclass(kw_only=True)
 class TrainConfig(ConfigSection):
     """A whole training run, as read from a run file by :func:`load_train_config`."""
 
@@ -497,6 +518,7 @@ class TrainConfig(ConfigSection):
     optim: OptimSection
     checkpoint: CheckpointSection
     logging: LoggingSection = field(default_factory=LoggingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     seed: int = 0
 
     def validate(self) -> None:

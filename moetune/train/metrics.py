@@ -67,6 +67,20 @@ class MetricsLog:
             self.writer.close()
 
 
+class MemoryLog(MetricsLog):
+    """A :class:`MetricsLog` that keeps its records in memory (ranks other than 0 write no file)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def read(self) -> list[dict[str, Any]]:
+        return list(self.records)
+
+
 class Progress:
     """tqdm bar with step, loss, lr, tokens/s and ETA; silent when disabled."""
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import SamplerState, eval_batches, make_train_loader
+from ..data import SamplerState, make_train_loader
 from ..errors import CheckpointError
 from ..peft.base import set_active_adapters
 from ..peft.io import save_adapter
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .metrics import MetricsLog, Progress, router_metrics
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import Parallel, distributed_run
+from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
 from .optim import adapter_parameters, build_optimizer, build_scheduler
 from .plot import plot_losses
 from .setup import RunParts, prepare_run
@@ -69,10 +70,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    """One run of one configuration (single adapter set, single process)."""
+    """One run of one configuration (single adapter set) on one process or, with ``parallel``,
+    as one rank of a data-parallel run (see :mod:`.distributed`)."""
 
-    def __init__(self, config: TrainConfig, parts: RunParts) -> None:
+    def __init__(self, config: TrainConfig, parts: RunParts, *, parallel: Parallel | None = None) -> None:
         self.config, self.parts = config, parts
+        self.parallel = parallel or Parallel()
+        self.parallel.prepare(parts)  # shards the model (fsdp) before the optimizers see it
         self.model, self.device = parts.model, parts.device
         self.out = Path(config.checkpoint.output_dir)
         self.names = [a.name for a in config.adapters]
@@ -81,19 +85,21 @@ class Trainer:
         o = config.optim
         self.optimizers = {n: build_optimizer(p, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, loraplus_lr_ratio=o.loraplus_lr_ratio) for n, p in self.params.items()}
         self.schedulers = {n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps) for n, opt in self.optimizers.items()}
-        self.loader = make_train_loader(parts.data.train, batch_size=o.batch_size, max_length=config.data.max_length, packing=config.data.packing, pad_id=parts.tokenizer.pad_id, seed=config.seed + config.data.seed)
+        self.loader = make_train_loader(parts.data.train, batch_size=o.batch_size, max_length=config.data.max_length, packing=config.data.packing, pad_id=parts.tokenizer.pad_id, seed=config.seed + config.data.seed, rank=self.parallel.rank, world_size=self.parallel.world_size)
         self.step, self.data_state, self.skipped = 0, SamplerState(), 0
 
     # --- state ----------------------------------------------------------------------------
     def state(self) -> TrainState:
+        """The run's state, in full tensors whatever the rank count (collective when distributed)."""
+        par = self.parallel
         return TrainState(
             step=self.step,
-            adapters={n: {k: p.detach() for k, p in ps.items()} for n, ps in self.params.items()},
-            optimizers={n: o.state_dict() for n, o in self.optimizers.items()},
+            adapters={n: {k: par.full_tensor(p.detach()) for k, p in ps.items()} for n, ps in self.params.items()},
+            optimizers={n: par.full_optimizer_state(o) for n, o in self.optimizers.items()},
             schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
             data=self.data_state.to_dict(),
-            rng=rng_state(),
-            extra={"skipped": self.skipped},
+            rng=par.rng_state(),
+            extra={"skipped": self.skipped, "world_size": par.world_size, "global_batch": self.config.optim.batch_size * par.world_size},
         )
 
     def restore(self, path: Path) -> None:
@@ -105,16 +111,23 @@ class Trainer:
                 for key, p in self.params[name].items():
                     if key not in tensors or tensors[key].shape != p.shape:
                         raise CheckpointError(f"checkpoint '{path}': adapter '{name}' tensor '{key}' is missing or has another shape; was it made with a different config?")
-                    p.copy_(tensors[key])
+                    self.parallel.load_tensor(p, tensors[key])
         for n in self.names:
-            self.optimizers[n].load_state_dict(state.optimizers[n])
+            self.parallel.load_optimizer_state(self.optimizers[n], state.optimizers[n])
             self.schedulers[n].load_state_dict(state.schedulers[n])
-        set_rng_state(state.rng)
+        self.parallel.set_rng_state(state.rng, seed=self.config.seed, step=state.step)
         self.step, self.data_state = state.step, SamplerState.from_dict(state.data)
         self.skipped = state.extra.get("skipped", 0)
+        saved, now = state.extra.get("global_batch"), self.config.optim.batch_size * self.parallel.world_size
+        if saved is not None and saved != now:
+            log.warning("checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); the data position carries over, the loss sequence will not match", path, saved, now)
 
     def save(self) -> Path:
-        path = save_checkpoint(self.out / "checkpoints", self.state(), keep_last=self.config.checkpoint.keep_last)
+        state = self.state()  # every rank takes part in gathering it; rank 0 writes it
+        path = self.out / "checkpoints" / f"checkpoint-{state.step:08d}"
+        if self.parallel.is_main:
+            path = save_checkpoint(self.out / "checkpoints", state, keep_last=self.config.checkpoint.keep_last)
+        self.parallel.barrier()
         return path
 
     # --- steps ----------------------------------------------------------------------------
@@ -123,23 +136,32 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.parts.dtype, enabled=use)
 
     def train_step(self, batches) -> dict:
-        o = self.config.optim
+        """One optimizer step over ``grad_accum`` micro-batches. Distributed, each rank's loss is
+        weighted by its share of the global batch's tokens (see :mod:`.distributed`)."""
+        o, par = self.config.optim, self.parallel
         loss_sum, aux_sum, tokens, stats = 0.0, 0.0, 0, []
-        for batch, self.data_state in batches:
+        batches = list(batches)
+        weights = par.micro_weights([b for b, _ in batches])
+        for i, ((batch, self.data_state), weight) in enumerate(zip(batches, weights)):
             batch = _to_device(batch, self.device)
+            par.gradient_sync(i == len(batches) - 1)
             with self._autocast():
                 out = self.model(**batch)
-            loss = out.loss
+            ce = out.loss if weight is None else out.loss * weight
+            loss = ce
             if out.aux_loss is not None and o.aux_loss_coef:
-                loss = loss + o.aux_loss_coef * out.aux_loss
-                aux_sum += out.aux_loss.item() / o.grad_accum
+                aux = par.aux_loss(out, self.model.args.moe.num_experts)
+                loss = loss + o.aux_loss_coef * aux
+                aux_sum += aux.item() / o.grad_accum
             (loss / o.grad_accum).backward()
-            loss_sum += out.loss.item() / o.grad_accum
+            loss_sum += ce.item() / o.grad_accum
             tokens += int(batch["attention_mask"].sum())
             stats = out.router_stats
+        loss_sum, aux_sum, tokens = par.sum_floats(loss_sum, aux_sum, tokens)
         params = [p for ps in self.params.values() for p in ps.values()]
-        norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf"))
-        finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
+        par.sync_grads(params)
+        norm = par.clip_grad_norm(params, o.max_grad_norm or float("inf"))
+        finite = par.all_ok(math.isfinite(loss_sum) and bool(torch.isfinite(norm)))
         if finite:
             for opt in self.optimizers.values():
                 opt.step()
@@ -150,7 +172,7 @@ class Trainer:
         lr = next(iter(self.schedulers.values())).get_last_lr()[0]
         for s in self.schedulers.values():
             s.step()
-        return {"loss": loss_sum, "aux_loss": aux_sum, "grad_norm": float(norm), "lr": lr, "tokens": tokens, "skipped": not finite, **router_metrics(stats)}
+        return {"loss": loss_sum, "aux_loss": aux_sum, "grad_norm": float(norm), "lr": lr, "tokens": int(tokens), "skipped": not finite, **router_metrics(par.router_stats(stats))}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -159,12 +181,13 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for batch in eval_batches(examples, batch_size=self.config.optim.batch_size, pad_id=self.parts.tokenizer.pad_id):
+        for batch, counts in self.parallel.eval_batches(examples, batch_size=self.config.optim.batch_size, pad_id=self.parts.tokenizer.pad_id):
             batch = _to_device(batch, self.device)
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != -100).sum()) if counts else 0
             with self._autocast():
                 total += self.model(**batch).loss.item() * n
             count += n
+        total, count = self.parallel.sum_floats(total, count)
         self.model.train()
         return total / max(count, 1)
 
@@ -172,9 +195,12 @@ class Trainer:
         if resume is not None:
             self.restore(resume)
             log.info("resumed from %s at step %d", resume, self.step)
-        cfg, o = self.config, self.config.optim
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume else None, tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
-        progress = Progress(total=o.max_steps, initial=self.step, enabled=cfg.logging.progress)
+        cfg, o, main = self.config, self.config.optim, self.parallel.is_main
+        if main:
+            metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume else None, tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        else:
+            metrics = MemoryLog()
+        progress = Progress(total=o.max_steps, initial=self.step, enabled=cfg.logging.progress and main)
         batches = self.loader.iter_from(self.data_state)
         self.model.train()
         start, tokens, eval_loss, last = time.perf_counter(), 0, None, None
@@ -184,7 +210,7 @@ class Trainer:
             self.step += 1
             tokens += record["tokens"]
             record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / max(time.perf_counter() - t0, 1e-9), "elapsed_s": round(time.perf_counter() - start, 3)}
-            if record["skipped"]:
+            if record["skipped"] and main:
                 progress.write(f"step {self.step}: non-finite loss or gradient norm; update skipped")
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
                 eval_loss = record["eval_loss"] = self.evaluate()
@@ -202,12 +228,16 @@ class Trainer:
         return self._finish(metrics, start, tokens, last, eval_loss)
 
     def _finish(self, metrics: MetricsLog, start: float, tokens: int, last: dict | None, eval_loss: float | None) -> TrainResult:
-        dirs = {n: save_adapter(self.model, self.out / ("adapter" if len(self.names) == 1 else f"adapter-{n}"), name=n) for n in self.names}
+        dirs = {n: self.out / ("adapter" if len(self.names) == 1 else f"adapter-{n}") for n in self.names}
+        with self.parallel.full_adapters(self.model):  # gathers sharded adapters on every rank
+            if self.parallel.is_main:
+                dirs = {n: save_adapter(self.model, d, name=n) for n, d in dirs.items()}
         records = metrics.read()
         metrics.close()
         train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
         evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-        plot = plot_losses({"train": train, "eval": evals}, self.out / "loss.png") if train else None
+        plot = plot_losses({"train": train, "eval": evals}, self.out / "loss.png") if train and self.parallel.is_main else None
+        self.parallel.barrier()
         return TrainResult(
             output_dir=self.out,
             adapter_dirs={n: Path(p) for n, p in dirs.items()},
@@ -239,7 +269,12 @@ def resolve_resume(config: TrainConfig, resume: str | bool | None) -> Path | Non
 
 
 def train(config: TrainConfig, *, resume: str | bool | None = None, model=None, tokenizer=None) -> TrainResult:
-    """Run training as configured; returns where things went and what happened."""
-    parts = prepare_run(config, model=model, tokenizer=tokenizer)
-    trainer = Trainer(config, parts)
-    return trainer.run(resume=resolve_resume(config, resume))
+    """Run training as configured; returns where things went and what happened.
+
+    Started by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), this process joins the process group
+    and trains as one rank of a data-parallel run (see :mod:`.distributed`).
+    """
+    with distributed_run(config) as (config, parallel):
+        parts = prepare_run(config, model=model, tokenizer=tokenizer)
+        trainer = Trainer(config, parts, parallel=parallel)
+        return trainer.run(resume=resolve_resume(config, resume))
