@@ -268,6 +268,90 @@ class ConfigSection:
         return to_plain(self)
 
 
+MIXTURE_KINDS = ("mixlora", "loramoe", "mola")
+ROUTINGS = ("top_k", "top_p", "switch", "dense")
+
+
+@dataclass(kw_only=True)
+class MixtureConfig(ConfigSection):
+    """A mixture of LoRA experts (MixLoRA and relatives); see docs/mixlora.md.
+
+    Attributes:
+        kind: where the routers sit. ``mixlora``: one router per dense SwiGLU FFN (dense models'
+            ``mlp``, MoE models' dense layers and shared experts) choosing among E copies of the
+            frozen FFN, each with its own LoRA on the targeted gate/up/down projections;
+            ``loramoe``: a router inside each targeted FFN projection; ``mola``: a router inside
+            every targeted linear, attention included. Other targets get a plain LoRA.
+            Default (null): from the adapter's ``method``, else ``mixlora``.
+        num_experts: LoRA experts per router; a list gives one count per decoder layer.
+        routing: ``top_k``; ``top_p`` (dynamic: the fewest experts whose probabilities reach
+            ``top_p``); ``switch`` (top-1 with a capacity; ``mixlora`` only); ``dense`` (every
+            expert, weighted by its probability). Default (null): ``dense`` for ``loramoe``,
+            ``top_k`` otherwise.
+        top_k: experts per token (``top_k``).
+        top_p: probability mass to reach (``top_p``).
+        top_p_renormalize: rescale the chosen experts' weights to sum 1 (MoE-PEFT does not).
+        capacity_factor: ``switch``: an expert takes at most ``ceil(factor * tokens / E)`` of
+            the tokens of a forward (each adapter counts its own tokens).
+        expert_capacity: ``switch``: instead, at most this many tokens per sequence (MoE-PEFT).
+        router_aux_loss_coef: weight c of the load-balancing loss ``c * E * sum_e f_e P_e``.
+        router_z_loss_coef: ``switch``: weight of the router z-loss ``mean(logsumexp^2)``.
+        jitter_noise: in training, the router input is multiplied by ``U(1 - j, 1 + j)``.
+        router_init_std: routers start at ``N(0, std)``.
+        expert_r, expert_alpha, expert_dropout: LoRA options of the experts, when they differ
+            from the adapter's (which the non-mixture targets, e.g. attention, use).
+    """
+
+    kind: Literal["mixlora", "loramoe", "mola"] | None = None
+    num_experts: int | list[int] = 8
+    routing: Literal["top_k", "top_p", "switch", "dense"] | None = None
+    top_k: int = 2
+    top_p: float = 0.8
+    top_p_renormalize: bool = True
+    capacity_factor: float = 1.25
+    expert_capacity: int | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    jitter_noise: float = 0.0
+    router_init_std: float = 0.02
+    expert_r: int | None = None
+    expert_alpha: float | None = None
+    expert_dropout: float | None = None
+
+    def validate(self) -> None:
+        counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
+        _require(len(counts) > 0 and min(counts) >= 1, "num_experts", "an integer >= 1 or a non-empty list of them", self.num_experts)
+        _require(1 <= self.top_k <= min(counts), "top_k", f"in [1, num_experts = {min(counts)}]", self.top_k)
+        _require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        _require(self.capacity_factor > 0, "capacity_factor", "a number > 0", self.capacity_factor)
+        _require(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "an integer >= 1 or null", self.expert_capacity)
+        _require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
+        _require(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a number >= 0", self.router_z_loss_coef)
+        _require(0 <= self.jitter_noise < 1, "jitter_noise", "a number in [0, 1)", self.jitter_noise)
+        _require(self.router_init_std > 0, "router_init_std", "a number > 0", self.router_init_std)
+        _require(self.expert_r is None or self.expert_r >= 1, "expert_r", "an integer >= 1 or null", self.expert_r)
+        _require(self.expert_alpha is None or self.expert_alpha > 0, "expert_alpha", "a number > 0 or null", self.expert_alpha)
+        drop = self.expert_dropout
+        _require(drop is None or 0 <= drop < 1, "expert_dropout", "a number in [0, 1) or null", drop)
+        if self.kind is not None:
+            self.resolve(self.kind)
+
+    def resolve(self, kind: str) -> None:
+        """Fix ``kind`` and the default ``routing``; check that the routing suits the kind."""
+        self.kind = kind
+        self.routing = self.routing or ("dense" if kind == "loramoe" else "top_k")
+        _require(self.routing != "switch" or kind == "mixlora", "routing", "top_k, top_p or dense for kind " + kind, self.routing)
+
+    def experts_at(self, layer: int | None) -> int:
+        """Experts of a router in decoder layer ``layer`` (None: outside the layers)."""
+        if not isinstance(self.num_experts, list):
+            return self.num_experts
+        if layer is None or layer >= len(self.num_experts):
+            raise ConfigFieldError(f"{{key}} lists {len(self.num_experts)} counts, one per decoder layer, but a "
+                                   f"router is needed in layer {layer}", ("num_experts",))
+        return self.num_experts[layer]
+
+
 @dataclass(kw_only=True)
 class LoraConfig(ConfigSection):
     """Options for one LoRA adapter (public API ``moetune.LoraConfig``).
@@ -288,6 +372,8 @@ class LoraConfig(ConfigSection):
         expert_rank: ``per_expert`` gives each routed expert its own A and B; ``shared`` shares
             one pair across the experts of a layer.
         bias: only ``"none"`` (no trainable bias) is supported.
+        mixture: make the adapter a mixture of LoRA experts (MixLoRA, LoRAMoE, MoLA); None is a
+            plain LoRA (see :class:`MixtureConfig`).
     """
 
     r: int = 8
@@ -301,6 +387,7 @@ class LoraConfig(ConfigSection):
     layers_to_transform: list[int] | None = None
     expert_rank: Literal["per_expert", "shared"] = "per_expert"
     bias: Literal["none"] = "none"
+    mixture: MixtureConfig | None = None
 
     @property
     def scaling(self) -> float:
@@ -317,6 +404,17 @@ class LoraConfig(ConfigSection):
             _require(len(layers) > 0, "layers_to_transform", "a non-empty list or null", layers)
             _require(min(layers) >= 0, "layers_to_transform", "layer indices >= 0", layers)
             _require(len(set(layers)) == len(layers), "layers_to_transform", "without repeats", layers)
+        if self.mixture is not None:
+            self._validate_mixture()
+
+    def _validate_mixture(self) -> None:
+        try:
+            self.mixture.resolve(self.mixture.kind or "mixlora")
+        except ConfigFieldError as err:
+            raise err.prefixed("mixture") from None
+        _require(self.init != "pissa", "init", "kaiming or gaussian for a mixture of experts", self.init)
+        kind = self.mixture.kind
+        _require(not self.use_dora or kind == "mixlora", "use_dora", f"false for mixture kind {kind} (DoRA experts: mixlora)", self.use_dora)
 
     def _validate_targets(self) -> None:
         targets, regex = self.target_modules, self.target_regex
@@ -341,25 +439,48 @@ class LoraConfig(ConfigSection):
         _require(len(set(targets)) == len(targets), "target_modules", "without repeats", targets)
 
 
+METHOD_KINDS = {"mixlora": "mixlora", "mixdora": "mixlora", "loramoe": "loramoe", "mola": "mola"}
+
+
 @dataclass(kw_only=True)
 class AdapterSection(LoraConfig):
-    """One adapter in a run file: a name, a method and the LoRA options, flattened.
+    """One adapter in a run file: a name, a method, the LoRA options (flattened) and, when several
+    adapters train at once, what this one does differently from the run's defaults.
 
     Attributes:
         name: adapter name (letters, digits, ``_``, ``-``); also its folder name when saved.
-        method: ``lora``, or ``dora`` (same as ``use_dora: true``).
+        method: ``lora``; ``dora`` (same as ``use_dora: true``); ``mixlora`` / ``mixdora``
+            (MixLoRA with LoRA / DoRA experts), ``loramoe``, ``mola`` (mixtures of LoRA experts,
+            options in ``mixture``).
+        data: this adapter's own data (keys not given come from the run's ``data``).
+        optim: this adapter's own learning rate, schedule, steps and batch size.
+        output_dir: where its adapter folder goes (default ``<checkpoint.output_dir>/adapter``
+            for one adapter, ``.../adapter-<name>`` for several).
     """
 
     name: str = "default"
-    method: Literal["lora", "dora"] = "lora"
+    method: Literal["lora", "dora", "mixlora", "mixdora", "loramoe", "mola"] = "lora"
+    data: DataOverride | None = None
+    optim: OptimOverride | None = None
+    output_dir: str | None = field(default=None, metadata=_PATH)
     dump_first: ClassVar[tuple[str, ...]] = ("name", "method")
 
     def validate(self) -> None:
+        kind = METHOD_KINDS.get(self.method)
+        if kind is not None:
+            self.mixture = self.mixture or MixtureConfig()
+            if self.mixture.kind not in (None, kind):
+                raise ConfigFieldError(f"{{key}}: {self.mixture.kind} contradicts method: {self.method}", ("mixture", "kind"))
+            self.mixture.kind = kind
+        elif self.mixture is not None:
+            raise ConfigFieldError("{key} needs method mixlora, mixdora, loramoe or mola, got method: " + self.method, ("mixture",))
+        dora = self.method in ("dora", "mixdora")
+        if self.use_dora and not dora:
+            better = "dora" if kind is None else "mixdora (MixLoRA with DoRA experts)"
+            raise ConfigFieldError(f"{{key}}: true contradicts method: {self.method} (write method: {better})", ("use_dora",))
+        self.use_dora = dora
         super().validate()
         _require(bool(_ADAPTER_NAME.fullmatch(self.name)), "name", "letters, digits, '_' or '-'", self.name)
-        if self.use_dora and self.method == "lora":
-            raise ConfigFieldError("{key}: true contradicts method: lora (write method: dora)", ("use_dora",))
-        self.use_dora = self.method == "dora"
 
     def to_lora_config(self) -> LoraConfig:
         """The LoRA options alone, as the peft layer takes them."""
@@ -460,6 +581,47 @@ class OptimSection(ConfigSection):
 
 
 @dataclass(kw_only=True)
+class DataOverride(ConfigSection):
+    """One adapter's own ``data`` keys; a key left out (null) comes from the run's ``data``."""
+
+    train: str | None = field(default=None, metadata=_PATH)
+    eval: str | None = field(default=None, metadata=_PATH)
+    format: Literal["auto", "instruction", "chat", "text"] | None = None
+    max_length: int | None = None
+    packing: bool | None = None
+    train_on_prompt: bool | None = None
+    val_fraction: float | None = None
+    skip_bad_rows: bool | None = None
+    seed: int | None = None
+
+
+@dataclass(kw_only=True)
+class OptimOverride(ConfigSection):
+    """One adapter's own ``optim`` keys; a key left out (null) comes from the run's ``optim``."""
+
+    lr: float | None = None
+    weight_decay: float | None = None
+    lr_schedule: Literal["cosine", "linear", "constant"] | None = None
+    warmup_steps: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+
+
+def _merged(base: T, override: ConfigSection | None, key: Key) -> T:
+    """``base`` with the non-null keys of ``override``, validated; errors name ``key``."""
+    if override is None:
+        return base
+    given = {f.name: getattr(override, f.name) for f in dataclasses.fields(override) if getattr(override, f.name) is not None}
+    if isinstance(base, DataSection) and "train" in given and "eval" not in given:
+        given["eval"] = None  # another train file does not inherit the run's eval file
+    try:
+        return dataclasses.replace(base, **given)
+    except ConfigFieldError as err:
+        err.path = (*key, *err.path)
+        raise
+
+
+@dataclass(kw_only=True)
 class CheckpointSection(ConfigSection):
     """Where and how often to save. ``save_every: 0`` saves only at the end."""
 
@@ -525,6 +687,30 @@ class TrainConfig(ConfigSection):
         names = [adapter.name for adapter in self.adapters]
         _require(len(names) > 0, "adapters", "a non-empty list", names)
         _require(len(set(names)) == len(names), "adapters", "uniquely named", names)
+        for i in range(len(self.adapters)):  # overrides must give valid sections (errors name the adapter)
+            self.adapter_data(i), self.adapter_optim(i)
+
+    def adapter_data(self, index: int) -> DataSection:
+        """The ``data`` section adapter ``index`` trains on (its own keys over the run's)."""
+        return _merged(self.data, self.adapters[index].data, ("adapters", index, "data"))
+
+    def adapter_optim(self, index: int) -> OptimSection:
+        """The ``optim`` section of adapter ``index`` (its own keys over the run's)."""
+        return _merged(self.optim, self.adapters[index].optim, ("adapters", index, "optim"))
+
+    def adapter_dir(self, index: int) -> Path:
+        """Where adapter ``index``'s folder is written at the end of training."""
+        adapter = self.adapters[index]
+        if adapter.output_dir:
+            return Path(adapter.output_dir)
+        leaf = "adapter" if len(self.adapters) == 1 else f"adapter-{adapter.name}"
+        return Path(self.checkpoint.output_dir) / leaf
+
+    def single_adapter_view(self) -> TrainConfig:
+        """For a one-adapter run: the run with that adapter's data/optim overrides applied."""
+        if len(self.adapters) != 1 or (self.adapters[0].data is None and self.adapters[0].optim is None):
+            return self
+        return dataclasses.replace(self, data=self.adapter_data(0), optim=self.adapter_optim(0))
 
 
 class _StrictLoader(yaml.SafeLoader):

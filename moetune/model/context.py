@@ -25,12 +25,21 @@ class ForwardContext:
         batch_size: B of the current forward.
         seq_len: T of the current forward.
         adapter_names: one entry per sample (None = base only), or None for "all active adapters".
+        token_mask: (B*T,) 1 for real tokens, 0 for padding, or None when there is no padding.
+        per_sample: also keep routing sums per sample (router stats, losses), so a caller can
+            split them by adapter after a forward that mixes adapters.
+        records: what leaf modules report about this forward (e.g. the routing statistics of
+            adapter mixtures), keyed by the reporter; the causal LM returns a copy. A key is
+            written again, not added, when activation checkpointing recomputes a layer.
         extras: free-form slots for adapter layers (e.g. cached per-adapter row masks).
     """
 
     batch_size: int
     seq_len: int
     adapter_names: list[str | None] | None = None
+    token_mask: torch.Tensor | None = None
+    per_sample: bool = False
+    records: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
 
     def sample_of_token(self, device: torch.device) -> torch.Tensor:

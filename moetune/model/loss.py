@@ -45,13 +45,22 @@ def _row_context(ctx: ForwardContext | None, rows: torch.Tensor | None, start: i
     return ForwardContext(batch_size=len(names), seq_len=1, adapter_names=names)
 
 
+def _chunk_sample_sums(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                       samples: torch.Tensor, batch: int, ctx: ForwardContext | None) -> torch.Tensor:
+    with forward_context(ctx):
+        logits = head(hidden).float()
+    losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.new_zeros(batch).index_add(0, samples, losses)
+
+
 def chunked_cross_entropy(
     head: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     labels: torch.Tensor,
     *,
     chunk_size: int = 1024,
-) -> torch.Tensor:
+    per_sample: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean token cross-entropy of ``head(hidden)`` against shifted ``labels``.
 
     Args:
@@ -59,27 +68,35 @@ def chunked_cross_entropy(
         hidden: (B, T, D) final hidden states.
         labels: (B, T) token ids, -100 where no loss is taken; shifted here.
         chunk_size: tokens per chunk.
+        per_sample: return per-sample sums instead of the mean (several adapters trained in one
+            forward each take the mean over their own samples' tokens).
 
     Returns:
-        Scalar mean over counted tokens (0 with a gradient path if none count).
+        Scalar mean over counted tokens (0 with a gradient path if none count); with
+        ``per_sample``, ``(sums (B,), counts (B,))`` in fp32.
     """
     targets = shift_labels(labels).reshape(-1)
     keep = targets != IGNORE_INDEX
     h = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
     count = targets.numel()
-    if count == 0:
+    B = hidden.shape[0]
+    sample = torch.arange(B, device=hidden.device).repeat_interleave(hidden.shape[1])[keep]
+    if per_sample:
+        counts = torch.zeros(B, device=hidden.device).index_add(0, sample, torch.ones_like(sample, dtype=torch.float32))
+        if count == 0:
+            return hidden.sum() * 0.0 + torch.zeros(B, device=hidden.device), counts
+    elif count == 0:
         return hidden.sum() * 0.0
     ctx = current_context()
     rows = None
     if ctx is not None and ctx.adapter_names is not None:  # sample of each kept row
-        rows = torch.arange(hidden.shape[0]).repeat_interleave(hidden.shape[1])[keep.cpu()]
-    total = hidden.new_zeros((), dtype=torch.float32)
+        rows = sample.cpu()
+    total = hidden.new_zeros((B,) if per_sample else (), dtype=torch.float32)
     for start in range(0, count, chunk_size):
         part_h, part_t = h[start : start + chunk_size], targets[start : start + chunk_size]
         part_ctx = _row_context(ctx, rows, start, start + chunk_size)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, part_h, part_t, part_ctx, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(head, part_h, part_t, part_ctx)
-    return total / count
+        fn, args = (_chunk_sample_sums, (head, part_h, part_t, sample[start : start + chunk_size], B, part_ctx)) if per_sample \
+            else (_chunk_loss_sum, (head, part_h, part_t, part_ctx))
+        total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+    return (total, counts) if per_sample else total / count

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context import current_context
 from .grouped import grouped_linear, grouped_linear_loop
 from .layers import ACTIVATIONS, SwiGLU
 
@@ -29,11 +30,21 @@ class RouterStats:
         counts: (E,) number of routed rows per expert (non-padding tokens only).
         prob_sum: (E,) sum of router probabilities over non-padding tokens (carries gradient).
         tokens: number of non-padding tokens.
+        per_sample: when the forward asked for it (``ForwardContext.per_sample``), the same three
+            sums per sample: counts (B, E), prob_sum (B, E), tokens (B,).
     """
 
     counts: torch.Tensor
     prob_sum: torch.Tensor
     tokens: torch.Tensor
+    per_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def for_samples(self, samples: torch.Tensor) -> RouterStats:
+        """The sums over the given sample indices only (needs ``per_sample``)."""
+        if self.per_sample is None:
+            raise ValueError("router stats were not kept per sample; run the forward with per_sample=True")
+        counts, probs, tokens = self.per_sample
+        return RouterStats(counts=counts[samples].sum(0), prob_sum=probs[samples].sum(0), tokens=tokens[samples].sum())
 
 
 @dataclass
@@ -112,10 +123,26 @@ def combine(rows: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Ten
 
 def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
     if token_mask is None:
-        return RouterStats(counts=counts.float(), prob_sum=routing.probs.sum(0), tokens=routing.probs.new_tensor(routing.probs.shape[0]))
-    m = token_mask.float()
-    counts = torch.zeros_like(routing.probs[0]).scatter_add_(0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1]))
-    return RouterStats(counts=counts, prob_sum=(routing.probs * m[:, None]).sum(0), tokens=m.sum())
+        stats = RouterStats(counts=counts.float(), prob_sum=routing.probs.sum(0), tokens=routing.probs.new_tensor(routing.probs.shape[0]))
+    else:
+        m = token_mask.float()
+        counts = torch.zeros_like(routing.probs[0]).scatter_add_(0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1]))
+        stats = RouterStats(counts=counts, prob_sum=(routing.probs * m[:, None]).sum(0), tokens=m.sum())
+    ctx = current_context()
+    if ctx is not None and ctx.per_sample:
+        stats.per_sample = _per_sample_sums(routing, token_mask, ctx.sample_of_token(routing.probs.device), ctx.batch_size)
+    return stats
+
+
+def _per_sample_sums(routing: Routing, token_mask: torch.Tensor | None, sample: torch.Tensor, B: int):
+    """(B, E) counts, (B, E) probability sums and (B,) tokens, padding excluded."""
+    probs, (N, k) = routing.probs, routing.experts.shape
+    E = probs.shape[1]
+    m = probs.new_ones(N) if token_mask is None else token_mask.to(probs.dtype)
+    flat = sample.repeat_interleave(k) * E + routing.experts.reshape(-1)
+    counts = probs.new_zeros(B * E).index_add(0, flat, m.repeat_interleave(k)).view(B, E)
+    prob_sum = probs.new_zeros(B, E).index_add(0, sample, probs * m[:, None])
+    return counts, prob_sum, probs.new_zeros(B).index_add(0, sample, m)
 
 
 class MoEBlock(nn.Module):

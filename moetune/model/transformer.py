@@ -29,6 +29,10 @@ class CausalLMOutput:
         loss: scalar mean cross-entropy over counted tokens, or None without labels.
         aux_loss: scalar load-balancing loss (uncoefficiented), or None for dense models.
         router_stats: per MoE layer routing sums (load per expert), for metrics.
+        records: what adapter layers reported during the forward (``ForwardContext.records``),
+            e.g. the routing statistics and auxiliary losses of adapter mixtures.
+        sample_loss: with ``per_sample=True``, (B,) summed token cross-entropy per sample.
+        sample_tokens: with ``per_sample=True``, (B,) counted tokens per sample.
     """
 
     logits: torch.Tensor | None = None
@@ -36,6 +40,9 @@ class CausalLMOutput:
     aux_loss: torch.Tensor | None = None
     router_stats: list[RouterStats] = field(default_factory=list)
     cache: KVCache | None = None
+    records: dict = field(default_factory=dict)
+    sample_loss: torch.Tensor | None = None
+    sample_tokens: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -157,6 +164,7 @@ class CausalLM(nn.Module):
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool = False,
+        per_sample: bool = False,
     ) -> CausalLMOutput:
         """Run the model.
 
@@ -169,17 +177,25 @@ class CausalLM(nn.Module):
             segment_ids: (B, T) packed-example ids; attention stays inside a segment.
             cache: KV cache for incremental decoding.
             return_logits: also return logits when labels are given.
+            per_sample: also return per-sample loss sums and token counts, and per-sample
+                routing sums in ``router_stats`` (to split one mixed-adapter forward by adapter).
         """
         if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {input_ids.shape[0]}")
-        ctx = ForwardContext(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1], adapter_names=adapter_names)
+        token_mask = attention_mask[:, -input_ids.shape[1]:].reshape(-1) if attention_mask is not None else None
+        ctx = ForwardContext(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1], adapter_names=adapter_names,
+                             token_mask=token_mask, per_sample=per_sample)
         with forward_context(ctx):
             hidden, stats = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids, cache=cache)
-            out = CausalLMOutput(router_stats=stats, cache=cache)
+            out = CausalLMOutput(router_stats=stats, cache=cache, records=dict(ctx.records))
             if labels is not None:
                 if attention_mask is not None:
                     labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
-                out.loss = chunked_cross_entropy(self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size)
+                if per_sample:
+                    out.sample_loss, out.sample_tokens = chunked_cross_entropy(self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size, per_sample=True)
+                    out.loss = out.sample_loss.sum() / out.sample_tokens.sum().clamp_min(1)
+                else:
+                    out.loss = chunked_cross_entropy(self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size)
             if labels is None or return_logits:
                 out.logits = self.lm_head(hidden)
         if stats:

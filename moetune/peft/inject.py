@@ -34,6 +34,7 @@ from ..config import LoraConfig
 from ..errors import AdapterError, did_you_mean
 from . import lora  # noqa: F401  (registers LoraLinear for nn.Linear)
 from .base import WRAPPERS, AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
+from .mixture_plan import place
 
 if importlib.util.find_spec(f"{__package__}.experts") is not None:  # routed-expert LoRA, when present
     importlib.import_module(f"{__package__}.experts")
@@ -53,12 +54,13 @@ Parts = frozenset | None  # expert projections; None = the whole module
 
 # --- module walking -------------------------------------------------------------------------
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) of every module; an adapter wrapper stands for its base and is not entered."""
+    """(path, module) of every module; an adapter wrapper stands for its base and is not entered,
+    unless it keeps its base's children under their own paths (``transparent``, a MixLoRA FFN)."""
     stack = [("", model)]
     while stack:
         path, module = stack.pop()
         yield path, module
-        if not isinstance(module, AdapterLayer):
+        if not isinstance(module, AdapterLayer) or getattr(module, "transparent", False):
             kids = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
             stack.extend(reversed(kids))
 
@@ -231,17 +233,20 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         raise AdapterError(f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name")
     plan = plan_targets(model, config)
     _check_pissa(model, plan, config)
+    placements = place(model, plan, config, wrapper_for, layer_index)  # mixtures regroup targets
     active = [n for n in adapter_names(model) if any(n in layer.active for _, layer in adapter_layers(model))]
     created: list[str] = []
     try:
-        for path, parts in plan.items():
+        for path, parts, wrapper, module_config in placements:
             module = model.get_submodule(path)
             if not isinstance(module, AdapterLayer):
-                module = wrapper_for(module)(module)
+                module = wrapper(module)
                 model.set_submodule(path, module)
                 created.append(path)
-            module.add_adapter(name, per_module(path, config) if per_module else config,
-                               parts=set(parts) if parts else None, **_param_configs(module, path, config, per_module))
+            elif not isinstance(module, wrapper):  # e.g. a LoraLinear that now also takes a mixture
+                module = _adopt(module, wrapper, path)
+            module.add_adapter(name, per_module(path, module_config) if per_module else module_config,
+                               parts=set(parts) if parts else None, **_param_configs(module, path, module_config, per_module))
     except BaseException:
         _remove(model, name, created)
         raise
@@ -251,6 +256,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     report = build_report(model, name)
     log.info("%s", report)
     return report
+
+
+def _adopt(module: AdapterLayer, wrapper: type, path: str) -> AdapterLayer:
+    if not hasattr(wrapper, "adopt"):
+        raise AdapterError(f"{path} already carries {type(module).__name__} adapters; a {wrapper.__name__} cannot be added to it")
+    return wrapper.adopt(module)
 
 
 def _param_configs(module: AdapterLayer, path: str, config: LoraConfig, per_module) -> dict:

@@ -1,0 +1,251 @@
+"""MixLoRA (arXiv 2404.15159) on a dense SwiGLU FFN: a router and E LoRA experts sharing the
+frozen FFN; MixDoRA with DoRA experts.
+
+Legend: N tokens of the call, N_a tokens one adapter routes, R routed rows (N_a * k, sorted by
+expert), D model dim, F FFN hidden, E experts, r expert rank, s expert scaling.
+
+Expert e is the frozen FFN with its own LoRA pairs on the targeted projections:
+``y_e = W2'(act(W1' x) * W3' x)`` with ``W' = W + s B_e A_e``; a token's output is
+``sum_e w_e y_e`` over its chosen experts (weights from :mod:`.routing`). How it runs:
+
+- the base ``W1 x`` and ``W3 x`` are computed once per token and shared by every expert (and
+  every adapter) - they do not depend on the expert;
+- the rows (token, expert) are sorted by expert once (:func:`~moetune.model.moe.dispatch`) and
+  each LoRA term is a grouped GEMM on the sorted rows (split-LoRA: ``(x A_e^T) B_e^T``, never
+  ``B_e A_e``); gate and up share one A GEMM; ``W2`` runs once on all R rows;
+- dropout on the expert input is one mask per token, shared by the token's experts (as MixLoRA,
+  whose gate and up experts read the same dropped input); on the down input, one per row.
+
+DoRA experts (``use_dora``) follow PEFT's DoRA per expert and projection: a trained magnitude
+``m_e`` (E, out) and ``W_e' = m_e * (W + s B_e A_e) / ||W + s B_e A_e||`` (row norms, detached, as
+PEFT), computed from r x r Gram matrices so ``B_e A_e`` is never formed.
+
+The wrapper registers the FFN's own ``gate_proj``/``up_proj``/``down_proj`` as its children, so
+module paths (``mlp.gate_proj``) and base checkpoint keys are unchanged and another adapter can
+still put a plain LoRA on those projections.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError
+from ..model.grouped import grouped_linear
+from ..model.layers import SwiGLU
+from ..model.moe import combine, dispatch
+from .base import AdapterLayer
+from .mixture_common import (ExpertOptions, MixtureMixin, base_call, dense_weight, new_expert_pair, new_router,
+                             require_mixture, scatter_rows)
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+class MixtureFFN(MixtureMixin, AdapterLayer):
+    """A SwiGLU FFN with named MixLoRA adapters (drop-in: same forward)."""
+
+    transparent = True  # target matching looks inside: its projections keep their module paths
+
+    def __init__(self, base_layer: SwiGLU) -> None:
+        nn.Module.__init__(self)  # not AdapterLayer.__init__: the SwiGLU itself is not registered
+        self.__dict__["ffn"] = base_layer
+        self.gate_proj, self.up_proj, self.down_proj = base_layer.gate_proj, base_layer.up_proj, base_layer.down_proj
+        self.act = base_layer.act
+        self.dim, self.hidden = base_layer.gate_proj.in_features, base_layer.gate_proj.out_features
+        self.active, self.disabled, self.merged = [], False, []
+        self.router = nn.ParameterDict()  # name -> (E, D) fp32
+        for proj in PROJS:
+            short = SHORT[proj]
+            setattr(self, f"lora_A_{short}", nn.ParameterDict())  # name -> (E, r, in)
+            setattr(self, f"lora_B_{short}", nn.ParameterDict())  # name -> (E, out, r)
+            setattr(self, f"lora_magnitude_{short}", nn.ParameterDict())  # name -> (E, out), DoRA
+        self.lora_dropout = nn.ModuleDict()
+        self.mixtures: dict[str, LoraConfig] = {}
+        self.options: dict[str, ExpertOptions] = {}
+
+    @property
+    def base_layer(self) -> SwiGLU:
+        """The SwiGLU, with whatever now sits in its projection slots (another adapter's wrapper)."""
+        ffn = self.__dict__["ffn"]
+        ffn.gate_proj, ffn.up_proj, ffn.down_proj = self.gate_proj, self.up_proj, self.down_proj
+        return ffn
+
+    def params(self, kind: str, proj: str) -> nn.ParameterDict:
+        """``kind`` in A, B, magnitude; ``proj`` a projection name."""
+        return getattr(self, f"lora_{kind}_{SHORT[proj]}")
+
+    # --- protocol -------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.mixtures)
+
+    def projections(self, name: str) -> list[str]:
+        """The projections adapter ``name`` puts LoRA experts on, in gate, up, down order."""
+        return [p for p in PROJS if name in self.params("A", p)]
+
+    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None) -> None:
+        """Create MixLoRA adapter ``name`` with experts on ``parts`` (default all projections)."""
+        mix = require_mixture(config, "MixtureFFN.add_adapter")
+        parts = set(parts or PROJS)
+        if name in self.mixtures:
+            raise AdapterError(f"adapter '{name}' already exists on this layer")
+        if not parts <= set(PROJS):
+            raise AdapterError(f"mixlora: unknown projections {sorted(parts - set(PROJS))}; allowed: {', '.join(PROJS)}")
+        opts = ExpertOptions.of(config)
+        device = self.gate_proj.weight.device if hasattr(self.gate_proj, "weight") else None
+        dim, hidden = self.dim, self.hidden
+        self.router[name] = new_router(mix.num_experts, dim, mix.router_init_std, device)
+        for proj in (p for p in PROJS if p in parts):
+            d_in, d_out = (hidden, dim) if proj == "down_proj" else (dim, hidden)
+            a, b = new_expert_pair(mix.num_experts, opts.rank, d_in, d_out, opts.init, device)
+            self.params("A", proj)[name], self.params("B", proj)[name] = a, b
+            if config.use_dora:  # m starts at ||W|| per row: every expert equals the frozen layer
+                norm = torch.linalg.norm(dense_weight(getattr(self, proj)).float(), dim=1)
+                self.params("magnitude", proj)[name] = nn.Parameter(norm.expand(mix.num_experts, -1).clone())
+        self.lora_dropout[name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+        self.mixtures[name], self.options[name] = config, opts
+        if not self.active:
+            self.active.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        for store in [self.router, self.lora_dropout, *(self.params(k, p) for k in ("A", "B", "magnitude") for p in PROJS)]:
+            if name in store:
+                del store[name]
+        self.mixtures.pop(name, None)
+        self.options.pop(name, None)
+        self.active = [n for n in self.active if n != name]
+
+    def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        for n in [name] if name is not None else self.adapter_names:
+            yield f"router.{n}", self.router[n]
+            for proj in self.projections(n):
+                for kind in ("A", "B", "magnitude"):
+                    if n in self.params(kind, proj):
+                        yield f"lora_{kind}_{SHORT[proj]}.{n}", self.params(kind, proj)[n]
+
+    def merge(self, name: str) -> None:
+        self.refuse_merge(name)
+
+    def unmerge(self, name: str) -> None:
+        return None
+
+    def peft_config_targets(self, module_path: str) -> dict:
+        return {"target_modules": [f"{module_path}.{p}" for p in PROJS]}
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D): each adapter's tokens through its mixture, the rest through the FFN."""
+        names = self.running()
+        children = [m for m in (self.gate_proj, self.up_proj, self.down_proj) if isinstance(m, AdapterLayer)]
+        self.check_not_stacked(names, any(m.running() for m in children))
+        if not names:
+            return self.base_layer(x)
+        shape, h = x.shape, x.reshape(-1, x.shape[-1])
+        N = h.shape[0]
+        rows = {n: self.token_rows(n, N, h.device) for n in names}
+        covered = None if any(r is None for r in rows.values()) else torch.cat(list(rows.values()))
+        gate0, up0 = base_call(self.gate_proj, h), base_call(self.up_proj, h)  # (N, F), shared by all experts
+        out = None if covered is None else self._uncovered(x, h, gate0, up0, covered, plain=not children)
+        for name, idx in rows.items():
+            if idx is None:
+                y = self._mixture(name, h, gate0, up0, None, N)
+            else:
+                y = self._mixture(name, h[idx], gate0[idx], up0[idx], idx, N)
+            out = scatter_rows(out, idx, y)
+        return out.view(shape)
+
+    def _uncovered(self, x, h, gate0, up0, covered, *, plain: bool) -> torch.Tensor:
+        """(N, D) frozen-FFN output for tokens no mixture routes (padding, other adapters' samples)."""
+        if not plain:  # the projections carry other adapters: let them run on their own samples
+            return self.base_layer(x).reshape(h.shape[0], -1)
+        rest = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        rest[covered] = False
+        out = h.new_zeros(h.shape[0], self.dim)
+        idx = rest.nonzero().squeeze(1)
+        if idx.numel():
+            out = out.index_copy(0, idx, base_call(self.down_proj, self.act(gate0[idx]) * up0[idx]))
+        return out
+
+    def _mixture(self, name: str, x: torch.Tensor, gate0: torch.Tensor, up0: torch.Tensor,
+                 rows: torch.Tensor | None, n: int) -> torch.Tensor:
+        """One adapter on its N_a tokens: x (N_a, D), gate0/up0 (N_a, F) -> (N_a, D)."""
+        r = self.route_tokens(name, x, rows, n)
+        E = self.router[name].shape[0]
+        d = dispatch(r.experts, E + 1 if r.variable else E)
+        count = int(d.offsets[E - 1]) if r.variable else d.order.numel()  # rows of real experts
+        tok, offsets = d.token_index[:count], d.offsets[:E]
+        expert = r.experts.reshape(-1)[d.order[:count]]  # (R,) expert of each sorted row
+        drop = self.lora_dropout[name]
+        dropping = self.training and not isinstance(drop, nn.Identity)  # DoRA then needs W x' too
+        xd = drop(x)  # one mask per token, shared by its experts
+        gate, up = self._gate_up(name, x, xd, gate0, up0, tok, offsets, expert, dropped=dropping)
+        hidden = self.act(gate) * up  # (R, F)
+        y = base_call(self.down_proj, hidden)  # (R, D)
+        if "down_proj" in self.projections(name):
+            y = self._project(name, "down_proj", hidden, drop(hidden), y, offsets, expert, dropped=dropping)
+        if count < d.order.numel():  # unused slots (top_p, switch) contribute zero rows
+            y = torch.cat([y, y.new_zeros(d.order.numel() - count, y.shape[1])])
+        out = combine(y, d, r.weights)
+        if r.base_weight is not None:  # switch: the frozen FFN's share
+            out = out + r.base_weight[:, None] * base_call(self.down_proj, self.act(gate0) * up0)
+        return out
+
+    def _gate_up(self, name, x, xd, gate0, up0, tok, offsets, expert, *, dropped: bool):
+        """(R, F) gate and up pre-activations of every routed row; the A GEMMs of gate and up run
+        as one grouped GEMM over their concatenated ranks."""
+        projs = [p for p in ("gate_proj", "up_proj") if p in self.projections(name)]
+        outs = {"gate_proj": gate0[tok], "up_proj": up0[tok]}
+        if not projs:
+            return outs["gate_proj"], outs["up_proj"]
+        xr = xd[tok]  # (R, D)
+        a = torch.cat([self.params("A", p)[name] for p in projs], dim=1).to(x.dtype)  # (E, r*, D)
+        t = self.grouped(xr, a, offsets).split([self.params("A", p)[name].shape[1] for p in projs], dim=-1)
+        drop_base = {}
+        if dropped and name in self.params("magnitude", projs[0]):
+            drop_base = {p: base_call(getattr(self, p), xd)[tok] for p in projs}
+        for p, tp in zip(projs, t):
+            outs[p] = self._combine_lora(name, p, outs[p], drop_base.get(p, outs[p]), tp, offsets, expert)
+        return outs["gate_proj"], outs["up_proj"]
+
+    def _project(self, name, proj, h, hd, base, offsets, expert, *, dropped: bool) -> torch.Tensor:
+        """LoRA experts of ``proj`` added to its base output ``base`` (R, out); ``hd`` = dropout(h)."""
+        t = self.grouped(hd, self.params("A", proj)[name].to(h.dtype), offsets)  # (R, r)
+        dora = name in self.params("magnitude", proj)
+        base_dropped = base_call(getattr(self, proj), hd) if dropped and dora else base
+        return self._combine_lora(name, proj, base, base_dropped, t, offsets, expert)
+
+    def _combine_lora(self, name, proj, base, base_dropped, t, offsets, expert) -> torch.Tensor:
+        """``base + s B_e t`` (LoRA) or PEFT's DoRA ``base + (f - 1) W x' + f s B_e t`` with
+        ``f = m_e / ||W + s B_e A_e||``; ``t`` (R, r) = ``A_e x'``."""
+        s = self.options[name].scaling
+        lora = self.grouped(t * s, self.params("B", proj)[name].to(t.dtype), offsets)  # (R, out)
+        if name not in self.params("magnitude", proj):
+            return base + lora
+        factor = self.dora_factor(name, proj).to(t.dtype)[expert]  # (R, out)
+        return base + (factor - 1) * base_dropped + factor * lora
+
+    def dora_factor(self, name: str, proj: str) -> torch.Tensor:
+        """(E, out) ``m_e / ||W + s B_e A_e||`` with the norm detached, from Gram matrices:
+        ``||W_j + s b_j A||^2 = ||W_j||^2 + 2 s b_j (A W_j^T) + s^2 b_j (A A^T) b_j^T``."""
+        s = self.options[name].scaling
+        a, b = self.params("A", proj)[name].detach(), self.params("B", proj)[name].detach()
+        with torch.no_grad():
+            w = dense_weight(getattr(self, proj)).float()  # (out, in)
+            wa = torch.einsum("oi,eri->eor", w, a)  # (E, out, r)
+            gram = torch.bmm(a, a.transpose(1, 2))  # (E, r, r)
+            sq = w.pow(2).sum(1) + 2 * s * (wa * b).sum(-1) + s * s * (torch.bmm(b, gram) * b).sum(-1)
+            norm = sq.clamp_min(0).sqrt()
+        return self.params("magnitude", proj)[name] / norm
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Per-expert ``x_e @ w_e^T`` on expert-sorted rows (the routed experts' grouped GEMM)."""
+        return grouped_linear(x, w, offsets)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: E={self.router[n].shape[0]} {c.mixture.routing} r={self.options[n].rank}"
+                         f"{' dora' if c.use_dora else ''}" for n, c in self.mixtures.items())
+

@@ -1,0 +1,146 @@
+"""What the mixture layers share: which tokens an adapter routes, router parameters, records,
+the expert LoRA scaling, and calling a frozen projection whatever wraps it.
+
+A mixture adapter routes only its own tokens: the real (non-padding) tokens of the samples that
+named it (``adapter_names``), or every real token when the forward names no adapters. Its
+router therefore never sees padding nor another adapter's samples, and its load-balancing sums
+are its own - which is what makes adapters trained together equal to adapters trained alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig, MixtureConfig
+from ..errors import AdapterError
+from ..model.context import current_context
+from .base import AdapterLayer
+from .routing import MixtureRecord, Route, route
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertOptions:
+    """The LoRA options of one adapter's experts (``MixtureConfig.expert_*`` over the adapter's)."""
+
+    rank: int
+    scaling: float
+    dropout: float
+    init: str
+
+    @classmethod
+    def of(cls, config: LoraConfig) -> ExpertOptions:
+        mix = config.mixture
+        r = mix.expert_r or config.r
+        alpha = mix.expert_alpha or config.alpha
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        dropout = config.dropout if mix.expert_dropout is None else mix.expert_dropout
+        return cls(rank=r, scaling=scaling, dropout=dropout, init=config.init)
+
+
+def new_expert_pair(num_experts: int, rank: int, d_in: int, d_out: int, init: str,
+                    device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+    """A (E, r, in) fp32, initialised like ``nn.Linear`` per expert (kaiming) or N(0, 1/r);
+    B (E, out, r) zeros, so every expert starts as the frozen layer."""
+    a = torch.empty(num_experts, rank, d_in, dtype=torch.float32, device=device)
+    if init == "gaussian":
+        nn.init.normal_(a, std=1 / rank)
+    else:  # per expert = on the (E*r, in) view: fan_in is `in` either way
+        nn.init.kaiming_uniform_(a.view(-1, d_in), a=math.sqrt(5))
+    b = torch.zeros(num_experts, d_out, rank, dtype=torch.float32, device=device)
+    return nn.Parameter(a), nn.Parameter(b)
+
+
+def new_router(num_experts: int, dim: int, std: float, device: torch.device) -> nn.Parameter:
+    """Router weight (E, D), fp32, N(0, std)."""
+    return nn.Parameter(torch.randn(num_experts, dim, dtype=torch.float32, device=device) * std)
+
+
+def base_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The frozen projection's output, without any adapter that wraps it."""
+    return module.base_layer(x) if isinstance(module, AdapterLayer) else module(x)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen projection's (out, in) weight (dequantized for a 4-bit base), no grad."""
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    return base.weight.detach()
+
+
+class MixtureMixin:
+    """Token selection, routing and reporting for :class:`AdapterLayer` subclasses with routers.
+
+    Expects ``self.router`` (ParameterDict name -> (E, D)) and ``self.mixtures`` (name -> LoraConfig).
+    """
+
+    router: nn.ParameterDict
+    mixtures: dict[str, LoraConfig]
+
+    def token_rows(self: AdapterLayer, name: str, n: int, device: torch.device) -> torch.Tensor | None:
+        """(N_a,) indices of the tokens adapter ``name`` routes among the ``n`` of this call, or
+        None when it routes all of them."""
+        ctx = current_context()
+        if ctx is None or ctx.batch_size * ctx.seq_len != n:
+            return None
+        key = ("mixture_rows", name, n, device)
+        if key not in ctx.extras:
+            samples = self.sample_mask(name, device)
+            mask = None if samples is None else samples[ctx.sample_of_token(device)]
+            if ctx.token_mask is not None:
+                real = ctx.token_mask.to(device).bool()
+                mask = real if mask is None else mask & real
+            ctx.extras[key] = None if mask is None else mask.nonzero().squeeze(1)
+        return ctx.extras[key]
+
+    def sequence_of(self, rows: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        """(N_a,) sequence of each routed token (for per-sequence capacity), when known."""
+        ctx = current_context()
+        if ctx is None or ctx.batch_size * ctx.seq_len != n:
+            return None
+        sample = ctx.sample_of_token(device)
+        return sample if rows is None else sample[rows]
+
+    def check_not_stacked(self: AdapterLayer, mixtures: list[str], others: bool) -> None:
+        """A mixture replaces the layer's output for its tokens, so it cannot be summed with
+        another adapter on the same tokens; batches mixing adapters name one per sample."""
+        ctx = current_context()
+        per_sample = ctx is not None and ctx.adapter_names is not None
+        if not per_sample and mixtures and (len(mixtures) > 1 or others):
+            raise AdapterError(f"mixture adapter(s) {mixtures} cannot run together with other adapters on the same "
+                               "tokens; activate one adapter, or pass adapter_names (one per sample)")
+
+    def route_tokens(self: AdapterLayer, name: str, x: torch.Tensor, rows: torch.Tensor | None, n: int) -> Route:
+        """Route adapter ``name``'s tokens ``x`` (N_a, D) and report the routing statistics."""
+        config = self.mixtures[name]
+        sequence = self.sequence_of(rows, n, x.device) if config.mixture.expert_capacity else None
+        result = route(x, self.router[name], config.mixture, training=self.training, sequence=sequence)
+        ctx = current_context()
+        if ctx is not None:  # written again (not added) if checkpointing recomputes this layer
+            mix = config.mixture
+            z_coef = mix.router_z_loss_coef if mix.routing == "switch" else 0.0
+            ctx.records[(id(self), name)] = MixtureRecord(adapter=name, stats=result.stats,
+                                                          aux_coef=mix.router_aux_loss_coef, z_coef=z_coef)
+        return result
+
+    def refuse_merge(self, name: str) -> None:
+        raise AdapterError(f"adapter '{name}' is a mixture of LoRA experts: its router picks experts per token, "
+                           "so it cannot be folded into the base weights")
+
+
+def scatter_rows(out: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """``out`` with rows ``rows`` replaced by ``values`` (all rows when ``rows`` is None)."""
+    return values if rows is None else out.index_copy(0, rows, values)
+
+
+def mixture_config(config: LoraConfig, num_experts: int) -> LoraConfig:
+    """``config`` with a fixed expert count (a per-layer list resolved for one module)."""
+    return dataclasses.replace(config, mixture=dataclasses.replace(config.mixture, num_experts=num_experts))
+
+
+def require_mixture(config: LoraConfig, where: str) -> MixtureConfig:
+    if config.mixture is None or isinstance(config.mixture.num_experts, list):
+        raise AdapterError(f"{where} needs a LoraConfig with a mixture and one expert count")
+    return config.mixture
