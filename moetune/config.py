@@ -353,6 +353,56 @@ class MixtureConfig(ConfigSection):
 
 
 @dataclass(kw_only=True)
+class AdaLoraOptions(ConfigSection):
+    """AdaLoRA (Zhang et al., ICLR 2023; PEFT's ``AdaLoraConfig``): SVD-form adapters whose total
+    rank shrinks from ``init_r`` to ``target_r`` per adapted matrix on average; see
+    :mod:`moetune.peft.adalora`.
+
+    Attributes:
+        init_r: starting rank of every adapted matrix (each routed expert's projection counts as
+            one); default (null): the adapter's ``r``.
+        target_r: the final budget is ``target_r`` times the number of adapted matrices.
+        tinit: steps at full rank before the budget starts to shrink.
+        tfinal: last steps at the final budget (the pattern is fixed at ``total_step - tfinal``).
+        delta_t: steps between two re-allocations while the budget shrinks (PEFT's ``deltaT``).
+        beta1, beta2: EMA factors of the sensitivity and of its uncertainty.
+        orth_reg_weight: weight of ``mean ||P P^T - I||_F + ||Q^T Q - I||_F`` added to the loss.
+        total_step: steps of the schedule; default (null): the run's ``optim.max_steps``.
+    """
+
+    init_r: int | None = None
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+
+    def validate(self) -> None:
+        _require(self.init_r is None or self.init_r >= 1, "init_r", "an integer >= 1 or null", self.init_r)
+        _require(self.target_r >= 1, "target_r", "an integer >= 1", self.target_r)
+        _require(self.init_r is None or self.target_r <= self.init_r, "target_r", f"<= init_r = {self.init_r}", self.target_r)
+        _require(self.tinit >= 0, "tinit", "an integer >= 0", self.tinit)
+        _require(self.tfinal >= 0, "tfinal", "an integer >= 0", self.tfinal)
+        _require(self.delta_t >= 1, "delta_t", "an integer >= 1", self.delta_t)
+        _require(0 < self.beta1 < 1, "beta1", "a number in (0, 1)", self.beta1)
+        _require(0 < self.beta2 < 1, "beta2", "a number in (0, 1)", self.beta2)
+        _require(self.orth_reg_weight >= 0, "orth_reg_weight", "a number >= 0", self.orth_reg_weight)
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """The budget must have steps to shrink in: ``tinit < total_step - tfinal`` (as PEFT)."""
+        _require(total_step >= 1, "total_step", "an integer >= 1", total_step)
+        if self.tinit >= total_step - self.tfinal:
+            raise ConfigFieldError(f"{{key}}: tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no step of the "
+                                   f"{total_step} to shrink the rank budget in; lower them or raise total_step",
+                                   ("total_step",))
+
+
+@dataclass(kw_only=True)
 class LoraConfig(ConfigSection):
     """Options for one LoRA adapter (public API ``moetune.LoraConfig``).
 
@@ -374,6 +424,8 @@ class LoraConfig(ConfigSection):
         bias: only ``"none"`` (no trainable bias) is supported.
         mixture: make the adapter a mixture of LoRA experts (MixLoRA, LoRAMoE, MoLA); None is a
             plain LoRA (see :class:`MixtureConfig`).
+        adalora: make the adapter an AdaLoRA (SVD form, adaptive rank); its ``init_r`` is ``r``
+            (see :class:`AdaLoraOptions`).
     """
 
     r: int = 8
@@ -388,6 +440,7 @@ class LoraConfig(ConfigSection):
     expert_rank: Literal["per_expert", "shared"] = "per_expert"
     bias: Literal["none"] = "none"
     mixture: MixtureConfig | None = None
+    adalora: AdaLoraOptions | None = None
 
     @property
     def scaling(self) -> float:
@@ -406,6 +459,19 @@ class LoraConfig(ConfigSection):
             _require(len(set(layers)) == len(layers), "layers_to_transform", "without repeats", layers)
         if self.mixture is not None:
             self._validate_mixture()
+        if self.adalora is not None:
+            self._validate_adalora()
+
+    def _validate_adalora(self) -> None:
+        ada = self.adalora
+        if ada.init_r is not None and ada.init_r != self.r:
+            _require(self.r == 8, "r", f"left out or equal to adalora.init_r = {ada.init_r}", self.r)  # 8: not given
+            self.r = ada.init_r
+        ada.init_r = self.r
+        _require(ada.target_r <= self.r, "adalora.target_r", f"<= the initial rank r = {self.r}", ada.target_r)
+        for key, off in (("use_dora", not self.use_dora), ("use_rslora", not self.use_rslora), ("mixture", self.mixture is None)):
+            _require(off, key, "off for an AdaLoRA adapter (PEFT's AdaLoRA has no such variant)", getattr(self, key))
+        _require(self.init != "pissa", "init", "kaiming or gaussian for AdaLoRA (its init is PEFT's: P, Q ~ N(0, 0.02), Lambda = 0)", self.init)
 
     def _validate_mixture(self) -> None:
         try:
@@ -451,7 +517,11 @@ class AdapterSection(LoraConfig):
         name: adapter name (letters, digits, ``_``, ``-``); also its folder name when saved.
         method: ``lora``; ``dora`` (same as ``use_dora: true``); ``mixlora`` / ``mixdora``
             (MixLoRA with LoRA / DoRA experts), ``loramoe``, ``mola`` (mixtures of LoRA experts,
-            options in ``mixture``).
+            options in ``mixture``); ``adalora`` (adaptive-rank SVD form, options in ``adalora``).
+        path: start from the adapter folder here (PEFT layout) instead of a new adapter; its
+            rank, alpha and targets come from the folder, not from this mapping.
+        frozen: with ``path``: keep that adapter active in every forward but never train or save
+            it, so the run trains the other adapters on top of it (progressive training).
         data: this adapter's own data (keys not given come from the run's ``data``).
         optim: this adapter's own learning rate, schedule, steps and batch size.
         output_dir: where its adapter folder goes (default ``<checkpoint.output_dir>/adapter``
@@ -459,7 +529,9 @@ class AdapterSection(LoraConfig):
     """
 
     name: str = "default"
-    method: Literal["lora", "dora", "mixlora", "mixdora", "loramoe", "mola"] = "lora"
+    method: Literal["lora", "dora", "mixlora", "mixdora", "loramoe", "mola", "adalora"] = "lora"
+    path: str | None = field(default=None, metadata=_PATH)
+    frozen: bool = False
     data: DataOverride | None = None
     optim: OptimOverride | None = None
     output_dir: str | None = field(default=None, metadata=_PATH)
@@ -479,8 +551,13 @@ class AdapterSection(LoraConfig):
             better = "dora" if kind is None else "mixdora (MixLoRA with DoRA experts)"
             raise ConfigFieldError(f"{{key}}: true contradicts method: {self.method} (write method: {better})", ("use_dora",))
         self.use_dora = dora
+        if self.method == "adalora":
+            self.adalora = self.adalora or AdaLoraOptions()
+        elif self.adalora is not None:
+            raise ConfigFieldError("{key} needs method: adalora, got method: " + self.method, ("adalora",))
         super().validate()
         _require(bool(_ADAPTER_NAME.fullmatch(self.name)), "name", "letters, digits, '_' or '-'", self.name)
+        _require(not self.frozen or self.path is not None, "frozen", "false unless path names the adapter folder to keep", self.frozen)
 
     def to_lora_config(self) -> LoraConfig:
         """The LoRA options alone, as the peft layer takes them."""
@@ -537,6 +614,44 @@ class DataSection(ConfigSection):
             raise ConfigFieldError("{key}: give either eval or val_fraction, not both", ("val_fraction",))
 
 
+_TEACHER = re.compile(r"base|adapter:[A-Za-z0-9_-]+|file:.+")
+
+
+@dataclass(kw_only=True)
+class DistillSection(ConfigSection):
+    """Distillation: ``loss = CE + weight * T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over
+    the tokens that carry a label (teacher logits t, student logits s); see
+    :mod:`moetune.train.objectives`.
+
+    Attributes:
+        teacher: ``base`` (the model with every adapter off); ``adapter:<name>`` (the base with
+            only adapter ``name``: a ``frozen`` adapter of the run, which then does not run in
+            the student's forward); ``file:<path>`` (logits saved with
+            :func:`moetune.train.objectives.save_teacher_logits`, a relative path from the
+            current directory).
+        weight: factor on the distillation term.
+        temperature: T, softening both distributions.
+    """
+
+    teacher: str = "base"
+    weight: float = 1.0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        _require(bool(_TEACHER.fullmatch(self.teacher)), "teacher", "base, adapter:<name> or file:<path>", self.teacher)
+        _require(self.weight >= 0, "weight", "a number >= 0", self.weight)
+        _require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
+
+    @property
+    def kind(self) -> str:
+        return self.teacher.partition(":")[0]
+
+    @property
+    def target(self) -> str:
+        """The adapter name or file path after ``adapter:`` / ``file:`` ("" for base)."""
+        return self.teacher.partition(":")[2]
+
+
 @dataclass(kw_only=True)
 class OptimSection(ConfigSection):
     """Optimizer (AdamW), schedule, batch size and step count.
@@ -547,6 +662,7 @@ class OptimSection(ConfigSection):
         grad_accum: micro-batches per optimizer step.
         max_grad_norm: gradient clipping threshold; None turns clipping off.
         aux_loss_coef: weight of the router load-balancing loss added to the LM loss.
+        distill: add a distillation term towards a teacher (see :class:`DistillSection`).
     """
 
     lr: float = 2e-4
@@ -562,6 +678,7 @@ class OptimSection(ConfigSection):
     max_grad_norm: float | None = 1.0
     aux_loss_coef: float = 0.0
     activation_checkpointing: bool = False
+    distill: DistillSection | None = None
 
     def validate(self) -> None:
         _require(self.lr > 0, "lr", "a number > 0", self.lr)
@@ -689,6 +806,28 @@ class TrainConfig(ConfigSection):
         _require(len(set(names)) == len(names), "adapters", "uniquely named", names)
         for i in range(len(self.adapters)):  # overrides must give valid sections (errors name the adapter)
             self.adapter_data(i), self.adapter_optim(i)
+        self._validate_adalora()
+        _require(any(not a.frozen for a in self.adapters), "adapters", "at least one adapter that is not frozen", names)
+        distill = self.optim.distill
+        if distill is not None and distill.kind == "adapter":
+            frozen = [a.name for a in self.adapters if a.frozen]
+            if distill.target not in frozen:
+                raise ConfigFieldError(f"{{key}}: adapter '{distill.target}' is not a frozen adapter of this run "
+                                       f"(frozen adapters: {', '.join(frozen) or 'none'}; add it with path: and frozen: true)",
+                                       ("optim", "distill", "teacher"))
+
+    def _validate_adalora(self) -> None:
+        """AdaLoRA's ``total_step`` defaults to the adapter's ``max_steps``; its schedule must fit."""
+        for i, adapter in enumerate(self.adapters):
+            if adapter.adalora is None:
+                continue
+            ada = adapter.adalora
+            ada.total_step = ada.total_step or self.adapter_optim(i).max_steps
+            try:
+                ada.check_schedule(ada.total_step)
+            except ConfigFieldError as err:
+                err.path = ("adapters", i, "adalora", *err.path)
+                raise
 
     def adapter_data(self, index: int) -> DataSection:
         """The ``data`` section adapter ``index`` trains on (its own keys over the run's)."""

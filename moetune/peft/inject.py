@@ -33,6 +33,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterError, did_you_mean
 from . import lora  # noqa: F401  (registers LoraLinear for nn.Linear)
+from .adalora import svd_wrapper_for
 from .base import WRAPPERS, AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
 from .mixture_plan import place
 
@@ -233,7 +234,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         raise AdapterError(f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name")
     plan = plan_targets(model, config)
     _check_pissa(model, plan, config)
-    placements = place(model, plan, config, wrapper_for, layer_index)  # mixtures regroup targets
+    choose = wrapper_for if config.adalora is None else svd_wrapper_for(wrapper_for)  # AdaLoRA: SVD-form wrappers
+    placements = place(model, plan, config, choose, layer_index)  # mixtures regroup targets
     active = [n for n in adapter_names(model) if any(n in layer.active for _, layer in adapter_layers(model))]
     created: list[str] = []
     try:
