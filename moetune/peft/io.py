@@ -64,13 +64,19 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
         layout: ``"peft"`` (PEFT's keys; loads with ``PeftModel.from_pretrained``) or
             ``"per_expert"`` (routed experts as 2D per-expert pairs
             ``...mlp.experts.{e}.gate_proj.lora_A.weight``, the layout vLLM and SGLang read).
+            A mixture of LoRA experts writes moetune's mixture layout for ``"peft"``, or
+            MoE-PEFT's MixLoRA layout for ``"moe_peft"`` (see :mod:`.mixture_io`).
 
     Returns:
         The folder path.
     """
-    if layout not in ("peft", "per_expert"):
-        raise AdapterError(f"layout {layout!r} is not one of 'peft', 'per_expert'")
     config = adapter_configs(model).get(name)
+    if layout == "moe_peft" or (config is not None and config.mixture is not None):
+        from .mixture_io import save_mixture_adapter  # mixtures of LoRA experts have their own layouts
+
+        return save_mixture_adapter(model, out_dir, name, layout=layout)
+    if layout not in ("peft", "per_expert"):
+        raise AdapterError(f"layout {layout!r} is not one of 'peft', 'per_expert', 'moe_peft'")
     layers = _layers(model, name)
     if config is None:
         raise AdapterError(f"adapter '{name}' was not added with moetune.add_adapter; its config is unknown")
@@ -150,6 +156,10 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
             the tensor, the expected and the found shape).
     """
     folder = Path(in_dir)
+    from .mixture_io import is_mixture_folder, load_mixture_adapter
+
+    if is_mixture_folder(folder):  # moetune's mixture layout or MoE-PEFT's MixLoRA
+        return load_mixture_adapter(model, folder, name)
     cfg_file, weights = _adapter_files(folder)
     config, per_module = config_from_peft(_read_config(cfg_file), str(cfg_file))
     try:

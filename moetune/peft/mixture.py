@@ -38,8 +38,8 @@ from ..model.grouped import grouped_linear
 from ..model.layers import SwiGLU
 from ..model.moe import combine, dispatch
 from .base import AdapterLayer
-from .mixture_common import (ExpertOptions, MixtureMixin, base_call, dense_weight, new_expert_pair, new_router,
-                             require_mixture, scatter_rows)
+from .mixture_common import (ExpertOptions, MixtureMixin, base_call, check_tensors, dense_weight, new_expert_pair,
+                             new_router, require_mixture, scatter_rows)
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -135,6 +135,25 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
 
     def peft_config_targets(self, module_path: str) -> dict:
         return {"target_modules": [f"{module_path}.{p}" for p in PROJS]}
+
+    # --- files (docs/mixlora.md) ----------------------------------------------------------
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """``router.weight`` (E, D); per projection ``{proj}.experts.lora_A.weight`` (E, r, in),
+        ``.lora_B.weight`` (E, out, r) and, for DoRA, ``.lora_magnitude_vector`` (E, out)."""
+        out = {"router.weight": self.router[name].detach()}
+        for proj in self.projections(name):
+            out[f"{proj}.experts.lora_A.weight"] = self.params("A", proj)[name].detach()
+            out[f"{proj}.experts.lora_B.weight"] = self.params("B", proj)[name].detach()
+            if name in self.params("magnitude", proj):
+                out[f"{proj}.experts.lora_magnitude_vector"] = self.params("magnitude", proj)[name].detach()
+        return out
+
+    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+        own = self.peft_tensors(name)
+        check_tensors({k: tuple(v.shape) for k, v in own.items()}, tensors, where)
+        with torch.no_grad():
+            for key, t in own.items():
+                t.copy_(tensors[key])  # own tensors are detached views of the parameters
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,19 @@ class MixtureMixin:
                            "so it cannot be folded into the base weights")
 
 
+def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every expected tensor present with its shape, nothing else; errors name ``where`` and the key."""
+    for key, t in tensors.items():
+        if key not in expected:
+            raise AdapterError(f"{where}.{key}: unexpected tensor for this layer (expected {sorted(expected)})")
+        if tuple(t.shape) != expected[key]:
+            raise AdapterError(f"{where}.{key}: shape {tuple(t.shape)} does not match the model, expected {expected[key]} "
+                               "(an adapter for a different base model, rank or expert count?)")
+    for key in expected:
+        if key not in tensors:
+            raise AdapterError(f"{where}.{key}: missing from the adapter file")
+
+
 def scatter_rows(out: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
     """``out`` with rows ``rows`` replaced by ``values`` (all rows when ``rows`` is None)."""
     return values if rows is None else out.index_copy(0, rows, values)

@@ -28,7 +28,7 @@ from ..model.grouped import grouped_linear
 from ..model.moe import combine, dispatch
 from .base import AdapterLayer
 from .lora import LoraLinear
-from .mixture_common import ExpertOptions, MixtureMixin, new_expert_pair, new_router, require_mixture
+from .mixture_common import ExpertOptions, MixtureMixin, check_tensors, new_expert_pair, new_router, require_mixture
 
 
 class MixtureLinear(MixtureMixin, LoraLinear):
@@ -104,6 +104,23 @@ class MixtureLinear(MixtureMixin, LoraLinear):
         if type(self.base_layer) is not nn.Linear:
             raise AdapterError(f"cannot merge adapter '{name}' into a {type(self.base_layer).__name__} base")
         super().merge(name)
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Plain adapters: PEFT's keys. Mixtures: ``router.weight`` (E, in),
+        ``experts.lora_A.weight`` (E, r, in), ``experts.lora_B.weight`` (E, out, r)."""
+        if name not in self.mixtures:
+            return super().peft_tensors(name)
+        return {"router.weight": self.router[name].detach(), "experts.lora_A.weight": self.moe_lora_A[name].detach(),
+                "experts.lora_B.weight": self.moe_lora_B[name].detach()}
+
+    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+        if name not in self.mixtures:
+            return super().load_peft_tensors(name, tensors, where=where)
+        own = self.peft_tensors(name)
+        check_tensors({k: tuple(v.shape) for k, v in own.items()}, tensors, where)
+        with torch.no_grad():
+            for key, t in own.items():
+                t.copy_(tensors[key])
 
     def running(self) -> list[str]:
         """Plain LoRA adapters that run (what :meth:`LoraLinear.forward` adds)."""

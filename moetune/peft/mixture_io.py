@@ -1,0 +1,116 @@
+"""Adapter folders of mixtures of LoRA experts: moetune's layout and MoE-PEFT's MixLoRA layout.
+
+moetune's layout (docs/mixlora.md): ``adapter_config.json`` with ``peft_type: MOETUNE_MIXTURE``
+and the adapter's full ``lora_config`` (mixture included); ``adapter_model.safetensors`` with
+keys ``base_model.model.<module path>.<suffix>``: a MixLoRA FFN writes ``router.weight`` (E, D)
+and ``{proj}.experts.lora_A.weight`` (E, r, in) / ``.lora_B.weight`` (E, out, r) /
+``.lora_magnitude_vector`` (E, out); a MoLA/LoRAMoE linear ``router.weight`` and
+``experts.lora_{A,B}.weight``; plain LoRA targets (attention) PEFT's keys.
+
+MoE-PEFT's layout (``layout="moe_peft"``, read automatically): ``peft_type: MIXLORA`` with
+``routing_strategy``, ``num_experts``, ``top_k``/``top_p``, optional ``expert_lora``; keys
+``mixlora.layers.{l}.mlp.moe_gate.weight``, ``mixlora.layers.{l}.mlp.{proj}.experts.{i}.lora_{A,B}.weight``
+and ``mixlora.layers.{l}.self_attn.{proj}.lora_{A,B}.weight`` (proj names as in Hugging Face
+LLaMA: gate_proj, up_proj, down_proj - MoE-PEFT's ``LlamaMLP.state_dict``). MoE-PEFT writes
+``adapter_model.bin`` (a pickle): moetune writes and reads ``adapter_model.safetensors`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..config import LoraConfig, from_dict
+from ..errors import AdapterError, ConfigError
+from . import io
+from . import moe_peft_format as moe_peft
+from .base import adapter_layers
+from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter
+
+MOETUNE_TYPE = "MOETUNE_MIXTURE"
+MIXTURE_TYPES = (MOETUNE_TYPE, moe_peft.PEFT_TYPE)
+FORMAT_VERSION = 1
+
+
+def is_mixture_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a mixture adapter (moetune's or MoE-PEFT's)."""
+    cfg = folder / io.CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    return isinstance(raw, dict) and raw.get("peft_type") in MIXTURE_TYPES
+
+
+def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str, *, layout: str) -> Path:
+    """Write adapter ``name`` in moetune's mixture layout (``layout="peft"``) or MoE-PEFT's
+    (``layout="moe_peft"``)."""
+    config = adapter_configs(model).get(name)
+    if config is None:
+        raise AdapterError(f"adapter '{name}' was not added with moetune.add_adapter; its config is unknown")
+    parts = {path: layer.peft_tensors(name) for path, layer in adapter_layers(model) if name in layer.adapter_names}
+    if layout == "moe_peft":
+        tensors, cfg = moe_peft.export(model, config, parts)
+    elif layout == "peft":
+        tensors = {f"{io.PREFIX}{path}.{suffix}": t for path, part in parts.items() for suffix, t in part.items()}
+        cfg = {"peft_type": MOETUNE_TYPE, "format_version": FORMAT_VERSION, "adapter_name": name,
+               "base_model_name_or_path": getattr(model, "source_path", None), "lora_config": config.to_dict()}
+    else:
+        raise AdapterError(f"layout {layout!r} is not one of 'peft' (moetune's mixture layout), 'moe_peft' for a "
+                           f"mixture adapter ('{name}' is {config.mixture.kind})")
+    tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
+    return io._write(Path(out_dir), tensors, cfg)
+
+
+def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterReport:
+    """Add adapter ``name`` from a mixture folder (moetune's or MoE-PEFT's layout)."""
+    cfg_file, weights = folder / io.CONFIG_FILE, folder / io.WEIGHTS_FILE
+    raw = io._read_config(cfg_file)
+    if not weights.is_file():
+        raise AdapterError(_missing_weights(folder))
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise AdapterError(f"{weights}: cannot read safetensors file ({exc})") from None
+    if raw["peft_type"] == moe_peft.PEFT_TYPE:
+        config = moe_peft.config_from_file(raw, str(cfg_file), hidden_act=getattr(getattr(model, "args", None), "hidden_act", None))
+        tensors = moe_peft.import_tensors(tensors, str(weights), config)
+    else:
+        config = _our_config(raw, str(cfg_file))
+    try:
+        report = add_adapter(model, config, name)
+    except AdapterError as err:
+        raise AdapterError(f"{cfg_file}: {err}") from None
+    try:
+        io._fill(model, name, tensors, weights)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return report
+
+
+def _our_config(raw: dict, where: str) -> LoraConfig:
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{where}: format_version {raw.get('format_version')!r} is not supported (this moetune reads {FORMAT_VERSION})")
+    try:
+        return from_dict(LoraConfig, raw.get("lora_config"), where=f"{where}: lora_config")
+    except ConfigError as err:
+        raise AdapterError(str(err)) from None
+
+
+def _missing_weights(folder: Path) -> str:
+    if (folder / "adapter_model.bin").is_file():
+        return (f"'{folder}' holds adapter_model.bin (a pickle, as MoE-PEFT writes); moetune reads safetensors only, "
+                "because unpickling can run arbitrary code. If you trust the file, convert it once: python -c \"import torch; "
+                "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
+                "'adapter_model.safetensors')\" in that folder")
+    return f"'{folder}' has no {io.WEIGHTS_FILE}"
+

@@ -1,0 +1,134 @@
+"""Mixture adapter files: moetune's layout and MoE-PEFT's MixLoRA layout, both ways."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moetune
+from moetune import LoraConfig
+from moetune.config import MixtureConfig
+from moetune.errors import AdapterError
+from moetune.model import build_random_model, model_args_from_hf
+
+DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model():
+    return build_random_model(model_args_from_hf(dict(DENSE), where="test"), seed=0, std=0.1).eval()
+
+
+def _trained(config: LoraConfig, name="mix"):
+    model = _model()
+    moetune.add_adapter(model, config, name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in moetune.trainable_parameters(model, name).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _logits(model, name):
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    return model(ids, adapter_names=[name, name]).logits
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, use_dora=True, target_modules=TARGETS, mixture=MixtureConfig(num_experts=3, routing="top_p")),
+    LoraConfig(r=4, target_modules=TARGETS, mixture=MixtureConfig(kind="mola", num_experts=[2, 3])),
+    LoraConfig(r=4, target_modules=["q_proj", "gate_proj"], mixture=MixtureConfig(kind="loramoe", num_experts=3)),
+], ids=["mixdora", "mola", "loramoe"])
+def test_moetune_layout_round_trip(tmp_path, config):
+    model = _trained(config)
+    folder = moetune.save_adapter(model, tmp_path / "a", name="mix")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "MOETUNE_MIXTURE" and cfg["lora_config"]["mixture"]["kind"] == config.mixture.kind
+    keys = load_file(str(folder / "adapter_model.safetensors"))
+    if config.mixture.kind == "mixlora":
+        assert keys["base_model.model.model.layers.0.mlp.gate_proj.experts.lora_A.weight"].shape == (3, 4, 32)
+        assert keys["base_model.model.model.layers.0.mlp.down_proj.experts.lora_magnitude_vector"].shape == (3, 32)
+        assert "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector" in keys  # DoRA attention
+    fresh = _model()
+    moetune.load_adapter(fresh, folder, name="back")
+    torch.testing.assert_close(_logits(fresh, "back"), _logits(model, "mix"), atol=1e-6, rtol=1e-6)
+
+
+def _moe_peft_config(**routing):
+    return LoraConfig(r=4, alpha=8, target_modules=TARGETS,
+                      mixture=MixtureConfig(num_experts=3, expert_r=2, expert_alpha=4, router_aux_loss_coef=0.02, **routing))
+
+
+@pytest.mark.parametrize("routing", [dict(routing="top_k", top_k=2), dict(routing="top_p", top_p=0.7, top_p_renormalize=False)])
+def test_moe_peft_layout_round_trip(tmp_path, routing):
+    model = _trained(_moe_peft_config(**routing))
+    folder = moetune.save_adapter(model, tmp_path / "mp", name="mix", layout="moe_peft")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "MIXLORA" and cfg["num_experts"] == 3
+    assert cfg["routing_strategy"] == ("mixlora" if routing["routing"] == "top_k" else "mixlora-dynamic")
+    assert cfg["target_modules"] == TARGETS and cfg["expert_lora"] == {"r": 2, "lora_alpha": 4}
+    keys = load_file(str(folder / "adapter_model.safetensors"))
+    assert keys["mixlora.layers.1.mlp.moe_gate.weight"].shape == (3, 32)
+    assert keys["mixlora.layers.0.mlp.gate_proj.experts.2.lora_A.weight"].shape == (2, 32)
+    assert keys["mixlora.layers.0.mlp.down_proj.experts.0.lora_B.weight"].shape == (32, 2)
+    assert keys["mixlora.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert len(keys) == 2 * (1 + 3 * 3 * 2 + 2 * 2)
+    fresh = _model()
+    moetune.load_adapter(fresh, folder, name="back")
+    torch.testing.assert_close(_logits(fresh, "back"), _logits(model, "mix"), atol=1e-6, rtol=1e-6)
+
+
+def test_hand_written_moe_peft_file_loads(tmp_path):
+    """A folder written from the documented layout alone (not by our exporter)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        tensors[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(2, 32, generator=g)
+        for proj, (d_in, d_out) in {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}.items():
+            for i in range(2):
+                tensors[f"mixlora.layers.{layer}.mlp.{proj}.experts.{i}.lora_A.weight"] = torch.randn(4, d_in, generator=g)
+                tensors[f"mixlora.layers.{layer}.mlp.{proj}.experts.{i}.lora_B.weight"] = torch.randn(d_out, 4, generator=g)
+        for proj, d_out in (("q_proj", 32), ("k_proj", 16)):  # 2 kv heads of 8
+            tensors[f"mixlora.layers.{layer}.self_attn.{proj}.lora_A.weight"] = torch.randn(4, 32, generator=g)
+            tensors[f"mixlora.layers.{layer}.self_attn.{proj}.lora_B.weight"] = torch.randn(d_out, 4, generator=g) * 0.1
+    folder = tmp_path / "hand"
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "bias": "none", "peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj", "up_proj"],
+        "routing_strategy": "mixlora", "num_experts": 2, "top_k": 1}))
+    model = _model()
+    moetune.load_adapter(model, folder, name="mp")
+    ffn = model.model.layers[1].mlp
+    torch.testing.assert_close(ffn.router["mp"], tensors["mixlora.layers.1.mlp.moe_gate.weight"])
+    torch.testing.assert_close(ffn.lora_B_down["mp"][1], tensors["mixlora.layers.1.mlp.down_proj.experts.1.lora_B.weight"])
+    assert model.model.layers[0].self_attn.k_proj.lora_A["mp"].shape == (4, 32)
+    assert ffn.mixtures["mp"].mixture.top_k == 1 and ffn.options["mp"].scaling == 2.0
+
+
+def test_moe_peft_errors_name_the_problem(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    base = {"peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["gate_proj"],
+            "routing_strategy": "mixlora", "num_experts": 2}
+    (folder / "adapter_model.bin").write_bytes(b"pickle")
+    (folder / "adapter_config.json").write_text(json.dumps(base))
+    with pytest.raises(AdapterError, match="weights_only=True"):
+        moetune.load_adapter(_model(), folder)
+    save_file({"mixlora.layers.0.mlp.moe_gate.weight": torch.zeros(2, 32)}, str(folder / "adapter_model.safetensors"))
+    for change, needle in [({"routing_strategy": "mixlora-switch"}, "mixlora-switch"), ({"use_dora": True}, "DoRA"),
+                           ({"optimizer": "adamw"}, "optimizer")]:
+        (folder / "adapter_config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(AdapterError, match=needle):
+            moetune.load_adapter(_model(), folder)
+    (folder / "adapter_config.json").write_text(json.dumps(base))
+    with pytest.raises(AdapterError, match="no tensors|missing"):
+        moetune.load_adapter(_model(), folder)
+    model = _trained(LoraConfig(r=4, target_modules=TARGETS, mixture=MixtureConfig(num_experts=2, routing="switch")))
+    with pytest.raises(AdapterError, match="no MoE-PEFT equivalent"):
+        moetune.save_adapter(model, tmp_path / "x", name="mix", layout="moe_peft")
