@@ -156,7 +156,9 @@ def load_model(
     if quantize not in (None, "nf4"):
         raise CheckpointError(f"quantize={quantize!r} is not supported (allowed: None, 'nf4')")
     folder = Path(path)
-    args = model_args_from_hf(read_hf_config(folder), where=str(folder / "config.json"))
+    cfg = read_hf_config(folder)
+    _refuse_prequantized(cfg, folder / "config.json")
+    args = model_args_from_hf(cfg, where=str(folder / "config.json"))
     files = weight_files(folder)
     with torch.device("meta"):
         model = build_causal_lm(args)
@@ -171,6 +173,20 @@ def load_model(
     filler.check_complete(model)
     model.source_path = str(folder)
     return model.eval()
+
+
+def _refuse_prequantized(cfg: dict, where: Path) -> None:
+    """Checkpoints stored quantized (DeepSeek-V3's FP8 release, GPTQ, AWQ ...) hold scales next to
+    their weights; reading the raw values as if they were the weights would be silently wrong."""
+    quant = cfg.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    hint = (" Convert it to bf16 first (for DeepSeek-V3/R1: DeepSeek's inference/fp8_cast_bf16.py)."
+            if method == "fp8" else " Use the unquantized (bf16/fp16/fp32) checkpoint.")
+    raise CheckpointError(f"{where}: the weights are stored quantized (quantization_config.quant_method "
+                          f"'{method}'), which moetune does not load; for 4-bit training load a bf16 checkpoint "
+                          f"with quantize='nf4'.{hint}")
 
 
 def _after_materialise(model: CausalLM) -> None:

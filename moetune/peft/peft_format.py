@@ -28,6 +28,16 @@ _MUST_BE_OFF = ("fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replica
                 "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "velora_config",
                 "monteclora_config", "kasa_config", "use_bdlora", "exclude_modules", "megatron_config")
 _EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+# Module names PEFT (0.21, with transformers >= 5) rewrites when it loads a config for these model
+# types: a target_modules entry ending in one of them is taken for a transformers-v4 expert
+# projection and retargeted to the fused 3D expert parameters (peft.utils.transformers_weight_conversion,
+# per transformers' conversion pattern of the model type). A dense MLP's or shared expert's
+# ``gate_proj`` would silently lose its adapter, so such linears are written as the equivalent
+# ``target_parameters`` entry ``<name>.weight`` instead (PEFT wraps the 2D weight; same keys, same output).
+PEFT_RETARGETED_NAMES: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"), frozenset({"gate_proj", "up_proj", "down_proj", "gate"})),
+    "mixtral": frozenset({"w1", "w2", "w3", "gate"}),
+}
 
 
 def _number(x: float) -> int | float:
@@ -77,7 +87,9 @@ def config_to_peft(config: LoraConfig, *, name: str, layout: str, r: int, alpha:
         "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": config.dropout,
+        # PEFT's target_parameters wrapper refuses dropout; it changes nothing at inference, and our
+        # own section below keeps the trained value for moetune.
+        "lora_dropout": 0.0 if targets.get("target_parameters") else config.dropout,
         "target_modules": targets.get("target_modules") or None,
         "target_parameters": targets.get("target_parameters") or None,
         "use_rslora": config.use_rslora,
@@ -133,6 +145,9 @@ def _targets(raw: dict[str, Any], where: str) -> dict[str, Any]:
     names = list(modules or [])
     for entry in params:
         prefix, _, param = entry.rpartition(".")
+        if param == "weight" and prefix:  # a linear's 2D weight, the same LoRA as targeting the module
+            names.append(prefix)
+            continue
         if param not in _EXPERT_PARAMS:
             raise AdapterError(f"{where}: target_parameters entry {entry!r} is not supported "
                                f"(moetune adapts expert parameters {', '.join(_EXPERT_PARAMS)})")
@@ -149,8 +164,10 @@ def config_from_peft(raw: Any, where: str) -> tuple[LoraConfig, Callable[[str, L
         raise AdapterError(f"{where}: expected a JSON object")
     _check_supported(raw, where)
     options = {k: v for k, v in _targets(raw, where).items() if v is not None}
+    ours = (raw.get("moetune") or {}).get("lora_config") if isinstance(raw.get("moetune"), dict) else None
+    dropout = (ours or {}).get("dropout", raw.get("lora_dropout", 0.0))  # ours: the trained value
     try:
-        config = LoraConfig(r=raw.get("r", 8), alpha=float(raw.get("lora_alpha", 8)), dropout=float(raw.get("lora_dropout", 0.0)),
+        config = LoraConfig(r=raw.get("r", 8), alpha=float(raw.get("lora_alpha", 8)), dropout=float(dropout),
                             use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
                             init=_init(raw.get("init_lora_weights", True), where), **options)
     except ConfigError as err:

@@ -1,0 +1,92 @@
+"""Tiny random models shaped like real MoE families, for CPU examples and tests.
+
+Each tiny model keeps the structure of its family (for DeepSeek-V3: MLA with a compressed query,
+a dense first layer, sigmoid routing with a correction bias over several expert groups, a shared
+expert, YaRN) at a size a laptop trains in seconds. Weights are random: they show the workflow and
+the LoRA targets, not a skill. The vocabulary is the byte tokenizer's, so the built-in demo data
+trains on it with ``data.tokenizer: byte``.
+
+Write one (model + the demo's ``upper:`` task as JSONL) from the shell::
+
+    python -m moetune.tiny_models deepseek_v3 tiny-deepseek-v3
+
+which creates ``tiny-deepseek-v3/base-model`` (a Hugging Face folder that transformers loads too)
+and ``tiny-deepseek-v3/data/upper_{train,eval}.jsonl``; ``examples/deepseek_v3_lora.yaml`` trains
+on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .demo import make_rows, write_jsonl
+from .model import build_random_model
+from .model.config import ModelArgs
+from .model.families import model_args_from_hf
+
+BYTE_VOCAB = 272  # the byte tokenizer's 262 ids, rounded up to a multiple of 16
+
+# family -> config.json of the tiny model (transformers 5 key names)
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    # DeepSeek-V3 as released, scaled down: 3 layers (first dense), 16 experts in 4 groups (keep 2),
+    # top-4, one shared expert, q_lora_rank set, YaRN. ~0.3M parameters.
+    "deepseek_v3": {
+        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_interleave": True,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+                            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+    # DeepSeek-V2-Lite scaled down: direct q_proj (no q_lora_rank), greedy softmax routing, 2 shared experts.
+    "deepseek_v2": {
+        "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "topk_method": "greedy", "n_shared_experts": 2,
+        "routed_scaling_factor": 1.0, "max_position_embeddings": 512, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+}
+COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False}
+
+
+def tiny_model_args(family: str, vocab_size: int = BYTE_VOCAB) -> ModelArgs:
+    """The :class:`ModelArgs` of a tiny model of ``family`` (a key of :data:`TINY_CONFIGS`)."""
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"no tiny model for family '{family}' (available: {', '.join(TINY_CONFIGS)})")
+    return model_args_from_hf({**TINY_CONFIGS[family], **COMMON, "vocab_size": vocab_size})
+
+
+def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, train_rows: int = 512, eval_rows: int = 32) -> Path:
+    """Write a tiny random ``family`` model to ``out_dir/base-model`` and the demo's ``upper:``
+    task to ``out_dir/data/upper_train.jsonl`` / ``upper_eval.jsonl``.
+
+    Returns:
+        The model folder.
+    """
+    out = Path(out_dir)
+    model = build_random_model(tiny_model_args(family), seed=seed, std=0.05)
+    model.save_pretrained(out / "base-model")
+    write_jsonl(make_rows("upper", train_rows, seed + 1), out / "data" / "upper_train.jsonl")
+    write_jsonl(make_rows("upper", eval_rows, seed + 2), out / "data" / "upper_eval.jsonl")
+    return out / "base-model"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moetune.tiny_models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("family", choices=sorted(TINY_CONFIGS))
+    parser.add_argument("out", help="output folder (base-model/ and data/ are written inside)")
+    parser.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(argv)
+    folder = make_tiny(ns.family, ns.out, seed=ns.seed)
+    print(f"wrote {folder} and {Path(ns.out) / 'data'}")
+
+
+if __name__ == "__main__":
+    main()
