@@ -10,7 +10,10 @@ Targets are Hugging Face module names matched as suffixes of the full module pat
   routed experts (``experts`` adapts all three);
 - ``all-linear`` (alone, or as an entry next to other names) adapts every linear except the LM
   head and the routers (``gate``, ``router``, ``shared_expert_gate``); name those to add them;
-- ``target_regex`` instead matches full module paths with ``re.fullmatch``.
+- ``target_regex`` instead matches full module paths with ``re.fullmatch``;
+- a Megatron-style alias (``linear_proj``, ``linear_fc1``, ``linear_kv_up_proj`` ...) stands for
+  the Hugging Face names of :data:`~moetune.peft.aliases.TARGET_ALIASES`, unless the model has a
+  module of that name.
 
 ``layers_to_transform`` keeps decoder layers by index (``...layers.{i}...``); modules outside the
 decoder layers (the LM head) are not affected by it. The wrapper class of a module is looked up in
@@ -34,13 +37,14 @@ from ..config import LoraConfig
 from ..errors import AdapterError, did_you_mean
 from . import lora  # noqa: F401  (registers LoraLinear for nn.Linear)
 from .adalora import svd_wrapper_for
+from .aliases import TARGET_ALIASES, alias_targets
 from .base import WRAPPERS, AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
 from .mixture_plan import place
 
 if importlib.util.find_spec(f"{__package__}.experts") is not None:  # routed-expert LoRA, when present
     importlib.import_module(f"{__package__}.experts")
 
-__all__ = ["AdapterReport", "add_adapter", "adapter_names", "delete_adapter", "disable_adapters",
+__all__ = ["AdapterReport", "add_adapter", "adapter_names", "alias_map", "delete_adapter", "disable_adapters",
            "set_adapter", "targetable_names", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,29 @@ def _match_entry(entry: str, modules: dict[str, nn.Module]) -> tuple[list[tuple[
     return hits, refused
 
 
+def _match_alias(entry: str, modules: dict[str, nn.Module]) -> tuple[list[tuple[str, Parts]], list[str]]:
+    """What the Hugging Face names behind alias ``entry`` select together (absent names skipped)."""
+    hits: list[tuple[str, Parts]] = []
+    refused: list[str] = []
+    for name in alias_targets(entry):
+        more, no = _match_entry(name, modules)
+        hits += more
+        refused += no
+    return hits, refused
+
+
+def alias_map(model: nn.Module) -> dict[str, list[str]]:
+    """Alias -> the Hugging Face target names it selects in ``model``, for the aliases that select
+    something here (and are not the name of one of its own modules). Works on a meta-device model."""
+    names = targetable_names(model)
+    out = {}
+    for alias, targets in TARGET_ALIASES.items():
+        present = [t for t in targets if t in names]
+        if present and alias not in names:
+            out[alias] = present
+    return out
+
+
 def _merge_parts(old: Parts, new: Parts) -> Parts:
     return None if old is None or new is None else old | new
 
@@ -149,6 +176,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
                        if re.fullmatch(entry, p) and not wrapper_for(m)]
         else:
             hits, refused = _match_entry(entry, modules)
+            if not hits and alias_targets(entry):
+                hits, refused = _match_alias(entry, modules)
         kept = [(p, parts) for p, parts in hits if layers is None or layer_index(p) in (None, *layers)]
         if not kept:
             raise AdapterError(_no_match(model, entry, bool(config.target_regex), hits, refused, layers))
@@ -159,6 +188,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
 
 def _no_match(model, entry, is_regex, hits, refused, layers) -> str:
     what = f"target_regex {entry!r}" if is_regex else f"target_modules entry '{entry}'"
+    if not is_regex and alias_targets(entry):
+        what += f" (alias of {', '.join(alias_targets(entry))})"
     if hits:
         reason = f" inside layers_to_transform {layers}"
     elif refused:

@@ -33,7 +33,8 @@ from ..model.saving import _replace_dir
 from .base import AdapterLayer, adapter_layers
 from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
 from .lora import LoraLinear
-from .peft_format import PREFIX, compact_targets, config_from_peft, config_to_peft, normalise_key, rank_alpha
+from .peft_format import (PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_from_peft, config_to_peft, normalise_key,
+                          rank_alpha)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -97,13 +98,30 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
         for suffix, t in part.items():
             tensors[f"{PREFIX}{path}.{suffix}"] = t.detach().to("cpu", torch.float32).contiguous()
     all_paths = [p for p, _ in logical_modules(model) if p]
-    target_modules = compact_targets(linear_paths, all_paths) + list(dict.fromkeys(expert_projs))
+    target_modules = compact_targets(linear_paths, all_paths)
     r, alpha, rank_pattern, alpha_pattern = rank_alpha(config, patterns)
+    if layout == "peft":
+        target_modules, params = _avoid_peft_retargeting(model, target_modules, params, set(linear_paths),
+                                                         rank_pattern, alpha_pattern)
+    target_modules += list(dict.fromkeys(expert_projs))
     cfg = config_to_peft(config, name=name, layout=layout, r=r, alpha=alpha,
                          targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                          base_model=getattr(model, "source_path", None))
     return _write(Path(out_dir), tensors, cfg)
+
+
+def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[str], linear_paths: set[str],
+                            *patterns: dict) -> tuple[list[str], list[str]]:
+    """Write linears whose names PEFT would retarget to the routed experts (see
+    :data:`~.peft_format.PEFT_RETARGETED_NAMES`) as ``<suffix>.weight`` target_parameters; their
+    rank/alpha pattern keys (full module paths) get the same ``.weight``, as PEFT looks them up."""
+    names = PEFT_RETARGETED_NAMES.get(getattr(getattr(model, "args", None), "family", None), frozenset())
+    moved = [t for t in modules if t.rsplit(".", 1)[-1] in names]
+    for pattern in patterns:
+        for key in [k for k in pattern if k in linear_paths and k.rsplit(".", 1)[-1] in names]:
+            pattern[f"{key}.weight"] = pattern.pop(key)
+    return [t for t in modules if t not in moved], params + [f"{t}.weight" for t in moved]
 
 
 def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Path:
