@@ -280,6 +280,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 module = _adopt(module, wrapper, path)
             module.add_adapter(name, per_module(path, module_config) if per_module else module_config,
                                parts=set(parts) if parts else None, **_param_configs(module, path, module_config, per_module))
+            module.train(model.training)  # new dropout modules must follow eval/train mode, not default to train
     except BaseException:
         _remove(model, name, created)
         raise
