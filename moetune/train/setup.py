@@ -16,6 +16,8 @@ from ..data import DataSplits, Tokenizer, build_datasets, load_tokenizer
 from ..errors import ConfigError
 from ..model import CausalLM, load_model
 from ..peft.inject import add_adapter
+from ..peft.io import load_adapter
+from .optim import adapter_parameters
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,6 +72,13 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; use the model's own tokenizer")
     for section in config.adapters:
-        add_adapter(model, section.to_lora_config(), name=section.name)
+        if section.path is not None:  # an earlier adapter: its rank, alpha and targets come from its folder
+            load_adapter(model, section.path, name=section.name)
+        else:
+            add_adapter(model, section.to_lora_config(), name=section.name)
+    for section in config.adapters:  # after every add_adapter, which marks all adapter parameters trainable
+        if section.frozen:
+            for p in adapter_parameters(model, section.name).values():
+                p.requires_grad_(False)
     model.set_gradient_checkpointing(config.optim.activation_checkpointing)
     return RunParts(model=model, tokenizer=tokenizer, data=data, device=device, dtype=dtype)

@@ -24,6 +24,7 @@ from ..peft.io import save_adapter
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Parallel, distributed_run
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
+from .objectives import Objectives
 from .optim import adapter_parameters, build_optimizer, build_scheduler
 from .plot import plot_losses
 from .setup import RunParts, prepare_run
@@ -87,6 +88,7 @@ class Trainer:
         self.schedulers = {n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps) for n, opt in self.optimizers.items()}
         self.loader = make_train_loader(parts.data.train, batch_size=o.batch_size, max_length=config.data.max_length, packing=config.data.packing, pad_id=parts.tokenizer.pad_id, seed=config.seed + config.data.seed, rank=self.parallel.rank, world_size=self.parallel.world_size)
         self.step, self.data_state, self.skipped = 0, SamplerState(), 0
+        self.objectives = Objectives(config, self.model)  # AdaLoRA, distillation; no-ops when not configured
 
     # --- state ----------------------------------------------------------------------------
     def state(self) -> TrainState:
@@ -146,9 +148,10 @@ class Trainer:
             batch = _to_device(batch, self.device)
             par.gradient_sync(i == len(batches) - 1)
             with self._autocast():
-                out = self.model(**batch)
+                out = self.model(**batch, **self.objectives.forward_kwargs)
+                extra = self.objectives.loss(self.model, batch, out)
             ce = out.loss if weight is None else out.loss * weight
-            loss = ce
+            loss = ce if extra is None else ce + (extra if weight is None else extra * weight)
             if out.aux_loss is not None and o.aux_loss_coef:
                 aux = par.aux_loss(out, self.model.args.moe.num_experts)
                 loss = loss + o.aux_loss_coef * aux
@@ -165,6 +168,7 @@ class Trainer:
         if finite:
             for opt in self.optimizers.values():
                 opt.step()
+            self.objectives.after_step(self.model, self.step + 1)  # AdaLoRA: needs the gradients, before zero_grad
         else:
             self.skipped += 1
         for opt in self.optimizers.values():
@@ -232,6 +236,7 @@ class Trainer:
         with self.parallel.full_adapters(self.model):  # gathers sharded adapters on every rank
             if self.parallel.is_main:
                 dirs = {n: save_adapter(self.model, d, name=n) for n, d in dirs.items()}
+                self.objectives.finish(self.model, dirs)
         records = metrics.read()
         metrics.close()
         train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
