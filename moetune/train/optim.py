@@ -14,6 +14,8 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Trainable parameters of adapter ``name`` keyed by ``<module path>.<local name>``."""
     out: dict[str, nn.Parameter] = {}
     for path, layer in adapter_layers(model):
+        if name not in layer.adapter_names:  # adapters with different targets: not every layer has it
+            continue
         for local, p in layer.adapter_params(name):
             out[f"{path}.{local}"] = p
     return out
