@@ -72,6 +72,7 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; use the model's own tokenizer")
     for section in config.adapters:
+        torch.manual_seed(config.seed)  # each adapter starts as it would alone (adapters trained together == alone)
         if section.path is not None:  # an earlier adapter: its rank, alpha and targets come from its folder
             load_adapter(model, section.path, name=section.name)
         else:

@@ -21,10 +21,12 @@ from ..data import SamplerState, make_train_loader
 from ..errors import CheckpointError
 from ..peft.base import set_active_adapters
 from ..peft.io import save_adapter
+from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Parallel, distributed_run
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
 from .objectives import Objectives
+from .multi import MultiTrainer
 from .optim import adapter_parameters, build_optimizer, build_scheduler
 from .plot import plot_losses
 from .setup import RunParts, prepare_run
@@ -141,7 +143,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches. Distributed, each rank's loss is
         weighted by its share of the global batch's tokens (see :mod:`.distributed`)."""
         o, par = self.config.optim, self.parallel
-        loss_sum, aux_sum, tokens, stats = 0.0, 0.0, 0, []
+        loss_sum, aux_sum, router_sum, tokens, stats = 0.0, 0.0, 0.0, 0, []
         batches = list(batches)
         weights = par.micro_weights([b for b, _ in batches])
         for i, ((batch, self.data_state), weight) in enumerate(zip(batches, weights)):
@@ -156,10 +158,14 @@ class Trainer:
                 aux = par.aux_loss(out, self.model.args.moe.num_experts)
                 loss = loss + o.aux_loss_coef * aux
                 aux_sum += aux.item() / o.grad_accum
+            router = adapter_router_loss(out.records)  # mixtures of LoRA experts: their own router losses
+            if router is not None:
+                loss = loss + router
+                router_sum += router.item() / o.grad_accum
             (loss / o.grad_accum).backward()
             loss_sum += ce.item() / o.grad_accum
             tokens += int(batch["attention_mask"].sum())
-            stats = out.router_stats
+            stats, records = out.router_stats, out.records
         loss_sum, aux_sum, tokens = par.sum_floats(loss_sum, aux_sum, tokens)
         params = [p for ps in self.params.values() for p in ps.values()]
         par.sync_grads(params)
@@ -176,7 +182,7 @@ class Trainer:
         lr = next(iter(self.schedulers.values())).get_last_lr()[0]
         for s in self.schedulers.values():
             s.step()
-        return {"loss": loss_sum, "aux_loss": aux_sum, "grad_norm": float(norm), "lr": lr, "tokens": int(tokens), "skipped": not finite, **router_metrics(par.router_stats(stats))}
+        return {"loss": loss_sum, "aux_loss": aux_sum, "grad_norm": float(norm), "lr": lr, "tokens": int(tokens), "skipped": not finite, **router_metrics(par.router_stats(stats)), **_mixture_record(self.model, records, router_sum)}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -232,7 +238,7 @@ class Trainer:
         return self._finish(metrics, start, tokens, last, eval_loss)
 
     def _finish(self, metrics: MetricsLog, start: float, tokens: int, last: dict | None, eval_loss: float | None) -> TrainResult:
-        dirs = {n: self.out / ("adapter" if len(self.names) == 1 else f"adapter-{n}") for n in self.names}
+        dirs = {a.name: self.config.adapter_dir(i) for i, a in enumerate(self.config.adapters)}
         with self.parallel.full_adapters(self.model):  # gathers sharded adapters on every rank
             if self.parallel.is_main:
                 dirs = {n: save_adapter(self.model, d, name=n) for n, d in dirs.items()}
@@ -258,6 +264,12 @@ class Trainer:
         )
 
 
+def _mixture_record(model, records: dict, router_loss: float) -> dict:
+    """Router loss and per-router load/entropy of mixture adapters, for metrics.jsonl."""
+    metrics = mixture_metrics(model, records)
+    return {"router_loss": router_loss, "mixture": metrics} if metrics else {}
+
+
 def resolve_resume(config: TrainConfig, resume: str | bool | None) -> Path | None:
     """``True``: the latest checkpoint of this run (error if none); a path: that checkpoint."""
     if not resume:
@@ -279,7 +291,9 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, model=None, 
     Started by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), this process joins the process group
     and trains as one rank of a data-parallel run (see :mod:`.distributed`).
     """
+    config = config.single_adapter_view()  # one adapter: its own data/optim keys are the run's
     with distributed_run(config) as (config, parallel):
         parts = prepare_run(config, model=model, tokenizer=tokenizer)
-        trainer = Trainer(config, parts, parallel=parallel)
+        together = sum(not a.frozen for a in config.adapters) > 1  # each sample through its own adapter
+        trainer = (MultiTrainer if together else Trainer)(config, parts, parallel=parallel)
         return trainer.run(resume=resolve_resume(config, resume))
