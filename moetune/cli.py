@@ -133,7 +133,32 @@ def _add_export(sub) -> None:
     p.set_defaults(handler=_cmd_export)
 
 
-SUBCOMMANDS: list[Callable] = [_add_train, _add_eval, _add_generate, _add_merge, _add_export, _add_inspect, _add_demo]
+def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
+    from .peft.merge_files import merge_adapter_dirs
+
+    result = merge_adapter_dirs(ns.model, ns.adapter, ns.out, weights=ns.weights, method=ns.method,
+                                density=ns.density, rank=ns.rank, seed=ns.seed)
+    print(result.summary())
+
+
+def _add_merge_adapters(sub) -> None:
+    from .peft.merging import METHODS
+
+    p = sub.add_parser("merge-adapters", help="combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
+                       description="Merge LoRA adapters trained on the same base model into one PEFT-format adapter "
+                                   "(PEFT's add_weighted_adapter methods; routed experts merged expert by expert).")
+    p.add_argument("--model", required=True, help="the base model folder the adapters were trained on (only config.json is read)")
+    p.add_argument("--adapter", action="append", required=True, help="adapter folder (repeat, two or more)")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0 each)")
+    p.add_argument("--method", choices=METHODS, default="linear", help="merge method (default: linear)")
+    p.add_argument("--density", type=float, help="fraction kept by ties / dare / magnitude_prune methods")
+    p.add_argument("--rank", type=int, help="output rank of the *svd methods (default: the largest input rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.set_defaults(handler=_cmd_merge_adapters)
+
+
+SUBCOMMANDS: list[Callable] = [_add_train, _add_eval, _add_generate, _add_merge, _add_merge_adapters, _add_export, _add_inspect, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,185 @@
+"""``moetune merge-adapters``: combine adapter folders of one base model into a new PEFT folder.
+
+Each input folder is first loaded onto a weightless (meta-device) skeleton of the base model with
+:func:`~moetune.peft.io.load_adapter`, so an adapter for another model fails exactly as loading it
+would (naming the file and the tensor), and so each module's scaling is the one moetune and PEFT
+apply (``alpha / r``, rsLoRA, rank and alpha patterns). Then:
+
+- the adapters must adapt the same modules with the same shapes (rank aside): otherwise one
+  error names the first tensor that differs;
+- the tensors are merged by :func:`~moetune.peft.merging.merge_adapters` (PEFT's
+  ``add_weighted_adapter`` semantics); an adapter whose modules have different scalings has them
+  folded into its A matrices first (exact for the delta methods);
+- the result is written with scaling 1 (``lora_alpha = r`` per module), checked by loading it onto
+  the skeleton again, and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import AdapterError
+from ..model.build import build_causal_lm
+from ..model.families import model_args_from_hf
+from ..model.loading import read_hf_config
+from ..model.moe import GroupedExperts
+from .base import adapter_layers
+from .experts_layout import peft_prefixes
+from .inject import delete_adapter
+from .io import _adapter_files, _write, load_adapter
+from .lora import LoraLinear
+from .merging import _EXPERTS, METHODS, merge_adapters
+from .peft_format import PREFIX
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    ranks: dict[str, int]  # module key prefix -> merged rank
+
+    def summary(self) -> str:
+        counts = Counter(self.ranks.values())
+        ranks = ", ".join(f"rank {r} x{n}" for r, n in sorted(counts.items()))
+        return f"merged adapter written to {self.out_dir} (method {self.method}; {len(self.ranks)} modules: {ranks})"
+
+
+def skeleton(model_path: str | os.PathLike) -> nn.Module:
+    """The base model's modules on the meta device (shapes, no weights, nothing read but config.json)."""
+    cfg_path = Path(model_path) / "config.json"
+    args = model_args_from_hf(read_hf_config(model_path), where=str(cfg_path))
+    with torch.device("meta"):
+        model = build_causal_lm(args)
+    model.source_path = str(model_path)
+    return model
+
+
+def module_scalings(model: nn.Module, name: str) -> dict[str, float]:
+    """File key prefix (``base_model.model.<path>.[base_layer.]``) -> scaling of adapter ``name``."""
+    out = {}
+    for path, layer in adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        if isinstance(layer, LoraLinear) and name in layer.lora_A:
+            out[f"{PREFIX}{path}."] = layer.scaling[name]
+        elif hasattr(layer, "param_configs") and name in layer.param_configs:
+            for param, prefix in peft_prefixes(layer._targeted([name])).items():
+                out[f"{PREFIX}{path}.{prefix}"] = layer.scaling(name, param)
+        else:
+            raise AdapterError(f"{path}: a {type(layer).__name__} adapter cannot be merged (plain LoRA pairs only)")
+    return out
+
+
+def _check_same_targets(states: list[dict[str, torch.Tensor]], names: list[str]) -> None:
+    """Same keys and, rank aside, same shapes in every adapter; else name the first difference."""
+    ref, ref_name = states[0], names[0]
+    for state, name in zip(states[1:], names[1:]):
+        for key in sorted(set(ref) | set(state)):
+            if key not in state or key not in ref:
+                has, lacks = (ref_name, name) if key not in state else (name, ref_name)
+                raise AdapterError(f"tensor '{key}' is in adapter {has} but not in {lacks}: the adapters adapt different "
+                                   "modules (merge adapters trained with the same targets on the same base)")
+            a, b = ref[key].shape, state[key].shape
+            fixed = 1 if key.endswith("lora_A.weight") else 0  # A (r, in): `in` must match; B (out, r): `out`
+            if len(a) != len(b) or a[fixed] != b[fixed]:
+                raise AdapterError(f"tensor '{key}' has shape {tuple(b)} in adapter {name} but {tuple(a)} in {ref_name}: "
+                                   "the adapters were trained on different base models")
+
+
+def _fold_scalings(state: dict[str, torch.Tensor], scalings: dict[str, float]) -> tuple[dict[str, torch.Tensor], float]:
+    """(state, s) for merge_adapters: s itself when every module shares it, else A's times s_module and 1."""
+    values = set(scalings.values())
+    if len(values) == 1:
+        return state, values.pop()
+    out = dict(state)
+    for prefix, s in scalings.items():
+        out[f"{prefix}lora_A.weight"] = state[f"{prefix}lora_A.weight"] * s
+    return out, 1.0
+
+
+def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.PathLike], out_dir: str | os.PathLike, *,
+                       weights: list[float] | None = None, method: str = "linear", density: float | None = None,
+                       rank: int | None = None, seed: int = 0) -> MergeResult:
+    """Merge PEFT adapter folders trained on ``model_path`` into one folder at ``out_dir``.
+
+    Args:
+        adapters: two or more adapter folders (PEFT layout, ours or PEFT's own).
+        weights: one per adapter (default 1.0 each: the task vectors add up).
+        method, density, rank, seed: as :func:`~moetune.peft.merging.merge_adapters`.
+
+    Raises:
+        AdapterError: an unreadable folder, an adapter for another model, adapters with different
+            targets (naming the first tensor that differs), or bad merge options.
+    """
+    if len(adapters) < 2:
+        raise AdapterError(f"merge-adapters needs at least two adapters, got {len(adapters)}")
+    if method not in METHODS:
+        raise AdapterError(f"method {method!r} is not a merge method (allowed: {', '.join(METHODS)})")
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise AdapterError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    model = skeleton(model_path)
+    states, scalings, raw = [], [], []
+    for i, folder in enumerate(adapters):
+        cfg_file, weights_file = _adapter_files(Path(folder))
+        load_adapter(model, folder, name=f"merge{i}")  # validates against the base, naming the tensor
+        state, s = _fold_scalings(load_file(str(weights_file)), module_scalings(model, f"merge{i}"))
+        delete_adapter(model, f"merge{i}")
+        states.append(state)
+        scalings.append(s)
+        raw.append(json.loads(cfg_file.read_text()))
+    _check_same_targets(states, [str(a) for a in adapters])
+    counts = {m.num_experts for m in model.modules() if isinstance(m, GroupedExperts)}
+    if len(counts) > 1:
+        raise AdapterError(f"merging needs one routed-expert count across layers, this model has {sorted(counts)}")
+    num_experts = counts.pop() if counts else None
+    merged = merge_adapters(states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings,
+                            num_experts=num_experts)
+    cfg, ranks = _merged_config(raw[0], merged, num_experts or 1, method=method, weights=weights,
+                                density=density, rank=rank, sources=[str(a) for a in adapters])
+    out = _write(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg)
+    try:  # the result must load onto the base like any adapter
+        load_adapter(model, out, name="merged")
+    except AdapterError:
+        raise AdapterError(f"internal error: the merged adapter written to {out} does not load") from None
+    return MergeResult(out_dir=out, method=method, ranks=ranks)
+
+
+def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: int, **info) -> tuple[dict, dict[str, int]]:
+    """The first adapter's config with the merged ranks, scaling 1 per module (alpha = r)."""
+    ranks: dict[str, int] = {}
+    for key, a in merged.items():
+        if key.endswith("lora_A.weight"):
+            prefix = key.removesuffix("lora_A.weight")
+            ranks[prefix] = a.shape[0] // num_experts if _EXPERTS.search(prefix) else a.shape[0]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {_pattern_key(p, first): k for p, k in ranks.items() if k != r}
+    cfg = {k: v for k, v in first.items() if k != "moetune"}
+    cfg.update({"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
+                "use_dora": False, "init_lora_weights": True, "inference_mode": True, "moetune": {"merged": info}})
+    return cfg, ranks
+
+
+def _pattern_key(prefix: str, cfg: dict) -> str:
+    """Rank-pattern key of a module (PEFT matches it against module or parameter names)."""
+    path = prefix.removeprefix(PREFIX).rstrip(".")
+    if _EXPERTS.search(prefix):  # experts: the pattern names the 3D parameter
+        base = path.split(".base_layer")[0]
+        entries = [p.rpartition(".") for p in cfg.get("target_parameters") or []]
+        params = [param for pre, _, param in entries if base == pre or base.endswith("." + pre)]
+        ordered = [p for p in ("gate_up_proj", "down_proj") if p in params]
+        depth = path.count(".base_layer")
+        return f"{base}.{ordered[len(ordered) - 1 - depth]}" if ordered else base
+    moved = [p for p in cfg.get("target_parameters") or [] if p == f"{path}.weight" or f"{path}.weight".endswith("." + p)]
+    return f"{path}.weight" if moved else path
+
+
+__all__ = ["MergeResult", "merge_adapter_dirs", "module_scalings", "skeleton"]
