@@ -807,7 +807,14 @@ class TrainConfig(ConfigSection):
         for i in range(len(self.adapters)):  # overrides must give valid sections (errors name the adapter)
             self.adapter_data(i), self.adapter_optim(i)
         self._validate_adalora()
-        _require(any(not a.frozen for a in self.adapters), "adapters", "at least one adapter that is not frozen", names)
+        trained = [a.name for a in self.adapters if not a.frozen]
+        _require(len(trained) > 0, "adapters", "at least one adapter that is not frozen", names)
+        # AdaLoRA's allocation and distillation run in the single-adapter trainer (frozen adapters beside it)
+        special = [f"adapters[{i}].adalora" for i, a in enumerate(self.adapters) if a.adalora is not None and not a.frozen]
+        special += ["optim.distill"] if self.optim.distill is not None else []
+        if special and len(trained) > 1:
+            raise ConfigFieldError(f"{{key}}: {', '.join(special)} train one adapter at a time (other adapters may be frozen), "
+                                   f"but this run trains {len(trained)}: {', '.join(trained)}", ("adapters",))
         distill = self.optim.distill
         if distill is not None and distill.kind == "adapter":
             frozen = [a.name for a in self.adapters if a.frozen]
