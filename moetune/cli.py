@@ -29,6 +29,12 @@ def _add_inspect(sub) -> None:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> None:
+    if ns.mixlora:
+        from .demo_mixlora import run_comparison
+
+        base_steps, steps = (600, 80) if ns.quick else (1200, 200)
+        run_comparison(ns.out, base_steps=base_steps, steps=steps)
+        return
     from .demo import run_demo
 
     run_demo(out_dir=ns.out, quick=ns.quick)
@@ -38,6 +44,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny MoE and a LoRA adapter on built-in data (CPU, ~3 min)", description="Build a tiny MoE model, give it a base skill on built-in data, LoRA-fine-tune it on a task it cannot do, and print base vs adapted accuracy.")
     p.add_argument("--out", default="moetune-demo", help="output folder (default: ./moetune-demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
+    p.add_argument("--mixlora", action="store_true", help="instead: MixLoRA next to a same-size LoRA on a tiny dense base, trained together")
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -71,15 +78,23 @@ def _model_args(p, *, adapter_required: bool = False) -> None:
 
 
 def _cmd_eval(ns: argparse.Namespace) -> None:
-    from .workflows import evaluate_file
+    from .errors import ConfigError
+    from .workflows import evaluate_file, evaluate_task_files
 
-    print(evaluate_file(ns.model, ns.data, adapter=ns.adapter, tokenizer=ns.tokenizer, max_length=ns.max_length, batch_size=ns.batch_size).summary())
+    if not ns.data and not ns.task:
+        raise ConfigError("give --data FILE (loss/perplexity) and/or --task FILE (multiple-choice accuracy)")
+    if ns.data:
+        print(evaluate_file(ns.model, ns.data, adapter=ns.adapter, tokenizer=ns.tokenizer, max_length=ns.max_length, batch_size=ns.batch_size).summary())
+    for result in evaluate_task_files(ns.model, ns.task or [], adapter=ns.adapter, tokenizer=ns.tokenizer, max_length=ns.max_length, batch_size=ns.batch_size, chat=ns.chat):
+        print(result.summary())
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss / perplexity of base or base+adapter on a JSONL file", description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows).")
+    p = sub.add_parser("eval", help="loss / perplexity, or multiple-choice accuracy, of base or base+adapter", description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows), and/or multiple-choice accuracy by log-likelihood on task files (rows: question, choices, answer). Router statistics (expert load, entropy) are printed for MoE layers and adapter mixtures.")
     _model_args(p)
-    p.add_argument("--data", required=True, help="JSONL file")
+    p.add_argument("--data", help="JSONL file for loss / perplexity")
+    p.add_argument("--task", action="append", metavar="FILE.jsonl", help="multiple-choice task file (repeat for several); reports accuracy_norm (headline) and accuracy")
+    p.add_argument("--chat", action="store_true", help="--task: ask each question as a chat user turn (chat-tuned adapters)")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(handler=_cmd_eval)

@@ -12,6 +12,7 @@ import torch
 from .config import DataSection
 from .data import build_datasets, eval_batches, load_tokenizer
 from .errors import ConfigError
+from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.generate import SamplingConfig, generate
 from .peft.io import load_adapter, merge_adapter, save_adapter
@@ -37,9 +38,11 @@ class EvalResult:
     perplexity: float
     tokens: int
     examples: int
+    router: str = ""  # router statistics (base MoE layers, adapter mixtures)
 
     def summary(self) -> str:
-        return f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  ({self.tokens:,} scored tokens, {self.examples} examples)"
+        line = f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  ({self.tokens:,} scored tokens, {self.examples} examples)"
+        return line + ("\n" + self.router if self.router else "")
 
 
 @torch.no_grad()
@@ -49,14 +52,24 @@ def evaluate_file(model_path, data_file, *, adapter=None, tokenizer=None, max_le
     section = DataSection(train=str(data_file), max_length=max_length, train_on_prompt=train_on_prompt, tokenizer="byte")
     examples = build_datasets(section, tok).train
     model = load_with_adapter(model_path, adapter)
-    total, count = 0.0, 0
+    total, count, tally = 0.0, 0, RouterTally()
     for batch in eval_batches(examples, batch_size=batch_size, pad_id=tok.pad_id):
         n = int((batch["labels"][:, 1:] != -100).sum())
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], position_ids=batch.get("position_ids"))
         total += out.loss.item() * n
         count += n
+        tally.add(model, out, float(n))
     loss = total / max(count, 1)
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50)), tokens=count, examples=len(examples))
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50)), tokens=count, examples=len(examples), router=tally.summary())
+
+
+@torch.no_grad()
+def evaluate_task_files(model_path, files: list[str], *, adapter=None, tokenizer=None, max_length: int = 1024,
+                        batch_size: int = 8, chat: bool = False) -> list[TaskResult]:
+    """Multiple-choice accuracy per task file (see :mod:`moetune.evaluation`)."""
+    tok = default_tokenizer(model_path, tokenizer)
+    model = load_with_adapter(model_path, adapter)
+    return evaluate_tasks(model, tok, list(files), batch_size=batch_size, max_length=max_length, chat=chat)
 
 
 def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=None, chat: bool = True, sampling: SamplingConfig | None = None) -> list[str]:

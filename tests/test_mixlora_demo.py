@@ -1,0 +1,63 @@
+"""Acceptance on the demo task: MixLoRA and a same-size LoRA, trained together, both learn it;
+``moetune eval --task`` scores them by log-likelihood and prints router statistics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moetune.demo import make_rows
+from moetune.demo_mixlora import run_comparison
+from moetune.errors import DataError
+from moetune.evaluation import read_task
+from moetune.workflows import evaluate_task_files
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixlora-demo")
+    return out, run_comparison(out, base_steps=600, steps=80, held_out=50, verbose=False)
+
+
+def test_mixlora_and_lora_both_learn_the_task(demo):
+    _, r = demo
+    assert r["base_accuracy"] <= 0.1
+    assert abs(r["mixlora_params"] - r["lora_params"]) / r["lora_params"] < 0.05  # about the same size
+    assert r["lora_accuracy"] >= 0.8 and r["mixlora_accuracy"] >= 0.8, r
+
+
+def _task(path, n=30):
+    rows = []
+    for i, r in enumerate(make_rows("upper", n, 11)):
+        word = r["instruction"][len("upper: "):]
+        choices = [word.upper(), word, word.capitalize()]
+        rows.append({"question": r["instruction"], "choices": choices if i % 2 else {"text": choices, "label": ["A", "B", "C"]},
+                     "answer": 0 if i % 2 else "A"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_task_scores_choices_by_log_likelihood(demo):
+    out, _ = demo
+    task = _task(out / "upper_mc.jsonl")
+    base = evaluate_task_files(out / "base-model", [task], chat=True)[0]
+    mix = evaluate_task_files(out / "base-model", [task], adapter=out / "run" / "adapter-mixlora", chat=True)[0]
+    assert base.accuracy_norm < 0.5 and mix.accuracy_norm >= 0.9 and mix.questions == 30
+    assert "model.layers.0.mlp" in mix.router and "entropy" in mix.router
+    proc = subprocess.run([sys.executable, "-m", "moetune", "eval", "--model", str(out / "base-model"), "--adapter",
+                           str(out / "run" / "adapter-lora"), "--task", str(task), "--chat"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "upper_mc.jsonl: accuracy_norm" in proc.stdout and "(headline" in proc.stdout
+
+
+def test_task_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"], "answer": 0}\n')
+    with pytest.raises(DataError, match="bad.jsonl line 2: 'choices'"):
+        read_task(bad)
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": "D"}\n')
+    with pytest.raises(DataError, match="line 1: answer 'D'"):
+        read_task(bad)
