@@ -112,6 +112,12 @@ def test_allocation_and_orth_loss_match_peft_step_by_step(tmp_path):
     budget = 2 * 6  # target_r x (3 targets x 2 layers)
     print(f"AdaLoRA kept rank per step: {kept} (budget {budget}, start {4 * 6})")
     assert kept[0] == 24 and kept[total - 3 - 1:] == [budget] * 4
+    pm.save_pretrained(tmp_path / "peft_adalora")  # PEFT's own AdaLoRA folder loads as its plain-LoRA equivalent
+    fresh = moetune.load_model(tmp_path / "base")
+    moetune.load_adapter(fresh, tmp_path / "peft_adalora")
+    pm.eval()
+    with torch.no_grad():
+        assert (fresh(_ids()).logits - pm(_ids()).logits).abs().max() < 1e-4
 
 
 def test_budget_over_linears_and_experts(tmp_path):
@@ -172,9 +178,12 @@ def test_peft_adalora_layout_loads_in_peft(tmp_path):
     assert cfg["rank_pattern"]["model.layers.0.self_attn.q_proj.lora_E"] == rank_pattern(model, "default")["model.layers.0.self_attn.q_proj"]
     loaded = peft.PeftModel.from_pretrained(hf, out)
     ids = _ids()
+    again = moetune.load_model(tmp_path / "base")
+    moetune.load_adapter(again, out)  # and moetune reads it back
     with torch.no_grad():
-        diff = (loaded(ids).logits - model(ids).logits).abs().max().item()
-    assert diff < 1e-4
+        want = model(ids).logits
+        assert (loaded(ids).logits - want).abs().max() < 1e-4
+        assert (again(ids).logits - want).abs().max() < 1e-5
 
 
 def test_stacks_on_a_plain_lora_and_rejects_bad_options(tmp_path):

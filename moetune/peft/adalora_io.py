@@ -13,6 +13,9 @@ rebuilds an AdaLoRA model:
 
 PEFT's AdaLoRA has no routed-expert layer, so an adapter with expert triplets cannot be written
 in this layout (use :func:`moetune.save_adapter`, which handles experts).
+
+Reading: :func:`adalora_as_lora` turns such a folder (ours or PEFT's) into its equivalent plain
+LoRA, which is how :func:`moetune.load_adapter` loads ``peft_type: ADALORA`` folders.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .adalora import SVDExpertsMixin, svd_layers
+from .adalora import EPS_RANKNUM, SVDExpertsMixin, svd_layers
 from .inject import adapter_configs, logical_modules
 from .io import _write
 from .peft_format import PREFIX, compact_targets
@@ -94,3 +97,35 @@ def save_adalora(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
     """
     tensors, pattern = adalora_tensors(model, name)
     return _write(Path(out_dir), tensors, adalora_config(model, name, pattern))
+
+
+def adalora_as_lora(raw: dict, tensors: dict[str, torch.Tensor], *, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PEFT AdaLoRA folder's config and tensors as the equivalent plain LoRA (what
+    :func:`moetune.load_adapter` then reads): per module ``A' = c (Lambda * P)``, ``B' = Q`` at the
+    module's kept rank k (rank 0: one zero pair), alpha ``alpha * k / init_r``, so that the
+    scaling ``alpha / init_r`` times ``c = init_r / (init_r + 1e-5)`` is PEFT's ``alpha / (ranknum + 1e-5)``."""
+    init_r, alpha = raw.get("init_r"), raw.get("lora_alpha", 8)
+    if not isinstance(init_r, int) or init_r < 1:
+        raise AdapterError(f"{where}: an ADALORA config needs init_r >= 1, got {init_r!r}")
+    c = init_r / (init_r + EPS_RANKNUM)
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A"):
+            continue
+        prefix = key.removesuffix("lora_A")
+        e, b = tensors.get(prefix + "lora_E"), tensors.get(prefix + "lora_B")
+        if e is None or b is None or e.shape != (a.shape[0], 1) or b.shape[1] != a.shape[0]:
+            raise AdapterError(f"{where}: '{prefix}lora_E' / 'lora_B' missing or not matching '{key}' {tuple(a.shape)}")
+        a2 = (c * e.float() * a.float()) if a.shape[0] else a.new_zeros(1, a.shape[1])
+        b2 = b.float() if a.shape[0] else b.new_zeros(b.shape[0], 1)
+        out[prefix + "lora_A.weight"], out[prefix + "lora_B.weight"] = a2, b2
+        ranks[prefix.removeprefix(PREFIX).rstrip(".")] = a2.shape[0]
+    extra = sorted(k for k in tensors if not k.endswith((".lora_A", ".lora_B", ".lora_E")))
+    if extra:
+        raise AdapterError(f"{where}: tensor '{extra[0]}' is not part of an AdaLoRA triplet")
+    skip = {"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}
+    cfg = {k: v for k, v in raw.items() if k not in skip}
+    cfg.update({"peft_type": "LORA", "r": init_r, "lora_alpha": alpha, "rank_pattern": ranks,
+                "alpha_pattern": {p: alpha * k / init_r for p, k in ranks.items()}, "use_rslora": False, "use_dora": False})
+    return cfg, out

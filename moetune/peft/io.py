@@ -179,11 +179,16 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
     if is_mixture_folder(folder):  # moetune's mixture layout or MoE-PEFT's MixLoRA
         return load_mixture_adapter(model, folder, name)
     cfg_file, weights = _adapter_files(folder)
-    config, per_module = config_from_peft(_read_config(cfg_file), str(cfg_file))
+    raw = _read_config(cfg_file)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise AdapterError(f"{weights}: cannot read safetensors file ({exc})") from None
+    if isinstance(raw, dict) and raw.get("peft_type") == "ADALORA":  # PEFT's AdaLoRA: its equivalent plain LoRA
+        from .adalora_io import adalora_as_lora
+
+        raw, tensors = adalora_as_lora(raw, tensors, where=str(cfg_file))
+    config, per_module = config_from_peft(raw, str(cfg_file))
     try:
         report = add_adapter(model, config, name, per_module=per_module)
     except AdapterError as err:
