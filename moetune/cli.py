@@ -33,7 +33,8 @@ def _cmd_demo(ns: argparse.Namespace) -> None:
         from .demo_mixlora import run_comparison
 
         base_steps, steps = (600, 80) if ns.quick else (1200, 200)
-        run_comparison(ns.out, base_steps=base_steps, steps=steps)
+        out = "moetune-mixlora-demo" if ns.out == "moetune-demo" else ns.out  # not over the MoE demo's base
+        run_comparison(out, base_steps=base_steps, steps=steps)
         return
     from .demo import run_demo
 

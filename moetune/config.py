@@ -910,6 +910,16 @@ def _normalise_adapters(raw: dict[str, Any], where: str) -> bool:
     return True
 
 
+def _section(tp: Any) -> Any:
+    """``X | None`` -> ``X`` for an optional section (``mixture``, an adapter's ``optim``), so
+    overrides can reach into it."""
+    if get_origin(tp) in (Union, types.UnionType):
+        arms = [a for a in get_args(tp) if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]):
+            return arms[0]
+    return tp
+
+
 def _override_key(text: str, raw: dict[str, Any], single: bool) -> Key:
     """Check the key of override ``text`` against the TrainConfig schema; return its path in ``raw``."""
     parts: list[str] = text.partition("=")[0].strip().split(".")
@@ -928,7 +938,7 @@ def _override_key(text: str, raw: dict[str, Any], single: bool) -> Key:
             hint = did_you_mean(part, names) or f" (allowed: {', '.join(sorted(names))})"
             raise ConfigError(f"unknown key '{dotted((*path, part))}' in override '{text}'{hint}")
         path.append(part)
-        tp = _hints(cls)[part]
+        tp = _section(_hints(cls)[part])
         cls = tp if dataclasses.is_dataclass(tp) else None
         if get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]):
             index = parts[depth + 1] if depth + 1 < len(parts) else ""
