@@ -663,6 +663,10 @@ class OptimSection(ConfigSection):
         max_grad_norm: gradient clipping threshold; None turns clipping off.
         aux_loss_coef: weight of the router load-balancing loss added to the LM loss.
         distill: add a distillation term towards a teacher (see :class:`DistillSection`).
+        router_bias_update_speed: DeepSeek-V3 aux-loss-free balancing: after each optimizer step
+            every router's ``e_score_correction_bias`` moves by this step toward equal expert
+            load (0 = off; DeepSeek-V3 used 1e-3). The biases are base-model state: they are
+            kept in checkpoints and written to ``router_biases.safetensors`` in the run folder.
     """
 
     lr: float = 2e-4
@@ -678,6 +682,7 @@ class OptimSection(ConfigSection):
     max_grad_norm: float | None = 1.0
     aux_loss_coef: float = 0.0
     activation_checkpointing: bool = False
+    router_bias_update_speed: float = 0.0
     distill: DistillSection | None = None
 
     def validate(self) -> None:
@@ -692,6 +697,7 @@ class OptimSection(ConfigSection):
                  self.warmup_steps)
         _require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _require(self.grad_accum >= 1, "grad_accum", "an integer >= 1", self.grad_accum)
+        _require(self.router_bias_update_speed >= 0, "router_bias_update_speed", "a number >= 0", self.router_bias_update_speed)
         norm = self.max_grad_norm
         _require(norm is None or norm > 0, "max_grad_norm", "a number > 0 or null", norm)
         _require(self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0", self.aux_loss_coef)

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import TrainConfig
 from ..data import SamplerState, make_train_loader
 from ..errors import CheckpointError
+from ..model.deepseek import update_correction_biases
+from ..model.moe import RouterStats
 from ..peft.base import set_active_adapters
 from ..peft.io import save_adapter
 from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
@@ -62,6 +65,13 @@ class TrainResult:
         return "\n".join(lines)
 
 
+def _add_counts(acc: list[RouterStats], stats: list[RouterStats]) -> list[RouterStats]:
+    """Per-layer routed-token counts summed over a step's micro-batches."""
+    if not acc:
+        return [RouterStats(counts=s.counts.detach(), prob_sum=s.prob_sum.detach(), tokens=torch.as_tensor(s.tokens).detach()) for s in stats]
+    return [RouterStats(counts=a.counts + s.counts.detach(), prob_sum=a.prob_sum + s.prob_sum.detach(), tokens=a.tokens + torch.as_tensor(s.tokens).detach()) for a, s in zip(acc, stats)]
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -103,7 +113,8 @@ class Trainer:
             schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
             data=self.data_state.to_dict(),
             rng=par.rng_state(),
-            extra={"skipped": self.skipped, "world_size": par.world_size, "global_batch": self.config.optim.batch_size * par.world_size},
+            extra={"skipped": self.skipped, "world_size": par.world_size, "global_batch": self.config.optim.batch_size * par.world_size,
+                   "router_biases": {n: b.float().cpu().tolist() for n, b in self.router_biases().items()} if self.config.optim.router_bias_update_speed else {}},
         )
 
     def restore(self, path: Path) -> None:
@@ -122,6 +133,10 @@ class Trainer:
         self.parallel.set_rng_state(state.rng, seed=self.config.seed, step=state.step)
         self.step, self.data_state = state.step, SamplerState.from_dict(state.data)
         self.skipped = state.extra.get("skipped", 0)
+        biases = self.router_biases()
+        with torch.no_grad():
+            for name, values in state.extra.get("router_biases", {}).items():
+                biases[name].copy_(torch.tensor(values, dtype=torch.float32))
         saved, now = state.extra.get("global_batch"), self.config.optim.batch_size * self.parallel.world_size
         if saved is not None and saved != now:
             log.warning("checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); the data position carries over, the loss sequence will not match", path, saved, now)
@@ -143,7 +158,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches. Distributed, each rank's loss is
         weighted by its share of the global batch's tokens (see :mod:`.distributed`)."""
         o, par = self.config.optim, self.parallel
-        loss_sum, aux_sum, router_sum, tokens, stats = 0.0, 0.0, 0.0, 0, []
+        loss_sum, aux_sum, router_sum, tokens, stats, step_counts = 0.0, 0.0, 0.0, 0, [], []
         batches = list(batches)
         weights = par.micro_weights([b for b, _ in batches])
         for i, ((batch, self.data_state), weight) in enumerate(zip(batches, weights)):
@@ -166,6 +181,7 @@ class Trainer:
             loss_sum += ce.item() / o.grad_accum
             tokens += int(batch["attention_mask"].sum())
             stats, records = out.router_stats, out.records
+            step_counts = _add_counts(step_counts, stats)
         loss_sum, aux_sum, tokens = par.sum_floats(loss_sum, aux_sum, tokens)
         params = [p for ps in self.params.values() for p in ps.values()]
         par.sync_grads(params)
@@ -175,6 +191,7 @@ class Trainer:
             for opt in self.optimizers.values():
                 opt.step()
             self.objectives.after_step(self.model, self.step + 1)  # AdaLoRA: needs the gradients, before zero_grad
+            self._balance_routers(step_counts)
         else:
             self.skipped += 1
         for opt in self.optimizers.values():
@@ -183,6 +200,16 @@ class Trainer:
         for s in self.schedulers.values():
             s.step()
         return {"loss": loss_sum, "aux_loss": aux_sum, "grad_norm": float(norm), "lr": lr, "tokens": int(tokens), "skipped": not finite, **router_metrics(par.router_stats(stats)), **_mixture_record(self.model, records, router_sum)}
+
+    @torch.no_grad()
+    def _balance_routers(self, counts: list[RouterStats]) -> None:
+        """DeepSeek-V3 aux-loss-free balancing on the step's routed-token counts (all ranks)."""
+        speed = self.config.optim.router_bias_update_speed
+        if speed and counts:
+            update_correction_biases(self.model, self.parallel.router_stats(counts), speed)
+
+    def router_biases(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if n.endswith("e_score_correction_bias")}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -243,6 +270,8 @@ class Trainer:
             if self.parallel.is_main:
                 dirs = {n: save_adapter(self.model, d, name=n) for n, d in dirs.items()}
                 self.objectives.finish(self.model, dirs)
+                if self.config.optim.router_bias_update_speed:
+                    save_file({n: b.float().cpu().contiguous() for n, b in self.router_biases().items()}, str(self.out / "router_biases.safetensors"))
         records = metrics.read()
         metrics.close()
         train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
