@@ -219,3 +219,45 @@ def test_stacked_mixtures_without_per_sample_names_are_refused():
     with pytest.raises(AdapterError, match="pass adapter_names"):
         model(torch.randint(0, 64, (1, 4)))
     model(torch.randint(0, 64, (2, 4)), adapter_names=["a", "b"])  # one adapter per sample is fine
+
+
+def test_mixture_config_errors_name_field_value_and_allowed(tmp_path):
+    from moetune.config import AdapterSection, from_dict, load_train_config
+    from moetune.errors import ConfigError
+
+    def error(**kw):
+        with pytest.raises(ConfigError) as info:
+            from_dict(AdapterSection, kw)
+        return str(info.value)
+
+    assert "mixture.top_k must be in [1, num_experts = 4], got 5" in error(method="mixlora", mixture={"num_experts": 4, "top_k": 5})
+    assert "mixture.routing: expected one of 'top_k', 'top_p', 'switch', 'dense' or null, got 'topk'" in \
+        error(method="mixlora", mixture={"routing": "topk"})
+    assert "unknown key 'mixture.num_expert'" in error(method="mixlora", mixture={"num_expert": 4})
+    assert "mixture.routing must be top_k, top_p or dense for kind mola" in error(method="mola", mixture={"routing": "switch"})
+    assert "mixture needs method mixlora" in error(method="lora", mixture={})
+    assert "use_dora: true contradicts method: mixlora (write method: mixdora" in error(method="mixlora", use_dora=True)
+    assert from_dict(AdapterSection, {"method": "mixdora"}).use_dora
+    run = tmp_path / "run.yaml"
+    run.write_text("model: {path: m}\nadapters:\n  - {name: a, method: mixlora, target_modules: [gate_proj]}\n"
+                   "  - {name: b, optim: {max_steps: 3}}\ndata: {train: t.jsonl}\noptim: {max_steps: 5, batch_size: 2}\n"
+                   "checkpoint: {output_dir: out}\n")
+    cfg = load_train_config(run, ["adapters.0.mixture.top_k=1", "adapters.1.optim.lr=0.1"])
+    assert cfg.adapters[0].mixture.top_k == 1 and cfg.adapter_optim(1).lr == 0.1 and cfg.adapter_optim(1).max_steps == 3
+    with pytest.raises(ConfigError, match=r"adapters\[1\].optim.warmup_steps must be in \[0, max_steps\]"):
+        load_train_config(run, ["optim.warmup_steps=4"])
+
+
+@pytest.mark.parametrize("routing", ["top_k", "top_p", "switch", "dense"])
+def test_adapter_whose_samples_are_all_padding(routing):
+    model = _model(DENSE).train()
+    kind = "mola" if routing == "dense" else "mixlora"
+    moetune.add_adapter(model, _config(routing, kind=kind, expert_capacity=2 if routing == "switch" else None), "a")
+    moetune.add_adapter(model, _config("top_k"), "b")
+    ids = torch.randint(0, 64, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0] = 0
+    mask[2, 3:] = 0
+    out = model(ids, attention_mask=mask, labels=ids, adapter_names=["a", None, "b"])
+    out.loss.backward()
+    assert {r.adapter for r in out.records.values()} == {"b"}

@@ -170,6 +170,8 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
         gate0, up0 = base_call(self.gate_proj, h), base_call(self.up_proj, h)  # (N, F), shared by all experts
         out = None if covered is None else self._uncovered(x, h, gate0, up0, covered, plain=not children)
         for name, idx in rows.items():
+            if idx is not None and idx.numel() == 0:  # its samples are all padding here
+                continue
             if idx is None:
                 y = self._mixture(name, h, gate0, up0, None, N)
             else:

@@ -141,6 +141,8 @@ class MixtureLinear(MixtureMixin, LoraLinear):
         out = out.reshape(-1, shape[-1])
         for name in mixtures:
             rows = self.token_rows(name, h.shape[0], h.device)
+            if rows is not None and rows.numel() == 0:  # its samples are all padding here
+                continue
             delta = self._delta(name, h if rows is None else h[rows], rows, h.shape[0])
             out = out + delta if rows is None else out.index_add(0, rows, delta)
         return out.view(shape)

@@ -95,7 +95,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: MixtureConfig, *, training
     h = x.float()
     if training and cfg.jitter_noise > 0:  # noise on the router input only; the experts see x
         h = h * torch.empty_like(h).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
-    logits = F.linear(h, weight.float())  # (N, E) fp32
+    with torch.autocast(h.device.type, enabled=False):  # the router stays fp32 under mixed precision
+        logits = F.linear(h, weight.float())  # (N, E)
     probs = torch.softmax(logits, dim=-1)
     E = probs.shape[-1]
     if cfg.routing == "top_k":
