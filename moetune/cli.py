@@ -145,7 +145,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="re-save an adapter in PEFT or per-expert (vLLM) layout", description="Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).")
     _model_args(p, adapter_required=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layout", choices=["peft", "per_expert"], default="peft")
+    p.add_argument("--layout", choices=["peft", "per_expert", "moe_peft"], default="peft", help="moe_peft: MoE-PEFT's MixLoRA layout (MixLoRA adapters)")
     p.set_defaults(handler=_cmd_export)
 
 
