@@ -189,13 +189,19 @@ def test_peft_adalora_layout_loads_in_peft(tmp_path):
 def test_stacks_on_a_plain_lora_and_rejects_bad_options(tmp_path):
     save_hf_model("qwen3_moe", tmp_path / "base")
     model = moetune.load_model(tmp_path / "base")
-    moetune.add_adapter(model, moetune.LoraConfig(r=2, target_modules=["q_proj"]), name="old")
-    moetune.add_adapter(model, moetune.LoraConfig(r=4, target_modules=["q_proj"], adalora=_ada()), name="new")
-    layer = model.model.layers[0].self_attn.q_proj
-    assert layer.adapter_names == ["old", "new"] and layer.is_svd("new") and not layer.is_svd("old")
-    moetune.add_adapter(model, moetune.LoraConfig(r=2, target_modules=["experts"], adalora=_ada(target_r=1)), name="e")
+    moetune.add_adapter(model, moetune.LoraConfig(r=2, target_modules=["q_proj", "experts"]), name="old")
+    _randomise(model)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    moetune.add_adapter(model, moetune.LoraConfig(r=4, target_modules=["q_proj", "experts"], adalora=_ada()), name="new")
+    for layer in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.experts):  # adopted in place
+        assert layer.adapter_names == ["old", "new"] and layer.is_svd("new") and not layer.is_svd("old")
+    moetune.set_adapter(model, ["old", "new"])
+    with torch.no_grad():  # Lambda starts at 0: the new adapter adds nothing yet
+        assert torch.equal(model(ids).logits, before)
     with pytest.raises(AdapterError, match="routed-expert"):
-        save_adalora(model, tmp_path / "e", name="e")
+        save_adalora(model, tmp_path / "e", name="new")
     with pytest.raises(ConfigError, match="use_dora"):
         moetune.LoraConfig(r=4, use_dora=True, adalora=_ada())
     with pytest.raises(ConfigError, match="target_r"):

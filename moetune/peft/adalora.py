@@ -117,7 +117,7 @@ class SVDLinearMixin:
                 yield f"lora_E.{n}", self.lora_E[n]
 
     def svd_triplets(self, name: str) -> dict[str, tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
-        """``{"": (P (r, in), Lambda (r, 1), Q (out, r))}``: one matrix, under the mask key ``name``."""
+        """``{name: (P (r, in), Lambda (r, 1), Q (out, r))}``: one matrix, under the mask key ``name``."""
         return {name: (self.lora_A[name], self.lora_E[name], self.lora_B[name])}
 
     def _adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ class SVDExpertsMixin:
         self.rank_mask = _Buffers()  # "{name}:{pair}" -> bool (E, r)
         self.svd_names: set[str] = set()
 
-    adopt = SVDLinearMixin.adopt
+    adopt = classmethod(SVDLinearMixin.adopt.__func__)  # the function, bound to this class
 
     def lora_e(self, pair: str) -> nn.ParameterDict:
         return getattr(self, f"lora_E_{pair}")
