@@ -73,7 +73,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def pretrain_base(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, seed: int) -> float:
-    """Full-parameter training of the tiny base (the only non-LoRA training moetune does)."""
+    """Full-parameter training of a tiny base, MoE or dense (the only non-LoRA training moetune does)."""
     examples = [tokenize_row(InstructionRow(**r), tok, max_length=64) for r in rows]
     loader = make_train_loader(examples, batch_size=32, max_length=64, packing=False, pad_id=tok.pad_id, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -82,7 +82,8 @@ def pretrain_base(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, se
     loss = float("nan")
     for step, (batch, _) in zip(range(steps), loader.iter_from()):
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        (out.loss + 0.01 * out.aux_loss).backward()
+        loss_t = out.loss if out.aux_loss is None else out.loss + 0.01 * out.aux_loss  # dense bases have no router
+        loss_t.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         loss = out.loss.item()

@@ -21,9 +21,7 @@ import torch
 
 from .config import TrainConfig, from_dict
 from .data import ByteTokenizer
-from .data import make_train_loader, tokenize_row
-from .data.formats import InstructionRow
-from .demo import accuracy, make_rows, write_jsonl
+from .demo import accuracy, make_rows, pretrain_base, write_jsonl
 from .model import build_random_model, load_model
 from .model.config import ModelArgs
 from .peft.inject import trainable_parameters
@@ -43,23 +41,6 @@ def tiny_dense_args(vocab_size: int) -> ModelArgs:
         "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 24, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "hidden_act": "silu"})
-
-
-def pretrain_dense(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, seed: int) -> float:
-    """Full-parameter training of the tiny dense base on copy/lower (as the MoE demo's base)."""
-    examples = [tokenize_row(InstructionRow(**r), tok, max_length=64) for r in rows]
-    loader = make_train_loader(examples, batch_size=32, max_length=64, packing=False, pad_id=tok.pad_id, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    loss = float("nan")
-    for _, (batch, _) in zip(range(steps), loader.iter_from()):
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
-    return loss
 
 
 def comparison_config(out: Path, data: Path, steps: int, batch_size: int = 32) -> TrainConfig:
@@ -87,7 +68,7 @@ def run_comparison(out_dir: str | Path = "moetune-mixlora-demo", *, base_steps: 
     torch.manual_seed(seed)
     out, tok = Path(out_dir), ByteTokenizer()
     model = build_random_model(tiny_dense_args(272), seed=seed)
-    base_loss = pretrain_dense(model, tok, make_rows("base", 4000, seed), steps=base_steps, seed=seed)
+    base_loss = pretrain_base(model, tok, make_rows("base", 4000, seed), steps=base_steps, seed=seed)
     model.save_pretrained(out / "base-model")
     rows = make_rows("upper", held_out, seed + 2)
     result = {"base_loss": base_loss, "base_accuracy": accuracy(model, tok, rows)}
