@@ -42,8 +42,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Sequence
 
@@ -53,52 +51,14 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import eval_batches
-from ..errors import ConfigError
 from ..model.moe import RouterStats, load_balancing_loss
 from ..peft.base import adapter_layers
 from .checkpoint import rng_state, set_rng_state
+from .launch import ENV_KEYS, LaunchEnv, _resolve, is_main_process, launch_env  # noqa: F401  (importable from here too)
+from .sharding import _full, _is_dtensor, _local_like, shard_model
 
 log = logging.getLogger(__name__)
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 BUCKET_BYTES = 64 * 2**20  # gradient all-reduce bucket (replicate)
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """This process's place in a ``torchrun`` launch."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
-    """The torchrun variables, or None when this process was not started by a launcher.
-
-    Raises:
-        ConfigError: only some of the variables are set, or they are not consistent integers.
-    """
-    env = os.environ if environ is None else environ
-    present = [k for k in ENV_KEYS if k in env]
-    if not present:
-        return None
-    if len(present) != len(ENV_KEYS):
-        missing = ", ".join(k for k in ENV_KEYS if k not in env)
-        raise ConfigError(f"distributed launch: {', '.join(present)} set but {missing} missing; start with torchrun")
-    try:
-        rank, world, local = (int(env[k]) for k in ENV_KEYS)
-    except ValueError:
-        raise ConfigError(f"distributed launch: RANK/WORLD_SIZE/LOCAL_RANK must be integers, got {[env[k] for k in ENV_KEYS]}") from None
-    if not (0 <= rank < world and 0 <= local < world):
-        raise ConfigError(f"distributed launch: need 0 <= RANK, LOCAL_RANK < WORLD_SIZE; got RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}")
-    return LaunchEnv(rank=rank, world_size=world, local_rank=local)
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the process group (or of the launch), or a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -345,26 +305,6 @@ class DataParallel(Parallel):
         dist.barrier()
 
 
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if _is_dtensor(t) else t
-
-
-def _local_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (a full tensor) laid out like ``param``: this rank's shard of it for a DTensor."""
-    if not _is_dtensor(param):
-        return value.to(param.device)
-    from torch.distributed.tensor import distribute_tensor
-
-    local = value.to(device=param.to_local().device, dtype=param.dtype)
-    return distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
-
-
 def _buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
     bucket, size = [], 0
     for t in tensors:
@@ -375,57 +315,6 @@ def _buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Ten
             bucket, size = [], 0
     if bucket:
         yield bucket
-
-
-def shard_model(model: nn.Module, *, device: torch.device, world_size: int) -> None:
-    """FSDP2: ``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head).
-
-    Parameters keep their dtypes (frozen base in the model dtype, adapters fp32); gradients of the
-    fp32 adapters are reduced in fp32 and summed (divide factor 1), because each rank's loss is
-    already weighted by its share of the global batch's tokens.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ConfigError(f"distributed.strategy: fsdp needs a model with model.layers; {type(model).__name__} has none (use replicate)")
-    mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-
-
-def _resolve(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, str, str]:
-    """Device, backend and strategy of this rank."""
-    spec, section = config.model.device, config.distributed
-    cuda = spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
-    if spec == "mps":
-        raise ConfigError("model.device: mps cannot run distributed training; use cuda or cpu")
-    if cuda:
-        count = torch.cuda.device_count()
-        if env.local_rank >= count:
-            raise ConfigError(f"model.device: {spec} under torchrun needs one GPU per local rank; local rank {env.local_rank} but {count} GPU(s) visible")
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
-    backend = section.backend if section.backend != "auto" else ("nccl" if cuda else "gloo")
-    if backend == "nccl" and not cuda:
-        raise ConfigError("distributed.backend: nccl needs CUDA devices; use gloo on CPU")
-    available = {"nccl": dist.is_nccl_available, "gloo": dist.is_gloo_available}[backend]()
-    if not available:
-        raise ConfigError(f"distributed.backend: {backend} is not available in this PyTorch build")
-    strategy = section.strategy
-    if strategy == "auto":
-        strategy = "fsdp" if cuda and env.world_size > 1 else "replicate"
-    if strategy == "fsdp" and config.model.quantize is not None:
-        raise ConfigError(f"distributed.strategy: fsdp cannot shard a {config.model.quantize}-quantized base; use replicate")
-    return device, backend, strategy
 
 
 @contextlib.contextmanager
