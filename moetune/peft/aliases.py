@@ -27,7 +27,7 @@ that meaning, so ``[linear_proj, linear_fc1, linear_fc2]`` adapts what it adapts
 Name the Hugging Face modules (``mlp.gate_proj``, ``shared_experts``, ``experts.up_proj`` ...) for
 a narrower choice.
 
-Rules (applied by :mod:`.inject`):
+Rules (applied by :mod:`.targets`):
 
 - an alias is a whole ``target_modules`` entry (``self_attention.linear_proj`` is not one);
 - a module that really has the alias's name wins (ChatGLM's ``output_layer`` is its own module);

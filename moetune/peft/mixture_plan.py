@@ -48,7 +48,7 @@ def _is_ffn(module: nn.Module | None) -> bool:
 def place(model: nn.Module, plan: dict[str, frozenset | None], config: LoraConfig,
           wrapper_for: Callable[[nn.Module], type | None], layer_index: Callable[[str], int | None]) -> list[Placement]:
     """The wrapper and config of every module adapter ``config`` adapts (``plan`` from
-    :func:`~moetune.peft.inject.plan_targets`).
+    :func:`~moetune.peft.targets.plan_targets`).
 
     Raises:
         AdapterError: a ``mixlora`` config whose targets include no dense FFN projection, or a

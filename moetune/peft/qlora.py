@@ -7,7 +7,7 @@ freshly dequantized tensor, and a :class:`~moetune.model.quant.QuantGroupedExper
 reads the dequantized weight). What they must not do is write into the base weight, which a
 4-bit base would silently ignore (or re-round): merging and PiSSA init. The subclasses here refuse
 both with a clear error, and are registered for the 4-bit types, which
-:func:`~moetune.peft.inject.wrapper_for` finds before the ``nn.Linear`` / ``GroupedExperts`` entry
+:func:`~moetune.peft.targets.wrapper_for` finds before the ``nn.Linear`` / ``GroupedExperts`` entry
 because it walks the base type's MRO.
 
 Merging a QLoRA adapter is done as QLoRA recommends: load the base without ``quantize`` and merge
