@@ -356,7 +356,9 @@ def test_save_load_roundtrip_native(tmp_path):
     want = _logits(model, ids)
     out = moetune.save_adapter(model, tmp_path / "ad")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] and cfg["r"] == 4 and cfg["moetune"]["lora_config"]["r"] == 4
+    meta = json.loads((out / "moetune_adapter.json").read_text())  # moetune's own metadata, beside PEFT's config
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] and cfg["r"] == 4 and meta["lora_config"]["r"] == 4
+    assert "moetune" not in cfg and meta["adapter_name"] == "default" and meta["layout"] == "peft"
     keys = load_file(str(out / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector" in keys
     assert not any(".layers.0." in k for k in keys)
@@ -439,6 +441,17 @@ def test_missing_tensor_and_pickled_adapter_are_refused(tmp_path):
         moetune.load_adapter(_model(), out)
     with pytest.raises(AdapterError, match="does not exist"):
         moetune.load_adapter(_model(), tmp_path / "nope")
+
+
+@pytest.mark.parametrize("text,found", [("{not json", "not valid JSON"), ("[1, 2]", r"found \[1, 2\]"),
+                                        ('{"lora_config": 4}', "'lora_config' is 4, not an object")])
+def test_malformed_metadata_file_is_one_error_naming_it(tmp_path, text, found):
+    out = _saved(tmp_path)
+    (out / "moetune_adapter.json").write_text(text)
+    model = _model()
+    with pytest.raises(AdapterError, match=rf"moetune_adapter\.json: {found}.*expected a JSON object with moetune's"):
+        moetune.load_adapter(model, out)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
 
 
 def test_unsupported_peft_options_are_refused(tmp_path):

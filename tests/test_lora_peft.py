@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import moetune
-from moetune.peft.inject import trainable_parameters
+from moetune.peft.inject import adapter_configs, trainable_parameters
 from tiny_hf import make_hf_model, save_hf_model
 
 peft = pytest.importorskip("peft")
@@ -195,3 +197,50 @@ def test_per_expert_layout_roundtrip(tmp_path, experts_available):
     back = moetune.load_model(tmp_path / "base")
     moetune.load_adapter(back, out)
     assert (_logits(back, ids) - _logits(ours, ids)).abs().max() <= 1e-5
+
+
+def test_peft_loads_our_folder_without_unknown_key_warnings(tmp_path, experts_available):
+    """adapter_config.json is exactly PEFT's schema (moetune's metadata is in moetune_adapter.json),
+    so PEFT does not warn "Unexpected keyword arguments ... upgrade the PEFT version"."""
+    ours, ids = _experts_model(tmp_path), _ids()  # a linear (q_proj) and the routed experts
+    out = moetune.save_adapter(ours, tmp_path / "ours")
+    assert "moetune" not in json.loads((out / "adapter_config.json").read_text())
+    assert json.loads((out / "moetune_adapter.json").read_text())["lora_config"]["target_modules"] == ["q_proj", "experts"]
+    hf = make_hf_model("qwen3_moe")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(hf, str(out))
+    unknown = [str(w.message) for w in caught if "Unexpected keyword arguments" in str(w.message)]
+    assert not unknown, unknown
+    assert (_logits(ours, ids) - _logits(pm, ids)).abs().max() <= 1e-4
+
+
+def _loaded(base, folder):
+    model = moetune.load_model(base).eval()
+    moetune.load_adapter(model, folder)
+    return model
+
+
+def test_old_folder_with_embedded_metadata_loads_identically(tmp_path, experts_available):
+    """Folders of earlier moetune versions carry the metadata inside adapter_config.json under "moetune"."""
+    save_hf_model("qwen3_moe", tmp_path / "base")
+    ours = moetune.load_model(tmp_path / "base").eval()
+    # what only the metadata holds: one pair shared by all experts, the trained dropout next to experts
+    config = moetune.LoraConfig(r=4, alpha=8, dropout=0.1, expert_rank="shared", target_modules=["q_proj", "experts"],
+                                layers_to_transform=[1])
+    moetune.add_adapter(ours, config)
+    _randomise(ours)
+    new = moetune.save_adapter(ours, tmp_path / "new")
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    cfg["moetune"] = json.loads((old / "moetune_adapter.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps(cfg))
+    (old / "moetune_adapter.json").unlink()
+    from_new, from_old = _loaded(tmp_path / "base", new), _loaded(tmp_path / "base", old)
+    assert adapter_configs(from_old)["default"] == adapter_configs(from_new)["default"] == config
+    ids = _ids()
+    assert torch.equal(_logits(from_old, ids), _logits(from_new, ids))
+    assert (_logits(from_new, ids) - _logits(ours, ids)).abs().max() <= 1e-6
+    (new / "moetune_adapter.json").unlink()  # PEFT's config alone cannot say it: the metadata was used
+    assert adapter_configs(_loaded(tmp_path / "base", new))["default"] != config

@@ -58,7 +58,8 @@ def test_cat_merge_equals_both_adapters_at_once(folders, tmp_path, capsys):
         diff = (merged(_ids()).logits - both(_ids()).logits).abs().max().item()
     assert diff < 1e-5
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and cfg["moetune"]["merged"]["method"] == "cat"
+    meta = json.loads((out / "moetune_adapter.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and "moetune" not in cfg and meta["merged"]["method"] == "cat"
 
 
 @pytest.mark.parametrize("method,extra", [("linear", []), ("ties", ["--density", "0.5"]), ("dare_ties", ["--density", "0.5"]),

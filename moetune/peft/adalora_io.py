@@ -9,7 +9,9 @@ rebuilds an AdaLoRA model:
   (no ``.weight``), each cut to the k kept triplets;
 - ``rank_pattern`` ``{"<module path>.lora_E": [kept?] * init_r}`` in ``adapter_config.json``
   (PEFT resizes each module to ``sum(pattern)`` while loading, keeping ``ranknum = init_r``);
-- the schedule options under PEFT's names (``init_r``, ``target_r``, ``deltaT`` ...).
+- the schedule options under PEFT's names (``init_r``, ``target_r``, ``deltaT`` ...);
+- moetune's metadata (the original config) in ``moetune_adapter.json`` beside it, as
+  :func:`moetune.save_adapter` writes it.
 
 PEFT's AdaLoRA has no routed-expert layer, so an adapter with expert triplets cannot be written
 in this layout (use :func:`moetune.save_adapter`, which handles experts).
@@ -30,7 +32,7 @@ from ..errors import AdapterError
 from .adalora import EPS_RANKNUM, SVDExpertsMixin, svd_layers
 from .inject import adapter_configs, logical_modules
 from .io import _write
-from .peft_format import PREFIX, compact_targets
+from .peft_format import PREFIX, compact_targets, moetune_meta
 
 
 def adalora_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, list[bool]]]:
@@ -85,7 +87,6 @@ def adalora_config(model: nn.Module, name: str, pattern: dict[str, list[bool]]) 
         "use_dora": False,
         "inference_mode": True,
         "modules_to_save": None,
-        "moetune": {"adapter_name": name, "layout": "adalora", "lora_config": config.to_dict()},
     }
 
 
@@ -96,7 +97,9 @@ def save_adalora(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
         AdapterError: ``name`` is not an AdaLoRA adapter, or it adapts routed experts.
     """
     tensors, pattern = adalora_tensors(model, name)
-    return _write(Path(out_dir), tensors, adalora_config(model, name, pattern))
+    cfg = adalora_config(model, name, pattern)  # refuses a name that is not an AdaLoRA adapter
+    meta = moetune_meta(adapter_configs(model)[name], name=name, layout="adalora")
+    return _write(Path(out_dir), tensors, cfg, meta=meta)
 
 
 def adalora_as_lora(raw: dict, tensors: dict[str, torch.Tensor], *, where: str) -> tuple[dict, dict[str, torch.Tensor]]:

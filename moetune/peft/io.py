@@ -1,13 +1,19 @@
 """Adapter folders in PEFT's format (and the per-expert layout vLLM reads); merging into the base.
 
-A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module path>.<suffix>``, the suffixes each adapter layer gives in
+A folder holds ``adapter_config.json`` (exactly PEFT's schema) and ``adapter_model.safetensors``
+with keys ``base_model.model.<module path>.<suffix>``, the suffixes each adapter layer gives in
 ``peft_tensors`` (linears: ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), DoRA
 ``lora_magnitude_vector`` (out,); experts: PEFT's ``target_parameters`` layout). Folders are
 written to a temporary folder and moved into place when complete, so an existing folder is never
 half overwritten. Reading routes every file tensor to the adapted module whose path prefixes its
 key; a tensor that reaches no module, a module that gets no tensor and a shape that does not fit
 are errors naming the tensor. Pickled adapters (``adapter_model.bin``) are refused.
+
+moetune's own metadata (adapter name, layout, the original config) goes beside them in
+``moetune_adapter.json``, not into ``adapter_config.json``, because PEFT warns about every key its
+config class does not know. Folders of earlier moetune versions carry it inside
+``adapter_config.json`` under ``moetune``; it is read from there when no ``moetune_adapter.json``
+exists.
 
 PiSSA adapters are saved as the equivalent plain LoRA of rank 2r against the original base
 weights (see :mod:`.lora`), so the file works on the unmodified base model.
@@ -22,6 +28,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,11 +40,12 @@ from ..model.saving import _replace_dir
 from .base import AdapterLayer, adapter_layers
 from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
 from .lora import LoraLinear
-from .peft_format import (PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_from_peft, config_to_peft, normalise_key,
-                          rank_alpha)
+from .peft_format import (PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_from_peft, config_to_peft, moetune_meta,
+                          normalise_key, rank_alpha, split_meta)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "moetune_adapter.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PER_EXPERT_KEY = re.compile(r"^(\d+)\.(\w+)\.lora_[AB]\.weight$")
 
@@ -108,7 +116,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
                          targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                          base_model=getattr(model, "source_path", None))
-    return _write(Path(out_dir), tensors, cfg)
+    return _write(Path(out_dir), tensors, cfg, meta=moetune_meta(config, name=name, layout=layout))
 
 
 def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[str], linear_paths: set[str],
@@ -124,12 +132,16 @@ def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[s
     return [t for t in modules if t not in moved], params + [f"{t}.weight" for t in moved]
 
 
-def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Path:
+def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, meta: dict | None = None) -> Path:
+    """Write the folder's files (``meta``: moetune's metadata, to :data:`META_FILE`) into a
+    temporary folder, then move it into place, so the three files always belong together."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        if meta is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,6 +173,29 @@ def _read_config(path: Path) -> dict:
         raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def read_adapter_config(cfg_file: Path) -> tuple[Any, dict | None]:
+    """An adapter folder's PEFT config and moetune's metadata: :data:`META_FILE` beside it when
+    present, else what an earlier moetune embedded in the config (taken out of the config)."""
+    raw, legacy = split_meta(_read_config(cfg_file))
+    meta_file = cfg_file.with_name(META_FILE)
+    return raw, _read_meta(meta_file) if meta_file.is_file() else legacy
+
+
+def _read_meta(path: Path) -> dict:
+    expected = ('a JSON object with moetune\'s adapter metadata, e.g. {"adapter_name": ..., "layout": ..., '
+                '"lora_config": {...}} (delete the file to load the folder from adapter_config.json alone)')
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc}); expected {expected}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: found {json.dumps(meta)[:60]}; expected {expected}")
+    bad = next((k for k in ("lora_config", "merged") if k in meta and not isinstance(meta[k], dict)), None)
+    if bad is not None:
+        raise AdapterError(f"{path}: '{bad}' is {meta[bad]!r}, not an object; expected {expected}")
+    return meta
+
+
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "default") -> AdapterReport:
     """Add adapter ``name`` to ``model`` from a PEFT adapter folder (ours or PEFT's own).
 
@@ -179,7 +214,7 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
     if is_mixture_folder(folder):  # moetune's mixture layout or MoE-PEFT's MixLoRA
         return load_mixture_adapter(model, folder, name)
     cfg_file, weights = _adapter_files(folder)
-    raw = _read_config(cfg_file)
+    raw, meta = read_adapter_config(cfg_file)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -188,7 +223,7 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
         from .adalora_io import adalora_as_lora
 
         raw, tensors = adalora_as_lora(raw, tensors, where=str(cfg_file))
-    config, per_module = config_from_peft(raw, str(cfg_file))
+    config, per_module = config_from_peft(raw, str(cfg_file), meta)
     try:
         report = add_adapter(model, config, name, per_module=per_module)
     except AdapterError as err:

@@ -16,7 +16,6 @@ apply (``alpha / r``, rsLoRA, rank and alpha patterns). Then:
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from ..model.moe import GroupedExperts
 from .base import adapter_layers
 from .experts_layout import peft_prefixes
 from .inject import delete_adapter
-from .io import _adapter_files, _write, load_adapter
+from .io import _adapter_files, _write, load_adapter, read_adapter_config
 from .lora import LoraLinear
 from .merging import _EXPERTS, METHODS, merge_adapters
 from .peft_format import PREFIX
@@ -135,7 +134,7 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
         delete_adapter(model, f"merge{i}")
         states.append(state)
         scalings.append(s)
-        raw.append(json.loads(cfg_file.read_text()))
+        raw.append(read_adapter_config(cfg_file)[0])  # PEFT's config; moetune's metadata describes the input only
     _check_same_targets(states, [str(a) for a in adapters])
     counts = {m.num_experts for m in model.modules() if isinstance(m, GroupedExperts)}
     if len(counts) > 1:
@@ -143,9 +142,9 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     num_experts = counts.pop() if counts else None
     merged = merge_adapters(states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings,
                             num_experts=num_experts)
-    cfg, ranks = _merged_config(raw[0], merged, num_experts or 1, method=method, weights=weights,
-                                density=density, rank=rank, sources=[str(a) for a in adapters])
-    out = _write(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg)
+    cfg, ranks = _merged_config(raw[0], merged, num_experts or 1)
+    info = {"method": method, "weights": weights, "density": density, "rank": rank, "sources": [str(a) for a in adapters]}
+    out = _write(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg, meta={"merged": info})
     try:  # the result must load onto the base like any adapter
         load_adapter(model, out, name="merged")
     except AdapterError:
@@ -153,7 +152,7 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     return MergeResult(out_dir=out, method=method, ranks=ranks)
 
 
-def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: int, **info) -> tuple[dict, dict[str, int]]:
+def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: int) -> tuple[dict, dict[str, int]]:
     """The first adapter's config with the merged ranks, scaling 1 per module (alpha = r)."""
     ranks: dict[str, int] = {}
     for key, a in merged.items():
@@ -162,9 +161,9 @@ def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: in
             ranks[prefix] = a.shape[0] // num_experts if _EXPERTS.search(prefix) else a.shape[0]
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {_pattern_key(p, first): k for p, k in ranks.items() if k != r}
-    cfg = {k: v for k, v in first.items() if k != "moetune"}
+    cfg = dict(first)
     cfg.update({"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
-                "use_dora": False, "init_lora_weights": True, "inference_mode": True, "moetune": {"merged": info}})
+                "use_dora": False, "init_lora_weights": True, "inference_mode": True})
     return cfg, ranks
 
 

@@ -1,10 +1,13 @@
 """PEFT's ``adapter_config.json`` <-> :class:`LoraConfig`, and PEFT tensor-key normalisation.
 
-What we write is a PEFT 0.21 ``LoraConfig`` (plus a ``moetune`` section PEFT ignores, with a
-warning about unknown keys): ``target_modules`` as the shortest module-name suffixes that select
-exactly the adapted linears (``q_proj`` when every layer's is adapted, ``layers.0.self_attn.q_proj``
-when not), ``target_parameters`` as the expert wrapper gives them, and ``rank_pattern`` /
-``alpha_pattern`` only for modules whose rank or alpha differ from the adapter-wide values.
+What we write is exactly a PEFT 0.21 ``LoraConfig``: ``target_modules`` as the shortest
+module-name suffixes that select exactly the adapted linears (``q_proj`` when every layer's is
+adapted, ``layers.0.self_attn.q_proj`` when not), ``target_parameters`` as the expert wrapper gives
+them, and ``rank_pattern`` / ``alpha_pattern`` only for modules whose rank or alpha differ from the
+adapter-wide values. moetune's own metadata (:func:`moetune_meta`: adapter name, layout, the
+original :class:`LoraConfig`) goes to a sidecar file the caller writes beside it, because PEFT warns
+about any key its config class does not know. Earlier moetune versions embedded it in the config
+under ``moetune`` (:data:`LEGACY_META_KEY`); :func:`split_meta` still takes it from there.
 
 What we read: PEFT LoRA configs whose options we implement exactly. Options that would change the
 model in ways we do not reproduce (LoRA bias, modules_to_save, fan_in_fan_out, other variants,
@@ -22,6 +25,7 @@ from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError
 
 PREFIX = "base_model.model."
+LEGACY_META_KEY = "moetune"  # where moetune's metadata sat inside adapter_config.json before the sidecar
 _LORA_TOKENS = ("lora_A", "lora_B", "lora_magnitude_vector")
 # PEFT options that must be off (falsy) for us to reproduce the adapter exactly.
 _MUST_BE_OFF = ("fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "use_qalora",
@@ -87,8 +91,8 @@ def config_to_peft(config: LoraConfig, *, name: str, layout: str, r: int, alpha:
         "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": _number(alpha),
-        # PEFT's target_parameters wrapper refuses dropout; it changes nothing at inference, and our
-        # own section below keeps the trained value for moetune.
+        # PEFT's target_parameters wrapper refuses dropout; it changes nothing at inference, and
+        # moetune's metadata (moetune_meta) keeps the trained value.
         "lora_dropout": 0.0 if targets.get("target_parameters") else config.dropout,
         "target_modules": targets.get("target_modules") or None,
         "target_parameters": targets.get("target_parameters") or None,
@@ -102,9 +106,24 @@ def config_to_peft(config: LoraConfig, *, name: str, layout: str, r: int, alpha:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "modules_to_save": None,
-        "moetune": {"adapter_name": name, "layout": layout, "pissa_converted": config.init == "pissa",
-                    "lora_config": config.to_dict()},
     }
+
+
+def moetune_meta(config: LoraConfig, *, name: str, layout: str) -> dict[str, Any]:
+    """moetune's metadata for adapter ``name``: what PEFT's config cannot say (the exact targets,
+    expert rank, trained dropout, that PiSSA was converted)."""
+    return {"adapter_name": name, "layout": layout, "pissa_converted": config.init == "pissa",
+            "lora_config": config.to_dict()}
+
+
+def split_meta(raw: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``raw`` without the metadata earlier moetune versions embedded under ``moetune``, and that
+    metadata (None when absent or not an object, as those versions ignored it then)."""
+    if not isinstance(raw, dict) or LEGACY_META_KEY not in raw:
+        return raw, None
+    rest = {k: v for k, v in raw.items() if k != LEGACY_META_KEY}
+    meta = raw[LEGACY_META_KEY]
+    return rest, meta if isinstance(meta, dict) else None
 
 
 def _check_supported(raw: dict[str, Any], where: str) -> None:
@@ -131,12 +150,10 @@ def _init(value: Any, where: str) -> str:
                        "reproduce; save the adapter with PEFT's path_initial_model_for_weight_conversion first")
 
 
-def _targets(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    ext = raw.get("moetune")
-    if isinstance(ext, dict) and isinstance(ext.get("lora_config"), dict):  # ours: the exact original targets
-        orig = ext["lora_config"]
-        return {k: orig.get(k) for k in ("target_modules", "target_regex", "layers_to_transform", "expert_rank")
-                if orig.get(k) is not None}
+def _targets(raw: dict[str, Any], ours: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    if ours is not None:  # our metadata's LoraConfig: the exact original targets
+        return {k: ours.get(k) for k in ("target_modules", "target_regex", "layers_to_transform", "expert_rank")
+                if ours.get(k) is not None}
     modules, params = raw.get("target_modules"), raw.get("target_parameters") or []
     if isinstance(modules, str) and not params:
         return {"target_regex": modules, "layers_to_transform": raw.get("layers_to_transform")}
@@ -157,14 +174,22 @@ def _targets(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return {"target_modules": list(dict.fromkeys(names)), "layers_to_transform": raw.get("layers_to_transform")}
 
 
-def config_from_peft(raw: Any, where: str) -> tuple[LoraConfig, Callable[[str, LoraConfig], LoraConfig] | None]:
+def config_from_peft(raw: Any, where: str, meta: dict[str, Any] | None = None
+                     ) -> tuple[LoraConfig, Callable[[str, LoraConfig], LoraConfig] | None]:
     """A :class:`LoraConfig` for a PEFT (or moetune) ``adapter_config.json`` mapping, and a
-    per-module override that applies its ``rank_pattern`` / ``alpha_pattern`` (None if empty)."""
+    per-module override that applies its ``rank_pattern`` / ``alpha_pattern`` (None if empty).
+
+    Args:
+        meta: moetune's metadata for the folder (:func:`moetune_meta`); when None, the metadata
+            an earlier moetune embedded in ``raw`` is used, if any.
+    """
+    raw, legacy = split_meta(raw)
     if not isinstance(raw, dict):
         raise AdapterError(f"{where}: expected a JSON object")
     _check_supported(raw, where)
-    options = {k: v for k, v in _targets(raw, where).items() if v is not None}
-    ours = (raw.get("moetune") or {}).get("lora_config") if isinstance(raw.get("moetune"), dict) else None
+    ours = (meta if meta is not None else legacy or {}).get("lora_config")
+    ours = ours if isinstance(ours, dict) else None
+    options = {k: v for k, v in _targets(raw, ours, where).items() if v is not None}
     dropout = (ours or {}).get("dropout", raw.get("lora_dropout", 0.0))  # ours: the trained value
     try:
         config = LoraConfig(r=raw.get("r", 8), alpha=float(raw.get("lora_alpha", 8)), dropout=float(dropout),
