@@ -13,23 +13,7 @@ from safetensors.torch import load_file
 from moetune.config import load_train_config
 from moetune.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from moetune.train.trainer import train
-from train_helpers import losses, write_run
-
-KILL_AFTER_SAVE = textwrap.dedent(
-    """
-    import os, signal, sys
-    import moetune.train.trainer as trainer
-    real = trainer.save_checkpoint
-    def save_then_die(root, state, **kw):
-        path = real(root, state, **kw)
-        if state.step == {step}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
-    trainer.save_checkpoint = save_then_die
-    from moetune.cli import main
-    sys.exit(main(["train", sys.argv[1]]))
-    """
-)
+from train_helpers import losses, train_killed_after, write_run
 
 KILL_DURING_SAVE = textwrap.dedent(
     """
@@ -62,7 +46,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     straight = write_run(tmp_path / "a")
     train(load_train_config(straight))
     killed_cfg = write_run(tmp_path / "b")
-    proc = _run_script(KILL_AFTER_SAVE.format(step=4), killed_cfg)
+    proc = train_killed_after(killed_cfg, 4)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "b" / "run" / "checkpoints").name == "checkpoint-00000004"
     train(load_train_config(killed_cfg), resume=True)

@@ -4,7 +4,9 @@ distillation (base, adapter and file teachers)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 
 import pytest
 import yaml
@@ -18,8 +20,9 @@ from moetune.errors import ConfigError
 from moetune.peft.adalora_alloc import allocators
 from moetune.train.objectives import distill_loss, save_teacher_logits
 from moetune.train.setup import prepare_run
+from moetune.train.checkpoint import latest_checkpoint
 from moetune.train.trainer import Trainer, train
-from train_helpers import losses, tiny_model_dir, write_run
+from train_helpers import losses, tiny_model_dir, train_killed_after, write_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -58,6 +61,68 @@ def test_adalora_run_keeps_the_budget_and_saves_equivalent_files(tmp_path):
     moetune.load_adapter(fresh, folder)  # the plain-LoRA export
     with torch.no_grad():
         assert (fresh(ids).logits - model(ids).logits).abs().max() < 1e-5
+
+
+def _adalora_resume_run(root):
+    """8 steps, a checkpoint after each; the budget shrinks at steps 3-5 (tinit 2, masks every step),
+    the final allocation is at step 6 (total_step 8 - tfinal 2) and the masks are fixed after it."""
+    adapter = {"method": "adalora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "experts"],
+               "adalora": {"target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1, "orth_reg_weight": 0.1}}
+    return write_run(root, adapter=adapter, checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 8})
+
+
+def _adapter_files(run):
+    folder = run / "adapter"
+    return load_file(str(folder / "adapter_model.safetensors")), json.loads((folder / "rank_pattern.json").read_text())
+
+
+def _weight_diff(a, b) -> str:
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return f"{sum(k not in b or a[k].shape != b[k].shape for k in a)} of {len(a)} tensors with other shapes (ranks)"
+    return f"{max((a[k] - b[k]).abs().max().item() for k in a):.2e}"
+
+
+def test_adalora_resume_inside_the_shrinking_budget_is_exact(tmp_path):
+    train(load_train_config(_adalora_resume_run(tmp_path / "a")))
+    killed = _adalora_resume_run(tmp_path / "b")
+    proc = train_killed_after(killed, 4)  # steps 3 and 4 have masked; 5 and 6 will, reading the EMAs
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "b" / "run" / "checkpoints").name == "checkpoint-00000004"
+    train(load_train_config(killed), resume=True)
+    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    (wa, pa), (wb, pb) = _adapter_files(tmp_path / "a" / "run"), _adapter_files(tmp_path / "b" / "run")
+    print(f"AdaLoRA resumed at step 4: max |dloss| {max(abs(x - y) for x, y in zip(la, lb)):.2e} "
+          f"(first at step {next((i + 1 for i, (x, y) in enumerate(zip(la, lb)) if x != y), None)}), "
+          f"max |dweight| {_weight_diff(wa, wb)}")
+    assert len(la) == 8 and la == lb
+    assert pa == pb
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_adalora_checkpoint_without_allocator_state_resumes_with_a_warning(tmp_path, caplog):
+    """An earlier moetune's checkpoint: no allocator files. Resumed after the final allocation (step
+    6), the masks come back from the zeroed Lambda entries, so no pruned triplet revives (a kept
+    triplet whose Lambda never moved from 0, an expert that got no tokens, counts as pruned)."""
+    train(load_train_config(_adalora_resume_run(tmp_path / "a")))
+    old = _adalora_resume_run(tmp_path / "c")
+    saved = tmp_path / "c" / "run" / "checkpoints" / "checkpoint-00000007"
+    shutil.copytree(tmp_path / "a" / "run" / "checkpoints" / saved.name, saved)
+    meta = json.loads((saved / "meta.json").read_text())
+    for name in meta.pop("allocators"):
+        (saved / f"allocator-{name}.safetensors").unlink()
+    (saved / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        train(load_train_config(old), resume=True)
+    warned = [r.getMessage() for r in caplog.records if "allocator state" in r.getMessage()]
+    assert len(warned) == 1 and saved.name in warned[0] and "importance EMAs restart" in warned[0]
+    assert losses(tmp_path / "c" / "run") == losses(tmp_path / "a" / "run")[7:]
+    pa, pc = _adapter_files(tmp_path / "a" / "run")[1], _adapter_files(tmp_path / "c" / "run")[1]
+    at_7 = load_file(str(saved / "adapter-default.safetensors"))
+    assert pa.keys() == pc.keys()
+    for module, kept in pa.items():
+        path, _, pair = module.rpartition(".")
+        lam = at_7[f"{path}.lora_E_{pair}.default" if path.endswith("experts") else f"{module}.lora_E.default"]
+        assert torch.equal(torch.tensor(pc[module]), torch.tensor(kept) & (lam.squeeze(-1) != 0)), module
 
 
 def test_stacked_adapter_trains_on_top_of_a_frozen_one(tmp_path):

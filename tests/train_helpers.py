@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -40,3 +43,26 @@ def write_run(root: Path, **overrides) -> Path:
 def losses(run_dir: Path) -> list[float]:
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
     return [r["loss"] for r in lines if "loss" in r]
+
+
+KILL_AFTER_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import moetune.train.trainer as trainer
+    real = trainer.save_checkpoint
+    def save_then_die(root, state, **kw):
+        path = real(root, state, **kw)
+        if state.step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+    trainer.save_checkpoint = save_then_die
+    from moetune.cli import main
+    sys.exit(main(["train", sys.argv[1]]))
+    """
+)
+
+
+def train_killed_after(cfg: Path, step: int) -> subprocess.CompletedProcess:
+    """``moetune train cfg`` in a subprocess that SIGKILLs itself once checkpoint ``step`` is written."""
+    script = KILL_AFTER_SAVE.format(step=step)
+    return subprocess.run([sys.executable, "-c", script, str(cfg)], capture_output=True, text=True, timeout=300)

@@ -17,9 +17,15 @@ attention and experts.
 Steps are 1-based (the number of optimizer steps taken, this one included), so with ``tfinal = 0``
 the final allocation happens on the last step. Call :func:`update_and_allocate` after the
 optimizer step and before ``zero_grad`` (the importance reads the gradients).
+
+An allocator's state beyond the step count (which fixes the budget) is its EMAs and the masks:
+:meth:`RankAllocator.state_dict` gives them as named tensors for training checkpoints, so a resumed
+run allocates exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,6 +35,7 @@ from ..errors import AdapterError
 from .adalora import svd_layers
 
 _STORE = "adalora_allocators"
+_PARTS = ("lora_A", "lora_E", "lora_B")  # P, Lambda, Q: PEFT's names, for state-dict keys
 
 
 class RankAllocator:
@@ -138,6 +145,58 @@ class RankAllocator:
         else:
             self.apply_masks()
         return self.target_budget
+
+    # --- checkpoint state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMAs (``sensitivity/<matrix>/<part>``, ``uncertainty/...``; absent while reset) and
+        masks (``mask/<matrix>``), keyed by module path rather than tensor id so they outlive the process."""
+        state = {}
+        for key in self.triplets:
+            layer, local = self.triplets[key]
+            state[f"mask/{key}"] = layer.rank_mask.get(local)
+            for part, p in zip(_PARTS, self._tensors(key)):
+                if id(p) in self.sensitivity:
+                    state[f"sensitivity/{key}/{part}"] = self.sensitivity[id(p)]
+                    state[f"uncertainty/{key}/{part}"] = self.uncertainty[id(p)]
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], *,
+                        copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Restore :meth:`state_dict`'s tensors. ``copy(dst, src)`` fills a tensor laid out like the
+        parameter (a sharded one takes its shard); default ``dst.copy_(src)``.
+
+        Raises:
+            AdapterError: keys that do not belong to this adapter's matrices (another config).
+        """
+        copy = copy or (lambda dst, src: dst.copy_(src))
+        unknown = set(state) - set(self._state_keys())
+        if unknown:
+            raise AdapterError(f"AdaLoRA adapter '{self.name}': saved allocator state has '{min(unknown)}', which is "
+                               "not a matrix of this adapter (was it made with a different config?)")
+        self.reset_importance()
+        for key in self.triplets:
+            layer, local = self.triplets[key]
+            if f"mask/{key}" in state:
+                copy(layer.rank_mask.get(local), state[f"mask/{key}"])
+            for part, p in zip(_PARTS, self._tensors(key)):
+                if f"sensitivity/{key}/{part}" in state:
+                    self.sensitivity[id(p)], self.uncertainty[id(p)] = torch.zeros_like(p), torch.zeros_like(p)
+                    copy(self.sensitivity[id(p)], state[f"sensitivity/{key}/{part}"])
+                    copy(self.uncertainty[id(p)], state[f"uncertainty/{key}/{part}"])
+
+    def _state_keys(self) -> list[str]:
+        return [f"{kind}/{key}/{part}" for key in self.triplets for kind in ("sensitivity", "uncertainty")
+                for part in _PARTS] + [f"mask/{key}" for key in self.triplets]
+
+    @torch.no_grad()
+    def masks_from_lambda(self) -> None:
+        """Masks rebuilt as ``Lambda != 0`` (for checkpoints without allocator state). Once the final
+        allocation has run every step zeroes the pruned Lambda again, so this is the mask, except
+        that a kept triplet whose Lambda never left 0 (an expert that got no tokens) reads as pruned."""
+        for key in self.triplets:
+            layer, local = self.triplets[key]
+            layer.rank_mask.get(local).copy_(self._tensors(key)[1].squeeze(-1) != 0)
 
     def kept(self) -> int:
         """Triplets kept now (the mask), over the whole adapter."""

@@ -1,10 +1,12 @@
-"""Training checkpoints: adapters, optimizer, scheduler, RNG states and data position.
+"""Training checkpoints: adapters, optimizer, scheduler, RNG states, data position and AdaLoRA's
+rank-allocator state (importance EMAs and masks).
 
 A checkpoint is a folder ``checkpoint-00000012`` written first as a hidden temporary folder
 and renamed into place when complete, so a kill at any moment leaves every earlier checkpoint
 intact and never a half-written one under a real name. Tensors go to safetensors; optimizer and
 RNG state use ``torch.save`` and are read back with ``weights_only=True`` (no arbitrary
-unpickling).
+unpickling). Checkpoints written before the allocator state was saved load with ``allocators``
+empty; the trainer warns and resumes without it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ class TrainState:
     data: dict[str, Any]
     rng: dict[str, Any]
     extra: dict[str, Any]
+    allocators: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # AdaLoRA adapter -> state
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,10 +64,12 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: in
     final = root / f"checkpoint-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=root))
     try:
-        for name, tensors in state.adapters.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"adapter-{name}.safetensors"))
+        for prefix, groups in (("adapter", state.adapters), ("allocator", state.allocators)):
+            for name, tensors in groups.items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{prefix}-{name}.safetensors"))
         torch.save({"optimizers": state.optimizers, "schedulers": state.schedulers, "rng": state.rng}, tmp / "trainer_state.pt")
-        meta = {"step": state.step, "data": state.data, "extra": state.extra, "adapters": sorted(state.adapters)}
+        meta = {"step": state.step, "data": state.data, "extra": state.extra, "adapters": sorted(state.adapters),
+                "allocators": sorted(state.allocators)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -101,7 +106,8 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
     try:
         meta = json.loads(meta_file.read_text())
         adapters = {n: load_file(str(path / f"adapter-{n}.safetensors")) for n in meta["adapters"]}
+        allocators = {n: load_file(str(path / f"allocator-{n}.safetensors")) for n in meta.get("allocators", [])}
         trainer = torch.load(path / "trainer_state.pt", weights_only=True)
     except (OSError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({exc})") from None
-    return TrainState(step=meta["step"], adapters=adapters, optimizers=trainer["optimizers"], schedulers=trainer["schedulers"], data=meta["data"], rng=trainer["rng"], extra=meta.get("extra", {}))
+    return TrainState(step=meta["step"], adapters=adapters, optimizers=trainer["optimizers"], schedulers=trainer["schedulers"], data=meta["data"], rng=trainer["rng"], extra=meta.get("extra", {}), allocators=allocators)

@@ -20,8 +20,9 @@ for the KL (``return_logits``), so distillation costs one more forward and (B, T
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import DistillSection, TrainConfig
-from ..errors import AdapterError, ConfigError
+from ..errors import AdapterError, CheckpointError, ConfigError
 from ..model.loss import IGNORE_INDEX, shift_labels
-from ..peft.adalora_alloc import orth_regularization, rank_pattern, svd_adapter_names, update_and_allocate
+from ..peft.adalora_alloc import allocators, orth_regularization, rank_pattern, svd_adapter_names, update_and_allocate
 from ..peft.adalora_io import save_adalora
 from ..peft.base import disable_adapters, set_active_adapters
 
 _INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids")
+log = logging.getLogger(__name__)
 
 
 class Objectives:
@@ -95,6 +97,29 @@ class Objectives:
         """After the optimizer step (1-based ``step``): AdaLoRA importance and masks; returns
         each AdaLoRA adapter's rank budget."""
         return update_and_allocate(model, step) if self.adalora else {}
+
+    def allocator_state(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Each trained AdaLoRA adapter's allocator state (EMAs, masks), for the checkpoint."""
+        return {name: alloc.state_dict() for name, alloc in allocators(model).items()} if self.adalora else {}
+
+    def load_allocator_state(self, model: nn.Module, saved: dict[str, dict[str, torch.Tensor]], *, where: str,
+                             copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Restore :meth:`allocator_state` from checkpoint ``where``. A checkpoint without it (written
+        before moetune saved it) resumes with a warning: the importance EMAs restart from zero and
+        the masks are rebuilt from the zeroed Lambda entries."""
+        if not self.adalora:
+            return
+        for name, alloc in allocators(model).items():
+            if name in saved:
+                try:
+                    alloc.load_state_dict(saved[name], copy=copy)
+                except AdapterError as err:
+                    raise CheckpointError(f"checkpoint '{where}': {err}") from None
+                continue
+            log.warning("checkpoint '%s' has no AdaLoRA allocator state for adapter '%s' (written by an earlier moetune): "
+                        "its importance EMAs restart from zero and its masks are rebuilt from the zeroed Lambda entries, "
+                        "so rank allocation can differ from an uninterrupted run", where, name)
+            alloc.masks_from_lambda()
 
     def finish(self, model: nn.Module, adapter_dirs: dict[str, Path]) -> None:
         """Next to each saved AdaLoRA adapter, its final kept-triplet pattern (``rank_pattern.json``)

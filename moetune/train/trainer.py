@@ -1,8 +1,8 @@
 """The training loop: gradient accumulation, clipping, a non-finite guard, eval, checkpoints.
 
 Resume is exact: the checkpoint holds adapter weights, optimizer and scheduler state, every RNG
-state and the data position, so N steps straight and N/2 + resume produce bitwise-identical
-losses and weights on CPU.
+state, the data position and AdaLoRA's allocator state (importance EMAs, masks), so N steps
+straight and N/2 + resume produce bitwise-identical losses and weights on CPU.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class Trainer:
             schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
             data=self.data_state.to_dict(),
             rng=par.rng_state(),
+            allocators={n: {k: par.full_tensor(t) for k, t in ts.items()} for n, ts in self.objectives.allocator_state(self.model).items()},
             extra={"skipped": self.skipped, "world_size": par.world_size, "global_batch": self.config.optim.batch_size * par.world_size,
                    "router_biases": {n: b.float().cpu().tolist() for n, b in self.router_biases().items()} if self.config.optim.router_bias_update_speed else {}},
         )
@@ -133,6 +134,7 @@ class Trainer:
         self.parallel.set_rng_state(state.rng, seed=self.config.seed, step=state.step)
         self.step, self.data_state = state.step, SamplerState.from_dict(state.data)
         self.skipped = state.extra.get("skipped", 0)
+        self.objectives.load_allocator_state(self.model, state.allocators, where=str(path), copy=self.parallel.load_tensor)
         biases = self.router_biases()
         with torch.no_grad():
             for name, values in state.extra.get("router_biases", {}).items():
