@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
 
@@ -244,3 +245,55 @@ def test_old_folder_with_embedded_metadata_loads_identically(tmp_path, experts_a
     assert (_logits(from_new, ids) - _logits(ours, ids)).abs().max() <= 1e-6
     (new / "moetune_adapter.json").unlink()  # PEFT's config alone cannot say it: the metadata was used
     assert adapter_configs(_loaded(tmp_path / "base", new))["default"] != config
+
+
+def _sidecar_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "moetune_adapter.json" in r.getMessage()]
+
+
+def test_sidecar_of_a_folder_peft_saved_over_is_ignored(tmp_path, experts_available, caplog):
+    """PEFT's save_pretrained into a moetune folder replaces adapter_config.json and the weights but
+    leaves moetune_adapter.json; its targets must not override the new config's."""
+    ours = _experts_model(tmp_path)
+    folder = moetune.save_adapter(ours, tmp_path / "folder")
+    sidecar = folder / "moetune_adapter.json"
+    assert len(json.loads(sidecar.read_text())["adapter_config_sha256"]) == 64
+    peft.PeftModel.from_pretrained(make_hf_model("qwen3_moe"), str(folder)).save_pretrained(folder)
+    with caplog.at_level(logging.WARNING, logger="moetune"):  # the same adapter (PEFT reorders targets): still ours
+        assert adapter_configs(_loaded(tmp_path / "base", folder))["default"].target_modules == ["q_proj", "experts"]
+    assert not _sidecar_warnings(caplog)
+    other = peft.get_peft_model(make_hf_model("qwen3_moe"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.1)
+    other.save_pretrained(folder)
+    assert sidecar.is_file()
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        back = _loaded(tmp_path / "base", folder)
+    warned = _sidecar_warnings(caplog)
+    assert len(warned) == 1 and str(sidecar) in warned[0], warned
+    config = adapter_configs(back)["default"]
+    assert (config.r, config.alpha, config.target_modules) == (2, 4.0, ["v_proj"])
+    assert (_logits(back, _ids()) - _logits(other, _ids())).abs().max() <= 1e-5
+
+
+def test_sidecar_fingerprint_sees_config_edits_and_older_sidecars_are_trusted(tmp_path, caplog):
+    save_hf_model("llama", tmp_path / "base")
+    ours = moetune.load_model(tmp_path / "base")
+    moetune.add_adapter(ours, moetune.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    folder = moetune.save_adapter(ours, tmp_path / "folder")
+    cfg_file, sidecar = folder / "adapter_config.json", folder / "moetune_adapter.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["lora_dropout"] = 0.0  # a hand edit the sidecar's trained dropout would silently undo
+    cfg_file.write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        assert adapter_configs(_loaded(tmp_path / "base", folder))["default"].dropout == 0.0
+    assert len(_sidecar_warnings(caplog)) == 1
+    caplog.clear()
+    meta = json.loads(sidecar.read_text())
+    del meta["adapter_config_sha256"]  # as written before sidecars carried a fingerprint
+    sidecar.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        assert adapter_configs(_loaded(tmp_path / "base", folder))["default"].dropout == 0.1
+    assert not _sidecar_warnings(caplog)

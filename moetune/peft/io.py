@@ -13,7 +13,11 @@ moetune's own metadata (adapter name, layout, the original config) goes beside t
 ``moetune_adapter.json``, not into ``adapter_config.json``, because PEFT warns about every key its
 config class does not know. Folders of earlier moetune versions carry it inside
 ``adapter_config.json`` under ``moetune``; it is read from there when no ``moetune_adapter.json``
-exists.
+exists. The sidecar records a fingerprint of the config it was written with
+(:func:`~.peft_format.config_fingerprint`); when ``adapter_config.json`` was later rewritten (PEFT's
+``save_pretrained`` into the same folder, a hand edit) so that targets, ranks or dropout no longer
+match, the sidecar is ignored with a warning and the PEFT config wins. Sidecars without a
+fingerprint are trusted.
 
 PiSSA adapters are saved as the equivalent plain LoRA of rank 2r against the original base
 weights (see :mod:`.lora`), so the file works on the unmodified base model.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,14 +45,15 @@ from ..model.saving import _replace_dir
 from .base import AdapterLayer, adapter_layers
 from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
 from .lora import LoraLinear
-from .peft_format import (PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_from_peft, config_to_peft, moetune_meta,
-                          normalise_key, rank_alpha, split_meta)
+from .peft_format import (FINGERPRINT_KEY, PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_fingerprint,
+                          config_from_peft, config_to_peft, moetune_meta, normalise_key, rank_alpha, split_meta)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "moetune_adapter.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PER_EXPERT_KEY = re.compile(r"^(\d+)\.(\w+)\.lora_[AB]\.weight$")
+log = logging.getLogger(__name__)
 
 
 def _layers(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer]]:
@@ -133,14 +139,16 @@ def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[s
 
 
 def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, meta: dict | None = None) -> Path:
-    """Write the folder's files (``meta``: moetune's metadata, to :data:`META_FILE`) into a
-    temporary folder, then move it into place, so the three files always belong together."""
+    """Write the folder's files (``meta``: moetune's metadata, to :data:`META_FILE`, with the
+    fingerprint of ``cfg``) into a temporary folder, then move it into place, so the three files
+    always belong together."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         if meta is not None:
+            meta = {**meta, FINGERPRINT_KEY: config_fingerprint(cfg)}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
@@ -175,10 +183,24 @@ def _read_config(path: Path) -> dict:
 
 def read_adapter_config(cfg_file: Path) -> tuple[Any, dict | None]:
     """An adapter folder's PEFT config and moetune's metadata: :data:`META_FILE` beside it when
-    present, else what an earlier moetune embedded in the config (taken out of the config)."""
+    present and written for this config, else what an earlier moetune embedded in the config
+    (taken out of the config)."""
     raw, legacy = split_meta(_read_config(cfg_file))
     meta_file = cfg_file.with_name(META_FILE)
-    return raw, _read_meta(meta_file) if meta_file.is_file() else legacy
+    if not meta_file.is_file():
+        return raw, legacy
+    meta = _read_meta(meta_file)
+    if _stale(meta, raw):
+        log.warning("%s was written for another %s (it was rewritten since, e.g. by PEFT's save_pretrained, or edited); "
+                    "ignoring it: the targets and ranks in %s apply", meta_file, CONFIG_FILE, CONFIG_FILE)
+        return raw, legacy
+    return raw, meta
+
+
+def _stale(meta: dict, raw: Any) -> bool:
+    """Whether the sidecar records a fingerprint that ``raw`` no longer has (none recorded: trusted)."""
+    recorded = meta.get(FINGERPRINT_KEY)
+    return recorded is not None and isinstance(raw, dict) and recorded != config_fingerprint(raw)
 
 
 def _read_meta(path: Path) -> dict:

@@ -17,6 +17,8 @@ inits that rewrite the base weights other than PiSSA) are refused with the reaso
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from collections import Counter
 from typing import Any, Callable
@@ -31,6 +33,12 @@ _LORA_TOKENS = ("lora_A", "lora_B", "lora_magnitude_vector")
 _MUST_BE_OFF = ("fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "use_qalora",
                 "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "velora_config",
                 "monteclora_config", "kasa_config", "use_bdlora", "exclude_modules", "megatron_config")
+# The config fields moetune's metadata overrides or must agree with (targets, ranks, dropout); its
+# fingerprint of them tells whether adapter_config.json was rewritten after the metadata was written.
+FINGERPRINT_FIELDS = ("peft_type", "r", "init_r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters",
+                      "layers_to_transform", "rank_pattern", "alpha_pattern")
+FINGERPRINT_KEY = "adapter_config_sha256"
+_SET_FIELDS = ("target_modules", "target_parameters", "layers_to_transform")
 _EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 # Module names PEFT (0.21, with transformers >= 5) rewrites when it loads a config for these model
 # types: a target_modules entry ending in one of them is taken for a transformers-v4 expert
@@ -114,6 +122,29 @@ def moetune_meta(config: LoraConfig, *, name: str, layout: str) -> dict[str, Any
     expert rank, trained dropout, that PiSSA was converted)."""
     return {"adapter_name": name, "layout": layout, "pissa_converted": config.init == "pissa",
             "lora_config": config.to_dict()}
+
+
+def config_fingerprint(raw: dict[str, Any]) -> str:
+    """sha256 of the PEFT config fields moetune's metadata can stand in for (:data:`FINGERPRINT_FIELDS`),
+    in canonical JSON: absent, null and empty are alike, integral floats are ints, and the target
+    lists are sorted (PEFT keeps them as sets), so PEFT re-saving the same adapter keeps it."""
+    canonical = {}
+    for key in FINGERPRINT_FIELDS:
+        value = raw.get(key)
+        if isinstance(value, (list, tuple, set)) and key in _SET_FIELDS:
+            value = sorted(value, key=json.dumps)
+        canonical[key] = _canonical(value) if value not in (None, [], {}, "") else None
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def split_meta(raw: Any) -> tuple[Any, dict[str, Any] | None]:
