@@ -6,10 +6,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import moetune
 from moetune.cli import main
+from moetune.config import AdaLoraOptions
 from moetune.errors import AdapterError
+from moetune.peft.adalora import svd_layers
+from moetune.peft.adalora_io import save_adalora
 from moetune.peft.merge_files import merge_adapter_dirs
 from tiny_hf import save_hf_model
 
@@ -93,3 +97,25 @@ def test_mismatches_name_the_first_tensor(folders, tmp_path):
     assert not (tmp_path / "x").exists()
     assert main(["merge-adapters", "--model", str(folders / "base"), "--adapter", str(folders / "a"),
                  "--adapter", str(folders / "b"), "--method", "ties", "--out", str(tmp_path / "y")]) == 2  # no density
+
+
+def test_adalora_layout_folder_merges_as_the_plain_lora_beside_it(tmp_path):
+    """An AdaLoRA run's ``adalora/`` folder (peft_type ADALORA) merges exactly as the plain LoRA the
+    run writes at the top of its folder; none of PEFT's AdaLoRA keys reach the merged config."""
+    save_hf_model("llama", tmp_path / "base")
+    ada = _adapter(tmp_path / "base", tmp_path / "run", 5, targets=["q_proj", "v_proj"], r=4, alpha=8,
+                   adalora=AdaLoraOptions(target_r=2, total_step=10))
+    for i, (_, layer) in enumerate(svd_layers(ada, "default")):  # an allocation's masks; the first matrix keeps nothing
+        keep = torch.arange(4) % (i + 1) != 0 if i else torch.zeros(4, dtype=torch.bool)
+        layer.rank_mask.put("default", keep, persistent=False)
+        layer.lora_E["default"].data.masked_fill_(~keep.unsqueeze(-1), 0.0)
+    moetune.save_adapter(ada, tmp_path / "run")
+    save_adalora(ada, tmp_path / "run" / "adalora")
+    _adapter(tmp_path / "base", tmp_path / "plain", 6, targets=["q_proj", "v_proj"], r=4, alpha=8)
+    for first, out in ((tmp_path / "run", "top"), (tmp_path / "run" / "adalora", "ada")):
+        merge_adapter_dirs(tmp_path / "base", [first, tmp_path / "plain"], tmp_path / out, method="cat")
+    top, ada_merged = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("top", "ada"))
+    assert top.keys() == ada_merged.keys() and all(torch.equal(top[k], ada_merged[k]) for k in top)
+    cfg_top, cfg_ada = ({k: v for k, v in json.loads((tmp_path / d / "adapter_config.json").read_text()).items()
+                         if v is not None} for d in ("top", "ada"))
+    assert cfg_ada == cfg_top and cfg_ada["peft_type"] == "LORA" and "init_r" not in cfg_ada

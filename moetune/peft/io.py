@@ -218,6 +218,30 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise AdapterError(f"{weights}: cannot read safetensors file ({exc})") from None
+
+
+def as_plain_lora(raw: Any, tensors: dict[str, torch.Tensor], cfg_file: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A folder's config and tensors as plain LoRA: PEFT's AdaLoRA layout (``peft_type: ADALORA``)
+    becomes its equivalent plain LoRA (:func:`~.adalora_io.adalora_as_lora`); anything else is unchanged."""
+    if isinstance(raw, dict) and raw.get("peft_type") == "ADALORA":
+        from .adalora_io import adalora_as_lora  # it imports this module
+
+        return adalora_as_lora(raw, tensors, where=str(cfg_file))
+    return raw, tensors
+
+
+def read_plain_lora(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter folder's PEFT config (without moetune's metadata) and tensors, as plain LoRA
+    (see :func:`as_plain_lora`): what tools that combine files, not models, read."""
+    cfg_file, weights = _adapter_files(folder)
+    return as_plain_lora(split_meta(_read_config(cfg_file))[0], _read_tensors(weights), cfg_file)
+
+
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "default") -> AdapterReport:
     """Add adapter ``name`` to ``model`` from a PEFT adapter folder (ours or PEFT's own).
 
@@ -237,14 +261,7 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
         return load_mixture_adapter(model, folder, name)
     cfg_file, weights = _adapter_files(folder)
     raw, meta = read_adapter_config(cfg_file)
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise AdapterError(f"{weights}: cannot read safetensors file ({exc})") from None
-    if isinstance(raw, dict) and raw.get("peft_type") == "ADALORA":  # PEFT's AdaLoRA: its equivalent plain LoRA
-        from .adalora_io import adalora_as_lora
-
-        raw, tensors = adalora_as_lora(raw, tensors, where=str(cfg_file))
+    raw, tensors = as_plain_lora(raw, _read_tensors(weights), cfg_file)
     config, per_module = config_from_peft(raw, str(cfg_file), meta)
     try:
         report = add_adapter(model, config, name, per_module=per_module)

@@ -3,7 +3,9 @@
 Each input folder is first loaded onto a weightless (meta-device) skeleton of the base model with
 :func:`~moetune.peft.io.load_adapter`, so an adapter for another model fails exactly as loading it
 would (naming the file and the tensor), and so each module's scaling is the one moetune and PEFT
-apply (``alpha / r``, rsLoRA, rank and alpha patterns). Then:
+apply (``alpha / r``, rsLoRA, rank and alpha patterns). A folder in PEFT's AdaLoRA layout (the
+``adalora/`` folder of an AdaLoRA run) is read as its equivalent plain LoRA, as loading reads it,
+which is also what the run writes at the top of its adapter folder. Then:
 
 - the adapters must adapt the same modules with the same shapes (rank aside): otherwise one
   error names the first tensor that differs;
@@ -22,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import AdapterError
@@ -33,7 +34,7 @@ from ..model.moe import GroupedExperts
 from .base import adapter_layers
 from .experts_layout import peft_prefixes
 from .inject import delete_adapter
-from .io import _adapter_files, _write, load_adapter, read_adapter_config
+from .io import _write, load_adapter, read_plain_lora
 from .lora import LoraLinear
 from .merging import _EXPERTS, METHODS, merge_adapters
 from .peft_format import PREFIX
@@ -110,7 +111,7 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     """Merge PEFT adapter folders trained on ``model_path`` into one folder at ``out_dir``.
 
     Args:
-        adapters: two or more adapter folders (PEFT layout, ours or PEFT's own).
+        adapters: two or more adapter folders (PEFT's LoRA or AdaLoRA layout, ours or PEFT's own).
         weights: one per adapter (default 1.0 each: the task vectors add up).
         method, density, rank, seed: as :func:`~moetune.peft.merging.merge_adapters`.
 
@@ -128,13 +129,13 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     model = skeleton(model_path)
     states, scalings, raw = [], [], []
     for i, folder in enumerate(adapters):
-        cfg_file, weights_file = _adapter_files(Path(folder))
         load_adapter(model, folder, name=f"merge{i}")  # validates against the base, naming the tensor
-        state, s = _fold_scalings(load_file(str(weights_file)), module_scalings(model, f"merge{i}"))
+        config, tensors = read_plain_lora(Path(folder))  # moetune's metadata describes the input only
+        state, s = _fold_scalings(tensors, module_scalings(model, f"merge{i}"))
         delete_adapter(model, f"merge{i}")
         states.append(state)
         scalings.append(s)
-        raw.append(read_adapter_config(cfg_file)[0])  # PEFT's config; moetune's metadata describes the input only
+        raw.append(config)
     _check_same_targets(states, [str(a) for a in adapters])
     counts = {m.num_experts for m in model.modules() if isinstance(m, GroupedExperts)}
     if len(counts) > 1:
