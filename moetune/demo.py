@@ -31,13 +31,13 @@ from .train.trainer import train
 LETTERS = string.ascii_lowercase
 
 
-def tiny_moe_args(vocab_size: int) -> ModelArgs:
-    """A 2-layer Qwen3-MoE-shaped model: 8 experts top-2, ~0.6M parameters."""
+def tiny_moe_args(vocab_size: int, hidden_size: int = 96) -> ModelArgs:
+    """A 2-layer Qwen3-MoE-shaped model: 8 experts top-2, ~0.6M parameters at the default width."""
     layers = 2
     cfg = {
         "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": vocab_size,
-        "hidden_size": 96, "intermediate_size": 192, "moe_intermediate_size": 96, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "num_experts": 8,
+        "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "moe_intermediate_size": hidden_size,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": hidden_size // 4, "num_experts": 8,
         "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
         "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
         "hidden_act": "silu", "router_aux_loss_coef": 0.001,

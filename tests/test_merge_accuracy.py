@@ -14,7 +14,7 @@ from tiny_hf import save_hf_model
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 N = 32  # inputs per task
 FACTOR = {"linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}  # PEFT's default: A's and B's apart
-DELTA = {"svd": {}, "ties_svd": {"density": 0.5}, "dare_ties_svd": {"density": 0.5}}  # on the deltas B A
+DELTA = {"cat": {}, "svd": {}, "ties_svd": {"density": 0.5}, "dare_ties_svd": {"density": 0.5}}  # on the deltas B A
 
 
 def task(t: int) -> torch.Tensor:
