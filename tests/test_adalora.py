@@ -166,6 +166,10 @@ def test_plain_lora_export_reproduces_adalora_logits(tmp_path):
         assert (merged(ids).logits - want).abs().max().item() < 1e-4
 
 
+# PEFT's AdaLoRA keys rank_pattern by lora_E parameter names (its own save does the same), and
+# PEFT 0.21's generic pattern check, which expects module names, warns about them; AdaLoRA's resize
+# still uses them (the test checks the logits).
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
 def test_peft_adalora_layout_loads_in_peft(tmp_path):
     hf = save_hf_model("llama", tmp_path / "base")
     model = moetune.load_model(tmp_path / "base")
