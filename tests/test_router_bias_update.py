@@ -1,9 +1,5 @@
 """DeepSeek-V3 aux-loss-free balancing in training: biases move, are checkpointed, resume exactly."""
 
-import subprocess
-import sys
-import textwrap
-
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -12,23 +8,7 @@ from moetune.config import load_train_config
 from moetune.demo import make_rows, write_jsonl
 from moetune.tiny_models import make_tiny
 from moetune.train.trainer import train
-from train_helpers import losses
-
-DIE_AT_STEP_2 = textwrap.dedent(
-    """
-    import os, signal, sys
-    import moetune.train.trainer as trainer
-    real = trainer.save_checkpoint
-    def save_then_die(root, state, **kw):
-        path = real(root, state, **kw)
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
-    trainer.save_checkpoint = save_then_die
-    from moetune.cli import main
-    sys.exit(main(["train", sys.argv[1]]))
-    """
-)
+from train_helpers import losses, train_killed_after
 
 
 def _config(root, model, speed=1e-2):
@@ -56,7 +36,7 @@ def test_bias_update_moves_biases_and_resumes_exactly(tmp_path):
     assert set(after) == set(before)
     assert any(not torch.equal(after[k], before[k].float()) for k in after)
     b = _config(tmp_path / "b", model)
-    proc = subprocess.run([sys.executable, "-c", DIE_AT_STEP_2, str(b)], capture_output=True, text=True, timeout=300)
+    proc = train_killed_after(b, step=2)
     assert proc.returncode == -9, proc.stderr[-2000:]
     train(load_train_config(b), resume=True)
     # Not bitwise: once routing shifts, CPU grouped GEMMs on the new row counts differ in the last
