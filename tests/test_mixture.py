@@ -56,6 +56,12 @@ def _ffn_layer(config, *, parts=None, seed=0) -> MixtureFFN:
     return layer
 
 
+def _matches_reference(fast, ref, x, layer):
+    """Outputs, and gradients wrt the input and every adapter parameter, agree within 1e-5."""
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    _grads_equal(fast, ref, [x] + [p for _, p in layer.adapter_params("mix")])
+
+
 def _grads_equal(fast, ref, params):
     gf = torch.autograd.grad(fast, params, grad_outputs=torch.ones_like(fast) * 0.7, allow_unused=True)
     gr = torch.autograd.grad(ref, params, grad_outputs=torch.ones_like(ref) * 0.7, allow_unused=True)
@@ -74,9 +80,7 @@ def test_mixlora_matches_reference_forward_and_grads_with_dropout(routing, dora)
     x = torch.randn(2, 9, 32, requires_grad=True)
     fast = layer(x)
     ref = reference_mixlora(layer, "mix", x.reshape(-1, 32), drop).view_as(fast)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    params = [x] + [p for _, p in layer.adapter_params("mix")]
-    _grads_equal(fast, ref, params)
+    _matches_reference(fast, ref, x, layer)
     assert len(drop.masks) == 2  # one input mask per token, one down-input mask per routed row
 
 
@@ -88,8 +92,7 @@ def test_mixlora_on_some_projections(parts):
     x = torch.randn(10, 32, requires_grad=True)
     fast = layer(x)
     ref = reference_mixlora(layer, "mix", x, drop)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    _grads_equal(fast, ref, [x] + [p for _, p in layer.adapter_params("mix")])
+    _matches_reference(fast, ref, x, layer)
 
 
 @pytest.mark.parametrize("kind,routing", [("mola", "top_k"), ("mola", "top_p"), ("loramoe", "dense")])
@@ -105,8 +108,7 @@ def test_mixture_linear_matches_reference(kind, routing):
     x = torch.randn(11, 32, requires_grad=True)
     fast = layer(x)
     ref = reference_mixture_linear(layer, "mix", x, drop)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    _grads_equal(fast, ref, [x] + [p for _, p in layer.adapter_params("mix")])
+    _matches_reference(fast, ref, x, layer)
 
 
 def _model(cfg=DENSE):

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,24 @@ def as_plain_lora(raw: Any, tensors: dict[str, torch.Tensor], cfg_file: Path) ->
     return raw, tensors
 
 
-def read_plain_lora(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """An adapter folder's PEFT config (without moetune's metadata) and tensors, as plain LoRA
-    (see :func:`as_plain_lora`): what tools that combine files, not models, read."""
+@dataclass
+class AdapterFolder:
+    """A PEFT adapter folder read once: its PEFT config as plain LoRA (without moetune's
+    metadata), that metadata, and its tensors."""
+
+    cfg_file: Path
+    weights: Path
+    raw: Any
+    meta: dict | None
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter_folder(folder: Path) -> AdapterFolder:
+    """Read ``folder``'s files (see :func:`read_adapter_config` and :func:`as_plain_lora`)."""
     cfg_file, weights = _adapter_files(folder)
-    return as_plain_lora(split_meta(_read_config(cfg_file))[0], _read_tensors(weights), cfg_file)
+    raw, meta = read_adapter_config(cfg_file)
+    raw, tensors = as_plain_lora(raw, _read_tensors(weights), cfg_file)
+    return AdapterFolder(cfg_file, weights, raw, meta, tensors)
 
 
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "default") -> AdapterReport:
@@ -259,16 +273,18 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
 
     if is_mixture_folder(folder):  # moetune's mixture layout or MoE-PEFT's MixLoRA
         return load_mixture_adapter(model, folder, name)
-    cfg_file, weights = _adapter_files(folder)
-    raw, meta = read_adapter_config(cfg_file)
-    raw, tensors = as_plain_lora(raw, _read_tensors(weights), cfg_file)
-    config, per_module = config_from_peft(raw, str(cfg_file), meta)
+    return add_adapter_from(model, read_adapter_folder(folder), name)
+
+
+def add_adapter_from(model: nn.Module, files: AdapterFolder, name: str) -> AdapterReport:
+    """:func:`load_adapter` for a folder already read; nothing is left behind when it fails."""
+    config, per_module = config_from_peft(files.raw, str(files.cfg_file), files.meta)
     try:
         report = add_adapter(model, config, name, per_module=per_module)
     except AdapterError as err:
-        raise AdapterError(f"{cfg_file}: {err}") from None
+        raise AdapterError(f"{files.cfg_file}: {err}") from None
     try:
-        _fill(model, name, tensors, weights)
+        _fill(model, name, files.tensors, files.weights)
     except BaseException:
         delete_adapter(model, name)
         raise

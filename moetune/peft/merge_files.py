@@ -34,7 +34,7 @@ from ..model.moe import GroupedExperts
 from .base import adapter_layers
 from .experts_layout import peft_prefixes
 from .inject import delete_adapter
-from .io import _write, load_adapter, read_plain_lora
+from .io import _write, add_adapter_from, load_adapter, read_adapter_folder
 from .lora import LoraLinear
 from .merging import _EXPERTS, METHODS, merge_adapters
 from .peft_format import PREFIX
@@ -129,13 +129,13 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     model = skeleton(model_path)
     states, scalings, raw = [], [], []
     for i, folder in enumerate(adapters):
-        load_adapter(model, folder, name=f"merge{i}")  # validates against the base, naming the tensor
-        config, tensors = read_plain_lora(Path(folder))  # moetune's metadata describes the input only
-        state, s = _fold_scalings(tensors, module_scalings(model, f"merge{i}"))
+        files = read_adapter_folder(Path(folder))  # its config as plain LoRA, without moetune's metadata
+        add_adapter_from(model, files, name=f"merge{i}")  # validates against the base, naming the tensor
+        state, s = _fold_scalings(files.tensors, module_scalings(model, f"merge{i}"))
         delete_adapter(model, f"merge{i}")
         states.append(state)
         scalings.append(s)
-        raw.append(config)
+        raw.append(files.raw)
     _check_same_targets(states, [str(a) for a in adapters])
     counts = {m.num_experts for m in model.modules() if isinstance(m, GroupedExperts)}
     if len(counts) > 1:
