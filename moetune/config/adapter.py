@@ -211,7 +211,7 @@ class LoraConfig(ConfigSection):
     def _validate_adalora(self) -> None:
         ada = self.adalora
         if ada.init_r is not None and ada.init_r != self.r:
-            _require(self.r == 8, "r", f"left out or equal to adalora.init_r = {ada.init_r}", self.r)  # 8: not given
+            _require(not self.given("r"), "r", f"left out or equal to adalora.init_r = {ada.init_r}", self.r)
             self.r = ada.init_r
         ada.init_r = self.r
         _require(ada.target_r <= self.r, "adalora.target_r", f"<= the initial rank r = {self.r}", ada.target_r)
@@ -236,8 +236,7 @@ class LoraConfig(ConfigSection):
             except re.error as err:
                 raise ConfigFieldError(f"{{key}} is not a valid regular expression ({err}): {regex!r}",
                                   ("target_regex",)) from None
-            # The default list stands for "not given", so a regex alone replaces it.
-            if targets == list(DEFAULT_TARGETS):
+            if not self.given("target_modules"):  # a regex alone replaces the default list
                 self.target_modules = targets = []
             _require(targets == [], "target_modules", "left out when target_regex is set", targets)
             return

@@ -229,6 +229,16 @@ def to_plain(obj: Any) -> Any:
 class ConfigSection:
     """Base of every config dataclass: type-check all fields, then run :meth:`validate`."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ConfigSection:
+        obj = super().__new__(cls)
+        obj.__dict__["_given"] = frozenset(kwargs)  # the keyword arguments the caller wrote (all of them: kw_only)
+        return obj
+
+    def given(self, name: str) -> bool:
+        """True when field ``name`` was passed to the constructor (a file or override key), even
+        with its default value; decide "left out" with this, never by comparing with the default."""
+        return name in self.__dict__.get("_given", ())
+
     def __post_init__(self) -> None:
         check_types(self)
         self.validate()

@@ -26,6 +26,9 @@ class AdapterLayer(nn.Module):
     """Base class of adapter wrappers. Subclasses implement the abstract methods below."""
 
     base_layer: nn.Module
+    # The ParameterDicts holding the output side ("B", zero at init) of each low-rank pair, which
+    # LoRA+ trains at a higher learning rate. Every subclass that holds pairs names its own.
+    b_side: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -58,6 +61,11 @@ class AdapterLayer(nn.Module):
     def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
         """(local name, parameter) of one adapter, or of all adapters when ``name`` is None."""
         raise NotImplementedError
+
+    def b_side_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        """The part of :meth:`adapter_params` that is the output ("B") side of a pair (:attr:`b_side`)."""
+        b = {id(p) for store in self.b_side for p in getattr(self, store).values()}
+        return ((local, p) for local, p in self.adapter_params(name) if id(p) in b)
 
     def merge(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (inference only)."""

@@ -46,6 +46,7 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
     """Named LoRA adapters on a :class:`GroupedExperts` (drop-in: same forward signature)."""
 
     base_layer: GroupedExperts
+    b_side = tuple(f"lora_B_{pair}" for pair in PAIRS)
 
     def __init__(self, base_layer: GroupedExperts) -> None:
         super().__init__(base_layer)

@@ -60,8 +60,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 per_module: Callable[[str, LoraConfig], LoraConfig] | None = None) -> AdapterReport:
     """Add LoRA adapter ``name`` to the modules ``config`` targets and freeze the base.
 
-    Every parameter that is not an adapter parameter gets ``requires_grad=False``. The new
-    adapter becomes the active one when no adapter is active yet (see :func:`set_adapter`).
+    Every parameter that is not an adapter parameter gets ``requires_grad=False``; the new
+    adapter's parameters are trainable, and other adapters keep their ``requires_grad`` (one the
+    user froze stays frozen). The new adapter becomes the active one when no adapter is active
+    yet (see :func:`set_adapter`).
 
     Args:
         model: a model from :func:`moetune.load_model` (any nn.Module with HF module names).
@@ -106,7 +108,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         _remove(model, name, created)
         raise
     adapter_configs(model)[name] = config
-    freeze_base(model)
+    freeze_base(model, trainable=name)
     set_active_adapters(model, active or [name])
     report = build_report(model, name)
     log.info("%s", report)
@@ -177,11 +179,16 @@ def _require(model: nn.Module, names: list[str]) -> None:
                                f"(adapters: {', '.join(known) or 'none'})")
 
 
-def freeze_base(model: nn.Module) -> None:
-    """``requires_grad`` True for every adapter parameter, False for everything else."""
-    keep = {id(p) for _, layer in adapter_layers(model) for _, p in layer.adapter_params()}
+def freeze_base(model: nn.Module, *, trainable: str | None = None) -> None:
+    """``requires_grad`` False for every parameter that is not an adapter's, True for those of
+    adapter ``trainable``; other adapters' parameters keep theirs."""
+    adapters = {id(p) for _, layer in adapter_layers(model) for _, p in layer.adapter_params()}
     for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+    if trainable is not None:
+        for p in trainable_parameters(model, trainable).values():
+            p.requires_grad_(True)
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:

@@ -58,6 +58,8 @@ class LoraLinear(AdapterLayer):
         base_layer: the frozen linear, weight (out, in).
     """
 
+    b_side = ("lora_B",)
+
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features

@@ -49,6 +49,7 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
     """A SwiGLU FFN with named MixLoRA adapters (drop-in: same forward)."""
 
     transparent = True  # target matching looks inside: its projections keep their module paths
+    b_side = tuple(f"lora_B_{short}" for short in SHORT.values())
 
     def __init__(self, base_layer: SwiGLU) -> None:
         nn.Module.__init__(self)  # not AdapterLayer.__init__: the SwiGLU itself is not registered

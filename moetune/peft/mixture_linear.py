@@ -34,6 +34,8 @@ from .mixture_common import ExpertOptions, MixtureMixin, check_tensors, new_expe
 class MixtureLinear(MixtureMixin, LoraLinear):
     """An ``nn.Linear`` with named LoRA adapters and named mixture-of-LoRA-experts adapters."""
 
+    b_side = (*LoraLinear.b_side, "moe_lora_B")
+
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__(base_layer)
         self._init_mixtures()

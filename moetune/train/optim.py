@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 from torch import nn
@@ -10,27 +11,45 @@ from torch import nn
 from ..peft.base import adapter_layers
 
 
-def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+class AdapterParams(dict):
+    """Trainable parameters of one adapter keyed by ``<module path>.<local name>``; ``b_side``
+    holds the keys of the output-side ("B") matrices, as their adapter layers declare them."""
+
+    def __init__(self, params: dict[str, nn.Parameter] | None = None, *, b_side: set[str] | None = None) -> None:
+        super().__init__(params or {})
+        self.b_side: set[str] = set(b_side or ())
+
+
+def adapter_parameters(model: nn.Module, name: str) -> AdapterParams:
     """Trainable parameters of adapter ``name`` keyed by ``<module path>.<local name>``."""
-    out: dict[str, nn.Parameter] = {}
+    out = AdapterParams()
     for path, layer in adapter_layers(model):
         if name not in layer.adapter_names:  # adapters with different targets: not every layer has it
             continue
         for local, p in layer.adapter_params(name):
             out[f"{path}.{local}"] = p
+        out.b_side.update(f"{path}.{local}" for local, _ in layer.b_side_params(name))
     return out
 
 
-def is_lora_b(key: str) -> bool:
-    """LoRA+ scales B matrices; the adapter protocol names them ``lora_B...`` (see peft/base.py)."""
-    return key.rsplit(".", 1)[-1].startswith("lora_B") or ".lora_B" in key
+def build_optimizer(params: dict[str, nn.Parameter], *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                    loraplus_lr_ratio: float | None, b_side: Collection[str] | None = None) -> torch.optim.AdamW:
+    """AdamW with fp32 state; with LoRA+ the B matrices get ``lr * loraplus_lr_ratio``.
 
+    Args:
+        params: from :func:`adapter_parameters` (which knows the B side of every adapter kind).
+        b_side: the keys of ``params`` that are B matrices; default: ``params.b_side``.
 
-def build_optimizer(params: dict[str, nn.Parameter], *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, loraplus_lr_ratio: float | None) -> torch.optim.AdamW:
-    """AdamW with fp32 state; with LoRA+ the B matrices get ``lr * loraplus_lr_ratio``."""
+    Raises:
+        ValueError: LoRA+ asked for on a plain dict with no ``b_side``.
+    """
     ratio = loraplus_lr_ratio or 1.0
-    a = [p for k, p in params.items() if not is_lora_b(k)]
-    b = [p for k, p in params.items() if is_lora_b(k)]
+    b_keys = set(b_side if b_side is not None else getattr(params, "b_side", ()))
+    if ratio != 1.0 and b_side is None and not isinstance(params, AdapterParams):
+        raise ValueError("build_optimizer: loraplus_lr_ratio needs to know the B matrices; pass b_side= "
+                         "or the parameters from adapter_parameters()")
+    a = [p for k, p in params.items() if k not in b_keys]
+    b = [p for k, p in params.items() if k in b_keys]
     groups = [g for g in ({"params": a, "lr": lr}, {"params": b, "lr": lr * ratio}) if g["params"]]
     for g in groups:
         g["initial_lr"] = g["lr"]
