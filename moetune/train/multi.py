@@ -36,7 +36,7 @@ from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
 from .checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLog, Progress
 from .optim import adapter_parameters, build_optimizer, build_scheduler
-from .plot import plot_losses
+from .plot import plot_metrics
 from .setup import RunParts
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class MultiTrainer:
         evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
         series = {j.name: [(r["adapters"][j.name]["step"], r["adapters"][j.name]["loss"]) for r in records
                            if j.name in r.get("adapters", {}) and not r["adapters"][j.name]["skipped"]] for j in self.jobs}
-        plot = plot_losses(series, self.out / "loss.png") if any(series.values()) else None
+        plot = plot_metrics(records, self.out / "loss.png", title=self.out.name) if any(series.values()) else None
         return TrainResult(output_dir=self.out, adapter_dirs={j.name: j.saved or self._save(j) for j in self.jobs}, steps=self.step,
                            tokens=tokens, seconds=time.perf_counter() - start, peak_memory_gib=peak_memory_gib(self.device),
                            final_loss=last["loss"] if last else None, eval_loss=evals[-1] if evals else None,

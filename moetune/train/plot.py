@@ -1,87 +1,119 @@
-"""Loss curves as a PNG with no plotting dependency.
+"""``loss.png``: train and eval loss vs step, the learning rate on a second y axis.
 
-matplotlib is used when installed (nicer axes); otherwise a small built-in rasteriser draws the
-train and eval curves on a grid and writes the PNG with zlib, so every run gets its plot.
+The figure is built with matplotlib's object API on the Agg canvas (no display, no pyplot state)
+from the records of ``metrics.jsonl``: a one-adapter run has one train curve, its eval points and
+its lr; a run training several adapters together has those three per adapter, in one colour each,
+over each adapter's own steps. The PNG is written to a temporary file and renamed over the old one.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-W, H, PAD = 640, 400, 40
-COLORS = {"train": (31, 119, 180), "eval": (255, 127, 14)}
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-
-def _png(pixels: list[bytearray]) -> bytes:
-    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+Points = list[tuple[int, float]]
 
 
-def _put(px: list[bytearray], x: int, y: int, color: tuple[int, int, int], size: int = 1) -> None:
-    for dx in range(-size + 1, size):
-        for dy in range(-size + 1, size):
-            if 0 <= x + dx < W and 0 <= y + dy < H:
-                px[y + dy][3 * (x + dx) : 3 * (x + dx) + 3] = bytes(color)
+@dataclass
+class Series:
+    """Curves keyed by adapter name (``""`` for a one-adapter run), each a list of (step, value)."""
+
+    loss: dict[str, Points] = field(default_factory=dict)
+    eval: dict[str, Points] = field(default_factory=dict)
+    lr: dict[str, Points] = field(default_factory=dict)
 
 
-def _line(px, a, b, color) -> None:
-    (x0, y0), (x1, y1) = a, b
-    n = max(abs(x1 - x0), abs(y1 - y0), 1)
-    for i in range(n + 1):
-        _put(px, round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), color, 2)
+def series_from_records(records: list[dict[str, Any]]) -> Series:
+    """The curves in ``metrics.jsonl`` records; skipped (non-finite) steps have no loss point."""
+    out = Series()
+    evals: dict[str, dict[int, float]] = {}
+    for r in records:
+        per_adapter = r.get("adapters")
+        rows = per_adapter.items() if isinstance(per_adapter, dict) else [("", r)]
+        for name, row in rows:
+            step = row.get("step", r.get("step"))
+            if row.get("loss") is not None and not row.get("skipped"):
+                out.loss.setdefault(name, []).append((step, row["loss"]))
+            if row.get("lr") is not None:
+                out.lr.setdefault(name, []).append((step, row["lr"]))
+            if row.get("eval_loss") is not None:
+                evals.setdefault(name, {})[step] = row["eval_loss"]  # one point per step: the last
+    out.eval = {name: sorted(points.items()) for name, points in evals.items()}
+    return out
 
 
-def _builtin(series: dict[str, list[tuple[int, float]]], out: Path) -> None:
-    px = [bytearray([255] * 3 * W) for _ in range(H)]
-    points = [p for s in series.values() for p in s]
-    xmax = max(x for x, _ in points) or 1
-    ymin, ymax = min(y for _, y in points), max(y for _, y in points)
-    span = (ymax - ymin) or 1.0
-
-    def at(x: float, y: float) -> tuple[int, int]:
-        return PAD + round((W - 2 * PAD) * x / xmax), H - PAD - round((H - 2 * PAD) * (y - ymin) / span)
-
-    for i in range(5):  # light grid, then axes
-        gy = PAD + i * (H - 2 * PAD) // 4
-        _line(px, (PAD, gy), (W - PAD, gy), (230, 230, 230))
-    _line(px, (PAD, H - PAD), (W - PAD, H - PAD), (0, 0, 0))
-    _line(px, (PAD, PAD), (PAD, H - PAD), (0, 0, 0))
-    for name, pts in series.items():
-        for a, b in zip(pts, pts[1:]):
-            _line(px, at(*a), at(*b), COLORS.get(name, (0, 0, 0)))
-        for p in pts if len(pts) == 1 or name == "eval" else []:
-            _put(px, *at(*p), COLORS.get(name, (0, 0, 0)), 4)
-    out.write_bytes(_png(px))
-
-
-def plot_losses(series: dict[str, list[tuple[int, float]]], out: str | Path) -> Path:
-    """Write a PNG of loss vs step for each named series (e.g. train, eval)."""
-    out = Path(out)
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return out
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _builtin(series, out)
-        return out
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, pts in series.items():
-        ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, marker="o" if name == "eval" else None)
+def loss_figure(series: Series, *, title: str | None = None) -> Figure:
+    """The plot of ``series``: loss (left axis) and learning rate (right axis) against step."""
+    fig = Figure(figsize=(8.0, 4.8), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = list(dict.fromkeys([*series.loss, *series.eval, *series.lr]))
+    lr_ax = ax.twinx() if series.lr else None
+    for i, name in enumerate(names):
+        color, prefix = f"C{i}", f"{name} " if name else ""
+        if series.loss.get(name):
+            ax.plot(*zip(*series.loss[name]), color=color, linewidth=1.5, marker="o" if len(series.loss[name]) == 1 else None,
+                    label=f"{prefix}train loss")
+        if series.eval.get(name):
+            ax.plot(*zip(*series.eval[name]), color=color, linestyle="--", marker="o", markersize=4,
+                    label=f"{prefix}eval loss")
+        if lr_ax is not None and series.lr.get(name):
+            lr_ax.plot(*zip(*series.lr[name]), color=color if name else "0.45", linestyle=":", linewidth=1.2,
+                       label=f"{prefix}lr")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title}: loss and learning rate" if title else "loss and learning rate")
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_ax is not None:
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        more = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="upper right", fontsize="small")
+    return fig
+
+
+def save_figure(fig: Figure, out: str | Path) -> Path:
+    """Write ``fig`` as PNG to ``out`` atomically: a reader sees the old file or the new one."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def plot_metrics(records: list[dict[str, Any]], out: str | Path, *, title: str | None = None) -> Path | None:
+    """Write ``loss.png`` for the ``metrics.jsonl`` records of a run; None when no step has a loss.
+
+    Args:
+        records: the run's metrics records (``loss``, ``lr``, ``eval_loss``, per-adapter ``adapters``).
+        out: the PNG path.
+        title: the run's name, shown in the title.
+    """
+    series = series_from_records(records)
+    if not any(series.loss.values()):
+        return None
+    return save_figure(loss_figure(series, title=title), out)
+
+
+def plot_losses(series: dict[str, Points], out: str | Path, *, lr: Points | dict[str, Points] | None = None,
+                title: str | None = None) -> Path:
+    """The same plot from ready curves: ``{"train": [...], "eval": [...]}`` for one adapter, or
+    ``{adapter name: train points}``; ``lr`` one list of (step, lr) or one per adapter."""
+    if set(series) <= {"train", "eval"}:
+        curves = Series(loss={"": series.get("train", [])}, eval={"": series.get("eval", [])})
+        curves.lr = {"": lr} if isinstance(lr, list) else dict(lr or {})
+    else:
+        curves = Series(loss=dict(series), lr=dict(lr) if isinstance(lr, dict) else {})
+    curves.loss = {k: v for k, v in curves.loss.items() if v}
+    curves.eval = {k: v for k, v in curves.eval.items() if v}
+    return save_figure(loss_figure(curves, title=title), out)

@@ -31,7 +31,7 @@ from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
 from .objectives import Objectives
 from .multi import MultiTrainer
 from .optim import adapter_parameters, build_optimizer, build_scheduler
-from .plot import plot_losses
+from .plot import plot_metrics
 from .setup import RunParts, prepare_run
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class Trainer:
         metrics.close()
         train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
         evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-        plot = plot_losses({"train": train, "eval": evals}, self.out / "loss.png") if train and self.parallel.is_main else None
+        plot = plot_metrics(records, self.out / "loss.png", title=self.out.name) if train and self.parallel.is_main else None
         self.parallel.barrier()
         return TrainResult(
             output_dir=self.out,
