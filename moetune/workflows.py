@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import DataSection
-from .data import build_datasets, eval_batches, load_tokenizer
+from .data import build_datasets, eval_batches, resolve_tokenizer
 from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
@@ -19,10 +19,11 @@ from .peft.io import load_adapter, merge_adapter, save_adapter
 
 
 def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
-    """The given tokenizer, else the model folder's own tokenizer.json, else the byte tokenizer."""
-    if spec:
-        return load_tokenizer(spec)
-    return load_tokenizer(str(model_path) if (Path(model_path) / "tokenizer.json").is_file() else "byte")
+    """The given tokenizer, else the model folder's own, else the byte tokenizer (said in a warning).
+
+    The same rule as ``data.tokenizer`` in a run: :func:`moetune.data.resolve_tokenizer`.
+    """
+    return resolve_tokenizer(spec, model_path)
 
 
 def load_with_adapter(model_path, adapter: str | None, *, dtype=torch.float32, device="cpu", name: str = "default"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,14 +47,14 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
         {"role": "assistant", "content": "héllo"}]
 
 
-def make_hf_tokenizer(folder: Path, chat_template: str | None = CHATML, **config) -> Path:
+def make_hf_tokenizer(folder: Path, chat_template: str | None = CHATML, *, vocab_size: int = 330, **config) -> Path:
     """A tiny byte-level BPE tokenizer trained here, saved as a Hugging Face folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>",
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>",
                                                                   "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["hello world, how are you?", "the quick brown fox", "héllo wörld"] * 5, trainer)
@@ -98,7 +99,7 @@ def test_hf_chat_template_rendering_and_mask(tmp_path: Path) -> None:
     chat = tok.encode_chat(CHAT)
     assert tok.decode(chat.ids, skip_special_tokens=False) == tok.apply_chat_template(CHAT)
     learnt = tok.decode([i for i, a in zip(chat.ids, chat.assistant) if a], skip_special_tokens=False)
-    assert learnt == "the quick fox<|im_end|>\nhéllo<|im_end|>\n"
+    assert learnt == "the quick fox<|im_end|>héllo<|im_end|>"  # never the "\n" after <|im_end|>
 
 
 def test_hf_chat_template_matches_transformers(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_hf_template_that_rewrites_history(tmp_path: Path) -> None:
     assert tok.turn_end == "<|im_end|>"
     chat = tok.encode_chat(CHAT)
     learnt = tok.decode([i for i, a in zip(chat.ids, chat.assistant) if a], skip_special_tokens=False)
-    assert learnt == "the quick fox<|im_end|><think></think>héllo<|im_end|>\n"
+    assert learnt == "the quick fox<|im_end|><think></think>héllo<|im_end|>"
     with pytest.raises(DataError, match="rejected the conversation: system must come first"):
         tok.encode_chat([CHAT[1], CHAT[0], CHAT[2]])
 
@@ -244,6 +245,42 @@ def test_truncation_and_dropping(tmp_path: Path) -> None:
     section = DataSection(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), max_length=24)
     splits = build_datasets(section, tok)
     assert len(splits.train) == 2 and splits.report.dropped == 1 and splits.report.truncated == 1
+
+
+def _records(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and r.name.startswith("moetune")]
+
+
+def test_rows_that_lose_their_ending_warn_once_with_counts(tmp_path: Path, caplog) -> None:
+    tok = ByteTokenizer()
+    long = {"instruction": "p", "output": "r" * 40}  # its eos (end of turn) falls past max_length
+    path = write_jsonl(tmp_path / "t.jsonl", [long, GOOD, long, GOOD, long])
+    example = tokenize_row(load_rows(path).rows[0], tok, max_length=24)
+    assert example.truncated and example.lost_ending and example.labels[-1] != tok.eos_id
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        splits = build_datasets(DataSection(train=str(path), max_length=24, val_fraction=0.4), tok)
+    report = splits.report
+    assert (report.truncated, report.lost_endings) == (3, 3)  # train and held-out rows together
+    warned = _records(caplog, logging.WARNING)
+    assert len(warned) == 1 and str(path) in warned[0]
+    assert "3 of 5 rows" in warned[0] and "max_length=24" in warned[0] and "stop" in warned[0]
+    assert "longest row: 46 tokens" in warned[0]
+    assert "3 truncated (3 lose the end of their last response)" in report.summary()
+
+
+def test_truncation_that_keeps_every_response_whole_is_info(tmp_path: Path, caplog) -> None:
+    tok = load_tokenizer(str(make_hf_tokenizer(tmp_path / "tok")))
+    row = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the fox"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [row, row])
+    full = tokenize_row(load_rows(path).rows[0], tok, max_length=4096)
+    assert tok.decode(full.input_ids[-2:], skip_special_tokens=False) == "<|im_end|>\n"
+    with caplog.at_level(logging.INFO, logger="moetune"):  # cut only the "\n" after <|im_end|>
+        splits = build_datasets(DataSection(train=str(path), max_length=len(full) - 1), tok)
+    assert (splits.report.truncated, splits.report.lost_endings) == (2, 0)
+    assert not _records(caplog, logging.WARNING)
+    info = _records(caplog, logging.INFO)
+    assert any(str(path) in line and "2 of 2 rows" in line and f"max_length={len(full) - 1}" in line
+               for line in info)
 
 
 # ---- collation and packing --------------------------------------------------------------------

@@ -35,7 +35,10 @@ class DataSection(ConfigSection):
         train: JSONL file of training rows.
         eval: JSONL file of evaluation rows; or use ``val_fraction``, not both.
         format: row shape; ``auto`` detects it per file.
-        tokenizer: ``byte`` (built-in byte tokenizer) or a folder with ``tokenizer.json``.
+        tokenizer: a folder with ``tokenizer.json``, or ``byte`` (the built-in byte tokenizer).
+            Default (null): the model folder's own tokenizer, the one ``eval`` and ``generate``
+            use; the byte tokenizer only when the model folder has no ``tokenizer.json`` (with a
+            warning).
         max_length: tokens per example (longer ones are truncated) and per packed row.
         packing: pack several examples into each row of ``max_length`` tokens.
         train_on_prompt: put loss on prompt tokens too, not only on responses.
@@ -47,7 +50,7 @@ class DataSection(ConfigSection):
     train: str = field(metadata=_PATH)
     eval: str | None = field(default=None, metadata=_PATH)
     format: Literal["auto", "instruction", "chat", "text"] = "auto"
-    tokenizer: str = field(default="byte", metadata={"path": True, "keep": ("byte",)})
+    tokenizer: str | None = field(default=None, metadata={"path": True, "keep": ("byte",)})
     max_length: int = 512
     packing: bool = False
     train_on_prompt: bool = False

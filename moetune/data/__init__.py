@@ -2,7 +2,7 @@
 
 Typical use::
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.model.path)
     splits = build_datasets(cfg.data, tokenizer)
     loader = make_train_loader(splits.train, batch_size=cfg.optim.batch_size,
                                max_length=cfg.data.max_length, packing=cfg.data.packing,
@@ -26,12 +26,12 @@ from moetune.data.dataset import (
 from moetune.data.examples import IGNORE, Example, encode_row, tokenize_row
 from moetune.data.formats import ChatRow, InstructionRow, LoadedRows, Row, TextRow, detect_format, load_rows
 from moetune.data.packing import pack_examples, packing_efficiency
-from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer, load_tokenizer
+from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer, load_tokenizer, resolve_tokenizer
 
 __all__ = [
     "IGNORE", "BatchLoader", "ByteTokenizer", "ChatEncoding", "ChatRow", "Collator", "DataReport",
     "DataSplits", "Example", "InstructionRow", "LoadedRows", "ResumableSampler", "Row", "SamplerState",
     "TextRow", "Tokenizer", "build_datasets", "detect_format", "encode_row", "eval_batches",
     "load_rows", "load_tokenizer", "make_train_loader", "pack_examples", "packing_efficiency",
-    "split_rows", "tokenize_row",
+    "resolve_tokenizer", "split_rows", "tokenize_row",
 ]

@@ -38,6 +38,7 @@ class DataReport:
     eval_examples: int = 0
     skipped_rows: int = 0
     truncated: int = 0
+    lost_endings: int = 0
     dropped: int = 0
     train_tokens: int = 0
     learnt_tokens: int = 0
@@ -46,7 +47,30 @@ class DataReport:
         """One line for the log."""
         return (f"data: {self.train_examples} train / {self.eval_examples} eval examples ({self.format}), "
                 f"{self.train_tokens} train tokens, {self.learnt_tokens} with loss; {self.skipped_rows} bad "
-                f"rows skipped, {self.truncated} truncated, {self.dropped} dropped (no loss tokens left)")
+                f"rows skipped, {self.truncated} truncated ({self.lost_endings} lose the end of their last "
+                f"response), {self.dropped} dropped (no loss tokens left)")
+
+
+@dataclass
+class _Cuts:
+    """Truncation counts of one file, for one log line about it."""
+
+    rows: int = 0
+    truncated: int = 0
+    lost_endings: int = 0
+    longest: int = 0
+
+    def log(self, path: str, max_length: int) -> None:
+        """WARNING when responses lost their ends (the model never learns to stop), else INFO."""
+        if self.lost_endings:
+            log.warning("%s: %d of %d rows lose the end of their last response (its end-of-turn / eos "
+                        "token) to max_length=%d, so the model does not learn to stop after them; raise "
+                        "data.max_length (longest row: %d tokens)", path, self.lost_endings, self.rows,
+                        max_length, self.longest)
+        elif self.truncated:
+            log.info("%s: %d of %d rows are longer than max_length=%d and were cut after their last "
+                     "response (longest row: %d tokens)", path, self.truncated, self.rows, max_length,
+                     self.longest)
 
 
 @dataclass
@@ -74,7 +98,7 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
 
 
 def _tokenize_rows(loaded: LoadedRows, rows: list[Row], tokenizer: Tokenizer, section: DataSection,
-                   report: DataReport) -> list[Example]:
+                   report: DataReport, cuts: _Cuts) -> list[Example]:
     examples: list[Example] = []
     for row in rows:
         try:
@@ -88,6 +112,10 @@ def _tokenize_rows(loaded: LoadedRows, rows: list[Row], tokenizer: Tokenizer, se
             report.skipped_rows += 1
             continue
         report.truncated += example.truncated
+        report.lost_endings += example.lost_ending
+        cuts.rows, cuts.truncated = cuts.rows + 1, cuts.truncated + example.truncated
+        cuts.lost_endings += example.lost_ending
+        cuts.longest = max(cuts.longest, example.full_length)
         if example.num_learnt == 0:
             report.dropped += 1  # all its loss tokens were cut off; it would only cost compute
             continue
@@ -103,6 +131,10 @@ def build_datasets(section: DataSection, tokenizer: Tokenizer, seed: int | None 
         tokenizer: from :func:`moetune.data.load_tokenizer`.
         seed: seed of the validation split; defaults to ``section.seed``.
 
+    Rows longer than ``max_length`` are cut at the end; per file, one WARNING counts the rows whose
+    cut takes the end of their last response (its eos / end-of-turn token), else one INFO line
+    counts the rows cut after it. The report holds the totals.
+
     Raises:
         DataError: a file or row is bad (see :func:`moetune.data.formats.load_rows`), or no
             training example keeps a loss token within ``max_length``.
@@ -116,8 +148,11 @@ def build_datasets(section: DataSection, tokenizer: Tokenizer, seed: int | None 
         eval_rows, report.skipped_rows = eval_file.rows, report.skipped_rows + eval_file.skipped
     elif section.val_fraction > 0:
         train_rows, eval_rows = split_rows(train_rows, section.val_fraction, seed)
-    train = _tokenize_rows(train_file, train_rows, tokenizer, section, report)
-    evals = _tokenize_rows(eval_file, eval_rows, tokenizer, section, report)
+    cuts = {train_file.path: _Cuts(), eval_file.path: _Cuts()}  # one entry when eval rows are held out
+    train = _tokenize_rows(train_file, train_rows, tokenizer, section, report, cuts[train_file.path])
+    evals = _tokenize_rows(eval_file, eval_rows, tokenizer, section, report, cuts[eval_file.path])
+    for path, tally in cuts.items():
+        tally.log(path, section.max_length)
     if not train:
         raise DataError(f"{section.train}: no example keeps a loss token within max_length="
                         f"{section.max_length} ({report.dropped} dropped)")

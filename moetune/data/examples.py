@@ -36,11 +36,16 @@ class Example:
         input_ids: token ids, length T.
         labels: length T; the token id where it is learnt, else -100.
         truncated: whether tokens past ``max_length`` were cut off.
+        lost_ending: whether the cut took the end of the last response (its last learnt-by-default
+            token: eos or the end-of-turn marker), so this example never teaches the model to stop.
+        full_length: tokens before the cut.
     """
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    lost_ending: bool = False
+    full_length: int = 0
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -92,7 +97,8 @@ def encode_row(row: Row, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
 def tokenize_row(row: Row, tokenizer: Tokenizer, *, max_length: int, train_on_prompt: bool = False) -> Example:
     """Tokenise one row into an :class:`Example` of at most ``max_length`` tokens.
 
-    Longer examples are cut at the end (so a long response loses its tail).
+    Longer examples are cut at the end (so a long response loses its tail, and with it the
+    eos / end-of-turn token: ``Example.lost_ending``).
 
     Raises:
         RowError: the row renders to no tokens.
@@ -101,8 +107,10 @@ def tokenize_row(row: Row, tokenizer: Tokenizer, *, max_length: int, train_on_pr
     ids, learnt = encode_row(row, tokenizer)
     if not ids:
         raise RowError("the row renders to no tokens")
-    truncated = len(ids) > max_length
+    full_length = len(ids)
+    last = max((i for i, keep in enumerate(learnt) if keep), default=-1)
     ids, learnt = ids[:max_length], learnt[:max_length]
     labels = [token if (train_on_prompt or keep) else IGNORE for token, keep in zip(ids, learnt)]
     labels[0] = IGNORE
-    return Example(input_ids=ids, labels=labels, truncated=truncated)
+    return Example(input_ids=ids, labels=labels, truncated=full_length > max_length,
+                   lost_ending=last >= max_length, full_length=full_length)

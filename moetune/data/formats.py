@@ -4,6 +4,7 @@ Three row shapes (extra fields, such as an ``id``, are allowed and unused)::
 
     {"instruction": "...", "input": "...", "output": "..."}        # instruction; input optional
     {"messages": [{"role": "user", "content": "..."}, ...]}        # chat; roles system/user/assistant
+                                                                  # (assistant: reasoning_content optional)
     {"text": "..."}                                               # plain text
 
 With ``format: auto`` the shape of a file is that of its first well-formed row (``messages``,
@@ -107,7 +108,15 @@ def _parse_message(index: int, message: Any) -> dict[str, str]:
             raise RowError(f"{where}.{name} is {problem} (chat messages need role, content)")
     if message["role"] not in ROLES:
         raise RowError(f"{where}.role is {message['role']!r}; expected one of {', '.join(ROLES)}")
-    return {"role": message["role"], "content": message["content"]}
+    parsed = {"role": message["role"], "content": message["content"]}
+    reasoning = message.get("reasoning_content")
+    if reasoning is not None:  # rendered by the chat template, as transformers does (Qwen3: <think>)
+        if not isinstance(reasoning, str):
+            raise RowError(f"{where}.reasoning_content is not a string")
+        if message["role"] != "assistant":
+            raise RowError(f"{where}.reasoning_content: only assistant messages have reasoning")
+        parsed["reasoning_content"] = reasoning
+    return parsed
 
 
 def _parse_chat(obj: dict[str, Any], line: int) -> ChatRow:

@@ -4,14 +4,17 @@ The chat template is Jinja, rendered in a sandbox with the globals Hugging Face 
 (``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text).
 
 Finding the assistant tokens of a rendered conversation (what carries loss): the full
-conversation is rendered once and tokenised with character offsets. For each assistant message
-``i`` its span starts where ``messages[:i]`` rendered with the generation prompt ends, and stops
-where ``messages[:i+1]`` rendered ends, so the end-of-turn marker is trained and the role header
-is not. Tokens whose first character falls in a span are assistant tokens. Some templates render
-history differently from the last turn (Qwen3 drops past reasoning blocks), so a prefix render is
-not always a prefix of the full text; then the span falls back to the message content found in
-the text after the previous span, extended over the template's end-of-turn marker (learnt once by
-rendering a probe conversation).
+conversation is rendered once and tokenised with character offsets. An assistant turn's span
+starts after its role header: where the text stops agreeing with ``messages[:i]`` rendered with the
+generation prompt (checked to agree with the text up to the turn). It ends after the template's
+end-of-turn marker (e.g. ``<|im_end|>``, learnt once by rendering a probe conversation), so on
+every turn, the last one included, the marker is learnt and what the template writes after it
+(ChatML's newline) is not: the model learns to stop, never to write the next turn's formatting.
+Whatever the template renders in between is learnt as rendered: Qwen3 renders the last turns'
+reasoning (``reasoning_content``, or a ``<think>`` block in ``content``) as ``<think>...</think>``
+and drops it from earlier turns, exactly as transformers' ``apply_chat_template``. Tokens whose
+first character falls in a span are assistant tokens. A template whose prefix renders do not
+agree with the full text falls back to finding the message content after the previous span.
 """
 
 from __future__ import annotations
@@ -83,6 +86,12 @@ def _find_template(folder: Path, config: dict[str, Any]) -> str | None:
     if template is not None and not isinstance(template, str):
         raise DataError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string")
     return template
+
+
+def message_text(message: dict[str, str]) -> str:
+    """The part of a message's content every template writes (a leading ``<think>`` block cut off)."""
+    content = message["content"]
+    return content.split("</think>")[-1].lstrip("\n") if "</think>" in content else content
 
 
 class HFTokenizer:
@@ -169,6 +178,9 @@ class HFTokenizer:
             raise DataError(f"{self.source}: the chat template failed: {err}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> ChatEncoding:
+        if any(m.get("reasoning_content") for m in messages) and not self.renders_reasoning:
+            raise DataError(f"the chat template of {self.source} ignores reasoning_content; put the reasoning "
+                            f"in content, or use a tokenizer whose template renders it")
         text = self.apply_chat_template(messages, add_generation_prompt)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         spans = self._assistant_spans(messages, text)
@@ -182,20 +194,34 @@ class HFTokenizer:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self._render_or_none(messages[:i], add_generation_prompt=True)
-            upto = self.apply_chat_template(messages[: i + 1])
-            if prompt is not None and text.startswith(prompt) and len(prompt) >= cursor:
-                start = len(prompt)
-            else:
-                start = self._find(text, message["content"], cursor)
-            if text.startswith(upto) and len(upto) > start:
-                end = len(upto)
-            else:
-                end = self._find(text, message["content"], start) + len(message["content"])
-                end += len(self.turn_end) if self.turn_end and text.startswith(self.turn_end, end) else 0
+            start = self._turn_start(messages, i, text, cursor)
+            end = self._turn_stop(messages, i, text, start)
             spans.append((start, end))
             cursor = end
         return spans
+
+    def _turn_start(self, messages: list[dict[str, str]], i: int, text: str, cursor: int) -> int:
+        """Where assistant message ``i``'s tokens start: after its role header."""
+        history = self._render_or_none(messages[:i], add_generation_prompt=False)
+        prompt = self._render_or_none(messages[:i], add_generation_prompt=True)
+        if (history is not None and prompt is not None and prompt.startswith(history)
+                and text.startswith(history) and len(history) >= cursor):
+            header, rest = prompt[len(history):], text[len(history):]
+            agree = next((n for n, (a, b) in enumerate(zip(header, rest)) if a != b), min(len(header), len(rest)))
+            return len(history) + agree
+        return self._find(text, message_text(messages[i]), cursor)
+
+    def _turn_stop(self, messages: list[dict[str, str]], i: int, text: str, start: int) -> int:
+        """Where assistant message ``i``'s tokens stop: after the end-of-turn marker."""
+        if self.turn_end:
+            at = text.find(self.turn_end, start)
+            if at >= 0:
+                return at + len(self.turn_end)
+        upto = self._render_or_none(messages[: i + 1], add_generation_prompt=False)
+        if upto is not None and text.startswith(upto) and len(upto.rstrip()) > start:
+            return len(upto.rstrip())  # no marker known: the turn's text, not the whitespace after it
+        content = message_text(messages[i])
+        return self._find(text, content, start) + len(content)
 
     def _render_or_none(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str | None:
         # A template may refuse a prefix (e.g. one that must start with a user turn).
@@ -210,6 +236,13 @@ class HFTokenizer:
             raise DataError(f"{self.source}: cannot locate an assistant message in the rendered chat "
                             f"(the chat template changes its content); cannot mask the prompt")
         return at
+
+    @cached_property
+    def renders_reasoning(self) -> bool:
+        """Whether the template writes an assistant message's ``reasoning_content`` at all."""
+        probe = [{"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": "yo", "reasoning_content": _PROBE}]
+        return _PROBE in (self._render_or_none(probe, add_generation_prompt=False) or "")
 
     @cached_property
     def turn_end(self) -> str:

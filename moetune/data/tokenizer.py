@@ -8,12 +8,15 @@ generation stops there. Hugging Face tokenizer folders are handled by
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 from moetune.errors import DataError, MoetuneError
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 
 
@@ -108,6 +111,9 @@ class ByteTokenizer:
             role = message["role"]
             if role not in self.role_ids:
                 raise DataError(f"unknown chat role {role!r} (expected one of {', '.join(ROLES)})")
+            if message.get("reasoning_content"):
+                raise DataError("the byte tokenizer has no format for reasoning_content; put the reasoning "
+                                "in content, or use a tokenizer whose chat template renders it")
             body = [*self.encode(message["content"]), self.eos_id]
             ids += [self.role_ids[role], *body]
             assistant += [False] + [role == "assistant"] * len(body)
@@ -141,3 +147,21 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise MoetuneError(f"loading {folder} needs the optional packages: pip install "
                            f"'moetune[tokenizers]' ({err})") from None
     return HFTokenizer.from_folder(folder)
+
+
+def resolve_tokenizer(spec: str | None, model_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a run, or of ``eval``/``generate`` on a model: one rule for all of them.
+
+    Args:
+        spec: ``"byte"``, a tokenizer folder, or None (or "") for the model's own: the
+            ``tokenizer.json`` in ``model_path``; when that folder has none, the byte tokenizer,
+            said in one WARNING naming the folder.
+        model_path: the base model's folder.
+    """
+    if spec:
+        return load_tokenizer(spec)
+    if (Path(model_path) / "tokenizer.json").is_file():
+        return load_tokenizer(str(model_path))
+    log.warning("no tokenizer.json in the model folder %s: using the built-in byte tokenizer (set "
+                "data.tokenizer / --tokenizer to a tokenizer folder, or to 'byte' to say so)", model_path)
+    return ByteTokenizer()

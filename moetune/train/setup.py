@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import DataSplits, Tokenizer, build_datasets, load_tokenizer
+from ..data import DataSplits, Tokenizer, build_datasets, resolve_tokenizer
 from ..errors import ConfigError
 from ..model import CausalLM, load_model
 from ..peft.inject import add_adapter
@@ -64,7 +64,7 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
-    tokenizer = tokenizer or load_tokenizer(config.data.tokenizer)
+    tokenizer = tokenizer or resolve_tokenizer(config.data.tokenizer, config.model.path)  # null: the model's own
     data = build_datasets(config.data, tokenizer, seed=config.seed)
     log.info(data.report.summary())
     if model is None:

@@ -1,0 +1,77 @@
+"""Which tokenizer a run uses when ``data.tokenizer`` is not given: the model folder's own.
+
+The byte tokenizer is used only when named (``tokenizer: byte``) or when the model folder has no
+``tokenizer.json`` (then one WARNING names the folder). ``train`` and ``eval``/``generate`` share
+the rule, so a run and its evaluation always read the same token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from moetune.config import DataSection, dump_config, load_train_config
+from moetune.data import ByteTokenizer, load_rows, resolve_tokenizer, tokenize_row
+from moetune.workflows import default_tokenizer
+from test_data import make_hf_tokenizer
+from train_helpers import tiny_model_dir, write_run
+
+
+def _model_with_tokenizer(root: Path) -> Path:
+    """The tiny model folder (vocabulary 272) with a tokenizer.json of at most 272 tokens beside it."""
+    folder = root / "model-with-tokenizer"
+    shutil.copytree(tiny_model_dir(root), folder)
+    make_hf_tokenizer(folder, vocab_size=270)
+    return folder
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_default_is_the_model_folder_not_the_byte_tokenizer(tmp_path: Path) -> None:
+    assert DataSection(train="t.jsonl").tokenizer is None
+    config = load_train_config(write_run(tmp_path))
+    assert config.data.tokenizer is None
+    assert yaml.safe_load(dump_config(config))["data"]["tokenizer"] is None  # --print-config: null
+    assert "tokenizer: null" in dump_config(config)
+
+
+def test_model_folder_tokenizer_is_used_when_present(tmp_path: Path, caplog) -> None:
+    folder = _model_with_tokenizer(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        tok = resolve_tokenizer(None, folder)
+        assert not isinstance(tok, ByteTokenizer) and tok.source == str(folder)
+        assert not isinstance(default_tokenizer(folder, None), ByteTokenizer)
+    assert not _warnings(caplog)
+
+
+def test_byte_tokenizer_when_named_or_when_the_folder_has_none(tmp_path: Path, caplog) -> None:
+    with_tok = _model_with_tokenizer(tmp_path)
+    without = tiny_model_dir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        assert isinstance(resolve_tokenizer("byte", with_tok), ByteTokenizer)  # named: no warning
+    assert not _warnings(caplog)
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        assert isinstance(resolve_tokenizer(None, without), ByteTokenizer)
+        assert isinstance(default_tokenizer(without, None), ByteTokenizer)
+    warned = _warnings(caplog)
+    assert len(warned) == 2 and all(str(without) in w and "byte tokenizer" in w for w in warned)
+    explicit = resolve_tokenizer(str(with_tok), without)  # an explicit folder wins over the model's
+    assert not isinstance(explicit, ByteTokenizer) and explicit.source == str(with_tok)
+
+
+def test_a_run_without_data_tokenizer_trains_on_the_model_tokenizer(tmp_path: Path) -> None:
+    from moetune.train.setup import prepare_run
+
+    folder = _model_with_tokenizer(tmp_path)
+    config = load_train_config(write_run(tmp_path, model={"path": str(folder), "device": "cpu"}))
+    parts = prepare_run(config)
+    assert not isinstance(parts.tokenizer, ByteTokenizer) and parts.tokenizer.source == str(folder)
+    row = load_rows(config.data.train).rows[0]
+    as_model = tokenize_row(row, parts.tokenizer, max_length=config.data.max_length)
+    as_bytes = tokenize_row(row, ByteTokenizer(), max_length=config.data.max_length)
+    assert parts.data.train[0].input_ids == as_model.input_ids != as_bytes.input_ids
