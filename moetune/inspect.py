@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .model.build import build_causal_lm
 from .model.families import model_args_from_hf
 from .model.loading import read_hf_config, weight_files
 from .model.summary import summarize
+from .safetensors_check import safetensors_problem
 
 
 def target_names(args) -> tuple[list[str], dict[str, list[str]]]:
@@ -24,12 +26,19 @@ def target_names(args) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def inspect_model(path: str | os.PathLike) -> str:
-    """A readable report of a model folder; reads config.json and the file list only."""
+    """A readable report of a model folder; reads config.json, the file list and each weight file's
+    header (no tensor data).
+
+    Raises:
+        CheckpointError: a weight file is empty, truncated or not safetensors (all such files named).
+    """
     cfg = read_hf_config(path)
     args = model_args_from_hf(cfg, where=os.path.join(str(path), "config.json"))
     files = weight_files(Path(path))
+    check_weight_files(files, Path(path))
     lines = [f"model             {path}"] + summarize(args).lines()
-    lines.append(f"weights           {len(files)} safetensors file(s)")
+    size = sum(f.stat().st_size for f in files)
+    lines.append(f"weights           {len(files)} safetensors file(s), {size / 2**20:,.1f} MiB (headers and sizes checked)")
     try:
         names, aliases = target_names(args)
     except ImportError:  # peft layer not available
@@ -41,3 +50,11 @@ def inspect_model(path: str | os.PathLike) -> str:
         lines.append("target aliases    (Megatron-style names accepted in target_modules)")
         lines += [f"  {a:<{width}} -> {' + '.join(t)}" for a, t in aliases.items()]
     return "\n".join(lines)
+
+
+def check_weight_files(files: list[Path], folder: Path) -> None:
+    """Raise one error naming every weight file whose header or size is wrong."""
+    broken = [(f, p) for f in files if (p := safetensors_problem(f))]
+    if broken:
+        listed = "; ".join(f"'{f}' {p}" for f, p in broken)
+        raise CheckpointError(f"'{folder}': {len(broken)} of {len(files)} weight files are broken: {listed}")

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..safetensors_check import check_safetensors
 from .build import build_causal_lm
 from .config import ModelArgs
 from .families import model_args_from_hf
@@ -129,7 +130,7 @@ def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     yield file, key, f.get_tensor(key)
-        except (OSError, RuntimeError) as exc:
+        except (SafetensorError, OSError, RuntimeError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
@@ -160,6 +161,8 @@ def load_model(
     _refuse_prequantized(cfg, folder / "config.json")
     args = model_args_from_hf(cfg, where=str(folder / "config.json"))
     files = weight_files(folder)
+    for file in files:  # header and size of every shard, before anything is built
+        check_safetensors(file)
     with torch.device("meta"):
         model = build_causal_lm(args)
     model.to(dtype=dtype)

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model.saving import _replace_dir
+from ..safetensors_check import check_safetensors
 from .base import AdapterLayer, adapter_layers
 from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
 from .lora import LoraLinear
@@ -220,6 +221,7 @@ def _read_meta(path: Path) -> dict:
 
 
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(weights, error=AdapterError)
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..safetensors_check import safetensors_problem
 
 NAME = re.compile(r"^checkpoint-(\d{8})$")
 
@@ -99,15 +102,80 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> TrainState:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: the folder is not a checkpoint, or a file in it is missing or unreadable (the
+            message names the file and what is wrong, and offers the newest earlier checkpoint of the
+            same folder that looks whole).
+    """
     path = Path(path)
+    try:
+        return _read_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}{_previous_hint(path)}") from None
+
+
+def _read_checkpoint(path: Path) -> TrainState:
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise CheckpointError(f"'{path}' is not a moetune training checkpoint (no meta.json)")
     try:
         meta = json.loads(meta_file.read_text())
-        adapters = {n: load_file(str(path / f"adapter-{n}.safetensors")) for n in meta["adapters"]}
-        allocators = {n: load_file(str(path / f"allocator-{n}.safetensors")) for n in meta.get("allocators", [])}
-        trainer = torch.load(path / "trainer_state.pt", weights_only=True)
-    except (OSError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({exc})") from None
-    return TrainState(step=meta["step"], adapters=adapters, optimizers=trainer["optimizers"], schedulers=trainer["schedulers"], data=meta["data"], rng=trainer["rng"], extra=meta.get("extra", {}), allocators=allocators)
+        step, data, names = meta["step"], meta["data"], meta["adapters"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        why = (f"has no '{exc.args[0]}'" if isinstance(exc, KeyError) else "is not a JSON object" if isinstance(exc, TypeError)
+               else f"is not valid JSON ({exc})")
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ('{meta_file}' {why})") from None
+    adapters = {n: _read_tensors(path, path / f"adapter-{n}.safetensors") for n in names}
+    allocators = {n: _read_tensors(path, path / f"allocator-{n}.safetensors") for n in meta.get("allocators", [])}
+    state_file = path / "trainer_state.pt"
+    try:
+        if state_file.is_file() and state_file.stat().st_size == 0:
+            raise EOFError("empty file")
+        trainer = torch.load(state_file, weights_only=True)
+        optimizers, schedulers, rng = trainer["optimizers"], trainer["schedulers"], trainer["rng"]
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+        why = "does not exist" if not state_file.is_file() else f"is damaged ({type(exc).__name__}: {_first_sentence(exc)})"
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ('{state_file}' {why})") from None
+    return TrainState(step=step, adapters=adapters, optimizers=optimizers, schedulers=schedulers, data=data, rng=rng,
+                      extra=meta.get("extra", {}), allocators=allocators)
+
+
+def _read_tensors(path: Path, file: Path) -> dict[str, torch.Tensor]:
+    problem = safetensors_problem(file)
+    if problem is None:
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            problem = f"cannot be read ({_first_sentence(exc)})"
+    raise CheckpointError(f"checkpoint '{path}' is unreadable ('{file}' {problem})")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+    return text.split(". ", 1)[0][:300]
+
+
+def _previous_hint(path: Path) -> str:
+    """For a broken ``checkpoint-N``: the newest earlier checkpoint beside it that looks whole."""
+    if not NAME.match(path.name):
+        return ""
+    earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+    whole = [p for p in earlier if _looks_whole(p)]
+    if whole:
+        return f"; the previous checkpoint is '{whole[-1]}': resume from it with --resume {whole[-1]}"
+    if earlier:
+        return f"; the earlier checkpoints in '{path.parent}' are unreadable too"
+    return f"; there is no earlier checkpoint in '{path.parent}'"
+
+
+def _looks_whole(path: Path) -> bool:
+    """Cheap check (meta.json, safetensors headers and sizes, a non-empty trainer state), not a full read."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        files = [f"adapter-{n}.safetensors" for n in meta["adapters"]] + [f"allocator-{n}.safetensors" for n in meta.get("allocators", [])]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return False
+    state = path / "trainer_state.pt"
+    return state.is_file() and state.stat().st_size > 0 and all(safetensors_problem(path / f) is None for f in files)
