@@ -34,11 +34,11 @@ def _cmd_demo(ns: argparse.Namespace) -> None:
 
         base_steps, steps = (600, 80) if ns.quick else (1200, 200)
         out = "moetune-mixlora-demo" if ns.out == "moetune-demo" else ns.out  # not over the MoE demo's base
-        run_comparison(out, base_steps=base_steps, steps=steps)
+        run_comparison(out, base_steps=base_steps, steps=steps, overwrite=ns.overwrite)
         return
     from .demo import run_demo
 
-    run_demo(out_dir=ns.out, quick=ns.quick)
+    run_demo(out_dir=ns.out, quick=ns.quick, overwrite=ns.overwrite)
 
 
 def _add_demo(sub) -> None:
@@ -46,6 +46,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="moetune-demo", help="output folder (default: ./moetune-demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
     p.add_argument("--mixlora", action="store_true", help="instead: MixLoRA next to a same-size LoRA on a tiny dense base, trained together")
+    _overwrite_arg(p)
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -58,7 +59,7 @@ def _cmd_train(ns: argparse.Namespace) -> None:
     if ns.print_config:
         print(dump_config(config), end="")
         return
-    result = train(config, resume=ns.resume)
+    result = train(config, resume=ns.resume, overwrite=ns.overwrite)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         print(result.summary())
 
@@ -69,7 +70,14 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4 adapter.r=16")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH", help="resume from the latest checkpoint of this run, or from PATH")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run (deletes only that run's own files), "
+                   "or write beside files moetune did not write (never touching them)")
     p.set_defaults(handler=_cmd_train)
+
+
+def _overwrite_arg(p) -> None:
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder moetune did not write, beside its "
+                   "files (never replacing or deleting them); moetune's own earlier output of the same kind is replaced without it")
 
 
 def _model_args(p, *, adapter_required: bool = False) -> None:
@@ -125,26 +133,28 @@ def _add_generate(sub) -> None:
 def _cmd_merge(ns: argparse.Namespace) -> None:
     from .workflows import merge_to_checkpoint
 
-    print(f"merged checkpoint written to {merge_to_checkpoint(ns.model, ns.adapter, ns.out)}")
+    print(f"merged checkpoint written to {merge_to_checkpoint(ns.model, ns.adapter, ns.out, overwrite=ns.overwrite)}")
 
 
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold an adapter into the base; write a Hugging Face checkpoint", description="Merge an adapter into the base weights and save a plain Hugging Face checkpoint.")
     _model_args(p, adapter_required=True)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier merge's")
+    _overwrite_arg(p)
     p.set_defaults(handler=_cmd_merge)
 
 
 def _cmd_export(ns: argparse.Namespace) -> None:
     from .workflows import export_adapter
 
-    print(f"adapter written to {export_adapter(ns.model, ns.adapter, ns.out, layout=ns.layout)} ({ns.layout} layout)")
+    print(f"adapter written to {export_adapter(ns.model, ns.adapter, ns.out, layout=ns.layout, overwrite=ns.overwrite)} ({ns.layout} layout)")
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="re-save an adapter in PEFT or per-expert (vLLM) layout", description="Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).")
     _model_args(p, adapter_required=True)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export's")
+    _overwrite_arg(p)
     p.add_argument("--layout", choices=["peft", "per_expert", "moe_peft"], default="peft", help="moe_peft: MoE-PEFT's MixLoRA layout (MixLoRA adapters)")
     p.set_defaults(handler=_cmd_export)
 
@@ -153,7 +163,7 @@ def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
     from .peft.merge_files import merge_adapter_dirs
 
     result = merge_adapter_dirs(ns.model, ns.adapter, ns.out, weights=ns.weights, method=ns.method,
-                                density=ns.density, rank=ns.rank, seed=ns.seed)
+                                density=ns.density, rank=ns.rank, seed=ns.seed, overwrite=ns.overwrite)
     print(result.summary())
 
 
@@ -170,7 +180,8 @@ def _add_merge_adapters(sub) -> None:
     p.add_argument("--density", type=float, help="fraction kept by ties / dare / magnitude_prune methods")
     p.add_argument("--rank", type=int, help="output rank of the *svd methods (default: the largest input rank)")
     p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
-    p.add_argument("--out", required=True, help="output adapter folder")
+    p.add_argument("--out", required=True, help="output adapter folder: new, empty, or an earlier adapter's")
+    _overwrite_arg(p)
     p.set_defaults(handler=_cmd_merge_adapters)
 
 

@@ -25,6 +25,7 @@ from .data.formats import InstructionRow
 from .model import build_random_model, load_model
 from .model.config import MoEArgs, ModelArgs
 from .model.generate import generate
+from .outputs import open_folder
 from .peft.io import load_adapter
 from .train.trainer import train
 
@@ -112,11 +113,20 @@ def lora_config(out: Path, data: Path, eval_data: Path, steps: int) -> TrainConf
     return from_dict(TrainConfig, raw, where="demo config")
 
 
-def run_demo(out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed: int = 0) -> dict:
+def claim_demo_folder(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """The demo writes ``base-model/``, ``data/`` and ``run/`` into a folder of its own (new, empty,
+    or an earlier demo's); a rerun replaces only those, never files someone else put there."""
+    folder = open_folder(out_dir, "demo", overwrite=overwrite)
+    for name in ("base-model", "data", "run"):
+        folder.entry(name)
+    return folder.path
+
+
+def run_demo(out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
     """Run the demo; prints a report and returns the measured accuracies."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    out, tok = Path(out_dir), ByteTokenizer()
+    out, tok = claim_demo_folder(out_dir, overwrite=overwrite), ByteTokenizer()
     base_steps, lora_steps = (500, 40) if quick else (1200, 100)
     print(f"[1/4] pre-training a tiny MoE (8 experts, top-2) on copy/lower for {base_steps} steps ...", flush=True)
     model = build_random_model(tiny_moe_args(272), seed=seed)
@@ -129,7 +139,7 @@ def run_demo(out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed:
     train_file = write_jsonl(make_rows("upper", 2000, seed + 1), out / "data" / "upper_train.jsonl")
     eval_file = write_jsonl(make_rows("upper", 64, seed + 3), out / "data" / "upper_eval.jsonl")
     print(f"[3/4] LoRA r=8 on attention + routed experts, {lora_steps} steps ...", flush=True)
-    result = train(lora_config(out, train_file, eval_file, lora_steps))
+    result = train(lora_config(out, train_file, eval_file, lora_steps), overwrite=True)  # run/ is the demo's
     adapted = load_model(out / "base-model")
     load_adapter(adapted, result.adapter_dirs["upper"], name="upper")
     adapted_acc = accuracy(adapted, tok, held_out)

@@ -21,7 +21,7 @@ import torch
 
 from .config import TrainConfig, from_dict
 from .data import ByteTokenizer
-from .demo import accuracy, make_rows, pretrain_base, write_jsonl
+from .demo import accuracy, claim_demo_folder, make_rows, pretrain_base, write_jsonl
 from .model import build_random_model, load_model
 from .model.config import ModelArgs
 from .peft.inject import trainable_parameters
@@ -61,12 +61,12 @@ def comparison_config(out: Path, data: Path, steps: int, batch_size: int = 32) -
 
 
 def run_comparison(out_dir: str | Path = "moetune-mixlora-demo", *, base_steps: int = 600, steps: int = 150,
-                   seed: int = 0, held_out: int = 100, verbose: bool = True) -> dict:
+                   seed: int = 0, held_out: int = 100, verbose: bool = True, overwrite: bool = False) -> dict:
     """Pre-train the dense base, train LoRA and MixLoRA together, return their accuracies and sizes."""
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    out, tok = Path(out_dir), ByteTokenizer()
+    out, tok = claim_demo_folder(out_dir, overwrite=overwrite), ByteTokenizer()
     model = build_random_model(tiny_dense_args(272), seed=seed)
     base_loss = pretrain_base(model, tok, make_rows("base", 4000, seed), steps=base_steps, seed=seed)
     model.save_pretrained(out / "base-model")
@@ -74,7 +74,7 @@ def run_comparison(out_dir: str | Path = "moetune-mixlora-demo", *, base_steps: 
     result = {"base_loss": base_loss, "base_accuracy": accuracy(model, tok, rows)}
     say(f"dense base: loss {base_loss:.3f}, 'upper:' accuracy {result['base_accuracy']:.0%}", flush=True)
     data = write_jsonl(make_rows("upper", 2000, seed + 1), out / "data" / "upper_train.jsonl")
-    trained = train(comparison_config(out, data, steps))
+    trained = train(comparison_config(out, data, steps), overwrite=True)  # run/ is the demo's
     for name, folder in trained.adapter_dirs.items():
         adapted = load_model(out / "base-model")
         load_adapter(adapted, folder, name=name)

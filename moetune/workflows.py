@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.generate import SamplingConfig, generate
+from .outputs import check_output
 from .peft.io import load_adapter, merge_adapter, save_adapter
 
 
@@ -86,16 +87,17 @@ def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=Non
     return [tok.decode(o) for o in outs]
 
 
-def merge_to_checkpoint(model_path, adapter, out_dir) -> Path:
+def merge_to_checkpoint(model_path, adapter, out_dir, *, overwrite: bool = False) -> Path:
     """Fold an adapter into the base and write a plain Hugging Face checkpoint."""
-    if Path(out_dir).resolve() == Path(model_path).resolve():
-        raise ConfigError("--out must differ from --model: merging never overwrites the base checkpoint")
+    inputs = (model_path, adapter)
+    check_output(out_dir, "model", overwrite=overwrite, inputs=inputs)  # before minutes of loading
     model = load_with_adapter(model_path, adapter)
     merge_adapter(model, name="default")
-    return model.save_pretrained(out_dir)
+    return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs)
 
 
-def export_adapter(model_path, adapter, out_dir, *, layout: str = "peft") -> Path:
+def export_adapter(model_path, adapter, out_dir, *, layout: str = "peft", overwrite: bool = False) -> Path:
     """Re-save an adapter in PEFT's layout or the per-expert (vLLM) layout."""
+    check_output(out_dir, "adapter", overwrite=overwrite, inputs=(model_path, adapter))
     model = load_with_adapter(model_path, adapter)
-    return Path(save_adapter(model, out_dir, name="default", layout=layout))
+    return Path(save_adapter(model, out_dir, name="default", layout=layout, overwrite=overwrite))

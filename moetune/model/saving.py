@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..outputs import write_folder
 from .hf import KeyMap
 from .quant import quantized_weights
 
@@ -66,15 +66,18 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> Path:
-    """Write config.json and safetensors shards (with an index when sharded) to ``out_dir``."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, overwrite: bool = False,
+                    inputs: tuple = (), extra_files: dict[str, Path] | None = None) -> Path:
+    """Write config.json and safetensors shards (with an index when sharded) to ``out_dir``.
+
+    ``out_dir`` must be new, empty, or a model folder moetune wrote (see :mod:`moetune.outputs`);
+    ``extra_files``: name -> source file copied beside the weights (tokenizer, generation config).
+    """
     args = model.args
     tensors = checkpoint_tensors(model, args.family, tied=args.tie_word_embeddings)
     shards = _shards(tensors, max_shard_size)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
@@ -85,19 +88,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 
         config["dtype"] = DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")
         config.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing folder is swapped out, then removed."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    return write_folder(out_dir, "model", write, overwrite=overwrite, inputs=inputs)

@@ -144,11 +144,12 @@ class CausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def save_pretrained(self, out_dir, *, max_shard_size: int = 5 * 2**30):
-        """Write a Hugging Face checkpoint folder (base weights; merge adapters first to include them)."""
+    def save_pretrained(self, out_dir, *, max_shard_size: int = 5 * 2**30, **options):
+        """Write a Hugging Face checkpoint folder (base weights; merge adapters first to include them).
+        ``options``: see :func:`.saving.save_pretrained` (``overwrite``, ``extra_files``)."""
         from .saving import save_pretrained
 
-        return save_pretrained(self, out_dir, max_shard_size=max_shard_size)
+        return save_pretrained(self, out_dir, max_shard_size=max_shard_size, **options)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.model.gradient_checkpointing = enabled

@@ -30,8 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AdapterError
-from ..model.saving import _replace_dir
+from ..outputs import write_folder
 from ..safetensors_check import check_safetensors
 from .base import AdapterLayer, adapter_layers
 from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
@@ -71,18 +69,22 @@ def _config_targets(layer: AdapterLayer, path: str, name: str) -> dict:
     return fn(path, name=name) if "name" in inspect.signature(fn).parameters else fn(path)
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default", *, layout: str = "peft") -> Path:
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default", *, layout: str = "peft",
+                 overwrite: bool = False) -> Path:
     """Write adapter ``name`` as a PEFT adapter folder.
 
     Args:
         model: the model carrying the adapter.
-        out_dir: destination folder; replaced as a whole if it exists.
+        out_dir: destination folder: new, empty, or an adapter folder moetune wrote (replaced);
+            anything else is refused (see :mod:`moetune.outputs`).
         name: the adapter to write.
         layout: ``"peft"`` (PEFT's keys; loads with ``PeftModel.from_pretrained``) or
             ``"per_expert"`` (routed experts as 2D per-expert pairs
             ``...mlp.experts.{e}.gate_proj.lora_A.weight``, the layout vLLM and SGLang read).
             A mixture of LoRA experts writes moetune's mixture layout for ``"peft"``, or
             MoE-PEFT's MixLoRA layout for ``"moe_peft"`` (see :mod:`.mixture_io`).
+        overwrite: write into a non-empty folder moetune did not write, beside its files (never
+            replacing or deleting them).
 
     Returns:
         The folder path.
@@ -91,7 +93,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
     if layout == "moe_peft" or (config is not None and config.mixture is not None):
         from .mixture_io import save_mixture_adapter  # mixtures of LoRA experts have their own layouts
 
-        return save_mixture_adapter(model, out_dir, name, layout=layout)
+        return save_mixture_adapter(model, out_dir, name, layout=layout, overwrite=overwrite)
     if layout not in ("peft", "per_expert"):
         raise AdapterError(f"layout {layout!r} is not one of 'peft', 'per_expert', 'moe_peft'")
     layers = _layers(model, name)
@@ -124,7 +126,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
                          targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                          base_model=getattr(model, "source_path", None))
-    return _write(Path(out_dir), tensors, cfg, meta=moetune_meta(config, name=name, layout=layout))
+    return _write(Path(out_dir), tensors, cfg, meta=moetune_meta(config, name=name, layout=layout), overwrite=overwrite)
 
 
 def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[str], linear_paths: set[str],
@@ -140,23 +142,19 @@ def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[s
     return [t for t in modules if t not in moved], params + [f"{t}.weight" for t in moved]
 
 
-def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, meta: dict | None = None) -> Path:
+def _write(out: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, meta: dict | None = None, overwrite: bool = False,
+           inputs: tuple = ()) -> Path:
     """Write the folder's files (``meta``: moetune's metadata, to :data:`META_FILE`, with the
-    fingerprint of ``cfg``) into a temporary folder, then move it into place, so the three files
-    always belong together."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    fingerprint of ``cfg``) as one folder output (see :func:`moetune.outputs.write_folder`), so the
+    three files always belong together and nothing moetune did not write is touched."""
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         if meta is not None:
-            meta = {**meta, FINGERPRINT_KEY: config_fingerprint(cfg)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            (tmp / META_FILE).write_text(json.dumps({**meta, FINGERPRINT_KEY: config_fingerprint(cfg)}, indent=2) + "\n")
+
+    return write_folder(out, "adapter", write, overwrite=overwrite, inputs=inputs)
 
 
 def _adapter_files(folder: Path) -> tuple[Path, Path]:

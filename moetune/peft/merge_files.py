@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..outputs import check_output
 from ..model.build import build_causal_lm
 from ..model.families import model_args_from_hf
 from ..model.loading import read_hf_config
@@ -107,13 +108,14 @@ def _fold_scalings(state: dict[str, torch.Tensor], scalings: dict[str, float]) -
 
 def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.PathLike], out_dir: str | os.PathLike, *,
                        weights: list[float] | None = None, method: str = "linear", density: float | None = None,
-                       rank: int | None = None, seed: int = 0) -> MergeResult:
+                       rank: int | None = None, seed: int = 0, overwrite: bool = False) -> MergeResult:
     """Merge PEFT adapter folders trained on ``model_path`` into one folder at ``out_dir``.
 
     Args:
         adapters: two or more adapter folders (PEFT's LoRA or AdaLoRA layout, ours or PEFT's own).
         weights: one per adapter (default 1.0 each: the task vectors add up).
         method, density, rank, seed: as :func:`~moetune.peft.merging.merge_adapters`.
+        overwrite: write into a non-empty folder moetune did not write, beside its files.
 
     Raises:
         AdapterError: an unreadable folder, an adapter for another model, adapters with different
@@ -121,6 +123,7 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     """
     if len(adapters) < 2:
         raise AdapterError(f"merge-adapters needs at least two adapters, got {len(adapters)}")
+    check_output(out_dir, "adapter", overwrite=overwrite, inputs=[model_path, *adapters])  # before any work
     if method not in METHODS:
         raise AdapterError(f"method {method!r} is not a merge method (allowed: {', '.join(METHODS)})")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
@@ -145,7 +148,8 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
                             num_experts=num_experts)
     cfg, ranks = _merged_config(raw[0], merged, num_experts or 1)
     info = {"method": method, "weights": weights, "density": density, "rank": rank, "sources": [str(a) for a in adapters]}
-    out = _write(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg, meta={"merged": info})
+    out = _write(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg, meta={"merged": info},
+                 overwrite=overwrite, inputs=(model_path, *adapters))
     try:  # the result must load onto the base like any adapter
         load_adapter(model, out, name="merged")
     except AdapterError:

@@ -50,7 +50,7 @@ def is_mixture_folder(folder: Path) -> bool:
     return isinstance(raw, dict) and raw.get("peft_type") in MIXTURE_TYPES
 
 
-def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str, *, layout: str) -> Path:
+def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str, *, layout: str, overwrite: bool = False) -> Path:
     """Write adapter ``name`` in moetune's mixture layout (``layout="peft"``) or MoE-PEFT's
     (``layout="moe_peft"``)."""
     config = adapter_configs(model).get(name)
@@ -67,7 +67,7 @@ def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str
         raise AdapterError(f"layout {layout!r} is not one of 'peft' (moetune's mixture layout), 'moe_peft' for a "
                            f"mixture adapter ('{name}' is {config.mixture.kind})")
     tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
-    return io._write(Path(out_dir), tensors, cfg)
+    return io._write(Path(out_dir), tensors, cfg, overwrite=overwrite)
 
 
 def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterReport:

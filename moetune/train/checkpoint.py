@@ -60,8 +60,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: int = 2) -> Path:
-    """Write ``root/checkpoint-<step>`` atomically, then drop all but the newest ``keep_last``."""
+def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: int = 2, run_id: str | None = None) -> Path:
+    """Write ``root/checkpoint-<step>`` atomically, then drop all but the newest ``keep_last`` of
+    run ``run_id`` (checkpoints of other runs, or without a run id, are never pruned)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.step:08d}"
@@ -72,7 +73,7 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: in
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{prefix}-{name}.safetensors"))
         torch.save({"optimizers": state.optimizers, "schedulers": state.schedulers, "rng": state.rng}, tmp / "trainer_state.pt")
         meta = {"step": state.step, "data": state.data, "extra": state.extra, "adapters": sorted(state.adapters),
-                "allocators": sorted(state.allocators)}
+                "allocators": sorted(state.allocators), "run_id": run_id}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -80,13 +81,23 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(root, keep_last)
+    if run_id is not None:
+        _prune(root, keep_last, run_id)
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+def _prune(root: Path, keep_last: int, run_id: str) -> None:
+    ours = [p for p in list_checkpoints(root) if checkpoint_run_id(p) == run_id]
+    for old in ours[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint ``path`` (None: unreadable or written before run ids)."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -96,8 +107,12 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and NAME.match(p.name))
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+def latest_checkpoint(root: str | os.PathLike, *, run_id: str | None = None) -> Path | None:
+    """The newest checkpoint under ``root``; with ``run_id``, the newest not known to be another run's
+    (an unreadable one still counts, so resuming reports it rather than silently skipping it)."""
     found = list_checkpoints(root)
+    if run_id is not None:
+        found = [p for p in found if checkpoint_run_id(p) in (run_id, None)]
     return found[-1] if found else None
 
 

@@ -30,6 +30,7 @@ import torch
 from ..config import OptimSection, TrainConfig
 from ..data import DataSplits, SamplerState, build_datasets, eval_batches, make_train_loader
 from ..errors import CheckpointError, ConfigError
+from ..outputs import OwnedFolder
 from ..model.moe import load_balancing_loss
 from ..peft.io import save_adapter
 from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
@@ -37,6 +38,7 @@ from .checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint,
 from .metrics import MetricsLog, Progress
 from .optim import adapter_parameters, build_optimizer, build_scheduler
 from .plot import plot_metrics
+from .run_folder import adapter_target, open_run_folder, plan_run_folder
 from .setup import RunParts
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ def merge_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[s
 class MultiTrainer:
     """Trains every adapter of ``config`` at once (one process)."""
 
-    def __init__(self, config: TrainConfig, parts: RunParts, *, parallel=None) -> None:
+    def __init__(self, config: TrainConfig, parts: RunParts, *, folder: OwnedFolder | None = None, parallel=None) -> None:
         if parallel is not None and parallel.world_size > 1:
             raise ConfigError("adapters: training several adapters at once runs on one process for now; "
                               "start it without torchrun, or train the adapters in separate runs")
@@ -101,6 +103,7 @@ class MultiTrainer:
             raise ConfigError(f"adapters: AdaLoRA adapters ({', '.join(special) or 'none'}) and optim.distill need the "
                               "single-adapter trainer for now; train them in a run of their own")
         self.config, self.parts, self.model, self.device = config, parts, parts.model, parts.device
+        self.folder = folder or open_run_folder(plan_run_folder(config, resume=None))  # built directly: a new run
         self.out = Path(config.checkpoint.output_dir)
         self.jobs = [self._job(i) for i in range(len(config.adapters))]
         self.step = 0
@@ -218,8 +221,8 @@ class MultiTrainer:
         if resume is not None:
             self.restore(resume)
         cfg = self.config
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume else None,
-                             tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        metrics = MetricsLog(self.folder.entry("metrics.jsonl"), resume_step=self.step if resume else None,
+                             tensorboard_dir=self.folder.entry("tensorboard") if cfg.logging.tensorboard else None)
         total_steps = max(j.optim.max_steps for j in self.jobs)
         progress = Progress(total=total_steps, initial=self.step, enabled=cfg.logging.progress)
         for j in self.jobs:
@@ -242,14 +245,14 @@ class MultiTrainer:
             progress.update(record)
             last, means = record, means + [mean]
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
-                save_checkpoint(self.out / "checkpoints", self.state(), keep_last=cfg.checkpoint.keep_last)
+                save_checkpoint(self.folder.entry("checkpoints"), self.state(), keep_last=cfg.checkpoint.keep_last, run_id=self.folder.run_id)
         progress.close()
         records = metrics.read()
         metrics.close()
         evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
         series = {j.name: [(r["adapters"][j.name]["step"], r["adapters"][j.name]["loss"]) for r in records
                            if j.name in r.get("adapters", {}) and not r["adapters"][j.name]["skipped"]] for j in self.jobs}
-        plot = plot_metrics(records, self.out / "loss.png", title=self.out.name) if any(series.values()) else None
+        plot = plot_metrics(records, self.folder.entry("loss.png"), title=self.out.name) if any(series.values()) else None
         return TrainResult(output_dir=self.out, adapter_dirs={j.name: j.saved or self._save(j) for j in self.jobs}, steps=self.step,
                            tokens=tokens, seconds=time.perf_counter() - start, peak_memory_gib=peak_memory_gib(self.device),
                            final_loss=last["loss"] if last else None, eval_loss=evals[-1] if evals else None,
@@ -270,7 +273,7 @@ class MultiTrainer:
             record["eval_loss"] = sum(evals) / len(evals)
 
     def _save(self, j: Job) -> Path:
-        return Path(save_adapter(self.model, j.out_dir, name=j.name))
+        return Path(save_adapter(self.model, adapter_target(self.folder, j.out_dir), name=j.name))
 
 
 def _mixture(model, records: dict, name: str) -> dict:

@@ -33,6 +33,7 @@ from torch import nn
 from ..config import DistillSection, TrainConfig
 from ..errors import AdapterError, CheckpointError, ConfigError
 from ..model.loss import IGNORE_INDEX, shift_labels
+from ..outputs import record_entries
 from ..peft.adalora_alloc import allocators, orth_regularization, rank_pattern, svd_adapter_names, update_and_allocate
 from ..peft.adalora_io import save_adalora
 from ..peft.base import disable_adapters, set_active_adapters
@@ -130,6 +131,7 @@ class Objectives:
             if name not in adapter_dirs:
                 continue
             out = Path(adapter_dirs[name])
+            record_entries(out, ["rank_pattern.json", "adalora"])  # moetune's, replaced with the folder
             (out / "rank_pattern.json").write_text(json.dumps(rank_pattern(model, name)) + "\n")
             try:
                 save_adalora(model, out / "adalora", name)

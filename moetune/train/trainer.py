@@ -20,18 +20,20 @@ from safetensors.torch import save_file
 from ..config import TrainConfig
 from ..data import SamplerState, make_train_loader
 from ..errors import CheckpointError
+from ..outputs import OwnedFolder
 from ..model.deepseek import update_correction_biases
 from ..model.moe import RouterStats
 from ..peft.base import set_active_adapters
 from ..peft.io import save_adapter
 from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .distributed import Parallel, distributed_run
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
 from .objectives import Objectives
 from .multi import MultiTrainer
 from .optim import adapter_parameters, build_optimizer, build_scheduler
 from .plot import plot_metrics
+from .run_folder import adapter_target, open_run_folder, plan_run_folder, resolve_resume, run_view
 from .setup import RunParts, prepare_run
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,9 @@ class Trainer:
     """One run of one configuration (single adapter set) on one process or, with ``parallel``,
     as one rank of a data-parallel run (see :mod:`.distributed`)."""
 
-    def __init__(self, config: TrainConfig, parts: RunParts, *, parallel: Parallel | None = None) -> None:
+    def __init__(self, config: TrainConfig, parts: RunParts, *, folder: OwnedFolder | None = None, parallel: Parallel | None = None) -> None:
         self.config, self.parts = config, parts
+        self.folder = folder or open_run_folder(plan_run_folder(config, resume=None))  # built directly: a new run
         self.parallel = parallel or Parallel()
         self.parallel.prepare(parts)  # shards the model (fsdp) before the optimizers see it
         self.model, self.device = parts.model, parts.device
@@ -147,7 +150,7 @@ class Trainer:
         state = self.state()  # every rank takes part in gathering it; rank 0 writes it
         path = self.out / "checkpoints" / f"checkpoint-{state.step:08d}"
         if self.parallel.is_main:
-            path = save_checkpoint(self.out / "checkpoints", state, keep_last=self.config.checkpoint.keep_last)
+            path = save_checkpoint(self.folder.entry("checkpoints"), state, keep_last=self.config.checkpoint.keep_last, run_id=self.folder.run_id)
         self.parallel.barrier()
         return path
 
@@ -236,7 +239,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.step)
         cfg, o, main = self.config, self.config.optim, self.parallel.is_main
         if main:
-            metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume else None, tensorboard_dir=self.out / "tensorboard" if cfg.logging.tensorboard else None)
+            metrics = MetricsLog(self.folder.entry("metrics.jsonl"), resume_step=self.step if resume else None, tensorboard_dir=self.folder.entry("tensorboard") if cfg.logging.tensorboard else None)
         else:
             metrics = MemoryLog()
         progress = Progress(total=o.max_steps, initial=self.step, enabled=cfg.logging.progress and main)
@@ -267,18 +270,18 @@ class Trainer:
         return self._finish(metrics, start, tokens, last, eval_loss)
 
     def _finish(self, metrics: MetricsLog, start: float, tokens: int, last: dict | None, eval_loss: float | None) -> TrainResult:
-        dirs = {a.name: self.config.adapter_dir(i) for i, a in enumerate(self.config.adapters)}
+        dirs = {a.name: adapter_target(self.folder, self.config.adapter_dir(i)) for i, a in enumerate(self.config.adapters)}
         with self.parallel.full_adapters(self.model):  # gathers sharded adapters on every rank
             if self.parallel.is_main:
                 dirs = {n: save_adapter(self.model, d, name=n) for n, d in dirs.items()}
                 self.objectives.finish(self.model, dirs)
                 if self.config.optim.router_bias_update_speed:
-                    save_file({n: b.float().cpu().contiguous() for n, b in self.router_biases().items()}, str(self.out / "router_biases.safetensors"))
+                    save_file({n: b.float().cpu().contiguous() for n, b in self.router_biases().items()}, str(self.folder.entry("router_biases.safetensors")))
         records = metrics.read()
         metrics.close()
         train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
         evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-        plot = plot_metrics(records, self.out / "loss.png", title=self.out.name) if train and self.parallel.is_main else None
+        plot = plot_metrics(records, self.folder.entry("loss.png"), title=self.out.name) if train and self.parallel.is_main else None
         self.parallel.barrier()
         return TrainResult(
             output_dir=self.out,
@@ -301,30 +304,24 @@ def _mixture_record(model, records: dict, router_loss: float) -> dict:
     return {"router_loss": router_loss, "mixture": metrics} if metrics else {}
 
 
-def resolve_resume(config: TrainConfig, resume: str | bool | None) -> Path | None:
-    """``True``: the latest checkpoint of this run (error if none); a path: that checkpoint."""
-    if not resume:
-        return None
-    if resume is True:
-        found = latest_checkpoint(Path(config.checkpoint.output_dir) / "checkpoints")
-        if found is None:
-            raise CheckpointError(f"--resume: no checkpoint under {config.checkpoint.output_dir}/checkpoints to resume from")
-        return found
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume: '{path}' is not a checkpoint folder")
-    return path
-
-
-def train(config: TrainConfig, *, resume: str | bool | None = None, model=None, tokenizer=None) -> TrainResult:
+def train(config: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False, model=None, tokenizer=None) -> TrainResult:
     """Run training as configured; returns where things went and what happened.
+
+    ``checkpoint.output_dir`` must be new or empty, or hold this run (``resume``: continue from its
+    latest checkpoint, or from the checkpoint folder ``resume`` names), or ``overwrite``: start over,
+    deleting only what the earlier run wrote there (see :mod:`.run_folder`). That and the optional
+    dependencies are checked before anything is loaded or written.
 
     Started by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), this process joins the process group
     and trains as one rank of a data-parallel run (see :mod:`.distributed`).
     """
     config = config.single_adapter_view()  # one adapter: its own data/optim keys are the run's
+    plan = plan_run_folder(config, resume=resume, overwrite=overwrite)
+    checkpoint = resolve_resume(config, resume, plan.run_id)
     with distributed_run(config) as (config, parallel):
         parts = prepare_run(config, model=model, tokenizer=tokenizer)
+        folder = open_run_folder(plan) if parallel.is_main else run_view(plan)
+        parallel.barrier()  # ranks planned before the process group formed; rank 0 alone writes the folder
         together = sum(not a.frozen for a in config.adapters) > 1  # each sample through its own adapter
-        trainer = (MultiTrainer if together else Trainer)(config, parts, parallel=parallel)
-        return trainer.run(resume=resolve_resume(config, resume))
+        trainer = (MultiTrainer if together else Trainer)(config, parts, folder=folder, parallel=parallel)
+        return trainer.run(resume=checkpoint)
