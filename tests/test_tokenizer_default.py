@@ -34,7 +34,7 @@ def _warnings(caplog) -> list[str]:
 
 def test_default_is_the_model_folder_not_the_byte_tokenizer(tmp_path: Path) -> None:
     assert DataSection(train="t.jsonl").tokenizer is None
-    config = load_train_config(write_run(tmp_path))
+    config = load_train_config(write_run(tmp_path, data={"train": str(tmp_path / "train.jsonl")}))
     assert config.data.tokenizer is None
     assert yaml.safe_load(dump_config(config))["data"]["tokenizer"] is None  # --print-config: null
     assert "tokenizer: null" in dump_config(config)
@@ -68,7 +68,8 @@ def test_a_run_without_data_tokenizer_trains_on_the_model_tokenizer(tmp_path: Pa
     from moetune.train.setup import prepare_run
 
     folder = _model_with_tokenizer(tmp_path)
-    config = load_train_config(write_run(tmp_path, model={"path": str(folder), "device": "cpu"}))
+    data = {"train": str(tmp_path / "train.jsonl"), "max_length": 48}  # no tokenizer key
+    config = load_train_config(write_run(tmp_path, model={"path": str(folder), "device": "cpu"}, data=data))
     parts = prepare_run(config)
     assert not isinstance(parts.tokenizer, ByteTokenizer) and parts.tokenizer.source == str(folder)
     row = load_rows(config.data.train).rows[0]

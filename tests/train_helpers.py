@@ -29,7 +29,7 @@ def write_run(root: Path, **overrides) -> Path:
     cfg = {
         "model": {"path": str(model), "device": "cpu"},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "experts"]},
-        "data": {"train": str(train), "eval": str(val), "max_length": 48},
+        "data": {"train": str(train), "eval": str(val), "max_length": 48, "tokenizer": "byte"},  # the model has none
         "optim": {"lr": 3e-3, "max_steps": 8, "batch_size": 8, "warmup_steps": 2, "aux_loss_coef": 0.01},
         "checkpoint": {"output_dir": str(root / "run"), "save_every": 1, "keep_last": 3},
         "logging": {"progress": False, "eval_every": 4},
