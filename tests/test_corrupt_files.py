@@ -22,7 +22,6 @@ from moetune.inspect import inspect_model
 from moetune.model import build_random_model
 from moetune.safetensors_check import check_safetensors, safetensors_problem
 from moetune.train.checkpoint import list_checkpoints, load_checkpoint
-
 from train_helpers import write_run
 
 SHARD = "model-00002-of-00003.safetensors"
