@@ -57,12 +57,20 @@ def read_marker(folder: str | os.PathLike) -> Marker | None:
         return None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a file's text atomically (a crash leaves the old file or the new one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_marker(folder: Path, marker: Marker) -> None:
-    """Replace the marker atomically (a crash leaves the old one or the new one)."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}.tmp-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(marker.to_json())
-    os.replace(tmp, folder / MARKER)
+    write_text_atomic(folder / MARKER, marker.to_json())
 
 
 def record_entries(folder: str | os.PathLike, names: Iterable[str]) -> None:

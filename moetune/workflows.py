@@ -14,9 +14,12 @@ from .data import build_datasets, eval_batches, resolve_tokenizer
 from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
+from .model.loading import read_hf_config
+from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .model.generate import SamplingConfig, generate
 from .outputs import check_output
 from .peft.io import load_adapter, merge_adapter, save_adapter
+from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
 
 
 def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
@@ -27,11 +30,50 @@ def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
     return resolve_tokenizer(spec, model_path)
 
 
-def load_with_adapter(model_path, adapter: str | None, *, dtype=torch.float32, device="cpu", name: str = "default"):
-    model = load_model(model_path, dtype=dtype, device=device)
-    if adapter:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(model_path) -> torch.dtype:
+    """The dtype a Hugging Face folder's config.json declares (``dtype`` or ``torch_dtype``), else fp32."""
+    cfg = read_hf_config(model_path)
+    cfg = cfg.get("text_config", cfg) if "dtype" not in cfg and "torch_dtype" not in cfg else cfg
+    return CHECKPOINT_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), torch.float32)
+
+
+def resolve_dtype(model_path, spec: str | None) -> torch.dtype:
+    """``None``/``"auto"``: the checkpoint's own dtype; else ``fp32``/``bf16``/``fp16``."""
+    if spec in (None, "auto"):
+        return checkpoint_dtype(model_path)
+    if spec not in DTYPES:
+        raise ConfigError(f"--dtype: '{spec}' is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``None``/``"auto"``: cuda when available, else cpu; else the device named."""
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device: '{spec}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: '{spec}' asked for, but no CUDA device is available")
+    return device
+
+
+def load_with_adapter(model_path, adapter: str | None, *, dtype: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The base (in the checkpoint's dtype unless ``dtype`` says otherwise) with ``adapter`` loaded:
+    a PEFT-format folder (as ``"default"``) or a training checkpoint folder (``checkpoints/checkpoint-N``,
+    under the run's adapter name). Returns the model and the adapter's name."""
+    model = load_model(model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device))
+    name = "default"
+    if adapter and is_training_checkpoint(adapter):
+        name = load_checkpoint_adapter(model, adapter)
+    elif adapter:
         load_adapter(model, adapter, name=name)
-    return model.eval()
+    return model.eval(), name
 
 
 @dataclass
@@ -48,14 +90,17 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_file(model_path, data_file, *, adapter=None, tokenizer=None, max_length: int = 1024, batch_size: int = 8, train_on_prompt: bool = False) -> EvalResult:
+def evaluate_file(model_path, data_file, *, adapter=None, tokenizer=None, max_length: int = 1024, batch_size: int = 8,
+                  train_on_prompt: bool = False, dtype: str | None = None, device: str | None = None) -> EvalResult:
     """Token-weighted loss and perplexity of base (or base + adapter) on a JSONL file."""
     tok = default_tokenizer(model_path, tokenizer)
     section = DataSection(train=str(data_file), max_length=max_length, train_on_prompt=train_on_prompt, tokenizer="byte")
     examples = build_datasets(section, tok).train
-    model = load_with_adapter(model_path, adapter)
+    model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    on = next(model.parameters()).device
     total, count, tally = 0.0, 0, RouterTally()
     for batch in eval_batches(examples, batch_size=batch_size, pad_id=tok.pad_id):
+        batch = {k: v.to(on) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], position_ids=batch.get("position_ids"))
         total += out.loss.item() * n
@@ -67,17 +112,18 @@ def evaluate_file(model_path, data_file, *, adapter=None, tokenizer=None, max_le
 
 @torch.no_grad()
 def evaluate_task_files(model_path, files: list[str], *, adapter=None, tokenizer=None, max_length: int = 1024,
-                        batch_size: int = 8, chat: bool = False) -> list[TaskResult]:
+                        batch_size: int = 8, chat: bool = False, dtype: str | None = None, device: str | None = None) -> list[TaskResult]:
     """Multiple-choice accuracy per task file (see :mod:`moetune.evaluation`)."""
     tok = default_tokenizer(model_path, tokenizer)
-    model = load_with_adapter(model_path, adapter)
+    model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
     return evaluate_tasks(model, tok, list(files), batch_size=batch_size, max_length=max_length, chat=chat)
 
 
-def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=None, chat: bool = True, sampling: SamplingConfig | None = None) -> list[str]:
+def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=None, chat: bool = True, sampling: SamplingConfig | None = None,
+                  dtype: str | None = None, device: str | None = None) -> list[str]:
     """Continue each prompt (as a user turn when ``chat``) and return the decoded text."""
     tok = default_tokenizer(model_path, tokenizer)
-    model = load_with_adapter(model_path, adapter)
+    model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
     if chat and tok.has_chat_template:
         ids = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts]
     else:
@@ -87,17 +133,36 @@ def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=Non
     return [tok.decode(o) for o in outs]
 
 
-def merge_to_checkpoint(model_path, adapter, out_dir, *, overwrite: bool = False) -> Path:
-    """Fold an adapter into the base and write a plain Hugging Face checkpoint."""
+def merge_to_checkpoint(model_path, adapter, out_dir, *, tokenizer: str | None = None, dtype: str | None = None,
+                        device: str | None = None, overwrite: bool = False) -> Path:
+    """Fold an adapter into the base and write a plain Hugging Face checkpoint, in the base's dtype
+    unless ``dtype`` says otherwise, with the base folder's generation config and the tokenizer
+    files of ``tokenizer`` (a folder; default: the base folder's), so it generates as base + adapter did.
+    """
     inputs = (model_path, adapter)
     check_output(out_dir, "model", overwrite=overwrite, inputs=inputs)  # before minutes of loading
-    model = load_with_adapter(model_path, adapter)
-    merge_adapter(model, name="default")
-    return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs)
+    files = merged_companions(model_path, tokenizer)
+    model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    merge_adapter(model, name=name)
+    return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs, extra_files=files)
 
 
-def export_adapter(model_path, adapter, out_dir, *, layout: str = "peft", overwrite: bool = False) -> Path:
+def merged_companions(model_path, tokenizer: str | None) -> dict[str, Path]:
+    """Generation config from the base; tokenizer files from ``tokenizer`` (a folder) or the base."""
+    if tokenizer == "byte":
+        raise ConfigError("--tokenizer byte: the built-in byte tokenizer has no files to write into a model folder; "
+                          "drop --tokenizer (the base folder's tokenizer files are copied) or give a tokenizer folder")
+    if tokenizer is not None:
+        found = companion_files(tokenizer, TOKENIZER_FILES)
+        if "tokenizer.json" not in found and "tokenizer.model" not in found:
+            raise ConfigError(f"--tokenizer: '{tokenizer}' holds no tokenizer.json or tokenizer.model to copy")
+        return {**companion_files(model_path, GENERATION_FILES), **found}
+    return companion_files(model_path)
+
+
+def export_adapter(model_path, adapter, out_dir, *, layout: str = "peft", dtype: str | None = None,
+                   device: str | None = None, overwrite: bool = False) -> Path:
     """Re-save an adapter in PEFT's layout or the per-expert (vLLM) layout."""
     check_output(out_dir, "adapter", overwrite=overwrite, inputs=(model_path, adapter))
-    model = load_with_adapter(model_path, adapter)
-    return Path(save_adapter(model, out_dir, name="default", layout=layout, overwrite=overwrite))
+    model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    return Path(save_adapter(model, out_dir, name=name, layout=layout, overwrite=overwrite))

@@ -66,13 +66,30 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
+# Files that make a model folder usable beyond its weights: tokenizer, chat template, generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+GENERATION_FILES = ("generation_config.json",)
+
+
+def companion_files(folder: str | os.PathLike | None, names: tuple[str, ...] = TOKENIZER_FILES + GENERATION_FILES) -> dict[str, Path]:
+    """Those of ``names`` present in ``folder`` (name -> path); none when ``folder`` is None."""
+    if folder is None:
+        return {}
+    return {n: Path(folder) / n for n in names if (Path(folder) / n).is_file()}
+
+
 def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, overwrite: bool = False,
                     inputs: tuple = (), extra_files: dict[str, Path] | None = None) -> Path:
     """Write config.json and safetensors shards (with an index when sharded) to ``out_dir``.
 
-    ``out_dir`` must be new, empty, or a model folder moetune wrote (see :mod:`moetune.outputs`);
-    ``extra_files``: name -> source file copied beside the weights (tokenizer, generation config).
+    ``out_dir`` must be new, empty, or a model folder moetune wrote (see :mod:`moetune.outputs`).
+    ``extra_files`` (name -> source file, copied beside the weights) defaults to the tokenizer,
+    chat template and generation config of the folder the model was loaded from, so the written
+    folder tokenizes and generates as the original did.
     """
+    if extra_files is None:
+        extra_files = companion_files(getattr(model, "source_path", None))
     args = model.args
     tensors = checkpoint_tensors(model, args.family, tied=args.tie_word_embeddings)
     shards = _shards(tensors, max_shard_size)
@@ -88,7 +105,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 
         config["dtype"] = DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")
         config.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name, source in (extra_files or {}).items():
+        for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)
 
     return write_folder(out_dir, "model", write, overwrite=overwrite, inputs=inputs)

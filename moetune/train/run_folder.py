@@ -19,13 +19,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import TrainConfig, dump_config
 from ..errors import CheckpointError, ConfigError
-from ..outputs import MARKER, Marker, OutputError, OwnedFolder, check_output, new_run_id, open_folder, read_marker, refuse_collisions, write_marker
+from ..outputs import (MARKER, Marker, OutputError, OwnedFolder, check_output, new_run_id, open_folder, read_marker, refuse_collisions,
+                       write_marker, write_text_atomic)
 from .checkpoint import latest_checkpoint, list_checkpoints
 
 KEY = "checkpoint.output_dir"
-RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "router_biases.safetensors")
+RUN_CONFIG = "moetune_run.yaml"  # the resolved config, so a checkpoint can be used as an adapter
+RUN_ENTRIES = (RUN_CONFIG, "metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "router_biases.safetensors")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class RunPlan:
     marker: Marker | None
     legacy: bool
     adapter_entries: tuple[str, ...]  # adapter folders that live directly in the run folder
+    config_yaml: str = ""  # the resolved config, written to RUN_CONFIG
 
     @property
     def run_id(self) -> str | None:
@@ -93,7 +96,7 @@ def plan_run_folder(config: TrainConfig, *, resume, overwrite: bool = False) -> 
     if not legacy:
         refuse_collisions(out, RUN_ENTRIES + entries, marker, KEY)
     _check_adapter_folders(config, overwrite=overwrite, skip_inside=out if legacy or mode == "overwrite" else None)
-    return RunPlan(path=out, mode=mode, marker=marker, legacy=legacy, adapter_entries=entries)
+    return RunPlan(path=out, mode=mode, marker=marker, legacy=legacy, adapter_entries=entries, config_yaml=dump_config(config))
 
 
 def _adapter_entries(config: TrainConfig, out: Path) -> tuple[str, ...]:
@@ -121,6 +124,7 @@ def open_run_folder(plan: RunPlan) -> OwnedFolder:
             _adopt_adapter_folder(plan.path / name)
     folder.run_id = plan.run_id or new_run_id()
     write_marker(folder.path, Marker(kind="run", files=tuple(folder.files), run_id=folder.run_id))
+    write_text_atomic(folder.entry(RUN_CONFIG), plan.config_yaml)
     return folder
 
 
