@@ -1,6 +1,6 @@
 """Full LoRA training steps: moetune vs transformers + PEFT on the same MoE config, same run.
 
-Reference shape (DESIGN.md section 7): Qwen3-30B-A3B layers (hidden 2048, 32 q / 4 kv heads,
+Reference shape: Qwen3-30B-A3B layers (hidden 2048, 32 q / 4 kv heads,
 head_dim 128, 128 experts top-8, expert hidden 768, vocab 151936), 8 layers, batch 4 x 2048,
 LoRA r=16 alpha=32, bf16. Both tools get the same random base weights and the same adapter
 weights (moetune saves its freshly initialised adapter, with B made non-zero, and PEFT loads that
