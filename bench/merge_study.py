@@ -37,9 +37,9 @@ from moetune.config import TrainConfig, from_dict
 from moetune.data import ByteTokenizer
 from moetune.demo import LETTERS, accuracy, make_rows, pretrain_base, tiny_moe_args, write_jsonl
 from moetune.model import build_random_model, load_model
-from moetune.peft.base import disable_adapters
-from moetune.peft.io import load_adapter
-from moetune.peft.merge_files import merge_adapter_dirs
+from moetune.peft.core.layer import disable_adapters
+from moetune.peft.formats.io import load_adapter
+from moetune.peft.arithmetic.folders import merge_adapter_dirs
 from moetune.train.trainer import train
 
 ATTN_EXPERTS = ("q_proj", "k_proj", "v_proj", "o_proj", "experts")

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from moetune import LoraConfig
 from moetune.config import MixtureConfig
 from moetune.model.layers import SwiGLU
-from moetune.peft.lora import LoraLinear
-from moetune.peft.mixture import MixtureFFN
+from moetune.peft.lora.linear import LoraLinear
+from moetune.peft.mixtures.ffn import MixtureFFN
 
 
 def loop_mixlora(layer: MixtureFFN, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 from .config import LoraConfig
 from .errors import MoetuneError
 from .model import CausalLM, load_model
-from .peft.inject import AdapterReport, add_adapter, delete_adapter, disable_adapters, set_adapter, trainable_parameters
-from .peft.io import load_adapter, merge_adapter, save_adapter
+from .peft.core.inject import AdapterReport, add_adapter, delete_adapter, disable_adapters, set_adapter, trainable_parameters
+from .peft.formats.io import load_adapter, merge_adapter, save_adapter
 
 __version__ = "0.1.0"
 

@@ -232,7 +232,7 @@ def _add_export(sub) -> None:
 
 
 def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
-    from .peft.merge_files import merge_adapter_dirs
+    from .peft.arithmetic.folders import merge_adapter_dirs
 
     result = merge_adapter_dirs(ns.model, ns.adapter, ns.out, weights=ns.weights, method=ns.method,
                                 density=ns.density, rank=ns.rank, seed=ns.seed, overwrite=ns.overwrite)
@@ -240,7 +240,7 @@ def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
 
 
 def _add_merge_adapters(sub) -> None:
-    from .peft.merging import METHODS
+    from .peft.arithmetic.combine import METHODS
 
     p = sub.add_parser("merge-adapters", formatter_class=_Help, help="combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
                        description="Merge LoRA adapters trained on the same base model into one PEFT-format adapter "

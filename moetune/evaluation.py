@@ -27,7 +27,7 @@ import torch
 from .data.collate import Collator
 from .data.examples import IGNORE, Example
 from .errors import DataError
-from .peft.mixture_stats import format_metrics, mean_metrics, merge_metrics, mixture_metrics
+from .peft.mixtures.stats import format_metrics, mean_metrics, merge_metrics, mixture_metrics
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 import moetune
 from moetune.errors import AdapterError, CheckpointError
 from moetune.inspect import inspect_model
-from moetune.peft.aliases import TARGET_ALIASES
-from moetune.peft.base import adapter_layers
-from moetune.peft.inject import plan_targets, targetable_names, trainable_parameters
+from moetune.peft.core.aliases import TARGET_ALIASES
+from moetune.peft.core.layer import adapter_layers
+from moetune.peft.core.inject import plan_targets, targetable_names, trainable_parameters
 from test_deepseek import make_hf
 
 peft = pytest.importorskip("peft")

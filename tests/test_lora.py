@@ -15,11 +15,11 @@ import moetune
 from moetune import LoraConfig
 from moetune.errors import AdapterError
 from moetune.model import build_random_model, model_args_from_hf
-import moetune.peft.io as peft_io
+import moetune.peft.formats.io as peft_io
 from moetune.model.saving import native_state_dict
-from moetune.peft.base import adapter_layers, disable_adapters
-from moetune.peft.inject import targetable_names, trainable_parameters
-from moetune.peft.lora import LoraLinear
+from moetune.peft.core.layer import adapter_layers, disable_adapters
+from moetune.peft.core.inject import targetable_names, trainable_parameters
+from moetune.peft.lora.linear import LoraLinear
 
 MOE = dict(model_type="qwen2_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -293,7 +293,7 @@ def test_targetable_names_lists_suffixes():
 
 
 def test_expert_part_targets_go_to_the_expert_wrapper():
-    pytest.importorskip("moetune.peft.experts")
+    pytest.importorskip("moetune.peft.lora.experts")
     model = _model()
     moetune.add_adapter(model, LoraConfig(target_modules=["experts.down_proj", "q_proj"]))
     ex = model.get_submodule("model.layers.0.mlp.experts")

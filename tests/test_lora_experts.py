@@ -15,8 +15,8 @@ from moetune.config import LoraConfig
 from moetune.errors import AdapterError
 from moetune.model.context import ForwardContext, forward_context
 from moetune.model.moe import GroupedExperts, dispatch
-from moetune.peft.base import disable_adapters
-from moetune.peft.experts import LoraGroupedExperts
+from moetune.peft.core.layer import disable_adapters
+from moetune.peft.lora.experts import LoraGroupedExperts
 
 E, D, FH, R = 4, 32, 24, 4
 ALL = {"gate_proj", "up_proj", "down_proj"}
@@ -470,7 +470,7 @@ def test_peft_rank_pattern_on_experts_loads_exactly(tmp_path):
 
 
 def _randomize_model_adapters(model, seed=21):
-    from moetune.peft.base import adapter_layers
+    from moetune.peft.core.layer import adapter_layers
 
     _randomize((p for _, layer in adapter_layers(model) for _, p in layer.adapter_params()), seed=seed)
 
@@ -517,7 +517,7 @@ def test_public_api_separate_gate_up_roundtrip(tmp_path):
     """A per-expert file whose gate and up A's differ (PEFT v4 / vLLM) -> separate pairs -> PEFT
     layout at rank 2r with rank/alpha patterns -> PEFT and moetune read it with the same logits."""
     import moetune
-    from moetune.peft import inject
+    from moetune.peft.core import inject
 
     if "param_configs" not in inspect.getsource(inject):
         pytest.skip("inject.add_adapter does not pass per-parameter configs yet")

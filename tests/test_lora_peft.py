@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moetune
-from moetune.peft.inject import adapter_configs, trainable_parameters
+from moetune.peft.core.inject import adapter_configs, trainable_parameters
 from tiny_hf import make_hf_model, save_hf_model
 
 peft = pytest.importorskip("peft")
@@ -161,7 +161,7 @@ def test_layers_to_transform_and_pissa_files_load_in_peft(kind, tmp_path):
 
 @pytest.fixture
 def experts_available():
-    pytest.importorskip("moetune.peft.experts")
+    pytest.importorskip("moetune.peft.lora.experts")
 
 
 def _experts_model(tmp_path):

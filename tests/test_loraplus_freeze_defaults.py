@@ -12,7 +12,7 @@ from moetune.config import DEFAULT_TARGETS, AdaLoraOptions, MixtureConfig
 from moetune.config.train import AdapterSection
 from moetune.errors import ConfigError
 from moetune.model import build_random_model, model_args_from_hf
-from moetune.peft.base import adapter_layers
+from moetune.peft.core.layer import adapter_layers
 from moetune.train.optim import adapter_parameters, build_optimizer
 
 DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moetune.errors import AdapterError
-from moetune.peft.experts_layout import from_peft, to_peft
-from moetune.peft.merging import combine, merge_adapters, random_masks
+from moetune.peft.lora.experts_layout import from_peft, to_peft
+from moetune.peft.arithmetic.combine import combine, merge_adapters, random_masks
 
 LIN = "base_model.model.model.layers.0.self_attn.q_proj."
 EXP = "base_model.model.model.layers.0.mlp.experts."

@@ -13,9 +13,9 @@ from moetune.config import MixtureConfig
 from moetune.errors import AdapterError
 from moetune.model import build_random_model, model_args_from_hf
 from moetune.model.layers import SwiGLU
-from moetune.peft.mixture import MixtureFFN
-from moetune.peft.mixture_linear import MixtureLinear
-from moetune.peft.mixture_stats import adapter_router_loss, mixture_metrics
+from moetune.peft.mixtures.ffn import MixtureFFN
+from moetune.peft.mixtures.linear import MixtureLinear
+from moetune.peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from mixture_reference import RecordingDropout, reference_mixlora, reference_mixture_linear
 
 DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

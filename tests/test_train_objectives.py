@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import moetune
 from moetune.config import load_train_config
 from moetune.errors import ConfigError
-from moetune.peft.adalora_alloc import allocators
+from moetune.peft.adalora.allocator import allocators
 from moetune.train.objectives import distill_loss, save_teacher_logits
 from moetune.train.setup import prepare_run
 from moetune.train.checkpoint import latest_checkpoint

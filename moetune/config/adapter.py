@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .schema import ConfigFieldError, ConfigSection, _require
+from .schema import ConfigFieldError, ConfigSection, require
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -66,19 +66,19 @@ class MixtureConfig(ConfigSection):
 
     def validate(self) -> None:
         counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
-        _require(len(counts) > 0 and min(counts) >= 1, "num_experts", "an integer >= 1 or a non-empty list of them", self.num_experts)
-        _require(1 <= self.top_k <= min(counts), "top_k", f"in [1, num_experts = {min(counts)}]", self.top_k)
-        _require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
-        _require(self.capacity_factor > 0, "capacity_factor", "a number > 0", self.capacity_factor)
-        _require(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "an integer >= 1 or null", self.expert_capacity)
-        _require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
-        _require(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a number >= 0", self.router_z_loss_coef)
-        _require(0 <= self.jitter_noise < 1, "jitter_noise", "a number in [0, 1)", self.jitter_noise)
-        _require(self.router_init_std > 0, "router_init_std", "a number > 0", self.router_init_std)
-        _require(self.expert_r is None or self.expert_r >= 1, "expert_r", "an integer >= 1 or null", self.expert_r)
-        _require(self.expert_alpha is None or self.expert_alpha > 0, "expert_alpha", "a number > 0 or null", self.expert_alpha)
+        require(len(counts) > 0 and min(counts) >= 1, "num_experts", "an integer >= 1 or a non-empty list of them", self.num_experts)
+        require(1 <= self.top_k <= min(counts), "top_k", f"in [1, num_experts = {min(counts)}]", self.top_k)
+        require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        require(self.capacity_factor > 0, "capacity_factor", "a number > 0", self.capacity_factor)
+        require(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "an integer >= 1 or null", self.expert_capacity)
+        require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
+        require(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a number >= 0", self.router_z_loss_coef)
+        require(0 <= self.jitter_noise < 1, "jitter_noise", "a number in [0, 1)", self.jitter_noise)
+        require(self.router_init_std > 0, "router_init_std", "a number > 0", self.router_init_std)
+        require(self.expert_r is None or self.expert_r >= 1, "expert_r", "an integer >= 1 or null", self.expert_r)
+        require(self.expert_alpha is None or self.expert_alpha > 0, "expert_alpha", "a number > 0 or null", self.expert_alpha)
         drop = self.expert_dropout
-        _require(drop is None or 0 <= drop < 1, "expert_dropout", "a number in [0, 1) or null", drop)
+        require(drop is None or 0 <= drop < 1, "expert_dropout", "a number in [0, 1) or null", drop)
         if self.kind is not None:
             self.resolve(self.kind)
 
@@ -86,7 +86,7 @@ class MixtureConfig(ConfigSection):
         """Fix ``kind`` and the default ``routing``; check that the routing suits the kind."""
         self.kind = kind
         self.routing = self.routing or ("dense" if kind == "loramoe" else "top_k")
-        _require(self.routing != "switch" or kind == "mixlora", "routing", "top_k, top_p or dense for kind " + kind, self.routing)
+        require(self.routing != "switch" or kind == "mixlora", "routing", "top_k, top_p or dense for kind " + kind, self.routing)
 
     def experts_at(self, layer: int | None) -> int:
         """Experts of a router in decoder layer ``layer`` (None: outside the layers)."""
@@ -127,21 +127,21 @@ class AdaLoraOptions(ConfigSection):
     total_step: int | None = None
 
     def validate(self) -> None:
-        _require(self.init_r is None or self.init_r >= 1, "init_r", "an integer >= 1 or null", self.init_r)
-        _require(self.target_r >= 1, "target_r", "an integer >= 1", self.target_r)
-        _require(self.init_r is None or self.target_r <= self.init_r, "target_r", f"<= init_r = {self.init_r}", self.target_r)
-        _require(self.tinit >= 0, "tinit", "an integer >= 0", self.tinit)
-        _require(self.tfinal >= 0, "tfinal", "an integer >= 0", self.tfinal)
-        _require(self.delta_t >= 1, "delta_t", "an integer >= 1", self.delta_t)
-        _require(0 < self.beta1 < 1, "beta1", "a number in (0, 1)", self.beta1)
-        _require(0 < self.beta2 < 1, "beta2", "a number in (0, 1)", self.beta2)
-        _require(self.orth_reg_weight >= 0, "orth_reg_weight", "a number >= 0", self.orth_reg_weight)
+        require(self.init_r is None or self.init_r >= 1, "init_r", "an integer >= 1 or null", self.init_r)
+        require(self.target_r >= 1, "target_r", "an integer >= 1", self.target_r)
+        require(self.init_r is None or self.target_r <= self.init_r, "target_r", f"<= init_r = {self.init_r}", self.target_r)
+        require(self.tinit >= 0, "tinit", "an integer >= 0", self.tinit)
+        require(self.tfinal >= 0, "tfinal", "an integer >= 0", self.tfinal)
+        require(self.delta_t >= 1, "delta_t", "an integer >= 1", self.delta_t)
+        require(0 < self.beta1 < 1, "beta1", "a number in (0, 1)", self.beta1)
+        require(0 < self.beta2 < 1, "beta2", "a number in (0, 1)", self.beta2)
+        require(self.orth_reg_weight >= 0, "orth_reg_weight", "a number >= 0", self.orth_reg_weight)
         if self.total_step is not None:
             self.check_schedule(self.total_step)
 
     def check_schedule(self, total_step: int) -> None:
         """The budget must have steps to shrink in: ``tinit < total_step - tfinal`` (as PEFT)."""
-        _require(total_step >= 1, "total_step", "an integer >= 1", total_step)
+        require(total_step >= 1, "total_step", "an integer >= 1", total_step)
         if self.tinit >= total_step - self.tfinal:
             raise ConfigFieldError(f"{{key}}: tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no step of the "
                                    f"{total_step} to shrink the rank budget in; lower them or raise total_step",
@@ -194,15 +194,15 @@ class LoraConfig(ConfigSection):
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def validate(self) -> None:
-        _require(self.r >= 1, "r", "an integer >= 1", self.r)
-        _require(self.alpha > 0, "alpha", "a number > 0", self.alpha)
-        _require(0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
+        require(self.r >= 1, "r", "an integer >= 1", self.r)
+        require(self.alpha > 0, "alpha", "a number > 0", self.alpha)
+        require(0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
         self._validate_targets()
         layers = self.layers_to_transform
         if layers is not None:
-            _require(len(layers) > 0, "layers_to_transform", "a non-empty list or null", layers)
-            _require(min(layers) >= 0, "layers_to_transform", "layer indices >= 0", layers)
-            _require(len(set(layers)) == len(layers), "layers_to_transform", "without repeats", layers)
+            require(len(layers) > 0, "layers_to_transform", "a non-empty list or null", layers)
+            require(min(layers) >= 0, "layers_to_transform", "layer indices >= 0", layers)
+            require(len(set(layers)) == len(layers), "layers_to_transform", "without repeats", layers)
         if self.mixture is not None:
             self._validate_mixture()
         if self.adalora is not None:
@@ -211,22 +211,22 @@ class LoraConfig(ConfigSection):
     def _validate_adalora(self) -> None:
         ada = self.adalora
         if ada.init_r is not None and ada.init_r != self.r:
-            _require(not self.given("r"), "r", f"left out or equal to adalora.init_r = {ada.init_r}", self.r)
+            require(not self.given("r"), "r", f"left out or equal to adalora.init_r = {ada.init_r}", self.r)
             self.r = ada.init_r
         ada.init_r = self.r
-        _require(ada.target_r <= self.r, "adalora.target_r", f"<= the initial rank r = {self.r}", ada.target_r)
+        require(ada.target_r <= self.r, "adalora.target_r", f"<= the initial rank r = {self.r}", ada.target_r)
         for key, off in (("use_dora", not self.use_dora), ("use_rslora", not self.use_rslora), ("mixture", self.mixture is None)):
-            _require(off, key, "off for an AdaLoRA adapter (PEFT's AdaLoRA has no such variant)", getattr(self, key))
-        _require(self.init != "pissa", "init", "kaiming or gaussian for AdaLoRA (its init is PEFT's: P, Q ~ N(0, 0.02), Lambda = 0)", self.init)
+            require(off, key, "off for an AdaLoRA adapter (PEFT's AdaLoRA has no such variant)", getattr(self, key))
+        require(self.init != "pissa", "init", "kaiming or gaussian for AdaLoRA (its init is PEFT's: P, Q ~ N(0, 0.02), Lambda = 0)", self.init)
 
     def _validate_mixture(self) -> None:
         try:
             self.mixture.resolve(self.mixture.kind or "mixlora")
         except ConfigFieldError as err:
             raise err.prefixed("mixture") from None
-        _require(self.init != "pissa", "init", "kaiming or gaussian for a mixture of experts", self.init)
+        require(self.init != "pissa", "init", "kaiming or gaussian for a mixture of experts", self.init)
         kind = self.mixture.kind
-        _require(not self.use_dora or kind == "mixlora", "use_dora", f"false for mixture kind {kind} (DoRA experts: mixlora)", self.use_dora)
+        require(not self.use_dora or kind == "mixlora", "use_dora", f"false for mixture kind {kind} (DoRA experts: mixlora)", self.use_dora)
 
     def _validate_targets(self) -> None:
         targets, regex = self.target_modules, self.target_regex
@@ -238,13 +238,13 @@ class LoraConfig(ConfigSection):
                                   ("target_regex",)) from None
             if not self.given("target_modules"):  # a regex alone replaces the default list
                 self.target_modules = targets = []
-            _require(targets == [], "target_modules", "left out when target_regex is set", targets)
+            require(targets == [], "target_modules", "left out when target_regex is set", targets)
             return
         if isinstance(targets, str):
             hint = " (write a list, e.g. [q_proj])" if targets != "all-linear" else ""
-            _require(targets == "all-linear", "target_modules", f"a list of names or 'all-linear'{hint}",
+            require(targets == "all-linear", "target_modules", f"a list of names or 'all-linear'{hint}",
                      targets)
             return
-        _require(len(targets) > 0, "target_modules", "a non-empty list (or set target_regex)", targets)
-        _require(all(t.strip() for t in targets), "target_modules", "non-empty names", targets)
-        _require(len(set(targets)) == len(targets), "target_modules", "without repeats", targets)
+        require(len(targets) > 0, "target_modules", "a non-empty list (or set target_regex)", targets)
+        require(all(t.strip() for t in targets), "target_modules", "non-empty names", targets)
+        require(len(set(targets)) == len(targets), "target_modules", "without repeats", targets)

@@ -12,7 +12,7 @@ import yaml
 
 from moetune.errors import ConfigError, did_you_mean
 
-from .schema import ConfigFieldError, ConfigSection, Key, _build, _hints, _show, dotted
+from .schema import ConfigFieldError, ConfigSection, Key, build_section, type_hints_of, show_value, dotted
 from .train import TrainConfig
 
 
@@ -52,7 +52,7 @@ def _read_run_file(path: Path) -> dict[str, Any]:
     if raw is None:
         raise ConfigError(f"{path}: the file is empty; expected a mapping with model, data, optim, ...")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {_show(raw)}")
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {show_value(raw)}")
     return raw
 
 
@@ -95,7 +95,7 @@ def _override_key(text: str, raw: dict[str, Any], single: bool) -> Key:
             hint = did_you_mean(part, names) or f" (allowed: {', '.join(sorted(names))})"
             raise ConfigError(f"unknown key '{dotted((*path, part))}' in override '{text}'{hint}")
         path.append(part)
-        tp = _section(_hints(cls)[part])
+        tp = _section(type_hints_of(cls)[part])
         cls = tp if dataclasses.is_dataclass(tp) else None
         if get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]):
             index = parts[depth + 1] if depth + 1 < len(parts) else ""
@@ -125,7 +125,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], single: bool) ->
             want = list if isinstance(key[depth + 1], int) else dict
             if not isinstance(node, want):
                 raise ConfigError(f"override '{text}': '{dotted(key[:depth + 1])}' in the config "
-                                  f"is {_show(node)}, not a {'list' if want is list else 'mapping'}")
+                                  f"is {show_value(node)}, not a {'list' if want is list else 'mapping'}")
         node[key[-1]] = value
         done.add(key)
     return done
@@ -165,7 +165,7 @@ def load_train_config(path: str | os.PathLike[str], overrides: list[str] | tuple
     single = _normalise_adapters(raw, str(path))
     overridden = _apply_overrides(raw, list(overrides), single)
     try:
-        config = _build(TrainConfig, raw)
+        config = build_section(TrainConfig, raw)
     except ConfigFieldError as err:
         source = "override" if any(err.path[:len(k)] == k for k in overridden) else str(path)
         if single and err.path[:2] == ("adapters", 0):

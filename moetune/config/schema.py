@@ -19,7 +19,7 @@ T = TypeVar("T")
 Key = tuple[str | int, ...]
 
 # Field metadata marking a path that load_train_config resolves against the run file's folder.
-_PATH = {"path": True}
+PATH_FIELD = {"path": True}
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -50,7 +50,7 @@ def dotted(path: Key) -> str:
     return text
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """Show a value as YAML would spell it, shortened for one-line messages."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -66,7 +66,7 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(arm) for arm in args)
     if origin is Literal:
-        return ("one of " if len(args) > 1 else "") + ", ".join(_show(a) for a in args)
+        return ("one of " if len(args) > 1 else "") + ", ".join(show_value(a) for a in args)
     if origin is list:
         return f"a list of {_plural(args[0])}"
     if origin is tuple:
@@ -83,7 +83,7 @@ def _plural(tp: Any) -> str:
 
 
 def _mismatch(value: Any, tp: Any, hint: str = "") -> ConfigFieldError:
-    return ConfigFieldError(f"{{key}}: expected {_describe(tp)}, got {_show(value)}{hint}")
+    return ConfigFieldError(f"{{key}}: expected {_describe(tp)}, got {show_value(value)}{hint}")
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -109,7 +109,7 @@ def _convert(value: Any, tp: Any) -> Any:
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
-            return _build(tp, value)
+            return build_section(tp, value)
         raise _mismatch(value, tp)
     return _convert_scalar(value, tp)
 
@@ -151,14 +151,14 @@ def _convert_scalar(value: Any, tp: Any) -> Any:
         if number is not None and math.isfinite(number):
             return float(number)
         if number is not None:
-            raise ConfigFieldError(f"{{key}}: expected a finite number, got {_show(value)}")
+            raise ConfigFieldError(f"{{key}}: expected a finite number, got {show_value(value)}")
     if tp not in (bool, int, str, float, type(None)):
         raise TypeError(f"unsupported config annotation {tp!r}")
     raise _mismatch(value, tp)
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints_of(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
@@ -168,7 +168,7 @@ def check_types(obj: Any) -> None:
     Raises:
         ConfigError: naming the field, the value and what the annotation allows.
     """
-    hints = _hints(type(obj))
+    hints = type_hints_of(type(obj))
     for f in dataclasses.fields(obj):
         try:
             value = _convert(getattr(obj, f.name), hints[f.name])
@@ -177,12 +177,12 @@ def check_types(obj: Any) -> None:
         object.__setattr__(obj, f.name, value)
 
 
-def _require(ok: bool, name: str, what: str, value: Any) -> None:
+def require(ok: bool, name: str, what: str, value: Any) -> None:
     if not ok:
-        raise ConfigFieldError(f"{{key}} must be {what}, got {_show(value)}", (name,))
+        raise ConfigFieldError(f"{{key}} must be {what}, got {show_value(value)}", (name,))
 
 
-def _build(cls: type[T], data: dict[Any, Any]) -> T:
+def build_section(cls: type[T], data: dict[Any, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
@@ -191,7 +191,7 @@ def _build(cls: type[T], data: dict[Any, Any]) -> T:
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in data:
-            raise ConfigFieldError(f"missing required key '{{key}}' ({_describe(_hints(cls)[name])})", (name,))
+            raise ConfigFieldError(f"missing required key '{{key}}' ({_describe(type_hints_of(cls)[name])})", (name,))
     return cls(**data)
 
 
@@ -209,8 +209,8 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """
     try:
         if not isinstance(data, dict):
-            raise ConfigFieldError(f"expected a mapping of {cls.__name__} keys, got {_show(data)}")
-        return _build(cls, data)
+            raise ConfigFieldError(f"expected a mapping of {cls.__name__} keys, got {show_value(data)}")
+        return build_section(cls, data)
     except ConfigFieldError as err:
         raise ConfigError(f"{where}: {err}") from None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from .adapter import AdaLoraOptions, LoraConfig, MixtureConfig
-from .schema import _PATH, ConfigFieldError, ConfigSection, Key, T, _require
+from .schema import PATH_FIELD, ConfigFieldError, ConfigSection, Key, T, require
 from .sections import CheckpointSection, DataSection, DistributedSection, LoggingSection, ModelSection, OptimSection
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -42,11 +42,11 @@ class AdapterSection(LoraConfig):
 
     name: str = "default"
     method: Literal["lora", "dora", "mixlora", "mixdora", "loramoe", "mola", "adalora"] = "lora"
-    path: str | None = field(default=None, metadata=_PATH)
+    path: str | None = field(default=None, metadata=PATH_FIELD)
     frozen: bool = False
     data: DataOverride | None = None
     optim: OptimOverride | None = None
-    output_dir: str | None = field(default=None, metadata=_PATH)
+    output_dir: str | None = field(default=None, metadata=PATH_FIELD)
     dump_first: ClassVar[tuple[str, ...]] = ("name", "method")
 
     def validate(self) -> None:
@@ -68,8 +68,8 @@ class AdapterSection(LoraConfig):
         elif self.adalora is not None:
             raise ConfigFieldError("{key} needs method: adalora, got method: " + self.method, ("adalora",))
         super().validate()
-        _require(bool(_ADAPTER_NAME.fullmatch(self.name)), "name", "letters, digits, '_' or '-'", self.name)
-        _require(not self.frozen or self.path is not None, "frozen", "false unless path names the adapter folder to keep", self.frozen)
+        require(bool(_ADAPTER_NAME.fullmatch(self.name)), "name", "letters, digits, '_' or '-'", self.name)
+        require(not self.frozen or self.path is not None, "frozen", "false unless path names the adapter folder to keep", self.frozen)
 
     def to_lora_config(self) -> LoraConfig:
         """The LoRA options alone, as the peft layer takes them."""
@@ -81,8 +81,8 @@ class AdapterSection(LoraConfig):
 class DataOverride(ConfigSection):
     """One adapter's own ``data`` keys; a key left out (null) comes from the run's ``data``."""
 
-    train: str | None = field(default=None, metadata=_PATH)
-    eval: str | None = field(default=None, metadata=_PATH)
+    train: str | None = field(default=None, metadata=PATH_FIELD)
+    eval: str | None = field(default=None, metadata=PATH_FIELD)
     format: Literal["auto", "instruction", "chat", "text"] | None = None
     max_length: int | None = None
     packing: bool | None = None
@@ -133,13 +133,13 @@ class TrainConfig(ConfigSection):
 
     def validate(self) -> None:
         names = [adapter.name for adapter in self.adapters]
-        _require(len(names) > 0, "adapters", "a non-empty list", names)
-        _require(len(set(names)) == len(names), "adapters", "uniquely named", names)
+        require(len(names) > 0, "adapters", "a non-empty list", names)
+        require(len(set(names)) == len(names), "adapters", "uniquely named", names)
         for i in range(len(self.adapters)):  # overrides must give valid sections (errors name the adapter)
             self.adapter_data(i), self.adapter_optim(i)
         self._validate_adalora()
         trained = [a.name for a in self.adapters if not a.frozen]
-        _require(len(trained) > 0, "adapters", "at least one adapter that is not frozen", names)
+        require(len(trained) > 0, "adapters", "at least one adapter that is not frozen", names)
         # AdaLoRA's allocation and distillation run in the single-adapter trainer (frozen adapters beside it)
         special = [f"adapters[{i}].adalora" for i, a in enumerate(self.adapters) if a.adalora is not None and not a.frozen]
         special += ["optim.distill"] if self.optim.distill is not None else []

@@ -26,7 +26,8 @@ from moetune.data.dataset import (
 from moetune.data.examples import IGNORE, Example, encode_row, tokenize_row
 from moetune.data.formats import ChatRow, InstructionRow, LoadedRows, Row, TextRow, detect_format, load_rows
 from moetune.data.packing import pack_examples, packing_efficiency
-from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer, load_tokenizer, resolve_tokenizer
+from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer
+from moetune.data.tokenizer_loading import load_tokenizer, resolve_tokenizer
 
 __all__ = [
     "IGNORE", "BatchLoader", "ByteTokenizer", "ChatEncoding", "ChatRow", "Collator", "DataReport",

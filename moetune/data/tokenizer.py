@@ -8,15 +8,10 @@ generation stops there. Hugging Face tokenizer folders are handled by
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
-from moetune.errors import DataError, MoetuneError
-
-log = logging.getLogger(__name__)
+from moetune.errors import DataError
 ROLES = ("system", "user", "assistant")
 
 
@@ -121,47 +116,3 @@ class ByteTokenizer:
             ids.append(self.role_ids["assistant"])
             assistant.append(False)
         return ChatEncoding(ids=ids, assistant=assistant)
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """Load ``"byte"`` (the built-in :class:`ByteTokenizer`) or a Hugging Face tokenizer folder.
-
-    Args:
-        spec: ``"byte"``, or a folder holding ``tokenizer.json`` (and usually
-            ``tokenizer_config.json``), e.g. the base model's folder.
-
-    Raises:
-        DataError: the folder or its ``tokenizer.json`` is missing or unreadable.
-    """
-    if spec == "byte":
-        return ByteTokenizer()
-    folder = Path(spec)
-    if not folder.is_dir():
-        raise DataError(f"tokenizer folder not found: {folder} (use 'byte' for the built-in tokenizer)")
-    if not (folder / "tokenizer.json").is_file():
-        raise DataError(f"no tokenizer.json in {folder}; moetune reads fast-tokenizer folders only")
-    try:
-        # Imported here: `tokenizers` and `jinja2` are optional, unneeded for the byte tokenizer.
-        from moetune.data.hf_tokenizer import HFTokenizer
-    except ImportError as err:
-        raise MoetuneError(f"loading {folder} needs the optional packages: pip install "
-                           f"'moetune[tokenizers]' ({err})") from None
-    return HFTokenizer.from_folder(folder)
-
-
-def resolve_tokenizer(spec: str | None, model_path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a run, or of ``eval``/``generate`` on a model: one rule for all of them.
-
-    Args:
-        spec: ``"byte"``, a tokenizer folder, or None (or "") for the model's own: the
-            ``tokenizer.json`` in ``model_path``; when that folder has none, the byte tokenizer,
-            said in one WARNING naming the folder.
-        model_path: the base model's folder.
-    """
-    if spec:
-        return load_tokenizer(spec)
-    if (Path(model_path) / "tokenizer.json").is_file():
-        return load_tokenizer(str(model_path))
-    log.warning("no tokenizer.json in the model folder %s: using the built-in byte tokenizer (set "
-                "data.tokenizer / --tokenizer to a tokenizer folder, or to 'byte' to say so)", model_path)
-    return ByteTokenizer()

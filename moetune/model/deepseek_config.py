@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .config import MLAArgs, MoEArgs, ModelArgs
-from .families import _get, parse_llama
+from .families import config_value, parse_llama
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(
@@ -39,10 +39,10 @@ def _bad(cfg: dict[str, Any], field: str, allowed: str) -> CheckpointError:
 def _mla(cfg: dict[str, Any], rope_layout: str) -> MLAArgs:
     return MLAArgs(
         q_lora_rank=cfg.get("q_lora_rank"),
-        kv_lora_rank=_get(cfg, "kv_lora_rank"),
-        qk_nope_head_dim=_get(cfg, "qk_nope_head_dim"),
-        qk_rope_head_dim=_get(cfg, "qk_rope_head_dim"),
-        v_head_dim=_get(cfg, "v_head_dim"),
+        kv_lora_rank=config_value(cfg, "kv_lora_rank"),
+        qk_nope_head_dim=config_value(cfg, "qk_nope_head_dim"),
+        qk_rope_head_dim=config_value(cfg, "qk_rope_head_dim"),
+        v_head_dim=config_value(cfg, "v_head_dim"),
         rope_layout=rope_layout,
     )
 
@@ -69,13 +69,13 @@ def _check_groups(cfg: dict[str, Any], moe: MoEArgs) -> None:
 
 
 def _moe(cfg: dict[str, Any], num_layers: int, *, scoring: str, topk_method: str, norm_topk_prob: bool) -> MoEArgs | None:
-    experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
+    experts = config_value(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
     if not experts:
         return None
-    inter = _get(cfg, "moe_intermediate_size")
+    inter = config_value(cfg, "moe_intermediate_size")
     moe = MoEArgs(
         num_experts=experts,
-        top_k=_get(cfg, "num_experts_per_tok"),
+        top_k=config_value(cfg, "num_experts_per_tok"),
         intermediate_size=inter,
         norm_topk_prob=norm_topk_prob,
         layers=_moe_layers(cfg, num_layers),
@@ -84,7 +84,7 @@ def _moe(cfg: dict[str, Any], num_layers: int, *, scoring: str, topk_method: str
         topk_method=topk_method,
         n_group=cfg.get("n_group") or 1,
         topk_group=cfg.get("topk_group") or 1,
-        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)),
+        routed_scaling_factor=float(config_value(cfg, "routed_scaling_factor", default=1.0)),
         correction_bias=scoring == "sigmoid",
         router_aux_loss_coef=float(cfg.get("aux_loss_alpha") or 0.0),
     )

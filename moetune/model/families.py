@@ -16,7 +16,7 @@ from .config import MLAArgs, MoEArgs, ModelArgs, RopeArgs
 Parser = Callable[[dict[str, Any]], ModelArgs]
 
 
-def _get(cfg: dict[str, Any], *names: str, default: Any = KeyError) -> Any:
+def config_value(cfg: dict[str, Any], *names: str, default: Any = KeyError) -> Any:
     for name in names:
         if name in cfg and cfg[name] is not None:
             return cfg[name]
@@ -66,21 +66,21 @@ def _sliding_windows(cfg: dict[str, Any], num_layers: int) -> list[int | None]:
 
 
 def parse_llama(cfg: dict[str, Any]) -> ModelArgs:
-    hidden = _get(cfg, "hidden_size")
-    heads = _get(cfg, "num_attention_heads")
-    layers = _get(cfg, "num_hidden_layers")
+    hidden = config_value(cfg, "hidden_size")
+    heads = config_value(cfg, "num_attention_heads")
+    layers = config_value(cfg, "num_hidden_layers")
     return ModelArgs(
         family=cfg["model_type"],
-        vocab_size=_get(cfg, "vocab_size"),
+        vocab_size=config_value(cfg, "vocab_size"),
         hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=_get(cfg, "num_key_value_heads", default=heads),
-        head_dim=_get(cfg, "head_dim", default=hidden // heads),
-        intermediate_size=_get(cfg, "intermediate_size", default=0),
-        rms_norm_eps=_get(cfg, "rms_norm_eps", default=1e-6),
-        hidden_act=_get(cfg, "hidden_act", default="silu"),
-        max_position_embeddings=_get(cfg, "max_position_embeddings", default=4096),
+        num_kv_heads=config_value(cfg, "num_key_value_heads", default=heads),
+        head_dim=config_value(cfg, "head_dim", default=hidden // heads),
+        intermediate_size=config_value(cfg, "intermediate_size", default=0),
+        rms_norm_eps=config_value(cfg, "rms_norm_eps", default=1e-6),
+        hidden_act=config_value(cfg, "hidden_act", default="silu"),
+        max_position_embeddings=config_value(cfg, "max_position_embeddings", default=4096),
         rope=parse_rope(cfg),
         qkv_bias=bool(cfg.get("attention_bias", False)),
         o_bias=bool(cfg.get("attention_bias", False)),
@@ -109,13 +109,13 @@ def _moe_layers(cfg: dict[str, Any], num_layers: int, num_experts: int) -> list[
 
 
 def _routed(cfg: dict[str, Any], *, norm_default: bool, inter_key: str) -> MoEArgs:
-    experts = _get(cfg, "num_local_experts", "num_experts")
+    experts = config_value(cfg, "num_local_experts", "num_experts")
     return MoEArgs(
         num_experts=experts,
-        top_k=_get(cfg, "num_experts_per_tok"),
-        intermediate_size=_get(cfg, inter_key),
+        top_k=config_value(cfg, "num_experts_per_tok"),
+        intermediate_size=config_value(cfg, inter_key),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", norm_default)),
-        layers=_moe_layers(cfg, _get(cfg, "num_hidden_layers"), experts),
+        layers=_moe_layers(cfg, config_value(cfg, "num_hidden_layers"), experts),
         router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
     )
 

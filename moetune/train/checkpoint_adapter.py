@@ -18,8 +18,8 @@ from torch import nn
 
 from ..config import TrainConfig, from_dict
 from ..errors import AdapterError
-from ..peft.inject import add_adapter
-from ..peft.io import load_adapter
+from ..peft.core.inject import add_adapter
+from ..peft.formats.io import load_adapter
 from .checkpoint import NAME, load_checkpoint
 from .optim import adapter_parameters
 from .run_folder import RUN_CONFIG

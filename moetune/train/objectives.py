@@ -34,9 +34,9 @@ from ..config import DistillSection, TrainConfig
 from ..errors import AdapterError, CheckpointError, ConfigError
 from ..model.loss import IGNORE_INDEX, shift_labels
 from ..outputs import record_entries
-from ..peft.adalora_alloc import allocators, orth_regularization, rank_pattern, svd_adapter_names, update_and_allocate
-from ..peft.adalora_io import save_adalora
-from ..peft.base import disable_adapters, set_active_adapters
+from ..peft.adalora.allocator import allocators, orth_regularization, rank_pattern, svd_adapter_names, update_and_allocate
+from ..peft.formats.adalora import save_adalora
+from ..peft.core.layer import disable_adapters, set_active_adapters
 
 _INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids")
 log = logging.getLogger(__name__)

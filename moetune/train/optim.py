@@ -8,7 +8,7 @@ from typing import Collection
 import torch
 from torch import nn
 
-from ..peft.base import adapter_layers
+from ..peft.core.layer import adapter_layers
 
 
 class AdapterParams(dict):

@@ -15,8 +15,8 @@ from ..config import TrainConfig
 from ..data import DataSplits, Tokenizer, build_datasets, resolve_tokenizer
 from ..errors import ConfigError
 from ..model import CausalLM, load_model
-from ..peft.inject import add_adapter
-from ..peft.io import load_adapter
+from ..peft.core.inject import add_adapter
+from ..peft.formats.io import load_adapter
 from .optim import adapter_parameters
 
 log = logging.getLogger(__name__)

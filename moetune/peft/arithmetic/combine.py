@@ -36,8 +36,8 @@ import zlib
 
 import torch
 
-from ..errors import AdapterError
-from .experts_layout import from_peft, to_peft
+from ...errors import AdapterError
+from ..lora.experts_layout import from_peft, to_peft
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DELTA_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .routing import MixtureRecord
+from .router import MixtureRecord
 
 
 def _records(records: dict, name: str | None) -> list[MixtureRecord]:

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..model.context import current_context
+from ...model.context import current_context
 
 
 class AdapterLayer(nn.Module):

@@ -21,13 +21,13 @@ from typing import Callable, NamedTuple
 
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError, ConfigError
-from ..model.layers import SwiGLU
-from .base import AdapterLayer
-from .mixture import PROJS, MixtureFFN
-from .mixture_common import mixture_config
-from .mixture_linear import MixtureLinear
+from ...config import LoraConfig
+from ...errors import AdapterError, ConfigError
+from ...model.layers import SwiGLU
+from ..core.layer import AdapterLayer
+from .ffn import PROJS, MixtureFFN
+from .common import mixture_config
+from .linear import MixtureLinear
 
 
 class Placement(NamedTuple):

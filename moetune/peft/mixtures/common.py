@@ -15,11 +15,11 @@ import math
 import torch
 from torch import nn
 
-from ..config import LoraConfig, MixtureConfig
-from ..errors import AdapterError
-from ..model.context import current_context
-from .base import AdapterLayer
-from .routing import MixtureRecord, Route, route
+from ...config import LoraConfig, MixtureConfig
+from ...errors import AdapterError
+from ...model.context import current_context
+from ..core.layer import AdapterLayer
+from .router import MixtureRecord, Route, route
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,8 +25,8 @@ import re
 import torch
 from torch import nn
 
-from ..config import LoraConfig, MixtureConfig
-from ..errors import AdapterError, ConfigError
+from ...config import LoraConfig, MixtureConfig
+from ...errors import AdapterError, ConfigError
 
 PEFT_TYPE = "MIXLORA"
 PREFIX = "base_model.model."

@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import AdaLoraOptions
-from ..errors import AdapterError
-from .adalora import svd_layers
+from ...config import AdaLoraOptions
+from ...errors import AdapterError
+from .layers import svd_layers
 
 _STORE = "adalora_allocators"
 _PARTS = ("lora_A", "lora_E", "lora_B")  # P, Lambda, Q: PEFT's names, for state-dict keys

@@ -26,19 +26,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AdapterError
-from ..outputs import check_output
-from ..model.build import build_causal_lm
-from ..model.families import model_args_from_hf
-from ..model.loading import read_hf_config
-from ..model.moe import GroupedExperts
-from .base import adapter_layers
-from .experts_layout import peft_prefixes
-from .inject import delete_adapter
-from .io import _write, add_adapter_from, load_adapter, read_adapter_folder
-from .lora import LoraLinear
-from .merging import _EXPERTS, METHODS, merge_adapters
-from .peft_format import PREFIX
+from ...errors import AdapterError
+from ...outputs import check_output
+from ...model.build import build_causal_lm
+from ...model.families import model_args_from_hf
+from ...model.loading import read_hf_config
+from ...model.moe import GroupedExperts
+from ..core.layer import adapter_layers
+from ..lora.experts_layout import peft_prefixes
+from ..core.inject import delete_adapter
+from ..formats.io import _write, add_adapter_from, load_adapter, read_adapter_folder
+from ..lora.linear import LoraLinear
+from .combine import _EXPERTS, METHODS, merge_adapters
+from ..formats.peft_config import PREFIX
 
 
 @dataclass

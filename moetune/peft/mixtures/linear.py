@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError
-from ..model.grouped import grouped_linear
-from ..model.moe import combine, dispatch
-from .base import AdapterLayer
-from .lora import LoraLinear
-from .mixture_common import ExpertOptions, MixtureMixin, check_tensors, new_expert_pair, new_router, require_mixture
+from ...config import LoraConfig
+from ...errors import AdapterError
+from ...model.grouped import grouped_linear
+from ...model.moe import combine, dispatch
+from ..core.layer import AdapterLayer
+from ..lora.linear import LoraLinear
+from .common import ExpertOptions, MixtureMixin, check_tensors, new_expert_pair, new_router, require_mixture
 
 
 class MixtureLinear(MixtureMixin, LoraLinear):

@@ -26,12 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import LoraConfig, from_dict
-from ..errors import AdapterError, ConfigError
+from ...config import LoraConfig, from_dict
+from ...errors import AdapterError, ConfigError
 from . import io
-from . import moe_peft_format as moe_peft
-from .base import adapter_layers
-from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter
+from . import moe_peft
+from ..core.layer import adapter_layers
+from ..core.inject import AdapterReport, adapter_configs, add_adapter, delete_adapter
 
 MOETUNE_TYPE = "MOETUNE_MIXTURE"
 MIXTURE_TYPES = (MOETUNE_TYPE, moe_peft.PEFT_TYPE)

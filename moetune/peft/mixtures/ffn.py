@@ -32,13 +32,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError
-from ..model.grouped import grouped_linear
-from ..model.layers import SwiGLU
-from ..model.moe import combine, dispatch
-from .base import AdapterLayer
-from .mixture_common import (ExpertOptions, MixtureMixin, base_call, check_tensors, dense_weight, new_expert_pair,
+from ...config import LoraConfig
+from ...errors import AdapterError
+from ...model.grouped import grouped_linear
+from ...model.layers import SwiGLU
+from ...model.moe import combine, dispatch
+from ..core.layer import AdapterLayer
+from .common import (ExpertOptions, MixtureMixin, base_call, check_tensors, dense_weight, new_expert_pair,
                              new_router, require_mixture, scatter_rows)
 
 PROJS = ("gate_proj", "up_proj", "down_proj")

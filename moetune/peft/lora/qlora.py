@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterError
-from ..model.quant import QuantGroupedExperts, QuantLinear
-from .base import register_wrapper
+from ...errors import AdapterError
+from ...model.quant import QuantGroupedExperts, QuantLinear
+from ..core.layer import register_wrapper
 from .experts import LoraGroupedExperts
-from .lora import LoraLinear
+from .linear import LoraLinear
 
 _MERGE_HINT = ("the base weights are 4-bit (quantize='nf4'), so merging would re-round them; load the base "
                "without quantize and merge the adapter there")

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AdapterError
-from .adalora import EPS_RANKNUM, SVDExpertsMixin, svd_layers
-from .inject import adapter_configs, logical_modules
+from ...errors import AdapterError
+from ..adalora.layers import EPS_RANKNUM, SVDExpertsMixin, svd_layers
+from ..core.inject import adapter_configs, logical_modules
 from .io import _write
-from .peft_format import PREFIX, compact_targets, moetune_meta
+from .peft_config import PREFIX, compact_targets, moetune_meta
 
 
 def adalora_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, list[bool]]]:

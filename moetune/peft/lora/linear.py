@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError
-from ..model.context import current_context
-from .base import AdapterLayer, register_wrapper
+from ...config import LoraConfig
+from ...errors import AdapterError
+from ...model.context import current_context
+from ..core.layer import AdapterLayer, register_wrapper
 
 
 class _Buffers(nn.Module):

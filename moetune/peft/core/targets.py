@@ -23,21 +23,17 @@ decoder layers (the LM head) are not affected by it. The wrapper class of a modu
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 from typing import Iterator
 
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError, did_you_mean
-from . import lora  # noqa: F401  (registers LoraLinear for nn.Linear)
+from ...config import LoraConfig
+from ...errors import AdapterError, did_you_mean
+from ..lora import experts as _experts  # noqa: F401  (registers LoraGroupedExperts for GroupedExperts)
+from ..lora import linear as _linear  # noqa: F401  (registers LoraLinear for nn.Linear)
 from .aliases import TARGET_ALIASES, alias_targets
-from .base import WRAPPERS, AdapterLayer
-
-if importlib.util.find_spec(f"{__package__}.experts") is not None:  # routed-expert LoRA, when present
-    importlib.import_module(f"{__package__}.experts")
+from .layer import WRAPPERS, AdapterLayer
 
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
 ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})

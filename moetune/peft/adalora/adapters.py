@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError
-from .base import AdapterLayer
-from .experts import PAIRS, LoraGroupedExperts
-from .experts_layout import PROJ_OF_PAIR
-from .lora import LoraLinear, _Buffers
+from ...config import LoraConfig
+from ...errors import AdapterError
+from ..core.layer import AdapterLayer
+from ..lora.experts import PAIRS, LoraGroupedExperts
+from ..lora.experts_layout import PROJ_OF_PAIR
+from ..lora.linear import LoraLinear, _Buffers
 
 EPS_RANKNUM = 1e-5  # PEFT divides by ranknum + 1e-5
 

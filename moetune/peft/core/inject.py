@@ -14,11 +14,11 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import AdapterError, did_you_mean
-from .adalora import svd_wrapper_for
-from .base import AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
-from .mixture_plan import place
+from ...config import LoraConfig
+from ...errors import AdapterError, did_you_mean
+from ..adalora.layers import svd_wrapper_for
+from .layer import AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
+from ..mixtures.plan import place
 from .targets import (  # noqa: F401  (targets' public names stay importable from here)
     EXPERT_PARTS,
     ROUTER_NAMES,

@@ -39,13 +39,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import AdapterError
-from ..outputs import write_folder
-from ..safetensors_check import check_safetensors
-from .base import AdapterLayer, adapter_layers
-from .inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
-from .lora import LoraLinear
-from .peft_format import (FINGERPRINT_KEY, PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_fingerprint,
+from ...errors import AdapterError
+from ...outputs import write_folder
+from ...safetensors_check import check_safetensors
+from ..core.layer import AdapterLayer, adapter_layers
+from ..core.inject import AdapterReport, adapter_configs, add_adapter, delete_adapter, logical_modules
+from ..lora.linear import LoraLinear
+from .peft_config import (FINGERPRINT_KEY, PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_fingerprint,
                           config_from_peft, config_to_peft, moetune_meta, normalise_key, rank_alpha, split_meta)
 
 CONFIG_FILE = "adapter_config.json"
@@ -91,7 +91,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
     """
     config = adapter_configs(model).get(name)
     if layout == "moe_peft" or (config is not None and config.mixture is not None):
-        from .mixture_io import save_mixture_adapter  # mixtures of LoRA experts have their own layouts
+        from .mixtures import save_mixture_adapter  # mixtures of LoRA experts have their own layouts
 
         return save_mixture_adapter(model, out_dir, name, layout=layout, overwrite=overwrite)
     if layout not in ("peft", "per_expert"):
@@ -230,7 +230,7 @@ def as_plain_lora(raw: Any, tensors: dict[str, torch.Tensor], cfg_file: Path) ->
     """A folder's config and tensors as plain LoRA: PEFT's AdaLoRA layout (``peft_type: ADALORA``)
     becomes its equivalent plain LoRA (:func:`~.adalora_io.adalora_as_lora`); anything else is unchanged."""
     if isinstance(raw, dict) and raw.get("peft_type") == "ADALORA":
-        from .adalora_io import adalora_as_lora  # it imports this module
+        from .adalora import adalora_as_lora  # it imports this module
 
         return adalora_as_lora(raw, tensors, where=str(cfg_file))
     return raw, tensors
@@ -269,7 +269,7 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "defau
             the tensor, the expected and the found shape).
     """
     folder = Path(in_dir)
-    from .mixture_io import is_mixture_folder, load_mixture_adapter
+    from .mixtures import is_mixture_folder, load_mixture_adapter
 
     if is_mixture_folder(folder):  # moetune's mixture layout or MoE-PEFT's MixLoRA
         return load_mixture_adapter(model, folder, name)

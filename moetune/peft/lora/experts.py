@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AdapterError
-from ..model.context import current_context
-from ..model.moe import GroupedExperts
+from ...errors import AdapterError
+from ...model.context import current_context
+from ...model.moe import GroupedExperts
 from . import experts_layout as layout
-from .base import AdapterLayer, register_wrapper
+from ..core.layer import AdapterLayer, register_wrapper
 from .experts_layout import PROJ_OF_PAIR, ExpertLayoutMixin
 
 if TYPE_CHECKING:
-    from ..config import LoraConfig
+    from ...config import LoraConfig
 
 PAIRS = ("gate_up", "gate", "up", "down")
 

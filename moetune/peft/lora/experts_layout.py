@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..errors import AdapterError
+from ...errors import AdapterError
 
 PROJ_OF_PAIR = {"gate_up": "gate_up_proj", "gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
 PROJ_PARAMS = ("gate_up_proj", "down_proj")  # registration order in GroupedExperts (= PEFT nesting)

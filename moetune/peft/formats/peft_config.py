@@ -23,8 +23,8 @@ import re
 from collections import Counter
 from typing import Any, Callable
 
-from ..config import LoraConfig
-from ..errors import AdapterError, ConfigError
+from ...config import LoraConfig
+from ...errors import AdapterError, ConfigError
 
 PREFIX = "base_model.model."
 LEGACY_META_KEY = "moetune"  # where moetune's metadata sat inside adapter_config.json before the sidecar
