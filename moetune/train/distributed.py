@@ -8,12 +8,14 @@ hooks change nothing, keeps the trainer exactly as it was.
 One step on N ranks equals one step of a single process whose batch is the global batch
 (``batch_size * N`` rows), within float rounding:
 
-- Loss. Each rank's loss is a mean over its own counted tokens ``n_r``; ranks all-reduce the
-  counts first and each backpropagates ``(n_r / n) * loss_r`` with ``n = sum_r n_r``; gradients
-  are then *summed* over ranks (``replicate``: one all-reduce after accumulation; ``fsdp``:
-  reduce-scatter with divide factor 1). The sum is the gradient of the mean over all ``n`` tokens,
-  which is what the single process computes. (Averaging per-rank means would over-weight the
-  tokens of a rank that happens to hold short rows.)
+- Loss. Each micro-batch's loss is a mean over its own counted tokens ``n_ri`` (rank r, micro-batch
+  i); ranks all-reduce the counts of the step's micro-batches first and each backpropagates
+  ``(n_ri / n) * loss_ri`` with ``n = sum_ri n_ri``; gradients are then *summed* over ranks
+  (``replicate``: one all-reduce after accumulation; ``fsdp``: reduce-scatter with divide factor 1).
+  The sum is the gradient of the mean over all ``n`` tokens of the step, which is what one process
+  with the whole step in one batch computes; a single process weights its micro-batches the same
+  way (:meth:`Parallel.micro_weights`), so ``batch 2 x grad_accum 4`` is ``batch 8``. (Averaging
+  per-rank or per-micro-batch means would over-weight the tokens of rows that happen to be short.)
 - Router aux loss. ``E * sum_e f_e * P_e`` is not a sum over tokens. Ranks all-reduce the expert
   counts and token counts (no gradient) and each backpropagates its share: the same formula with
   the global counts and its own probability sums, so the shares add up to the global loss and its
@@ -52,7 +54,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import eval_batches
 from ..model.moe import RouterStats, load_balancing_loss
-from ..peft.core.layer import adapter_layers
+from ..peft.base import adapter_layers
 from .checkpoint import rng_state, set_rng_state
 from .launch import ENV_KEYS, LaunchEnv, _resolve, is_main_process, launch_env  # noqa: F401  (importable from here too)
 from .sharding import _full, _is_dtensor, _local_like, shard_model
@@ -83,9 +85,15 @@ class Parallel:
     def prepare(self, parts: Any) -> None:
         """Get the model of ``parts`` (a RunParts) ready on this rank, before optimizers exist."""
 
-    def micro_weights(self, batches: Sequence[dict[str, torch.Tensor]]) -> list[float | None]:
-        """Per micro-batch: the factor on this rank's mean loss (None: leave it as is)."""
-        return [None] * len(batches)
+    def micro_weights(self, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
+        """Per micro-batch of one step: the factor on its mean loss, its share ``n_i / n`` of the
+        step's counted tokens (over every rank), so the weighted sum is the step's token mean."""
+        local = torch.stack([counted_tokens(b).double().cpu() for b in batches])
+        return _shares(local, self._total(local.sum()))
+
+    def _total(self, count: torch.Tensor) -> float:
+        """The step's counted tokens over all ranks."""
+        return float(count)
 
     def aux_loss(self, out: Any, num_experts: int) -> torch.Tensor | None:
         """This rank's share of the global router load-balancing loss."""
@@ -175,10 +183,8 @@ class DataParallel(Parallel):
         return buf.to(values.device)
 
     # --- step ----------------------------------------------------------------------------
-    def micro_weights(self, batches):
-        local = torch.stack([counted_tokens(b).double().cpu() for b in batches])
-        total = self._reduce(local)
-        return [float(n / t) if t > 0 else 0.0 for n, t in zip(local.tolist(), total.tolist())]
+    def _total(self, count):
+        return float(self._reduce(count.reshape(1))[0])
 
     def aux_loss(self, out, num_experts):
         stats = out.router_stats
@@ -303,6 +309,10 @@ class DataParallel(Parallel):
 
     def barrier(self):
         dist.barrier()
+
+
+def _shares(counts: torch.Tensor, total: float) -> list[float]:
+    return [float(n / total) if total > 0 else 0.0 for n in counts.tolist()]
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:

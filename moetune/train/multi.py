@@ -4,7 +4,8 @@ Each adapter is a :class:`Job` with its own data, batch order, optimizer, schedu
 checkpoint state and output folder. A step takes one micro-batch from every job that still has
 steps to do, pads them into one batch and runs one forward with ``adapter_names`` (one per
 sample), so every sample goes through its own adapter only (the adapter layers select their rows).
-The loss of a job is the mean over its own counted tokens (plus its own router losses), and the
+The loss of a job is the mean over its own counted tokens of the step, all micro-batches together
+(so ``grad_accum`` micro-batches equal one batch of all their rows; plus its own router losses), and the
 backward of the sum of the jobs' losses gives each adapter exactly its own gradient, because an
 adapter's parameters touch only its own samples. Clipping, the non-finite guard, the optimizer
 and the scheduler then run per job. A job that reaches its ``max_steps`` writes its adapter and
@@ -32,9 +33,11 @@ from ..data import DataSplits, SamplerState, build_datasets, eval_batches, make_
 from ..errors import CheckpointError, ConfigError
 from ..outputs import OwnedFolder
 from ..model.moe import load_balancing_loss
-from ..peft.formats.io import save_adapter
-from ..peft.mixtures.stats import adapter_router_loss, mixture_metrics
+from ..peft.io import save_adapter
+from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
+from ..signals import StopRequest
 from .checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import counted_tokens
 from .metrics import MetricsLog, Progress
 from .optim import adapter_parameters, build_optimizer, build_scheduler
 from .plot import plot_metrics
@@ -107,6 +110,7 @@ class MultiTrainer:
         self.out = Path(config.checkpoint.output_dir)
         self.jobs = [self._job(i) for i in range(len(config.adapters))]
         self.step = 0
+        self.saved_step, self.saved_path = 0, None  # the newest checkpoint of this run
 
     def _job(self, index: int) -> Job:
         cfg, tok = self.config, self.parts.tokenizer
@@ -152,17 +156,23 @@ class MultiTrainer:
         """One optimizer step of every job in ``jobs``, over ``grad_accum`` mixed micro-batches."""
         accum = self.config.optim.grad_accum
         acc = {j.name: {"loss": 0.0, "aux_loss": 0.0, "router_loss": 0.0, "tokens": 0} for j in jobs}
+        micro = [[self._next(j) for j in jobs] for _ in range(accum)]
+        counted = {j.name: sum(int(counted_tokens(parts[i])) for parts in micro) for i, j in enumerate(jobs)}
         records: dict = {}
-        for _ in range(accum):
-            parts = []
-            for j in jobs:
-                batch, j.state = next(j.batches)
-                parts.append(batch)
-            total, records = self._micro_step(jobs, parts, acc)
-            (total / accum).backward()
+        for parts in micro:
+            total, records = self._micro_step(jobs, parts, acc, counted)
+            total.backward()
         return {j.name: {**acc[j.name], **self._update(j, acc[j.name]["loss"]), **_mixture(self.model, records, j.name)} for j in jobs}
 
-    def _micro_step(self, jobs: list[Job], parts: list[dict], acc: dict) -> tuple[torch.Tensor, dict]:
+    @staticmethod
+    def _next(j: Job) -> dict[str, torch.Tensor]:
+        batch, j.state = next(j.batches)
+        return batch
+
+    def _micro_step(self, jobs: list[Job], parts: list[dict], acc: dict, counted: dict[str, int]) -> tuple[torch.Tensor, dict]:
+        """One mixed forward; a job's LM loss is its token sum over its step's counted tokens
+        ``counted[name]`` (so accumulation equals one large batch), its router losses are averaged
+        over micro-batches."""
         o, accum = self.config.optim, self.config.optim.grad_accum
         batch = {k: v.to(self.device) for k, v in merge_batches(parts, self.parts.tokenizer.pad_id).items()}
         names = [j.name for j, b in zip(jobs, parts) for _ in range(b["input_ids"].shape[0])]
@@ -171,16 +181,17 @@ class MultiTrainer:
         for j, b in zip(jobs, parts):
             rows = torch.arange(start, start + b["input_ids"].shape[0], device=self.device)
             start += len(rows)
-            loss = ce = out.sample_loss[rows].sum() / out.sample_tokens[rows].sum().clamp_min(1)
+            loss = ce = out.sample_loss[rows].sum() / max(counted[j.name], 1)
             if out.router_stats and o.aux_loss_coef:
-                aux = load_balancing_loss([s.for_samples(rows) for s in out.router_stats], self.model.args.moe.num_experts)
+                aux = load_balancing_loss([s.for_samples(rows) for s in out.router_stats], self.model.args.moe.num_experts) / accum
                 loss = loss + o.aux_loss_coef * aux
-                acc[j.name]["aux_loss"] += aux.item() / accum
+                acc[j.name]["aux_loss"] += aux.item()
             router = adapter_router_loss(out.records, j.name)
             if router is not None:
+                router = router / accum
                 loss = loss + router
-                acc[j.name]["router_loss"] += router.item() / accum
-            acc[j.name]["loss"] += ce.item() / accum
+                acc[j.name]["router_loss"] += router.item()
+            acc[j.name]["loss"] += ce.item()
             acc[j.name]["tokens"] += int(b["attention_mask"].sum())
             total = total + loss
         return total, out.records
@@ -220,6 +231,7 @@ class MultiTrainer:
 
         if resume is not None:
             self.restore(resume)
+            self.saved_step, self.saved_path = self.step, resume
         cfg = self.config
         metrics = MetricsLog(self.folder.entry("metrics.jsonl"), resume_step=self.step if resume else None,
                              tensorboard_dir=self.folder.entry("tensorboard") if cfg.logging.tensorboard else None)
@@ -229,23 +241,26 @@ class MultiTrainer:
             j.batches = j.loader.iter_from(j.state)
         self.model.train()
         start, tokens, last, means = time.perf_counter(), 0, None, []
-        while active := [j for j in self.jobs if not j.done]:
-            t0 = time.perf_counter()
-            per_job = self.train_step(active)
-            self.step += 1
-            step_tokens = sum(r["tokens"] for r in per_job.values())
-            tokens += step_tokens
-            mean = sum(r["loss"] for r in per_job.values()) / len(per_job)
-            record = {"step": self.step, "loss": mean, "lr": next(iter(per_job.values()))["lr"], "tokens": step_tokens,
-                      "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
-                      "elapsed_s": round(time.perf_counter() - start, 3), "adapters": per_job}
-            self._evaluate_and_finish(active, record)
-            if self.step % cfg.logging.log_every == 0 or not any(not j.done for j in self.jobs):
-                metrics.write(record)
-            progress.update(record)
-            last, means = record, means + [mean]
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
-                save_checkpoint(self.folder.entry("checkpoints"), self.state(), keep_last=cfg.checkpoint.keep_last, run_id=self.folder.run_id)
+        with StopRequest() as stop:
+            while active := [j for j in self.jobs if not j.done]:
+                t0 = time.perf_counter()
+                per_job = self.train_step(active)
+                self.step += 1
+                step_tokens = sum(r["tokens"] for r in per_job.values())
+                tokens += step_tokens
+                mean = sum(r["loss"] for r in per_job.values()) / len(per_job)
+                record = {"step": self.step, "loss": mean, "lr": next(iter(per_job.values()))["lr"], "tokens": step_tokens,
+                          "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
+                          "elapsed_s": round(time.perf_counter() - start, 3), "adapters": per_job}
+                self._evaluate_and_finish(active, record)
+                if self.step % cfg.logging.log_every == 0 or not any(not j.done for j in self.jobs):
+                    metrics.write(record)
+                progress.update(record)
+                last, means = record, means + [mean]
+                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                    self.save()
+                if stop.requested and any(not j.done for j in self.jobs):  # a signal during the last step lets the run finish
+                    self._stop(stop, metrics, progress)
         progress.close()
         records = metrics.read()
         metrics.close()
@@ -257,6 +272,23 @@ class MultiTrainer:
                            tokens=tokens, seconds=time.perf_counter() - start, peak_memory_gib=peak_memory_gib(self.device),
                            final_loss=last["loss"] if last else None, eval_loss=evals[-1] if evals else None,
                            skipped_steps=sum(j.skipped for j in self.jobs), plot=plot, losses=means)
+
+    def save(self) -> Path:
+        self.saved_path = save_checkpoint(self.folder.entry("checkpoints"), self.state(), keep_last=self.config.checkpoint.keep_last, run_id=self.folder.run_id)
+        self.saved_step = self.step
+        return self.saved_path
+
+    def _stop(self, stop: StopRequest, metrics: MetricsLog, progress: Progress) -> None:
+        """SIGINT/SIGTERM arrived: checkpoint the completed step (``checkpoint.save_on_interrupt``), then raise."""
+        progress.close()
+        metrics.close()
+        if self.saved_step == self.step:
+            where = f"checkpoint '{self.saved_path}' holds step {self.step}" if self.saved_path else "no step completed"
+        elif self.config.checkpoint.save_on_interrupt:
+            where = f"checkpoint '{self.save()}' holds step {self.step}"
+        else:
+            where = "no checkpoint written (checkpoint.save_on_interrupt is false)"
+        raise stop.exception(f"stopped after step {self.step}; {where}" + ("; continue with --resume" if self.saved_path else ""))
 
     def _evaluate_and_finish(self, active: list[Job], record: dict) -> None:
         every = self.config.logging.eval_every

@@ -23,9 +23,10 @@ from ..errors import CheckpointError
 from ..outputs import OwnedFolder
 from ..model.deepseek import update_correction_biases
 from ..model.moe import RouterStats
-from ..peft.core.layer import set_active_adapters
-from ..peft.formats.io import save_adapter
-from ..peft.mixtures.stats import adapter_router_loss, mixture_metrics
+from ..peft.base import set_active_adapters
+from ..peft.io import save_adapter
+from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
+from ..signals import StopRequest
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .distributed import Parallel, distributed_run
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
@@ -103,6 +104,7 @@ class Trainer:
         self.schedulers = {n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps) for n, opt in self.optimizers.items()}
         self.loader = make_train_loader(parts.data.train, batch_size=o.batch_size, max_length=config.data.max_length, packing=config.data.packing, pad_id=parts.tokenizer.pad_id, seed=config.seed + config.data.seed, rank=self.parallel.rank, world_size=self.parallel.world_size)
         self.step, self.data_state, self.skipped = 0, SamplerState(), 0
+        self.saved_step, self.saved_path = 0, None  # the newest checkpoint of this run
         self.objectives = Objectives(config, self.model)  # AdaLoRA, distillation; no-ops when not configured
 
     # --- state ----------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class Trainer:
         if self.parallel.is_main:
             path = save_checkpoint(self.folder.entry("checkpoints"), state, keep_last=self.config.checkpoint.keep_last, run_id=self.folder.run_id)
         self.parallel.barrier()
+        self.saved_step, self.saved_path = self.step, path
         return path
 
     # --- steps ----------------------------------------------------------------------------
@@ -160,8 +163,10 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.parts.dtype, enabled=use)
 
     def train_step(self, batches) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches. Distributed, each rank's loss is
-        weighted by its share of the global batch's tokens (see :mod:`.distributed`)."""
+        """One optimizer step over ``grad_accum`` micro-batches. Each micro-batch's mean loss (and
+        distillation term) is weighted by its share of the step's counted tokens, over every rank
+        when distributed (see :mod:`.distributed`), so the step's loss and gradient are those of
+        one batch holding all of its rows. Router aux losses are per micro-batch, averaged."""
         o, par = self.config.optim, self.parallel
         loss_sum, aux_sum, router_sum, tokens, stats, step_counts = 0.0, 0.0, 0.0, 0, [], []
         batches = list(batches)
@@ -172,18 +177,19 @@ class Trainer:
             with self._autocast():
                 out = self.model(**batch, **self.objectives.forward_kwargs)
                 extra = self.objectives.loss(self.model, batch, out)
-            ce = out.loss if weight is None else out.loss * weight
-            loss = ce if extra is None else ce + (extra if weight is None else extra * weight)
+            ce = out.loss * weight
+            loss = ce if extra is None else ce + extra * weight
             if out.aux_loss is not None and o.aux_loss_coef:
-                aux = par.aux_loss(out, self.model.args.moe.num_experts)
+                aux = par.aux_loss(out, self.model.args.moe.num_experts) / o.grad_accum
                 loss = loss + o.aux_loss_coef * aux
-                aux_sum += aux.item() / o.grad_accum
+                aux_sum += aux.item()
             router = adapter_router_loss(out.records)  # mixtures of LoRA experts: their own router losses
             if router is not None:
+                router = router / o.grad_accum
                 loss = loss + router
-                router_sum += router.item() / o.grad_accum
-            (loss / o.grad_accum).backward()
-            loss_sum += ce.item() / o.grad_accum
+                router_sum += router.item()
+            loss.backward()
+            loss_sum += ce.item()
             tokens += int(batch["attention_mask"].sum())
             stats, records = out.router_stats, out.records
             step_counts = _add_counts(step_counts, stats)
@@ -236,6 +242,7 @@ class Trainer:
     def run(self, *, resume: Path | None = None) -> TrainResult:
         if resume is not None:
             self.restore(resume)
+            self.saved_step, self.saved_path = self.step, resume
             log.info("resumed from %s at step %d", resume, self.step)
         cfg, o, main = self.config, self.config.optim, self.parallel.is_main
         if main:
@@ -246,28 +253,49 @@ class Trainer:
         batches = self.loader.iter_from(self.data_state)
         self.model.train()
         start, tokens, eval_loss, last = time.perf_counter(), 0, None, None
-        while self.step < o.max_steps:
-            t0 = time.perf_counter()
-            record = self.train_step([next(batches) for _ in range(o.grad_accum)])
-            self.step += 1
-            tokens += record["tokens"]
-            record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / max(time.perf_counter() - t0, 1e-9), "elapsed_s": round(time.perf_counter() - start, 3)}
-            if record["skipped"] and main:
-                progress.write(f"step {self.step}: non-finite loss or gradient norm; update skipped")
-            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
-                eval_loss = record["eval_loss"] = self.evaluate()
-            if self.step % cfg.logging.log_every == 0 or self.step == o.max_steps:
-                metrics.write(record)
-            progress.update(record)
-            last = record
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
-                self.save()
+        with StopRequest() as stop:
+            while self.step < o.max_steps:
+                tokens, last, eval_loss = self._loop_step(batches, metrics, progress, start, tokens, last, eval_loss)
+                # every rank stops after the same step; a signal during the last one lets the run finish
+                if not self.parallel.all_ok(not stop.requested) and self.step < o.max_steps:
+                    self._stop(stop, metrics, progress)
         progress.close()
         if not (cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0):
             eval_loss = self.evaluate()
             if eval_loss is not None:
                 metrics.write({"step": self.step, "eval_loss": eval_loss})
         return self._finish(metrics, start, tokens, last, eval_loss)
+
+    def _loop_step(self, batches, metrics, progress: Progress, start: float, tokens: int, last: dict | None, eval_loss: float | None):
+        """One step of :meth:`run` with its logging, evaluation and checkpoint."""
+        cfg, o = self.config, self.config.optim
+        t0 = time.perf_counter()
+        record = self.train_step([next(batches) for _ in range(o.grad_accum)])
+        self.step += 1
+        tokens += record["tokens"]
+        record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / max(time.perf_counter() - t0, 1e-9), "elapsed_s": round(time.perf_counter() - start, 3)}
+        if record["skipped"] and self.parallel.is_main:
+            progress.write(f"step {self.step}: non-finite loss or gradient norm; update skipped")
+        if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
+            eval_loss = record["eval_loss"] = self.evaluate()
+        if self.step % cfg.logging.log_every == 0 or self.step == o.max_steps:
+            metrics.write(record)
+        progress.update(record)
+        if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+            self.save()
+        return tokens, record, eval_loss
+
+    def _stop(self, stop: StopRequest, metrics, progress: Progress) -> None:
+        """SIGINT/SIGTERM arrived: checkpoint the completed step (``checkpoint.save_on_interrupt``), then raise."""
+        progress.close()
+        metrics.close()
+        if self.saved_step == self.step:
+            where = f"checkpoint '{self.saved_path}' holds step {self.step}" if self.saved_path else "no step completed"
+        elif self.config.checkpoint.save_on_interrupt:
+            where = f"checkpoint '{self.save()}' holds step {self.step}"
+        else:
+            where = "no checkpoint written (checkpoint.save_on_interrupt is false)"
+        raise stop.exception(f"stopped after step {self.step}; {where}" + ("; continue with --resume" if self.saved_path else ""))
 
     def _finish(self, metrics: MetricsLog, start: float, tokens: int, last: dict | None, eval_loss: float | None) -> TrainResult:
         dirs = {a.name: adapter_target(self.folder, self.config.adapter_dir(i)) for i, a in enumerate(self.config.adapters)}
