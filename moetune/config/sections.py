@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .schema import _PATH, ConfigFieldError, ConfigSection, _require
+from .schema import PATH_FIELD, ConfigFieldError, ConfigSection, require
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -17,14 +17,14 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 class ModelSection(ConfigSection):
     """The frozen base model: a local Hugging Face folder."""
 
-    path: str = field(metadata=_PATH)
+    path: str = field(metadata=PATH_FIELD)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
     quantize: Literal["nf4"] | None = None
 
     def validate(self) -> None:
-        _require(bool(self.path.strip()), "path", "a model folder", self.path)
-        _require(bool(_DEVICE.fullmatch(self.device)), "device", "auto, cpu, mps, cuda or cuda:N", self.device)
+        require(bool(self.path.strip()), "path", "a model folder", self.path)
+        require(bool(_DEVICE.fullmatch(self.device)), "device", "auto, cpu, mps, cuda or cuda:N", self.device)
 
 
 @dataclass(kw_only=True)
@@ -47,8 +47,8 @@ class DataSection(ConfigSection):
         seed: seed of the validation split.
     """
 
-    train: str = field(metadata=_PATH)
-    eval: str | None = field(default=None, metadata=_PATH)
+    train: str = field(metadata=PATH_FIELD)
+    eval: str | None = field(default=None, metadata=PATH_FIELD)
     format: Literal["auto", "instruction", "chat", "text"] = "auto"
     tokenizer: str | None = field(default=None, metadata={"path": True, "keep": ("byte",)})
     max_length: int = 512
@@ -59,8 +59,8 @@ class DataSection(ConfigSection):
     seed: int = 0
 
     def validate(self) -> None:
-        _require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
-        _require(0 <= self.val_fraction < 1, "val_fraction", "a number in [0, 1)", self.val_fraction)
+        require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
+        require(0 <= self.val_fraction < 1, "val_fraction", "a number in [0, 1)", self.val_fraction)
         if self.eval is not None and self.val_fraction > 0:
             raise ConfigFieldError("{key}: give either eval or val_fraction, not both", ("val_fraction",))
 
@@ -89,9 +89,9 @@ class DistillSection(ConfigSection):
     temperature: float = 1.0
 
     def validate(self) -> None:
-        _require(bool(_TEACHER.fullmatch(self.teacher)), "teacher", "base, adapter:<name> or file:<path>", self.teacher)
-        _require(self.weight >= 0, "weight", "a number >= 0", self.weight)
-        _require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
+        require(bool(_TEACHER.fullmatch(self.teacher)), "teacher", "base, adapter:<name> or file:<path>", self.teacher)
+        require(self.weight >= 0, "weight", "a number >= 0", self.weight)
+        require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
 
     @property
     def kind(self) -> str:
@@ -137,21 +137,21 @@ class OptimSection(ConfigSection):
     distill: DistillSection | None = None
 
     def validate(self) -> None:
-        _require(self.lr > 0, "lr", "a number > 0", self.lr)
-        _require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
-        _require(all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)", list(self.betas))
-        _require(self.eps > 0, "eps", "a number > 0", self.eps)
+        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        require(all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)", list(self.betas))
+        require(self.eps > 0, "eps", "a number > 0", self.eps)
         ratio = self.loraplus_lr_ratio
-        _require(ratio is None or ratio > 0, "loraplus_lr_ratio", "a number > 0 or null", ratio)
-        _require(self.max_steps >= 1, "max_steps", "an integer >= 1", self.max_steps)
-        _require(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", "in [0, max_steps]",
+        require(ratio is None or ratio > 0, "loraplus_lr_ratio", "a number > 0 or null", ratio)
+        require(self.max_steps >= 1, "max_steps", "an integer >= 1", self.max_steps)
+        require(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", "in [0, max_steps]",
                  self.warmup_steps)
-        _require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
-        _require(self.grad_accum >= 1, "grad_accum", "an integer >= 1", self.grad_accum)
-        _require(self.router_bias_update_speed >= 0, "router_bias_update_speed", "a number >= 0", self.router_bias_update_speed)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(self.grad_accum >= 1, "grad_accum", "an integer >= 1", self.grad_accum)
+        require(self.router_bias_update_speed >= 0, "router_bias_update_speed", "a number >= 0", self.router_bias_update_speed)
         norm = self.max_grad_norm
-        _require(norm is None or norm > 0, "max_grad_norm", "a number > 0 or null", norm)
-        _require(self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0", self.aux_loss_coef)
+        require(norm is None or norm > 0, "max_grad_norm", "a number > 0 or null", norm)
+        require(self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0", self.aux_loss_coef)
 
 
 @dataclass(kw_only=True)
@@ -164,15 +164,15 @@ class CheckpointSection(ConfigSection):
             run exactly; false exits after the step without writing one.
     """
 
-    output_dir: str = field(metadata=_PATH)
+    output_dir: str = field(metadata=PATH_FIELD)
     save_every: int = 0
     keep_last: int = 2
     save_on_interrupt: bool = True
 
     def validate(self) -> None:
-        _require(bool(self.output_dir.strip()), "output_dir", "a folder", self.output_dir)
-        _require(self.save_every >= 0, "save_every", "an integer >= 0", self.save_every)
-        _require(self.keep_last >= 1, "keep_last", "an integer >= 1", self.keep_last)
+        require(bool(self.output_dir.strip()), "output_dir", "a folder", self.output_dir)
+        require(self.save_every >= 0, "save_every", "an integer >= 0", self.save_every)
+        require(self.keep_last >= 1, "keep_last", "an integer >= 1", self.keep_last)
 
 
 @dataclass(kw_only=True)
@@ -185,8 +185,8 @@ class LoggingSection(ConfigSection):
     progress: bool = True
 
     def validate(self) -> None:
-        _require(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
-        _require(self.eval_every >= 0, "eval_every", "an integer >= 0", self.eval_every)
+        require(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        require(self.eval_every >= 0, "eval_every", "an integer >= 0", self.eval_every)
 
 
 @dataclass(kw_only=True)
@@ -207,4 +207,4 @@ class DistributedSection(ConfigSection):
     timeout_s: int = 1800
 
     def validate(self) -> None:
-        _require(self.timeout_s >= 1, "timeout_s", "an integer >= 1", self.timeout_s)
+        require(self.timeout_s >= 1, "timeout_s", "an integer >= 1", self.timeout_s)

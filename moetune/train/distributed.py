@@ -54,7 +54,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import eval_batches
 from ..model.moe import RouterStats, load_balancing_loss
-from ..peft.base import adapter_layers
+from ..peft.core.layer import adapter_layers
 from .checkpoint import rng_state, set_rng_state
 from .launch import ENV_KEYS, LaunchEnv, _resolve, is_main_process, launch_env  # noqa: F401  (importable from here too)
 from .sharding import _full, _is_dtensor, _local_like, shard_model

@@ -33,8 +33,8 @@ from ..data import DataSplits, SamplerState, build_datasets, eval_batches, make_
 from ..errors import CheckpointError, ConfigError
 from ..outputs import OwnedFolder
 from ..model.moe import load_balancing_loss
-from ..peft.io import save_adapter
-from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
+from ..peft.formats.io import save_adapter
+from ..peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from ..signals import StopRequest
 from .checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import counted_tokens

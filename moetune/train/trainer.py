@@ -23,9 +23,9 @@ from ..errors import CheckpointError
 from ..outputs import OwnedFolder
 from ..model.deepseek import update_correction_biases
 from ..model.moe import RouterStats
-from ..peft.base import set_active_adapters
-from ..peft.io import save_adapter
-from ..peft.mixture_stats import adapter_router_loss, mixture_metrics
+from ..peft.core.layer import set_active_adapters
+from ..peft.formats.io import save_adapter
+from ..peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from ..signals import StopRequest
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .distributed import Parallel, distributed_run
