@@ -15,6 +15,9 @@ So adapters trained together equal each trained alone on the same data order (fl
 aside) as long as nothing random differs: with dropout 0 and no router jitter. (Dropout masks
 are drawn for the whole mixed batch, so with dropout > 0 the runs are statistically, not
 bitwise, the same.) Each adapter is initialised from ``seed`` exactly as when trained alone.
+DeepSeek-V3 router balancing (``optim.router_bias_update_speed``) moves base-model biases that
+all adapters share: on the routed counts of the whole mixed batch, once per step (so it is the
+one thing that makes adapters trained together differ from each alone).
 """
 
 from __future__ import annotations
@@ -27,19 +30,22 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import OptimSection, TrainConfig
 from ..data import DataSplits, SamplerState, build_datasets, eval_batches, make_train_loader
 from ..errors import CheckpointError, ConfigError
 from ..outputs import OwnedFolder
-from ..model.moe import load_balancing_loss
-from ..peft.formats.io import save_adapter
+from ..model.deepseek import update_correction_biases
+from ..model.moe import RouterStats, load_balancing_loss
+from ..peft.formats.adapters import save_adapter
 from ..peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from ..signals import StopRequest
 from .checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import counted_tokens
 from .metrics import MetricsLog, Progress
-from .optim import adapter_parameters, build_optimizer, build_scheduler
+from ..peft.core.params import adapter_parameters
+from .optim import build_optimizer, build_scheduler
 from .plot import plot_metrics
 from .run_folder import adapter_target, open_run_folder, plan_run_folder
 from .setup import RunParts
@@ -105,6 +111,10 @@ class MultiTrainer:
         if special or config.optim.distill is not None:
             raise ConfigError(f"adapters: AdaLoRA adapters ({', '.join(special) or 'none'}) and optim.distill need the "
                               "single-adapter trainer for now; train them in a run of their own")
+        speeds = {config.adapter_optim(i).router_bias_update_speed for i in range(len(config.adapters))}
+        if speeds != {config.optim.router_bias_update_speed}:
+            raise ConfigError(f"adapters: optim.router_bias_update_speed differs between adapters ({sorted(speeds)}); the router "
+                              "biases are base-model state that adapters trained together share: set it once, in the run's optim")
         self.config, self.parts, self.model, self.device = config, parts, parts.model, parts.device
         self.folder = folder or open_run_folder(plan_run_folder(config, resume=None))  # built directly: a new run
         self.out = Path(config.checkpoint.output_dir)
@@ -131,7 +141,8 @@ class MultiTrainer:
                           optimizers={j.name: j.optimizer.state_dict() for j in jobs},
                           schedulers={j.name: j.scheduler.state_dict() for j in jobs},
                           data={j.name: j.state.to_dict() for j in jobs}, rng=rng_state(),
-                          extra={"multi": True, "steps": {j.name: j.step for j in jobs}, "skipped": {j.name: j.skipped for j in jobs}})
+                          extra={"multi": True, "steps": {j.name: j.step for j in jobs}, "skipped": {j.name: j.skipped for j in jobs},
+                                 "router_biases": {n: b.float().cpu().tolist() for n, b in self.router_biases().items()} if self.config.optim.router_bias_update_speed else {}})
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -150,6 +161,10 @@ class MultiTrainer:
             j.step, j.skipped = state.extra["steps"][j.name], state.extra["skipped"][j.name]
         set_rng_state(state.rng)
         self.step = state.step
+        biases = self.router_biases()
+        with torch.no_grad():
+            for name, values in state.extra.get("router_biases", {}).items():
+                biases[name].copy_(torch.tensor(values, dtype=torch.float32))
 
     # --- steps ----------------------------------------------------------------------------
     def train_step(self, jobs: list[Job]) -> dict[str, dict]:
@@ -159,17 +174,27 @@ class MultiTrainer:
         micro = [[self._next(j) for j in jobs] for _ in range(accum)]
         counted = {j.name: sum(int(counted_tokens(parts[i])) for parts in micro) for i, j in enumerate(jobs)}
         records: dict = {}
+        counts: list[RouterStats] = []
         for parts in micro:
-            total, records = self._micro_step(jobs, parts, acc, counted)
+            total, out = self._micro_step(jobs, parts, acc, counted)
             total.backward()
-        return {j.name: {**acc[j.name], **self._update(j, acc[j.name]["loss"]), **_mixture(self.model, records, j.name)} for j in jobs}
+            records, counts = out.records, _add_counts(counts, out.router_stats)
+        result = {j.name: {**acc[j.name], **self._update(j, acc[j.name]["loss"]), **_mixture(self.model, records, j.name)} for j in jobs}
+        speed = self.config.optim.router_bias_update_speed
+        if speed and counts and not any(r["skipped"] for r in result.values()):  # the whole mixed batch's routing, once per step
+            with torch.no_grad():
+                update_correction_biases(self.model, counts, speed)
+        return result
+
+    def router_biases(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if n.endswith("e_score_correction_bias")}
 
     @staticmethod
     def _next(j: Job) -> dict[str, torch.Tensor]:
         batch, j.state = next(j.batches)
         return batch
 
-    def _micro_step(self, jobs: list[Job], parts: list[dict], acc: dict, counted: dict[str, int]) -> tuple[torch.Tensor, dict]:
+    def _micro_step(self, jobs: list[Job], parts: list[dict], acc: dict, counted: dict[str, int]) -> tuple[torch.Tensor, object]:
         """One mixed forward; a job's LM loss is its token sum over its step's counted tokens
         ``counted[name]`` (so accumulation equals one large batch), its router losses are averaged
         over micro-batches."""
@@ -194,7 +219,7 @@ class MultiTrainer:
             acc[j.name]["loss"] += ce.item()
             acc[j.name]["tokens"] += int(b["attention_mask"].sum())
             total = total + loss
-        return total, out.records
+        return total, out
 
     def _update(self, j: Job, loss: float) -> dict:
         """Clip, step (unless the loss or the gradient norm is not finite) and schedule one job."""
@@ -268,6 +293,8 @@ class MultiTrainer:
         series = {j.name: [(r["adapters"][j.name]["step"], r["adapters"][j.name]["loss"]) for r in records
                            if j.name in r.get("adapters", {}) and not r["adapters"][j.name]["skipped"]] for j in self.jobs}
         plot = plot_metrics(records, self.folder.entry("loss.png"), title=self.out.name) if any(series.values()) else None
+        if cfg.optim.router_bias_update_speed:
+            save_file({n: b.float().cpu().contiguous() for n, b in self.router_biases().items()}, str(self.folder.entry("router_biases.safetensors")))
         return TrainResult(output_dir=self.out, adapter_dirs={j.name: j.saved or self._save(j) for j in self.jobs}, steps=self.step,
                            tokens=tokens, seconds=time.perf_counter() - start, peak_memory_gib=peak_memory_gib(self.device),
                            final_loss=last["loss"] if last else None, eval_loss=evals[-1] if evals else None,
@@ -306,6 +333,12 @@ class MultiTrainer:
 
     def _save(self, j: Job) -> Path:
         return Path(save_adapter(self.model, adapter_target(self.folder, j.out_dir), name=j.name))
+
+
+def _add_counts(acc: list[RouterStats], stats: list[RouterStats]) -> list[RouterStats]:
+    """Per-layer routed-token counts summed over a step's micro-batches."""
+    stats = [RouterStats(counts=s.counts.detach(), prob_sum=s.prob_sum.detach(), tokens=torch.as_tensor(s.tokens).detach()) for s in stats]
+    return stats if not acc else [RouterStats(counts=a.counts + s.counts, prob_sum=a.prob_sum + s.prob_sum, tokens=a.tokens + s.tokens) for a, s in zip(acc, stats)]
 
 
 def _mixture(model, records: dict, name: str) -> dict:
