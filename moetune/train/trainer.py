@@ -348,8 +348,9 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, overwrite: b
     checkpoint = resolve_resume(config, resume, plan.run_id)
     with distributed_run(config) as (config, parallel):
         parts = prepare_run(config, model=model, tokenizer=tokenizer)
+        parallel.barrier()  # every rank has checked the folder (plan) before rank 0 changes it
         folder = open_run_folder(plan) if parallel.is_main else run_view(plan)
-        parallel.barrier()  # ranks planned before the process group formed; rank 0 alone writes the folder
+        parallel.barrier()
         together = sum(not a.frozen for a in config.adapters) > 1  # each sample through its own adapter
         trainer = (MultiTrainer if together else Trainer)(config, parts, folder=folder, parallel=parallel)
         return trainer.run(resume=checkpoint)
