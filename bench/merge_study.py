@@ -38,8 +38,8 @@ from moetune.data import ByteTokenizer
 from moetune.demo import LETTERS, accuracy, make_rows, pretrain_base, tiny_moe_args, write_jsonl
 from moetune.model import build_random_model, load_model
 from moetune.peft.core.layer import disable_adapters
-from moetune.peft.formats.io import load_adapter
-from moetune.peft.arithmetic.folders import merge_adapter_dirs
+from moetune.peft.formats.adapters import load_adapter
+from moetune.peft.arithmetic.folders import combine_adapter_folders as merge_adapter_dirs
 from moetune.train.trainer import train
 
 ATTN_EXPERTS = ("q_proj", "k_proj", "v_proj", "o_proj", "experts")

@@ -3,8 +3,12 @@
 from .config import LoraConfig
 from .errors import MoetuneError
 from .model import CausalLM, load_model
-from .peft.core.inject import AdapterReport, add_adapter, delete_adapter, disable_adapters, set_adapter, trainable_parameters
-from .peft.formats.io import load_adapter, merge_adapter, save_adapter
+from .peft.core.inject import add_adapter, delete_adapter, set_adapter
+from .peft.core.layer import disable_adapters
+from .peft.core.params import trainable_parameters
+from .peft.core.report import AdapterReport
+from .peft.formats.adapters import load_adapter, save_adapter
+from .peft.lora.fold import fold_adapter as merge_adapter
 
 __version__ = "0.1.0"
 

@@ -232,7 +232,7 @@ def _add_export(sub) -> None:
 
 
 def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
-    from .peft.arithmetic.folders import merge_adapter_dirs
+    from .peft.arithmetic.folders import combine_adapter_folders as merge_adapter_dirs
 
     result = merge_adapter_dirs(ns.model, ns.adapter, ns.out, weights=ns.weights, method=ns.method,
                                 density=ns.density, rank=ns.rank, seed=ns.seed, overwrite=ns.overwrite)

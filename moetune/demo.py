@@ -26,7 +26,7 @@ from .model import build_random_model, load_model
 from .model.config import MoEArgs, ModelArgs
 from .model.generate import generate
 from .outputs import open_folder
-from .peft.formats.io import load_adapter
+from .peft.formats.adapters import load_adapter
 from .train.trainer import train
 
 LETTERS = string.ascii_lowercase

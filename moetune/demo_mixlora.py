@@ -24,8 +24,8 @@ from .data import ByteTokenizer
 from .demo import accuracy, claim_demo_folder, make_rows, pretrain_base, write_jsonl
 from .model import build_random_model, load_model
 from .model.config import ModelArgs
-from .peft.core.inject import trainable_parameters
-from .peft.formats.io import load_adapter
+from .peft.core.params import trainable_parameters
+from .peft.formats.adapters import load_adapter
 from .train.trainer import train
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

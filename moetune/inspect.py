@@ -18,7 +18,7 @@ from .safetensors_check import safetensors_problem
 def target_names(args) -> tuple[list[str], dict[str, list[str]]]:
     """Module-name suffixes an adapter config may list for this model, and the Megatron-style
     aliases that apply to it (alias -> the Hugging Face names it selects here)."""
-    from .peft.core.inject import alias_map, targetable_names
+    from .peft.core.targets import alias_map, targetable_names
 
     with torch.device("meta"):
         model = build_causal_lm(args)

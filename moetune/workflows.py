@@ -18,7 +18,8 @@ from .model.loading import read_hf_config
 from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .model.generate import SamplingConfig, generate
 from .outputs import check_output
-from .peft.formats.io import load_adapter, merge_adapter, save_adapter
+from .peft.formats.adapters import load_adapter, save_adapter
+from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
 
 

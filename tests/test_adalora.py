@@ -10,10 +10,10 @@ import torch
 import moetune
 from moetune.config import AdaLoraOptions
 from moetune.errors import AdapterError, ConfigError
-from moetune.peft.adalora.layers import svd_layers
+from moetune.peft.adalora.adapters import svd_layers
 from moetune.peft.adalora.allocator import allocators, orth_regularization, rank_pattern, update_and_allocate
 from moetune.peft.formats.adalora import save_adalora
-from moetune.peft.core.inject import trainable_parameters
+from moetune.peft.core.params import trainable_parameters
 from tiny_hf import save_hf_model
 
 peft = pytest.importorskip("peft")

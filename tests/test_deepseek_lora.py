@@ -15,7 +15,8 @@ from moetune.errors import AdapterError, CheckpointError
 from moetune.inspect import inspect_model
 from moetune.peft.core.aliases import TARGET_ALIASES
 from moetune.peft.core.layer import adapter_layers
-from moetune.peft.core.inject import plan_targets, targetable_names, trainable_parameters
+from moetune.peft.core.params import trainable_parameters
+from moetune.peft.core.targets import plan_targets, targetable_names
 from test_deepseek import make_hf
 
 peft = pytest.importorskip("peft")

@@ -15,10 +15,11 @@ import moetune
 from moetune import LoraConfig
 from moetune.errors import AdapterError
 from moetune.model import build_random_model, model_args_from_hf
-import moetune.peft.formats.io as peft_io
+import moetune.peft.formats.folder as peft_io
 from moetune.model.saving import native_state_dict
 from moetune.peft.core.layer import adapter_layers, disable_adapters
-from moetune.peft.core.inject import targetable_names, trainable_parameters
+from moetune.peft.core.params import trainable_parameters
+from moetune.peft.core.targets import targetable_names
 from moetune.peft.lora.linear import LoraLinear
 
 MOE = dict(model_type="qwen2_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moetune
-from moetune.peft.core.inject import adapter_configs, trainable_parameters
+from moetune.peft.core.inject import adapter_configs
+from moetune.peft.core.params import trainable_parameters
 from tiny_hf import make_hf_model, save_hf_model
 
 peft = pytest.importorskip("peft")

@@ -13,7 +13,8 @@ from moetune.config.train import AdapterSection
 from moetune.errors import ConfigError
 from moetune.model import build_random_model, model_args_from_hf
 from moetune.peft.core.layer import adapter_layers
-from moetune.train.optim import adapter_parameters, build_optimizer
+from moetune.peft.core.params import adapter_parameters
+from moetune.train.optim import build_optimizer
 
 DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)

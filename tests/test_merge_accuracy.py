@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moetune
-from moetune.peft.arithmetic.folders import merge_adapter_dirs
+from moetune.peft.arithmetic.folders import combine_adapter_folders as merge_adapter_dirs
 from tiny_hf import save_hf_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -12,9 +12,9 @@ import moetune
 from moetune.cli import main
 from moetune.config import AdaLoraOptions
 from moetune.errors import AdapterError
-from moetune.peft.adalora.layers import svd_layers
+from moetune.peft.adalora.adapters import svd_layers
 from moetune.peft.formats.adalora import save_adalora
-from moetune.peft.arithmetic.folders import merge_adapter_dirs
+from moetune.peft.arithmetic.folders import combine_adapter_folders as merge_adapter_dirs
 from tiny_hf import save_hf_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

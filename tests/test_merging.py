@@ -7,7 +7,8 @@ import torch
 
 from moetune.errors import AdapterError
 from moetune.peft.lora.experts_layout import from_peft, to_peft
-from moetune.peft.arithmetic.combine import combine, merge_adapters, random_masks
+from moetune.peft.arithmetic.combine import combine, random_masks
+from moetune.peft.arithmetic.combine import combine_adapters as merge_adapters
 
 LIN = "base_model.model.model.layers.0.self_attn.q_proj."
 EXP = "base_model.model.model.layers.0.mlp.experts."

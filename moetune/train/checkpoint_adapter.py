@@ -19,9 +19,9 @@ from torch import nn
 from ..config import TrainConfig, from_dict
 from ..errors import AdapterError
 from ..peft.core.inject import add_adapter
-from ..peft.formats.io import load_adapter
+from ..peft.formats.adapters import load_adapter
 from .checkpoint import NAME, load_checkpoint
-from .optim import adapter_parameters
+from ..peft.core.params import adapter_parameters
 from .run_folder import RUN_CONFIG
 
 

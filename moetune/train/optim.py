@@ -8,28 +8,7 @@ from typing import Collection
 import torch
 from torch import nn
 
-from ..peft.core.layer import adapter_layers
-
-
-class AdapterParams(dict):
-    """Trainable parameters of one adapter keyed by ``<module path>.<local name>``; ``b_side``
-    holds the keys of the output-side ("B") matrices, as their adapter layers declare them."""
-
-    def __init__(self, params: dict[str, nn.Parameter] | None = None, *, b_side: set[str] | None = None) -> None:
-        super().__init__(params or {})
-        self.b_side: set[str] = set(b_side or ())
-
-
-def adapter_parameters(model: nn.Module, name: str) -> AdapterParams:
-    """Trainable parameters of adapter ``name`` keyed by ``<module path>.<local name>``."""
-    out = AdapterParams()
-    for path, layer in adapter_layers(model):
-        if name not in layer.adapter_names:  # adapters with different targets: not every layer has it
-            continue
-        for local, p in layer.adapter_params(name):
-            out[f"{path}.{local}"] = p
-        out.b_side.update(f"{path}.{local}" for local, _ in layer.b_side_params(name))
-    return out
+from ..peft.core.params import AdapterParams
 
 
 def build_optimizer(params: dict[str, nn.Parameter], *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,

@@ -16,8 +16,8 @@ from ..data import DataSplits, Tokenizer, build_datasets, resolve_tokenizer
 from ..errors import ConfigError
 from ..model import CausalLM, load_model
 from ..peft.core.inject import add_adapter
-from ..peft.formats.io import load_adapter
-from .optim import adapter_parameters
+from ..peft.formats.adapters import load_adapter
+from ..peft.core.params import adapter_parameters
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -24,7 +24,7 @@ from ..outputs import OwnedFolder
 from ..model.deepseek import update_correction_biases
 from ..model.moe import RouterStats
 from ..peft.core.layer import set_active_adapters
-from ..peft.formats.io import save_adapter
+from ..peft.formats.adapters import save_adapter
 from ..peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from ..signals import StopRequest
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -32,7 +32,8 @@ from .distributed import Parallel, distributed_run
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
 from .objectives import Objectives
 from .multi import MultiTrainer
-from .optim import adapter_parameters, build_optimizer, build_scheduler
+from ..peft.core.params import adapter_parameters
+from .optim import build_optimizer, build_scheduler
 from .plot import plot_metrics
 from .run_folder import adapter_target, open_run_folder, plan_run_folder, resolve_resume, run_view
 from .setup import RunParts, prepare_run

@@ -1,1 +1,2 @@
-"""adalora"""
+"""AdaLoRA: :mod:`.adapters` (SVD-form adapter objects held by the LoRA wrappers) and
+:mod:`.allocator` (PEFT's rank allocation and orthogonality regulariser)."""

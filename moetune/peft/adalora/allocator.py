@@ -32,7 +32,7 @@ from torch import nn
 
 from ...config import AdaLoraOptions
 from ...errors import AdapterError
-from .layers import svd_layers
+from .adapters import svd_layers
 
 _STORE = "adalora_allocators"
 _PARTS = ("lora_A", "lora_E", "lora_B")  # P, Lambda, Q: PEFT's names, for state-dict keys

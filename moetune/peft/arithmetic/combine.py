@@ -1,8 +1,10 @@
 """Adapter arithmetic: combine same-base LoRA adapters (PEFT-format state dicts) into one.
 
+(Folding one adapter into the base weights is :mod:`moetune.peft.lora.fold`.)
+
 Legend: n adapters, w_i their weights, s_i their scalings (alpha/r), E experts, r rank;
 a linear's pair is A (r, in), B (out, r); a routed-experts pair in PEFT's ``target_parameters``
-layout is A (E*r, in) expert-slowest, B (out, r*E) expert-fastest (see :mod:`.experts_layout`).
+layout is A (E*r, in) expert-slowest, B (out, r*E) expert-fastest (see :mod:`moetune.peft.lora.experts_layout`).
 Every expert is merged as if it were its own linear.
 
 Methods, with PEFT's ``add_weighted_adapter`` semantics (peft/tuners/lora/model.py and
@@ -44,6 +46,11 @@ DELTA_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitu
 METHODS = FACTOR_METHODS + DELTA_METHODS + ("cat",)
 _PAIR_KEY = re.compile(r"^(?P<module>.*)lora_(?P<kind>[AB])\.weight$")
 _EXPERTS = re.compile(r"(^|\.)experts\.(base_layer\.)*$")
+
+
+def is_experts_prefix(prefix: str) -> bool:
+    """Whether a key prefix (``...mlp.experts.[base_layer.]``) is a routed-experts pair's."""
+    return _EXPERTS.search(prefix) is not None
 
 
 # --- tensor functions (task tensors of one module, one expert) --------------------------------
@@ -120,7 +127,7 @@ def _module_seed(seed: int, module: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(module.encode())) % (2**63)
 
 
-def merge_adapters(states: list[dict[str, torch.Tensor]], weights: list[float], method: str, *,
+def combine_adapters(states: list[dict[str, torch.Tensor]], weights: list[float], method: str, *,
                    density: float | None = None, rank: int | None = None, seed: int = 0,
                    scalings: list[float] | None = None, num_experts: int | None = None,
                    majority_sign_method: str = "total") -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """``moetune merge-adapters``: combine adapter folders of one base model into a new PEFT folder.
 
 Each input folder is first loaded onto a weightless (meta-device) skeleton of the base model with
-:func:`~moetune.peft.io.load_adapter`, so an adapter for another model fails exactly as loading it
+:func:`~moetune.peft.formats.adapters.load_adapter`, so an adapter for another model fails exactly as loading it
 would (naming the file and the tensor), and so each module's scaling is the one moetune and PEFT
 apply (``alpha / r``, rsLoRA, rank and alpha patterns). A folder in PEFT's AdaLoRA layout (the
 ``adalora/`` folder of an AdaLoRA run) is read as its equivalent plain LoRA, as loading reads it,
@@ -9,7 +9,7 @@ which is also what the run writes at the top of its adapter folder. Then:
 
 - the adapters must adapt the same modules with the same shapes (rank aside): otherwise one
   error names the first tensor that differs;
-- the tensors are merged by :func:`~moetune.peft.merging.merge_adapters` (PEFT's
+- the tensors are merged by :func:`~.combine.combine_adapters` (PEFT's
   ``add_weighted_adapter`` semantics); an adapter whose modules have different scalings has them
   folded into its A matrices first (exact for the delta methods);
 - the result is written with scaling 1 (``lora_alpha = r`` per module), checked by loading it onto
@@ -32,13 +32,16 @@ from ...model.build import build_causal_lm
 from ...model.families import model_args_from_hf
 from ...model.loading import read_hf_config
 from ...model.moe import GroupedExperts
-from ..core.layer import adapter_layers
-from ..lora.experts_layout import peft_prefixes
 from ..core.inject import delete_adapter
-from ..formats.io import _write, add_adapter_from, load_adapter, read_adapter_folder
-from ..lora.linear import LoraLinear
-from .combine import _EXPERTS, METHODS, merge_adapters
+from ..core.layer import adapter_layers
+from ..formats.adapters import load_adapter
+from ..formats.folder import write_adapter_folder
+from ..formats.peft import add_adapter_from, read_adapter_folder
 from ..formats.peft_config import PREFIX
+from ..lora.experts import LoraGroupedExperts
+from ..lora.experts_layout import peft_prefixes
+from ..lora.linear import LoraLinear
+from .combine import METHODS, combine_adapters, is_experts_prefix
 
 
 @dataclass
@@ -69,10 +72,10 @@ def module_scalings(model: nn.Module, name: str) -> dict[str, float]:
     for path, layer in adapter_layers(model):
         if name not in layer.adapter_names:
             continue
-        if isinstance(layer, LoraLinear) and name in layer.lora_A:
+        if isinstance(layer, LoraLinear) and layer.plain_pair(name):
             out[f"{PREFIX}{path}."] = layer.scaling[name]
-        elif hasattr(layer, "param_configs") and name in layer.param_configs:
-            for param, prefix in peft_prefixes(layer._targeted([name])).items():
+        elif isinstance(layer, LoraGroupedExperts):
+            for param, prefix in peft_prefixes(layer.targeted_params([name])).items():
                 out[f"{PREFIX}{path}.{prefix}"] = layer.scaling(name, param)
         else:
             raise AdapterError(f"{path}: a {type(layer).__name__} adapter cannot be merged (plain LoRA pairs only)")
@@ -96,7 +99,7 @@ def _check_same_targets(states: list[dict[str, torch.Tensor]], names: list[str])
 
 
 def _fold_scalings(state: dict[str, torch.Tensor], scalings: dict[str, float]) -> tuple[dict[str, torch.Tensor], float]:
-    """(state, s) for merge_adapters: s itself when every module shares it, else A's times s_module and 1."""
+    """(state, s) for combine_adapters: s itself when every module shares it, else A's times s_module and 1."""
     values = set(scalings.values())
     if len(values) == 1:
         return state, values.pop()
@@ -106,7 +109,7 @@ def _fold_scalings(state: dict[str, torch.Tensor], scalings: dict[str, float]) -
     return out, 1.0
 
 
-def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.PathLike], out_dir: str | os.PathLike, *,
+def combine_adapter_folders(model_path: str | os.PathLike, adapters: list[str | os.PathLike], out_dir: str | os.PathLike, *,
                        weights: list[float] | None = None, method: str = "linear", density: float | None = None,
                        rank: int | None = None, seed: int = 0, overwrite: bool = False) -> MergeResult:
     """Merge PEFT adapter folders trained on ``model_path`` into one folder at ``out_dir``.
@@ -114,7 +117,7 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     Args:
         adapters: two or more adapter folders (PEFT's LoRA or AdaLoRA layout, ours or PEFT's own).
         weights: one per adapter (default 1.0 each: the task vectors add up).
-        method, density, rank, seed: as :func:`~moetune.peft.merging.merge_adapters`.
+        method, density, rank, seed: as :func:`~.combine.combine_adapters`.
         overwrite: write into a non-empty folder moetune did not write, beside its files.
 
     Raises:
@@ -144,11 +147,11 @@ def merge_adapter_dirs(model_path: str | os.PathLike, adapters: list[str | os.Pa
     if len(counts) > 1:
         raise AdapterError(f"merging needs one routed-expert count across layers, this model has {sorted(counts)}")
     num_experts = counts.pop() if counts else None
-    merged = merge_adapters(states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings,
+    merged = combine_adapters(states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings,
                             num_experts=num_experts)
     cfg, ranks = _merged_config(raw[0], merged, num_experts or 1)
     info = {"method": method, "weights": weights, "density": density, "rank": rank, "sources": [str(a) for a in adapters]}
-    out = _write(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg, meta={"merged": info},
+    out = write_adapter_folder(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg, meta={"merged": info},
                  overwrite=overwrite, inputs=(model_path, *adapters))
     try:  # the result must load onto the base like any adapter
         load_adapter(model, out, name="merged")
@@ -163,7 +166,7 @@ def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: in
     for key, a in merged.items():
         if key.endswith("lora_A.weight"):
             prefix = key.removesuffix("lora_A.weight")
-            ranks[prefix] = a.shape[0] // num_experts if _EXPERTS.search(prefix) else a.shape[0]
+            ranks[prefix] = a.shape[0] // num_experts if is_experts_prefix(prefix) else a.shape[0]
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {_pattern_key(p, first): k for p, k in ranks.items() if k != r}
     cfg = dict(first)
@@ -175,7 +178,7 @@ def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: in
 def _pattern_key(prefix: str, cfg: dict) -> str:
     """Rank-pattern key of a module (PEFT matches it against module or parameter names)."""
     path = prefix.removeprefix(PREFIX).rstrip(".")
-    if _EXPERTS.search(prefix):  # experts: the pattern names the 3D parameter
+    if is_experts_prefix(prefix):  # experts: the pattern names the 3D parameter
         base = path.split(".base_layer")[0]
         entries = [p.rpartition(".") for p in cfg.get("target_parameters") or []]
         params = [param for pre, _, param in entries if base == pre or base.endswith("." + pre)]
@@ -186,4 +189,4 @@ def _pattern_key(prefix: str, cfg: dict) -> str:
     return f"{path}.weight" if moved else path
 
 
-__all__ = ["MergeResult", "merge_adapter_dirs", "module_scalings", "skeleton"]
+__all__ = ["MergeResult", "combine_adapter_folders", "module_scalings", "skeleton"]

@@ -1,43 +1,35 @@
-"""Module swapping, freezing and the trainable-parameter report.
+"""Adding and removing adapters: module swapping, freezing, the active adapters.
 
-Which modules a config adapts is decided in :mod:`moetune.peft.targets` (its names are importable
-from here too). A module that already carries adapters gets the new one in the same wrapper.
+Which modules a config adapts is decided in :mod:`.targets`, which wrapper each gets in
+:mod:`.registry` (and, for mixtures, :mod:`moetune.peft.mixtures.plan`). A module that already
+carries adapters gets the new one in the same wrapper (or in a wrapper that takes it over, a
+plain linear getting a mixture). Each wrapper makes its own kind of adapter object from the
+config; AdaLoRA's SVD form is handed to it explicitly (:func:`~moetune.peft.adalora.adapters.svd_adapter`).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
 from ...config import LoraConfig
 from ...errors import AdapterError, did_you_mean
-from ..adalora.layers import svd_wrapper_for
-from .layer import AdapterLayer, adapter_layers, disable_adapters, set_active_adapters
+from ..adalora.adapters import svd_adapter
+from ..lora.linear import LoraLinear
 from ..mixtures.plan import place
-from .targets import (  # noqa: F401  (targets' public names stay importable from here)
-    EXPERT_PARTS,
-    ROUTER_NAMES,
-    Parts,
-    _base,
-    alias_map,
-    layer_index,
-    logical_modules,
-    plan_targets,
-    targetable_names,
-    wrapper_for,
-)
+from .layer import AdapterLayer, adapter_layers, set_active_adapters
+from .params import adapter_parameters
+from .registry import base_of
+from .report import AdapterReport, build_report
+from .targets import Parts, plan_targets
 
-__all__ = ["AdapterReport", "add_adapter", "adapter_names", "alias_map", "delete_adapter", "disable_adapters",
-           "set_adapter", "targetable_names", "trainable_parameters"]
+__all__ = ["add_adapter", "adapter_configs", "adapter_names", "delete_adapter", "freeze_base", "set_adapter"]
 
 log = logging.getLogger(__name__)
 
-_GROUP = re.compile(r"^(?:.*\.)?layers\.\d+\.")
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -88,21 +80,13 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         raise AdapterError(f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name")
     plan = plan_targets(model, config)
     _check_pissa(model, plan, config)
-    choose = wrapper_for if config.adalora is None else svd_wrapper_for(wrapper_for)  # AdaLoRA: SVD-form wrappers
-    placements = place(model, plan, config, choose, layer_index)  # mixtures regroup targets
+    placements = place(model, plan, config)  # mixtures regroup targets
     active = [n for n in adapter_names(model) if any(n in layer.active for _, layer in adapter_layers(model))]
     created: list[str] = []
     try:
         for path, parts, wrapper, module_config in placements:
-            module = model.get_submodule(path)
-            if not isinstance(module, AdapterLayer):
-                module = wrapper(module)
-                model.set_submodule(path, module)
-                created.append(path)
-            elif not isinstance(module, wrapper):  # e.g. a LoraLinear that now also takes a mixture
-                module = _adopt(module, wrapper, path)
-            module.add_adapter(name, per_module(path, module_config) if per_module else module_config,
-                               parts=set(parts) if parts else None, **_param_configs(module, path, module_config, per_module))
+            module = _wrapped(model, path, wrapper, created)
+            _add_to(module, path, name, module_config, parts, per_module)
             module.train(model.training)  # new dropout modules must follow eval/train mode, not default to train
     except BaseException:
         _remove(model, name, created)
@@ -115,19 +99,31 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     return report
 
 
-def _adopt(module: AdapterLayer, wrapper: type, path: str) -> AdapterLayer:
-    if not hasattr(wrapper, "adopt"):
-        raise AdapterError(f"{path} already carries {type(module).__name__} adapters; a {wrapper.__name__} cannot be added to it")
-    return wrapper.adopt(module)
+def _wrapped(model: nn.Module, path: str, wrapper: type[AdapterLayer], created: list[str]) -> AdapterLayer:
+    """The module at ``path`` in a ``wrapper`` (new, the one it has, or one taking it over)."""
+    module = model.get_submodule(path)
+    if not isinstance(module, AdapterLayer):
+        module = wrapper(module)
+        created.append(path)
+    elif not isinstance(module, wrapper):  # e.g. a LoraLinear that now also takes a mixture
+        module = wrapper.take_over(module, path)
+    else:
+        return module
+    model.set_submodule(path, module)
+    return module
 
 
-def _param_configs(module: AdapterLayer, path: str, config: LoraConfig, per_module) -> dict:
-    """``param_configs`` for wrappers that take a config per base parameter (routed experts:
-    PEFT's rank_pattern keys them ``<path>.gate_up_proj``), when per-module overrides are given."""
-    if per_module is None or "param_configs" not in inspect.signature(module.add_adapter).parameters:
-        return {}
-    params = [n for n, _ in module.base_layer.named_parameters(recurse=False)]
-    return {"param_configs": {p: per_module(f"{path}.{p}", config) for p in params}}
+def _add_to(module: AdapterLayer, path: str, name: str, config: LoraConfig, parts: Parts, per_module) -> None:
+    """Add adapter ``name`` to one wrapper, with per-module and per-parameter configs from
+    ``per_module`` (PEFT's rank_pattern keys a routed-experts parameter ``<path>.gate_up_proj``)."""
+    param_configs = None
+    if per_module is not None:
+        params = [n for n, _ in module.base_layer.named_parameters(recurse=False)]
+        param_configs = {p: per_module(f"{path}.{p}", config) for p in params}
+    module_config = per_module(path, config) if per_module else config
+    adapter = None if module_config.adalora is None else svd_adapter(module, name, module_config, param_configs)
+    module.add_adapter(name, module_config, parts=set(parts) if parts else None, param_configs=param_configs,
+                       adapter=adapter)
 
 
 def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -> None:
@@ -136,12 +132,12 @@ def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -
         counts[id(p)] = counts.get(id(p), 0) + 1
     for path in plan:
         module = model.get_submodule(path)
-        is_pissa = getattr(module, "is_pissa", lambda n: False)
         existing = module.adapter_names if isinstance(module, AdapterLayer) else []
-        if existing and (config.init == "pissa" or any(is_pissa(n) for n in existing)):
+        pissa = isinstance(module, LoraLinear) and any(module.is_pissa(n) for n in existing)
+        if existing and (config.init == "pissa" or pissa):
             raise AdapterError(f"{path}: a PiSSA adapter changes the base weight, so it must be the only "
                                f"adapter of its module (it already has {existing})")
-        weight = getattr(_base(module), "weight", None)
+        weight = getattr(base_of(module), "weight", None)
         if config.init == "pissa" and weight is not None and counts.get(id(weight), 0) > 1:
             raise AdapterError(f"{path}: init 'pissa' would change {path}.weight, which is tied to another "
                                "weight (tied embeddings); leave this module out or use another init")
@@ -187,68 +183,5 @@ def freeze_base(model: nn.Module, *, trainable: str | None = None) -> None:
         if id(p) not in adapters:
             p.requires_grad_(False)
     if trainable is not None:
-        for p in trainable_parameters(model, trainable).values():
+        for p in adapter_parameters(model, trainable).values():
             p.requires_grad_(True)
-
-
-def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
-    """Adapter parameters (of adapter ``name``, or all) keyed by ``<module path>.<local name>``."""
-    out: dict[str, nn.Parameter] = {}
-    for path, layer in adapter_layers(model):
-        if name is None or name in layer.adapter_names:
-            for local, p in layer.adapter_params(name):
-                out[f"{path}.{local}"] = p
-    return out
-
-
-# --- report ---------------------------------------------------------------------------------
-@dataclass
-class ReportRow:
-    group: str  # module path without the layer prefix, e.g. "self_attn.q_proj"
-    modules: int
-    params: int
-
-
-@dataclass
-class AdapterReport:
-    """What :func:`add_adapter` adapted: per module group, how many modules and parameters.
-
-    Attributes:
-        name: the adapter.
-        rows: one row per module group (layer index dropped), in model order.
-        trainable: parameters of this adapter.
-        total: all parameters of the model, adapters included.
-    """
-
-    name: str
-    rows: list[ReportRow] = field(default_factory=list)
-    trainable: int = 0
-    total: int = 0
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        width = max([len("module group"), *(len(r.group) for r in self.rows)])
-        lines = [f"adapter '{self.name}'",
-                 f"  {'module group':<{width}}  {'modules':>7}  {'trainable':>12}  {'% of model':>10}"]
-        for r in self.rows:
-            pct = 100.0 * r.params / max(self.total, 1)
-            lines.append(f"  {r.group:<{width}}  {r.modules:>7}  {r.params:>12,}  {pct:>9.4f}%")
-        lines.append(f"  {'total':<{width}}  {sum(r.modules for r in self.rows):>7}  {self.trainable:>12,}  "
-                     f"{self.percent:>9.4f}%   (of {self.total:,} parameters)")
-        return "\n".join(lines)
-
-
-def build_report(model: nn.Module, name: str) -> AdapterReport:
-    rows: dict[str, ReportRow] = {}
-    for path, layer in adapter_layers(model):
-        if name not in layer.adapter_names:
-            continue
-        group = _GROUP.sub("", path)
-        row = rows.setdefault(group, ReportRow(group=group, modules=0, params=0))
-        row.modules += 1
-        row.params += sum(p.numel() for _, p in layer.adapter_params(name))
-    total = sum(p.numel() for p in model.parameters())
-    return AdapterReport(name=name, rows=list(rows.values()), trainable=sum(r.params for r in rows.values()), total=total)

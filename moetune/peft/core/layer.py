@@ -1,8 +1,11 @@
 """The adapter protocol shared by every adapter layer, and per-sample adapter selection.
 
-An adapter layer wraps one base module (``base_layer``) and holds any number of named adapters.
-Everything above it (injection, files, optimizers, merging) talks to it only through
-:class:`AdapterLayer`, never by parameter-name patterns.
+An adapter layer wraps one base module (``base_layer``) and holds any number of named adapters,
+each an adapter object of one small interface (create, remove, parameters, output, weight delta,
+file tensors both ways; :mod:`moetune.peft.lora.linear_adapters`,
+:mod:`moetune.peft.lora.expert_adapters`), whatever its kind (LoRA, DoRA, PiSSA, AdaLoRA,
+mixtures). Everything above it (injection, files, optimizers, merging) talks to it only through
+:class:`AdapterLayer`, never by parameter-name patterns or capability probing.
 
 Which adapters run on which tokens:
 - by default every name in ``active`` runs on every token (normally one);
@@ -19,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ...errors import AdapterError
 from ...model.context import current_context
 
 
@@ -29,6 +33,9 @@ class AdapterLayer(nn.Module):
     # The ParameterDicts holding the output side ("B", zero at init) of each low-rank pair, which
     # LoRA+ trains at a higher learning rate. Every subclass that holds pairs names its own.
     b_side: tuple[str, ...] = ()
+    # Whether target matching looks inside it: its base's children keep their own module paths
+    # (a MixLoRA FFN, whose projections can still take other adapters).
+    transparent = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -42,18 +49,26 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
 
-    def add_adapter(self, name: str, config, *, parts: set[str] | None = None) -> None:
+    def add_adapter(self, name: str, config, *, parts: set[str] | None = None,
+                    param_configs: dict | None = None, adapter=None) -> None:
         """Create adapter ``name`` from a LoraConfig (and initialise it).
 
-        ``parts`` restricts an expert layer to some projections (``gate_proj``, ``up_proj``,
-        ``down_proj``); plain linears ignore it.
+        Args:
+            parts: restricts an expert layer to some projections (``gate_proj``, ``up_proj``,
+                ``down_proj``); linears ignore it.
+            param_configs: a config per base parameter (PEFT's rank_pattern on a routed-experts
+                parameter, ``gate_up_proj``); layers with one parameter ignore it.
+            adapter: the adapter object to hold (AdaLoRA's SVD form); None: the layer's own kind
+                for ``config``.
         """
         raise NotImplementedError
 
-    def peft_config_targets(self, module_path: str) -> dict[str, list[str]]:
-        """How PEFT's adapter_config.json names this layer: ``{"target_modules": [...]}`` or
-        ``{"target_parameters": [...]}``."""
-        raise NotImplementedError
+    @classmethod
+    def take_over(cls, layer: AdapterLayer, path: str) -> AdapterLayer:
+        """A wrapper of this class holding ``layer``'s base and adapters (the same parameters),
+        for a module that already carries adapters of a kind this class extends."""
+        raise AdapterError(f"{path} already carries {type(layer).__name__} adapters; a {cls.__name__} "
+                           "cannot be added to it")
 
     def delete_adapter(self, name: str) -> None:
         raise NotImplementedError
@@ -115,18 +130,34 @@ class AdapterLayer(nn.Module):
         return per_token.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
-# base module type -> adapter wrapper class; lora.py and experts.py register themselves.
-WRAPPERS: dict[type, type[AdapterLayer]] = {}
+class TensorStore(nn.Module):
+    """Named tensors that follow ``.to()`` but are not parameters (PiSSA init, DoRA merge factors,
+    AdaLoRA rank masks)."""
 
+    def put(self, key: str, value: torch.Tensor, *, persistent: bool = True) -> None:
+        self.register_buffer(key, value, persistent=persistent)
 
-def register_wrapper(base_type: type, wrapper: type[AdapterLayer]) -> None:
-    WRAPPERS[base_type] = wrapper
+    def get(self, key: str) -> torch.Tensor | None:
+        return self._buffers.get(key)
+
+    def pop(self, key: str) -> torch.Tensor | None:
+        self._non_persistent_buffers_set.discard(key)
+        return self._buffers.pop(key, None)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module
+
+
+def layers_holding(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer]]:
+    """(path, layer) of every adapter layer holding adapter ``name``; an error naming the adapters when none does."""
+    layers = [(p, layer) for p, layer in adapter_layers(model) if name in layer.adapter_names]
+    if not layers:
+        known = sorted({n for _, layer in adapter_layers(model) for n in layer.adapter_names})
+        raise AdapterError(f"no adapter named '{name}' in this model (adapters: {', '.join(known) or 'none'})")
+    return layers
 
 
 @contextlib.contextmanager

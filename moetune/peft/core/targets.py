@@ -13,12 +13,12 @@ Targets are Hugging Face module names matched as suffixes of the full module pat
   head and the routers (``gate``, ``router``, ``shared_expert_gate``); name those to add them;
 - ``target_regex`` instead matches full module paths with ``re.fullmatch``;
 - a Megatron-style alias (``linear_proj``, ``linear_fc1``, ``linear_kv_up_proj`` ...) stands for
-  the Hugging Face names of :data:`~moetune.peft.aliases.TARGET_ALIASES`, unless the model has a
+  the Hugging Face names of :data:`~moetune.peft.core.aliases.TARGET_ALIASES`, unless the model has a
   module of that name.
 
 ``layers_to_transform`` keeps decoder layers by index (``...layers.{i}...``); modules outside the
 decoder layers (the LM head) are not affected by it. The wrapper class of a module is looked up in
-:data:`~moetune.peft.base.WRAPPERS`.
+:data:`~moetune.peft.core.registry.WRAPPERS`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from torch import nn
 
 from ...config import LoraConfig
 from ...errors import AdapterError, did_you_mean
-from ..lora import experts as _experts  # noqa: F401  (registers LoraGroupedExperts for GroupedExperts)
-from ..lora import linear as _linear  # noqa: F401  (registers LoraLinear for nn.Linear)
 from .aliases import TARGET_ALIASES, alias_targets
-from .layer import WRAPPERS, AdapterLayer
+from .layer import AdapterLayer
+from .registry import base_of, wrapper_for
 
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
 ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
@@ -49,25 +48,13 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     while stack:
         path, module = stack.pop()
         yield path, module
-        if not isinstance(module, AdapterLayer) or getattr(module, "transparent", False):
+        if not isinstance(module, AdapterLayer) or module.transparent:
             kids = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children()]
             stack.extend(reversed(kids))
 
 
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayer) else module
-
-
-def wrapper_for(module: nn.Module) -> type[AdapterLayer] | None:
-    """The adapter class registered for the module's (base) type or a parent class, or None."""
-    for cls in type(_base(module)).__mro__:
-        if cls in WRAPPERS:
-            return WRAPPERS[cls]
-    return None
-
-
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(_base(module), nn.Linear)
+    return isinstance(base_of(module), nn.Linear)
 
 
 def _is_router(path: str) -> bool:

@@ -1,7 +1,7 @@
 """AdaLoRA adapters in PEFT's own AdaLoRA layout (``peft_type: ADALORA``).
 
 :func:`moetune.save_adapter` writes an AdaLoRA adapter as the equivalent plain LoRA (kept triplets
-folded, see :mod:`.adalora`), which every LoRA reader loads. :func:`save_adalora` writes what
+folded, see :mod:`moetune.peft.adalora.adapters`), which every LoRA reader loads. :func:`save_adalora` writes what
 PEFT 0.21's ``AdaLoraModel.save_pretrained`` writes instead, so ``PeftModel.from_pretrained``
 rebuilds an AdaLoRA model:
 
@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
-from ..adalora.layers import EPS_RANKNUM, SVDExpertsMixin, svd_layers
-from ..core.inject import adapter_configs, logical_modules
-from .io import _write
+from ..adalora.adapters import EPS_RANKNUM, svd_layers
+from ..core.inject import adapter_configs
+from ..core.targets import logical_modules
+from ..lora.experts import LoraGroupedExperts
+from .folder import write_adapter_folder
 from .peft_config import PREFIX, compact_targets, moetune_meta
 
 
@@ -40,7 +42,7 @@ def adalora_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
     tensors: dict[str, torch.Tensor] = {}
     pattern: dict[str, list[bool]] = {}
     for path, layer in svd_layers(model, name):
-        if isinstance(layer, SVDExpertsMixin):
+        if isinstance(layer, LoraGroupedExperts):
             raise AdapterError(f"{path}: PEFT's AdaLoRA layout has no routed-expert layer; write adapter '{name}' "
                                "with moetune.save_adapter (plain LoRA, experts included) instead")
         keep = layer.rank_mask.get(name)
@@ -99,7 +101,7 @@ def save_adalora(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
     tensors, pattern = adalora_tensors(model, name)
     cfg = adalora_config(model, name, pattern)  # refuses a name that is not an AdaLoRA adapter
     meta = moetune_meta(adapter_configs(model)[name], name=name, layout="adalora")
-    return _write(Path(out_dir), tensors, cfg, meta=meta)
+    return write_adapter_folder(Path(out_dir), tensors, cfg, meta=meta)
 
 
 def adalora_as_lora(raw: dict, tensors: dict[str, torch.Tensor], *, where: str) -> tuple[dict, dict[str, torch.Tensor]]:

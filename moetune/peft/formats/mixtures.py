@@ -22,16 +22,17 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ...config import LoraConfig, from_dict
 from ...errors import AdapterError, ConfigError
-from . import io
-from . import moe_peft
+from ..core.inject import adapter_configs, add_adapter, delete_adapter
 from ..core.layer import adapter_layers
-from ..core.inject import AdapterReport, adapter_configs, add_adapter, delete_adapter
+from ..core.report import AdapterReport
+from . import moe_peft
+from .folder import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors, write_adapter_folder
+from .peft import fill_adapter
+from .peft_config import PREFIX
 
 MOETUNE_TYPE = "MOETUNE_MIXTURE"
 MIXTURE_TYPES = (MOETUNE_TYPE, moe_peft.PEFT_TYPE)
@@ -40,7 +41,7 @@ FORMAT_VERSION = 1
 
 def is_mixture_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a mixture adapter (moetune's or MoE-PEFT's)."""
-    cfg = folder / io.CONFIG_FILE
+    cfg = folder / CONFIG_FILE
     if not cfg.is_file():
         return False
     try:
@@ -60,26 +61,23 @@ def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str
     if layout == "moe_peft":
         tensors, cfg = moe_peft.export(model, config, parts)
     elif layout == "peft":
-        tensors = {f"{io.PREFIX}{path}.{suffix}": t for path, part in parts.items() for suffix, t in part.items()}
+        tensors = {f"{PREFIX}{path}.{suffix}": t for path, part in parts.items() for suffix, t in part.items()}
         cfg = {"peft_type": MOETUNE_TYPE, "format_version": FORMAT_VERSION, "adapter_name": name,
                "base_model_name_or_path": getattr(model, "source_path", None), "lora_config": config.to_dict()}
     else:
         raise AdapterError(f"layout {layout!r} is not one of 'peft' (moetune's mixture layout), 'moe_peft' for a "
                            f"mixture adapter ('{name}' is {config.mixture.kind})")
     tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
-    return io._write(Path(out_dir), tensors, cfg, overwrite=overwrite)
+    return write_adapter_folder(Path(out_dir), tensors, cfg, overwrite=overwrite)
 
 
 def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterReport:
     """Add adapter ``name`` from a mixture folder (moetune's or MoE-PEFT's layout)."""
-    cfg_file, weights = folder / io.CONFIG_FILE, folder / io.WEIGHTS_FILE
-    raw = io._read_config(cfg_file)
+    cfg_file, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    raw = read_json(cfg_file)
     if not weights.is_file():
         raise AdapterError(_missing_weights(folder))
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise AdapterError(f"{weights}: cannot read safetensors file ({exc})") from None
+    tensors = read_tensors(weights)
     if raw["peft_type"] == moe_peft.PEFT_TYPE:
         config = moe_peft.config_from_file(raw, str(cfg_file), hidden_act=getattr(getattr(model, "args", None), "hidden_act", None))
         tensors = moe_peft.import_tensors(tensors, str(weights), config)
@@ -90,7 +88,7 @@ def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterRe
     except AdapterError as err:
         raise AdapterError(f"{cfg_file}: {err}") from None
     try:
-        io._fill(model, name, tensors, weights)
+        fill_adapter(model, name, tensors, weights)
     except BaseException:
         delete_adapter(model, name)
         raise
@@ -112,5 +110,5 @@ def _missing_weights(folder: Path) -> str:
                 "because unpickling can run arbitrary code. If you trust the file, convert it once: python -c \"import torch; "
                 "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
                 "'adapter_model.safetensors')\" in that folder")
-    return f"'{folder}' has no {io.WEIGHTS_FILE}"
+    return f"'{folder}' has no {WEIGHTS_FILE}"
 

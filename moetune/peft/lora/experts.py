@@ -18,31 +18,32 @@ matches PEFT's; and it costs one rank-r A GEMM instead of a rank-2r one. Separat
 pairs only arise when a per-expert (vLLM) file holds different A's for them; the forward then runs
 their A's as one concatenated grouped GEMM and each B on its half, and the PEFT export is the exact
 rank-2r block-diagonal pair (see :mod:`.experts_layout`).
+
+Each named adapter is an object of :mod:`.expert_adapters` (plain pairs, or AdaLoRA's triplets);
+the layer runs them all the same way, with ``effective_a`` as the A side.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import LoraConfig
 from ...errors import AdapterError
 from ...model.context import current_context
 from ...model.moe import GroupedExperts
+from ..core.layer import AdapterLayer, TensorStore
 from . import experts_layout as layout
-from ..core.layer import AdapterLayer, register_wrapper
-from .experts_layout import PROJ_OF_PAIR, ExpertLayoutMixin
-
-if TYPE_CHECKING:
-    from ...config import LoraConfig
+from .expert_adapters import ExpertAdapter
+from .experts_layout import PROJ_OF_PAIR
 
 PAIRS = ("gate_up", "gate", "up", "down")
 
 
-class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
+class LoraGroupedExperts(AdapterLayer):
     """Named LoRA adapters on a :class:`GroupedExperts` (drop-in: same forward signature)."""
 
     base_layer: GroupedExperts
@@ -53,8 +54,9 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
         for pair in PAIRS:
             setattr(self, f"lora_A_{pair}", nn.ParameterDict())
             setattr(self, f"lora_B_{pair}", nn.ParameterDict())
-        self.configs: dict[str, LoraConfig] = {}
-        self.param_configs: dict[str, dict[str, LoraConfig]] = {}  # rank/alpha per 3D parameter
+            setattr(self, f"lora_E_{pair}", nn.ParameterDict())  # AdaLoRA's Lambda (E, r, 1)
+        self.rank_mask = TensorStore()  # AdaLoRA: "{name}:{pair}" -> bool (E, r), kept triplets
+        self.adapters: dict[str, ExpertAdapter] = {}
 
     # --- what MoEBlock reads from its experts ---------------------------------------------
     @property
@@ -72,7 +74,16 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
     # --- adapters -------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        return list(self.configs)
+        return list(self.adapters)
+
+    @property
+    def configs(self) -> dict[str, LoraConfig]:
+        return {n: a.config for n, a in self.adapters.items()}
+
+    @property
+    def param_configs(self) -> dict[str, dict[str, LoraConfig]]:
+        """Rank/alpha per 3D parameter of each adapter."""
+        return {n: a.param_configs for n, a in self.adapters.items()}
 
     def lora_a(self, pair: str) -> nn.ParameterDict:
         return getattr(self, f"lora_A_{pair}")
@@ -80,17 +91,21 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
     def lora_b(self, pair: str) -> nn.ParameterDict:
         return getattr(self, f"lora_B_{pair}")
 
+    def lora_e(self, pair: str) -> nn.ParameterDict:
+        return getattr(self, f"lora_E_{pair}")
+
     def pairs(self, name: str) -> list[str]:
         """The pairs adapter ``name`` holds, in :data:`PAIRS` order."""
         return [p for p in PAIRS if name in self.lora_a(p)]
 
     def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
-                    param_configs: dict[str, LoraConfig] | None = None) -> None:
+                    param_configs: dict[str, LoraConfig] | None = None, adapter: ExpertAdapter | None = None) -> None:
         """Create adapter ``name`` on ``parts`` (default all of gate_proj, up_proj, down_proj).
 
         Args:
             param_configs: optional rank/alpha per base parameter (``gate_up_proj``, ``down_proj``),
                 e.g. from PEFT's ``rank_pattern``/``alpha_pattern``; other options come from ``config``.
+            adapter: the adapter object to hold (default: plain LoRA pairs).
 
         Calling again for an existing name adds the new parts and re-initialises the adapter.
         """
@@ -98,60 +113,47 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
         if not parts <= set(layout.EXPERT_PROJS):
             raise AdapterError(f"experts: unknown parts {sorted(parts - set(layout.EXPERT_PROJS))}; "
                                f"allowed: {', '.join(layout.EXPERT_PROJS)}")
-        if config.use_dora:
-            raise AdapterError("use_dora is not supported on routed experts yet (supported on linears)")
-        if config.init not in ("kaiming", "gaussian"):
-            raise AdapterError(f"init={config.init!r} is not supported on routed experts yet "
-                               "(allowed there: kaiming, gaussian)")
-        if name in self.configs:
+        adapter = adapter if adapter is not None else ExpertAdapter(name, config, param_configs)
+        adapter.check()
+        if name in self.adapters:
             parts |= {p for pair in self.pairs(name) for p in _parts_of(pair)}
             self.delete_adapter(name)
         gate, up = "gate_proj" in parts, "up_proj" in parts
         pairs = (["gate_up"] if gate and up else ["gate"] if gate else ["up"] if up else [])
         pairs += ["down"] if "down_proj" in parts else []
-        self.configs[name] = config
-        self.param_configs[name] = {p: (param_configs or {}).get(p, config) for p in layout.PROJ_PARAMS}
-        for pair in pairs:
-            self._new_pair(name, pair, self.param_configs[name][PROJ_OF_PAIR[pair]].r)
+        self.adapters[name] = adapter
+        adapter.create(self, pairs)
         if not self.active:
             self.active.append(name)
 
-    def _new_pair(self, name: str, pair: str, rank: int) -> None:
-        config = self.configs[name]
-        d_in, d_out = self._dims(pair)
-        lead = () if config.expert_rank == "shared" else (self.num_experts,)
-        device = self.base_layer.gate_up_proj.device
-        a = torch.empty(*lead, rank, d_in, dtype=torch.float32, device=device)
-        if config.init == "kaiming":  # per expert = on the (E*r, in) view: fan_in is `in` either way
-            nn.init.kaiming_uniform_(a.view(-1, d_in), a=math.sqrt(5))
-        else:
-            nn.init.normal_(a, std=1 / rank)
-        self.lora_a(pair)[name] = nn.Parameter(a)
-        self.lora_b(pair)[name] = nn.Parameter(torch.zeros(*lead, d_out, rank, dtype=torch.float32, device=device))
-
     def scaling(self, name: str, param: str) -> float:
         """The factor s of adapter ``name`` on base parameter ``param`` (gate_up_proj or down_proj)."""
-        return self.param_configs[name][param].scaling
+        return self.adapters[name].scaling(param)
 
-    def _dims(self, pair: str) -> tuple[int, int]:
+    def dims(self, pair: str) -> tuple[int, int]:
+        """(in, out) features of ``pair``."""
         D, Fh = self.dim, self.hidden
         return {"gate_up": (D, 2 * Fh), "gate": (D, Fh), "up": (D, Fh), "down": (Fh, D)}[pair]
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge(name)
-        for pair in self.pairs(name):
-            del self.lora_a(pair)[name], self.lora_b(pair)[name]
-        self.configs.pop(name, None)
-        self.param_configs.pop(name, None)
+        self.adapters.pop(name).remove(self)
         self.active = [n for n in self.active if n != name]
 
     def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for pair in PAIRS:
-            for kind, params in (("A", self.lora_a(pair)), ("B", self.lora_b(pair))):
-                for key, p in params.items():
-                    if name is None or key == name:
-                        yield f"lora_{kind}_{pair}.{key}", p
+        stores = [(kind, pair) for pair in PAIRS for kind in "AB"] + [("E", pair) for pair in PAIRS]
+        for kind, pair in stores:
+            for key, p in getattr(self, f"lora_{kind}_{pair}").items():
+                if name is None or key == name:
+                    yield f"lora_{kind}_{pair}.{key}", p
+
+    def svd_triplets(self, name: str) -> dict[str, tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
+        """Mask key ``"{name}:{pair}"`` -> (P (E, r, in), Lambda (E, r, 1), Q (E, out, r)) of an AdaLoRA adapter."""
+        return {f"{name}:{p}": (self.lora_a(p)[name], self.lora_e(p)[name], self.lora_b(p)[name]) for p in self.pairs(name)}
+
+    def is_svd(self, name: str) -> bool:
+        return any(name in self.lora_e(p) for p in PAIRS)
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:
@@ -187,11 +189,12 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
     def _split_lora(self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor,
                     rows: torch.Tensor | None) -> torch.Tensor:
         """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated."""
-        config = self.configs[name]
+        adapter = self.adapters[name]
+        config = adapter.config
         h = F.dropout(x, config.dropout, self.training) if config.dropout else x
-        a_list = [self.lora_a(p)[name].to(x.dtype) for p in pairs]
+        a_list = [adapter.effective_a(self, p).to(x.dtype) for p in pairs]
         t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets)  # (R, r)
-        s = self.scaling(name, PROJ_OF_PAIR[pairs[0]])
+        s = adapter.scaling(PROJ_OF_PAIR[pairs[0]])
         t = t * (s if rows is None else rows * s)
         b_list = [self.lora_b(p)[name] for p in pairs]
         parts = t.split([b.shape[-1] for b in b_list], dim=-1) if len(pairs) > 1 else [t]
@@ -204,9 +207,10 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
     # --- merge ----------------------------------------------------------------------------
     def delta(self, name: str, pair: str) -> torch.Tensor:
         """fp32 ``s * B_e @ A_e`` for every expert, (E, out, in). Merging only, never the forward."""
-        a, b = self.lora_a(pair)[name], self.lora_b(pair)[name]
+        adapter = self.adapters[name]
+        a, b = adapter.effective_a(self, pair), self.lora_b(pair)[name]
         d = (b @ a).expand(self.num_experts, -1, -1) if a.dim() == 2 else torch.bmm(b, a)
-        return d * self.scaling(name, PROJ_OF_PAIR[pair])
+        return d * adapter.scaling(PROJ_OF_PAIR[pair])
 
     def _fold(self, name: str, sign: float) -> None:
         Fh = self.hidden
@@ -226,6 +230,26 @@ class LoraGroupedExperts(ExpertLayoutMixin, AdapterLayer):
             self._fold(name, -1.0)
             self.merged.remove(name)
 
+    # --- files (the layouts are in experts_layout) ----------------------------------------
+    def targeted_params(self, names: list[str]) -> list[str]:
+        return layout.targeted_params(self, names)
+
+    def peft_config_targets(self, module_path: str, name: str | None = None) -> dict:
+        return layout.peft_config_targets(self, module_path, name)
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return layout.peft_tensors(self, name)
+
+    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+        layout.load_peft_tensors(self, name, tensors, where=where)
+
+    def per_expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """vLLM/SGLang layout (see :func:`.experts_layout.per_expert_tensors`)."""
+        return layout.per_expert_tensors(self, name)
+
+    def load_per_expert_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+        layout.load_per_expert_tensors(self, name, tensors, where=where)
+
 
 def _gate_up_groups(pairs: list[str]) -> tuple[list[str], list[str]]:
     """Split an adapter's gate/up pairs into those added to the fused 2F output and lone halves."""
@@ -237,6 +261,3 @@ def _gate_up_groups(pairs: list[str]) -> tuple[list[str], list[str]]:
 
 def _parts_of(pair: str) -> tuple[str, ...]:
     return ("gate_proj", "up_proj") if pair == "gate_up" else (f"{pair}_proj",)
-
-
-register_wrapper(GroupedExperts, LoraGroupedExperts)

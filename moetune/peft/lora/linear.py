@@ -1,4 +1,7 @@
-"""LoRA on an ``nn.Linear``: several named adapters, init, dropout, rsLoRA, DoRA, merge, PiSSA.
+"""LoRA on an ``nn.Linear``: the wrapper holding named adapters (LoRA, DoRA, PiSSA, AdaLoRA, mixtures).
+
+Each adapter is an object of :mod:`.linear_adapters` (:class:`~.linear_adapters.LinearAdapter`); this module
+runs them, folds them into the weight and back, and hands their file tensors through.
 
 Legend: N tokens, in/out the linear's features, r rank, s scaling (``alpha / r``, rsLoRA
 ``alpha / sqrt(r)``). Adapter ``name`` adds ``s * B @ A @ dropout(x)`` with ``lora_A[name]`` (r, in)
@@ -24,41 +27,27 @@ A PiSSA adapter must be the only adapter of its layer; deleting it restores ``W`
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import LoraConfig
 from ...errors import AdapterError
 from ...model.context import current_context
-from ..core.layer import AdapterLayer, register_wrapper
-
-
-class _Buffers(nn.Module):
-    """Named tensors that follow ``.to()`` but are not parameters (PiSSA init, DoRA merge factors)."""
-
-    def put(self, key: str, value: torch.Tensor, *, persistent: bool = True) -> None:
-        self.register_buffer(key, value, persistent=persistent)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        return self._buffers.get(key)
-
-    def pop(self, key: str) -> torch.Tensor | None:
-        self._non_persistent_buffers_set.discard(key)
-        return self._buffers.pop(key, None)
+from ..core.layer import AdapterLayer, TensorStore
+from .linear_adapters import LinearAdapter, lora_adapter
 
 
 class LoraLinear(AdapterLayer):
-    """An ``nn.Linear`` (attention/MLP projection or LM head) with named LoRA adapters.
+    """An ``nn.Linear`` (attention/MLP projection or LM head) with named adapters.
 
     Args:
         base_layer: the frozen linear, weight (out, in).
     """
 
     b_side = ("lora_B",)
+    base_is_writable = True  # merging and PiSSA write into the base weight (not a 4-bit one)
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__(base_layer)
@@ -67,66 +56,45 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA only
         self.lora_dropout = nn.ModuleDict()
-        self.pissa_init = _Buffers()  # "{name}_A" (r, in), "{name}_B" (out, r)
-        self.dora_factor = _Buffers()  # name -> (out,) m/n of a merged DoRA adapter
+        self.pissa_init = TensorStore()  # "{name}_A" (r, in), "{name}_B" (out, r)
+        self.dora_factor = TensorStore()  # name -> (out,) m/n of a merged DoRA adapter
+        self.lora_E = nn.ParameterDict()  # AdaLoRA: name -> Lambda (r, 1)
+        self.rank_mask = TensorStore()  # AdaLoRA: name -> bool (r,), kept triplets
+        self.adapters: dict[str, LinearAdapter] = {}
         self.configs: dict[str, LoraConfig] = {}
         self.scaling: dict[str, float] = {}
 
     # --- protocol -------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
+        return list(self.adapters)
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None) -> None:
-        """Create adapter ``name`` (``parts`` is ignored: a linear has one projection)."""
-        if name in self.lora_A:
+    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
+                    param_configs: dict[str, LoraConfig] | None = None, adapter: LinearAdapter | None = None) -> None:
+        """Create adapter ``name`` (``parts`` and ``param_configs`` are ignored: a linear has one
+        projection). ``adapter`` is the adapter object to hold (default: LoRA, DoRA with ``use_dora``)."""
+        if name in self.adapters:
             raise AdapterError(f"adapter '{name}' already exists on this layer")
         if self.configs and (config.init == "pissa" or any(self.is_pissa(n) for n in self.configs)):
             raise AdapterError("a PiSSA adapter changes the base weight, so it must be the only adapter of its layer")
-        weight = self.base_layer.weight
-        r, scaling = config.r, config.scaling
-        a = torch.empty(r, self.in_features, dtype=torch.float32, device=weight.device)
-        b = torch.zeros(self.out_features, r, dtype=torch.float32, device=weight.device)
-        if config.init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT's default
-        elif config.init == "gaussian":
-            nn.init.normal_(a, std=1 / r)  # PEFT's "gaussian": std 1/r
-        else:
-            a, b = self._pissa(name, r, scaling)
-        self.configs[name], self.scaling[name] = config, scaling
-        self.lora_A[name], self.lora_B[name] = nn.Parameter(a), nn.Parameter(b)
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if config.use_dora:
-            with torch.no_grad():
-                norm = torch.linalg.norm(self.base_weight() + self.delta_weight(name), dim=1)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+        adapter = adapter if adapter is not None else self.default_adapter(name, config)
+        adapter.create(self)
+        self.adapters[name], self.configs[name], self.scaling[name] = adapter, config, adapter.scaling
+        if adapter.routed and not self.active:  # as MixtureFFN: a lone mixture layer runs its first adapter
+            self.active.append(name)
 
-    def _pissa(self, name: str, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.base_layer.weight
-        if r > min(weight.shape):
-            raise AdapterError(f"init 'pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={r}")
-        with torch.no_grad():
-            u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-            root = torch.sqrt(s[:r] / scaling)
-            a = (root[:, None] * vh[:r]).contiguous()
-            b = (u[:, :r] * root[None, :]).contiguous()
-            weight.copy_((weight.float() - scaling * b @ a).to(weight.dtype))
-        self.pissa_init.put(f"{name}_A", a.clone())
-        self.pissa_init.put(f"{name}_B", b.clone())
-        return a, b
+    def default_adapter(self, name: str, config: LoraConfig) -> LinearAdapter:
+        """The adapter object ``config`` gets when none is given."""
+        if config.mixture is not None or config.adalora is not None:
+            raise AdapterError(f"adapter '{name}': a {'mixture' if config.mixture else 'AdaLoRA'} config needs its adapter "
+                               "object (moetune.add_adapter chooses it)")
+        return lora_adapter(name, config)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; a merged one is unmerged first, a PiSSA one restores ``W``."""
         if name in self.merged:
             self.unmerge(name)
-        a0, b0 = self.pissa_init.pop(f"{name}_A"), self.pissa_init.pop(f"{name}_B")
-        if a0 is not None:
-            with torch.no_grad():
-                w = self.base_layer.weight
-                w.copy_((w.float() + self.scaling[name] * b0 @ a0).to(w.dtype))
-        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
-            if name in store:
-                del store[name]
+        self.adapters.pop(name).remove(self)
         self.dora_factor.pop(name)
         self.configs.pop(name, None)
         self.scaling.pop(name, None)
@@ -134,25 +102,26 @@ class LoraLinear(AdapterLayer):
 
     def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
         for n in [name] if name is not None else self.adapter_names:
-            yield f"lora_A.{n}", self.lora_A[n]
-            yield f"lora_B.{n}", self.lora_B[n]
-            if n in self.lora_magnitude_vector:
-                yield f"lora_magnitude_vector.{n}", self.lora_magnitude_vector[n]
+            yield from self.adapters[n].params(self)
 
     def peft_config_targets(self, module_path: str, name: str | None = None) -> dict:
-        """``target_modules`` entry, plus this module's rank and alpha as PEFT patterns (io.py keeps
-        only those that differ from the adapter-wide values; PiSSA is written at rank 2r)."""
+        """``target_modules`` entry, plus this module's rank and alpha as PEFT patterns (the writer
+        keeps only those that differ from the adapter-wide values)."""
         out: dict = {"target_modules": [module_path]}
         if name is not None:
-            cfg = self.configs[name]
-            r, alpha = cfg.r, cfg.alpha
-            if self.is_pissa(name):
-                r, alpha = 2 * r, alpha * (math.sqrt(2) if cfg.use_rslora else 2)
+            r, alpha = self.adapters[name].rank_alpha(self)
             out["rank_pattern"], out["alpha_pattern"] = {module_path: r}, {module_path: alpha}
         return out
 
     def is_pissa(self, name: str) -> bool:
         return self.pissa_init.get(f"{name}_A") is not None
+
+    def is_svd(self, name: str) -> bool:
+        return name in self.lora_E
+
+    def svd_triplets(self, name: str) -> dict[str, tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
+        """``{name: (P (r, in), Lambda (r, 1), Q (out, r))}`` of an AdaLoRA adapter: one matrix, under the mask key ``name``."""
+        return {name: (self.lora_A[name], self.lora_E[name], self.lora_B[name])}
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,32 +133,15 @@ class LoraLinear(AdapterLayer):
                                    "before disabling adapters or choosing adapters per sample")
         base = result = self.base_layer(x)
         for name in self.running():  # each adapter's term is relative to the base output alone
-            delta = self._adapter_output(name, x, base)
+            delta = self.adapters[name].output(self, x, base)
             mask = self.token_mask(name, x)
             result = result + (delta if mask is None else delta * mask)
         return result
 
-    def _adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        a, b, s = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype), self.scaling[name]
-        dropout = self.lora_dropout[name]
-        xd = dropout(x)
-        lora = F.linear(F.linear(xd, a), b)
-        if name not in self.lora_magnitude_vector:
-            return lora * s
-        weight = (self.base_weight() if self.merged else self.base_layer.weight.detach()).to(x.dtype)
-        norm = torch.linalg.norm(weight + s * (b @ a).detach(), dim=1).detach()
-        factor = self.lora_magnitude_vector[name].to(x.dtype) / norm  # (out,)
-        if self.merged or (self.training and isinstance(dropout, nn.Dropout)):
-            base = F.linear(xd, weight)
-        else:
-            bias = self.base_layer.bias
-            base = base_out if bias is None else base_out - bias
-        return (factor - 1) * base + factor * lora * s
-
     # --- weights --------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B @ A`` (out, in) in fp32."""
-        return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+        return self.adapters[name].delta_weight(self)
 
     def _merged_delta(self, name: str, w0: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight(name)
@@ -222,9 +174,9 @@ class LoraLinear(AdapterLayer):
         if name in self.merged:
             return
         w0 = self.base_weight()
-        if name in self.lora_magnitude_vector:
-            norm = torch.linalg.norm(w0 + self.delta_weight(name), dim=1)
-            self.dora_factor.put(name, self.lora_magnitude_vector[name].detach().float() / norm, persistent=False)
+        factor = self.adapters[name].merge_factor(self, w0)
+        if factor is not None:
+            self.dora_factor.put(name, factor, persistent=False)
         w = self.base_layer.weight
         w.copy_((w.float() + self._merged_delta(name, w0)).to(w.dtype))
         self.merged.append(name)
@@ -242,45 +194,15 @@ class LoraLinear(AdapterLayer):
 
     # --- files ----------------------------------------------------------------------------
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
-        a0, b0 = self.pissa_init.get(f"{name}_A"), self.pissa_init.get(f"{name}_B")
-        if a0 is not None:  # plain LoRA against the original W: s*(BA - B0A0) = s*[B, -B0] @ [A; A0]
-            a, b = torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
-        out = {"lora_A.weight": a, "lora_B.weight": b}
-        if name in self.lora_magnitude_vector:
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name].detach()
-        return out
+        return self.adapters[name].file_tensors(self)
 
     def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
-        """Fill adapter ``name`` from PEFT tensors; ``where`` is ``"<file>: <key prefix>"``.
+        """Fill adapter ``name`` from PEFT tensors; ``where`` is ``"<file>: <key prefix>"``."""
+        self.adapters[name].load_file_tensors(self, tensors, where=where)
 
-        ``base_layer.weight`` (PEFT writes the LM head's base weight when it is targeted) is
-        copied into the base, as PEFT does.
-        """
-        r = self.lora_A[name].shape[0]
-        expected = {"lora_A.weight": (r, self.in_features), "lora_B.weight": (self.out_features, r)}
-        if name in self.lora_magnitude_vector:
-            expected["lora_magnitude_vector"] = (self.out_features,)
-        allowed = {**expected, "base_layer.weight": tuple(self.base_layer.weight.shape)}
-        for key, t in tensors.items():
-            if key not in allowed:
-                raise AdapterError(f"{where}.{key}: unexpected tensor for this layer (expected {sorted(expected)})")
-            if tuple(t.shape) != allowed[key]:
-                raise AdapterError(f"{where}.{key}: shape {tuple(t.shape)} does not match the model, expected "
-                                   f"{allowed[key]} (an adapter for a different base model or rank?)")
-        for key in expected:
-            if key not in tensors:
-                raise AdapterError(f"{where}.{key}: missing from the adapter file")
-        with torch.no_grad():
-            self.lora_A[name].copy_(tensors["lora_A.weight"])
-            self.lora_B[name].copy_(tensors["lora_B.weight"])
-            if name in self.lora_magnitude_vector:
-                self.lora_magnitude_vector[name].copy_(tensors["lora_magnitude_vector"])
-            if "base_layer.weight" in tensors:
-                self.base_layer.weight.copy_(tensors["base_layer.weight"])
+    def plain_pair(self, name: str) -> bool:
+        """Whether adapter ``name`` is a plain LoRA pair (what adapter arithmetic combines)."""
+        return not self.adapters[name].routed
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={c.r}{' dora' if c.use_dora else ''}" for n, c in self.configs.items())
-
-
-register_wrapper(nn.Linear, LoraLinear)

@@ -6,9 +6,10 @@ freshly dequantized tensor, and a :class:`~moetune.model.quant.QuantGroupedExper
 :class:`LoraGroupedExperts` already train, save and load on them unchanged (DoRA included: it
 reads the dequantized weight). What they must not do is write into the base weight, which a
 4-bit base would silently ignore (or re-round): merging and PiSSA init. The subclasses here refuse
-both with a clear error, and are registered for the 4-bit types, which
-:func:`~moetune.peft.targets.wrapper_for` finds before the ``nn.Linear`` / ``GroupedExperts`` entry
-because it walks the base type's MRO.
+both with a clear error (PiSSA through ``base_is_writable``), and are the registered wrappers of
+the 4-bit types in :data:`~moetune.peft.core.registry.WRAPPERS`, which
+:func:`~moetune.peft.core.registry.wrapper_for` finds before the ``nn.Linear`` / ``GroupedExperts``
+entry because it walks the base type's MRO.
 
 Merging a QLoRA adapter is done as QLoRA recommends: load the base without ``quantize`` and merge
 there (the adapter was trained against the dequantized weights, which are within the NF4 bound of
@@ -17,11 +18,7 @@ the originals).
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import AdapterError
-from ...model.quant import QuantGroupedExperts, QuantLinear
-from ..core.layer import register_wrapper
 from .experts import LoraGroupedExperts
 from .linear import LoraLinear
 
@@ -32,15 +29,13 @@ _MERGE_HINT = ("the base weights are 4-bit (quantize='nf4'), so merging would re
 class QLoraLinear(LoraLinear):
     """:class:`LoraLinear` on a :class:`QuantLinear`: same adapters and files, no merge, no PiSSA."""
 
+    base_is_writable = False
+
     def merge(self, name: str) -> None:
         raise AdapterError(f"cannot merge adapter '{name}': {_MERGE_HINT}")
 
     def unmerge(self, name: str) -> None:
         return None  # nothing is ever merged into a 4-bit base
-
-    def _pissa(self, name: str, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        raise AdapterError("init='pissa' rewrites the base weight, which is 4-bit here (quantize='nf4'); "
-                           "use init='kaiming' or 'gaussian', or load the base without quantize")
 
 
 class QLoraGroupedExperts(LoraGroupedExperts):
@@ -51,7 +46,3 @@ class QLoraGroupedExperts(LoraGroupedExperts):
 
     def unmerge(self, name: str) -> None:
         return None
-
-
-register_wrapper(QuantLinear, QLoraLinear)
-register_wrapper(QuantGroupedExperts, QLoraGroupedExperts)

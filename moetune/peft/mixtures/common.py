@@ -19,6 +19,7 @@ from ...config import LoraConfig, MixtureConfig
 from ...errors import AdapterError
 from ...model.context import current_context
 from ..core.layer import AdapterLayer
+from ..core.tensors import check_tensors
 from .router import MixtureRecord, Route, route
 
 
@@ -70,77 +71,68 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return base.weight.detach()
 
 
-class MixtureMixin:
-    """Token selection, routing and reporting for :class:`AdapterLayer` subclasses with routers.
-
-    Expects ``self.router`` (ParameterDict name -> (E, D)) and ``self.mixtures`` (name -> LoraConfig).
-    """
-
-    router: nn.ParameterDict
-    mixtures: dict[str, LoraConfig]
-
-    def token_rows(self: AdapterLayer, name: str, n: int, device: torch.device) -> torch.Tensor | None:
-        """(N_a,) indices of the tokens adapter ``name`` routes among the ``n`` of this call, or
-        None when it routes all of them."""
-        ctx = current_context()
-        if ctx is None or ctx.batch_size * ctx.seq_len != n:
-            return None
-        key = ("mixture_rows", name, n, device)
-        if key not in ctx.extras:
-            samples = self.sample_mask(name, device)
-            mask = None if samples is None else samples[ctx.sample_of_token(device)]
-            if ctx.token_mask is not None:
-                real = ctx.token_mask.to(device).bool()
-                mask = real if mask is None else mask & real
-            ctx.extras[key] = None if mask is None else mask.nonzero().squeeze(1)
-        return ctx.extras[key]
-
-    def sequence_of(self, rows: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
-        """(N_a,) sequence of each routed token (for per-sequence capacity), when known."""
-        ctx = current_context()
-        if ctx is None or ctx.batch_size * ctx.seq_len != n:
-            return None
-        sample = ctx.sample_of_token(device)
-        return sample if rows is None else sample[rows]
-
-    def check_not_stacked(self: AdapterLayer, mixtures: list[str], others: bool) -> None:
-        """A mixture replaces the layer's output for its tokens, so it cannot be summed with
-        another adapter on the same tokens; batches mixing adapters name one per sample."""
-        ctx = current_context()
-        per_sample = ctx is not None and ctx.adapter_names is not None
-        if not per_sample and mixtures and (len(mixtures) > 1 or others):
-            raise AdapterError(f"mixture adapter(s) {mixtures} cannot run together with other adapters on the same "
-                               "tokens; activate one adapter, or pass adapter_names (one per sample)")
-
-    def route_tokens(self: AdapterLayer, name: str, x: torch.Tensor, rows: torch.Tensor | None, n: int) -> Route:
-        """Route adapter ``name``'s tokens ``x`` (N_a, D) and report the routing statistics."""
-        config = self.mixtures[name]
-        sequence = self.sequence_of(rows, n, x.device) if config.mixture.expert_capacity else None
-        result = route(x, self.router[name], config.mixture, training=self.training, sequence=sequence)
-        ctx = current_context()
-        if ctx is not None:  # written again (not added) if checkpointing recomputes this layer
-            mix = config.mixture
-            z_coef = mix.router_z_loss_coef if mix.routing == "switch" else 0.0
-            ctx.records[(id(self), name)] = MixtureRecord(adapter=name, stats=result.stats,
-                                                          aux_coef=mix.router_aux_loss_coef, z_coef=z_coef)
-        return result
-
-    def refuse_merge(self, name: str) -> None:
-        raise AdapterError(f"adapter '{name}' is a mixture of LoRA experts: its router picks experts per token, "
-                           "so it cannot be folded into the base weights")
+def token_rows(layer: AdapterLayer, name: str, n: int, device: torch.device) -> torch.Tensor | None:
+    """(N_a,) indices of the tokens adapter ``name`` of ``layer`` routes among the ``n`` of this
+    call, or None when it routes all of them."""
+    ctx = current_context()
+    if ctx is None or ctx.batch_size * ctx.seq_len != n:
+        return None
+    key = ("mixture_rows", name, n, device)
+    if key not in ctx.extras:
+        samples = layer.sample_mask(name, device)
+        mask = None if samples is None else samples[ctx.sample_of_token(device)]
+        if ctx.token_mask is not None:
+            real = ctx.token_mask.to(device).bool()
+            mask = real if mask is None else mask & real
+        ctx.extras[key] = None if mask is None else mask.nonzero().squeeze(1)
+    return ctx.extras[key]
 
 
-def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every expected tensor present with its shape, nothing else; errors name ``where`` and the key."""
-    for key, t in tensors.items():
-        if key not in expected:
-            raise AdapterError(f"{where}.{key}: unexpected tensor for this layer (expected {sorted(expected)})")
-        if tuple(t.shape) != expected[key]:
-            raise AdapterError(f"{where}.{key}: shape {tuple(t.shape)} does not match the model, expected {expected[key]} "
-                               "(an adapter for a different base model, rank or expert count?)")
-    for key in expected:
-        if key not in tensors:
-            raise AdapterError(f"{where}.{key}: missing from the adapter file")
+def _sequence_of(rows: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+    """(N_a,) sequence of each routed token (for per-sequence capacity), when known."""
+    ctx = current_context()
+    if ctx is None or ctx.batch_size * ctx.seq_len != n:
+        return None
+    sample = ctx.sample_of_token(device)
+    return sample if rows is None else sample[rows]
+
+
+def check_not_stacked(mixtures: list[str], others: bool) -> None:
+    """A mixture replaces the layer's output for its tokens, so it cannot be summed with
+    another adapter on the same tokens; batches mixing adapters name one per sample."""
+    ctx = current_context()
+    per_sample = ctx is not None and ctx.adapter_names is not None
+    if not per_sample and mixtures and (len(mixtures) > 1 or others):
+        raise AdapterError(f"mixture adapter(s) {mixtures} cannot run together with other adapters on the same "
+                           "tokens; activate one adapter, or pass adapter_names (one per sample)")
+
+
+def route_tokens(layer: AdapterLayer, name: str, config: LoraConfig, x: torch.Tensor, rows: torch.Tensor | None,
+                 n: int) -> Route:
+    """Route adapter ``name``'s tokens ``x`` (N_a, D) with ``layer.router[name]`` and report the
+    routing statistics in the forward's records."""
+    sequence = _sequence_of(rows, n, x.device) if config.mixture.expert_capacity else None
+    result = route(x, layer.router[name], config.mixture, training=layer.training, sequence=sequence)
+    ctx = current_context()
+    if ctx is not None:  # written again (not added) if checkpointing recomputes this layer
+        mix = config.mixture
+        z_coef = mix.router_z_loss_coef if mix.routing == "switch" else 0.0
+        ctx.records[(id(layer), name)] = MixtureRecord(adapter=name, stats=result.stats,
+                                                       aux_coef=mix.router_aux_loss_coef, z_coef=z_coef)
+    return result
+
+
+def refuse_merge(name: str) -> None:
+    raise AdapterError(f"adapter '{name}' is a mixture of LoRA experts: its router picks experts per token, "
+                       "so it cannot be folded into the base weights")
+
+
+def load_own(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy file ``tensors`` into ``own`` (detached views of the parameters), after the one check."""
+    check_tensors({k: tuple(v.shape) for k, v in own.items()}, tensors, where, differs=", rank or expert count")
+    with torch.no_grad():
+        for key, t in own.items():
+            t.copy_(tensors[key])
 
 
 def scatter_rows(out: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ expert), D model dim, F FFN hidden, E experts, r expert rank, s expert scaling.
 
 Expert e is the frozen FFN with its own LoRA pairs on the targeted projections:
 ``y_e = W2'(act(W1' x) * W3' x)`` with ``W' = W + s B_e A_e``; a token's output is
-``sum_e w_e y_e`` over its chosen experts (weights from :mod:`.routing`). How it runs:
+``sum_e w_e y_e`` over its chosen experts (weights from :mod:`.router`). How it runs:
 
 - the base ``W1 x`` and ``W3 x`` are computed once per token and shared by every expert (and
   every adapter) - they do not depend on the expert;
@@ -38,14 +38,14 @@ from ...model.grouped import grouped_linear
 from ...model.layers import SwiGLU
 from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
-from .common import (ExpertOptions, MixtureMixin, base_call, check_tensors, dense_weight, new_expert_pair,
-                             new_router, require_mixture, scatter_rows)
+from .common import (ExpertOptions, base_call, check_not_stacked, dense_weight, load_own, new_expert_pair, new_router,
+                     refuse_merge, require_mixture, route_tokens, scatter_rows, token_rows)
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
-class MixtureFFN(MixtureMixin, AdapterLayer):
+class MixtureFFN(AdapterLayer):
     """A SwiGLU FFN with named MixLoRA adapters (drop-in: same forward)."""
 
     transparent = True  # target matching looks inside: its projections keep their module paths
@@ -88,8 +88,12 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
         """The projections adapter ``name`` puts LoRA experts on, in gate, up, down order."""
         return [p for p in PROJS if name in self.params("A", p)]
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None) -> None:
-        """Create MixLoRA adapter ``name`` with experts on ``parts`` (default all projections)."""
+    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
+                    param_configs: dict | None = None, adapter=None) -> None:
+        """Create MixLoRA adapter ``name`` with experts on ``parts`` (default all projections);
+        ``param_configs`` is ignored and ``adapter`` must be None (the mixture is the layer's own kind)."""
+        if adapter is not None:
+            raise AdapterError(f"a MixLoRA FFN holds mixtures only, not {type(adapter).__name__} adapters")
         mix = require_mixture(config, "MixtureFFN.add_adapter")
         parts = set(parts or PROJS)
         if name in self.mixtures:
@@ -97,7 +101,7 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
         if not parts <= set(PROJS):
             raise AdapterError(f"mixlora: unknown projections {sorted(parts - set(PROJS))}; allowed: {', '.join(PROJS)}")
         opts = ExpertOptions.of(config)
-        device = self.gate_proj.weight.device if hasattr(self.gate_proj, "weight") else None
+        device = dense_weight(self.gate_proj).device
         dim, hidden = self.dim, self.hidden
         self.router[name] = new_router(mix.num_experts, dim, mix.router_init_std, device)
         for proj in (p for p in PROJS if p in parts):
@@ -129,12 +133,12 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
                         yield f"lora_{kind}_{SHORT[proj]}.{n}", self.params(kind, proj)[n]
 
     def merge(self, name: str) -> None:
-        self.refuse_merge(name)
+        refuse_merge(name)
 
     def unmerge(self, name: str) -> None:
         return None
 
-    def peft_config_targets(self, module_path: str) -> dict:
+    def peft_config_targets(self, module_path: str, name: str | None = None) -> dict:
         return {"target_modules": [f"{module_path}.{p}" for p in PROJS]}
 
     # --- files (docs/mixlora.md) ----------------------------------------------------------
@@ -150,23 +154,19 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
         return out
 
     def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
-        own = self.peft_tensors(name)
-        check_tensors({k: tuple(v.shape) for k, v in own.items()}, tensors, where)
-        with torch.no_grad():
-            for key, t in own.items():
-                t.copy_(tensors[key])  # own tensors are detached views of the parameters
+        load_own(self.peft_tensors(name), tensors, where)
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., D): each adapter's tokens through its mixture, the rest through the FFN."""
         names = self.running()
         children = [m for m in (self.gate_proj, self.up_proj, self.down_proj) if isinstance(m, AdapterLayer)]
-        self.check_not_stacked(names, any(m.running() for m in children))
+        check_not_stacked(names, any(m.running() for m in children))
         if not names:
             return self.base_layer(x)
         shape, h = x.shape, x.reshape(-1, x.shape[-1])
         N = h.shape[0]
-        rows = {n: self.token_rows(n, N, h.device) for n in names}
+        rows = {n: token_rows(self, n, N, h.device) for n in names}
         covered = None if any(r is None for r in rows.values()) else torch.cat(list(rows.values()))
         gate0, up0 = base_call(self.gate_proj, h), base_call(self.up_proj, h)  # (N, F), shared by all experts
         out = None if covered is None else self._uncovered(x, h, gate0, up0, covered, plain=not children)
@@ -195,7 +195,7 @@ class MixtureFFN(MixtureMixin, AdapterLayer):
     def _mixture(self, name: str, x: torch.Tensor, gate0: torch.Tensor, up0: torch.Tensor,
                  rows: torch.Tensor | None, n: int) -> torch.Tensor:
         """One adapter on its N_a tokens: x (N_a, D), gate0/up0 (N_a, F) -> (N_a, D)."""
-        r = self.route_tokens(name, x, rows, n)
+        r = route_tokens(self, name, self.mixtures[name], x, rows, n)
         E = self.router[name].shape[0]
         d = dispatch(r.experts, E + 1 if r.variable else E)
         count = int(d.offsets[E - 1]) if r.variable else d.order.numel()  # rows of real experts

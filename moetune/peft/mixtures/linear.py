@@ -10,8 +10,11 @@ grouped GEMMs on expert-sorted rows; ``dense`` routing is one GEMM with all expe
 (rank E*r), the per-expert weights applied to the rank dimension, and one GEMM with B stacked -
 the soft mixture of E LoRAs is a rank-E*r LoRA with per-token scales.
 
-:class:`MixtureLinear` is a :class:`~moetune.peft.lora.LoraLinear`, so plain LoRA adapters live
-beside the mixtures on the same linear (and keep PEFT's file layout).
+:class:`MixtureAdapter` is one more :class:`~moetune.peft.lora.linear_adapters.LinearAdapter`
+kind; :class:`MixtureLinear` is the :class:`~moetune.peft.lora.linear.LoraLinear` that also holds
+its stores and runs it, so plain LoRA adapters live beside the mixtures on the same linear (and
+keep PEFT's file layout). A plain wrapper that gets a mixture is taken over by a new
+MixtureLinear holding the same parameters (:meth:`MixtureLinear.take_over`).
 """
 
 from __future__ import annotations
@@ -28,134 +31,64 @@ from ...model.grouped import grouped_linear
 from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
 from ..lora.linear import LoraLinear
-from .common import ExpertOptions, MixtureMixin, check_tensors, new_expert_pair, new_router, require_mixture
+from ..lora.linear_adapters import LinearAdapter
+from .common import (ExpertOptions, check_not_stacked, load_own, new_expert_pair, new_router, refuse_merge, require_mixture,
+                     route_tokens, token_rows)
+
+_LORA_STORES = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout", "pissa_init", "dora_factor", "lora_E",
+                "rank_mask")
 
 
-class MixtureLinear(MixtureMixin, LoraLinear):
-    """An ``nn.Linear`` with named LoRA adapters and named mixture-of-LoRA-experts adapters."""
+class MixtureAdapter(LinearAdapter):
+    """A MoLA / LoRAMoE adapter: a router over E LoRA experts inside one linear."""
 
-    b_side = (*LoraLinear.b_side, "moe_lora_B")
+    routed = True
 
-    def __init__(self, base_layer: nn.Linear) -> None:
-        super().__init__(base_layer)
-        self._init_mixtures()
+    def __init__(self, name: str, config: LoraConfig) -> None:
+        super().__init__(name, config)
+        self.mixture = require_mixture(config, "MixtureLinear.add_adapter")
+        self.options = ExpertOptions.of(config)
 
-    def _init_mixtures(self) -> None:
-        self.router = nn.ParameterDict()  # name -> (E, in) fp32
-        self.moe_lora_A = nn.ParameterDict()  # name -> (E, r, in)
-        self.moe_lora_B = nn.ParameterDict()  # name -> (E, out, r)
-        self.moe_dropout = nn.ModuleDict()
-        self.mixtures: dict[str, LoraConfig] = {}
-        self.options: dict[str, ExpertOptions] = {}
-
-    @classmethod
-    def adopt(cls, layer: AdapterLayer) -> MixtureLinear:
-        """Turn a plain :class:`LoraLinear` (already holding LoRA adapters) into a MixtureLinear in
-        place, keeping its adapters; the class swap only adds empty mixture containers."""
-        if type(layer) is not LoraLinear:
-            raise AdapterError(f"cannot add a mixture adapter to a {type(layer).__name__} (4-bit bases take plain LoRA only)")
-        layer.__class__ = cls
-        layer._init_mixtures()
-        return layer
-
-    # --- protocol -------------------------------------------------------------------------
     @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys()) + list(self.mixtures)
+    def scaling(self) -> float:
+        return self.options.scaling
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None) -> None:
-        if config.mixture is None:
-            return super().add_adapter(name, config, parts=parts)
-        mix = require_mixture(config, "MixtureLinear.add_adapter")
-        if name in self.adapter_names:
-            raise AdapterError(f"adapter '{name}' already exists on this layer")
-        if config.use_dora:
-            raise AdapterError(f"adapter '{name}': DoRA experts exist for mixlora (MixDoRA) only, not for {mix.kind}")
-        opts = ExpertOptions.of(config)
-        device = self.base_layer.weight.device
-        self.router[name] = new_router(mix.num_experts, self.in_features, mix.router_init_std, device)
-        self.moe_lora_A[name], self.moe_lora_B[name] = new_expert_pair(
-            mix.num_experts, opts.rank, self.in_features, self.out_features, opts.init, device)
-        self.moe_dropout[name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
-        self.mixtures[name], self.options[name] = config, opts
-        if not self.active:
-            self.active.append(name)
+    def create(self, layer: MixtureLinear) -> None:
+        if self.config.use_dora:
+            raise AdapterError(f"adapter '{self.name}': DoRA experts exist for mixlora (MixDoRA) only, not for "
+                               f"{self.mixture.kind}")
+        opts, device = self.options, layer.base_layer.weight.device
+        layer.router[self.name] = new_router(self.mixture.num_experts, layer.in_features, self.mixture.router_init_std, device)
+        layer.moe_lora_A[self.name], layer.moe_lora_B[self.name] = new_expert_pair(
+            self.mixture.num_experts, opts.rank, layer.in_features, layer.out_features, opts.init, device)
+        layer.moe_dropout[self.name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
 
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.mixtures:
-            return super().delete_adapter(name)
-        for store in (self.router, self.moe_lora_A, self.moe_lora_B, self.moe_dropout):
-            del store[name]
-        self.mixtures.pop(name)
-        self.options.pop(name)
-        self.active = [n for n in self.active if n != name]
+    def remove(self, layer: MixtureLinear) -> None:
+        for store in (layer.router, layer.moe_lora_A, layer.moe_lora_B, layer.moe_dropout):
+            del store[self.name]
 
-    def adapter_params(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        plain = [n for n in ([name] if name is not None else self.adapter_names) if n not in self.mixtures]
-        for n in plain:
-            yield from super().adapter_params(n)
-        for n in [name] if name is not None else list(self.mixtures):
-            if n in self.mixtures:
-                yield f"router.{n}", self.router[n]
-                yield f"moe_lora_A.{n}", self.moe_lora_A[n]
-                yield f"moe_lora_B.{n}", self.moe_lora_B[n]
+    def params(self, layer: MixtureLinear) -> Iterator[tuple[str, nn.Parameter]]:
+        yield f"router.{self.name}", layer.router[self.name]
+        yield f"moe_lora_A.{self.name}", layer.moe_lora_A[self.name]
+        yield f"moe_lora_B.{self.name}", layer.moe_lora_B[self.name]
 
-    def merge(self, name: str) -> None:
-        if name in self.mixtures:
-            self.refuse_merge(name)
-        if type(self.base_layer) is not nn.Linear:
-            raise AdapterError(f"cannot merge adapter '{name}' into a {type(self.base_layer).__name__} base")
-        super().merge(name)
+    def output(self, layer: MixtureLinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """(N, out) ``sum_e w_e s B_e A_e x'`` on the tokens it routes, zero elsewhere; x (N, in)."""
+        rows = token_rows(layer, self.name, x.shape[0], x.device)
+        if rows is None:
+            return self._delta(layer, x, None, x.shape[0])
+        if rows.numel() == 0:  # its samples are all padding here
+            return x.new_zeros(x.shape[0], layer.out_features)
+        return x.new_zeros(x.shape[0], layer.out_features).index_add(0, rows, self._delta(layer, x[rows], rows, x.shape[0]))
 
-    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Plain adapters: PEFT's keys. Mixtures: ``router.weight`` (E, in),
-        ``experts.lora_A.weight`` (E, r, in), ``experts.lora_B.weight`` (E, out, r)."""
-        if name not in self.mixtures:
-            return super().peft_tensors(name)
-        return {"router.weight": self.router[name].detach(), "experts.lora_A.weight": self.moe_lora_A[name].detach(),
-                "experts.lora_B.weight": self.moe_lora_B[name].detach()}
-
-    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
-        if name not in self.mixtures:
-            return super().load_peft_tensors(name, tensors, where=where)
-        own = self.peft_tensors(name)
-        check_tensors({k: tuple(v.shape) for k, v in own.items()}, tensors, where)
-        with torch.no_grad():
-            for key, t in own.items():
-                t.copy_(tensors[key])
-
-    def running(self) -> list[str]:
-        """Plain LoRA adapters that run (what :meth:`LoraLinear.forward` adds)."""
-        return [n for n in AdapterLayer.running(self) if n not in self.mixtures]
-
-    def running_mixtures(self) -> list[str]:
-        return [n for n in AdapterLayer.running(self) if n in self.mixtures]
-
-    # --- forward --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out): base, plain LoRAs, then each mixture on its own tokens."""
-        mixtures = self.running_mixtures()
-        self.check_not_stacked(mixtures, bool(self.running()))
-        out = super().forward(x)
-        if not mixtures:
-            return out
-        shape, h = out.shape, x.reshape(-1, x.shape[-1])
-        out = out.reshape(-1, shape[-1])
-        for name in mixtures:
-            rows = self.token_rows(name, h.shape[0], h.device)
-            if rows is not None and rows.numel() == 0:  # its samples are all padding here
-                continue
-            delta = self._delta(name, h if rows is None else h[rows], rows, h.shape[0])
-            out = out + delta if rows is None else out.index_add(0, rows, delta)
-        return out.view(shape)
-
-    def _delta(self, name: str, x: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
-        """``sum_e w_e s B_e A_e x'`` for adapter ``name``'s tokens x (N_a, in) -> (N_a, out)."""
-        r = self.route_tokens(name, x, rows, n)
-        a, b = self.moe_lora_A[name].to(x.dtype), self.moe_lora_B[name].to(x.dtype)
-        s, xd = self.options[name].scaling, self.moe_dropout[name](x)
+    def _delta(self, layer: MixtureLinear, x: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+        """``sum_e w_e s B_e A_e x'`` for its tokens x (N_a, in) -> (N_a, out)."""
+        name = self.name
+        r = route_tokens(layer, name, self.config, x, rows, n)
+        a, b = layer.moe_lora_A[name].to(x.dtype), layer.moe_lora_B[name].to(x.dtype)
+        s, xd = self.options.scaling, layer.moe_dropout[name](x)
         E, rank = a.shape[0], a.shape[1]
-        if self.mixtures[name].mixture.routing == "dense":  # one rank-E*r LoRA with per-token scales
+        if self.mixture.routing == "dense":  # one rank-E*r LoRA with per-token scales
             t = F.linear(xd, a.reshape(E * rank, -1)).view(-1, E, rank) * (r.weights * s).unsqueeze(-1)
             return F.linear(t.reshape(-1, E * rank), b.permute(1, 0, 2).reshape(b.shape[1], E * rank))
         d = dispatch(r.experts, E + 1 if r.variable else E)
@@ -166,8 +99,88 @@ class MixtureLinear(MixtureMixin, LoraLinear):
             y = torch.cat([y, y.new_zeros(d.order.numel() - count, y.shape[1])])
         return combine(y, d, r.weights)
 
+    def delta_weight(self, layer: MixtureLinear) -> torch.Tensor:
+        refuse_merge(self.name)
+
+    def file_tensors(self, layer: MixtureLinear) -> dict[str, torch.Tensor]:
+        """``router.weight`` (E, in), ``experts.lora_A.weight`` (E, r, in), ``experts.lora_B.weight`` (E, out, r)."""
+        return {"router.weight": layer.router[self.name].detach(), "experts.lora_A.weight": layer.moe_lora_A[self.name].detach(),
+                "experts.lora_B.weight": layer.moe_lora_B[self.name].detach()}
+
+    def load_file_tensors(self, layer: MixtureLinear, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+        load_own(self.file_tensors(layer), tensors, where)
+
+
+class MixtureLinear(LoraLinear):
+    """An ``nn.Linear`` with named LoRA adapters and named mixture-of-LoRA-experts adapters."""
+
+    b_side = (*LoraLinear.b_side, "moe_lora_B")
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer)
+        self.router = nn.ParameterDict()  # name -> (E, in) fp32
+        self.moe_lora_A = nn.ParameterDict()  # name -> (E, r, in)
+        self.moe_lora_B = nn.ParameterDict()  # name -> (E, out, r)
+        self.moe_dropout = nn.ModuleDict()
+
+    @classmethod
+    def take_over(cls, layer: AdapterLayer, path: str) -> MixtureLinear:
+        """A MixtureLinear holding a plain :class:`LoraLinear`'s base and adapters (the same
+        parameter objects, so optimizers and references stay valid)."""
+        if type(layer) is not LoraLinear:
+            raise AdapterError(f"cannot add a mixture adapter to a {type(layer).__name__} (4-bit bases take plain LoRA only)")
+        new = cls(layer.base_layer)
+        for store in _LORA_STORES:
+            setattr(new, store, getattr(layer, store))
+        new.adapters, new.configs, new.scaling = layer.adapters, layer.configs, layer.scaling
+        new.active, new.disabled, new.merged = layer.active, layer.disabled, layer.merged
+        return new.train(layer.training)
+
+    @property
+    def mixtures(self) -> dict[str, LoraConfig]:
+        return {n: a.config for n, a in self.adapters.items() if a.routed}
+
+    @property
+    def options(self) -> dict[str, ExpertOptions]:
+        return {n: a.options for n, a in self.adapters.items() if a.routed}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Plain adapters first, then the mixtures (the order they run in)."""
+        return [n for n, a in self.adapters.items() if not a.routed] + list(self.mixtures)
+
+    def default_adapter(self, name: str, config: LoraConfig) -> LinearAdapter:
+        return MixtureAdapter(name, config) if config.mixture is not None else super().default_adapter(name, config)
+
+    def merge(self, name: str) -> None:
+        if self.adapters[name].routed:
+            refuse_merge(name)
+        if type(self.base_layer) is not nn.Linear:
+            raise AdapterError(f"cannot merge adapter '{name}' into a {type(self.base_layer).__name__} base")
+        super().merge(name)
+
+    def running(self) -> list[str]:
+        """Plain LoRA adapters that run (what :meth:`LoraLinear.forward` adds)."""
+        return [n for n in AdapterLayer.running(self) if not self.adapters[n].routed]
+
+    def running_mixtures(self) -> list[str]:
+        return [n for n in AdapterLayer.running(self) if self.adapters[n].routed]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out): base, plain LoRAs, then each mixture on its own tokens."""
+        mixtures = self.running_mixtures()
+        check_not_stacked(mixtures, bool(self.running()))
+        out = super().forward(x)
+        if not mixtures:
+            return out
+        shape, h = out.shape, x.reshape(-1, x.shape[-1])
+        out = out.reshape(-1, shape[-1])
+        for name in mixtures:
+            out = out + self.adapters[name].output(self, h, out)
+        return out.view(shape)
+
     def extra_repr(self) -> str:
-        plain = super().extra_repr()
+        plain = ", ".join(f"{n}: r={c.r}{' dora' if c.use_dora else ''}" for n, c in self.configs.items() if n not in self.mixtures)
         mix = ", ".join(f"{n}: {c.mixture.kind} E={self.router[n].shape[0]} {c.mixture.routing} r={self.options[n].rank}"
                         for n, c in self.mixtures.items())
         return ", ".join(p for p in (plain, mix) if p)

@@ -5,9 +5,9 @@ A plain LoRA config puts the registered wrapper on every target. A mixture confi
 
 - ``mixlora``: targeted ``gate_proj``/``up_proj``/``down_proj`` of a dense SwiGLU FFN (a dense
   model's ``mlp``, an MoE model's dense layers, ``shared_expert(s)``) become one
-  :class:`~.mixture.MixtureFFN` on that FFN, with experts on the targeted projections;
-- ``loramoe``: each targeted FFN projection gets a :class:`~.mixture_linear.MixtureLinear`;
-- ``mola``: every targeted linear gets a :class:`~.mixture_linear.MixtureLinear`;
+  :class:`~.ffn.MixtureFFN` on that FFN, with experts on the targeted projections;
+- ``loramoe``: each targeted FFN projection gets a :class:`~.linear.MixtureLinear`;
+- ``mola``: every targeted linear gets a :class:`~.linear.MixtureLinear`;
 - every other target (attention, routed experts, the LM head) gets a plain LoRA (DoRA with
   ``use_dora``), from the same config without its mixture.
 
@@ -17,7 +17,7 @@ A per-layer expert count (``num_experts: [..]``) is resolved here, per module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from torch import nn
 
@@ -25,6 +25,8 @@ from ...config import LoraConfig
 from ...errors import AdapterError, ConfigError
 from ...model.layers import SwiGLU
 from ..core.layer import AdapterLayer
+from ..core.registry import base_of, wrapper_for
+from ..core.targets import layer_index
 from .ffn import PROJS, MixtureFFN
 from .common import mixture_config
 from .linear import MixtureLinear
@@ -37,18 +39,13 @@ class Placement(NamedTuple):
     config: LoraConfig
 
 
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayer) else module
-
-
 def _is_ffn(module: nn.Module | None) -> bool:
     return isinstance(module, MixtureFFN) or isinstance(module, SwiGLU)
 
 
-def place(model: nn.Module, plan: dict[str, frozenset | None], config: LoraConfig,
-          wrapper_for: Callable[[nn.Module], type | None], layer_index: Callable[[str], int | None]) -> list[Placement]:
+def place(model: nn.Module, plan: dict[str, frozenset | None], config: LoraConfig) -> list[Placement]:
     """The wrapper and config of every module adapter ``config`` adapts (``plan`` from
-    :func:`~moetune.peft.targets.plan_targets`).
+    :func:`~moetune.peft.core.targets.plan_targets`).
 
     Raises:
         AdapterError: a ``mixlora`` config whose targets include no dense FFN projection, or a
@@ -65,18 +62,18 @@ def place(model: nn.Module, plan: dict[str, frozenset | None], config: LoraConfi
         in_ffn = leaf in PROJS and _is_ffn(model.get_submodule(parent_path) if parent_path else None)
         if kind == "mixlora" and in_ffn:
             ffns.setdefault(parent_path, set()).add(leaf)
-        elif isinstance(_base(module), nn.Linear) and (kind == "mola" or (kind == "loramoe" and in_ffn)):
-            out.append(Placement(path, None, MixtureLinear, _per_layer(config, path, layer_index)))
+        elif isinstance(base_of(module), nn.Linear) and (kind == "mola" or (kind == "loramoe" and in_ffn)):
+            out.append(Placement(path, None, MixtureLinear, _per_layer(config, path)))
         else:
             out.append(Placement(path, parts, wrapper_for(module), plain))
     if kind == "mixlora" and not ffns:
         raise AdapterError("mixture kind mixlora: no target is a projection (gate_proj, up_proj, down_proj) of a dense "
                            f"SwiGLU FFN (a dense layer's mlp or a shared expert); targets matched: {', '.join(plan)}")
-    out += [Placement(p, frozenset(projs), MixtureFFN, _per_layer(config, p, layer_index)) for p, projs in ffns.items()]
+    out += [Placement(p, frozenset(projs), MixtureFFN, _per_layer(config, p)) for p, projs in ffns.items()]
     return out
 
 
-def _per_layer(config: LoraConfig, path: str, layer_index: Callable[[str], int | None]) -> LoraConfig:
+def _per_layer(config: LoraConfig, path: str) -> LoraConfig:
     try:
         return mixture_config(config, config.mixture.experts_at(layer_index(path)))
     except ConfigError as err:  # name the module that needs the count
