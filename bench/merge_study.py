@@ -35,7 +35,9 @@ import torch
 
 from moetune.config import TrainConfig, from_dict
 from moetune.data import ByteTokenizer
-from moetune.demo import LETTERS, accuracy, make_rows, pretrain_base, tiny_moe_args, write_jsonl
+from moetune.demo import accuracy, pretrain_base
+from moetune.demo_data import LETTERS, make_rows, write_jsonl
+from moetune.tiny_models import tiny_moe_args
 from moetune.model import build_random_model, load_model
 from moetune.peft.core.layer import disable_adapters
 from moetune.peft.formats.adapters import load_adapter

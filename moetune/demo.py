@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-import json
-import random
-import string
 import time
 from pathlib import Path
 
@@ -22,55 +19,13 @@ import torch
 from .config import TrainConfig, from_dict
 from .data import ByteTokenizer, make_train_loader, tokenize_row
 from .data.formats import InstructionRow
+from .demo_data import make_rows, write_jsonl
 from .model import build_random_model, load_model
-from .model.config import MoEArgs, ModelArgs
 from .model.generate import generate
 from .outputs import open_folder
 from .peft.formats.adapters import load_adapter
+from .tiny_models import tiny_moe_args
 from .train.trainer import train
-
-LETTERS = string.ascii_lowercase
-
-
-def tiny_moe_args(vocab_size: int, hidden_size: int = 96) -> ModelArgs:
-    """A 2-layer Qwen3-MoE-shaped model: 8 experts top-2, ~0.6M parameters at the default width."""
-    layers = 2
-    cfg = {
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": vocab_size,
-        "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "moe_intermediate_size": hidden_size,
-        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": hidden_size // 4, "num_experts": 8,
-        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "hidden_act": "silu", "router_aux_loss_coef": 0.001,
-    }
-    from .model.families import model_args_from_hf
-
-    return model_args_from_hf(cfg)
-
-
-def _word(rng: random.Random, mixed: bool) -> str:
-    w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 7)))
-    return "".join(c.upper() if mixed and rng.random() < 0.5 else c for c in w) if mixed else w
-
-
-def make_rows(task: str, n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        if task == "base":
-            word = _word(rng, mixed=True)
-            kind = rng.choice(["copy", "lower"])
-            rows.append({"instruction": f"{kind}: {word}", "output": word if kind == "copy" else word.lower()})
-        else:
-            word = _word(rng, mixed=False)
-            rows.append({"instruction": f"upper: {word}", "output": word.upper()})
-    return rows
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def pretrain_base(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, seed: int) -> float:

@@ -21,26 +21,16 @@ import torch
 
 from .config import TrainConfig, from_dict
 from .data import ByteTokenizer
-from .demo import accuracy, claim_demo_folder, make_rows, pretrain_base, write_jsonl
+from .demo import accuracy, claim_demo_folder, pretrain_base
+from .demo_data import make_rows, write_jsonl
 from .model import build_random_model, load_model
-from .model.config import ModelArgs
 from .peft.core.params import trainable_parameters
 from .peft.formats.adapters import load_adapter
+from .tiny_models import tiny_model_args
 from .train.trainer import train
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_dense_args(vocab_size: int) -> ModelArgs:
-    """A 2-layer dense Qwen3-shaped model (hidden 96, FFN 192)."""
-    from .model.families import model_args_from_hf
-
-    return model_args_from_hf({
-        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": vocab_size, "hidden_size": 96,
-        "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 24, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "hidden_act": "silu"})
 
 
 def comparison_config(out: Path, data: Path, steps: int, batch_size: int = 32) -> TrainConfig:
@@ -67,7 +57,7 @@ def run_comparison(out_dir: str | Path = "moetune-mixlora-demo", *, base_steps: 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     out, tok = claim_demo_folder(out_dir, overwrite=overwrite), ByteTokenizer()
-    model = build_random_model(tiny_dense_args(272), seed=seed)
+    model = build_random_model(tiny_model_args("qwen3", 272), seed=seed)
     base_loss = pretrain_base(model, tok, make_rows("base", 4000, seed), steps=base_steps, seed=seed)
     model.save_pretrained(out / "base-model")
     rows = make_rows("upper", held_out, seed + 2)

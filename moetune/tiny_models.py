@@ -21,10 +21,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .demo import make_rows, write_jsonl
+from .demo_data import make_rows, write_jsonl
+from .errors import MoetuneError
 from .model import build_random_model
 from .model.config import ModelArgs
 from .model.families import model_args_from_hf
+from .outputs import open_folder
 
 BYTE_VOCAB = 272  # the byte tokenizer's 262 ids, rounded up to a multiple of 16
 
@@ -53,6 +55,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "routed_scaling_factor": 1.0, "max_position_embeddings": 512, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
 }
+# The demo's base: Qwen3-MoE-shaped, 2 layers, 8 experts top-2 (~0.6M parameters at hidden 96).
+TINY_CONFIGS["qwen3_moe"] = {
+    "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 96, "intermediate_size": 192,
+    "moe_intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+    "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "max_position_embeddings": 256, "rope_theta": 10000.0, "router_aux_loss_coef": 0.001,
+}
+# The MixLoRA demo's dense base: Qwen3-shaped, 2 layers, hidden 96, FFN 192.
+TINY_CONFIGS["qwen3"] = {
+    "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 96, "intermediate_size": 192,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+    "max_position_embeddings": 256, "rope_theta": 10000.0,
+}
 COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False}
 
 
@@ -60,7 +75,14 @@ def tiny_model_args(family: str, vocab_size: int = BYTE_VOCAB) -> ModelArgs:
     """The :class:`ModelArgs` of a tiny model of ``family`` (a key of :data:`TINY_CONFIGS`)."""
     if family not in TINY_CONFIGS:
         raise ValueError(f"no tiny model for family '{family}' (available: {', '.join(TINY_CONFIGS)})")
-    return model_args_from_hf({**TINY_CONFIGS[family], **COMMON, "vocab_size": vocab_size})
+    return model_args_from_hf({**COMMON, **TINY_CONFIGS[family], "vocab_size": vocab_size})
+
+
+def tiny_moe_args(vocab_size: int = BYTE_VOCAB, hidden_size: int = 96) -> ModelArgs:
+    """The demo's tiny Qwen3-MoE base at width ``hidden_size`` (experts and head dim scale with it)."""
+    widths = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "moe_intermediate_size": hidden_size,
+              "head_dim": hidden_size // 4}
+    return model_args_from_hf({**COMMON, **TINY_CONFIGS["qwen3_moe"], **widths, "vocab_size": vocab_size})
 
 
 def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, train_rows: int = 512, eval_rows: int = 32) -> Path:
@@ -70,7 +92,10 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, train_rows: in
     Returns:
         The model folder.
     """
-    out = Path(out_dir)
+    folder = open_folder(out_dir, "tiny-model", key="out")  # new, empty or an earlier tiny model's: never someone's files
+    out = folder.path
+    for name in ("base-model", "data"):
+        folder.entry(name)
     model = build_random_model(tiny_model_args(family), seed=seed, std=0.05)
     model.save_pretrained(out / "base-model")
     write_jsonl(make_rows("upper", train_rows, seed + 1), out / "data" / "upper_train.jsonl")
@@ -84,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output folder (base-model/ and data/ are written inside)")
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(argv)
-    folder = make_tiny(ns.family, ns.out, seed=ns.seed)
+    try:
+        folder = make_tiny(ns.family, ns.out, seed=ns.seed)
+    except MoetuneError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"wrote {folder} and {Path(ns.out) / 'data'}")
 
 

@@ -15,12 +15,13 @@ from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.loading import read_hf_config
-from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .model.generate import SamplingConfig, generate
+from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
 from .peft.formats.adapters import load_adapter, save_adapter
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
+from .train.setup import resolve_device
 
 
 def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
@@ -51,24 +52,11 @@ def resolve_dtype(model_path, spec: str | None) -> torch.dtype:
     return DTYPES[spec]
 
 
-def resolve_device(spec: str | None) -> torch.device:
-    """``None``/``"auto"``: cuda when available, else cpu; else the device named."""
-    if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"--device: '{spec}' is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device: '{spec}' asked for, but no CUDA device is available")
-    return device
-
-
 def load_with_adapter(model_path, adapter: str | None, *, dtype: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, str]:
     """The base (in the checkpoint's dtype unless ``dtype`` says otherwise) with ``adapter`` loaded:
     a PEFT-format folder (as ``"default"``) or a training checkpoint folder (``checkpoints/checkpoint-N``,
     under the run's adapter name). Returns the model and the adapter's name."""
-    model = load_model(model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device))
+    model = load_model(model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device, key="--device"))
     name = "default"
     if adapter and is_training_checkpoint(adapter):
         name = load_checkpoint_adapter(model, adapter)

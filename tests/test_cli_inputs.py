@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from moetune.cli import build_parser, main
-from moetune.demo import tiny_moe_args
+from moetune.tiny_models import tiny_moe_args
 from moetune.model import build_random_model, load_model
 from moetune.workflows import evaluate_file, generate_text, load_with_adapter, merge_to_checkpoint
 from test_data import make_hf_tokenizer

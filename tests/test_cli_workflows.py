@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import moetune
 from train_helpers import tiny_model_dir, write_run
-from moetune.demo import make_rows, write_jsonl
+from moetune.demo_data import make_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

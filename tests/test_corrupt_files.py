@@ -16,7 +16,7 @@ import yaml
 
 import moetune
 from moetune.cli import main
-from moetune.demo import tiny_moe_args
+from moetune.tiny_models import tiny_moe_args
 from moetune.errors import AdapterError, CheckpointError
 from moetune.inspect import inspect_model
 from moetune.model import build_random_model

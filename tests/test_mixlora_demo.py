@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from moetune.demo import make_rows
+from moetune.demo_data import make_rows
 from moetune.demo_mixlora import run_comparison
 from moetune.errors import DataError
 from moetune.evaluation import read_task

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from moetune.config import load_train_config
-from moetune.demo import make_rows, write_jsonl
+from moetune.demo_data import make_rows, write_jsonl
 from moetune.train.trainer import train
 from train_helpers import tiny_model_dir
 

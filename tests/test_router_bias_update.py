@@ -5,7 +5,7 @@ import yaml
 from safetensors.torch import load_file
 
 from moetune.config import load_train_config
-from moetune.demo import make_rows, write_jsonl
+from moetune.demo_data import make_rows, write_jsonl
 from moetune.tiny_models import make_tiny
 from moetune.train.trainer import train
 from train_helpers import losses, train_killed_after

@@ -23,15 +23,16 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
+def resolve_device(spec: str | None, key: str = "model.device") -> torch.device:
+    """``"auto"`` (or None): cuda when available, else cpu; else the device named (``key`` in messages)."""
+    if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"model.device: '{spec}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"{key}: '{spec}' is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: '{spec}' asked for, but no CUDA device is available")
+        raise ConfigError(f"{key}: '{spec}' asked for, but no CUDA device is available")
     return device
 
 
