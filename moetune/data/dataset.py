@@ -36,12 +36,12 @@ class DataReport:
     format: str
     train_examples: int = 0
     eval_examples: int = 0
-    skipped_rows: int = 0
-    truncated: int = 0
-    lost_endings: int = 0
-    dropped: int = 0
+    skipped_rows: int = 0  # bad rows left out (data.skip_bad_rows)
+    truncated: int = 0  # rows cut at max_length ...
+    lost_endings: int = 0  # ... of which the end of the last response was lost
+    dropped: int = 0  # rows with no loss tokens left after the cut
     train_tokens: int = 0
-    learnt_tokens: int = 0
+    learnt_tokens: int = 0  # tokens that count in the loss
 
     def summary(self) -> str:
         """One line for the log."""

@@ -89,6 +89,9 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int, max_pos: int) -> tuple[torch.Te
     return inv, 1.0
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, T, rotary dim)
+
+
 class RotaryEmbedding(nn.Module):
     """Produces (cos, sin) tables (B, T, Dh_rot) for given position ids."""
 
