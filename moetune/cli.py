@@ -51,17 +51,11 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_train(ns: argparse.Namespace) -> None:
-    from .config import dump_config, load_train_config
-    from .train.distributed import is_main_process
-    from .train.trainer import train
+    from .workflows import train_from_file
 
-    config = load_train_config(ns.config, ns.overrides)
-    if ns.print_config:
-        print(dump_config(config), end="")
-        return
-    result = train(config, resume=ns.resume, overwrite=ns.overwrite)
-    if is_main_process():  # under torchrun, rank 0 speaks for the run
-        print(result.summary())
+    text = train_from_file(ns.config, ns.overrides, resume=ns.resume, overwrite=ns.overwrite, print_config=ns.print_config)
+    if text is not None:
+        print(text, end="" if ns.print_config else "\n")
 
 
 def _add_train(sub) -> None:
@@ -179,12 +173,10 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> None:
-    from .model.generate import SamplingConfig
     from .workflows import generate_text
 
-    sampling = SamplingConfig(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p, seed=ns.seed)
-    for text in generate_text(ns.model, ns.prompt, adapter=ns.adapter, tokenizer=ns.tokenizer, chat=not ns.raw, sampling=sampling,
-                              dtype=ns.dtype, device=ns.device):
+    for text in generate_text(ns.model, ns.prompt, adapter=ns.adapter, tokenizer=ns.tokenizer, chat=not ns.raw, max_new_tokens=ns.max_new_tokens,
+                              temperature=ns.temperature, top_p=ns.top_p, seed=ns.seed, dtype=ns.dtype, device=ns.device):
         print(text)
 
 
@@ -232,15 +224,14 @@ def _add_export(sub) -> None:
 
 
 def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
-    from .peft.arithmetic.folders import combine_adapter_folders as merge_adapter_dirs
+    from .workflows import combine_adapters
 
-    result = merge_adapter_dirs(ns.model, ns.adapter, ns.out, weights=ns.weights, method=ns.method,
-                                density=ns.density, rank=ns.rank, seed=ns.seed, overwrite=ns.overwrite)
-    print(result.summary())
+    print(combine_adapters(ns.model, ns.adapter, ns.out, weights=ns.weights, method=ns.method, density=ns.density,
+                           rank=ns.rank, seed=ns.seed, overwrite=ns.overwrite))
 
 
 def _add_merge_adapters(sub) -> None:
-    from .peft.arithmetic.combine import METHODS
+    from .workflows import COMBINE_METHODS as METHODS
 
     p = sub.add_parser("merge-adapters", formatter_class=_Help, help="combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
                        description="Merge LoRA adapters trained on the same base model into one PEFT-format adapter "

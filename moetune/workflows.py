@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataSection
+from .config import DataSection, dump_config, load_train_config
 from .data import build_datasets, eval_batches, resolve_tokenizer
 from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
@@ -18,10 +18,14 @@ from .model.loading import read_hf_config
 from .model.generate import SamplingConfig, generate
 from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
+from .peft.arithmetic.combine import METHODS as COMBINE_METHODS
+from .peft.arithmetic.folders import combine_adapter_folders
 from .peft.formats.adapters import load_adapter, save_adapter
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
+from .train.launch import is_main_process
 from .train.setup import resolve_device
+from .train.trainer import train
 
 
 def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
@@ -108,9 +112,12 @@ def evaluate_task_files(model_path, files: list[str], *, adapter=None, tokenizer
     return evaluate_tasks(model, tok, list(files), batch_size=batch_size, max_length=max_length, chat=chat)
 
 
-def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=None, chat: bool = True, sampling: SamplingConfig | None = None,
-                  dtype: str | None = None, device: str | None = None) -> list[str]:
-    """Continue each prompt (as a user turn when ``chat``) and return the decoded text."""
+def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=None, chat: bool = True, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, dtype: str | None = None,
+                  device: str | None = None) -> list[str]:
+    """Continue each prompt (as a user turn when ``chat``) and return the decoded text
+    (``temperature`` 0: greedy; else sampled with nucleus ``top_p`` and ``seed``)."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     tok = default_tokenizer(model_path, tokenizer)
     model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
     if chat and tok.has_chat_template:
@@ -120,6 +127,23 @@ def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=Non
         ids = [bos + tok.encode(p) for p in prompts]
     outs = generate(model, ids, eos_id=tok.eos_id, pad_id=tok.pad_id if tok.pad_id is not None else 0, config=sampling)
     return [tok.decode(o) for o in outs]
+
+
+def train_from_file(config_path, overrides: list[str] = (), *, resume=None, overwrite: bool = False,
+                    print_config: bool = False) -> str | None:
+    """``moetune train``: the resolved config (``print_config``) or the run's summary; None on ranks
+    other than 0 under torchrun (rank 0 speaks for the run)."""
+    config = load_train_config(config_path, list(overrides))
+    if print_config:
+        return dump_config(config)
+    result = train(config, resume=resume, overwrite=overwrite)
+    return result.summary() if is_main_process() else None
+
+
+def combine_adapters(model_path, adapters: list[str], out_dir, **options) -> str:
+    """``moetune merge-adapters``: combine adapter folders of one base into a new folder (see
+    :func:`moetune.peft.arithmetic.folders.combine_adapter_folders` for ``options``); its summary."""
+    return combine_adapter_folders(model_path, adapters, out_dir, **options).summary()
 
 
 def merge_to_checkpoint(model_path, adapter, out_dir, *, tokenizer: str | None = None, dtype: str | None = None,
