@@ -57,16 +57,22 @@ def read_marker(folder: str | os.PathLike) -> Marker | None:
         return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a file's text atomically (a crash leaves the old file or the new one)."""
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Replace one file atomically: ``write(tmp)`` writes a temporary file beside it, which is then
+    renamed over ``path`` (a crash leaves the old file or the new one, never half of one)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_file_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_marker(folder: Path, marker: Marker) -> None:

@@ -17,7 +17,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..outputs import write_folder
 from ..safetensors_check import safetensors_problem
 
 NAME = re.compile(r"^checkpoint-(\d{8})$")
@@ -65,9 +65,8 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: in
     run ``run_id`` (checkpoints of other runs, or without a run id, are never pruned)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         for prefix, groups in (("adapter", state.adapters), ("allocator", state.allocators)):
             for name, tensors in groups.items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{prefix}-{name}.safetensors"))
@@ -75,12 +74,8 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: in
         meta = {"step": state.step, "data": state.data, "extra": state.extra, "adapters": sorted(state.adapters),
                 "allocators": sorted(state.allocators), "run_id": run_id}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    final = write_folder(root / f"checkpoint-{state.step:08d}", "checkpoint", write, key="checkpoint")
     if run_id is not None:
         _prune(root, keep_last, run_id)
     return final

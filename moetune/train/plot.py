@@ -8,13 +8,14 @@ over each adapter's own steps. The PNG is written to a temporary file and rename
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ..outputs import write_file_atomic
 
 Points = list[tuple[int, float]]
 
@@ -81,14 +82,7 @@ def loss_figure(series: Series, *, title: str | None = None) -> Figure:
 
 def save_figure(fig: Figure, out: str | Path) -> Path:
     """Write ``fig`` as PNG to ``out`` atomically: a reader sees the old file or the new one."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_file_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_metrics(records: list[dict[str, Any]], out: str | Path, *, title: str | None = None) -> Path | None:
