@@ -20,10 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 from moetune.config import load_train_config
-from moetune.demo import make_rows, write_jsonl
+from moetune.demo_data import make_rows, write_jsonl
 from moetune.errors import ConfigError
 from moetune.train.checkpoint import load_checkpoint
-from moetune.train.distributed import DataParallel, LaunchEnv, _resolve, launch_env, rank_seed
+from moetune.train.distributed import DataParallel, LaunchEnv, launch_env, rank_seed
+from moetune.train.distributed import resolve_launch as _resolve
 from moetune.train.trainer import train
 from train_helpers import write_run
 

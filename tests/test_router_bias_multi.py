@@ -10,13 +10,13 @@ import yaml
 from safetensors.torch import load_file
 
 from moetune.config import load_train_config
-from moetune.demo import make_rows, write_jsonl
+from moetune.demo_data import make_rows, write_jsonl
 from moetune.errors import ConfigError
 from moetune.tiny_models import make_tiny
 from moetune.train.trainer import train
 from train_helpers import KILL_AFTER_SAVE
 
-KILL_MULTI_AFTER_SAVE = KILL_AFTER_SAVE.replace("moetune.train.trainer as trainer", "moetune.train.multi as trainer")
+KILL_MULTI_AFTER_SAVE = KILL_AFTER_SAVE  # one loop (moetune.train.loop) for one adapter or several
 
 
 def _train_killed_after(cfg, step):

@@ -15,7 +15,6 @@ import yaml
 
 from moetune.config import load_train_config
 from moetune.train.distributed import counted_tokens
-from moetune.train.multi import MultiTrainer
 from moetune.train.setup import prepare_run
 from moetune.train.trainer import Trainer, train
 from train_helpers import losses, write_run
@@ -55,9 +54,11 @@ def _first_step(root: Path, *, batch_size: int, grad_accum: int) -> tuple[dict, 
         return real(params, max_norm)
 
     trainer.parallel.clip_grad_norm = capture
-    stream = trainer.loader.iter_from(trainer.data_state)
+    job = trainer.jobs[0]
+    stream = job.loader.iter_from(job.state)  # the batches the step will draw
     batches = [next(stream) for _ in range(grad_accum)]
-    record = trainer.train_step(batches)
+    job.batches = job.loader.iter_from(job.state)
+    record = trainer.train_step(trainer.jobs)
     return grads, record, [int(counted_tokens(b)) for b, _ in batches]
 
 
@@ -84,17 +85,18 @@ def _multi_first_step(root: Path, *, batch_size: int, grad_accum: int) -> tuple[
     adapters = [{"name": "a", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "experts"]},
                 {"name": "b", "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["k_proj", "o_proj"]}]
     config = load_train_config(_config(root, batch_size=batch_size, grad_accum=grad_accum, adapters=adapters))
-    trainer = MultiTrainer(config, prepare_run(config))
-    grads, real = {}, trainer._update
+    trainer = Trainer(config, prepare_run(config))
+    grads, real = {}, trainer.parallel.clip_grad_norm
+    keys = {id(p): (j.name, k) for j in trainer.jobs for ps in j.params.values() for k, p in ps.items()}
 
-    def capture(job, loss):
-        grads.update({(job.name, k): p.grad.detach().clone() for k, p in job.params.items() if p.grad is not None})
-        return real(job, loss)
+    def capture(params, max_norm):
+        grads.update({keys[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None})
+        return real(params, max_norm)
 
-    trainer._update = capture
+    trainer.parallel.clip_grad_norm = capture
     for j in trainer.jobs:
         j.batches = j.loader.iter_from(j.state)
-    return grads, trainer.train_step(trainer.jobs)
+    return grads, trainer.train_step(trainer.jobs)["adapters"]
 
 
 def test_accumulation_per_job_equals_the_large_batch(tmp_path):

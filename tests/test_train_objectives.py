@@ -193,7 +193,8 @@ def test_distillation_teachers(tmp_path, teacher):
         base = moetune.load_model(tiny_model_dir(tmp_path))
         save_teacher_logits(base, [e.input_ids for e in parts.data.train], tmp_path / "teacher.safetensors", dtype=torch.float32)
     trainer = Trainer(config, parts)
-    batch, _ = next(trainer.loader.iter_from(trainer.data_state))
+    job = trainer.jobs[0]
+    batch, _ = next(job.loader.iter_from(job.state))
     out = parts.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}, return_logits=True)
     kl = trainer.objectives.loss(parts.model, batch, out)
     if teacher == "adapter":

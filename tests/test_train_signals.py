@@ -29,13 +29,11 @@ from train_helpers import losses, write_run
 SLOW_STEPS = textwrap.dedent(
     """
     import sys, time
-    from moetune.train.multi import MultiTrainer
-    from moetune.train.trainer import Trainer
-    for cls in (Trainer, MultiTrainer):
-        def slow(self, *args, real=cls.train_step):
-            time.sleep(0.4)
-            return real(self, *args)
-        cls.train_step = slow
+    from moetune.train.loop import Trainer
+    def slow(self, *args, real=Trainer.train_step):
+        time.sleep(0.4)
+        return real(self, *args)
+    Trainer.train_step = slow
     from moetune.cli import main
     sys.exit(main(["train", *sys.argv[1:]]))
     """

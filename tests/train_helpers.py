@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from moetune.demo import make_rows, tiny_moe_args, write_jsonl
+from moetune.demo_data import make_rows, write_jsonl
+from moetune.tiny_models import tiny_moe_args
 from moetune.model import build_random_model
 
 
@@ -48,7 +49,7 @@ def losses(run_dir: Path) -> list[float]:
 KILL_AFTER_SAVE = textwrap.dedent(
     """
     import os, signal, sys
-    import moetune.train.trainer as trainer
+    import moetune.train.loop as trainer
     real = trainer.save_checkpoint
     def save_then_die(root, state, **kw):
         path = real(root, state, **kw)

@@ -15,7 +15,13 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 @dataclass(kw_only=True)
 class ModelSection(ConfigSection):
-    """The frozen base model: a local Hugging Face folder."""
+    """The frozen base model: a local Hugging Face folder.
+
+    Attributes:
+        dtype: the base weights' dtype (compute runs in it; adapters stay fp32). ``fp16`` trains
+            with a loss scaler (``torch.amp.GradScaler``): steps whose gradients overflow are
+            skipped and the scale backs off; not with ``distributed.strategy: fsdp``.
+    """
 
     path: str = field(metadata=PATH_FIELD)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -146,6 +146,11 @@ class TrainConfig(ConfigSection):
         if special and len(trained) > 1:
             raise ConfigFieldError(f"{{key}}: {', '.join(special)} train one adapter at a time (other adapters may be frozen), "
                                    f"but this run trains {len(trained)}: {', '.join(trained)}", ("adapters",))
+        frozen = [a.name for a in self.adapters if a.frozen]
+        if frozen and len(trained) > 1:
+            raise ConfigFieldError(f"{{key}}: frozen adapters ({', '.join(frozen)}) stack under one trained adapter, but several "
+                                   f"adapters trained at once ({', '.join(trained)}) each run on their own samples; train one "
+                                   "adapter on top of them per run", ("adapters",))
         distill = self.optim.distill
         if distill is not None and distill.kind == "adapter":
             frozen = [a.name for a in self.adapters if a.frozen]

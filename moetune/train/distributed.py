@@ -2,8 +2,8 @@
 
 ``torchrun --nproc_per_node N -m moetune train run.yaml`` (or ``moetune train`` started by any
 launcher that sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``) joins a process group, NCCL on
-CUDA and gloo on CPU. Without those variables the run is one process and :class:`Parallel`, whose
-hooks change nothing, keeps the trainer exactly as it was.
+CUDA and gloo on CPU. Without those variables the run is one process and
+:class:`~moetune.train.parallel.Parallel`, whose hooks change nothing, keeps the loop exactly as it was.
 
 One step on N ranks equals one step of a single process whose batch is the global batch
 (``batch_size * N`` rows), within float rounding:
@@ -45,7 +45,7 @@ import dataclasses
 import hashlib
 import logging
 from datetime import timedelta
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -56,8 +56,10 @@ from ..data import eval_batches
 from ..model.moe import RouterStats, load_balancing_loss
 from ..peft.core.layer import adapter_layers
 from .checkpoint import rng_state, set_rng_state
-from .launch import ENV_KEYS, LaunchEnv, _resolve, is_main_process, launch_env  # noqa: F401  (importable from here too)
-from .sharding import _full, _is_dtensor, _local_like, shard_model
+from .launch import ENV_KEYS, LaunchEnv, is_main_process, launch_env, resolve_launch  # noqa: F401  (importable from here too)
+from .losses import counted_tokens  # noqa: F401  (importable from here too)
+from .parallel import Parallel
+from .sharding import full_tensor, is_dtensor, local_like, shard_model
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 64 * 2**20  # gradient all-reduce bucket (replicate)
@@ -67,88 +69,6 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """A 63-bit seed for rank ``rank``'s dropout stream (independent of the other ranks')."""
     digest = hashlib.sha256(f"moetune:{seed}:{rank}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def counted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens the causal-LM loss averages over: shifted labels != -100 on real positions."""
-    keep = batch["labels"][:, 1:] != -100
-    if "attention_mask" in batch:
-        keep = keep & (batch["attention_mask"][:, 1:] != 0)
-    return keep.sum()
-
-
-class Parallel:
-    """One process. Every hook is the identity, so the trainer behaves as without ``torchrun``."""
-
-    rank, world_size, is_main, strategy = 0, 1, True, "single"
-
-    def prepare(self, parts: Any) -> None:
-        """Get the model of ``parts`` (a RunParts) ready on this rank, before optimizers exist."""
-
-    def micro_weights(self, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
-        """Per micro-batch of one step: the factor on its mean loss, its share ``n_i / n`` of the
-        step's counted tokens (over every rank), so the weighted sum is the step's token mean."""
-        local = torch.stack([counted_tokens(b).double().cpu() for b in batches])
-        return _shares(local, self._total(local.sum()))
-
-    def _total(self, count: torch.Tensor) -> float:
-        """The step's counted tokens over all ranks."""
-        return float(count)
-
-    def aux_loss(self, out: Any, num_experts: int) -> torch.Tensor | None:
-        """This rank's share of the global router load-balancing loss."""
-        return out.aux_loss
-
-    def gradient_sync(self, enabled: bool) -> None:
-        """Whether the next backward reduces gradients (FSDP; off for all but the last micro-batch)."""
-
-    def sync_grads(self, params: Sequence[nn.Parameter]) -> None:
-        """Sum gradients over ranks (replicate)."""
-
-    def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank only if ``ok`` holds on every rank."""
-        return ok
-
-    def sum_floats(self, *values: float) -> list[float]:
-        return list(values)
-
-    def router_stats(self, stats: list[RouterStats]) -> list[RouterStats]:
-        """Routing sums over all ranks (for metrics)."""
-        return stats
-
-    def eval_batches(self, examples: Sequence, *, batch_size: int, pad_id: int) -> Iterator[tuple[dict, bool]]:
-        """``(batch, counts)``: this rank's eval batches; ``counts`` False for filler batches."""
-        for batch in eval_batches(examples, batch_size=batch_size, pad_id=pad_id):
-            yield batch, True
-
-    def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def load_tensor(self, param: torch.Tensor, value: torch.Tensor) -> None:
-        param.copy_(value)
-
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
-
-    def rng_state(self) -> dict[str, Any]:
-        return rng_state()
-
-    def set_rng_state(self, state: dict[str, Any], *, seed: int, step: int) -> None:
-        set_rng_state(state)
-
-    @contextlib.contextmanager
-    def full_adapters(self, model: nn.Module) -> Iterator[None]:
-        """Inside the block, adapter parameters are full tensors (for writing adapter files)."""
-        yield
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
 
 
 class DataParallel(Parallel):
@@ -224,7 +144,7 @@ class DataParallel(Parallel):
             return torch.nn.utils.clip_grad_norm_(params, max_norm)  # gradients are identical everywhere
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        norm = _full(norm)
+        norm = full_tensor(norm)
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
         return norm
 
@@ -257,14 +177,14 @@ class DataParallel(Parallel):
 
     # --- checkpoints ------------------------------------------------------------------------
     def full_tensor(self, t):
-        return _full(t)
+        return full_tensor(t)
 
     def load_tensor(self, param, value):
-        param.copy_(_local_like(param, value))
+        param.copy_(local_like(param, value))
 
     def full_optimizer_state(self, optimizer):
         state = optimizer.state_dict()
-        full = {k: {n: _full(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in state["state"].items()}
+        full = {k: {n: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in state["state"].items()}
         return {"state": full, "param_groups": state["param_groups"]}
 
     def load_optimizer_state(self, optimizer, state):
@@ -272,7 +192,7 @@ class DataParallel(Parallel):
         local = {}
         for k, s in state["state"].items():
             p = params[k]
-            local[k] = {n: _local_like(p, v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v for n, v in s.items()}
+            local[k] = {n: local_like(p, v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v for n, v in s.items()}
         optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})
 
     def rng_state(self):
@@ -298,7 +218,7 @@ class DataParallel(Parallel):
         for _, layer in adapter_layers(model):
             for module in layer.modules():
                 for key, p in list(module._parameters.items()):
-                    if p is not None and id(p) in ids and _is_dtensor(p):
+                    if p is not None and id(p) in ids and is_dtensor(p):
                         module._parameters[key] = nn.Parameter(p.full_tensor(), requires_grad=False)
                         swapped.append((module, key, p))
         try:
@@ -309,10 +229,6 @@ class DataParallel(Parallel):
 
     def barrier(self):
         dist.barrier()
-
-
-def _shares(counts: torch.Tensor, total: float) -> list[float]:
-    return [float(n / total) if total > 0 else 0.0 for n in counts.tolist()]
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
@@ -334,7 +250,7 @@ def distributed_run(config: TrainConfig) -> Iterator[tuple[TrainConfig, Parallel
     if not dist.is_available() or (env := launch_env()) is None:
         yield config, Parallel()
         return
-    device, backend, strategy = _resolve(config, env)
+    device, backend, strategy = resolve_launch(config, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owned = not dist.is_initialized()

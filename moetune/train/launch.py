@@ -54,8 +54,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _resolve(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, str, str]:
-    """Device, backend and strategy of this rank."""
+def resolve_launch(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, str, str]:
+    """Device, backend and strategy of this rank.
+
+    Raises:
+        ConfigError: the device, backend or strategy cannot run here or with this config.
+    """
     spec, section = config.model.device, config.distributed
     cuda = spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
     if spec == "mps":
@@ -78,4 +82,7 @@ def _resolve(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, str, st
         strategy = "fsdp" if cuda and env.world_size > 1 else "replicate"
     if strategy == "fsdp" and config.model.quantize is not None:
         raise ConfigError(f"distributed.strategy: fsdp cannot shard a {config.model.quantize}-quantized base; use replicate")
+    if strategy == "fsdp" and config.model.dtype == "fp16":
+        raise ConfigError("model.dtype: fp16 with distributed.strategy: fsdp is not supported (the fp16 loss scaler needs the "
+                          "full gradient on every rank to agree on overflows); use bf16, or distributed.strategy: replicate")
     return device, backend, strategy

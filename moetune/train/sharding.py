@@ -12,19 +12,19 @@ from torch import nn
 from ..errors import ConfigError
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if _is_dtensor(t) else t
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
 
 
-def _local_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def local_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (a full tensor) laid out like ``param``: this rank's shard of it for a DTensor."""
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return value.to(param.device)
     from torch.distributed.tensor import distribute_tensor
 

@@ -1,0 +1,103 @@
+"""The loop's state as a checkpoint holds it, and back: exact resume.
+
+A checkpoint (:class:`~moetune.train.checkpoint.TrainState`) holds every adapter's full tensors,
+optimizer and scheduler state, every rank's RNG state, the data position, AdaLoRA's allocator state,
+DeepSeek-V3 router biases (``optim.router_bias_update_speed``) and the fp16 loss scaler's state, so N
+steps straight and N/2 + resume give bitwise-identical losses and weights on CPU.
+
+Two layouts, as before the loops became one: a one-job run keeps its data position and skip count at
+the top level (with the rank count and global batch); a run of several jobs keys them by adapter
+(``extra.multi``, ``extra.steps``, ``extra.skipped``), and each job resumes at its own step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import SamplerState
+from ..errors import CheckpointError
+from .checkpoint import TrainState, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def router_biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 routers' correction biases (base-model state that router balancing moves)."""
+    return {n: p.detach() for n, p in model.named_parameters() if n.endswith("e_score_correction_bias")}
+
+
+def run_state(loop) -> TrainState:
+    """``loop``'s state in full tensors whatever the rank count (collective when distributed)."""
+    par, jobs = loop.parallel, loop.jobs
+    extra = {"router_biases": {n: b.float().cpu().tolist() for n, b in router_biases(loop.model).items()}
+             if loop.config.optim.router_bias_update_speed else {}}
+    if loop.scaler.is_enabled():
+        extra["grad_scaler"] = loop.scaler.state_dict()
+    if loop.together:
+        data = {j.name: j.state.to_dict() for j in jobs}
+        extra.update(multi=True, steps={j.name: j.step for j in jobs}, skipped={j.name: j.skipped for j in jobs})
+    else:
+        data = jobs[0].state.to_dict()
+        extra.update(skipped=jobs[0].skipped, world_size=par.world_size, global_batch=jobs[0].optim.batch_size * par.world_size)
+    return TrainState(
+        step=loop.step,
+        adapters={n: {k: par.full_tensor(p.detach()) for k, p in ps.items()} for j in jobs for n, ps in j.params.items()},
+        optimizers={n: par.full_optimizer_state(o) for j in jobs for n, o in j.optimizers.items()},
+        schedulers={n: s.state_dict() for j in jobs for n, s in j.schedulers.items()},
+        data=data,
+        rng=par.rng_state(),
+        allocators={n: {k: par.full_tensor(t) for k, t in ts.items()} for n, ts in loop.objectives.allocator_state(loop.model).items()},
+        extra=extra,
+    )
+
+
+def restore_run(loop, path: Path) -> None:
+    """Set ``loop`` to the state of checkpoint ``path``."""
+    state = load_checkpoint(path)
+    names = sorted(n for j in loop.jobs for n in j.params)
+    if sorted(state.adapters) != names or bool(state.extra.get("multi")) != loop.together:
+        together = " together" if loop.together else ""
+        raise CheckpointError(f"checkpoint '{path}' holds adapters {sorted(state.adapters)}, the config trains {names}{together}")
+    par = loop.parallel
+    for j in loop.jobs:
+        _load_params(j, state, path, par)
+        for n in j.optimizers:
+            par.load_optimizer_state(j.optimizers[n], state.optimizers[n])
+            j.schedulers[n].load_state_dict(state.schedulers[n])
+        if loop.together:
+            j.state, j.step, j.skipped = SamplerState.from_dict(state.data[j.name]), state.extra["steps"][j.name], state.extra["skipped"][j.name]
+        else:
+            j.state, j.step, j.skipped = SamplerState.from_dict(state.data), state.step, state.extra.get("skipped", 0)
+    par.set_rng_state(state.rng, seed=loop.config.seed, step=state.step)
+    loop.step = state.step
+    loop.objectives.load_allocator_state(loop.model, state.allocators, where=str(path), copy=par.load_tensor)
+    biases = router_biases(loop.model)
+    with torch.no_grad():
+        for name, values in state.extra.get("router_biases", {}).items():
+            biases[name].copy_(torch.tensor(values, dtype=torch.float32))
+    if loop.scaler.is_enabled() and "grad_scaler" in state.extra:
+        loop.scaler.load_state_dict(state.extra["grad_scaler"])
+    if not loop.together:
+        _warn_global_batch(path, state, loop.jobs[0].optim.batch_size * par.world_size)
+
+
+def _load_params(job, state: TrainState, path: Path, par) -> None:
+    with torch.no_grad():
+        for name, params in job.params.items():
+            tensors = state.adapters[name]
+            for key, p in params.items():
+                if key not in tensors or tensors[key].shape != p.shape:
+                    raise CheckpointError(f"checkpoint '{path}': adapter '{name}' tensor '{key}' is missing or has another shape; "
+                                          "was it made with a different config?")
+                par.load_tensor(p, tensors[key])
+
+
+def _warn_global_batch(path: Path, state: TrainState, now: int) -> None:
+    saved = state.extra.get("global_batch")
+    if saved is not None and saved != now:
+        log.warning("checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); the data "
+                    "position carries over, the loss sequence will not match", path, saved, now)
