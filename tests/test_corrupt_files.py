@@ -165,7 +165,7 @@ def test_cli_generate_with_broken_shard(model_dir, capsys, damage):
 
 def test_cli_merge_with_broken_shard_writes_nothing(model_dir, adapter_dir, tmp_path, capsys):
     needle = truncate(model_dir / SHARD)
-    err = cli(capsys, "merge", "--model", model_dir, "--adapter", adapter_dir, "--tokenizer", "byte", "--out", tmp_path / "merged")
+    err = cli(capsys, "merge", "--model", model_dir, "--adapter", adapter_dir, "--out", tmp_path / "merged")
     assert SHARD in err and needle in err
     assert not (tmp_path / "merged").exists()
 

@@ -124,7 +124,10 @@ def open_run_folder(plan: RunPlan) -> OwnedFolder:
             _adopt_adapter_folder(plan.path / name)
     folder.run_id = plan.run_id or new_run_id()
     write_marker(folder.path, Marker(kind="run", files=tuple(folder.files), run_id=folder.run_id))
-    write_text_atomic(folder.entry(RUN_CONFIG), plan.config_yaml)
+    if plan.mode != "resume" or not (folder.path / RUN_CONFIG).is_file():
+        # A resumed run keeps the config it started with: a resume that then fails (a broken
+        # checkpoint) must leave the folder as it was; adapter sections cannot change across a resume.
+        write_text_atomic(folder.entry(RUN_CONFIG), plan.config_yaml)
     return folder
 
 
