@@ -108,7 +108,10 @@ ANSWER = {
 def task_rows(task: str, n: int, seed: int) -> list[dict]:
     """``n`` rows ``{task}: <input>`` -> the task's answer."""
     rng = random.Random(seed)
-    return [{"instruction": f"{INSTRUCTION.get(task, task)}: {x}", "output": ANSWER[task](x)} for x in (_text(rng, task) for _ in range(n))]
+    return [
+        {"instruction": f"{INSTRUCTION.get(task, task)}: {x}", "output": ANSWER[task](x)}
+        for x in (_text(rng, task) for _ in range(n))
+    ]
 
 
 def base_rows(n: int, seed: int) -> list[dict]:
@@ -132,11 +135,23 @@ def base_rows(n: int, seed: int) -> list[dict]:
 def lora_run(setup: Setup, base: Path, data: Path, out: Path, name: str) -> Path:
     raw = {
         "model": {"path": str(base), "device": "cpu"},
-        "adapters": [{"name": name, "r": setup.rank, "alpha": 2 * setup.rank, "dropout": 0.05,
-                      "target_modules": list(setup.targets)}],
+        "adapters": [
+            {
+                "name": name,
+                "r": setup.rank,
+                "alpha": 2 * setup.rank,
+                "dropout": 0.05,
+                "target_modules": list(setup.targets),
+            }
+        ],
         "data": {"train": str(data), "format": "instruction", "tokenizer": "byte", "max_length": 64},
-        "optim": {"lr": setup.lr, "max_steps": setup.lora_steps, "batch_size": 32, "warmup_steps": 10,
-                  "aux_loss_coef": 0.001},
+        "optim": {
+            "lr": setup.lr,
+            "max_steps": setup.lora_steps,
+            "batch_size": 32,
+            "warmup_steps": 10,
+            "aux_loss_coef": 0.001,
+        },
         "checkpoint": {"output_dir": str(out), "save_every": 0},
         "logging": {"progress": False},
         "seed": setup.seed,
@@ -165,8 +180,14 @@ def prepare(out: Path, setup: Setup, log=print) -> dict[str, Path]:
     return adapters
 
 
-def run_study(out: Path, setup: Setup = Setup(), *, methods: dict[str, dict] | None = None,
-              weights: tuple[float, ...] = (1.0, 0.5), log=print) -> dict[str, dict[str, float]]:
+def run_study(
+    out: Path,
+    setup: Setup = Setup(),
+    *,
+    methods: dict[str, dict] | None = None,
+    weights: tuple[float, ...] = (1.0, 0.5),
+    log=print,
+) -> dict[str, dict[str, float]]:
     """Train, merge, evaluate; returns ``{model: {task: accuracy}}`` (model: base, a task, a merge)."""
     t0 = time.perf_counter()
     adapters = prepare(out, setup, log)
@@ -177,8 +198,9 @@ def run_study(out: Path, setup: Setup = Setup(), *, methods: dict[str, dict] | N
         for w in weights:
             name = f"{label}_w{w:g}".replace(".", "")  # adapter names: no dots (w0.5 -> w05)
             folder = out / f"merged-{name}-{setup.tag()}"
-            merged[name] = merge_adapter_dirs(out / "base-model", [adapters[t] for t in TASKS], folder,
-                                              method=method, weights=[w, w], **opts).out_dir
+            merged[name] = merge_adapter_dirs(
+                out / "base-model", [adapters[t] for t in TASKS], folder, method=method, weights=[w, w], **opts
+            ).out_dir
     evaluated, tok = load_model(out / "base-model"), ByteTokenizer()
     for name, folder in {**adapters, **merged}.items():
         load_adapter(evaluated, folder, name=name)
@@ -210,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps and words (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--second", choices=["succ", "swapcase", "reverse"], default="succ", help="the second task")
-    parser.add_argument("--replay", type=int, default=Setup.replay, help="rows of base data mixed into each task's data")
+    parser.add_argument(
+        "--replay", type=int, default=Setup.replay, help="rows of base data mixed into each task's data"
+    )
     parser.add_argument("--rank", type=int, default=Setup.rank, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--lr", type=float, default=Setup.lr, help="LoRA learning rate")
     parser.add_argument("--lora-steps", type=int, default=Setup.lora_steps)
@@ -223,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         INSTRUCTION.update({t: ns.shared_instruction for t in TASKS})
     torch.set_num_threads(min(2, torch.get_num_threads()))
     quick = dict(base_steps=400, lora_steps=40, eval_words=40) if ns.quick else {"lora_steps": ns.lora_steps}
-    setup = Setup(seed=ns.seed, replay=ns.replay, rank=ns.rank, lr=ns.lr, targets=tuple(ns.targets.split(",")),
-                  hidden_size=ns.hidden_size, **quick)
+    setup = Setup(
+        seed=ns.seed,
+        replay=ns.replay,
+        rank=ns.rank,
+        lr=ns.lr,
+        targets=tuple(ns.targets.split(",")),
+        hidden_size=ns.hidden_size,
+        **quick,
+    )
     print(table(run_study(Path(ns.out), setup)))
     return 0
 

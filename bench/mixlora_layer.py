@@ -32,10 +32,16 @@ def loop_mixlora(layer: MixtureFFN, name: str, x: torch.Tensor) -> torch.Tensor:
     for e in range(mix.num_experts):
         tok, slot = torch.where(idx == e)
         xe = x[tok]
-        g = g0[tok] + s * F.linear(F.linear(xe, layer.lora_A_gate[name][e].to(x.dtype)), layer.lora_B_gate[name][e].to(x.dtype))
-        u = u0[tok] + s * F.linear(F.linear(xe, layer.lora_A_up[name][e].to(x.dtype)), layer.lora_B_up[name][e].to(x.dtype))
+        g = g0[tok] + s * F.linear(
+            F.linear(xe, layer.lora_A_gate[name][e].to(x.dtype)), layer.lora_B_gate[name][e].to(x.dtype)
+        )
+        u = u0[tok] + s * F.linear(
+            F.linear(xe, layer.lora_A_up[name][e].to(x.dtype)), layer.lora_B_up[name][e].to(x.dtype)
+        )
         h = layer.act(g) * u
-        y = layer.down_proj(h) + s * F.linear(F.linear(h, layer.lora_A_down[name][e].to(x.dtype)), layer.lora_B_down[name][e].to(x.dtype))
+        y = layer.down_proj(h) + s * F.linear(
+            F.linear(h, layer.lora_A_down[name][e].to(x.dtype)), layer.lora_B_down[name][e].to(x.dtype)
+        )
         out = out.index_add(0, tok, y * w[tok, slot, None])
     return out
 
@@ -67,7 +73,9 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
     ffn = SwiGLU(dim=a.dim, hidden=a.hidden).to(a.device, dtype).requires_grad_(False)
-    cfg = LoraConfig(r=a.rank, target_modules=["gate_proj"], mixture=MixtureConfig(kind="mixlora", num_experts=a.experts, top_k=2))
+    cfg = LoraConfig(
+        r=a.rank, target_modules=["gate_proj"], mixture=MixtureConfig(kind="mixlora", num_experts=a.experts, top_k=2)
+    )
     mix = MixtureFFN(ffn)
     mix.add_adapter("m", cfg)
     for p_ in mix.parameters():
@@ -79,12 +87,30 @@ def main() -> None:
         layer = LoraLinear(getattr(plain, proj))
         layer.add_adapter("l", LoraConfig(r=a.rank * 2, target_modules=[proj]))  # about MixLoRA's active LoRA compute
         setattr(plain, proj, layer)
-    cases = {"moetune_mixlora": lambda t: mix(t), "loop_mixlora": lambda t: loop_mixlora(mix, "m", t), "plain_lora_r2x": plain}
+    cases = {
+        "moetune_mixlora": lambda t: mix(t),
+        "loop_mixlora": lambda t: loop_mixlora(mix, "m", t),
+        "plain_lora_r2x": plain,
+    }
     for name, fn in cases.items():
         ms = timed(fn, x, a.steps)
-        print(json.dumps({"case": name, "ms_fwd_bwd": round(ms, 2), "tokens": a.tokens, "dim": a.dim, "hidden": a.hidden,
-                          "experts": a.experts, "top_k": 2, "rank": a.rank, "dtype": a.dtype, "device": a.device,
-                          "torch": torch.__version__}))
+        print(
+            json.dumps(
+                {
+                    "case": name,
+                    "ms_fwd_bwd": round(ms, 2),
+                    "tokens": a.tokens,
+                    "dim": a.dim,
+                    "hidden": a.hidden,
+                    "experts": a.experts,
+                    "top_k": 2,
+                    "rank": a.rank,
+                    "dtype": a.dtype,
+                    "device": a.device,
+                    "torch": torch.__version__,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

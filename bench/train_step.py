@@ -39,8 +39,32 @@ def hf_config(tiny: bool, layers: int):
     from transformers import Qwen3MoeConfig
 
     if tiny:
-        return Qwen3MoeConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, vocab_size=512, num_hidden_layers=2, norm_topk_prob=True)
-    return Qwen3MoeConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936, num_hidden_layers=layers, norm_topk_prob=True)
+        return Qwen3MoeConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            intermediate_size=64,
+            vocab_size=512,
+            num_hidden_layers=2,
+            norm_topk_prob=True,
+        )
+    return Qwen3MoeConfig(
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        vocab_size=151936,
+        num_hidden_layers=layers,
+        norm_topk_prob=True,
+    )
 
 
 def build_pair(cfg, dtype, device):
@@ -99,7 +123,11 @@ def run_steps(model, batch, *, steps: int, warmup: int, device: str, ours: bool)
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        out = model(batch["input_ids"], labels=batch["labels"]) if ours else model(input_ids=batch["input_ids"], labels=batch["labels"])
+        out = (
+            model(batch["input_ids"], labels=batch["labels"])
+            if ours
+            else model(input_ids=batch["input_ids"], labels=batch["labels"])
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,19 +167,38 @@ def main(argv=None) -> int:
             peft_model = add_adapters(hf, ours, case, tmp)
         ours.set_gradient_checkpointing(case["ckpt"])
         if case["ckpt"]:
-            peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft_model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         ours.train(), peft_model.train()
         fpt = flops_per_token(ours.args, ns.seq)
         for tool in ns.tools.split(","):
             model = ours if tool == "moetune" else peft_model
             try:
-                sec, peak, loss = run_steps(model, batch, steps=ns.steps, warmup=ns.warmup, device=ns.device, ours=tool == "moetune")
+                sec, peak, loss = run_steps(
+                    model, batch, steps=ns.steps, warmup=ns.warmup, device=ns.device, ours=tool == "moetune"
+                )
             except torch.OutOfMemoryError:
                 print(json.dumps({"case": name, "tool": tool, "error": "out of memory"}), flush=True)
                 torch.cuda.empty_cache()
                 continue
             tps = ns.batch * ns.seq / sec
-            print(json.dumps({"case": name, "tool": tool, "tokens_per_s": round(tps, 1), "step_ms": round(sec * 1e3, 2), "peak_gib": round(peak, 2), "mfu": round(tps * fpt / (ns.peak_tflops * 1e12), 4), "first_loss": round(loss, 5), "device": ns.device, "torch": torch.__version__}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": name,
+                        "tool": tool,
+                        "tokens_per_s": round(tps, 1),
+                        "step_ms": round(sec * 1e3, 2),
+                        "peak_gib": round(peak, 2),
+                        "mfu": round(tps * fpt / (ns.peak_tflops * 1e12), 4),
+                        "first_loss": round(loss, 5),
+                        "device": ns.device,
+                        "torch": torch.__version__,
+                    }
+                ),
+                flush=True,
+            )
         del hf, ours, peft_model
         if ns.device != "cpu":
             torch.cuda.empty_cache()

@@ -48,7 +48,9 @@ def pretrain_base(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, se
 
 def accuracy(model, tok: ByteTokenizer, rows: list[dict], adapter: str | None = None) -> float:
     model.eval()
-    prompts = [tok.encode_chat([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True).ids for r in rows]
+    prompts = [
+        tok.encode_chat([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True).ids for r in rows
+    ]
     names = [adapter] * len(rows) if adapter else None
     outs = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, adapter_names=names)
     return sum(tok.decode(o) == r["output"] for o, r in zip(outs, rows)) / len(rows)
@@ -58,9 +60,28 @@ def lora_config(out: Path, data: Path, eval_data: Path, steps: int) -> TrainConf
     """The same config a user would write in YAML (see examples/)."""
     raw = {
         "model": {"path": str(out / "base-model"), "dtype": "fp32", "device": "cpu"},
-        "adapter": {"name": "upper", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]},
-        "data": {"train": str(data), "eval": str(eval_data), "format": "instruction", "tokenizer": "byte", "max_length": 64},
-        "optim": {"lr": 5e-3, "max_steps": steps, "batch_size": 32, "warmup_steps": 10, "lr_schedule": "cosine", "aux_loss_coef": 0.001},
+        "adapter": {
+            "name": "upper",
+            "r": 8,
+            "alpha": 16,
+            "dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+        },
+        "data": {
+            "train": str(data),
+            "eval": str(eval_data),
+            "format": "instruction",
+            "tokenizer": "byte",
+            "max_length": 64,
+        },
+        "optim": {
+            "lr": 5e-3,
+            "max_steps": steps,
+            "batch_size": 32,
+            "warmup_steps": 10,
+            "lr_schedule": "cosine",
+            "aux_loss_coef": 0.001,
+        },
         "checkpoint": {"output_dir": str(out / "run"), "save_every": 0},
         "logging": {"eval_every": max(steps // 4, 1), "progress": True},
     }
@@ -77,7 +98,9 @@ def claim_demo_folder(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     return folder.path
 
 
-def run_demo(out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
+def run_demo(
+    out_dir: str | Path = "moetune-demo", *, quick: bool = False, seed: int = 0, overwrite: bool = False
+) -> dict:
     """Run the demo; prints a report and returns the measured accuracies."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)

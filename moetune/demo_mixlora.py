@@ -36,22 +36,43 @@ FFN = ["gate_proj", "up_proj", "down_proj"]
 def comparison_config(out: Path, data: Path, steps: int, batch_size: int = 32) -> TrainConfig:
     adapters = [
         {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ATTENTION + FFN},
-        {"name": "mixlora", "method": "mixlora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ATTENTION + FFN,
-         "mixture": {"num_experts": 4, "top_k": 2, "expert_r": 2, "expert_alpha": 4, "router_aux_loss_coef": 0.01}},
+        {
+            "name": "mixlora",
+            "method": "mixlora",
+            "r": 8,
+            "alpha": 16,
+            "dropout": 0.05,
+            "target_modules": ATTENTION + FFN,
+            "mixture": {"num_experts": 4, "top_k": 2, "expert_r": 2, "expert_alpha": 4, "router_aux_loss_coef": 0.01},
+        },
     ]
     raw = {
         "model": {"path": str(out / "base-model"), "dtype": "fp32", "device": "cpu"},
         "adapters": adapters,
         "data": {"train": str(data), "format": "instruction", "tokenizer": "byte", "max_length": 64},
-        "optim": {"lr": 5e-3, "max_steps": steps, "batch_size": batch_size, "warmup_steps": max(steps // 20, 1), "lr_schedule": "cosine"},
+        "optim": {
+            "lr": 5e-3,
+            "max_steps": steps,
+            "batch_size": batch_size,
+            "warmup_steps": max(steps // 20, 1),
+            "lr_schedule": "cosine",
+        },
         "checkpoint": {"output_dir": str(out / "run"), "save_every": 0},
         "logging": {"progress": False},
     }
     return from_dict(TrainConfig, raw, where="mixlora demo config")
 
 
-def run_comparison(out_dir: str | Path = "moetune-mixlora-demo", *, base_steps: int = 600, steps: int = 150,
-                   seed: int = 0, held_out: int = 100, verbose: bool = True, overwrite: bool = False) -> dict:
+def run_comparison(
+    out_dir: str | Path = "moetune-mixlora-demo",
+    *,
+    base_steps: int = 600,
+    steps: int = 150,
+    seed: int = 0,
+    held_out: int = 100,
+    verbose: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Pre-train the dense base, train LoRA and MixLoRA together, return their accuracies and sizes."""
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -70,6 +91,9 @@ def run_comparison(out_dir: str | Path = "moetune-mixlora-demo", *, base_steps: 
         load_adapter(adapted, folder, name=name)
         result[f"{name}_params"] = sum(p.numel() for p in trainable_parameters(adapted, name).values())
         result[f"{name}_accuracy"] = accuracy(adapted, tok, rows, adapter=name)
-        say(f"{name}: {result[f'{name}_params']:,} trainable parameters, held-out accuracy {result[f'{name}_accuracy']:.0%}", flush=True)
+        say(
+            f"{name}: {result[f'{name}_params']:,} trainable parameters, held-out accuracy {result[f'{name}_accuracy']:.0%}",
+            flush=True,
+        )
     result["seconds"] = time.perf_counter() - t0
     return result

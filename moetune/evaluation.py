@@ -48,8 +48,10 @@ class TaskResult:
     router: str = ""
 
     def summary(self) -> str:
-        line = (f"{Path(self.file).name}: accuracy_norm {self.accuracy_norm:.4f} (headline, log-likelihood per byte)  "
-                f"accuracy {self.accuracy:.4f} (summed log-likelihood)  {self.questions} questions")
+        line = (
+            f"{Path(self.file).name}: accuracy_norm {self.accuracy_norm:.4f} (headline, log-likelihood per byte)  "
+            f"accuracy {self.accuracy:.4f} (summed log-likelihood)  {self.questions} questions"
+        )
         return line + ("\n" + self.router if self.router else "")
 
 
@@ -129,16 +131,27 @@ class RouterTally:
         lines = []
         if self.base:
             loads = [(c / c.sum().clamp_min(1)) for c in self.base]
-            lines.append("base MoE routers: max expert load vs uniform per layer "
-                         + " ".join(f"{float(l.max()) * l.numel():.2f}" for l in loads))
+            lines.append(
+                "base MoE routers: max expert load vs uniform per layer "
+                + " ".join(f"{float(l.max()) * l.numel():.2f}" for l in loads)
+            )
         if self.mixtures:
             lines.append(format_metrics(mean_metrics(self.mixtures)))
         return "\n".join(lines)
 
 
 @torch.no_grad()
-def score_task(model, tok, questions: list[Question], *, batch_size: int = 8, max_length: int = 1024,
-               chat: bool = False, adapter: str | None = None, tally: RouterTally | None = None) -> tuple[float, float]:
+def score_task(
+    model,
+    tok,
+    questions: list[Question],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    chat: bool = False,
+    adapter: str | None = None,
+    tally: RouterTally | None = None,
+) -> tuple[float, float]:
     """(accuracy, accuracy_norm) of ``model`` (with adapter ``adapter`` on every sample, or its
     active adapters) on ``questions``."""
     pairs = [(q, c) for q in questions for c in q.choices]
@@ -147,17 +160,23 @@ def score_task(model, tok, questions: list[Question], *, batch_size: int = 8, ma
     loglik: list[float] = []
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate([[e] for e in examples[start:start + batch_size]]).items()}
+        batch = {k: v.to(device) for k, v in collate([[e] for e in examples[start : start + batch_size]]).items()}
         names = [adapter] * batch["input_ids"].shape[0] if adapter else None
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    position_ids=batch["position_ids"], adapter_names=names, per_sample=True)
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            position_ids=batch["position_ids"],
+            adapter_names=names,
+            per_sample=True,
+        )
         loglik += (-out.sample_loss).tolist()
         if tally is not None:
             tally.add(model, out, float(out.sample_tokens.sum()))
     right = right_norm = 0
     i = 0
     for q in questions:
-        scores = loglik[i:i + len(q.choices)]
+        scores = loglik[i : i + len(q.choices)]
         norm = [s / max(len(c.encode("utf-8")), 1) for s, c in zip(scores, q.choices)]
         right += int(max(range(len(scores)), key=scores.__getitem__) == q.answer)
         right_norm += int(max(range(len(norm)), key=norm.__getitem__) == q.answer)
@@ -172,7 +191,9 @@ def evaluate_tasks(model, tok, files: list[str], **kw) -> list[TaskResult]:
         tally = RouterTally()
         questions = read_task(file)
         acc, acc_norm = score_task(model, tok, questions, tally=tally, **kw)
-        results.append(TaskResult(file=str(file), questions=len(questions), accuracy=acc, accuracy_norm=acc_norm,
-                                  router=tally.summary()))
+        results.append(
+            TaskResult(
+                file=str(file), questions=len(questions), accuracy=acc, accuracy_norm=acc_norm, router=tally.summary()
+            )
+        )
     return results
-

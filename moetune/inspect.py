@@ -38,7 +38,9 @@ def inspect_model(path: str | os.PathLike) -> str:
     check_weight_files(files, Path(path))
     lines = [f"model             {path}"] + summarize(args).lines()
     size = sum(f.stat().st_size for f in files)
-    lines.append(f"weights           {len(files)} safetensors file(s), {size / 2**20:,.1f} MiB (headers and sizes checked)")
+    lines.append(
+        f"weights           {len(files)} safetensors file(s), {size / 2**20:,.1f} MiB (headers and sizes checked)"
+    )
     try:
         names, aliases = target_names(args)
     except ImportError:  # peft layer not available

@@ -96,7 +96,9 @@ def _refuse_special(path: Path, key: str, inputs: Iterable[str | os.PathLike]) -
     """The current folder, a folder above it, an input folder or a file are never an output."""
     resolved, cwd = path.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise OutputError(f"{key}: '{path}' is the current folder or one above it; give a new or empty folder (e.g. {key} out/)")
+        raise OutputError(
+            f"{key}: '{path}' is the current folder or one above it; give a new or empty folder (e.g. {key} out/)"
+        )
     for given in inputs:
         if given is not None and resolved == Path(given).resolve():
             raise OutputError(f"{key}: '{path}' is also an input of this command; give another folder")
@@ -104,8 +106,14 @@ def _refuse_special(path: Path, key: str, inputs: Iterable[str | os.PathLike]) -
         raise OutputError(f"{key}: '{path}' is a file, not a folder; it is left as it is: give a new or empty folder")
 
 
-def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False, key: str = "--out",
-                 inputs: Iterable[str | os.PathLike] = ()) -> Marker | None:
+def check_output(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    key: str = "--out",
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Marker | None:
     """Raise :class:`OutputError` unless a ``kind`` output may go to ``path``; reads, never writes.
 
     Returns the folder's marker when moetune wrote it before (same kind), else None.
@@ -118,11 +126,15 @@ def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
     if marker is not None and marker.kind == kind:
         return marker
     if marker is not None:
-        raise OutputError(f"{key}: '{path}' holds moetune's {marker.kind} output; a {kind} is not written into it "
-                          "(that would mix the two): give another folder")
+        raise OutputError(
+            f"{key}: '{path}' holds moetune's {marker.kind} output; a {kind} is not written into it "
+            "(that would mix the two): give another folder"
+        )
     if not overwrite:
-        raise OutputError(f"{key}: '{path}' is not empty and moetune did not write it; give a new or empty folder, "
-                          "or pass --overwrite to write beside those files (none of them is changed or deleted)")
+        raise OutputError(
+            f"{key}: '{path}' is not empty and moetune did not write it; give a new or empty folder, "
+            "or pass --overwrite to write beside those files (none of them is changed or deleted)"
+        )
     return None
 
 
@@ -133,12 +145,21 @@ def refuse_collisions(path: Path, names: Iterable[str], marker: Marker | None, k
     ours = set(marker.files) if marker else set()
     clash = sorted((_entries(path) - ours) & set(names))
     if clash:
-        raise OutputError(f"{key}: '{path / clash[0]}' exists and moetune did not write it; it is left as it is: "
-                          "move it away or give another folder")
+        raise OutputError(
+            f"{key}: '{path / clash[0]}' exists and moetune did not write it; it is left as it is: "
+            "move it away or give another folder"
+        )
 
 
-def write_folder(path: str | os.PathLike, kind: str, write: Callable[[Path], None], *, overwrite: bool = False,
-                 key: str = "--out", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def write_folder(
+    path: str | os.PathLike,
+    kind: str,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    key: str = "--out",
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
     """Write a folder output: ``write(tmp)`` fills a temporary folder, which is then moved into place.
 
     Args:
@@ -220,8 +241,10 @@ class OwnedFolder:
         if name not in self.files:
             target = self.path / name
             if target.exists() or target.is_symlink():
-                raise OutputError(f"{self.key}: '{target}' exists and moetune did not write it; it is left as it is: "
-                                  "move it away or give another folder")
+                raise OutputError(
+                    f"{self.key}: '{target}' exists and moetune did not write it; it is left as it is: "
+                    "move it away or give another folder"
+                )
             self.files.add(name)
             write_marker(self.path, Marker(kind=self.kind, files=tuple(self.files), run_id=self.run_id))
         return self.path / name
@@ -234,8 +257,9 @@ class OwnedFolder:
         write_marker(self.path, Marker(kind=self.kind, run_id=self.run_id))
 
 
-def open_folder(path: str | os.PathLike, kind: str, *, overwrite: bool = False, key: str = "--out",
-                adopt: Iterable[str] = ()) -> OwnedFolder:
+def open_folder(
+    path: str | os.PathLike, kind: str, *, overwrite: bool = False, key: str = "--out", adopt: Iterable[str] = ()
+) -> OwnedFolder:
     """Claim ``path`` for a ``kind`` output written entry by entry (see :func:`check_output`).
 
     ``adopt``: entry names an earlier moetune version wrote without a marker, recorded as moetune's.

@@ -21,8 +21,25 @@ from .errors import CheckpointError, MoetuneError
 
 # The safetensors reader refuses headers above 100 MB; a larger length field is not a header.
 MAX_HEADER_BYTES = 100_000_000
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:
@@ -82,7 +99,10 @@ def _data_bytes(header: dict) -> tuple[int, str | None]:
             return 0, f"tensor '{name}' has no valid dtype, shape and data_offsets"
         width = DTYPE_BYTES.get(dtype)
         if width is not None and (not 0 <= begin <= stop or stop - begin != numel * width):
-            return 0, f"tensor '{name}' has data_offsets {[begin, stop]} that do not fit its {dtype} shape {list(shape)}"
+            return (
+                0,
+                f"tensor '{name}' has data_offsets {[begin, stop]} that do not fit its {dtype} shape {list(shape)}",
+            )
         end = max(end, stop)
     return end, None
 

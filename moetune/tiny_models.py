@@ -35,38 +35,97 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     # DeepSeek-V3 as released, scaled down: 3 layers (first dense), 16 experts in 4 groups (keep 2),
     # top-4, one shared expert, q_lora_rank set, YaRN. ~0.3M parameters.
     "deepseek_v3": {
-        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
-        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-        "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
-        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_interleave": True,
+        "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "rope_interleave": True,
         "max_position_embeddings": 512,
-        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
-                            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     },
     # DeepSeek-V2-Lite scaled down: direct q_proj (no q_lora_rank), greedy softmax routing, 2 shared experts.
     "deepseek_v2": {
-        "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
-        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "topk_method": "greedy", "n_shared_experts": 2,
-        "routed_scaling_factor": 1.0, "max_position_embeddings": 512, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "model_type": "deepseek_v2",
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "topk_method": "greedy",
+        "n_shared_experts": 2,
+        "routed_scaling_factor": 1.0,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
 }
 # The demo's base: Qwen3-MoE-shaped, 2 layers, 8 experts top-2 (~0.6M parameters at hidden 96).
 TINY_CONFIGS["qwen3_moe"] = {
-    "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 96, "intermediate_size": 192,
-    "moe_intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
-    "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-    "max_position_embeddings": 256, "rope_theta": 10000.0, "router_aux_loss_coef": 0.001,
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "moe_intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 24,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
+    "router_aux_loss_coef": 0.001,
 }
 # The MixLoRA demo's dense base: Qwen3-shaped, 2 layers, hidden 96, FFN 192.
 TINY_CONFIGS["qwen3"] = {
-    "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 96, "intermediate_size": 192,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
-    "max_position_embeddings": 256, "rope_theta": 10000.0,
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 24,
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
 }
 COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False}
 
@@ -80,8 +139,12 @@ def tiny_model_args(family: str, vocab_size: int = BYTE_VOCAB) -> ModelArgs:
 
 def tiny_moe_args(vocab_size: int = BYTE_VOCAB, hidden_size: int = 96) -> ModelArgs:
     """The demo's tiny Qwen3-MoE base at width ``hidden_size`` (experts and head dim scale with it)."""
-    widths = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "moe_intermediate_size": hidden_size,
-              "head_dim": hidden_size // 4}
+    widths = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "moe_intermediate_size": hidden_size,
+        "head_dim": hidden_size // 4,
+    }
     return model_args_from_hf({**COMMON, **TINY_CONFIGS["qwen3_moe"], **widths, "vocab_size": vocab_size})
 
 
@@ -92,7 +155,9 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, train_rows: in
     Returns:
         The model folder.
     """
-    folder = open_folder(out_dir, "tiny-model", key="out")  # new, empty or an earlier tiny model's: never someone's files
+    folder = open_folder(
+        out_dir, "tiny-model", key="out"
+    )  # new, empty or an earlier tiny model's: never someone's files
     out = folder.path
     for name in ("base-model", "data"):
         folder.entry(name)

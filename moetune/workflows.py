@@ -18,7 +18,6 @@ from .model.loading import read_hf_config
 from .model.generate import SamplingConfig, generate
 from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
-from .peft.arithmetic.combine import METHODS as COMBINE_METHODS
 from .peft.arithmetic.folders import combine_adapter_folders
 from .peft.formats.adapters import load_adapter, save_adapter
 from .peft.lora.fold import fold_adapter as merge_adapter
@@ -56,11 +55,15 @@ def resolve_dtype(model_path, spec: str | None) -> torch.dtype:
     return DTYPES[spec]
 
 
-def load_with_adapter(model_path, adapter: str | None, *, dtype: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, str]:
+def load_with_adapter(
+    model_path, adapter: str | None, *, dtype: str | None = None, device: str | None = None
+) -> tuple[torch.nn.Module, str]:
     """The base (in the checkpoint's dtype unless ``dtype`` says otherwise) with ``adapter`` loaded:
     a PEFT-format folder (as ``"default"``) or a training checkpoint folder (``checkpoints/checkpoint-N``,
     under the run's adapter name). Returns the model and the adapter's name."""
-    model = load_model(model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device, key="--device"))
+    model = load_model(
+        model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device, key="--device")
+    )
     name = "default"
     if adapter and is_training_checkpoint(adapter):
         name = load_checkpoint_adapter(model, adapter)
@@ -83,11 +86,23 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_file(model_path, data_file, *, adapter=None, tokenizer=None, max_length: int = 1024, batch_size: int = 8,
-                  train_on_prompt: bool = False, dtype: str | None = None, device: str | None = None) -> EvalResult:
+def evaluate_file(
+    model_path,
+    data_file,
+    *,
+    adapter=None,
+    tokenizer=None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    train_on_prompt: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> EvalResult:
     """Token-weighted loss and perplexity of base (or base + adapter) on a JSONL file."""
     tok = default_tokenizer(model_path, tokenizer)
-    section = DataSection(train=str(data_file), max_length=max_length, train_on_prompt=train_on_prompt, tokenizer="byte")
+    section = DataSection(
+        train=str(data_file), max_length=max_length, train_on_prompt=train_on_prompt, tokenizer="byte"
+    )
     examples = build_datasets(section, tok).train
     model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
     on = next(model.parameters()).device
@@ -95,26 +110,54 @@ def evaluate_file(model_path, data_file, *, adapter=None, tokenizer=None, max_le
     for batch in eval_batches(examples, batch_size=batch_size, pad_id=tok.pad_id):
         batch = {k: v.to(on) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            position_ids=batch.get("position_ids"),
+        )
         total += out.loss.item() * n
         count += n
         tally.add(model, out, float(n))
     loss = total / max(count, 1)
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50)), tokens=count, examples=len(examples), router=tally.summary())
+    return EvalResult(
+        loss=loss, perplexity=math.exp(min(loss, 50)), tokens=count, examples=len(examples), router=tally.summary()
+    )
 
 
 @torch.no_grad()
-def evaluate_task_files(model_path, files: list[str], *, adapter=None, tokenizer=None, max_length: int = 1024,
-                        batch_size: int = 8, chat: bool = False, dtype: str | None = None, device: str | None = None) -> list[TaskResult]:
+def evaluate_task_files(
+    model_path,
+    files: list[str],
+    *,
+    adapter=None,
+    tokenizer=None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    chat: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> list[TaskResult]:
     """Multiple-choice accuracy per task file (see :mod:`moetune.evaluation`)."""
     tok = default_tokenizer(model_path, tokenizer)
     model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
     return evaluate_tasks(model, tok, list(files), batch_size=batch_size, max_length=max_length, chat=chat)
 
 
-def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=None, chat: bool = True, max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, dtype: str | None = None,
-                  device: str | None = None) -> list[str]:
+def generate_text(
+    model_path,
+    prompts: list[str],
+    *,
+    adapter=None,
+    tokenizer=None,
+    chat: bool = True,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> list[str]:
     """Continue each prompt (as a user turn when ``chat``) and return the decoded text
     (``temperature`` 0: greedy; else sampled with nucleus ``top_p`` and ``seed``)."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -129,8 +172,9 @@ def generate_text(model_path, prompts: list[str], *, adapter=None, tokenizer=Non
     return [tok.decode(o) for o in outs]
 
 
-def train_from_file(config_path, overrides: list[str] = (), *, resume=None, overwrite: bool = False,
-                    print_config: bool = False) -> str | None:
+def train_from_file(
+    config_path, overrides: list[str] = (), *, resume=None, overwrite: bool = False, print_config: bool = False
+) -> str | None:
     """``moetune train``: the resolved config (``print_config``) or the run's summary; None on ranks
     other than 0 under torchrun (rank 0 speaks for the run)."""
     config = load_train_config(config_path, list(overrides))
@@ -146,8 +190,16 @@ def combine_adapters(model_path, adapters: list[str], out_dir, **options) -> str
     return combine_adapter_folders(model_path, adapters, out_dir, **options).summary()
 
 
-def merge_to_checkpoint(model_path, adapter, out_dir, *, tokenizer: str | None = None, dtype: str | None = None,
-                        device: str | None = None, overwrite: bool = False) -> Path:
+def merge_to_checkpoint(
+    model_path,
+    adapter,
+    out_dir,
+    *,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Fold an adapter into the base and write a plain Hugging Face checkpoint, in the base's dtype
     unless ``dtype`` says otherwise, with the base folder's generation config and the tokenizer
     files of ``tokenizer`` (a folder; default: the base folder's), so it generates as base + adapter did.
@@ -163,8 +215,10 @@ def merge_to_checkpoint(model_path, adapter, out_dir, *, tokenizer: str | None =
 def merged_companions(model_path, tokenizer: str | None) -> dict[str, Path]:
     """Generation config from the base; tokenizer files from ``tokenizer`` (a folder) or the base."""
     if tokenizer == "byte":
-        raise ConfigError("--tokenizer byte: the built-in byte tokenizer has no files to write into a model folder; "
-                          "drop --tokenizer (the base folder's tokenizer files are copied) or give a tokenizer folder")
+        raise ConfigError(
+            "--tokenizer byte: the built-in byte tokenizer has no files to write into a model folder; "
+            "drop --tokenizer (the base folder's tokenizer files are copied) or give a tokenizer folder"
+        )
     if tokenizer is not None:
         found = companion_files(tokenizer, TOKENIZER_FILES)
         if "tokenizer.json" not in found and "tokenizer.model" not in found:
@@ -173,8 +227,16 @@ def merged_companions(model_path, tokenizer: str | None) -> dict[str, Path]:
     return companion_files(model_path)
 
 
-def export_adapter(model_path, adapter, out_dir, *, layout: str = "peft", dtype: str | None = None,
-                   device: str | None = None, overwrite: bool = False) -> Path:
+def export_adapter(
+    model_path,
+    adapter,
+    out_dir,
+    *,
+    layout: str = "peft",
+    dtype: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Re-save an adapter in PEFT's layout or the per-expert (vLLM) layout."""
     check_output(out_dir, "adapter", overwrite=overwrite, inputs=(model_path, adapter))
     model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)

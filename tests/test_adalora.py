@@ -30,8 +30,9 @@ def _ada(r=4, target_r=2, total=10, **kw):
 
 
 def _peft_model(hf, targets, r=4, target_r=2, total=10, **kw):
-    cfg = peft.AdaLoraConfig(init_r=r, target_r=target_r, lora_alpha=8, target_modules=targets, total_step=total,
-                             task_type="CAUSAL_LM", **kw)  # CAUSAL_LM: PEFT adds the orth term to the loss
+    cfg = peft.AdaLoraConfig(
+        init_r=r, target_r=target_r, lora_alpha=8, target_modules=targets, total_step=total, task_type="CAUSAL_LM", **kw
+    )  # CAUSAL_LM: PEFT adds the orth term to the loss
     return peft.get_peft_model(hf, cfg)
 
 
@@ -84,7 +85,9 @@ def test_allocation_and_orth_loss_match_peft_step_by_step(tmp_path):
     sched = dict(tinit=2, tfinal=3)
     hf = save_hf_model("llama", tmp_path / "base")
     ours = moetune.load_model(tmp_path / "base")
-    moetune.add_adapter(ours, moetune.LoraConfig(r=4, alpha=8, target_modules=targets, adalora=_ada(total=total, delta_t=2, **sched)))
+    moetune.add_adapter(
+        ours, moetune.LoraConfig(r=4, alpha=8, target_modules=targets, adalora=_ada(total=total, delta_t=2, **sched))
+    )
     pm = _peft_model(hf, targets, total=total, deltaT=2, **sched)
     theirs = dict(pm.named_parameters())
     mine = trainable_parameters(ours)
@@ -111,7 +114,7 @@ def test_allocation_and_orth_loss_match_peft_step_by_step(tmp_path):
     assert {k.removesuffix(".lora_E.default"): v for k, v in theirs_pattern.items()} == ours_pattern
     budget = 2 * 6  # target_r x (3 targets x 2 layers)
     print(f"AdaLoRA kept rank per step: {kept} (budget {budget}, start {4 * 6})")
-    assert kept[0] == 24 and kept[total - 3 - 1:] == [budget] * 4
+    assert kept[0] == 24 and kept[total - 3 - 1 :] == [budget] * 4
     pm.save_pretrained(tmp_path / "peft_adalora")  # PEFT's own AdaLoRA folder loads as its plain-LoRA equivalent
     fresh = moetune.load_model(tmp_path / "base")
     moetune.load_adapter(fresh, tmp_path / "peft_adalora")
@@ -140,7 +143,9 @@ def test_budget_over_linears_and_experts(tmp_path):
     pattern = rank_pattern(model, "default")
     assert len(pattern["model.layers.0.mlp.experts.gate_up"]) == 8
     experts = sum(sum(map(sum, v)) for k, v in pattern.items() if "experts" in k)
-    print(f"AdaLoRA budget {alloc.kept()} of {alloc.init_budget}: {experts} triplets on experts, {alloc.kept() - experts} on q_proj")
+    print(
+        f"AdaLoRA budget {alloc.kept()} of {alloc.init_budget}: {experts} triplets on experts, {alloc.kept() - experts} on q_proj"
+    )
 
 
 def test_plain_lora_export_reproduces_adalora_logits(tmp_path):
@@ -179,7 +184,10 @@ def test_peft_adalora_layout_loads_in_peft(tmp_path):
     out = save_adalora(model, tmp_path / "ada")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "ADALORA" and cfg["init_r"] == 4
-    assert cfg["rank_pattern"]["model.layers.0.self_attn.q_proj.lora_E"] == rank_pattern(model, "default")["model.layers.0.self_attn.q_proj"]
+    assert (
+        cfg["rank_pattern"]["model.layers.0.self_attn.q_proj.lora_E"]
+        == rank_pattern(model, "default")["model.layers.0.self_attn.q_proj"]
+    )
     loaded = peft.PeftModel.from_pretrained(hf, out)
     ids = _ids()
     again = moetune.load_model(tmp_path / "base")
@@ -198,7 +206,9 @@ def test_stacks_on_a_plain_lora_and_rejects_bad_options(tmp_path):
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
-    moetune.add_adapter(model, moetune.LoraConfig(r=4, target_modules=["q_proj", "experts"], adalora=_ada()), name="new")
+    moetune.add_adapter(
+        model, moetune.LoraConfig(r=4, target_modules=["q_proj", "experts"], adalora=_ada()), name="new"
+    )
     for layer in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.experts):  # adopted in place
         assert layer.adapter_names == ["old", "new"] and layer.is_svd("new") and not layer.is_svd("old")
     moetune.set_adapter(model, ["old", "new"])

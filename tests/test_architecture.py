@@ -60,7 +60,7 @@ def test_layers_import_downwards_only():
         mine = _layer(module)
         if mine is None:
             continue
-        allowed = set(LAYERS[LAYERS.index(mine):])
+        allowed = set(LAYERS[LAYERS.index(mine) :])
         for target, _ in edges:
             theirs = _layer(target)
             if target not in SHARED and theirs is not None and theirs not in allowed:
@@ -72,14 +72,18 @@ def test_no_import_cycles():
     modules = _modules()
     graph = {m: {t for t, _ in edges if t in modules and t != m} for m, edges in _imports(modules).items()}
     # A package's __init__ re-exporting its own modules is not a cycle of logic.
-    graph = {m: {t for t in ts if not (m == t.rsplit(".", 1)[0] or t == m.rsplit(".", 1)[0])} for m, ts in graph.items()}
+    graph = {
+        m: {t for t in ts if not (m == t.rsplit(".", 1)[0] or t == m.rsplit(".", 1)[0])} for m, ts in graph.items()
+    }
     cycles, state = [], {}
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(nxt) :] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = "done"
@@ -94,14 +98,28 @@ def test_no_module_imports_another_modules_underscore_names():
     bad = []
     modules = _modules()
     for module, edges in _imports(modules).items():
-        bad += [f"{module} imports {target}.{name}" for target, name in edges
-                if name.startswith("_") and not name.startswith("__") and target != module]
+        bad += [
+            f"{module} imports {target}.{name}"
+            for target, name in edges
+            if name.startswith("_") and not name.startswith("__") and target != module
+        ]
         tree = ast.parse(modules[module].read_text())
-        aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
-                   if f"{_resolve(module, modules[module], n)}.{a.name}" in modules}
-        bad += [f"{module} uses {n.value.id}.{n.attr}" for n in ast.walk(tree)
-                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
-                and n.attr.startswith("_") and not n.attr.startswith("__")]
+        aliases = {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom)
+            for a in n.names
+            if f"{_resolve(module, modules[module], n)}.{a.name}" in modules
+        }
+        bad += [
+            f"{module} uses {n.value.id}.{n.attr}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name)
+            and n.value.id in aliases
+            and n.attr.startswith("_")
+            and not n.attr.startswith("__")
+        ]
     assert not bad, "\n".join(sorted(set(bad)))
 
 

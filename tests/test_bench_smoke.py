@@ -10,8 +10,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_train_step_bench_tiny_cpu():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_step.py"), "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--cases", "attention+experts"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_step.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--cases",
+            "attention+experts",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]

@@ -4,10 +4,8 @@ generation config in merged folders, training checkpoints as adapters; bad numbe
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from safetensors import safe_open
 
 from moetune.cli import build_parser, main
 from moetune.tiny_models import tiny_moe_args
-from moetune.model import build_random_model, load_model
+from moetune.model import build_random_model
 from moetune.workflows import evaluate_file, generate_text, load_with_adapter, merge_to_checkpoint
 from test_data import make_hf_tokenizer
 from train_helpers import write_run
@@ -33,16 +31,24 @@ def bf16_run(tmp_path_factory):
     build_random_model(tiny_moe_args(272), seed=0, std=0.05).to(torch.bfloat16).save_pretrained(base)
     make_hf_tokenizer(base, vocab_size=270)
     (base / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7, "eos_token_id": 2}) + "\n")
-    cfg = write_run(root, optim={"lr": 3e-3, "max_steps": 4, "batch_size": 8},
-                    checkpoint={"output_dir": str(root / "run"), "save_every": 2, "keep_last": 3},
-                    data={"train": str(root / "train.jsonl"), "max_length": 48})
+    cfg = write_run(
+        root,
+        optim={"lr": 3e-3, "max_steps": 4, "batch_size": 8},
+        checkpoint={"output_dir": str(root / "run"), "save_every": 2, "keep_last": 3},
+        data={"train": str(root / "train.jsonl"), "max_length": 48},
+    )
     assert main(["train", str(cfg), "model.dtype=fp32"]) == 0
     return root, base
 
 
 def test_bad_numbers_are_one_line_errors():
-    cases = [("generate", "--max-new-tokens", "0"), ("generate", "--temperature", "-1"), ("generate", "--top-p", "2"),
-             ("eval", "--batch-size", "0"), ("eval", "--max-length", "x")]
+    cases = [
+        ("generate", "--max-new-tokens", "0"),
+        ("generate", "--temperature", "-1"),
+        ("generate", "--top-p", "2"),
+        ("eval", "--batch-size", "0"),
+        ("eval", "--max-length", "x"),
+    ]
     for cmd, flag, value in cases:
         extra = ["--prompt", "hi"] if cmd == "generate" else ["--data", "d.jsonl"]
         proc = _cli(cmd, "--model", "m", *extra, flag, value)
@@ -86,9 +92,29 @@ def test_merge_tokenizer_option_is_honoured_or_rejected(bf16_run, tmp_path):
     out = merge_to_checkpoint(base, root / "run" / "adapter", tmp_path / "m1", tokenizer=str(other))
     assert (out / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
     assert (out / "generation_config.json").is_file()
-    proc = _cli("merge", "--model", str(base), "--adapter", str(root / "run" / "adapter"), "--out", str(tmp_path / "m2"), "--tokenizer", "byte")
+    proc = _cli(
+        "merge",
+        "--model",
+        str(base),
+        "--adapter",
+        str(root / "run" / "adapter"),
+        "--out",
+        str(tmp_path / "m2"),
+        "--tokenizer",
+        "byte",
+    )
     assert proc.returncode == 2 and "byte" in proc.stderr and not (tmp_path / "m2").exists()
-    proc = _cli("export", "--model", str(base), "--adapter", str(root / "run" / "adapter"), "--out", str(tmp_path / "e"), "--tokenizer", str(other))
+    proc = _cli(
+        "export",
+        "--model",
+        str(base),
+        "--adapter",
+        str(root / "run" / "adapter"),
+        "--out",
+        str(tmp_path / "e"),
+        "--tokenizer",
+        str(other),
+    )
     assert proc.returncode == 2 and "--tokenizer" in proc.stderr
 
 
@@ -109,5 +135,16 @@ def test_a_training_checkpoint_works_as_adapter(bf16_run):
     assert from_checkpoint.loss == pytest.approx(from_folder.loss, abs=1e-6)
     base_only = evaluate_file(base, root / "val.jsonl", dtype="fp32")
     assert abs(base_only.loss - from_folder.loss) > 1e-4  # the adapter does something
-    proc = _cli("generate", "--model", str(base), "--adapter", str(checkpoint), "--prompt", "abc", "--raw", "--max-new-tokens", "4")
+    proc = _cli(
+        "generate",
+        "--model",
+        str(base),
+        "--adapter",
+        str(checkpoint),
+        "--prompt",
+        "abc",
+        "--raw",
+        "--max-new-tokens",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr

@@ -10,14 +10,16 @@ import torch
 from safetensors import safe_open
 
 import moetune
-from train_helpers import tiny_model_dir, write_run
+from train_helpers import tiny_model_dir
 from moetune.demo_data import make_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "moetune", *map(str, args)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetune", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -28,7 +30,18 @@ def trained(tmp_path_factory):
     model = tiny_model_dir(root)
     train = write_jsonl(make_rows("upper", 64, 1), root / "data" / "upper_train.jsonl")
     val = write_jsonl(make_rows("upper", 16, 3), root / "data" / "upper_eval.jsonl")
-    out = _cli("train", ROOT / "examples" / "tiny_qwen3_moe.yaml", f"model.path={model}", f"data.train={train}", f"data.eval={val}", f"checkpoint.output_dir={root / 'run'}", "optim.max_steps=4", "optim.warmup_steps=1", "optim.batch_size=8", "logging.progress=false")
+    out = _cli(
+        "train",
+        ROOT / "examples" / "tiny_qwen3_moe.yaml",
+        f"model.path={model}",
+        f"data.train={train}",
+        f"data.eval={val}",
+        f"checkpoint.output_dir={root / 'run'}",
+        "optim.max_steps=4",
+        "optim.warmup_steps=1",
+        "optim.batch_size=8",
+        "logging.progress=false",
+    )
     assert "adapter 'upper'" in out
     return root, model, root / "run" / "adapter", val
 
@@ -52,7 +65,23 @@ def test_generate_greedy_and_sampled(trained):
     greedy = _cli("generate", "--model", model, "--adapter", adapter, "--prompt", "upper: abc", "--max-new-tokens", "5")
     again = _cli("generate", "--model", model, "--adapter", adapter, "--prompt", "upper: abc", "--max-new-tokens", "5")
     assert greedy == again
-    _cli("generate", "--model", model, "--prompt", "upper: abc", "--prompt", "copy: xy", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--max-new-tokens", "5")
+    _cli(
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "upper: abc",
+        "--prompt",
+        "copy: xy",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "5",
+    )
 
 
 def test_merge_writes_checkpoint_with_adapted_logits(trained, tmp_path):

@@ -59,23 +59,28 @@ def test_lora_defaults_and_scaling() -> None:
     assert LoraConfig(target_modules="all-linear").target_modules == "all-linear"
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"r": 0}, "r must be an integer >= 1, got 0"),
-    ({"r": True}, "r: expected an integer, got true"),
-    ({"r": "8"}, "r: expected an integer, got '8'"),
-    ({"alpha": -1}, "alpha must be a number > 0, got -1.0"),
-    ({"dropout": 1.0}, "dropout must be a number in [0, 1), got 1.0"),
-    ({"init": "kaimin"},
-     "init: expected one of 'kaiming', 'gaussian', 'pissa', got 'kaimin' (did you mean 'kaiming'?)"),
-    ({"target_modules": "q_proj"}, "target_modules must be a list of names or 'all-linear'"),
-    ({"target_modules": ["q_proj", 3]}, "target_modules[1]: expected a string, got 3"),
-    ({"target_modules": []}, "target_modules must be a non-empty list"),
-    ({"target_regex": "(q_proj"}, "target_regex is not a valid regular expression"),
-    ({"target_regex": ".*q", "target_modules": ["v_proj"]}, "target_modules must be left out when target_regex"),
-    ({"layers_to_transform": [0, -1]}, "layers_to_transform must be layer indices >= 0"),
-    ({"expert_rank": "each"}, "expert_rank: expected one of 'per_expert', 'shared', got 'each'"),
-    ({"bias": "all"}, "bias: expected 'none', got 'all'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"r": 0}, "r must be an integer >= 1, got 0"),
+        ({"r": True}, "r: expected an integer, got true"),
+        ({"r": "8"}, "r: expected an integer, got '8'"),
+        ({"alpha": -1}, "alpha must be a number > 0, got -1.0"),
+        ({"dropout": 1.0}, "dropout must be a number in [0, 1), got 1.0"),
+        (
+            {"init": "kaimin"},
+            "init: expected one of 'kaiming', 'gaussian', 'pissa', got 'kaimin' (did you mean 'kaiming'?)",
+        ),
+        ({"target_modules": "q_proj"}, "target_modules must be a list of names or 'all-linear'"),
+        ({"target_modules": ["q_proj", 3]}, "target_modules[1]: expected a string, got 3"),
+        ({"target_modules": []}, "target_modules must be a non-empty list"),
+        ({"target_regex": "(q_proj"}, "target_regex is not a valid regular expression"),
+        ({"target_regex": ".*q", "target_modules": ["v_proj"]}, "target_modules must be left out when target_regex"),
+        ({"layers_to_transform": [0, -1]}, "layers_to_transform must be layer indices >= 0"),
+        ({"expert_rank": "each"}, "expert_rank: expected one of 'per_expert', 'shared', got 'each'"),
+        ({"bias": "all"}, "bias: expected 'none', got 'all'"),
+    ],
+)
 def test_lora_rejects_bad_values(kwargs: dict, expected: str) -> None:
     assert expected in error_of(LoraConfig, **kwargs)
 
@@ -96,23 +101,31 @@ def test_adapter_method_dora() -> None:
 def test_from_dict_unknown_key_did_you_mean() -> None:
     data = {"max_steps": 3, "batch_size": 1, "lr_shedule": "cosine"}
     assert error_of(from_dict, OptimSection, data, "run.yaml") == (
-        "run.yaml: unknown key 'lr_shedule' (did you mean 'lr_schedule'?)")
+        "run.yaml: unknown key 'lr_shedule' (did you mean 'lr_schedule'?)"
+    )
     assert "(allowed: lr, weight_decay" in error_of(from_dict, OptimSection, {"zzz": 1}, "run.yaml")
 
 
 def test_from_dict_types() -> None:
-    optim = from_dict(OptimSection, {"max_steps": 3, "batch_size": 1, "lr": 1, "betas": [0.9, 0.95],
-                                     "eps": "1e-6", "max_grad_norm": None}, "x")
+    optim = from_dict(
+        OptimSection,
+        {"max_steps": 3, "batch_size": 1, "lr": 1, "betas": [0.9, 0.95], "eps": "1e-6", "max_grad_norm": None},
+        "x",
+    )
     assert optim.lr == 1.0 and isinstance(optim.lr, float)
     assert optim.betas == (0.9, 0.95) and optim.eps == 1e-6 and optim.max_grad_norm is None
     assert "x: missing required key 'batch_size' (an integer)" == error_of(
-        from_dict, OptimSection, {"max_steps": 3}, "x")
+        from_dict, OptimSection, {"max_steps": 3}, "x"
+    )
     assert "x: betas: expected a list of 2 numbers, got [0.9]" == error_of(
-        from_dict, OptimSection, {"max_steps": 3, "batch_size": 1, "betas": [0.9]}, "x")
+        from_dict, OptimSection, {"max_steps": 3, "batch_size": 1, "betas": [0.9]}, "x"
+    )
     assert "x: max_grad_norm: expected a number or null, got 'big'" == error_of(
-        from_dict, OptimSection, {"max_steps": 3, "batch_size": 1, "max_grad_norm": "big"}, "x")
+        from_dict, OptimSection, {"max_steps": 3, "batch_size": 1, "max_grad_norm": "big"}, "x"
+    )
     assert "expected a finite number" in error_of(
-        from_dict, OptimSection, {"max_steps": 3, "batch_size": 1, "lr": float("nan")}, "x")
+        from_dict, OptimSection, {"max_steps": 3, "batch_size": 1, "lr": float("nan")}, "x"
+    )
     assert "x: expected a mapping of OptimSection keys, got [1]" == error_of(from_dict, OptimSection, [1], "x")
 
 
@@ -142,16 +155,19 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkey
     assert config.model.path == "/abs/m"
 
 
-@pytest.mark.parametrize("old, new, expected", [
-    ("lr: 1e-4", "lr_shedule: cosine", "run.yaml: unknown key 'optim.lr_shedule' (did you mean 'lr_schedule'?)"),
-    ("batch_size: 2", "batch_size: two", "run.yaml: optim.batch_size: expected an integer, got 'two'"),
-    ("packing: true", "packing: 1", "run.yaml: data.packing: expected true or false, got 1"),
-    ("dtype: bf16", "dtype: bf61", "model.dtype: expected one of 'fp32', 'bf16', 'fp16', got 'bf61'"),
-    ("  r: 16", "  r: 0", "run.yaml: adapter.r must be an integer >= 1, got 0"),
-    ("  alpha: 32", "  alhpa: 32", "run.yaml: unknown key 'adapter.alhpa' (did you mean 'alpha'?)"),
-    ("max_steps: 10", "max_steps: 10\n  warmup_steps: 20", "optim.warmup_steps must be in [0, max_steps], got 20"),
-    ("checkpoint: {output_dir: runs/demo}", "", "run.yaml: missing required key 'checkpoint'"),
-])
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("lr: 1e-4", "lr_shedule: cosine", "run.yaml: unknown key 'optim.lr_shedule' (did you mean 'lr_schedule'?)"),
+        ("batch_size: 2", "batch_size: two", "run.yaml: optim.batch_size: expected an integer, got 'two'"),
+        ("packing: true", "packing: 1", "run.yaml: data.packing: expected true or false, got 1"),
+        ("dtype: bf16", "dtype: bf61", "model.dtype: expected one of 'fp32', 'bf16', 'fp16', got 'bf61'"),
+        ("  r: 16", "  r: 0", "run.yaml: adapter.r must be an integer >= 1, got 0"),
+        ("  alpha: 32", "  alhpa: 32", "run.yaml: unknown key 'adapter.alhpa' (did you mean 'alpha'?)"),
+        ("max_steps: 10", "max_steps: 10\n  warmup_steps: 20", "optim.warmup_steps must be in [0, max_steps], got 20"),
+        ("checkpoint: {output_dir: runs/demo}", "", "run.yaml: missing required key 'checkpoint'"),
+    ],
+)
 def test_run_file_errors(tmp_path: Path, old: str, new: str, expected: str) -> None:
     assert old in RUN
     message = error_of(load_train_config, write(tmp_path, RUN.replace(old, new)))
@@ -160,14 +176,17 @@ def test_run_file_errors(tmp_path: Path, old: str, new: str, expected: str) -> N
 
 
 def test_adapters_list(tmp_path: Path) -> None:
-    text = RUN.replace("adapter:\n  r: 16\n  alpha: 32\n  target_modules: [q_proj, experts]\n",
-                       "adapters:\n  - {name: a, r: 4}\n  - {name: b, method: dora, target_modules: all-linear}\n")
+    text = RUN.replace(
+        "adapter:\n  r: 16\n  alpha: 32\n  target_modules: [q_proj, experts]\n",
+        "adapters:\n  - {name: a, r: 4}\n  - {name: b, method: dora, target_modules: all-linear}\n",
+    )
     config = load_train_config(write(tmp_path, text))
     assert [(a.name, a.r, a.use_dora) for a in config.adapters] == [("a", 4, False), ("b", 8, True)]
     config = load_train_config(tmp_path / "run.yaml", ["adapters.1.r=2"])
     assert config.adapters[1].r == 2
     assert "adapters[1].r: expected an integer, got 'x'" in error_of(
-        load_train_config, tmp_path / "run.yaml", ["adapters.1.r=x"])
+        load_train_config, tmp_path / "run.yaml", ["adapters.1.r=x"]
+    )
     assert "needs an index below 2" in error_of(load_train_config, tmp_path / "run.yaml", ["adapters.5.r=2"])
     assert "write adapters.N.r" in error_of(load_train_config, tmp_path / "run.yaml", ["adapter.r=2"])
     same = write(tmp_path, text.replace("name: b", "name: a"), "same.yaml")
@@ -178,34 +197,51 @@ def test_adapters_list(tmp_path: Path) -> None:
 
 def test_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, RUN)
-    config = load_train_config(path, ["optim.lr=3e-4", "data.packing=false", "adapter.r=4",
-                                      "adapter.target_modules=[q_proj, v_proj]", "logging.eval_every=5",
-                                      "optim.max_grad_norm=null", "seed=7"])
+    config = load_train_config(
+        path,
+        [
+            "optim.lr=3e-4",
+            "data.packing=false",
+            "adapter.r=4",
+            "adapter.target_modules=[q_proj, v_proj]",
+            "logging.eval_every=5",
+            "optim.max_grad_norm=null",
+            "seed=7",
+        ],
+    )
     assert config.optim.lr == 3e-4 and config.data.packing is False
     assert config.adapters[0].r == 4 and config.adapters[0].target_modules == ["q_proj", "v_proj"]
     assert config.logging.eval_every == 5 and config.optim.max_grad_norm is None and config.seed == 7
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lr_shedule=linear", "unknown key 'optim.lr_shedule' in override 'optim.lr_shedule=linear' "
-                                "(did you mean 'lr_schedule'?)"),
-    ("optimm.lr=1", "unknown key 'optimm' in override 'optimm.lr=1' (did you mean 'optim'?)"),
-    ("optim.lr", "override 'optim.lr': expected key.sub=value"),
-    ("=3", "override '=3': expected key.sub=value"),
-    ("optim.lr=abc", "override: optim.lr: expected a number, got 'abc'"),
-    ("optim.lr.x=1", "'optim.lr' is a value, not a section"),
-    ("data.max_length=[1", "override 'data.max_length=[1' line 1: invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "optim.lr_shedule=linear",
+            "unknown key 'optim.lr_shedule' in override 'optim.lr_shedule=linear' (did you mean 'lr_schedule'?)",
+        ),
+        ("optimm.lr=1", "unknown key 'optimm' in override 'optimm.lr=1' (did you mean 'optim'?)"),
+        ("optim.lr", "override 'optim.lr': expected key.sub=value"),
+        ("=3", "override '=3': expected key.sub=value"),
+        ("optim.lr=abc", "override: optim.lr: expected a number, got 'abc'"),
+        ("optim.lr.x=1", "'optim.lr' is a value, not a section"),
+        ("data.max_length=[1", "override 'data.max_length=[1' line 1: invalid YAML"),
+    ],
+)
 def test_override_errors(tmp_path: Path, override: str, expected: str) -> None:
     assert expected in error_of(load_train_config, write(tmp_path, RUN), [override])
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("model: {path: x}\noptim:\n  lr: 1\n   max_steps: 3\n", "run.yaml line 4: invalid YAML"),
-    ("model: {path: x}\nseed: 1\nseed: 2\n", "run.yaml line 3: invalid YAML: duplicate key 'seed'"),
-    ("", "run.yaml: the file is empty"),
-    ("- a\n- b\n", "run.yaml: expected a mapping at the top level"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: {path: x}\noptim:\n  lr: 1\n   max_steps: 3\n", "run.yaml line 4: invalid YAML"),
+        ("model: {path: x}\nseed: 1\nseed: 2\n", "run.yaml line 3: invalid YAML: duplicate key 'seed'"),
+        ("", "run.yaml: the file is empty"),
+        ("- a\n- b\n", "run.yaml: expected a mapping at the top level"),
+    ],
+)
 def test_bad_yaml(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in error_of(load_train_config, write(tmp_path, text))
 

@@ -51,7 +51,11 @@ DAMAGE = [truncate, empty, garble]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(capsys, *args) -> str:
@@ -65,7 +69,9 @@ def cli(capsys, *args) -> str:
 
 def cli_process(*args) -> str:
     """:func:`cli` in a fresh process, so that log lines and a traceback would show on stderr too."""
-    proc = subprocess.run([sys.executable, "-m", "moetune", *map(str, args)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetune", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     return proc.stderr
@@ -83,10 +89,18 @@ def files(tmp_path_factory):
     moetune.add_adapter(model, moetune.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "experts"]))
     adapter_dir = moetune.save_adapter(model, root / "adapter")
     run_root = root / "trainroot"
-    cfg = write_run(run_root, data={"train": str(run_root / "train.jsonl"), "eval": str(run_root / "val.jsonl"), "max_length": 48, "tokenizer": "byte"},
-                    optim={"lr": 1e-3, "max_steps": 3, "batch_size": 4, "warmup_steps": 1},
-                    checkpoint={"output_dir": str(run_root / "run"), "save_every": 1, "keep_last": 3},
-                    logging={"progress": False, "eval_every": 100})
+    cfg = write_run(
+        run_root,
+        data={
+            "train": str(run_root / "train.jsonl"),
+            "eval": str(run_root / "val.jsonl"),
+            "max_length": 48,
+            "tokenizer": "byte",
+        },
+        optim={"lr": 1e-3, "max_steps": 3, "batch_size": 4, "warmup_steps": 1},
+        checkpoint={"output_dir": str(run_root / "run"), "save_every": 1, "keep_last": 3},
+        logging={"progress": False, "eval_every": 100},
+    )
     assert main(["train", str(cfg)]) == 0
     return {"model": model_dir, "adapter": adapter_dir, "run_cfg": cfg, "run": run_root / "run"}
 
@@ -132,8 +146,10 @@ def test_check_reports_sizes_and_extra_bytes(files, tmp_path):
     f.write_bytes(f.read_bytes()[:-1000])
     (length,) = struct.unpack("<Q", f.read_bytes()[:8])
     data = size - 8 - length
-    assert safetensors_problem(f) == f"is truncated: header says {data:,} bytes of tensor data, file has {data - 1000:,}"
-    f.write_bytes(f.read_bytes()[:8 + length // 2])
+    assert (
+        safetensors_problem(f) == f"is truncated: header says {data:,} bytes of tensor data, file has {data - 1000:,}"
+    )
+    f.write_bytes(f.read_bytes()[: 8 + length // 2])
     assert "is truncated inside its header" in safetensors_problem(f)
     g = Path(shutil.copy(files["model"] / SHARD, tmp_path / "g.safetensors"))
     g.write_bytes(g.read_bytes() + b"\0\0")
@@ -174,7 +190,9 @@ def test_cli_merge_with_broken_shard_writes_nothing(model_dir, adapter_dir, tmp_
 
 
 def test_inspect_healthy_folder_says_checked(model_dir):
-    assert "3 safetensors file(s)" in inspect_model(model_dir) and "(headers and sizes checked)" in inspect_model(model_dir)
+    assert "3 safetensors file(s)" in inspect_model(model_dir) and "(headers and sizes checked)" in inspect_model(
+        model_dir
+    )
 
 
 def test_inspect_reports_every_broken_shard(model_dir, capsys):
@@ -206,9 +224,33 @@ def test_adapter_load_names_broken_file(files, adapter_dir, damage):
 
 def test_cli_with_broken_adapter(files, adapter_dir, tmp_path, capsys):
     needle = garble(adapter_dir / "adapter_model.safetensors")
-    err = cli(capsys, "generate", "--model", files["model"], "--adapter", adapter_dir, "--tokenizer", "byte", "--prompt", "hi", "--max-new-tokens", 1)
+    err = cli(
+        capsys,
+        "generate",
+        "--model",
+        files["model"],
+        "--adapter",
+        adapter_dir,
+        "--tokenizer",
+        "byte",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        1,
+    )
     assert "adapter_model.safetensors" in err and needle in err
-    err = cli(capsys, "merge-adapters", "--model", files["model"], "--adapter", adapter_dir, "--adapter", files["adapter"], "--out", tmp_path / "m")
+    err = cli(
+        capsys,
+        "merge-adapters",
+        "--model",
+        files["model"],
+        "--adapter",
+        adapter_dir,
+        "--adapter",
+        files["adapter"],
+        "--out",
+        tmp_path / "m",
+    )
     assert str(adapter_dir / "adapter_model.safetensors") in err and needle in err
     assert not (tmp_path / "m").exists()
 

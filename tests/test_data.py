@@ -31,8 +31,10 @@ from moetune.data import (
 )
 from moetune.errors import CheckpointError, DataError
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Like Qwen3: only the last assistant turn gets a (here empty) think block, so a prefix render is
 # not a prefix of the full render; system must come first.
 HISTORY_CHANGING = (
@@ -41,10 +43,15 @@ HISTORY_CHANGING = (
     "{{ '<|im_start|>' + m['role'] + '\n' }}"
     "{% if m['role'] == 'assistant' and loop.last %}{{ '<think></think>' }}{% endif %}"
     "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello wörld"},
-        {"role": "assistant", "content": "the quick fox"}, {"role": "user", "content": "how are you?"},
-        {"role": "assistant", "content": "héllo"}]
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello wörld"},
+    {"role": "assistant", "content": "the quick fox"},
+    {"role": "user", "content": "how are you?"},
+    {"role": "assistant", "content": "héllo"},
+]
 
 
 def make_hf_tokenizer(folder: Path, chat_template: str | None = CHATML, *, vocab_size: int = 330, **config) -> Path:
@@ -54,14 +61,15 @@ def make_hf_tokenizer(folder: Path, chat_template: str | None = CHATML, *, vocab
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>",
-                                                                  "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["hello world, how are you?", "the quick brown fox", "héllo wörld"] * 5, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    settings = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>", "add_bos_token": False,
-                **config}
+    settings = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>", "add_bos_token": False, **config}
     if chat_template is not None:
         settings["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
@@ -80,6 +88,7 @@ def learnt_text(tokenizer, example: Example) -> str:
 
 # ---- tokenizers -------------------------------------------------------------------------------
 
+
 def test_byte_tokenizer() -> None:
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("héllo")) == "héllo" and tok.vocab_size == 262
@@ -94,8 +103,10 @@ def test_hf_chat_template_rendering_and_mask(tmp_path: Path) -> None:
     tok = load_tokenizer(str(make_hf_tokenizer(tmp_path / "tok")))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 4, 0, False)
     text = tok.apply_chat_template(CHAT[:2], add_generation_prompt=True)
-    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello wörld<|im_end|>\n" \
-                   "<|im_start|>assistant\n"
+    assert (
+        text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello wörld<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     chat = tok.encode_chat(CHAT)
     assert tok.decode(chat.ids, skip_special_tokens=False) == tok.apply_chat_template(CHAT)
     learnt = tok.decode([i for i, a in zip(chat.ids, chat.assistant) if a], skip_special_tokens=False)
@@ -105,12 +116,14 @@ def test_hf_chat_template_rendering_and_mask(tmp_path: Path) -> None:
 def test_hf_chat_template_matches_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     folder = make_hf_tokenizer(tmp_path / "tok")
-    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                                     chat_template=CHATML)
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), chat_template=CHATML
+    )
     ours = load_tokenizer(str(folder))
     for prompt in (False, True):
         assert ours.apply_chat_template(CHAT, prompt) == reference.apply_chat_template(
-            CHAT, tokenize=False, add_generation_prompt=prompt)
+            CHAT, tokenize=False, add_generation_prompt=prompt
+        )
 
 
 def test_hf_template_that_rewrites_history(tmp_path: Path) -> None:
@@ -148,12 +161,16 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
 
 # ---- JSONL shapes and errors ------------------------------------------------------------------
 
-@pytest.mark.parametrize("row, kind", [
-    ({"instruction": "a", "input": "b", "output": "c", "id": 7}, InstructionRow),
-    ({"instruction": "a", "output": "c"}, InstructionRow),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, ChatRow),
-    ({"text": "plain"}, TextRow),
-])
+
+@pytest.mark.parametrize(
+    "row, kind",
+    [
+        ({"instruction": "a", "input": "b", "output": "c", "id": 7}, InstructionRow),
+        ({"instruction": "a", "output": "c"}, InstructionRow),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, ChatRow),
+        ({"text": "plain"}, TextRow),
+    ],
+)
 def test_detect_each_shape(tmp_path: Path, row: dict, kind: type) -> None:
     loaded = load_rows(write_jsonl(tmp_path / "d.jsonl", [row, "", row]))
     assert len(loaded.rows) == 2 and all(isinstance(r, kind) for r in loaded.rows)
@@ -163,14 +180,17 @@ def test_detect_each_shape(tmp_path: Path, row: dict, kind: type) -> None:
 GOOD = {"instruction": "say hi", "output": "hi"}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "line 2: not valid JSON"),
-    ({"instruction": "x"}, "line 2: missing field 'output' (instruction rows need instruction, output)"),
-    ({"instruction": "x", "output": 3}, "line 2: field 'output' must be a string, got 3"),
-    ({"instruction": "x", "output": "y", "input": ["z"]}, "line 2: field 'input' must be a string"),
-    ("[1, 2]", "line 2: expected a JSON object, got list"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "line 2: missing field 'instruction'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ({"instruction": "x"}, "line 2: missing field 'output' (instruction rows need instruction, output)"),
+        ({"instruction": "x", "output": 3}, "line 2: field 'output' must be a string, got 3"),
+        ({"instruction": "x", "output": "y", "input": ["z"]}, "line 2: field 'input' must be a string"),
+        ("[1, 2]", "line 2: expected a JSON object, got list"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "line 2: missing field 'instruction'"),
+    ],
+)
 def test_bad_instruction_rows(tmp_path: Path, bad, message: str) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, bad, GOOD])
     with pytest.raises(DataError) as info:
@@ -180,13 +200,16 @@ def test_bad_instruction_rows(tmp_path: Path, bad, message: str) -> None:
     assert (len(loaded.rows), loaded.skipped) == (2, 1) and message in loaded.first_error
 
 
-@pytest.mark.parametrize("messages, message", [
-    ("hi", "field 'messages' must be a non-empty list"),
-    ([], "field 'messages' must be a non-empty list"),
-    ([{"role": "user"}], "messages[0].content is missing"),
-    ([{"role": "robot", "content": "x"}], "messages[0].role is 'robot'; expected one of system, user, assistant"),
-    ([{"role": "user", "content": "x"}], "no assistant message"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ("hi", "field 'messages' must be a non-empty list"),
+        ([], "field 'messages' must be a non-empty list"),
+        ([{"role": "user"}], "messages[0].content is missing"),
+        ([{"role": "robot", "content": "x"}], "messages[0].role is 'robot'; expected one of system, user, assistant"),
+        ([{"role": "user", "content": "x"}], "no assistant message"),
+    ],
+)
 def test_bad_chat_rows(tmp_path: Path, messages, message: str) -> None:
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = write_jsonl(tmp_path / "chat.jsonl", [good, good, {"messages": messages}])
@@ -217,11 +240,14 @@ def test_skip_bad_rows_counts(tmp_path: Path) -> None:
 
 # ---- loss masks -------------------------------------------------------------------------------
 
+
 def test_instruction_mask_learns_only_the_response() -> None:
     tok = ByteTokenizer()
     example = tokenize_row(InstructionRow(instruction="add", input="1 2", output="3"), tok, max_length=64)
-    assert example.input_ids == tok.encode_chat([{"role": "user", "content": "add\n\n1 2"},
-                                                 {"role": "assistant", "content": "3"}]).ids
+    assert (
+        example.input_ids
+        == tok.encode_chat([{"role": "user", "content": "add\n\n1 2"}, {"role": "assistant", "content": "3"}]).ids
+    )
     assert example.labels[-2:] == [ord("3"), tok.eos_id]
     assert all(label == IGNORE for label in example.labels[:-2])
     full = tokenize_row(InstructionRow(instruction="add", output="3"), tok, max_length=64, train_on_prompt=True)
@@ -279,11 +305,11 @@ def test_truncation_that_keeps_every_response_whole_is_info(tmp_path: Path, capl
     assert (splits.report.truncated, splits.report.lost_endings) == (2, 0)
     assert not _records(caplog, logging.WARNING)
     info = _records(caplog, logging.INFO)
-    assert any(str(path) in line and "2 of 2 rows" in line and f"max_length={len(full) - 1}" in line
-               for line in info)
+    assert any(str(path) in line and "2 of 2 rows" in line and f"max_length={len(full) - 1}" in line for line in info)
 
 
 # ---- collation and packing --------------------------------------------------------------------
+
 
 def ex(n: int, start: int = 1) -> Example:
     ids = list(range(start, start + n))
@@ -334,6 +360,7 @@ def test_packing_truncates_long_examples(tmp_path: Path) -> None:
 
 # ---- datasets, sampler, resume, shards --------------------------------------------------------
 
+
 def test_validation_split_and_eval_file(tmp_path: Path) -> None:
     rows = [{"text": f"row {i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
@@ -354,19 +381,22 @@ def test_sampler_resumes_exactly() -> None:
     stream = sampler.iter_from()
     first = [next(stream) for _ in range(7)]  # 3 batches per epoch: crosses two epoch boundaries
     assert [state.to_dict() for _, state in first[:4]] == [
-        {"epoch": 0, "index": 3}, {"epoch": 0, "index": 6}, {"epoch": 0, "index": 9}, {"epoch": 1, "index": 3}]
+        {"epoch": 0, "index": 3},
+        {"epoch": 0, "index": 6},
+        {"epoch": 0, "index": 9},
+        {"epoch": 1, "index": 3},
+    ]
     assert len({i for batch, _ in first[:3] for i in batch}) == 9  # an epoch never repeats an item
     assert first[0][0] != first[3][0]  # epochs are shuffled differently
     for k in range(7):
         restored = SamplerState.from_dict(first[k][1].to_dict())
         resumed = ResumableSampler(num_items=10, batch_size=3, seed=5).iter_from(restored)
-        assert [next(resumed) for _ in range(7 - k - 1)] == first[k + 1:]
+        assert [next(resumed) for _ in range(7 - k - 1)] == first[k + 1 :]
 
 
 def test_rank_shards_partition_the_global_batch() -> None:
     single = ResumableSampler(num_items=23, batch_size=6, seed=1).iter_from()
-    ranks = [ResumableSampler(num_items=23, batch_size=2, seed=1, rank=r, world_size=3).iter_from()
-             for r in range(3)]
+    ranks = [ResumableSampler(num_items=23, batch_size=2, seed=1, rank=r, world_size=3).iter_from() for r in range(3)]
     for _ in range(8):
         whole, state = next(single)
         parts = [next(stream) for stream in ranks]
@@ -396,8 +426,9 @@ def test_sampler_errors() -> None:
     with pytest.raises(CheckpointError):
         SamplerState.from_dict({"epoch": -1, "index": 0})
     with pytest.raises(ValueError, match="rows but the sampler expects"):
-        BatchLoader(rows=[[ex(2)]], sampler=ResumableSampler(num_items=2, batch_size=1, seed=0),
-                    collator=Collator(pad_id=0))
+        BatchLoader(
+            rows=[[ex(2)]], sampler=ResumableSampler(num_items=2, batch_size=1, seed=0), collator=Collator(pad_id=0)
+        )
 
 
 def test_eval_batches_cover_every_example_once() -> None:

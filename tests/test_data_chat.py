@@ -17,8 +17,6 @@ is byte-for-byte the released text.
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -37,21 +35,25 @@ CONVERSATIONS = {
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "<think>\nthe user says hello\n</think>\n\nhello world"},
         {"role": "user", "content": "how are you?"},
-        {"role": "assistant", "content": "héllo, the quick fox"}],
+        {"role": "assistant", "content": "héllo, the quick fox"},
+    ],
     "think in every turn": [
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "<think>\nhm\n</think>\n\nthe quick fox"},
         {"role": "user", "content": "how are you?"},
-        {"role": "assistant", "content": "<think>\nfine\n</think>\n\nhéllo"}],
+        {"role": "assistant", "content": "<think>\nfine\n</think>\n\nhéllo"},
+    ],
     "reasoning_content": [
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "the quick fox", "reasoning_content": "old thought"},
         {"role": "user", "content": "how are you?"},
-        {"role": "assistant", "content": "héllo wörld", "reasoning_content": "brown fox\nthinks"}],
+        {"role": "assistant", "content": "héllo wörld", "reasoning_content": "brown fox\nthinks"},
+    ],
     "two assistant turns after the last user turn": [
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "the quick", "reasoning_content": "first"},
-        {"role": "assistant", "content": "<think>x</think>brown fox"}],
+        {"role": "assistant", "content": "<think>x</think>brown fox"},
+    ],
 }
 
 
@@ -61,8 +63,12 @@ def qwen3_folder(root: Path) -> Path:
 
     folder = make_hf_tokenizer(root, QWEN3, bos_token=None, eos_token="<|im_end|>", pad_token="<pad>")
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
-                    AddedToken("</think>", special=False, normalized=False)])
+    tok.add_tokens(
+        [
+            AddedToken("<think>", special=False, normalized=False),
+            AddedToken("</think>", special=False, normalized=False),
+        ]
+    )
     tok.save(str(folder / "tokenizer.json"))
     return folder
 
@@ -110,7 +116,7 @@ def test_qwen3_chat_ids_and_mask_match_transformers(tmp_path: Path, name: str) -
     assert learnt_runs(tok, example.input_ids, learnt) == assistant_turns(text)
     ends = [i for i, token in enumerate(example.input_ids) if token == tok.eos_id and learnt[i]]
     assert len(ends) == len(assistant_turns(text)) == sum(m["role"] == "assistant" for m in messages)
-    assert all(tok.decode(example.input_ids[i + 1:i + 2]) == "\n" and not learnt[i + 1] for i in ends)
+    assert all(tok.decode(example.input_ids[i + 1 : i + 2]) == "\n" and not learnt[i + 1] for i in ends)
 
 
 def test_qwen3_renders_reasoning_and_strips_old_reasoning(tmp_path: Path) -> None:
@@ -120,20 +126,32 @@ def test_qwen3_renders_reasoning_and_strips_old_reasoning(tmp_path: Path) -> Non
     assert turns == ["the quick fox<|im_end|>", "<think>\nbrown fox\nthinks\n</think>\n\nhéllo wörld<|im_end|>"]
     chat = tok.encode_chat(CONVERSATIONS["think in an earlier turn"])
     assert learnt_runs(tok, chat.ids, chat.assistant) == [
-        "hello world<|im_end|>", "<think>\n\n</think>\n\nhéllo, the quick fox<|im_end|>"]
+        "hello world<|im_end|>",
+        "<think>\n\n</think>\n\nhéllo, the quick fox<|im_end|>",
+    ]
 
 
 def test_newline_after_the_turn_end_is_never_learnt(tmp_path: Path) -> None:
     tok = load_tokenizer(str(make_hf_tokenizer(tmp_path / "tok", CHATML)))
-    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the quick fox"},
-                {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "héllo"}]
+    messages = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "the quick fox"},
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "héllo"},
+    ]
     chat = tok.encode_chat(messages)
     assert learnt_runs(tok, chat.ids, chat.assistant) == ["the quick fox<|im_end|>", "héllo<|im_end|>"]
 
 
 def test_reasoning_content_is_never_dropped_silently(tmp_path: Path) -> None:
-    rows = [{"messages": [{"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": "yo", "reasoning_content": "hm"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo", "reasoning_content": "hm"},
+            ]
+        }
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     chatml = load_tokenizer(str(make_hf_tokenizer(tmp_path / "tok", CHATML)))
     for tok, what in ((chatml, "chat template"), (ByteTokenizer(), "byte tokenizer")):
@@ -141,10 +159,16 @@ def test_reasoning_content_is_never_dropped_silently(tmp_path: Path) -> None:
             build_datasets(DataSection(train=str(path)), tok)
 
 
-@pytest.mark.parametrize("message, error", [
-    ({"role": "assistant", "content": "yo", "reasoning_content": 3}, "messages[1].reasoning_content is not a string"),
-    ({"role": "user", "content": "yo", "reasoning_content": "hm"}, "messages[1].reasoning_content: only assistant"),
-])
+@pytest.mark.parametrize(
+    "message, error",
+    [
+        (
+            {"role": "assistant", "content": "yo", "reasoning_content": 3},
+            "messages[1].reasoning_content is not a string",
+        ),
+        ({"role": "user", "content": "yo", "reasoning_content": "hm"}, "messages[1].reasoning_content: only assistant"),
+    ],
+)
 def test_bad_reasoning_content(tmp_path: Path, message: dict, error: str) -> None:
     rows = [{"messages": [{"role": "user", "content": "hi"}, message, {"role": "assistant", "content": "ok"}]}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)

@@ -10,22 +10,99 @@ from moetune.model.deepseek import DeepSeekRouter, update_correction_biases
 transformers = pytest.importorskip("transformers")
 
 BASE = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
-    num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
     max_position_embeddings=256,
 )
-YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.707)
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=64,
+    mscale=1.0,
+    mscale_all_dim=0.707,
+)
 
 # name -> (family, config kwargs)
 CASES = {
     # V3 as released: compressed q, 4 groups keep 2, sigmoid + bias, shared expert, dense first layer, YaRN.
-    "v3_groups_yarn": ("v3", dict(BASE, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, rope_parameters=YARN)),
+    "v3_groups_yarn": (
+        "v3",
+        dict(
+            BASE,
+            num_hidden_layers=3,
+            q_lora_rank=24,
+            n_routed_experts=16,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_parameters=YARN,
+        ),
+    ),
     # V3 variant: direct q_proj, rotate-half rope, no renormalisation, one group, two shared experts.
-    "v3_q_proj_half_rope": ("v3", dict(BASE, num_hidden_layers=2, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=2, first_k_dense_replace=0, routed_scaling_factor=1.5, norm_topk_prob=False, rope_interleave=False)),
+    "v3_q_proj_half_rope": (
+        "v3",
+        dict(
+            BASE,
+            num_hidden_layers=2,
+            q_lora_rank=None,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            n_shared_experts=2,
+            first_k_dense_replace=0,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+            rope_interleave=False,
+        ),
+    ),
     # V2-Lite-like: direct q_proj, greedy softmax routing, biases everywhere.
-    "v2_lite_greedy": ("v2", dict(BASE, num_hidden_layers=3, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, topk_method="greedy", n_shared_experts=2, first_k_dense_replace=1, attention_bias=True, mlp_bias=True)),
+    "v2_lite_greedy": (
+        "v2",
+        dict(
+            BASE,
+            num_hidden_layers=3,
+            q_lora_rank=None,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            topk_method="greedy",
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+    ),
     # V2/V2.5-like: compressed q, group-limited greedy, scaled weights, YaRN.
-    "v2_groups_yarn": ("v2", dict(BASE, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=2, routed_scaling_factor=16.0, rope_parameters=YARN)),
+    "v2_groups_yarn": (
+        "v2",
+        dict(
+            BASE,
+            num_hidden_layers=3,
+            q_lora_rank=24,
+            n_routed_experts=16,
+            num_experts_per_tok=3,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=2,
+            routed_scaling_factor=16.0,
+            rope_parameters=YARN,
+        ),
+    ),
 }
 
 
@@ -133,7 +210,16 @@ def test_latent_kv_cache_matches_full_forward(name, tmp_path):
 
 def test_bias_update_moves_toward_balance():
     torch.manual_seed(0)
-    router = DeepSeekRouter(dim=32, num_experts=8, top_k=2, scoring="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, correction_bias=True)
+    router = DeepSeekRouter(
+        dim=32,
+        num_experts=8,
+        top_k=2,
+        scoring="sigmoid",
+        topk_method="noaux_tc",
+        n_group=4,
+        topk_group=2,
+        correction_bias=True,
+    )
     with torch.no_grad():
         router.weight.normal_(0, 0.3)
         router.weight[0] += 0.5  # make expert 0 popular

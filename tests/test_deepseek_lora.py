@@ -36,7 +36,13 @@ FFN = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "shared_experts", "lm_he
 # 0.21 under transformers 5 rewrites any target_modules entry ending in gate_proj/up_proj/down_proj
 # on DeepSeek into the routed experts' parameters (its v4 -> v5 MoE conversion), which would leave
 # them without LoRA. Wrapping the 2D weight is the same LoRA (same keys, same output).
-PEFT_PARAMS = ["gate_proj.weight", "up_proj.weight", "down_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+PEFT_PARAMS = [
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+    "mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj",
+]
 R, ALPHA = 4, 8
 
 
@@ -53,8 +59,11 @@ def _randomise(model, seed: int = 5):
 
 def _peft_state(model) -> dict[str, torch.Tensor]:
     """Our adapter tensors under the keys of a PEFT adapter file (adapter name left out)."""
-    return {f"base_model.model.{path}.{k}": v for path, layer in adapter_layers(model)
-            for k, v in layer.peft_tensors("default").items()}
+    return {
+        f"base_model.model.{path}.{k}": v
+        for path, layer in adapter_layers(model)
+        for k, v in layer.peft_tensors("default").items()
+    }
 
 
 def _logits(model, ids):
@@ -67,10 +76,14 @@ def _pair(case: str, tmp_path: Path, targets: list[str] | None = None):
     hf = make_hf(case)
     hf.save_pretrained(tmp_path / "base")
     ours = moetune.load_model(tmp_path / "base")
-    moetune.add_adapter(ours, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=targets or [*CASES[case], *FFN, "experts"]))
+    moetune.add_adapter(
+        ours, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=targets or [*CASES[case], *FFN, "experts"])
+    )
     _randomise(ours)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[*CASES[case], "lm_head"],
-                                                 target_parameters=PEFT_PARAMS)).eval()
+    pm = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[*CASES[case], "lm_head"], target_parameters=PEFT_PARAMS),
+    ).eval()
     state = _peft_state(ours)
     result = peft.set_peft_model_state_dict(pm, state)
     theirs = {k for k, _ in pm.named_parameters() if "lora_" in k}
@@ -84,16 +97,26 @@ def _pair(case: str, tmp_path: Path, targets: list[str] | None = None):
 def test_lora_on_every_deepseek_module_matches_peft(case, tmp_path):
     ours, pm = _pair(case, tmp_path)
     groups = {re.sub(r"^model\.layers\.\d+\.", "", path) for path, _ in adapter_layers(ours)}
-    assert groups == {*(f"self_attn.{t}" for t in CASES[case]), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                      "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj",
-                      "mlp.experts", "lm_head"}
+    assert groups == {
+        *(f"self_attn.{t}" for t in CASES[case]),
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "mlp.shared_experts.gate_proj",
+        "mlp.shared_experts.up_proj",
+        "mlp.shared_experts.down_proj",
+        "mlp.experts",
+        "lm_head",
+    }
     ids = _ids()
     ref, got = _logits(pm, ids), _logits(ours, ids)
     with pm.disable_adapter():
         base = _logits(pm, ids)
     err = (ref - got).abs().max().item()
-    print(f"{case}: moetune vs PEFT (MLA + dense MLP + shared + routed experts + lm_head) max|dlogits| {err:.2e}, "
-          f"adapter effect {(ref - base).abs().max().item():.2f}, logit scale {ref.abs().max().item():.2f}")
+    print(
+        f"{case}: moetune vs PEFT (MLA + dense MLP + shared + routed experts + lm_head) max|dlogits| {err:.2e}, "
+        f"adapter effect {(ref - base).abs().max().item():.2f}, logit scale {ref.abs().max().item():.2f}"
+    )
     assert err <= 1e-4
     assert (ref - base).abs().max() > 1e-2  # the adapters change the output
 
@@ -115,14 +138,22 @@ def test_lora_on_every_deepseek_module_matches_peft(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_saved_adapter_loads_in_peft(case, tmp_path):
     """Saved with Megatron-style names: the file holds HF names and PEFT reproduces our logits."""
-    megatron = {"q_a_proj": "linear_q_down_proj", "q_b_proj": "linear_q_up_proj", "q_proj": "linear_q_proj",
-                "kv_a_proj_with_mqa": "linear_kv_down_proj", "kv_b_proj": "linear_kvb", "o_proj": "linear_proj"}
+    megatron = {
+        "q_a_proj": "linear_q_down_proj",
+        "q_b_proj": "linear_q_up_proj",
+        "q_proj": "linear_q_proj",
+        "kv_a_proj_with_mqa": "linear_kv_down_proj",
+        "kv_b_proj": "linear_kvb",
+        "o_proj": "linear_proj",
+    }
     targets = [megatron[t] for t in CASES[case]] + ["linear_fc1", "linear_fc2", "output_layer"]
     ours, _ = _pair(case, tmp_path, targets=targets)
     out = moetune.save_adapter(ours, tmp_path / "adapter")
     saved = json.loads((out / "adapter_config.json").read_text())
     assert not any(t.startswith(("linear_", "output_layer")) for t in saved["target_modules"])
-    assert {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} <= set(saved["target_parameters"])  # not retargeted by PEFT
+    assert {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} <= set(
+        saved["target_parameters"]
+    )  # not retargeted by PEFT
     pm = peft.PeftModel.from_pretrained(make_hf(case), str(out)).eval()
     assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(_peft_state(ours))
     ids = _ids()
@@ -146,13 +177,29 @@ def test_aliases_select_the_same_modules_as_hf_names(case, tmp_path):
     for alias, hf_names in TARGET_ALIASES.items():
         present = [n for n in hf_names if n in names]
         if not present:
-            with pytest.raises(AdapterError, match=f"'{alias}' \\(alias of {hf_names[0]}\\) matches no adaptable module"):
+            with pytest.raises(
+                AdapterError, match=f"'{alias}' \\(alias of {hf_names[0]}\\) matches no adaptable module"
+            ):
                 _plan(model, [alias])
             continue
         assert _plan(model, [alias]) == _plan(model, present), alias
     mla = ["linear_q_down_proj", "linear_q_up_proj"] if "v3" in case else ["linear_q_proj"]
-    assert _plan(model, [*mla, "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"]) \
-        == _plan(model, [*CASES[case], "gate_proj", "up_proj", "down_proj", "experts.gate_proj", "experts.up_proj", "experts.down_proj", "lm_head"])
+    assert _plan(
+        model,
+        [*mla, "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"],
+    ) == _plan(
+        model,
+        [
+            *CASES[case],
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "experts.gate_proj",
+            "experts.up_proj",
+            "experts.down_proj",
+            "lm_head",
+        ],
+    )
     report = inspect_model(tmp_path)
     assert "  linear_kv_up_proj   -> kv_b_proj" in report
     assert "linear_fc1          -> gate_proj + up_proj + experts.gate_proj + experts.up_proj" in report
@@ -194,16 +241,25 @@ def test_example_config_trains_the_tiny_deepseek_v3(tmp_path):
     assert err <= 1e-4, err
 
     data = tmp_path / "tiny" / "data"
-    config = load_train_config(EXAMPLE, [f"model.path={folder}", f"data.train={data / 'upper_train.jsonl'}",
-                                         f"data.eval={data / 'upper_eval.jsonl'}", f"checkpoint.output_dir={tmp_path / 'run'}",
-                                         "logging.progress=false"])
+    config = load_train_config(
+        EXAMPLE,
+        [
+            f"model.path={folder}",
+            f"data.train={data / 'upper_train.jsonl'}",
+            f"data.eval={data / 'upper_eval.jsonl'}",
+            f"checkpoint.output_dir={tmp_path / 'run'}",
+            "logging.progress=false",
+        ],
+    )
     assert (config.adapters[0].r, config.adapters[0].alpha, config.optim.max_steps) == (16, 32, 20)
     result = train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     losses = [r["loss"] for r in steps]
-    print(f"tiny DeepSeek-V3 example: loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval {result.eval_loss:.3f}; "
-          f"router_max_load {steps[-1]['router_max_load']}, router_entropy {steps[-1]['router_entropy']}")
+    print(
+        f"tiny DeepSeek-V3 example: loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval {result.eval_loss:.3f}; "
+        f"router_max_load {steps[-1]['router_max_load']}, router_entropy {steps[-1]['router_entropy']}"
+    )
     assert len(steps) == 20
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     for r in steps:  # two MoE layers (layer 0 is dense): one value each

@@ -28,7 +28,9 @@ from moetune.train.distributed import resolve_launch as _resolve
 from moetune.train.trainer import train
 from train_helpers import write_run
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
 TOL = 1e-5
 STEPS = 4
 
@@ -39,7 +41,14 @@ def _config(root: Path, *, batch_size: int, dropout: float = 0.0, grad_accum: in
     cfg = write_run(
         root,
         adapter={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "v_proj", "experts"]},
-        optim={"lr": 3e-3, "max_steps": STEPS, "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": 1, "aux_loss_coef": 0.01},
+        optim={
+            "lr": 3e-3,
+            "max_steps": STEPS,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "warmup_steps": 1,
+            "aux_loss_coef": 0.01,
+        },
         checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": STEPS},
     )
     raw = yaml.safe_load(cfg.read_text())
@@ -49,10 +58,25 @@ def _config(root: Path, *, batch_size: int, dropout: float = 0.0, grad_accum: in
 
 
 def _torchrun(cfg: Path, *args: str, nproc: int = 2) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "moetune", "train", str(cfg), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "moetune",
+        "train",
+        str(cfg),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("trained ") == 1, proc.stdout  # rank 0 alone prints the summary
@@ -148,7 +172,9 @@ def test_dropout_runs_resume_exactly_on_the_same_rank_count(tmp_path):
 
 def test_launch_env_and_resolution():
     assert launch_env({}) is None
-    assert launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == LaunchEnv(rank=1, world_size=2, local_rank=1)
+    assert launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == LaunchEnv(
+        rank=1, world_size=2, local_rank=1
+    )
     with pytest.raises(ConfigError, match="LOCAL_RANK missing"):
         launch_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ConfigError, match="RANK"):
@@ -170,7 +196,12 @@ def test_resolve_strategy_and_backend(tmp_path):
 
 def _collectives(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    par = DataParallel(LaunchEnv(rank=rank, world_size=world, local_rank=rank), strategy="replicate", device=torch.device("cpu"), seed=0)
+    par = DataParallel(
+        LaunchEnv(rank=rank, world_size=world, local_rank=rank),
+        strategy="replicate",
+        device=torch.device("cpu"),
+        seed=0,
+    )
     labels = torch.full((1, 6), -100)
     labels[0, : 2 + 3 * rank] = 7  # rank 0 counts 1 token, rank 1 counts 4
     a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 2, 1))

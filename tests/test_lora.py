@@ -22,11 +22,31 @@ from moetune.peft.core.params import trainable_parameters
 from moetune.peft.core.targets import targetable_names
 from moetune.peft.lora.linear import LoraLinear
 
-MOE = dict(model_type="qwen2_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24, norm_topk_prob=False, max_position_embeddings=64)
-DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+MOE = dict(
+    model_type="qwen2_moe",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    norm_topk_prob=False,
+    max_position_embeddings=64,
+)
+DENSE = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "shared_expert", "lm_head"]
 
 
@@ -201,10 +221,10 @@ def test_mixed_adapter_batch_equals_each_sample_alone():
     for i, n in enumerate(names):
         if n is None:
             with disable_adapters(model):
-                alone = _logits(model, ids[i:i + 1])
+                alone = _logits(model, ids[i : i + 1])
         else:
             moetune.set_adapter(model, n)
-            alone = _logits(model, ids[i:i + 1])
+            alone = _logits(model, ids[i : i + 1])
         assert (mixed[i] - alone[0]).abs().max() <= 1e-5, (i, n)
     assert not torch.allclose(mixed[1], mixed[0])  # the adapters do change the output
 
@@ -247,7 +267,8 @@ def test_suffix_dotted_container_and_all_linear_targets():
     moetune.add_adapter(model, LoraConfig(target_modules=["q_proj", "shared_expert"]), name="s")
     assert _wrapped(model, "s") == sorted(
         [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
-        + [f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")])
+        + [f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    )
     moetune.add_adapter(model, LoraConfig(target_modules="all-linear"), name="all")
     got = _wrapped(model, "all")
     assert "lm_head" not in got and not any(p.endswith("shared_expert_gate") for p in got)
@@ -412,7 +433,9 @@ def test_unknown_tensor_key_is_an_error_naming_it(tmp_path):
     tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(4, 32)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     model = _model()
-    with pytest.raises(AdapterError, match=r"'base_model\.model\.model\.layers\.0\.self_attn\.k_proj\.lora_A\.weight' maps to no"):
+    with pytest.raises(
+        AdapterError, match=r"'base_model\.model\.model\.layers\.0\.self_attn\.k_proj\.lora_A\.weight' maps to no"
+    ):
         moetune.load_adapter(model, out)
     assert not any(isinstance(m, LoraLinear) for m in model.modules())  # rolled back
 
@@ -444,8 +467,14 @@ def test_missing_tensor_and_pickled_adapter_are_refused(tmp_path):
         moetune.load_adapter(_model(), tmp_path / "nope")
 
 
-@pytest.mark.parametrize("text,found", [("{not json", "not valid JSON"), ("[1, 2]", r"found \[1, 2\]"),
-                                        ('{"lora_config": 4}', "'lora_config' is 4, not an object")])
+@pytest.mark.parametrize(
+    "text,found",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", r"found \[1, 2\]"),
+        ('{"lora_config": 4}', "'lora_config' is 4, not an object"),
+    ],
+)
 def test_malformed_metadata_file_is_one_error_naming_it(tmp_path, text, found):
     out = _saved(tmp_path)
     (out / "moetune_adapter.json").write_text(text)
@@ -458,8 +487,12 @@ def test_malformed_metadata_file_is_one_error_naming_it(tmp_path, text, found):
 def test_unsupported_peft_options_are_refused(tmp_path):
     out = _saved(tmp_path)
     cfg = json.loads((out / "adapter_config.json").read_text())
-    for key, value, pattern in [("lora_bias", True, "lora_bias"), ("peft_type", "IA3", "peft_type"),
-                                ("init_lora_weights", "olora", "olora"), ("modules_to_save", ["lm_head"], "modules_to_save")]:
+    for key, value, pattern in [
+        ("lora_bias", True, "lora_bias"),
+        ("peft_type", "IA3", "peft_type"),
+        ("init_lora_weights", "olora", "olora"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ]:
         (out / "adapter_config.json").write_text(json.dumps(dict(cfg, **{key: value})))
         with pytest.raises(AdapterError, match=pattern):
             moetune.load_adapter(_model(), out)

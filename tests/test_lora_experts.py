@@ -43,8 +43,11 @@ def _routed(batch: int = 3, seq: int = 5, k: int = 2, seed: int = 1):
 
 def _layer(parts=ALL, rank_mode="per_expert", dropout=0.0, name="default", layer=None, seed=2) -> LoraGroupedExperts:
     layer = layer or LoraGroupedExperts(_experts())
-    layer.add_adapter(name, LoraConfig(r=R, alpha=8.0, dropout=dropout, target_modules=["experts"],
-                                       expert_rank=rank_mode), parts=set(parts))
+    layer.add_adapter(
+        name,
+        LoraConfig(r=R, alpha=8.0, dropout=dropout, target_modules=["experts"], expert_rank=rank_mode),
+        parts=set(parts),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, p in layer.adapter_params(name):  # O(1) outputs and gradients
@@ -83,8 +86,13 @@ def _reference(layer: LoraGroupedExperts, name: str, params: dict, x, offsets):
     return proj(h, dh, base.down_proj, [("down", rows["down"])] if "down" in pairs else [])
 
 
-CASES = [(ALL, "per_expert"), ({"gate_proj", "down_proj"}, "per_expert"), ({"up_proj"}, "per_expert"),
-         ({"down_proj"}, "per_expert"), (ALL, "shared")]
+CASES = [
+    (ALL, "per_expert"),
+    ({"gate_proj", "down_proj"}, "per_expert"),
+    ({"up_proj"}, "per_expert"),
+    ({"down_proj"}, "per_expert"),
+    (ALL, "shared"),
+]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -187,8 +195,12 @@ def test_init_and_adapter_params():
 def test_shared_rank_has_one_pair_per_projection():
     layer = _layer(rank_mode="shared")
     shapes = {k: tuple(p.shape) for k, p in layer.adapter_params()}
-    assert shapes == {"lora_A_gate_up.default": (R, D), "lora_B_gate_up.default": (2 * FH, R),
-                      "lora_A_down.default": (R, FH), "lora_B_down.default": (D, R)}
+    assert shapes == {
+        "lora_A_gate_up.default": (R, D),
+        "lora_B_gate_up.default": (2 * FH, R),
+        "lora_A_down.default": (R, FH),
+        "lora_B_down.default": (D, R),
+    }
 
 
 def test_dora_and_pissa_are_refused():
@@ -242,16 +254,22 @@ def _wrap_experts(model, config: LoraConfig, parts=ALL, patterns: dict | None = 
             per_param = None
             if patterns:
                 ranks, alphas = patterns.get("rank_pattern") or {}, patterns.get("alpha_pattern") or {}
-                per_param = {p: dataclasses.replace(config, r=ranks.get(f"{path}.{p}", config.r),
-                                                    alpha=float(alphas.get(f"{path}.{p}", config.alpha)))
-                             for p in ("gate_up_proj", "down_proj")}
+                per_param = {
+                    p: dataclasses.replace(
+                        config,
+                        r=ranks.get(f"{path}.{p}", config.r),
+                        alpha=float(alphas.get(f"{path}.{p}", config.alpha)),
+                    )
+                    for p in ("gate_up_proj", "down_proj")
+                }
             layers[path].add_adapter("default", config, parts=set(parts), param_configs=per_param)
     return layers
 
 
 def _peft_config(params=("gate_up_proj", "down_proj"), **kw):
-    return peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, target_modules=[],
-                           target_parameters=[f"mlp.experts.{p}" for p in params], **kw)
+    return peft.LoraConfig(
+        r=PEFT_R, lora_alpha=PEFT_ALPHA, target_modules=[], target_parameters=[f"mlp.experts.{p}" for p in params], **kw
+    )
 
 
 def _ids(vocab):
@@ -300,22 +318,30 @@ def test_peft_layout_and_logits_parity(family, tmp_path):
 
     layers = _wrap_experts(ours, LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, target_modules=["experts"]))
     cfg = hf.config
-    E, D, Fh = getattr(cfg, "num_experts", None) or cfg.num_local_experts, cfg.hidden_size, \
-        getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    E, D, Fh = (
+        getattr(cfg, "num_experts", None) or cfg.num_local_experts,
+        cfg.hidden_size,
+        getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
+    )
     r = PEFT_R
     for path, layer in layers.items():
         prefix = f"base_model.model.{path}."
-        mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         # the layout PEFT 0.21 writes: gate_up_proj inner (base_layer.), down_proj outer, no param name
         assert {k: tuple(v.shape) for k, v in mine.items()} == {
-            "base_layer.lora_A.weight": (E * r, D), "base_layer.lora_B.weight": (2 * Fh, r * E),
-            "lora_A.weight": (E * r, Fh), "lora_B.weight": (D, r * E)}
+            "base_layer.lora_A.weight": (E * r, D),
+            "base_layer.lora_B.weight": (2 * Fh, r * E),
+            "lora_A.weight": (E * r, Fh),
+            "lora_B.weight": (D, r * E),
+        }
         layer.load_peft_tensors("default", mine, where=path)
         # expert ordering: A expert-slowest (row e*r+i), B expert-fastest (column i*E+e)
         a, b = layer.lora_A_gate_up["default"], layer.lora_B_gate_up["default"]
         assert torch.equal(a[1, 2], mine["base_layer.lora_A.weight"][1 * r + 2])
         assert torch.equal(b[1, :, 2], mine["base_layer.lora_B.weight"][:, 2 * E + 1])
-        assert {k: torch.equal(v, mine[k]) for k, v in layer.peft_tensors("default").items()} == dict.fromkeys(mine, True)
+        assert {k: torch.equal(v, mine[k]) for k, v in layer.peft_tensors("default").items()} == dict.fromkeys(
+            mine, True
+        )
 
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
@@ -335,10 +361,15 @@ def _distinct_gate_up(layer: LoraGroupedExperts, seed: int) -> dict[str, torch.T
     return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in tensors.items()}
 
 
-EXPORTS = [("all", ALL, "per_expert", False), ("shared", ALL, "shared", False),
-           ("gate_only", {"gate_proj"}, "per_expert", False), ("up_down", {"up_proj", "down_proj"}, "per_expert", False),
-           ("down_only", {"down_proj"}, "per_expert", True), ("separate", ALL, "per_expert", False),
-           ("separate_rslora", ALL, "per_expert", True)]
+EXPORTS = [
+    ("all", ALL, "per_expert", False),
+    ("shared", ALL, "shared", False),
+    ("gate_only", {"gate_proj"}, "per_expert", False),
+    ("up_down", {"up_proj", "down_proj"}, "per_expert", False),
+    ("down_only", {"down_proj"}, "per_expert", True),
+    ("separate", ALL, "per_expert", False),
+    ("separate_rslora", ALL, "per_expert", True),
+]
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys")  # PEFT checks modules only
@@ -348,7 +379,9 @@ def test_saved_adapter_loads_in_peft_with_our_logits(case, parts, rank_mode, rsl
 
     save_hf_model("qwen3_moe", tmp_path / "model")
     ours = moetune.load_model(tmp_path / "model", dtype=torch.float32)
-    config = LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, use_rslora=rslora, target_modules=["experts"], expert_rank=rank_mode)
+    config = LoraConfig(
+        r=PEFT_R, alpha=PEFT_ALPHA, use_rslora=rslora, target_modules=["experts"], expert_rank=rank_mode
+    )
     layers = _wrap_experts(ours, config, parts)
     for i, layer in enumerate(layers.values()):
         if case.startswith("separate"):
@@ -356,8 +389,11 @@ def test_saved_adapter_loads_in_peft_with_our_logits(case, parts, rank_mode, rsl
             assert layer.pairs("default") == ["gate", "up", "down"]
         else:
             _randomize((p for _, p in layer.adapter_params("default")), seed=10 + i)
-    _export(layers, tmp_path / "adapter", peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, use_rslora=rslora,
-                                                          target_modules=[]))
+    _export(
+        layers,
+        tmp_path / "adapter",
+        peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, use_rslora=rslora, target_modules=[]),
+    )
     ids = _ids(128)
     with torch.no_grad():
         got = ours(ids).logits
@@ -376,8 +412,9 @@ def test_saved_adapter_loads_in_peft_with_our_logits(case, parts, rank_mode, rsl
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     for path, layer in _wrap_experts(again, config, parts, patterns=saved).items():
         prefix = f"base_model.model.{path}."
-        layer.load_peft_tensors("default", {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                where=path)
+        layer.load_peft_tensors(
+            "default", {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, where=path
+        )
     with torch.no_grad():
         assert (again(ids).logits - got).abs().max().item() <= 1e-6
 
@@ -393,7 +430,10 @@ def test_per_expert_layout_roundtrip():
     tensors = layer.per_expert_tensors("default")
     assert len(tensors) == E * 3 * 2
     assert tensors["2.gate_proj.lora_A.weight"].shape == (R, D) and tensors["2.up_proj.lora_B.weight"].shape == (FH, R)
-    assert tensors["2.down_proj.lora_A.weight"].shape == (R, FH) and tensors["2.down_proj.lora_B.weight"].shape == (D, R)
+    assert tensors["2.down_proj.lora_A.weight"].shape == (R, FH) and tensors["2.down_proj.lora_B.weight"].shape == (
+        D,
+        R,
+    )
     # a fused pair is a gate pair and an up pair that share A
     assert torch.equal(tensors["1.gate_proj.lora_A.weight"], tensors["1.up_proj.lora_A.weight"])
     assert torch.equal(tensors["1.up_proj.lora_B.weight"], layer.lora_B_gate_up["default"][1, FH:])
@@ -408,15 +448,22 @@ def test_bad_adapter_tensors_name_the_key():
     layer = _layer()
     good = layer.peft_tensors("default")
     with pytest.raises(AdapterError, match="missing tensor.*'lora_B.weight'"):
-        layer.load_peft_tensors("default", {k: v for k, v in good.items() if k != "lora_B.weight"}, where="f.safetensors")
+        layer.load_peft_tensors(
+            "default", {k: v for k, v in good.items() if k != "lora_B.weight"}, where="f.safetensors"
+        )
     with pytest.raises(AdapterError, match="'gate_up_proj.lora_A.weight'.* map to nothing"):
         layer.load_peft_tensors("default", good | {"gate_up_proj.lora_A.weight": good["lora_A.weight"]}, where="f")
-    with pytest.raises(AdapterError, match=r"f: tensor 'base_layer.lora_A.weight' has shape \(32, 32\), expected \(16, 32\)"):
+    with pytest.raises(
+        AdapterError, match=r"f: tensor 'base_layer.lora_A.weight' has shape \(32, 32\), expected \(16, 32\)"
+    ):
         layer.load_peft_tensors("default", good | {"base_layer.lora_A.weight": torch.zeros(32, D)}, where="f")
     gate_only = _layer({"gate_proj"})
     with pytest.raises(AdapterError, match="outside the gate block is non-zero"):
-        gate_only.load_peft_tensors("default", {k.removeprefix("base_layer."): v for k, v in good.items()
-                                                if k.startswith("base_layer.")}, where="f")
+        gate_only.load_peft_tensors(
+            "default",
+            {k.removeprefix("base_layer."): v for k, v in good.items() if k.startswith("base_layer.")},
+            where="f",
+        )
     shared = _layer(rank_mode="shared")
     with pytest.raises(AdapterError, match="differs across experts.*expert_rank='shared'"):
         shared.load_peft_tensors("default", good, where="f")
@@ -429,7 +476,8 @@ def test_bad_adapter_tensors_name_the_key():
 def test_peft_config_targets():
     layer = _layer({"gate_proj", "down_proj"})
     assert layer.peft_config_targets("model.layers.0.mlp.experts") == {
-        "target_parameters": ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]}
+        "target_parameters": ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+    }
     assert set(_layer({"down_proj"}).peft_tensors("default")) == {"lora_A.weight", "lora_B.weight"}
 
 
@@ -452,8 +500,9 @@ def test_peft_rank_pattern_on_experts_loads_exactly(tmp_path):
     config = LoraConfig(r=PEFT_R, alpha=PEFT_ALPHA, target_modules=["experts"])
     for path, layer in _wrap_experts(ours, config, patterns=patterns).items():
         prefix = f"base_model.model.{path}."
-        layer.load_peft_tensors("default", {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                where=path)
+        layer.load_peft_tensors(
+            "default", {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, where=path
+        )
         assert layer.lora_A_gate_up["default"].shape == (layer.num_experts, 8, layer.dim)
         assert layer.scaling("default", "gate_up_proj") == 3.0 and layer.scaling("default", "down_proj") == 2.0
         targets = layer.peft_config_targets(path, "default")
@@ -499,9 +548,15 @@ def test_public_api_roundtrip_with_peft(tmp_path):
     assert err <= 1e-4
 
     # a folder PEFT itself wrote (attention + target_parameters) reads back with PEFT's logits
-    pm = get_peft_model(save_hf_model("qwen3_moe", tmp_path / "model2"),
-                        peft.LoraConfig(r=PEFT_R, lora_alpha=PEFT_ALPHA, target_modules=["q_proj", "v_proj"],
-                                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).eval()
+    pm = get_peft_model(
+        save_hf_model("qwen3_moe", tmp_path / "model2"),
+        peft.LoraConfig(
+            r=PEFT_R,
+            lora_alpha=PEFT_ALPHA,
+            target_modules=["q_proj", "v_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ).eval()
     _randomize(p for n, p in pm.named_parameters() if "lora_" in n)
     pm.save_pretrained(tmp_path / "from_peft")
     mine = moetune.load_model(tmp_path / "model2", dtype=torch.float32)

@@ -25,7 +25,10 @@ SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.dow
 CASES = {
     "llama": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],) * 2,
     "qwen3_moe": (["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],) * 2,
-    "qwen2_moe": (["q_proj", "v_proj", "shared_expert", "shared_expert_gate"], ["q_proj", "v_proj", *SHARED, "shared_expert_gate"]),
+    "qwen2_moe": (
+        ["q_proj", "v_proj", "shared_expert", "shared_expert_gate"],
+        ["q_proj", "v_proj", *SHARED, "shared_expert_gate"],
+    ),
 }
 VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 
@@ -80,8 +83,12 @@ def test_outputs_and_gradients_match_peft(case, variant, tmp_path):
     ours(ids, labels=ids).loss.backward()
     pm(input_ids=ids, labels=ids).loss.backward()
     theirs = dict(pm.named_parameters())
-    gerr = max(((p.grad - theirs[_peft_key(k)].grad).abs().max() / theirs[_peft_key(k)].grad.abs().max().clamp_min(1e-12)).item()
-               for k, p in trainable_parameters(ours).items())
+    gerr = max(
+        (
+            (p.grad - theirs[_peft_key(k)].grad).abs().max() / theirs[_peft_key(k)].grad.abs().max().clamp_min(1e-12)
+        ).item()
+        for k, p in trainable_parameters(ours).items()
+    )
     print(f"{case}/{variant}: max|dlogits| vs peft {err:.2e}, max relative grad diff {gerr:.2e}")
     assert err <= 1e-4
     assert gerr <= 1e-4
@@ -114,8 +121,14 @@ def test_peft_file_loads_in_moetune(case, variant, tmp_path):
 
 def test_peft_keys_with_adapter_names_rank_and_alpha_patterns(tmp_path):
     hf = save_hf_model("llama", tmp_path / "base")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], use_dora=True,
-                          rank_pattern={"o_proj": 2}, alpha_pattern={"model.layers.1.mlp.down_proj": 3})
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "o_proj", "down_proj"],
+        use_dora=True,
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"model.layers.1.mlp.down_proj": 3},
+    )
     pm = peft.get_peft_model(hf, cfg)
     with torch.no_grad():
         for k, p in pm.named_parameters():
@@ -124,7 +137,9 @@ def test_peft_keys_with_adapter_names_rank_and_alpha_patterns(tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     # the same tensors under PEFT's in-memory names (adapter name inside the key) must load too
     named = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
-    assert any(".lora_A.default.weight" in k for k in named) and any("lora_magnitude_vector.default.weight" in k for k in named)
+    assert any(".lora_A.default.weight" in k for k in named) and any(
+        "lora_magnitude_vector.default.weight" in k for k in named
+    )
     save_file({k: v.contiguous() for k, v in named.items()}, str(tmp_path / "peft" / "adapter_model.safetensors"))
     ours = moetune.load_model(tmp_path / "base")
     moetune.load_adapter(ours, tmp_path / "peft")
@@ -157,7 +172,9 @@ def test_layers_to_transform_and_pissa_files_load_in_peft(kind, tmp_path):
     err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
     print(f"{kind}: moetune file -> PEFT max|dlogits| {err:.2e}")
     assert err <= 1e-4
-    assert len([k for k in load_file(str(out / "adapter_model.safetensors")) if "lora_A" in k]) == (3 if kind != "pissa" else 4)
+    assert len([k for k in load_file(str(out / "adapter_model.safetensors")) if "lora_A" in k]) == (
+        3 if kind != "pissa" else 4
+    )
 
 
 @pytest.fixture
@@ -195,7 +212,9 @@ def test_per_expert_layout_roundtrip(tmp_path, experts_available):
     keys = load_file(str(out / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.mlp.experts.7.gate_proj.lora_A.weight" in keys
     assert keys["base_model.model.model.layers.0.mlp.experts.7.down_proj.lora_B.weight"].shape == (64, 4)
-    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(
+        json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    )
     back = moetune.load_model(tmp_path / "base")
     moetune.load_adapter(back, out)
     assert (_logits(back, ids) - _logits(ours, ids)).abs().max() <= 1e-5
@@ -207,7 +226,10 @@ def test_peft_loads_our_folder_without_unknown_key_warnings(tmp_path, experts_av
     ours, ids = _experts_model(tmp_path), _ids()  # a linear (q_proj) and the routed experts
     out = moetune.save_adapter(ours, tmp_path / "ours")
     assert "moetune" not in json.loads((out / "adapter_config.json").read_text())
-    assert json.loads((out / "moetune_adapter.json").read_text())["lora_config"]["target_modules"] == ["q_proj", "experts"]
+    assert json.loads((out / "moetune_adapter.json").read_text())["lora_config"]["target_modules"] == [
+        "q_proj",
+        "experts",
+    ]
     hf = make_hf_model("qwen3_moe")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,8 +250,9 @@ def test_old_folder_with_embedded_metadata_loads_identically(tmp_path, experts_a
     save_hf_model("qwen3_moe", tmp_path / "base")
     ours = moetune.load_model(tmp_path / "base").eval()
     # what only the metadata holds: one pair shared by all experts, the trained dropout next to experts
-    config = moetune.LoraConfig(r=4, alpha=8, dropout=0.1, expert_rank="shared", target_modules=["q_proj", "experts"],
-                                layers_to_transform=[1])
+    config = moetune.LoraConfig(
+        r=4, alpha=8, dropout=0.1, expert_rank="shared", target_modules=["q_proj", "experts"], layers_to_transform=[1]
+    )
     moetune.add_adapter(ours, config)
     _randomise(ours)
     new = moetune.save_adapter(ours, tmp_path / "new")
@@ -263,7 +286,9 @@ def test_sidecar_of_a_folder_peft_saved_over_is_ignored(tmp_path, experts_availa
     with caplog.at_level(logging.WARNING, logger="moetune"):  # the same adapter (PEFT reorders targets): still ours
         assert adapter_configs(_loaded(tmp_path / "base", folder))["default"].target_modules == ["q_proj", "experts"]
     assert not _sidecar_warnings(caplog)
-    other = peft.get_peft_model(make_hf_model("qwen3_moe"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
+    other = peft.get_peft_model(
+        make_hf_model("qwen3_moe"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"])
+    )
     with torch.no_grad():
         for name, p in other.named_parameters():
             if "lora_" in name:

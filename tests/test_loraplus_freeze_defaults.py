@@ -16,11 +16,31 @@ from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import adapter_parameters
 from moetune.train.optim import build_optimizer
 
-DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-MOE = dict(model_type="qwen2_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24, norm_topk_prob=False, max_position_embeddings=64)
+DENSE = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
+MOE = dict(
+    model_type="qwen2_moe",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    norm_topk_prob=False,
+    max_position_embeddings=64,
+)
 FFN = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -85,10 +105,23 @@ def test_every_adapter_layer_declares_its_b_side():
 def test_loraplus_without_a_b_side_declaration_is_refused():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="b_side"):
-        build_optimizer({"x.moe_lora_A.a": a, "x.moe_lora_B.a": b}, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999),
-                        eps=1e-8, loraplus_lr_ratio=16)
-    opt = build_optimizer({"x.A": a, "x.B": b}, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                          loraplus_lr_ratio=16, b_side={"x.B"})
+        build_optimizer(
+            {"x.moe_lora_A.a": a, "x.moe_lora_B.a": b},
+            lr=1e-3,
+            weight_decay=0.0,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            loraplus_lr_ratio=16,
+        )
+    opt = build_optimizer(
+        {"x.A": a, "x.B": b},
+        lr=1e-3,
+        weight_decay=0.0,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        loraplus_lr_ratio=16,
+        b_side={"x.B"},
+    )
     assert {id(p): g["lr"] for g in opt.param_groups for p in g["params"]} == {id(a): 1e-3, id(b): 16e-3}
 
 
@@ -127,7 +160,7 @@ def test_run_file_adalora_r_8_is_kept_or_refused(tmp_path):
     from moetune.config import load_train_config
 
     run = tmp_path / "run.yaml"
-    base = ("model: {path: m}\ndata: {train: t.jsonl}\noptim: {max_steps: 10, batch_size: 2}\ncheckpoint: {output_dir: out}\n")
+    base = "model: {path: m}\ndata: {train: t.jsonl}\noptim: {max_steps: 10, batch_size: 2}\ncheckpoint: {output_dir: out}\n"
     run.write_text(base + "adapter: {method: adalora, r: 8, adalora: {init_r: 16, target_r: 4}}\n")
     with pytest.raises(ConfigError, match=r"adapter\.r"):
         load_train_config(run)

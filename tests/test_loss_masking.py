@@ -10,7 +10,10 @@ from tiny_hf import save_hf_model
 
 
 def _examples(tok):
-    rows = [InstructionRow(instruction="copy: abc", output="abc"), InstructionRow(instruction="lower: XyZw", output="xyzw")]
+    rows = [
+        InstructionRow(instruction="copy: abc", output="abc"),
+        InstructionRow(instruction="lower: XyZw", output="xyzw"),
+    ]
     return [tokenize_row(r, tok, max_length=64) for r in rows]
 
 
@@ -24,7 +27,12 @@ def test_packed_row_equals_each_example_alone(tmp_path):
     ex = _examples(tok)
     packed = Collator(pad_id=tok.pad_id, packing=True)([ex])
     with torch.no_grad():
-        got = model(packed["input_ids"] % 128, attention_mask=packed["attention_mask"], position_ids=packed["position_ids"], segment_ids=packed["segment_ids"]).logits[0]
+        got = model(
+            packed["input_ids"] % 128,
+            attention_mask=packed["attention_mask"],
+            position_ids=packed["position_ids"],
+            segment_ids=packed["segment_ids"],
+        ).logits[0]
         start = 0
         for e in ex:
             alone = model(torch.tensor([e.input_ids]) % 128).logits[0]

@@ -35,7 +35,9 @@ def accuracy(model, t: int, name: str | None = None) -> float:
 def train_task(base, t: int, out) -> None:
     torch.manual_seed(t)
     model = moetune.load_model(base)
-    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "experts"]))
+    moetune.add_adapter(
+        model, moetune.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "experts"])
+    )
     opt = torch.optim.AdamW(moetune.trainable_parameters(model).values(), lr=3e-3, weight_decay=0.0)
     ids = task(t)
     labels = ids.masked_fill(torch.arange(3) < 2, -100)  # loss on the answer only
@@ -61,8 +63,10 @@ def test_merged_adapters_keep_both_tasks_above_the_base(tmp_path):
         out = merge_adapter_dirs(tmp_path / "base", folders, tmp_path / method, method=method, **opts).out_dir
         moetune.load_adapter(model, out, name=method)
         means[method] = (accuracy(model, 0, method) + accuracy(model, 1, method)) / 2
-    print(f"merge accuracy (mean of 2 tasks; each adapter alone 100% on its task, base {base:.0%}): "
-          + ", ".join(f"{m} {a:.0%}" for m, a in means.items()))
+    print(
+        f"merge accuracy (mean of 2 tasks; each adapter alone 100% on its task, base {base:.0%}): "
+        + ", ".join(f"{m} {a:.0%}" for m, a in means.items())
+    )
     assert base <= 0.1
     for method in DELTA:  # task vectors combined as the TIES/DARE papers do keep most of both tasks
         assert means[method] >= base + 0.3, (method, means[method])

@@ -49,8 +49,24 @@ def folders(tmp_path_factory):
 def test_cat_merge_equals_both_adapters_at_once(folders, tmp_path, capsys):
     """``cat`` is exact: the merged adapter's output is base + w_a D_a + w_b D_b (experts included)."""
     out = tmp_path / "merged"
-    assert main(["merge-adapters", "--model", str(folders / "base"), "--adapter", str(folders / "a"),
-                 "--adapter", str(folders / "b"), "--method", "cat", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "merge-adapters",
+                "--model",
+                str(folders / "base"),
+                "--adapter",
+                str(folders / "a"),
+                "--adapter",
+                str(folders / "b"),
+                "--method",
+                "cat",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "merged adapter written" in capsys.readouterr().out
     both = moetune.load_model(folders / "base")
     moetune.load_adapter(both, folders / "a", name="a")
@@ -66,15 +82,37 @@ def test_cat_merge_equals_both_adapters_at_once(folders, tmp_path, capsys):
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and "moetune" not in cfg and meta["merged"]["method"] == "cat"
 
 
-@pytest.mark.parametrize("method,extra", [("linear", []), ("ties", ["--density", "0.5"]), ("dare_ties", ["--density", "0.5"]),
-                                          ("svd", ["--rank", "3"])])
+@pytest.mark.parametrize(
+    "method,extra",
+    [("linear", []), ("ties", ["--density", "0.5"]), ("dare_ties", ["--density", "0.5"]), ("svd", ["--rank", "3"])],
+)
 def test_methods_write_adapters_that_moetune_and_peft_load(folders, tmp_path, method, extra):
     peft = pytest.importorskip("peft")
     import transformers
 
     out = tmp_path / method
-    assert main(["merge-adapters", "--model", str(folders / "base"), "--adapter", str(folders / "a"),
-                 "--adapter", str(folders / "b"), "--weights", "0.5", "0.5", "--method", method, *extra, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "merge-adapters",
+                "--model",
+                str(folders / "base"),
+                "--adapter",
+                str(folders / "a"),
+                "--adapter",
+                str(folders / "b"),
+                "--weights",
+                "0.5",
+                "0.5",
+                "--method",
+                method,
+                *extra,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours = moetune.load_model(folders / "base")
     moetune.load_adapter(ours, out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folders / "base")
@@ -88,23 +126,49 @@ def test_methods_write_adapters_that_moetune_and_peft_load(folders, tmp_path, me
 
 def test_mismatches_name_the_first_tensor(folders, tmp_path):
     _adapter(folders / "base", tmp_path / "v_only", 3, targets=["v_proj", "experts"], r=4)
-    with pytest.raises(AdapterError, match=r"tensor 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' is in adapter"):
+    with pytest.raises(
+        AdapterError,
+        match=r"tensor 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' is in adapter",
+    ):
         merge_adapter_dirs(folders / "base", [folders / "a", tmp_path / "v_only"], tmp_path / "x")
     save_hf_model("qwen3", tmp_path / "other")  # head_dim 24: q_proj is (96, 64) there, (64, 64) here
     _adapter(tmp_path / "other", tmp_path / "qwen3_adapter", 4, targets=["q_proj", "v_proj"], r=4)
     with pytest.raises(AdapterError, match=r"q_proj\.lora_B\.weight.*shape \(96, 4\)"):
         merge_adapter_dirs(folders / "base", [folders / "a", tmp_path / "qwen3_adapter"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    assert main(["merge-adapters", "--model", str(folders / "base"), "--adapter", str(folders / "a"),
-                 "--adapter", str(folders / "b"), "--method", "ties", "--out", str(tmp_path / "y")]) == 2  # no density
+    assert (
+        main(
+            [
+                "merge-adapters",
+                "--model",
+                str(folders / "base"),
+                "--adapter",
+                str(folders / "a"),
+                "--adapter",
+                str(folders / "b"),
+                "--method",
+                "ties",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )  # no density
 
 
 def test_adalora_layout_folder_merges_as_the_plain_lora_beside_it(tmp_path):
     """An AdaLoRA run's ``adalora/`` folder (peft_type ADALORA) merges exactly as the plain LoRA the
     run writes at the top of its folder; none of PEFT's AdaLoRA keys reach the merged config."""
     save_hf_model("llama", tmp_path / "base")
-    ada = _adapter(tmp_path / "base", tmp_path / "run", 5, targets=["q_proj", "v_proj"], r=4, alpha=8,
-                   adalora=AdaLoraOptions(target_r=2, total_step=10))
+    ada = _adapter(
+        tmp_path / "base",
+        tmp_path / "run",
+        5,
+        targets=["q_proj", "v_proj"],
+        r=4,
+        alpha=8,
+        adalora=AdaLoraOptions(target_r=2, total_step=10),
+    )
     for i, (_, layer) in enumerate(svd_layers(ada, "default")):  # an allocation's masks; the first matrix keeps nothing
         keep = torch.arange(4) % (i + 1) != 0 if i else torch.zeros(4, dtype=torch.bool)
         layer.rank_mask.put("default", keep, persistent=False)
@@ -116,6 +180,8 @@ def test_adalora_layout_folder_merges_as_the_plain_lora_beside_it(tmp_path):
         merge_adapter_dirs(tmp_path / "base", [first, tmp_path / "plain"], tmp_path / out, method="cat")
     top, ada_merged = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("top", "ada"))
     assert top.keys() == ada_merged.keys() and all(torch.equal(top[k], ada_merged[k]) for k in top)
-    cfg_top, cfg_ada = ({k: v for k, v in json.loads((tmp_path / d / "adapter_config.json").read_text()).items()
-                         if v is not None} for d in ("top", "ada"))
+    cfg_top, cfg_ada = (
+        {k: v for k, v in json.loads((tmp_path / d / "adapter_config.json").read_text()).items() if v is not None}
+        for d in ("top", "ada")
+    )
     assert cfg_ada == cfg_top and cfg_ada["peft_type"] == "LORA" and "init_r" not in cfg_ada

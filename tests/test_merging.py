@@ -44,8 +44,14 @@ def test_dare_masks_are_seeded_and_rescaled():
     a = torch.randn(4, 16)
     state = {f"{LIN}lora_A.weight": a, f"{LIN}lora_B.weight": torch.ones(8, 4)}
     one = merge_adapters([state], [1.0], "dare_linear", density=0.25, seed=3)
-    assert torch.equal(one[f"{LIN}lora_A.weight"], merge_adapters([state], [1.0], "dare_linear", density=0.25, seed=3)[f"{LIN}lora_A.weight"])
-    assert not torch.equal(one[f"{LIN}lora_A.weight"], merge_adapters([state], [1.0], "dare_linear", density=0.25, seed=4)[f"{LIN}lora_A.weight"])
+    assert torch.equal(
+        one[f"{LIN}lora_A.weight"],
+        merge_adapters([state], [1.0], "dare_linear", density=0.25, seed=3)[f"{LIN}lora_A.weight"],
+    )
+    assert not torch.equal(
+        one[f"{LIN}lora_A.weight"],
+        merge_adapters([state], [1.0], "dare_linear", density=0.25, seed=4)[f"{LIN}lora_A.weight"],
+    )
     kept = one[f"{LIN}lora_A.weight"] != 0
     assert torch.allclose(one[f"{LIN}lora_A.weight"][kept], a[kept] / 0.25)  # 1/(1-p) with p = 0.75
     assert 0.05 < kept.float().mean() < 0.5
@@ -57,7 +63,7 @@ def test_module_level_factors_follow_peft_weighting():
     s2 = {k: torch.randn(v.shape, generator=g) for k, v in s1.items()}
     out = merge_adapters([s1, s2], [0.5, -2.0], "ties", density=0.5, scalings=[2.0, 1.0])
     # A weighted by sign(w s) sqrt|w s| = (1, -sqrt 2); B by sqrt|w s| = (1, sqrt 2)
-    r2 = 2 ** 0.5
+    r2 = 2**0.5
     a = combine([s1[f"{LIN}lora_A.weight"], s2[f"{LIN}lora_A.weight"]], [1.0, -r2], "ties", density=0.5)
     b = combine([s1[f"{LIN}lora_B.weight"], s2[f"{LIN}lora_B.weight"]], [1.0, r2], "ties", density=0.5)
     assert torch.allclose(out[f"{LIN}lora_A.weight"], a) and torch.allclose(out[f"{LIN}lora_B.weight"], b)
@@ -66,7 +72,10 @@ def test_module_level_factors_follow_peft_weighting():
 # --- SVD and exact methods ---------------------------------------------------------------------
 def _pair(r: int, out: int, inp: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {f"{LIN}lora_A.weight": torch.randn(r, inp, generator=g), f"{LIN}lora_B.weight": torch.randn(out, r, generator=g)}
+    return {
+        f"{LIN}lora_A.weight": torch.randn(r, inp, generator=g),
+        f"{LIN}lora_B.weight": torch.randn(out, r, generator=g),
+    }
 
 
 def _delta(state: dict, prefix: str = LIN) -> torch.Tensor:
@@ -107,8 +116,15 @@ def test_experts_merge_per_expert():
     out = merge_adapters([s1, s2], [1.0, 0.5], "ties", density=0.5, num_experts=E)
     a, b = from_peft(out[f"{EXP}lora_A.weight"], out[f"{EXP}lora_B.weight"], E)
     for e in range(E):  # each expert merged exactly as a linear would be
-        lin = merge_adapters([{f"{LIN}lora_A.weight": a1[e], f"{LIN}lora_B.weight": b1[e]},
-                              {f"{LIN}lora_A.weight": a2[e], f"{LIN}lora_B.weight": b2[e]}], [1.0, 0.5], "ties", density=0.5)
+        lin = merge_adapters(
+            [
+                {f"{LIN}lora_A.weight": a1[e], f"{LIN}lora_B.weight": b1[e]},
+                {f"{LIN}lora_A.weight": a2[e], f"{LIN}lora_B.weight": b2[e]},
+            ],
+            [1.0, 0.5],
+            "ties",
+            density=0.5,
+        )
         assert torch.equal(a[e], lin[f"{LIN}lora_A.weight"]) and torch.equal(b[e], lin[f"{LIN}lora_B.weight"])
     svd = merge_adapters([s1], [1.0], "svd", num_experts=E)
     a, b = from_peft(svd[f"{EXP}lora_A.weight"], svd[f"{EXP}lora_B.weight"], E)
@@ -137,16 +153,22 @@ def test_random_masks_draw_in_order():
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     ts = [torch.zeros(3, 4), torch.zeros(2)]
     masks = random_masks(ts, 0.3, g1)
-    assert torch.equal(masks[0], torch.rand(3, 4, generator=g2) < 0.3) and torch.equal(masks[1], torch.rand(2, generator=g2) < 0.3)
+    assert torch.equal(masks[0], torch.rand(3, 4, generator=g2) < 0.3) and torch.equal(
+        masks[1], torch.rand(2, generator=g2) < 0.3
+    )
 
 
 # --- parity with PEFT's add_weighted_adapter ----------------------------------------------------
-@pytest.mark.parametrize("method", ["linear", "ties", "magnitude_prune", "cat", "svd", "ties_svd", "magnitude_prune_svd"])
+@pytest.mark.parametrize(
+    "method", ["linear", "ties", "magnitude_prune", "cat", "svd", "ties_svd", "magnitude_prune_svd"]
+)
 def test_matches_peft_add_weighted_adapter(method):
     peft = pytest.importorskip("peft")
     from tiny_hf import make_hf_model
 
-    model = peft.get_peft_model(make_hf_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        make_hf_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -156,8 +178,13 @@ def test_matches_peft_add_weighted_adapter(method):
     weights, density = [0.7, -0.4], 0.5
     model.add_weighted_adapter(["default", "b"], weights, "m", combination_type=method, density=density)
     want = peft.get_peft_model_state_dict(model, adapter_name="m")
-    got = merge_adapters(states, weights, method, density=density if "ties" in method or "prune" in method else None,
-                         scalings=[8 / 4, 16 / 4])
+    got = merge_adapters(
+        states,
+        weights,
+        method,
+        density=density if "ties" in method or "prune" in method else None,
+        scalings=[8 / 4, 16 / 4],
+    )
     assert got.keys() == want.keys()
     for key in got:
         if "svd" in method:  # singular vectors are defined up to sign: compare the products

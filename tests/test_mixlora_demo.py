@@ -32,10 +32,15 @@ def test_mixlora_and_lora_both_learn_the_task(demo):
 def _task(path, n=30):
     rows = []
     for i, r in enumerate(make_rows("upper", n, 11)):
-        word = r["instruction"][len("upper: "):]
+        word = r["instruction"][len("upper: ") :]
         choices = [word.upper(), word, word.capitalize()]
-        rows.append({"question": r["instruction"], "choices": choices if i % 2 else {"text": choices, "label": ["A", "B", "C"]},
-                     "answer": 0 if i % 2 else "A"})
+        rows.append(
+            {
+                "question": r["instruction"],
+                "choices": choices if i % 2 else {"text": choices, "label": ["A", "B", "C"]},
+                "answer": 0 if i % 2 else "A",
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -47,15 +52,33 @@ def test_eval_task_scores_choices_by_log_likelihood(demo):
     mix = evaluate_task_files(out / "base-model", [task], adapter=out / "run" / "adapter-mixlora", chat=True)[0]
     assert base.accuracy_norm < 0.5 and mix.accuracy_norm >= 0.9 and mix.questions == 30
     assert "model.layers.0.mlp" in mix.router and "entropy" in mix.router
-    proc = subprocess.run([sys.executable, "-m", "moetune", "eval", "--model", str(out / "base-model"), "--adapter",
-                           str(out / "run" / "adapter-lora"), "--task", str(task), "--chat"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moetune",
+            "eval",
+            "--model",
+            str(out / "base-model"),
+            "--adapter",
+            str(out / "run" / "adapter-lora"),
+            "--task",
+            str(task),
+            "--chat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "upper_mc.jsonl: accuracy_norm" in proc.stdout and "(headline" in proc.stdout
 
 
 def test_task_file_errors_name_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"], "answer": 0}\n')
+    bad.write_text(
+        '{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"], "answer": 0}\n'
+    )
     with pytest.raises(DataError, match="bad.jsonl line 2: 'choices'"):
         read_task(bad)
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": "D"}\n')

@@ -18,17 +18,43 @@ from moetune.peft.mixtures.linear import MixtureLinear
 from moetune.peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from mixture_reference import RecordingDropout, reference_mixlora, reference_mixture_linear
 
-DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-MOE = dict(model_type="qwen2_moe", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24, norm_topk_prob=False, max_position_embeddings=64)
+DENSE = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
+MOE = dict(
+    model_type="qwen2_moe",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    norm_topk_prob=False,
+    max_position_embeddings=64,
+)
 FFN_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _config(routing="top_k", kind="mixlora", dora=False, dropout=0.05, **mix):
-    return LoraConfig(r=4, alpha=8, dropout=dropout, use_dora=dora, target_modules=FFN_TARGETS,
-                      mixture=MixtureConfig(kind=kind, num_experts=4, routing=routing, **mix))
+    return LoraConfig(
+        r=4,
+        alpha=8,
+        dropout=dropout,
+        use_dora=dora,
+        target_modules=FFN_TARGETS,
+        mixture=MixtureConfig(kind=kind, num_experts=4, routing=routing, **mix),
+    )
 
 
 def _randomise(layer: nn.Module, scale=0.3) -> None:
@@ -121,7 +147,9 @@ def test_new_mixture_leaves_the_model_unchanged(cfg, kind):
     ids = torch.randint(0, 64, (2, 7))
     before = model(ids).logits
     targets = FFN_TARGETS if cfg is DENSE else ["q_proj", "shared_expert"]
-    moetune.add_adapter(model, LoraConfig(r=4, target_modules=targets, mixture=MixtureConfig(kind=kind, num_experts=3, top_k=2)), "mix")
+    moetune.add_adapter(
+        model, LoraConfig(r=4, target_modules=targets, mixture=MixtureConfig(kind=kind, num_experts=3, top_k=2)), "mix"
+    )
     torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=1e-6)
     with moetune.disable_adapters(model):
         torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=1e-6)
@@ -129,10 +157,16 @@ def test_new_mixture_leaves_the_model_unchanged(cfg, kind):
 
 def test_targeting_places_wrappers_and_keeps_module_paths():
     model = _model(MOE)
-    report = moetune.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "shared_expert"],
-                                                   mixture=MixtureConfig(num_experts=[2, 3])), "mix")
+    report = moetune.add_adapter(
+        model,
+        LoraConfig(r=4, target_modules=["q_proj", "shared_expert"], mixture=MixtureConfig(num_experts=[2, 3])),
+        "mix",
+    )
     layers = model.model.layers
-    assert isinstance(layers[0].mlp.shared_expert, MixtureFFN) and layers[1].mlp.shared_expert.router["mix"].shape == (3, 32)
+    assert isinstance(layers[0].mlp.shared_expert, MixtureFFN) and layers[1].mlp.shared_expert.router["mix"].shape == (
+        3,
+        32,
+    )
     assert type(layers[0].self_attn.q_proj).__name__ == "LoraLinear"
     names = {n for n, _ in model.named_parameters()}
     assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in names  # base keys unchanged
@@ -147,8 +181,12 @@ def test_mixture_errors_name_the_problem():
     with pytest.raises(AdapterError, match="no target is a projection"):
         moetune.add_adapter(model, LoraConfig(target_modules=["q_proj"], mixture=MixtureConfig()), "m")
     with pytest.raises(AdapterError, match="num_experts lists 1 counts"):
-        moetune.add_adapter(model, LoraConfig(target_modules=["gate_proj"], mixture=MixtureConfig(num_experts=[2])), "m")
-    moetune.add_adapter(model, LoraConfig(target_modules=["gate_proj"], mixture=MixtureConfig(num_experts=2, top_k=1)), "m")
+        moetune.add_adapter(
+            model, LoraConfig(target_modules=["gate_proj"], mixture=MixtureConfig(num_experts=[2])), "m"
+        )
+    moetune.add_adapter(
+        model, LoraConfig(target_modules=["gate_proj"], mixture=MixtureConfig(num_experts=2, top_k=1)), "m"
+    )
     with pytest.raises(AdapterError, match="cannot be folded"):
         moetune.merge_adapter(model, "m")
 
@@ -232,18 +270,25 @@ def test_mixture_config_errors_name_field_value_and_allowed(tmp_path):
             from_dict(AdapterSection, kw)
         return str(info.value)
 
-    assert "mixture.top_k must be in [1, num_experts = 4], got 5" in error(method="mixlora", mixture={"num_experts": 4, "top_k": 5})
-    assert "mixture.routing: expected one of 'top_k', 'top_p', 'switch', 'dense' or null, got 'topk'" in \
-        error(method="mixlora", mixture={"routing": "topk"})
+    assert "mixture.top_k must be in [1, num_experts = 4], got 5" in error(
+        method="mixlora", mixture={"num_experts": 4, "top_k": 5}
+    )
+    assert "mixture.routing: expected one of 'top_k', 'top_p', 'switch', 'dense' or null, got 'topk'" in error(
+        method="mixlora", mixture={"routing": "topk"}
+    )
     assert "unknown key 'mixture.num_expert'" in error(method="mixlora", mixture={"num_expert": 4})
-    assert "mixture.routing must be top_k, top_p or dense for kind mola" in error(method="mola", mixture={"routing": "switch"})
+    assert "mixture.routing must be top_k, top_p or dense for kind mola" in error(
+        method="mola", mixture={"routing": "switch"}
+    )
     assert "mixture needs method mixlora" in error(method="lora", mixture={})
     assert "use_dora: true contradicts method: mixlora (write method: mixdora" in error(method="mixlora", use_dora=True)
     assert from_dict(AdapterSection, {"method": "mixdora"}).use_dora
     run = tmp_path / "run.yaml"
-    run.write_text("model: {path: m}\nadapters:\n  - {name: a, method: mixlora, target_modules: [gate_proj]}\n"
-                   "  - {name: b, optim: {max_steps: 3}}\ndata: {train: t.jsonl}\noptim: {max_steps: 5, batch_size: 2}\n"
-                   "checkpoint: {output_dir: out}\n")
+    run.write_text(
+        "model: {path: m}\nadapters:\n  - {name: a, method: mixlora, target_modules: [gate_proj]}\n"
+        "  - {name: b, optim: {max_steps: 3}}\ndata: {train: t.jsonl}\noptim: {max_steps: 5, batch_size: 2}\n"
+        "checkpoint: {output_dir: out}\n"
+    )
     cfg = load_train_config(run, ["adapters.0.mixture.top_k=1", "adapters.1.optim.lr=0.1"])
     assert cfg.adapters[0].mixture.top_k == 1 and cfg.adapter_optim(1).lr == 0.1 and cfg.adapter_optim(1).max_steps == 3
     with pytest.raises(ConfigError, match=r"adapters\[1\].optim.warmup_steps must be in \[0, max_steps\]"):

@@ -14,8 +14,16 @@ from moetune.config import MixtureConfig
 from moetune.errors import AdapterError
 from moetune.model import build_random_model, model_args_from_hf
 
-DENSE = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+DENSE = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -38,11 +46,15 @@ def _logits(model, name):
     return model(ids, adapter_names=[name, name]).logits
 
 
-@pytest.mark.parametrize("config", [
-    LoraConfig(r=4, use_dora=True, target_modules=TARGETS, mixture=MixtureConfig(num_experts=3, routing="top_p")),
-    LoraConfig(r=4, target_modules=TARGETS, mixture=MixtureConfig(kind="mola", num_experts=[2, 3])),
-    LoraConfig(r=4, target_modules=["q_proj", "gate_proj"], mixture=MixtureConfig(kind="loramoe", num_experts=3)),
-], ids=["mixdora", "mola", "loramoe"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(r=4, use_dora=True, target_modules=TARGETS, mixture=MixtureConfig(num_experts=3, routing="top_p")),
+        LoraConfig(r=4, target_modules=TARGETS, mixture=MixtureConfig(kind="mola", num_experts=[2, 3])),
+        LoraConfig(r=4, target_modules=["q_proj", "gate_proj"], mixture=MixtureConfig(kind="loramoe", num_experts=3)),
+    ],
+    ids=["mixdora", "mola", "loramoe"],
+)
 def test_moetune_layout_round_trip(tmp_path, config):
     model = _trained(config)
     folder = moetune.save_adapter(model, tmp_path / "a", name="mix")
@@ -59,11 +71,17 @@ def test_moetune_layout_round_trip(tmp_path, config):
 
 
 def _moe_peft_config(**routing):
-    return LoraConfig(r=4, alpha=8, target_modules=TARGETS,
-                      mixture=MixtureConfig(num_experts=3, expert_r=2, expert_alpha=4, router_aux_loss_coef=0.02, **routing))
+    return LoraConfig(
+        r=4,
+        alpha=8,
+        target_modules=TARGETS,
+        mixture=MixtureConfig(num_experts=3, expert_r=2, expert_alpha=4, router_aux_loss_coef=0.02, **routing),
+    )
 
 
-@pytest.mark.parametrize("routing", [dict(routing="top_k", top_k=2), dict(routing="top_p", top_p=0.7, top_p_renormalize=False)])
+@pytest.mark.parametrize(
+    "routing", [dict(routing="top_k", top_k=2), dict(routing="top_p", top_p=0.7, top_p_renormalize=False)]
+)
 def test_moe_peft_layout_round_trip(tmp_path, routing):
     model = _trained(_moe_peft_config(**routing))
     folder = moetune.save_adapter(model, tmp_path / "mp", name="mix", layout="moe_peft")
@@ -90,23 +108,40 @@ def test_hand_written_moe_peft_file_loads(tmp_path):
         tensors[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(2, 32, generator=g)
         for proj, (d_in, d_out) in {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}.items():
             for i in range(2):
-                tensors[f"mixlora.layers.{layer}.mlp.{proj}.experts.{i}.lora_A.weight"] = torch.randn(4, d_in, generator=g)
-                tensors[f"mixlora.layers.{layer}.mlp.{proj}.experts.{i}.lora_B.weight"] = torch.randn(d_out, 4, generator=g)
+                tensors[f"mixlora.layers.{layer}.mlp.{proj}.experts.{i}.lora_A.weight"] = torch.randn(
+                    4, d_in, generator=g
+                )
+                tensors[f"mixlora.layers.{layer}.mlp.{proj}.experts.{i}.lora_B.weight"] = torch.randn(
+                    d_out, 4, generator=g
+                )
         for proj, d_out in (("q_proj", 32), ("k_proj", 16)):  # 2 kv heads of 8
             tensors[f"mixlora.layers.{layer}.self_attn.{proj}.lora_A.weight"] = torch.randn(4, 32, generator=g)
             tensors[f"mixlora.layers.{layer}.self_attn.{proj}.lora_B.weight"] = torch.randn(d_out, 4, generator=g) * 0.1
     folder = tmp_path / "hand"
     folder.mkdir()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "bias": "none", "peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
-        "target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj", "up_proj"],
-        "routing_strategy": "mixlora", "num_experts": 2, "top_k": 1}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "bias": "none",
+                "peft_type": "MIXLORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.05,
+                "target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj", "up_proj"],
+                "routing_strategy": "mixlora",
+                "num_experts": 2,
+                "top_k": 1,
+            }
+        )
+    )
     model = _model()
     moetune.load_adapter(model, folder, name="mp")
     ffn = model.model.layers[1].mlp
     torch.testing.assert_close(ffn.router["mp"], tensors["mixlora.layers.1.mlp.moe_gate.weight"])
-    torch.testing.assert_close(ffn.lora_B_down["mp"][1], tensors["mixlora.layers.1.mlp.down_proj.experts.1.lora_B.weight"])
+    torch.testing.assert_close(
+        ffn.lora_B_down["mp"][1], tensors["mixlora.layers.1.mlp.down_proj.experts.1.lora_B.weight"]
+    )
     assert model.model.layers[0].self_attn.k_proj.lora_A["mp"].shape == (4, 32)
     assert ffn.mixtures["mp"].mixture.top_k == 1 and ffn.options["mp"].scaling == 2.0
 
@@ -114,15 +149,25 @@ def test_hand_written_moe_peft_file_loads(tmp_path):
 def test_moe_peft_errors_name_the_problem(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
-    base = {"peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["gate_proj"],
-            "routing_strategy": "mixlora", "num_experts": 2}
+    base = {
+        "peft_type": "MIXLORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": ["gate_proj"],
+        "routing_strategy": "mixlora",
+        "num_experts": 2,
+    }
     (folder / "adapter_model.bin").write_bytes(b"pickle")
     (folder / "adapter_config.json").write_text(json.dumps(base))
     with pytest.raises(AdapterError, match="weights_only=True"):
         moetune.load_adapter(_model(), folder)
     save_file({"mixlora.layers.0.mlp.moe_gate.weight": torch.zeros(2, 32)}, str(folder / "adapter_model.safetensors"))
-    for change, needle in [({"routing_strategy": "mixlora-switch"}, "mixlora-switch"), ({"use_dora": True}, "DoRA"),
-                           ({"optimizer": "adamw"}, "optimizer")]:
+    for change, needle in [
+        ({"routing_strategy": "mixlora-switch"}, "mixlora-switch"),
+        ({"use_dora": True}, "DoRA"),
+        ({"optimizer": "adamw"}, "optimizer"),
+    ]:
         (folder / "adapter_config.json").write_text(json.dumps({**base, **change}))
         with pytest.raises(AdapterError, match=needle):
             moetune.load_adapter(_model(), folder)

@@ -13,7 +13,7 @@ import moetune
 from moetune.errors import CheckpointError
 from moetune.model.grouped import grouped_linear, grouped_linear_loop
 from moetune.model.moe import GroupedExperts, dispatch
-from tiny_hf import make_hf_model, save_hf_model
+from tiny_hf import save_hf_model
 
 
 def _experts(E=8, D=32, F=16, seed=0):
@@ -158,7 +158,9 @@ def test_inspect_counts_qwen3_moe(tmp_path):
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "moetune", "inspect", str(tmp_path / "none")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "moetune", "inspect", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
@@ -167,5 +169,12 @@ def test_model_layer_never_imports_higher_layers():
     root = Path(moetune.__file__).parent / "model"
     for f in root.glob("*.py"):
         text = f.read_text()
-        for banned in ("from ..peft", "from ..train", "from ..cli", "import moetune.peft", "import moetune.train", "from ..data"):
+        for banned in (
+            "from ..peft",
+            "from ..train",
+            "from ..cli",
+            "import moetune.peft",
+            "import moetune.train",
+            "from ..data",
+        ):
             assert banned not in text, f"{f.name} imports a higher layer ({banned})"

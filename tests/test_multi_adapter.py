@@ -24,25 +24,48 @@ from train_helpers import tiny_model_dir
 
 ADAPTERS = {
     "a": {"name": "a", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "experts"]},
-    "b": {"name": "b", "method": "dora", "r": 2, "alpha": 4, "target_modules": ["k_proj", "o_proj"],
-          "optim": {"lr": 2e-3, "max_steps": 4, "lr_schedule": "linear", "batch_size": 4}, "data": {"train": "lower.jsonl"}},
-    "c": {"name": "c", "method": "mola", "r": 2, "target_modules": ["q_proj", "o_proj"],
-          "mixture": {"num_experts": 3, "top_k": 2, "router_aux_loss_coef": 0.05}},
+    "b": {
+        "name": "b",
+        "method": "dora",
+        "r": 2,
+        "alpha": 4,
+        "target_modules": ["k_proj", "o_proj"],
+        "optim": {"lr": 2e-3, "max_steps": 4, "lr_schedule": "linear", "batch_size": 4},
+        "data": {"train": "lower.jsonl"},
+    },
+    "c": {
+        "name": "c",
+        "method": "mola",
+        "r": 2,
+        "target_modules": ["q_proj", "o_proj"],
+        "mixture": {"num_experts": 3, "top_k": 2, "router_aux_loss_coef": 0.05},
+    },
 }
 
 
 def _rows(n: int, seed: int, fixed: bool) -> list[dict]:
     rows = make_rows("upper", n, seed)
     if fixed:  # every example the same number of tokens
-        rows = [{"instruction": f"upper: {r['instruction'][7:10].ljust(5, 'q')}", "output": r["instruction"][7:10].ljust(5, "q").upper()} for r in rows]
+        rows = [
+            {
+                "instruction": f"upper: {r['instruction'][7:10].ljust(5, 'q')}",
+                "output": r["instruction"][7:10].ljust(5, "q").upper(),
+            }
+            for r in rows
+        ]
     return rows
 
 
 def _run(root: Path, names: list[str], fixed: bool = True, **sections) -> Path:
     model = tiny_model_dir(root.parent)
     write_jsonl(_rows(64, 1, fixed), root / "upper.jsonl")
-    write_jsonl([{"instruction": r["instruction"].replace("upper", "lower"), "output": r["output"].lower()}
-                 for r in _rows(40, 5, fixed)], root / "lower.jsonl")
+    write_jsonl(
+        [
+            {"instruction": r["instruction"].replace("upper", "lower"), "output": r["output"].lower()}
+            for r in _rows(40, 5, fixed)
+        ],
+        root / "lower.jsonl",
+    )
     cfg = {
         "model": {"path": str(model), "device": "cpu"},
         "adapters": [dict(ADAPTERS[n], dropout=0.0) for n in names],
@@ -100,8 +123,10 @@ def test_together_resume_and_output_dirs(tmp_path):
     assert result.adapter_dirs["a"] == tmp_path / "out-a" and (tmp_path / "out-a" / "adapter_config.json").exists()
     straight = _weights(tmp_path / "out-a")
     run = tmp_path / "x" / "run"
-    resumed = train(load_train_config(cfg, ["adapters.0.output_dir=" + str(tmp_path / "out-a2")]),
-                    resume=str(run / "checkpoints" / "checkpoint-00000003"))
+    resumed = train(
+        load_train_config(cfg, ["adapters.0.output_dir=" + str(tmp_path / "out-a2")]),
+        resume=str(run / "checkpoints" / "checkpoint-00000003"),
+    )
     assert resumed.steps == 6
     again = _weights(tmp_path / "out-a2")
     assert all(torch.equal(straight[k], again[k]) for k in straight)

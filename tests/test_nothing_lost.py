@@ -21,7 +21,11 @@ from train_helpers import write_run
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _user_folder(path: Path) -> dict[str, str]:
@@ -35,7 +39,9 @@ def _user_folder(path: Path) -> dict[str, str]:
 
 
 def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moetune", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "moetune", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def _assert_one_line_refusal(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -49,8 +55,12 @@ def _assert_one_line_refusal(proc: subprocess.CompletedProcess, needle: str) -> 
 def finished(tmp_path_factory):
     """A finished tiny run (adapter, checkpoints, metrics) to point commands at."""
     root = tmp_path_factory.mktemp("finished")
-    cfg = write_run(root, optim={"lr": 3e-3, "max_steps": 2, "batch_size": 8}, checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 3},
-                    data={"train": str(root / "train.jsonl"), "max_length": 48, "tokenizer": "byte"})
+    cfg = write_run(
+        root,
+        optim={"lr": 3e-3, "max_steps": 2, "batch_size": 8},
+        checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 3},
+        data={"train": str(root / "train.jsonl"), "max_length": 48, "tokenizer": "byte"},
+    )
     assert main(["train", str(cfg)]) == 0
     return root, cfg
 
@@ -61,7 +71,15 @@ def test_every_writing_command_leaves_a_user_folder_byte_for_byte(finished, tmp_
     commands = {
         "merge": ["merge", "--model", str(model), "--adapter", str(adapter)],
         "export": ["export", "--model", str(model), "--adapter", str(adapter)],
-        "merge-adapters": ["merge-adapters", "--model", str(model), "--adapter", str(adapter), "--adapter", str(adapter)],
+        "merge-adapters": [
+            "merge-adapters",
+            "--model",
+            str(model),
+            "--adapter",
+            str(adapter),
+            "--adapter",
+            str(adapter),
+        ],
         "demo": ["demo", "--quick"],
     }
     for name, args in commands.items():
@@ -79,7 +97,9 @@ def test_merge_over_a_finished_run_folder_is_refused_and_keeps_it(finished):
     root, _ = finished
     before = _snapshot(root / "run")
     for cmd in ("merge", "export"):
-        proc = _run_cli(cmd, "--model", str(root / "base"), "--adapter", str(root / "run" / "adapter"), "--out", str(root / "run"))
+        proc = _run_cli(
+            cmd, "--model", str(root / "base"), "--adapter", str(root / "run" / "adapter"), "--out", str(root / "run")
+        )
         _assert_one_line_refusal(proc, "run")
     assert _snapshot(root / "run") == before
 
@@ -103,16 +123,24 @@ def test_overwrite_writes_beside_user_files_and_replaces_only_its_own(finished, 
     before = _snapshot(target)
     args = ["export", "--model", str(root / "base"), "--adapter", str(root / "run" / "adapter"), "--out", str(target)]
     assert main([*args, "--overwrite"]) == 0
-    assert (target / "adapter_model.safetensors").is_file() and _snapshot(target)["notes/todo.txt"] == before["notes/todo.txt"]
+    assert (target / "adapter_model.safetensors").is_file() and _snapshot(target)["notes/todo.txt"] == before[
+        "notes/todo.txt"
+    ]
     assert main(args) == 0  # its own earlier export of the same kind: replaced, the user's file kept
     assert (target / "notes" / "todo.txt").read_text() == "mine\n"
-    assert set(json.loads((target / MARKER).read_text())["files"]) == {"adapter_config.json", "adapter_model.safetensors", "moetune_adapter.json"}
+    assert set(json.loads((target / MARKER).read_text())["files"]) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "moetune_adapter.json",
+    }
     clash = tmp_path / "clash"
     clash.mkdir()
     (clash / "adapter_config.json").write_text("{}")
     with pytest.raises(OutputError, match="adapter_config.json"):
         write_folder(clash, "adapter", lambda tmp: (tmp / "adapter_config.json").write_text("{}"), overwrite=True)
-    assert (clash / "adapter_config.json").read_text() == "{}" and sorted(p.name for p in clash.iterdir()) == ["adapter_config.json"]
+    assert (clash / "adapter_config.json").read_text() == "{}" and sorted(p.name for p in clash.iterdir()) == [
+        "adapter_config.json"
+    ]
 
 
 def test_a_kill_while_writing_leaves_the_earlier_output(tmp_path):
@@ -139,8 +167,11 @@ def test_train_into_an_existing_run_is_refused_without_resume_or_overwrite(finis
 
 
 def test_overwrite_starts_the_run_over_and_keeps_user_files(tmp_path):
-    cfg = write_run(tmp_path, optim={"lr": 3e-3, "max_steps": 3, "batch_size": 8},
-                    checkpoint={"output_dir": str(tmp_path / "run"), "save_every": 1, "keep_last": 5})
+    cfg = write_run(
+        tmp_path,
+        optim={"lr": 3e-3, "max_steps": 3, "batch_size": 8},
+        checkpoint={"output_dir": str(tmp_path / "run"), "save_every": 1, "keep_last": 5},
+    )
     assert main(["train", str(cfg)]) == 0
     (tmp_path / "run" / "my_notes.md").write_text("keep me\n")
     assert main(["train", str(cfg), "optim.max_steps=2", "--overwrite"]) == 0
@@ -153,7 +184,9 @@ def test_overwrite_starts_the_run_over_and_keeps_user_files(tmp_path):
 
 def test_pruning_touches_only_checkpoints_of_the_current_run(tmp_path):
     root = tmp_path / "checkpoints"
-    state = lambda step: TrainState(step=step, adapters={"a": {}}, optimizers={}, schedulers={}, data={}, rng={}, extra={})
+    state = lambda step: TrainState(
+        step=step, adapters={"a": {}}, optimizers={}, schedulers={}, data={}, rng={}, extra={}
+    )
     for step in (10, 11, 12):  # an earlier run's, numbered after the new run's
         save_checkpoint(root, state(step), keep_last=5, run_id="old")
     for step in (1, 2, 3):

@@ -22,9 +22,22 @@ SINGLE = [
     {"step": 4, "eval_loss": 2.1},
 ]
 MULTI = [
-    {"step": s, "loss": 2.0, "lr": 1e-3, "eval_loss": 2.5 if s == 2 else None,
-     "adapters": {"a": {"step": s, "loss": 3.0 - s / 2, "lr": 1e-3 * s, "skipped": False, **({"eval_loss": 2.4} if s == 2 else {})},
-                  "b": {"step": s, "loss": 4.0 - s, "lr": 5e-4, "skipped": s == 1}}}
+    {
+        "step": s,
+        "loss": 2.0,
+        "lr": 1e-3,
+        "eval_loss": 2.5 if s == 2 else None,
+        "adapters": {
+            "a": {
+                "step": s,
+                "loss": 3.0 - s / 2,
+                "lr": 1e-3 * s,
+                "skipped": False,
+                **({"eval_loss": 2.4} if s == 2 else {}),
+            },
+            "b": {"step": s, "loss": 4.0 - s, "lr": 5e-4, "skipped": s == 1},
+        },
+    }
     for s in (1, 2)
 ]
 
@@ -92,8 +105,9 @@ def test_a_failed_write_keeps_the_previous_plot(tmp_path, monkeypatch):
 
 
 def test_plot_losses_keeps_its_series_signature(tmp_path):
-    out = plot_losses({"train": [(1, 2.0), (2, 1.5)], "eval": [(2, 1.7)]}, tmp_path / "loss.png",
-                      lr=[(1, 1e-3), (2, 5e-4)])
+    out = plot_losses(
+        {"train": [(1, 2.0), (2, 1.5)], "eval": [(2, 1.7)]}, tmp_path / "loss.png", lr=[(1, 1e-3), (2, 5e-4)]
+    )
     assert _png_size(out)[0] >= 600
 
 
@@ -105,7 +119,7 @@ def test_training_run_plots_loss_and_lr(tmp_path, monkeypatch):
     train(load_train_config(cfg))
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (series, kw), = seen
+    ((series, kw),) = seen
     assert [lr for _, lr in next(iter(series.lr.values()))] == [r["lr"] for r in records if "lr" in r]
     assert series.eval and kw.get("title") == "run"
     assert _png_size(run / "loss.png")[0] >= 600

@@ -13,15 +13,36 @@ import moetune
 from moetune.errors import AdapterError, CheckpointError
 from moetune.model import nf4
 from moetune.model.moe import GroupedExperts
-from moetune.model.quant import (NF4Weight, QuantGroupedExperts, QuantLinear, dequantize_model, quantize_model,
-                                 quantized_bytes, quantized_weights)
+from moetune.model.quant import (
+    NF4Weight,
+    QuantGroupedExperts,
+    QuantLinear,
+    dequantize_model,
+    quantize_model,
+    quantized_bytes,
+    quantized_weights,
+)
 from tiny_hf import save_hf_model
 
 # Odd sizes and partial blocks on purpose: expert halves of 22*48 elements straddle 64-blocks.
-ODD_MOE = ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-    hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=12, vocab_size=96, max_position_embeddings=128, num_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=22, norm_topk_prob=True))
+ODD_MOE = (
+    "Qwen3MoeConfig",
+    "Qwen3MoeForCausalLM",
+    dict(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        vocab_size=96,
+        max_position_embeddings=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=22,
+        norm_topk_prob=True,
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +94,7 @@ def test_exact_code_values_roundtrip():
 def test_per_element_error_within_nf4_bound(shape):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(shape, generator=g) * 0.02
-    w.view(-1)[:: 97] *= 40  # outliers: blocks with very different absmax
+    w.view(-1)[::97] *= 40  # outliers: blocks with very different absmax
     deq, absmax, absmax_hat = _roundtrip(w)
     half_gap = (nf4.NF4_CODE[1:] - nf4.NF4_CODE[:-1]).max() / 2  # 0.1385, between 0.723 and 1.0
     n = w.numel()
@@ -83,10 +104,12 @@ def test_per_element_error_within_nf4_bound(shape):
     # The double-quantized scales obey the 8-bit map's own bound (per 256 scales).
     dyn_half_gap = (nf4.DYNAMIC_CODE[1:] - nf4.DYNAMIC_CODE[:-1]).max() / 2
     _, scale, _ = nf4.quantize_scales(absmax)
-    per_scale = scale.repeat_interleave(nf4.SCALE_BLOCK)[:absmax.numel()]
+    per_scale = scale.repeat_interleave(nf4.SCALE_BLOCK)[: absmax.numel()]
     assert ((absmax - absmax_hat).abs() <= dyn_half_gap * per_scale * (1 + 1e-6) + 1e-12).all()
-    print(f"shape {shape}: max |w - deq| / block absmax = {((w - deq).abs() / per_elem(absmax)).max():.4f} "
-          f"(bound {half_gap:.4f} + scale error)")
+    print(
+        f"shape {shape}: max |w - deq| / block absmax = {((w - deq).abs() / per_elem(absmax)).max():.4f} "
+        f"(bound {half_gap:.4f} + scale error)"
+    )
 
 
 def test_piecewise_writes_in_any_order_equal_whole_quantization():
@@ -97,7 +120,7 @@ def test_piecewise_writes_in_any_order_equal_whole_quantization():
     pieces = list(zip(cuts[:-1], cuts[1:]))
     order = torch.randperm(len(pieces), generator=g).tolist()
     q = nf4.BlockQuantizer(w.numel(), torch.device("cpu"))
-    finished = [q.write(pieces[i][0], w[pieces[i][0]:pieces[i][1]]) for i in order]
+    finished = [q.write(pieces[i][0], w[pieces[i][0] : pieces[i][1]]) for i in order]
     assert finished[-1] and not any(finished[:-1])
     codes, absmax_codes, scale, offset = q.result()
     assert torch.equal(codes, whole[0])

@@ -21,15 +21,28 @@ KILL_MULTI_AFTER_SAVE = KILL_AFTER_SAVE  # one loop (moetune.train.loop) for one
 
 def _train_killed_after(cfg, step):
     """``moetune train cfg`` (several adapters) in a subprocess that SIGKILLs itself once checkpoint ``step`` is written."""
-    return subprocess.run([sys.executable, "-c", KILL_MULTI_AFTER_SAVE.format(step=step), str(cfg)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", KILL_MULTI_AFTER_SAVE.format(step=step), str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _config(root, model, speed=1e-2, **second_optim):
     train_file = write_jsonl(make_rows("upper", 48, 1), root / "train.jsonl")
     cfg = {
         "model": {"path": str(model), "device": "cpu"},
-        "adapters": [{"name": "a", "r": 4, "alpha": 8, "target_modules": ["q_b_proj", "o_proj"]},
-                     {"name": "b", "r": 2, "alpha": 4, "target_modules": ["o_proj"], **({"optim": second_optim} if second_optim else {})}],
+        "adapters": [
+            {"name": "a", "r": 4, "alpha": 8, "target_modules": ["q_b_proj", "o_proj"]},
+            {
+                "name": "b",
+                "r": 2,
+                "alpha": 4,
+                "target_modules": ["o_proj"],
+                **({"optim": second_optim} if second_optim else {}),
+            },
+        ],
         "data": {"train": str(train_file), "max_length": 48},
         "optim": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "router_bias_update_speed": speed},
         "checkpoint": {"output_dir": str(root / "run"), "save_every": 1},
@@ -43,12 +56,19 @@ def _config(root, model, speed=1e-2, **second_optim):
 
 def _losses(run):
     import json
-    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if l and "loss" in json.loads(l)]
+
+    return [
+        json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if l and "loss" in json.loads(l)
+    ]
 
 
 def test_biases_move_with_several_adapters_and_resume(tmp_path):
     model = make_tiny("deepseek_v3", tmp_path / "tiny", train_rows=8, eval_rows=2)
-    before = {k: v for k, v in load_file(str(next(model.glob("*.safetensors")))).items() if k.endswith("e_score_correction_bias")}
+    before = {
+        k: v
+        for k, v in load_file(str(next(model.glob("*.safetensors")))).items()
+        if k.endswith("e_score_correction_bias")
+    }
     assert before
     a = _config(tmp_path / "a", model)
     train(load_train_config(a))

@@ -28,7 +28,11 @@ def _config(root, model, speed=1e-2):
 
 def test_bias_update_moves_biases_and_resumes_exactly(tmp_path):
     model = make_tiny("deepseek_v3", tmp_path / "tiny", train_rows=8, eval_rows=2)
-    before = {k: v for k, v in load_file(str(next(model.glob("*.safetensors")))).items() if k.endswith("e_score_correction_bias")}
+    before = {
+        k: v
+        for k, v in load_file(str(next(model.glob("*.safetensors")))).items()
+        if k.endswith("e_score_correction_bias")
+    }
     assert before
     a = _config(tmp_path / "a", model)
     train(load_train_config(a))

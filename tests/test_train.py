@@ -1,12 +1,10 @@
 """Trainer: exact resume after a real kill, crash-safe checkpoints, user-error messages."""
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -80,7 +78,9 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "moetune", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "moetune", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def _assert_user_error(proc, needle):
@@ -92,7 +92,6 @@ def _assert_user_error(proc, needle):
 
 def test_ten_malformed_inputs_give_one_line_errors(tmp_path):
     good = write_run(tmp_path)
-    text = good.read_text()
     cases = []
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: {path: x\noptim: [")

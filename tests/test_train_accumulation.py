@@ -26,7 +26,14 @@ def _config(root: Path, *, batch_size: int, grad_accum: int, steps: int = 3, ada
     cfg = write_run(
         root,
         adapter={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "experts"]},
-        optim={"lr": 3e-3, "max_steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": 1, "aux_loss_coef": 0.0},
+        optim={
+            "lr": 3e-3,
+            "max_steps": steps,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "warmup_steps": 1,
+            "aux_loss_coef": 0.0,
+        },
         checkpoint={"output_dir": str(root / "run"), "save_every": 0},
         logging={"progress": False},
     )
@@ -82,8 +89,10 @@ def test_accumulated_run_equals_the_large_batch_run(tmp_path):
 
 
 def _multi_first_step(root: Path, *, batch_size: int, grad_accum: int) -> tuple[dict, dict]:
-    adapters = [{"name": "a", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "experts"]},
-                {"name": "b", "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["k_proj", "o_proj"]}]
+    adapters = [
+        {"name": "a", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "experts"]},
+        {"name": "b", "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["k_proj", "o_proj"]},
+    ]
     config = load_train_config(_config(root, batch_size=batch_size, grad_accum=grad_accum, adapters=adapters))
     trainer = Trainer(config, prepare_run(config))
     grads, real = {}, trainer.parallel.clip_grad_norm
@@ -108,7 +117,9 @@ def test_accumulation_per_job_equals_the_large_batch(tmp_path):
         assert small_record[name]["loss"] == pytest.approx(big_record[name]["loss"], abs=TOL)
 
 
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo")
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
+)
 def test_two_ranks_with_accumulation_equal_one_large_batch(tmp_path):
     """2 ranks x batch 2 x grad_accum 2 reads the rows of one batch of 8 per step: same run."""
     from test_distributed import _assert_same_run, _torchrun

@@ -23,8 +23,11 @@ INIT_SCALE = 2.0**16  # torch.amp.GradScaler's default
 
 
 def _config(root: Path, *extra: str):
-    path = write_run(root, checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 10},
-                     logging={"progress": False, "eval_every": 0})
+    path = write_run(
+        root,
+        checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 10},
+        logging={"progress": False, "eval_every": 0},
+    )
     return load_train_config(path, ["model.dtype=fp16", "adapter.dropout=0.0", *extra])
 
 
@@ -54,7 +57,10 @@ def test_fp16_run_trains_with_a_loss_scale(tmp_path):
     assert len(records) == 8 and not any(r["skipped"] for r in records)
     assert all(r["loss_scale"] == INIT_SCALE for r in records)  # no overflow: the scale stays (growth after 2000 steps)
     assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3, result.losses
-    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors")).values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors")).values()
+    )
 
 
 def test_overflow_step_is_skipped_the_scale_backs_off_and_resume_keeps_it(tmp_path):

@@ -42,8 +42,13 @@ def _run(tmp_path, **sections):
 
 
 def test_adalora_run_keeps_the_budget_and_saves_equivalent_files(tmp_path):
-    adapter = {"method": "adalora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "experts"],
-               "adalora": {"target_r": 2, "tinit": 1, "tfinal": 2, "orth_reg_weight": 0.1}}
+    adapter = {
+        "method": "adalora",
+        "r": 4,
+        "alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "experts"],
+        "adalora": {"target_r": 2, "tinit": 1, "tfinal": 2, "orth_reg_weight": 0.1},
+    }
     config = _run(tmp_path, adapter=adapter, optim={"lr": 3e-3, "max_steps": 6, "batch_size": 4})
     assert config.adapters[0].adalora.total_step == 6  # from optim.max_steps
     parts = prepare_run(config)
@@ -66,9 +71,16 @@ def test_adalora_run_keeps_the_budget_and_saves_equivalent_files(tmp_path):
 def _adalora_resume_run(root):
     """8 steps, a checkpoint after each; the budget shrinks at steps 3-5 (tinit 2, masks every step),
     the final allocation is at step 6 (total_step 8 - tfinal 2) and the masks are fixed after it."""
-    adapter = {"method": "adalora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "experts"],
-               "adalora": {"target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1, "orth_reg_weight": 0.1}}
-    return write_run(root, adapter=adapter, checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 8})
+    adapter = {
+        "method": "adalora",
+        "r": 4,
+        "alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "experts"],
+        "adalora": {"target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1, "orth_reg_weight": 0.1},
+    }
+    return write_run(
+        root, adapter=adapter, checkpoint={"output_dir": str(root / "run"), "save_every": 1, "keep_last": 8}
+    )
 
 
 def _adapter_files(run):
@@ -91,9 +103,11 @@ def test_adalora_resume_inside_the_shrinking_budget_is_exact(tmp_path):
     train(load_train_config(killed), resume=True)
     la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
     (wa, pa), (wb, pb) = _adapter_files(tmp_path / "a" / "run"), _adapter_files(tmp_path / "b" / "run")
-    print(f"AdaLoRA resumed at step 4: max |dloss| {max(abs(x - y) for x, y in zip(la, lb)):.2e} "
-          f"(first at step {next((i + 1 for i, (x, y) in enumerate(zip(la, lb)) if x != y), None)}), "
-          f"max |dweight| {_weight_diff(wa, wb)}")
+    print(
+        f"AdaLoRA resumed at step 4: max |dloss| {max(abs(x - y) for x, y in zip(la, lb)):.2e} "
+        f"(first at step {next((i + 1 for i, (x, y) in enumerate(zip(la, lb)) if x != y), None)}), "
+        f"max |dweight| {_weight_diff(wa, wb)}"
+    )
     assert len(la) == 8 and la == lb
     assert pa == pb
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -128,8 +142,10 @@ def test_adalora_checkpoint_without_allocator_state_resumes_with_a_warning(tmp_p
 def test_stacked_adapter_trains_on_top_of_a_frozen_one(tmp_path):
     first = train(_run(tmp_path / "a", optim={"lr": 3e-3, "max_steps": 3, "batch_size": 8}))
     old = first.adapter_dirs["default"]
-    adapters = [{"name": "old", "path": str(old), "frozen": True},
-                {"name": "new", "r": 4, "alpha": 8, "target_modules": ["q_proj", "o_proj"]}]
+    adapters = [
+        {"name": "old", "path": str(old), "frozen": True},
+        {"name": "new", "r": 4, "alpha": 8, "target_modules": ["q_proj", "o_proj"]},
+    ]
     raw = {"adapters": adapters, "optim": {"lr": 3e-3, "max_steps": 3, "batch_size": 8}}
     config = _run(tmp_path / "b", **raw)
     parts = prepare_run(config)
@@ -191,11 +207,15 @@ def test_distillation_teachers(tmp_path, teacher):
     parts = prepare_run(config)
     if teacher == "file":  # the base's logits on every training example, as a saved teacher
         base = moetune.load_model(tiny_model_dir(tmp_path))
-        save_teacher_logits(base, [e.input_ids for e in parts.data.train], tmp_path / "teacher.safetensors", dtype=torch.float32)
+        save_teacher_logits(
+            base, [e.input_ids for e in parts.data.train], tmp_path / "teacher.safetensors", dtype=torch.float32
+        )
     trainer = Trainer(config, parts)
     job = trainer.jobs[0]
     batch, _ = next(job.loader.iter_from(job.state))
-    out = parts.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}, return_logits=True)
+    out = parts.model(
+        **{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids")}, return_logits=True
+    )
     kl = trainer.objectives.loss(parts.model, batch, out)
     if teacher == "adapter":
         assert kl > 1e-3 and parts.model.model.layers[0].self_attn.q_proj.active == ["student"]

@@ -45,10 +45,14 @@ def _config(root: Path, **extra) -> Path:
     return cfg
 
 
-def _signal_after(cfg: Path, signum: int, *, lines: int = 2, args: tuple = ()) -> tuple[subprocess.CompletedProcess, int]:
+def _signal_after(
+    cfg: Path, signum: int, *, lines: int = 2, args: tuple = ()
+) -> tuple[subprocess.CompletedProcess, int]:
     """Run ``moetune train cfg`` (slowed) in a subprocess; send ``signum`` once metrics.jsonl has ``lines`` records."""
     metrics = cfg.parent / "run" / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, str(cfg), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_STEPS, str(cfg), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:

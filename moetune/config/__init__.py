@@ -29,7 +29,15 @@ from moetune.errors import ConfigError
 from .adapter import AdaLoraOptions, DEFAULT_TARGETS, LoraConfig, MIXTURE_KINDS, MixtureConfig, ROUTINGS
 from .run_file import dump_config, load_train_config
 from .schema import ConfigFieldError, ConfigSection, Key, check_types, dotted, from_dict, to_plain
-from .sections import CheckpointSection, DataSection, DistillSection, DistributedSection, LoggingSection, ModelSection, OptimSection
+from .sections import (
+    CheckpointSection,
+    DataSection,
+    DistillSection,
+    DistributedSection,
+    LoggingSection,
+    ModelSection,
+    OptimSection,
+)
 from .train import AdapterSection, DataOverride, METHOD_KINDS, OptimOverride, TrainConfig
 
 __all__ = [

@@ -66,17 +66,32 @@ class MixtureConfig(ConfigSection):
 
     def validate(self) -> None:
         counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
-        require(len(counts) > 0 and min(counts) >= 1, "num_experts", "an integer >= 1 or a non-empty list of them", self.num_experts)
+        require(
+            len(counts) > 0 and min(counts) >= 1,
+            "num_experts",
+            "an integer >= 1 or a non-empty list of them",
+            self.num_experts,
+        )
         require(1 <= self.top_k <= min(counts), "top_k", f"in [1, num_experts = {min(counts)}]", self.top_k)
         require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
         require(self.capacity_factor > 0, "capacity_factor", "a number > 0", self.capacity_factor)
-        require(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "an integer >= 1 or null", self.expert_capacity)
+        require(
+            self.expert_capacity is None or self.expert_capacity >= 1,
+            "expert_capacity",
+            "an integer >= 1 or null",
+            self.expert_capacity,
+        )
         require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
         require(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a number >= 0", self.router_z_loss_coef)
         require(0 <= self.jitter_noise < 1, "jitter_noise", "a number in [0, 1)", self.jitter_noise)
         require(self.router_init_std > 0, "router_init_std", "a number > 0", self.router_init_std)
         require(self.expert_r is None or self.expert_r >= 1, "expert_r", "an integer >= 1 or null", self.expert_r)
-        require(self.expert_alpha is None or self.expert_alpha > 0, "expert_alpha", "a number > 0 or null", self.expert_alpha)
+        require(
+            self.expert_alpha is None or self.expert_alpha > 0,
+            "expert_alpha",
+            "a number > 0 or null",
+            self.expert_alpha,
+        )
         drop = self.expert_dropout
         require(drop is None or 0 <= drop < 1, "expert_dropout", "a number in [0, 1) or null", drop)
         if self.kind is not None:
@@ -86,15 +101,23 @@ class MixtureConfig(ConfigSection):
         """Fix ``kind`` and the default ``routing``; check that the routing suits the kind."""
         self.kind = kind
         self.routing = self.routing or ("dense" if kind == "loramoe" else "top_k")
-        require(self.routing != "switch" or kind == "mixlora", "routing", "top_k, top_p or dense for kind " + kind, self.routing)
+        require(
+            self.routing != "switch" or kind == "mixlora",
+            "routing",
+            "top_k, top_p or dense for kind " + kind,
+            self.routing,
+        )
 
     def experts_at(self, layer: int | None) -> int:
         """Experts of a router in decoder layer ``layer`` (None: outside the layers)."""
         if not isinstance(self.num_experts, list):
             return self.num_experts
         if layer is None or layer >= len(self.num_experts):
-            raise ConfigFieldError(f"{{key}} lists {len(self.num_experts)} counts, one per decoder layer, but a "
-                                   f"router is needed in layer {layer}", ("num_experts",))
+            raise ConfigFieldError(
+                f"{{key}} lists {len(self.num_experts)} counts, one per decoder layer, but a "
+                f"router is needed in layer {layer}",
+                ("num_experts",),
+            )
         return self.num_experts[layer]
 
 
@@ -129,7 +152,9 @@ class AdaLoraOptions(ConfigSection):
     def validate(self) -> None:
         require(self.init_r is None or self.init_r >= 1, "init_r", "an integer >= 1 or null", self.init_r)
         require(self.target_r >= 1, "target_r", "an integer >= 1", self.target_r)
-        require(self.init_r is None or self.target_r <= self.init_r, "target_r", f"<= init_r = {self.init_r}", self.target_r)
+        require(
+            self.init_r is None or self.target_r <= self.init_r, "target_r", f"<= init_r = {self.init_r}", self.target_r
+        )
         require(self.tinit >= 0, "tinit", "an integer >= 0", self.tinit)
         require(self.tfinal >= 0, "tfinal", "an integer >= 0", self.tfinal)
         require(self.delta_t >= 1, "delta_t", "an integer >= 1", self.delta_t)
@@ -143,9 +168,11 @@ class AdaLoraOptions(ConfigSection):
         """The budget must have steps to shrink in: ``tinit < total_step - tfinal`` (as PEFT)."""
         require(total_step >= 1, "total_step", "an integer >= 1", total_step)
         if self.tinit >= total_step - self.tfinal:
-            raise ConfigFieldError(f"{{key}}: tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no step of the "
-                                   f"{total_step} to shrink the rank budget in; lower them or raise total_step",
-                                   ("total_step",))
+            raise ConfigFieldError(
+                f"{{key}}: tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no step of the "
+                f"{total_step} to shrink the rank budget in; lower them or raise total_step",
+                ("total_step",),
+            )
 
 
 @dataclass(kw_only=True)
@@ -215,9 +242,18 @@ class LoraConfig(ConfigSection):
             self.r = ada.init_r
         ada.init_r = self.r
         require(ada.target_r <= self.r, "adalora.target_r", f"<= the initial rank r = {self.r}", ada.target_r)
-        for key, off in (("use_dora", not self.use_dora), ("use_rslora", not self.use_rslora), ("mixture", self.mixture is None)):
+        for key, off in (
+            ("use_dora", not self.use_dora),
+            ("use_rslora", not self.use_rslora),
+            ("mixture", self.mixture is None),
+        ):
             require(off, key, "off for an AdaLoRA adapter (PEFT's AdaLoRA has no such variant)", getattr(self, key))
-        require(self.init != "pissa", "init", "kaiming or gaussian for AdaLoRA (its init is PEFT's: P, Q ~ N(0, 0.02), Lambda = 0)", self.init)
+        require(
+            self.init != "pissa",
+            "init",
+            "kaiming or gaussian for AdaLoRA (its init is PEFT's: P, Q ~ N(0, 0.02), Lambda = 0)",
+            self.init,
+        )
 
     def _validate_mixture(self) -> None:
         try:
@@ -226,7 +262,12 @@ class LoraConfig(ConfigSection):
             raise err.prefixed("mixture") from None
         require(self.init != "pissa", "init", "kaiming or gaussian for a mixture of experts", self.init)
         kind = self.mixture.kind
-        require(not self.use_dora or kind == "mixlora", "use_dora", f"false for mixture kind {kind} (DoRA experts: mixlora)", self.use_dora)
+        require(
+            not self.use_dora or kind == "mixlora",
+            "use_dora",
+            f"false for mixture kind {kind} (DoRA experts: mixlora)",
+            self.use_dora,
+        )
 
     def _validate_targets(self) -> None:
         targets, regex = self.target_modules, self.target_regex
@@ -234,16 +275,16 @@ class LoraConfig(ConfigSection):
             try:
                 re.compile(regex)
             except re.error as err:
-                raise ConfigFieldError(f"{{key}} is not a valid regular expression ({err}): {regex!r}",
-                                  ("target_regex",)) from None
+                raise ConfigFieldError(
+                    f"{{key}} is not a valid regular expression ({err}): {regex!r}", ("target_regex",)
+                ) from None
             if not self.given("target_modules"):  # a regex alone replaces the default list
                 self.target_modules = targets = []
             require(targets == [], "target_modules", "left out when target_regex is set", targets)
             return
         if isinstance(targets, str):
             hint = " (write a list, e.g. [q_proj])" if targets != "all-linear" else ""
-            require(targets == "all-linear", "target_modules", f"a list of names or 'all-linear'{hint}",
-                     targets)
+            require(targets == "all-linear", "target_modules", f"a list of names or 'all-linear'{hint}", targets)
             return
         require(len(targets) > 0, "target_modules", "a non-empty list (or set target_regex)", targets)
         require(all(t.strip() for t in targets), "target_modules", "non-empty names", targets)

@@ -26,8 +26,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
         key = loader.construct_object(key_node)
         if isinstance(key, (str, int, float, bool)) and key != "<<":
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
     return loader.construct_mapping(node)
 
@@ -82,8 +81,9 @@ def _override_key(text: str, raw: dict[str, Any], single: bool) -> Key:
     parts: list[str] = text.partition("=")[0].strip().split(".")
     if parts[0] == "adapter":
         if not single:
-            raise ConfigError(f"override '{text}': the config has an 'adapters' list; "
-                              f"write adapters.N.{'.'.join(parts[1:])}")
+            raise ConfigError(
+                f"override '{text}': the config has an 'adapters' list; write adapters.N.{'.'.join(parts[1:])}"
+            )
         parts[:1] = ["adapters", "0"]
     cls: Any = TrainConfig
     path: list[str | int] = []
@@ -100,8 +100,9 @@ def _override_key(text: str, raw: dict[str, Any], single: bool) -> Key:
         if get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]):
             index = parts[depth + 1] if depth + 1 < len(parts) else ""
             if not index.isdigit() or int(index) >= len(raw.get(part) or []):
-                raise ConfigError(f"override '{text}': '{part}' needs an index below "
-                                  f"{len(raw.get(part) or [])}, e.g. {part}.0.<key>")
+                raise ConfigError(
+                    f"override '{text}': '{part}' needs an index below {len(raw.get(part) or [])}, e.g. {part}.0.<key>"
+                )
             parts.pop(depth + 1)
             path.append(int(index))
             cls = get_args(tp)[0]
@@ -124,8 +125,10 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], single: bool) ->
             node = node[part]
             want = list if isinstance(key[depth + 1], int) else dict
             if not isinstance(node, want):
-                raise ConfigError(f"override '{text}': '{dotted(key[:depth + 1])}' in the config "
-                                  f"is {show_value(node)}, not a {'list' if want is list else 'mapping'}")
+                raise ConfigError(
+                    f"override '{text}': '{dotted(key[: depth + 1])}' in the config "
+                    f"is {show_value(node)}, not a {'list' if want is list else 'mapping'}"
+                )
         node[key[-1]] = value
         done.add(key)
     return done
@@ -167,7 +170,7 @@ def load_train_config(path: str | os.PathLike[str], overrides: list[str] | tuple
     try:
         config = build_section(TrainConfig, raw)
     except ConfigFieldError as err:
-        source = "override" if any(err.path[:len(k)] == k for k in overridden) else str(path)
+        source = "override" if any(err.path[: len(k)] == k for k in overridden) else str(path)
         if single and err.path[:2] == ("adapters", 0):
             err.path = ("adapter", *err.path[2:])  # name the key as the file wrote it
         raise ConfigError(f"{source}: {err}") from None

@@ -150,11 +150,15 @@ class OptimSection(ConfigSection):
         ratio = self.loraplus_lr_ratio
         require(ratio is None or ratio > 0, "loraplus_lr_ratio", "a number > 0 or null", ratio)
         require(self.max_steps >= 1, "max_steps", "an integer >= 1", self.max_steps)
-        require(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", "in [0, max_steps]",
-                 self.warmup_steps)
+        require(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", "in [0, max_steps]", self.warmup_steps)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         require(self.grad_accum >= 1, "grad_accum", "an integer >= 1", self.grad_accum)
-        require(self.router_bias_update_speed >= 0, "router_bias_update_speed", "a number >= 0", self.router_bias_update_speed)
+        require(
+            self.router_bias_update_speed >= 0,
+            "router_bias_update_speed",
+            "a number >= 0",
+            self.router_bias_update_speed,
+        )
         norm = self.max_grad_norm
         require(norm is None or norm > 0, "max_grad_norm", "a number > 0 or null", norm)
         require(self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0", self.aux_loss_coef)

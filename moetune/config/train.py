@@ -54,14 +54,20 @@ class AdapterSection(LoraConfig):
         if kind is not None:
             self.mixture = self.mixture or MixtureConfig()
             if self.mixture.kind not in (None, kind):
-                raise ConfigFieldError(f"{{key}}: {self.mixture.kind} contradicts method: {self.method}", ("mixture", "kind"))
+                raise ConfigFieldError(
+                    f"{{key}}: {self.mixture.kind} contradicts method: {self.method}", ("mixture", "kind")
+                )
             self.mixture.kind = kind
         elif self.mixture is not None:
-            raise ConfigFieldError("{key} needs method mixlora, mixdora, loramoe or mola, got method: " + self.method, ("mixture",))
+            raise ConfigFieldError(
+                "{key} needs method mixlora, mixdora, loramoe or mola, got method: " + self.method, ("mixture",)
+            )
         dora = self.method in ("dora", "mixdora")
         if self.use_dora and not dora:
             better = "dora" if kind is None else "mixdora (MixLoRA with DoRA experts)"
-            raise ConfigFieldError(f"{{key}}: true contradicts method: {self.method} (write method: {better})", ("use_dora",))
+            raise ConfigFieldError(
+                f"{{key}}: true contradicts method: {self.method} (write method: {better})", ("use_dora",)
+            )
         self.use_dora = dora
         if self.method == "adalora":
             self.adalora = self.adalora or AdaLoraOptions()
@@ -69,7 +75,12 @@ class AdapterSection(LoraConfig):
             raise ConfigFieldError("{key} needs method: adalora, got method: " + self.method, ("adalora",))
         super().validate()
         require(bool(_ADAPTER_NAME.fullmatch(self.name)), "name", "letters, digits, '_' or '-'", self.name)
-        require(not self.frozen or self.path is not None, "frozen", "false unless path names the adapter folder to keep", self.frozen)
+        require(
+            not self.frozen or self.path is not None,
+            "frozen",
+            "false unless path names the adapter folder to keep",
+            self.frozen,
+        )
 
     def to_lora_config(self) -> LoraConfig:
         """The LoRA options alone, as the peft layer takes them."""
@@ -108,7 +119,9 @@ def _merged(base: T, override: ConfigSection | None, key: Key) -> T:
     """``base`` with the non-null keys of ``override``, validated; errors name ``key``."""
     if override is None:
         return base
-    given = {f.name: getattr(override, f.name) for f in dataclasses.fields(override) if getattr(override, f.name) is not None}
+    given = {
+        f.name: getattr(override, f.name) for f in dataclasses.fields(override) if getattr(override, f.name) is not None
+    }
     if isinstance(base, DataSection) and "train" in given and "eval" not in given:
         given["eval"] = None  # another train file does not inherit the run's eval file
     try:
@@ -141,23 +154,33 @@ class TrainConfig(ConfigSection):
         trained = [a.name for a in self.adapters if not a.frozen]
         require(len(trained) > 0, "adapters", "at least one adapter that is not frozen", names)
         # AdaLoRA's allocation and distillation run in the single-adapter trainer (frozen adapters beside it)
-        special = [f"adapters[{i}].adalora" for i, a in enumerate(self.adapters) if a.adalora is not None and not a.frozen]
+        special = [
+            f"adapters[{i}].adalora" for i, a in enumerate(self.adapters) if a.adalora is not None and not a.frozen
+        ]
         special += ["optim.distill"] if self.optim.distill is not None else []
         if special and len(trained) > 1:
-            raise ConfigFieldError(f"{{key}}: {', '.join(special)} train one adapter at a time (other adapters may be frozen), "
-                                   f"but this run trains {len(trained)}: {', '.join(trained)}", ("adapters",))
+            raise ConfigFieldError(
+                f"{{key}}: {', '.join(special)} train one adapter at a time (other adapters may be frozen), "
+                f"but this run trains {len(trained)}: {', '.join(trained)}",
+                ("adapters",),
+            )
         frozen = [a.name for a in self.adapters if a.frozen]
         if frozen and len(trained) > 1:
-            raise ConfigFieldError(f"{{key}}: frozen adapters ({', '.join(frozen)}) stack under one trained adapter, but several "
-                                   f"adapters trained at once ({', '.join(trained)}) each run on their own samples; train one "
-                                   "adapter on top of them per run", ("adapters",))
+            raise ConfigFieldError(
+                f"{{key}}: frozen adapters ({', '.join(frozen)}) stack under one trained adapter, but several "
+                f"adapters trained at once ({', '.join(trained)}) each run on their own samples; train one "
+                "adapter on top of them per run",
+                ("adapters",),
+            )
         distill = self.optim.distill
         if distill is not None and distill.kind == "adapter":
             frozen = [a.name for a in self.adapters if a.frozen]
             if distill.target not in frozen:
-                raise ConfigFieldError(f"{{key}}: adapter '{distill.target}' is not a frozen adapter of this run "
-                                       f"(frozen adapters: {', '.join(frozen) or 'none'}; add it with path: and frozen: true)",
-                                       ("optim", "distill", "teacher"))
+                raise ConfigFieldError(
+                    f"{{key}}: adapter '{distill.target}' is not a frozen adapter of this run "
+                    f"(frozen adapters: {', '.join(frozen) or 'none'}; add it with path: and frozen: true)",
+                    ("optim", "distill", "teacher"),
+                )
 
     def _validate_adalora(self) -> None:
         """AdaLoRA's ``total_step`` defaults to the adapter's ``max_steps``; its schedule must fit."""

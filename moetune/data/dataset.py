@@ -45,10 +45,12 @@ class DataReport:
 
     def summary(self) -> str:
         """One line for the log."""
-        return (f"data: {self.train_examples} train / {self.eval_examples} eval examples ({self.format}), "
-                f"{self.train_tokens} train tokens, {self.learnt_tokens} with loss; {self.skipped_rows} bad "
-                f"rows skipped, {self.truncated} truncated ({self.lost_endings} lose the end of their last "
-                f"response), {self.dropped} dropped (no loss tokens left)")
+        return (
+            f"data: {self.train_examples} train / {self.eval_examples} eval examples ({self.format}), "
+            f"{self.train_tokens} train tokens, {self.learnt_tokens} with loss; {self.skipped_rows} bad "
+            f"rows skipped, {self.truncated} truncated ({self.lost_endings} lose the end of their last "
+            f"response), {self.dropped} dropped (no loss tokens left)"
+        )
 
 
 @dataclass
@@ -63,14 +65,26 @@ class _Cuts:
     def log(self, path: str, max_length: int) -> None:
         """WARNING when responses lost their ends (the model never learns to stop), else INFO."""
         if self.lost_endings:
-            log.warning("%s: %d of %d rows lose the end of their last response (its end-of-turn / eos "
-                        "token) to max_length=%d, so the model does not learn to stop after them; raise "
-                        "data.max_length (longest row: %d tokens)", path, self.lost_endings, self.rows,
-                        max_length, self.longest)
+            log.warning(
+                "%s: %d of %d rows lose the end of their last response (its end-of-turn / eos "
+                "token) to max_length=%d, so the model does not learn to stop after them; raise "
+                "data.max_length (longest row: %d tokens)",
+                path,
+                self.lost_endings,
+                self.rows,
+                max_length,
+                self.longest,
+            )
         elif self.truncated:
-            log.info("%s: %d of %d rows are longer than max_length=%d and were cut after their last "
-                     "response (longest row: %d tokens)", path, self.truncated, self.rows, max_length,
-                     self.longest)
+            log.info(
+                "%s: %d of %d rows are longer than max_length=%d and were cut after their last "
+                "response (longest row: %d tokens)",
+                path,
+                self.truncated,
+                self.rows,
+                max_length,
+                self.longest,
+            )
 
 
 @dataclass
@@ -97,13 +111,15 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _tokenize_rows(loaded: LoadedRows, rows: list[Row], tokenizer: Tokenizer, section: DataSection,
-                   report: DataReport, cuts: _Cuts) -> list[Example]:
+def _tokenize_rows(
+    loaded: LoadedRows, rows: list[Row], tokenizer: Tokenizer, section: DataSection, report: DataReport, cuts: _Cuts
+) -> list[Example]:
     examples: list[Example] = []
     for row in rows:
         try:
-            example = tokenize_row(row, tokenizer, max_length=section.max_length,
-                                   train_on_prompt=section.train_on_prompt)
+            example = tokenize_row(
+                row, tokenizer, max_length=section.max_length, train_on_prompt=section.train_on_prompt
+            )
         except DataError as err:
             message = f"{loaded.path} line {row.line}: {err}"
             if not section.skip_bad_rows:
@@ -154,14 +170,15 @@ def build_datasets(section: DataSection, tokenizer: Tokenizer, seed: int | None 
     for path, tally in cuts.items():
         tally.log(path, section.max_length)
     if not train:
-        raise DataError(f"{section.train}: no example keeps a loss token within max_length="
-                        f"{section.max_length} ({report.dropped} dropped)")
+        raise DataError(
+            f"{section.train}: no example keeps a loss token within max_length="
+            f"{section.max_length} ({report.dropped} dropped)"
+        )
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.train_tokens = sum(len(e) for e in train)
     report.learnt_tokens = sum(e.num_learnt for e in train)
     if report.dropped:
-        log.warning("dropped %d examples with no loss token within max_length=%d",
-                    report.dropped, section.max_length)
+        log.warning("dropped %d examples with no loss token within max_length=%d", report.dropped, section.max_length)
     return DataSplits(train=train, eval=evals, report=report)
 
 
@@ -182,8 +199,11 @@ class SamplerState:
         Raises:
             CheckpointError: ``data`` is not ``{"epoch": int >= 0, "index": int >= 0}``.
         """
-        ok = isinstance(data, dict) and set(data) == {"epoch", "index"} and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values())
+        ok = (
+            isinstance(data, dict)
+            and set(data) == {"epoch", "index"}
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values())
+        )
         if not ok:
             raise CheckpointError(f"bad data sampler state {data!r}; expected {{'epoch': int, 'index': int}}")
         return cls(epoch=data["epoch"], index=data["index"])
@@ -192,8 +212,9 @@ class SamplerState:
 class ResumableSampler:
     """Deterministic, resumable, rank-sharded batch order over ``num_items`` items."""
 
-    def __init__(self, *, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, *, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
         """
         Args:
             num_items: dataset size (examples, or packed rows).
@@ -206,14 +227,18 @@ class ResumableSampler:
             DataError: the dataset is smaller than one global batch.
         """
         if not 0 <= rank < world_size or batch_size < 1:
-            raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1; got rank={rank}, "
-                             f"world_size={world_size}, batch_size={batch_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size and batch_size >= 1; got rank={rank}, "
+                f"world_size={world_size}, batch_size={batch_size}"
+            )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.global_batch = batch_size * world_size
         if num_items < self.global_batch:
-            raise DataError(f"the training set has {num_items} items but one batch needs {self.global_batch} "
-                            f"(batch_size {batch_size} x {world_size} ranks); add data or lower batch_size")
+            raise DataError(
+                f"the training set has {num_items} items but one batch needs {self.global_batch} "
+                f"(batch_size {batch_size} x {world_size} ranks); add data or lower batch_size"
+            )
         self.batches_per_epoch = num_items // self.global_batch
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -234,7 +259,7 @@ class ResumableSampler:
         while True:
             order = self.epoch_order(epoch)
             while index + self.global_batch <= usable:
-                mine = order[index + self.rank * self.batch_size: index + (self.rank + 1) * self.batch_size]
+                mine = order[index + self.rank * self.batch_size : index + (self.rank + 1) * self.batch_size]
                 index += self.global_batch
                 yield mine, SamplerState(epoch=epoch, index=index)
             epoch, index = epoch + 1, 0
@@ -254,17 +279,26 @@ class BatchLoader:
             yield self.collator([self.rows[i] for i in indices]), after
 
 
-def make_train_loader(examples: Sequence[Example], *, batch_size: int, max_length: int, packing: bool,
-                      pad_id: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchLoader:
+def make_train_loader(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_length: int,
+    packing: bool,
+    pad_id: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BatchLoader:
     """The training :class:`BatchLoader`: packs (if asked), then shards and shuffles rows."""
     rows = pack_examples(examples, max_length) if packing else [[example] for example in examples]
-    sampler = ResumableSampler(num_items=len(rows), batch_size=batch_size, seed=seed, rank=rank,
-                               world_size=world_size)
+    sampler = ResumableSampler(num_items=len(rows), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     return BatchLoader(rows=rows, sampler=sampler, collator=Collator(pad_id=pad_id, packing=packing))
 
 
-def eval_batches(examples: Sequence[Example], *, batch_size: int, pad_id: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(
+    examples: Sequence[Example], *, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
     """Unpacked eval batches in file order; rank ``r`` takes examples ``r, r + W, r + 2W, ...``.
 
     Every example is seen once across ranks; the last batch may be smaller.
@@ -272,4 +306,4 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, pad_id: int, r
     mine = list(examples[rank::world_size])
     collator = Collator(pad_id=pad_id)
     for start in range(0, len(mine), batch_size):
-        yield collator([[example] for example in mine[start:start + batch_size]])
+        yield collator([[example] for example in mine[start : start + batch_size]])

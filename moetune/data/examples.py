@@ -112,5 +112,10 @@ def tokenize_row(row: Row, tokenizer: Tokenizer, *, max_length: int, train_on_pr
     ids, learnt = ids[:max_length], learnt[:max_length]
     labels = [token if (train_on_prompt or keep) else IGNORE for token, keep in zip(ids, learnt)]
     labels[0] = IGNORE
-    return Example(input_ids=ids, labels=labels, truncated=full_length > max_length,
-                   lost_ending=last >= max_length, full_length=full_length)
+    return Example(
+        input_ids=ids,
+        labels=labels,
+        truncated=full_length > max_length,
+        lost_ending=last >= max_length,
+        full_length=full_length,
+    )

@@ -94,8 +94,12 @@ def _string(obj: dict[str, Any], name: str, shape: str, optional: bool = False) 
 
 def _parse_instruction(obj: dict[str, Any], line: int) -> InstructionRow:
     shape = "instruction rows need instruction, output"
-    return InstructionRow(instruction=_string(obj, "instruction", shape), output=_string(obj, "output", shape),
-                          input=_string(obj, "input", shape, optional=True), line=line)
+    return InstructionRow(
+        instruction=_string(obj, "instruction", shape),
+        output=_string(obj, "output", shape),
+        input=_string(obj, "input", shape, optional=True),
+        line=line,
+    )
 
 
 def _parse_message(index: int, message: Any) -> dict[str, str]:
@@ -139,7 +143,10 @@ def _parse_text(obj: dict[str, Any], line: int) -> TextRow:
 
 
 PARSERS: dict[RowFormat, Callable[[dict[str, Any], int], Row]] = {
-    "instruction": _parse_instruction, "chat": _parse_chat, "text": _parse_text}
+    "instruction": _parse_instruction,
+    "chat": _parse_chat,
+    "text": _parse_text,
+}
 
 
 def detect_format(obj: dict[str, Any]) -> RowFormat:
@@ -152,8 +159,9 @@ def detect_format(obj: dict[str, Any]) -> RowFormat:
         if key in obj:
             return shape  # type: ignore[return-value]
     found = ", ".join(sorted(obj)) or "none"
-    raise RowError(f"cannot tell the row format: expected a 'messages' (chat), 'instruction' or 'text' "
-                   f"field; found {found}")
+    raise RowError(
+        f"cannot tell the row format: expected a 'messages' (chat), 'instruction' or 'text' field; found {found}"
+    )
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
@@ -215,5 +223,10 @@ def load_rows(path: str | Path, format: str = "auto", skip_bad_rows: bool = Fals
         raise DataError(f"{path}: no usable rows ({detail})")
     if skipped:
         log.warning("%s: skipped %d bad rows (the first: %s)", path, skipped, first_error)
-    return LoadedRows(path=str(path), format=shape, rows=rows, skipped=skipped,  # type: ignore[arg-type]
-                      first_error=first_error)
+    return LoadedRows(
+        path=str(path),
+        format=shape,
+        rows=rows,
+        skipped=skipped,  # type: ignore[arg-type]
+        first_error=first_error,
+    )

@@ -97,16 +97,18 @@ def message_text(message: dict[str, str]) -> str:
 class HFTokenizer:
     """A fast tokenizer read with the ``tokenizers`` library; see the module docstring for chats."""
 
-    def __init__(self, *, tokenizer: tokenizers.Tokenizer, config: dict[str, Any], source: str,
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self, *, tokenizer: tokenizers.Tokenizer, config: dict[str, Any], source: str, chat_template: str | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.source = source
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
         if self.eos_token is None:
-            raise DataError(f"{source}: tokenizer_config.json names no eos_token; moetune needs one "
-                            f"to end each response")
+            raise DataError(
+                f"{source}: tokenizer_config.json names no eos_token; moetune needs one to end each response"
+            )
         self.bos_id = self._id(self.bos_token, "bos_token") if self.bos_token else None
         self.eos_id = self._id(self.eos_token, "eos_token")
         # Many causal LMs have no pad token; padded positions are masked, so eos is a safe stand-in.
@@ -138,8 +140,7 @@ class HFTokenizer:
             raise DataError(f"cannot read {folder / 'tokenizer.json'}: {err}") from None
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
-        return cls(tokenizer=tokenizer, config=config, source=str(folder),
-                   chat_template=_find_template(folder, config))
+        return cls(tokenizer=tokenizer, config=config, source=str(folder), chat_template=_find_template(folder, config))
 
     def _id(self, token: str, name: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -168,19 +169,27 @@ class HFTokenizer:
             DataError: there is no template, or it fails or rejects the conversation.
         """
         if self.template is None:
-            raise DataError(f"{self.source} has no chat_template; use instruction or text rows, or a "
-                            f"tokenizer folder whose tokenizer_config.json has one")
+            raise DataError(
+                f"{self.source} has no chat_template; use instruction or text rows, or a "
+                f"tokenizer folder whose tokenizer_config.json has one"
+            )
         try:
             return self.template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token, pad_token=self.pad_token or "")
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token,
+                pad_token=self.pad_token or "",
+            )
         except jinja2.TemplateError as err:
             raise DataError(f"{self.source}: the chat template failed: {err}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> ChatEncoding:
         if any(m.get("reasoning_content") for m in messages) and not self.renders_reasoning:
-            raise DataError(f"the chat template of {self.source} ignores reasoning_content; put the reasoning "
-                            f"in content, or use a tokenizer whose template renders it")
+            raise DataError(
+                f"the chat template of {self.source} ignores reasoning_content; put the reasoning "
+                f"in content, or use a tokenizer whose template renders it"
+            )
         text = self.apply_chat_template(messages, add_generation_prompt)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         spans = self._assistant_spans(messages, text)
@@ -204,9 +213,14 @@ class HFTokenizer:
         """Where assistant message ``i``'s tokens start: after its role header."""
         history = self._render_or_none(messages[:i], add_generation_prompt=False)
         prompt = self._render_or_none(messages[:i], add_generation_prompt=True)
-        if (history is not None and prompt is not None and prompt.startswith(history)
-                and text.startswith(history) and len(history) >= cursor):
-            header, rest = prompt[len(history):], text[len(history):]
+        if (
+            history is not None
+            and prompt is not None
+            and prompt.startswith(history)
+            and text.startswith(history)
+            and len(history) >= cursor
+        ):
+            header, rest = prompt[len(history) :], text[len(history) :]
             agree = next((n for n, (a, b) in enumerate(zip(header, rest)) if a != b), min(len(header), len(rest)))
             return len(history) + agree
         return self._find(text, message_text(messages[i]), cursor)
@@ -233,15 +247,16 @@ class HFTokenizer:
     def _find(self, text: str, content: str, start: int) -> int:
         at = text.find(content, start)
         if at < 0:
-            raise DataError(f"{self.source}: cannot locate an assistant message in the rendered chat "
-                            f"(the chat template changes its content); cannot mask the prompt")
+            raise DataError(
+                f"{self.source}: cannot locate an assistant message in the rendered chat "
+                f"(the chat template changes its content); cannot mask the prompt"
+            )
         return at
 
     @cached_property
     def renders_reasoning(self) -> bool:
         """Whether the template writes an assistant message's ``reasoning_content`` at all."""
-        probe = [{"role": "user", "content": "hi"},
-                 {"role": "assistant", "content": "yo", "reasoning_content": _PROBE}]
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning_content": _PROBE}]
         return _PROBE in (self._render_or_none(probe, add_generation_prompt=False) or "")
 
     @cached_property
@@ -254,4 +269,4 @@ class HFTokenizer:
             log.info("could not learn the end-of-turn marker of %s (%s)", self.source, err)
             return ""
         at = text.rfind(_PROBE)
-        return text[at + len(_PROBE):].rstrip() if at >= 0 else ""
+        return text[at + len(_PROBE) :].rstrip() if at >= 0 else ""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 from moetune.errors import DataError
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -77,8 +78,7 @@ class ByteTokenizer:
     vocab_size = 262
     add_bos = True
     has_chat_template = True
-    special_names = {256: "<pad>", 257: "<bos>", 258: "<eos>", 259: "<|system|>", 260: "<|user|>",
-                     261: "<|assistant|>"}
+    special_names = {256: "<pad>", 257: "<bos>", 258: "<eos>", 259: "<|system|>", 260: "<|user|>", 261: "<|assistant|>"}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -107,8 +107,10 @@ class ByteTokenizer:
             if role not in self.role_ids:
                 raise DataError(f"unknown chat role {role!r} (expected one of {', '.join(ROLES)})")
             if message.get("reasoning_content"):
-                raise DataError("the byte tokenizer has no format for reasoning_content; put the reasoning "
-                                "in content, or use a tokenizer whose chat template renders it")
+                raise DataError(
+                    "the byte tokenizer has no format for reasoning_content; put the reasoning "
+                    "in content, or use a tokenizer whose chat template renders it"
+                )
             body = [*self.encode(message["content"]), self.eos_id]
             ids += [self.role_ids[role], *body]
             assistant += [False] + [role == "assistant"] * len(body)

@@ -37,8 +37,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
         # Imported here: `tokenizers` and `jinja2` are optional, unneeded for the byte tokenizer.
         from moetune.data.hf_tokenizer import HFTokenizer
     except ImportError as err:
-        raise MoetuneError(f"loading {folder} needs the optional packages: pip install "
-                           f"'moetune[tokenizers]' ({err})") from None
+        raise MoetuneError(
+            f"loading {folder} needs the optional packages: pip install 'moetune[tokenizers]' ({err})"
+        ) from None
     return HFTokenizer.from_folder(folder)
 
 
@@ -55,6 +56,9 @@ def resolve_tokenizer(spec: str | None, model_path: str | os.PathLike) -> Tokeni
         return load_tokenizer(spec)
     if (Path(model_path) / "tokenizer.json").is_file():
         return load_tokenizer(str(model_path))
-    log.warning("no tokenizer.json in the model folder %s: using the built-in byte tokenizer (set "
-                "data.tokenizer / --tokenizer to a tokenizer folder, or to 'byte' to say so)", model_path)
+    log.warning(
+        "no tokenizer.json in the model folder %s: using the built-in byte tokenizer (set "
+        "data.tokenizer / --tokenizer to a tokenizer folder, or to 'byte' to say so)",
+        model_path,
+    )
     return ByteTokenizer()

@@ -1,6 +1,6 @@
 """Pure nn.Modules for the supported model families; never imports peft/ or train/."""
 
-from . import deepseek as _deepseek  # registers the deepseek_v2 / deepseek_v3 families
+from . import deepseek as _deepseek  # noqa: F401 - registers the deepseek_v2 / deepseek_v3 families
 from .attention import KVCache
 from .config import MLAArgs, MoEArgs, ModelArgs, RopeArgs
 from .families import FAMILIES, model_args_from_hf, register_family

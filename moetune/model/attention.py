@@ -73,7 +73,9 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, *, rope: Rope, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, rope: Rope, mask: torch.Tensor | None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """x (B, T, D); mask: bool (B, 1, T, S) True = attend, or None for plain causal."""
         q, k, v = self._project(x)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)

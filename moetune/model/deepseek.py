@@ -65,7 +65,11 @@ class DeepSeekRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
         # A frozen Parameter rather than a buffer so the loader and saver, which move parameters,
         # carry it under transformers' name; it has no gradient path (used inside top-k only).
-        bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False) if correction_bias else None
+        bias = (
+            nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+            if correction_bias
+            else None
+        )
         self.register_parameter("e_score_correction_bias", bias)
         self.num_experts, self.top_k, self.scoring, self.topk_method = num_experts, top_k, scoring, topk_method
         self.n_group, self.topk_group = n_group, topk_group

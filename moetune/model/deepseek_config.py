@@ -22,18 +22,32 @@ from .families import config_value, parse_llama
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(
-        q_lora_rank=1536, first_k_dense_replace=0, n_shared_experts=2, routed_scaling_factor=1.0,
-        topk_method="greedy", n_group=None, topk_group=None, norm_topk_prob=False,
+        q_lora_rank=1536,
+        first_k_dense_replace=0,
+        n_shared_experts=2,
+        routed_scaling_factor=1.0,
+        topk_method="greedy",
+        n_group=None,
+        topk_group=None,
+        norm_topk_prob=False,
     ),
     "deepseek_v3": dict(
-        q_lora_rank=1536, first_k_dense_replace=3, n_shared_experts=1, routed_scaling_factor=2.5,
-        n_group=8, topk_group=4, norm_topk_prob=True, rope_interleave=True,
+        q_lora_rank=1536,
+        first_k_dense_replace=3,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        n_group=8,
+        topk_group=4,
+        norm_topk_prob=True,
+        rope_interleave=True,
     ),
 }
 
 
 def _bad(cfg: dict[str, Any], field: str, allowed: str) -> CheckpointError:
-    return CheckpointError(f"config.json of a '{cfg['model_type']}' model: {field}={cfg.get(field)!r} is not supported ({allowed})")
+    return CheckpointError(
+        f"config.json of a '{cfg['model_type']}' model: {field}={cfg.get(field)!r} is not supported ({allowed})"
+    )
 
 
 def _mla(cfg: dict[str, Any], rope_layout: str) -> MLAArgs:
@@ -68,7 +82,9 @@ def _check_groups(cfg: dict[str, Any], moe: MoEArgs) -> None:
         raise _bad(cfg, "n_group", f"at most n_routed_experts/2 = {E // 2}: V3 scores a group by its best two experts")
 
 
-def _moe(cfg: dict[str, Any], num_layers: int, *, scoring: str, topk_method: str, norm_topk_prob: bool) -> MoEArgs | None:
+def _moe(
+    cfg: dict[str, Any], num_layers: int, *, scoring: str, topk_method: str, norm_topk_prob: bool
+) -> MoEArgs | None:
     experts = config_value(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
     if not experts:
         return None
@@ -120,6 +136,8 @@ def parse_deepseek_v3(raw: dict[str, Any]) -> ModelArgs:
     """DeepSeek-V3 / R1 and others with model_type deepseek_v3: sigmoid router with a correction bias."""
     cfg = {**DEFAULTS["deepseek_v3"], **raw}
     args = _common(cfg, rope_layout="interleave" if cfg.get("rope_interleave", True) else "half")
-    args.moe = _moe(cfg, args.num_layers, scoring="sigmoid", topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob")))
+    args.moe = _moe(
+        cfg, args.num_layers, scoring="sigmoid", topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob"))
+    )
     args.hf_config = dict(raw)
     return args

@@ -33,7 +33,9 @@ def parse_rope(cfg: dict[str, Any]) -> RopeArgs:
     params = {**legacy, **params}
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in ("default", "linear", "llama3", "yarn"):
-        raise CheckpointError(f"config.json: rope_type '{kind}' is not supported (supported: default, linear, llama3, yarn)")
+        raise CheckpointError(
+            f"config.json: rope_type '{kind}' is not supported (supported: default, linear, llama3, yarn)"
+        )
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     return RopeArgs(
         theta=float(theta),
@@ -173,7 +175,9 @@ def model_args_from_hf(cfg: dict[str, Any], *, where: str = "config.json") -> Mo
         supported = ", ".join(sorted(FAMILIES))
         raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (supported: {supported})")
     if cfg.get("hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
-        raise CheckpointError(f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (silu, gelu, gelu_pytorch_tanh, relu)")
+        raise CheckpointError(
+            f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (silu, gelu, gelu_pytorch_tanh, relu)"
+        )
     return FAMILIES[model_type](cfg)
 
 

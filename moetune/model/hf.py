@@ -58,7 +58,10 @@ class KeyMap:
 
     def __init__(self, family: str) -> None:
         self.family = family
-        self.rules = [(_compile(src), src, dst, part) for src, dst, part in PER_EXPERT_RULES.get(family, PER_EXPERT_RULES["default"])]
+        self.rules = [
+            (_compile(src), src, dst, part)
+            for src, dst, part in PER_EXPERT_RULES.get(family, PER_EXPERT_RULES["default"])
+        ]
 
     def ignored(self, key: str) -> bool:
         """True for checkpoint keys that map to nothing by design (only asked for unknown keys)."""

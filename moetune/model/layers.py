@@ -47,7 +47,11 @@ def _yarn_inv_freq(rope: RopeArgs, dim: int, max_pos: int) -> tuple[torch.Tensor
 
     attn = rope.attention_factor
     if attn is None:
-        attn = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim) if rope.mscale and rope.mscale_all_dim else mscale(factor)
+        attn = (
+            mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+            if rope.mscale and rope.mscale_all_dim
+            else mscale(factor)
+        )
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))

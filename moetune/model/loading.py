@@ -85,14 +85,20 @@ class _Filler:
         if target.name not in self.params:
             if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
                 return
-            raise CheckpointError(f"{file.name}: tensor '{key}' is not part of a {self.keymap.family} model (unexpected key)")
+            raise CheckpointError(
+                f"{file.name}: tensor '{key}' is not part of a {self.keymap.family} model (unexpected key)"
+            )
         native = self.params[target.name]
         if target.expert is not None and target.expert >= native.shape[0]:
-            raise CheckpointError(f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} experts")
+            raise CheckpointError(
+                f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} experts"
+            )
         quantized = isinstance(native, NF4Weight)
         dest = destination(native.layout() if quantized else native.data, target)
         if tuple(dest.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from config.json")
+            raise CheckpointError(
+                f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from config.json"
+            )
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
         else:
@@ -103,7 +109,9 @@ class _Filler:
         for name, parts in self.filled.items():
             if parts == {(None, "all")} or _covers(self.params[name], parts):
                 continue
-            raise CheckpointError(f"checkpoint has no tensor for '{name}' ({_describe_missing(self.params[name], parts)})")
+            raise CheckpointError(
+                f"checkpoint has no tensor for '{name}' ({_describe_missing(self.params[name], parts)})"
+            )
 
 
 def _covers(param: torch.Tensor, parts: set) -> bool:
@@ -183,11 +191,16 @@ def _refuse_prequantized(cfg: dict, where: Path) -> None:
     if not quant:
         return
     method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-    hint = (" Convert it to bf16 first (for DeepSeek-V3/R1: DeepSeek's inference/fp8_cast_bf16.py)."
-            if method == "fp8" else " Use the unquantized (bf16/fp16/fp32) checkpoint.")
-    raise CheckpointError(f"{where}: the weights are stored quantized (quantization_config.quant_method "
-                          f"'{method}'), which moetune does not load; for 4-bit training load a bf16 checkpoint "
-                          f"with quantize='nf4'.{hint}")
+    hint = (
+        " Convert it to bf16 first (for DeepSeek-V3/R1: DeepSeek's inference/fp8_cast_bf16.py)."
+        if method == "fp8"
+        else " Use the unquantized (bf16/fp16/fp32) checkpoint."
+    )
+    raise CheckpointError(
+        f"{where}: the weights are stored quantized (quantization_config.quant_method "
+        f"'{method}'), which moetune does not load; for 4-bit training load a bf16 checkpoint "
+        f"with quantize='nf4'.{hint}"
+    )
 
 
 def _after_materialise(model: CausalLM) -> None:
@@ -198,7 +211,9 @@ def _after_materialise(model: CausalLM) -> None:
     model.tie_weights()
 
 
-def build_random_model(args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, std: float = 0.02) -> CausalLM:
+def build_random_model(
+    args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, std: float = 0.02
+) -> CausalLM:
     """A model with N(0, std) weights (norms at 1), for tests, the demo and benchmarks."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):

@@ -28,7 +28,12 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat((labels[:, 1:], pad), dim=1)
 
 
-def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, ctx: ForwardContext | None) -> torch.Tensor:
+def _chunk_loss_sum(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    ctx: ForwardContext | None,
+) -> torch.Tensor:
     # The head runs on a chunk of kept rows, and again in backward outside the model's forward:
     # give it a context whose "samples" are those rows, so per-sample adapters on the head apply.
     with forward_context(ctx):
@@ -45,8 +50,14 @@ def _row_context(ctx: ForwardContext | None, rows: torch.Tensor | None, start: i
     return ForwardContext(batch_size=len(names), seq_len=1, adapter_names=names)
 
 
-def _chunk_sample_sums(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
-                       samples: torch.Tensor, batch: int, ctx: ForwardContext | None) -> torch.Tensor:
+def _chunk_sample_sums(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    samples: torch.Tensor,
+    batch: int,
+    ctx: ForwardContext | None,
+) -> torch.Tensor:
     with forward_context(ctx):
         logits = head(hidden).float()
     losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
@@ -96,7 +107,10 @@ def chunked_cross_entropy(
     for start in range(0, count, chunk_size):
         part_h, part_t = h[start : start + chunk_size], targets[start : start + chunk_size]
         part_ctx = _row_context(ctx, rows, start, start + chunk_size)
-        fn, args = (_chunk_sample_sums, (head, part_h, part_t, sample[start : start + chunk_size], B, part_ctx)) if per_sample \
+        fn, args = (
+            (_chunk_sample_sums, (head, part_h, part_t, sample[start : start + chunk_size], B, part_ctx))
+            if per_sample
             else (_chunk_loss_sum, (head, part_h, part_t, part_ctx))
+        )
         total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
     return (total, counts) if per_sample else total / count

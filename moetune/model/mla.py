@@ -142,7 +142,9 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rot.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return k, v
 
-    def forward(self, x: torch.Tensor, *, rope: Rope, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, rope: Rope, mask: torch.Tensor | None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """x (B, T, D); rope: (cos, sin) (B, T, Dr); mask: bool (B, 1, T, S) or None -> (B, T, D)."""
         B, T, _ = x.shape
         q_nope, q_rot = self._query(x)

@@ -123,14 +123,22 @@ def combine(rows: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Ten
 
 def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
     if token_mask is None:
-        stats = RouterStats(counts=counts.float(), prob_sum=routing.probs.sum(0), tokens=routing.probs.new_tensor(routing.probs.shape[0]))
+        stats = RouterStats(
+            counts=counts.float(),
+            prob_sum=routing.probs.sum(0),
+            tokens=routing.probs.new_tensor(routing.probs.shape[0]),
+        )
     else:
         m = token_mask.float()
-        counts = torch.zeros_like(routing.probs[0]).scatter_add_(0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1]))
+        counts = torch.zeros_like(routing.probs[0]).scatter_add_(
+            0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1])
+        )
         stats = RouterStats(counts=counts, prob_sum=(routing.probs * m[:, None]).sum(0), tokens=m.sum())
     ctx = current_context()
     if ctx is not None and ctx.per_sample:
-        stats.per_sample = _per_sample_sums(routing, token_mask, ctx.sample_of_token(routing.probs.device), ctx.batch_size)
+        stats.per_sample = _per_sample_sums(
+            routing, token_mask, ctx.sample_of_token(routing.probs.device), ctx.batch_size
+        )
     return stats
 
 

@@ -33,12 +33,27 @@ BLOCK = 64
 SCALE_BLOCK = 256
 
 # The 16 NormalFloat levels of QLoRA (Dettmers et al. 2023, appendix E), as bitsandbytes holds them.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 
 
 def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -50,7 +65,7 @@ def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor
     for i in range(max_exponent_bits):
         items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
         bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
-        means = ((bounds[:-1] + bounds[1:]) / 2.0)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
         data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
         data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     if additional > 0:  # never for 8 bits / 7 exponent bits; kept so the construction reads as the original
@@ -59,7 +74,7 @@ def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor
         data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
         data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     data += [0.0, 1.0]
-    data += [0.0] * (2 ** total_bits - len(data))
+    data += [0.0] * (2**total_bits - len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
@@ -118,7 +133,9 @@ def quantize_scales(absmax: torch.Tensor, block: int = SCALE_BLOCK) -> tuple[tor
     return codes, scale, offset
 
 
-def dequantize_scales(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int = SCALE_BLOCK) -> torch.Tensor:
+def dequantize_scales(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int = SCALE_BLOCK
+) -> torch.Tensor:
     """Inverse of :func:`quantize_scales`: (nb,) fp32 block absmax."""
     values = _table("dyn", codes.device).index_select(0, codes.int())
     nb = codes.numel()
@@ -126,8 +143,14 @@ def dequantize_scales(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
     return (padded * scale[:, None]).view(-1)[:nb] + offset
 
 
-def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, n: int, dtype: torch.dtype,
-                      block: int = BLOCK, chunk_blocks: int = 1 << 19) -> torch.Tensor:
+def dequantize_blocks(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    n: int,
+    dtype: torch.dtype,
+    block: int = BLOCK,
+    chunk_blocks: int = 1 << 19,
+) -> torch.Tensor:
     """First level inverse: codes (ceil(n/2),) uint8, absmax (nb,) fp32 -> (n,) in ``dtype``.
 
     Products are formed in fp32 and rounded once to ``dtype`` (as the reference kernel does), in
@@ -138,10 +161,10 @@ def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, n: int, dtype: 
     step = chunk_blocks * block
     for start in range(0, n, step):
         end = min(start + step, n)
-        values = pairs.index_select(0, codes[start // 2:(end + 1) // 2].int()).view(-1)
+        values = pairs.index_select(0, codes[start // 2 : (end + 1) // 2].int()).view(-1)
         b0, b1 = start // block, math.ceil(end / block)
         values = F.pad(values, (0, (b1 - b0) * block - values.numel())).view(-1, block)
-        out[start:end] = (values * absmax[b0:b1, None]).view(-1)[:end - start]
+        out[start:end] = (values * absmax[b0:b1, None]).view(-1)[: end - start]
     return out
 
 
@@ -177,15 +200,15 @@ class BlockQuantizer:
         lo = first if first * self.block >= start else first + 1  # those it covers whole: [lo, hi)
         hi = last + 1 if self._block_end(last) <= end else last
         if lo < hi:
-            self._quantize(lo, hi, x[lo * self.block - start:self._block_end(hi - 1) - start])
+            self._quantize(lo, hi, x[lo * self.block - start : self._block_end(hi - 1) - start])
         for b in {first, last} - set(range(lo, hi)):  # at most the two edge blocks
             s, e = max(start, b * self.block), min(end, self._block_end(b))
-            self._add_partial(b, s, x[s - start:e - start])
+            self._add_partial(b, s, x[s - start : e - start])
         return self.remaining == 0
 
     def _quantize(self, lo: int, hi: int, x: torch.Tensor) -> None:
         codes, absmax = quantize_blocks(x, self.block)
-        self.codes[lo * self.block // 2:lo * self.block // 2 + codes.numel()] = codes
+        self.codes[lo * self.block // 2 : lo * self.block // 2 + codes.numel()] = codes
         self.absmax[lo:hi] = absmax
         self.remaining -= (hi - lo) - int(self.done[lo:hi].sum())  # a block written twice counts once
         self.done[lo:hi] = True
@@ -193,10 +216,11 @@ class BlockQuantizer:
     def _add_partial(self, b: int, start: int, x: torch.Tensor) -> None:
         size = self._block_end(b) - b * self.block
         values, filled = self.partial.setdefault(
-            b, (torch.zeros(size, device=x.device), torch.zeros(size, dtype=torch.bool)))
+            b, (torch.zeros(size, device=x.device), torch.zeros(size, dtype=torch.bool))
+        )
         offset = start - b * self.block
-        values[offset:offset + x.numel()] = x
-        filled[offset:offset + x.numel()] = True
+        values[offset : offset + x.numel()] = x
+        filled[offset : offset + x.numel()] = True
         if bool(filled.all()):
             self._quantize(b, b + 1, values)
             del self.partial[b]

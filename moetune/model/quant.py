@@ -164,12 +164,21 @@ class QuantLinear(nn.Linear):
     nothing (an adapter must not merge into it; see ``moetune.peft.qlora``).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no full-precision weight
         self.in_features, self.out_features = in_features, out_features
         self.weight_nf4 = NF4Weight((out_features, in_features), dtype=dtype, device=device)
-        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None)
+        self.register_parameter(
+            "bias", nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        )
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -206,8 +215,17 @@ class QuantGroupedExperts(GroupedExperts):
     expert LoRA's A or B), so the base forward and an expert-LoRA wrapper run unchanged.
     """
 
-    def __init__(self, *, num_experts: int, dim: int, hidden: int, act: str = "silu", use_loop: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        act: str = "silu",
+        use_loop: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
         with torch.device("meta"):  # the parent's full-precision parameters are replaced at once
             super().__init__(num_experts=num_experts, dim=dim, hidden=hidden, act=act, use_loop=use_loop)
         del self.gate_up_proj, self.down_proj
@@ -226,8 +244,15 @@ class QuantGroupedExperts(GroupedExperts):
     @classmethod
     def from_experts(cls, experts: GroupedExperts) -> QuantGroupedExperts:
         w = experts.gate_up_proj
-        q = cls(num_experts=experts.num_experts, dim=experts.dim, hidden=experts.hidden, act=experts.act_name,
-                use_loop=experts.use_loop, dtype=w.dtype, device=w.device)
+        q = cls(
+            num_experts=experts.num_experts,
+            dim=experts.dim,
+            hidden=experts.hidden,
+            act=experts.act_name,
+            use_loop=experts.use_loop,
+            dtype=w.dtype,
+            device=w.device,
+        )
         if not w.is_meta:
             for name in ("gate_up_proj", "down_proj"):
                 getattr(q, name).write(0, getattr(experts, name).detach())
@@ -266,8 +291,13 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             model.set_submodule(path, linear)
         elif isinstance(module, QuantGroupedExperts):
             with torch.device("meta"):
-                experts = GroupedExperts(num_experts=module.num_experts, dim=module.dim, hidden=module.hidden,
-                                         act=module.act_name, use_loop=module.use_loop)
+                experts = GroupedExperts(
+                    num_experts=module.num_experts,
+                    dim=module.dim,
+                    hidden=module.hidden,
+                    act=module.act_name,
+                    use_loop=module.use_loop,
+                )
             for name in ("gate_up_proj", "down_proj"):
                 setattr(experts, name, nn.Parameter(module.dequantized_weight(name), requires_grad=False))
             model.set_submodule(path, experts)

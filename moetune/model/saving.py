@@ -67,20 +67,38 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 
 # Files that make a model folder usable beyond its weights: tokenizer, chat template, generation defaults.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 GENERATION_FILES = ("generation_config.json",)
 
 
-def companion_files(folder: str | os.PathLike | None, names: tuple[str, ...] = TOKENIZER_FILES + GENERATION_FILES) -> dict[str, Path]:
+def companion_files(
+    folder: str | os.PathLike | None, names: tuple[str, ...] = TOKENIZER_FILES + GENERATION_FILES
+) -> dict[str, Path]:
     """Those of ``names`` present in ``folder`` (name -> path); none when ``folder`` is None."""
     if folder is None:
         return {}
     return {n: Path(folder) / n for n in names if (Path(folder) / n).is_file()}
 
 
-def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, overwrite: bool = False,
-                    inputs: tuple = (), extra_files: dict[str, Path] | None = None) -> Path:
+def save_pretrained(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int = 5 * 2**30,
+    overwrite: bool = False,
+    inputs: tuple = (),
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
     """Write config.json and safetensors shards (with an index when sharded) to ``out_dir``.
 
     ``out_dir`` must be new, empty, or a model folder moetune wrote (see :mod:`moetune.outputs`).
@@ -95,11 +113,18 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, max_shard_size: int = 
     shards = _shards(tensors, max_shard_size)
 
     def write(tmp: Path) -> None:
-        names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": {k: n for n, s in zip(names, shards) for k in s},
+            }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = dict(args.hf_config)
         config["dtype"] = DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")

@@ -35,7 +35,10 @@ class ModelSummary:
             f"hidden / vocab    {self.hidden_size} / {self.vocab_size}",
         ]
         if self.moe_layers:
-            out.append(f"experts           {self.num_experts} routed, top-{self.top_k}" + (", plus shared expert(s)" if self.shared_experts else ""))
+            out.append(
+                f"experts           {self.num_experts} routed, top-{self.top_k}"
+                + (", plus shared expert(s)" if self.shared_experts else "")
+            )
         out += [
             f"parameters        {self.total_params:,} total ({_human(self.total_params)})",
             f"active per token  {self.active_params:,} ({_human(self.active_params)})",

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import KVCache, build_mask
 from .config import ModelArgs
 from .context import ForwardContext, current_context, forward_context
-from .layers import RMSNorm, RotaryEmbedding
+from .layers import RMSNorm
 from .loss import chunked_cross_entropy
 from .moe import RouterStats, load_balancing_loss
 
@@ -48,7 +48,15 @@ class CausalLMOutput:
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; mlp is dense or MoE."""
 
-    def __init__(self, *, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module, post_attention_layernorm: nn.Module, is_moe: bool) -> None:
+    def __init__(
+        self,
+        *,
+        self_attn: nn.Module,
+        mlp: nn.Module,
+        input_layernorm: nn.Module,
+        post_attention_layernorm: nn.Module,
+        is_moe: bool,
+    ) -> None:
         super().__init__()
         self.self_attn = self_attn
         self.mlp = mlp
@@ -81,7 +89,15 @@ class DecoderModel(nn.Module):
         B, T = x.shape[:2]
         kinds = {w for w in self.args.sliding_window}
         return {
-            w: build_mask(batch=B, q_len=T, past=past, device=x.device, attention_mask=attention_mask, segment_ids=segment_ids, window=w if w is not None and w < past + T else None)
+            w: build_mask(
+                batch=B,
+                q_len=T,
+                past=past,
+                device=x.device,
+                attention_mask=attention_mask,
+                segment_ids=segment_ids,
+                window=w if w is not None and w < past + T else None,
+            )
             for w in kinds
         }
 
@@ -96,14 +112,16 @@ class DecoderModel(nn.Module):
 
         return checkpoint(run, x, use_reentrant=False)
 
-    def forward(self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache: KVCache | None = None):
+    def forward(
+        self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache: KVCache | None = None
+    ):
         x = self.embed_tokens(input_ids)
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = _positions(input_ids, attention_mask, past)
         rope = self.rotary_emb(position_ids, x.dtype)
         masks = self._masks(x, attention_mask, segment_ids, past)
-        token_mask = attention_mask[:, -input_ids.shape[1]:].reshape(-1) if attention_mask is not None else None
+        token_mask = attention_mask[:, -input_ids.shape[1] :].reshape(-1) if attention_mask is not None else None
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
             window = self.args.sliding_window[i]
@@ -183,17 +201,30 @@ class CausalLM(nn.Module):
         """
         if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {input_ids.shape[0]}")
-        token_mask = attention_mask[:, -input_ids.shape[1]:].reshape(-1) if attention_mask is not None else None
-        ctx = ForwardContext(batch_size=input_ids.shape[0], seq_len=input_ids.shape[1], adapter_names=adapter_names,
-                             token_mask=token_mask, per_sample=per_sample)
+        token_mask = attention_mask[:, -input_ids.shape[1] :].reshape(-1) if attention_mask is not None else None
+        ctx = ForwardContext(
+            batch_size=input_ids.shape[0],
+            seq_len=input_ids.shape[1],
+            adapter_names=adapter_names,
+            token_mask=token_mask,
+            per_sample=per_sample,
+        )
         with forward_context(ctx):
-            hidden, stats = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids, cache=cache)
+            hidden, stats = self.model(
+                input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                segment_ids=segment_ids,
+                cache=cache,
+            )
             out = CausalLMOutput(router_stats=stats, cache=cache, records=dict(ctx.records))
             if labels is not None:
                 if attention_mask is not None:
-                    labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+                    labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
                 if per_sample:
-                    out.sample_loss, out.sample_tokens = chunked_cross_entropy(self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size, per_sample=True)
+                    out.sample_loss, out.sample_tokens = chunked_cross_entropy(
+                        self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size, per_sample=True
+                    )
                     out.loss = out.sample_loss.sum() / out.sample_tokens.sum().clamp_min(1)
                 else:
                     out.loss = chunked_cross_entropy(self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size)

@@ -60,7 +60,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: int = 2, run_id: str | None = None) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike, state: TrainState, *, keep_last: int = 2, run_id: str | None = None
+) -> Path:
     """Write ``root/checkpoint-<step>`` atomically, then drop all but the newest ``keep_last`` of
     run ``run_id`` (checkpoints of other runs, or without a run id, are never pruned)."""
     root = Path(root)
@@ -69,10 +71,21 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, *, keep_last: in
     def write(tmp: Path) -> None:
         for prefix, groups in (("adapter", state.adapters), ("allocator", state.allocators)):
             for name, tensors in groups.items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{prefix}-{name}.safetensors"))
-        torch.save({"optimizers": state.optimizers, "schedulers": state.schedulers, "rng": state.rng}, tmp / "trainer_state.pt")
-        meta = {"step": state.step, "data": state.data, "extra": state.extra, "adapters": sorted(state.adapters),
-                "allocators": sorted(state.allocators), "run_id": run_id}
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    str(tmp / f"{prefix}-{name}.safetensors"),
+                )
+        torch.save(
+            {"optimizers": state.optimizers, "schedulers": state.schedulers, "rng": state.rng}, tmp / "trainer_state.pt"
+        )
+        meta = {
+            "step": state.step,
+            "data": state.data,
+            "extra": state.extra,
+            "adapters": sorted(state.adapters),
+            "allocators": sorted(state.allocators),
+            "run_id": run_id,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
     final = write_folder(root / f"checkpoint-{state.step:08d}", "checkpoint", write, key="checkpoint")
@@ -134,8 +147,13 @@ def _read_checkpoint(path: Path) -> TrainState:
         meta = json.loads(meta_file.read_text())
         step, data, names = meta["step"], meta["data"], meta["adapters"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        why = (f"has no '{exc.args[0]}'" if isinstance(exc, KeyError) else "is not a JSON object" if isinstance(exc, TypeError)
-               else f"is not valid JSON ({exc})")
+        why = (
+            f"has no '{exc.args[0]}'"
+            if isinstance(exc, KeyError)
+            else "is not a JSON object"
+            if isinstance(exc, TypeError)
+            else f"is not valid JSON ({exc})"
+        )
         raise CheckpointError(f"checkpoint '{path}' is unreadable ('{meta_file}' {why})") from None
     adapters = {n: _read_tensors(path, path / f"adapter-{n}.safetensors") for n in names}
     allocators = {n: _read_tensors(path, path / f"allocator-{n}.safetensors") for n in meta.get("allocators", [])}
@@ -146,10 +164,22 @@ def _read_checkpoint(path: Path) -> TrainState:
         trainer = torch.load(state_file, weights_only=True)
         optimizers, schedulers, rng = trainer["optimizers"], trainer["schedulers"], trainer["rng"]
     except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-        why = "does not exist" if not state_file.is_file() else f"is damaged ({type(exc).__name__}: {_first_sentence(exc)})"
+        why = (
+            "does not exist"
+            if not state_file.is_file()
+            else f"is damaged ({type(exc).__name__}: {_first_sentence(exc)})"
+        )
         raise CheckpointError(f"checkpoint '{path}' is unreadable ('{state_file}' {why})") from None
-    return TrainState(step=step, adapters=adapters, optimizers=optimizers, schedulers=schedulers, data=data, rng=rng,
-                      extra=meta.get("extra", {}), allocators=allocators)
+    return TrainState(
+        step=step,
+        adapters=adapters,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        data=data,
+        rng=rng,
+        extra=meta.get("extra", {}),
+        allocators=allocators,
+    )
 
 
 def _read_tensors(path: Path, file: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +214,9 @@ def _looks_whole(path: Path) -> bool:
     """Cheap check (meta.json, safetensors headers and sizes, a non-empty trainer state), not a full read."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-        files = [f"adapter-{n}.safetensors" for n in meta["adapters"]] + [f"allocator-{n}.safetensors" for n in meta.get("allocators", [])]
+        files = [f"adapter-{n}.safetensors" for n in meta["adapters"]] + [
+            f"allocator-{n}.safetensors" for n in meta.get("allocators", [])
+        ]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return False
     state = path / "trainer_state.pt"

@@ -33,8 +33,10 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
 def _run_config(checkpoint: Path) -> TrainConfig:
     source = checkpoint.parent.parent / RUN_CONFIG
     if not source.is_file():
-        raise AdapterError(f"'{checkpoint}' is a training checkpoint, but its run folder has no {RUN_CONFIG} (a run "
-                           "from an earlier moetune): give the run's adapter folder instead")
+        raise AdapterError(
+            f"'{checkpoint}' is a training checkpoint, but its run folder has no {RUN_CONFIG} (a run "
+            "from an earlier moetune): give the run's adapter folder instead"
+        )
     try:
         return from_dict(TrainConfig, yaml.safe_load(source.read_text()), where=str(source))
     except yaml.YAMLError as exc:
@@ -47,9 +49,11 @@ def load_checkpoint_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     checkpoint = Path(path)
     config, state = _run_config(checkpoint), load_checkpoint(checkpoint)
     if len(state.adapters) != 1:
-        raise AdapterError(f"'{checkpoint}' holds {len(state.adapters)} adapters ({', '.join(sorted(state.adapters))}); "
-                           "give one adapter's folder instead")
-    (trained, tensors), = state.adapters.items()
+        raise AdapterError(
+            f"'{checkpoint}' holds {len(state.adapters)} adapters ({', '.join(sorted(state.adapters))}); "
+            "give one adapter's folder instead"
+        )
+    ((trained, tensors),) = state.adapters.items()
     for section in config.adapters:
         if section.path is not None:  # an earlier adapter it was stacked on: active beneath it
             load_adapter(model, section.path, name=section.name)
@@ -62,6 +66,8 @@ def load_checkpoint_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     with torch.no_grad():
         for key, p in params.items():
             if tensors[key].shape != p.shape:
-                raise AdapterError(f"'{checkpoint}': tensor '{key}' has shape {tuple(tensors[key].shape)}, the config makes {tuple(p.shape)}")
+                raise AdapterError(
+                    f"'{checkpoint}': tensor '{key}' has shape {tuple(tensors[key].shape)}, the config makes {tuple(p.shape)}"
+                )
             p.copy_(tensors[key])
     return trained

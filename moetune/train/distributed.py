@@ -113,8 +113,13 @@ class DataParallel(Parallel):
         counts = torch.stack([s.counts.detach().double() for s in stats])
         tokens = torch.stack([torch.as_tensor(s.tokens).detach().double().to(counts.device) for s in stats])
         total = self._reduce(torch.cat([counts.flatten(), tokens]))
-        counts_g, tokens_g = total[: counts.numel()].view_as(counts), total[counts.numel():]
-        shares = [RouterStats(counts=counts_g[i].to(s.counts.dtype), prob_sum=s.prob_sum, tokens=tokens_g[i].to(s.prob_sum.dtype)) for i, s in enumerate(stats)]
+        counts_g, tokens_g = total[: counts.numel()].view_as(counts), total[counts.numel() :]
+        shares = [
+            RouterStats(
+                counts=counts_g[i].to(s.counts.dtype), prob_sum=s.prob_sum, tokens=tokens_g[i].to(s.prob_sum.dtype)
+            )
+            for i, s in enumerate(stats)
+        ]
         return load_balancing_loss(shares, num_experts)
 
     def gradient_sync(self, enabled):
@@ -136,7 +141,7 @@ class DataParallel(Parallel):
             dist.all_reduce(flat)
             offset = 0
             for g in bucket:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
     def clip_grad_norm(self, params, max_norm):
@@ -158,19 +163,30 @@ class DataParallel(Parallel):
     def router_stats(self, stats):
         if not stats:
             return stats
-        parts = [torch.cat([s.counts.detach().double().reshape(-1), s.prob_sum.detach().double().reshape(-1), torch.as_tensor(s.tokens).detach().double().reshape(1).to(s.counts.device)]) for s in stats]
+        parts = [
+            torch.cat(
+                [
+                    s.counts.detach().double().reshape(-1),
+                    s.prob_sum.detach().double().reshape(-1),
+                    torch.as_tensor(s.tokens).detach().double().reshape(1).to(s.counts.device),
+                ]
+            )
+            for s in stats
+        ]
         total = self._reduce(torch.stack(parts))
         E = stats[0].counts.numel()
-        return [RouterStats(counts=row[:E], prob_sum=row[E: 2 * E], tokens=row[2 * E]) for row in total]
+        return [RouterStats(counts=row[:E], prob_sum=row[E : 2 * E], tokens=row[2 * E]) for row in total]
 
     def eval_batches(self, examples, *, batch_size, pad_id):
         """Rank r evaluates examples r, r+N, ...; under FSDP every rank must run as many forwards
         (each all-gathers), so ranks with fewer batches repeat a batch that is not counted."""
-        mine = list(eval_batches(examples, batch_size=batch_size, pad_id=pad_id, rank=self.rank, world_size=self.world_size))
+        mine = list(
+            eval_batches(examples, batch_size=batch_size, pad_id=pad_id, rank=self.rank, world_size=self.world_size)
+        )
         yield from ((b, True) for b in mine)
         if self.strategy != "fsdp" or not examples:
             return
-        most = -(-len(examples[0::self.world_size]) // batch_size)  # rank 0 has the most
+        most = -(-len(examples[0 :: self.world_size]) // batch_size)  # rank 0 has the most
         filler = mine[0] if mine else next(eval_batches(examples[:1], batch_size=1, pad_id=pad_id))
         for _ in range(most - len(mine)):
             yield filler, False
@@ -184,7 +200,10 @@ class DataParallel(Parallel):
 
     def full_optimizer_state(self, optimizer):
         state = optimizer.state_dict()
-        full = {k: {n: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in state["state"].items()}
+        full = {
+            k: {n: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+            for k, s in state["state"].items()
+        }
         return {"state": full, "param_groups": state["param_groups"]}
 
     def load_optimizer_state(self, optimizer, state):
@@ -192,7 +211,9 @@ class DataParallel(Parallel):
         local = {}
         for k, s in state["state"].items():
             p = params[k]
-            local[k] = {n: local_like(p, v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v for n, v in s.items()}
+            local[k] = {
+                n: local_like(p, v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v for n, v in s.items()
+            }
         optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})
 
     def rng_state(self):
@@ -203,7 +224,11 @@ class DataParallel(Parallel):
     def set_rng_state(self, state, *, seed, step):
         ranks = state.get("ranks") or [state]
         if len(ranks) != self.world_size:
-            log.info("checkpoint from %d rank(s), resuming on %d: runs with dropout > 0 draw other masks than the uninterrupted run", len(ranks), self.world_size)
+            log.info(
+                "checkpoint from %d rank(s), resuming on %d: runs with dropout > 0 draw other masks than the uninterrupted run",
+                len(ranks),
+                self.world_size,
+            )
         if self.rank < len(ranks):
             set_rng_state(ranks[self.rank])
         else:
@@ -255,7 +280,11 @@ def distributed_run(config: TrainConfig) -> Iterator[tuple[TrainConfig, Parallel
         torch.cuda.set_device(device)
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend, timeout=timedelta(seconds=config.distributed.timeout_s), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=config.distributed.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
     # FSDP on CUDA: load on the CPU and let fully_shard move one layer's shard at a time to the GPU.
     load_on = "cpu" if strategy == "fsdp" else str(device)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=load_on))

@@ -67,8 +67,10 @@ def check_supported(config: TrainConfig, world_size: int) -> None:
     """Refuse what the loop does not support (config-only combinations are refused by the config)."""
     trained = [a.name for a in config.adapters if not a.frozen]
     if len(trained) > 1 and world_size > 1:
-        raise ConfigError(f"adapters: training several adapters at once ({', '.join(trained)}) runs on one process for now; "
-                          "start it without torchrun, or train the adapters in separate runs")
+        raise ConfigError(
+            f"adapters: training several adapters at once ({', '.join(trained)}) runs on one process for now; "
+            "start it without torchrun, or train the adapters in separate runs"
+        )
 
 
 def build_jobs(config: TrainConfig, parts, parallel) -> list[Job]:
@@ -83,15 +85,43 @@ def _job(config: TrainConfig, parts, parallel, index: int, members: list[int]) -
     """Job of adapter ``index``, holding adapters ``members`` (indices into ``config.adapters``)."""
     tok, data_cfg, o = parts.tokenizer, config.adapter_data(index), config.adapter_optim(index)
     data = parts.data if data_cfg == config.data else build_datasets(data_cfg, tok, seed=config.seed)
-    loader = make_train_loader(data.train, batch_size=o.batch_size, max_length=data_cfg.max_length, packing=data_cfg.packing,
-                               pad_id=tok.pad_id, seed=config.seed + data_cfg.seed, rank=parallel.rank, world_size=parallel.world_size)
+    loader = make_train_loader(
+        data.train,
+        batch_size=o.batch_size,
+        max_length=data_cfg.max_length,
+        packing=data_cfg.packing,
+        pad_id=tok.pad_id,
+        seed=config.seed + data_cfg.seed,
+        rank=parallel.rank,
+        world_size=parallel.world_size,
+    )
     names = [config.adapters[i].name for i in members]
     params = {n: adapter_parameters(parts.model, n) for n in names}
-    optimizers = {n: build_optimizer(p, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
-                                     loraplus_lr_ratio=o.loraplus_lr_ratio) for n, p in params.items()}
-    schedulers = {n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps) for n, opt in optimizers.items()}
-    return Job(name=config.adapters[index].name, optim=o, data=data, loader=loader, params=params, optimizers=optimizers,
-               schedulers=schedulers, out_dirs={config.adapters[i].name: config.adapter_dir(i) for i in members})
+    optimizers = {
+        n: build_optimizer(
+            p,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            loraplus_lr_ratio=o.loraplus_lr_ratio,
+        )
+        for n, p in params.items()
+    }
+    schedulers = {
+        n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps)
+        for n, opt in optimizers.items()
+    }
+    return Job(
+        name=config.adapters[index].name,
+        optim=o,
+        data=data,
+        loader=loader,
+        params=params,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        out_dirs={config.adapters[i].name: config.adapter_dir(i) for i in members},
+    )
 
 
 def merge_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -41,9 +41,13 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
     try:
         rank, world, local = (int(env[k]) for k in ENV_KEYS)
     except ValueError:
-        raise ConfigError(f"distributed launch: RANK/WORLD_SIZE/LOCAL_RANK must be integers, got {[env[k] for k in ENV_KEYS]}") from None
+        raise ConfigError(
+            f"distributed launch: RANK/WORLD_SIZE/LOCAL_RANK must be integers, got {[env[k] for k in ENV_KEYS]}"
+        ) from None
     if not (0 <= rank < world and 0 <= local < world):
-        raise ConfigError(f"distributed launch: need 0 <= RANK, LOCAL_RANK < WORLD_SIZE; got RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}")
+        raise ConfigError(
+            f"distributed launch: need 0 <= RANK, LOCAL_RANK < WORLD_SIZE; got RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}"
+        )
     return LaunchEnv(rank=rank, world_size=world, local_rank=local)
 
 
@@ -67,7 +71,9 @@ def resolve_launch(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, s
     if cuda:
         count = torch.cuda.device_count()
         if env.local_rank >= count:
-            raise ConfigError(f"model.device: {spec} under torchrun needs one GPU per local rank; local rank {env.local_rank} but {count} GPU(s) visible")
+            raise ConfigError(
+                f"model.device: {spec} under torchrun needs one GPU per local rank; local rank {env.local_rank} but {count} GPU(s) visible"
+            )
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
@@ -81,8 +87,12 @@ def resolve_launch(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, s
     if strategy == "auto":
         strategy = "fsdp" if cuda and env.world_size > 1 else "replicate"
     if strategy == "fsdp" and config.model.quantize is not None:
-        raise ConfigError(f"distributed.strategy: fsdp cannot shard a {config.model.quantize}-quantized base; use replicate")
+        raise ConfigError(
+            f"distributed.strategy: fsdp cannot shard a {config.model.quantize}-quantized base; use replicate"
+        )
     if strategy == "fsdp" and config.model.dtype == "fp16":
-        raise ConfigError("model.dtype: fp16 with distributed.strategy: fsdp is not supported (the fp16 loss scaler needs the "
-                          "full gradient on every rank to agree on overflows); use bf16, or distributed.strategy: replicate")
+        raise ConfigError(
+            "model.dtype: fp16 with distributed.strategy: fsdp is not supported (the fp16 loss scaler needs the "
+            "full gradient on every rank to agree on overflows); use bf16, or distributed.strategy: replicate"
+        )
     return device, backend, strategy

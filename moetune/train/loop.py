@@ -55,7 +55,14 @@ class Trainer:
     """One run of ``config``: its jobs on one process or, with ``parallel``, as one rank of a
     data-parallel run (one trained adapter only; see :mod:`.distributed`)."""
 
-    def __init__(self, config: TrainConfig, parts: RunParts, *, folder: OwnedFolder | None = None, parallel: Parallel | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        parts: RunParts,
+        *,
+        folder: OwnedFolder | None = None,
+        parallel: Parallel | None = None,
+    ) -> None:
         self.config, self.parts = config, parts
         self.parallel = parallel or Parallel()
         check_supported(config, self.parallel.world_size)
@@ -85,7 +92,12 @@ class Trainer:
         state = run_state(self)  # every rank takes part in gathering it; rank 0 writes it
         path = self.out / "checkpoints" / f"checkpoint-{state.step:08d}"
         if self.parallel.is_main:
-            path = save_checkpoint(self.folder.entry("checkpoints"), state, keep_last=self.config.checkpoint.keep_last, run_id=self.folder.run_id)
+            path = save_checkpoint(
+                self.folder.entry("checkpoints"),
+                state,
+                keep_last=self.config.checkpoint.keep_last,
+                run_id=self.folder.run_id,
+            )
         self.parallel.barrier()
         self.saved_step, self.saved_path = self.step, path
         return path
@@ -100,8 +112,15 @@ class Trainer:
         returns the step's metrics record."""
         t0 = time.perf_counter()
         micro = [[j.next_batch() for j in jobs] for _ in range(self.config.optim.grad_accum)]
-        loss = StepLoss([j.name for j in jobs], micro, model=self.model, parallel=self.parallel, objectives=self.objectives,
-                        aux_loss_coef=self.config.optim.aux_loss_coef, together=self.together)
+        loss = StepLoss(
+            [j.name for j in jobs],
+            micro,
+            model=self.model,
+            parallel=self.parallel,
+            objectives=self.objectives,
+            aux_loss_coef=self.config.optim.aux_loss_coef,
+            together=self.together,
+        )
         for i, parts in enumerate(micro):
             self._micro_step(loss, i, parts, last=i == len(micro) - 1)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -113,9 +132,16 @@ class Trainer:
             for j in jobs:
                 per_job[j.name].update(job_mixture(self.model, loss.records, j.name))
         self.step += 1
-        record = step_record(self.step, per_job, together=self.together, model=self.model, records=loss.records,
-                             router=router_metrics(self.parallel.router_stats(loss.stats)),
-                             seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - self.start)
+        record = step_record(
+            self.step,
+            per_job,
+            together=self.together,
+            model=self.model,
+            records=loss.records,
+            router=router_metrics(self.parallel.router_stats(loss.stats)),
+            seconds=time.perf_counter() - t0,
+            elapsed=time.perf_counter() - self.start,
+        )
         return record if scale is None else {**record, "loss_scale": scale}
 
     def _micro_step(self, loss: StepLoss, index: int, parts: list[dict], *, last: bool) -> None:
@@ -163,7 +189,9 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for batch, counts in self.parallel.eval_batches(job.data.eval, batch_size=job.optim.batch_size, pad_id=self.parts.tokenizer.pad_id):
+        for batch, counts in self.parallel.eval_batches(
+            job.data.eval, batch_size=job.optim.batch_size, pad_id=self.parts.tokenizer.pad_id
+        ):
             batch = {k: batch[k].to(self.device) for k in BATCH_KEYS if k in batch}
             n = int((batch["labels"][:, 1:] != -100).sum()) if counts else 0
             names = {"adapter_names": [job.name] * batch["input_ids"].shape[0]} if self.together else {}
@@ -182,11 +210,16 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.step)
         cfg, main = self.config, self.parallel.is_main
         if main:
-            metrics = MetricsLog(self.folder.entry("metrics.jsonl"), resume_step=self.step if resume else None,
-                                 tensorboard_dir=self.folder.entry("tensorboard") if cfg.logging.tensorboard else None)
+            metrics = MetricsLog(
+                self.folder.entry("metrics.jsonl"),
+                resume_step=self.step if resume else None,
+                tensorboard_dir=self.folder.entry("tensorboard") if cfg.logging.tensorboard else None,
+            )
         else:
             metrics = MemoryLog()
-        progress = Progress(total=max(j.optim.max_steps for j in self.jobs), initial=self.step, enabled=cfg.logging.progress and main)
+        progress = Progress(
+            total=max(j.optim.max_steps for j in self.jobs), initial=self.step, enabled=cfg.logging.progress and main
+        )
         for j in self.jobs:
             j.batches = j.loader.iter_from(j.state)
         self.model.train()
@@ -210,9 +243,13 @@ class Trainer:
         cfg = self.config
         record = self.train_step(active)
         self.tokens += record["tokens"]
-        for name, r in (record["adapters"].items() if self.together else [("", record)]):
+        for name, r in record["adapters"].items() if self.together else [("", record)]:
             if r["skipped"] and self.parallel.is_main:
-                progress.write(f"step {self.step}: " + (f"adapter '{name}': " if name else "") + "non-finite loss or gradient norm; update skipped")
+                progress.write(
+                    f"step {self.step}: "
+                    + (f"adapter '{name}': " if name else "")
+                    + "non-finite loss or gradient norm; update skipped"
+                )
         self._evaluate(active, record)
         for j in active:
             if j.done:  # this adapter is finished: write it now, the others go on
@@ -258,19 +295,28 @@ class Trainer:
             where = f"checkpoint '{self.save()}' holds step {self.step}"
         else:
             where = "no checkpoint written (checkpoint.save_on_interrupt is false)"
-        raise stop.exception(f"stopped after step {self.step}; {where}" + ("; continue with --resume" if self.saved_path else ""))
+        raise stop.exception(
+            f"stopped after step {self.step}; {where}" + ("; continue with --resume" if self.saved_path else "")
+        )
 
     def _finish(self, metrics: MetricsLog) -> TrainResult:
         for j in self.jobs:
             if j.saved is None:  # finished before the checkpoint this run resumed from
                 self._save_job(j)
         if self.config.optim.router_bias_update_speed and self.parallel.is_main:
-            save_file({n: b.float().cpu().contiguous() for n, b in router_biases(self.model).items()}, str(self.folder.entry("router_biases.safetensors")))
+            save_file(
+                {n: b.float().cpu().contiguous() for n, b in router_biases(self.model).items()},
+                str(self.folder.entry("router_biases.safetensors")),
+            )
         records = metrics.read()
         metrics.close()
         names = [j.name for j in self.jobs]
         series = losses_of(records, names, together=self.together)
-        plot = plot_metrics(records, self.folder.entry("loss.png"), title=self.out.name) if any(series.values()) and self.parallel.is_main else None
+        plot = (
+            plot_metrics(records, self.folder.entry("loss.png"), title=self.out.name)
+            if any(series.values()) and self.parallel.is_main
+            else None
+        )
         self.parallel.barrier()
         evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
         return TrainResult(

@@ -38,10 +38,16 @@ def counted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def add_counts(acc: list[RouterStats], stats: list[RouterStats]) -> list[RouterStats]:
     """Per-layer routed-token counts summed over a step's micro-batches (no gradient)."""
-    stats = [RouterStats(counts=s.counts.detach(), prob_sum=s.prob_sum.detach(), tokens=torch.as_tensor(s.tokens).detach()) for s in stats]
+    stats = [
+        RouterStats(counts=s.counts.detach(), prob_sum=s.prob_sum.detach(), tokens=torch.as_tensor(s.tokens).detach())
+        for s in stats
+    ]
     if not acc:
         return stats
-    return [RouterStats(counts=a.counts + s.counts, prob_sum=a.prob_sum + s.prob_sum, tokens=a.tokens + s.tokens) for a, s in zip(acc, stats)]
+    return [
+        RouterStats(counts=a.counts + s.counts, prob_sum=a.prob_sum + s.prob_sum, tokens=a.tokens + s.tokens)
+        for a, s in zip(acc, stats)
+    ]
 
 
 class StepLoss:
@@ -56,8 +62,17 @@ class StepLoss:
         aux_loss_coef: weight of the router load-balancing loss.
     """
 
-    def __init__(self, names: Sequence[str], micro: Sequence[Sequence[dict]], *, model, parallel, objectives, aux_loss_coef: float,
-                 together: bool) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        micro: Sequence[Sequence[dict]],
+        *,
+        model,
+        parallel,
+        objectives,
+        aux_loss_coef: float,
+        together: bool,
+    ) -> None:
         self.names, self.model, self.parallel, self.objectives = list(names), model, parallel, objectives
         self.aux_coef, self.accum, self.together = aux_loss_coef, len(micro), together
         if self.together:  # each job's counted tokens over all its micro-batches
@@ -72,14 +87,19 @@ class StepLoss:
     def forward_kwargs(self, parts: Sequence[dict]) -> dict[str, Any]:
         """Extra forward arguments: one adapter per sample (several jobs), or the objectives' own."""
         if self.together:
-            return {"adapter_names": [n for n, b in zip(self.names, parts) for _ in range(b["input_ids"].shape[0])], "per_sample": True}
+            return {
+                "adapter_names": [n for n, b in zip(self.names, parts) for _ in range(b["input_ids"].shape[0])],
+                "per_sample": True,
+            }
         return self.objectives.forward_kwargs
 
     def objective_terms(self, batch: dict[str, torch.Tensor], out) -> torch.Tensor | None:
         """The objectives' terms for this micro-batch (run inside the forward's autocast)."""
         return None if self.together else self.objectives.loss(self.model, batch, out)
 
-    def add(self, index: int, parts: Sequence[dict], batch: dict[str, torch.Tensor], out, extra: torch.Tensor | None) -> torch.Tensor:
+    def add(
+        self, index: int, parts: Sequence[dict], batch: dict[str, torch.Tensor], out, extra: torch.Tensor | None
+    ) -> torch.Tensor:
         """Micro-batch ``index``'s loss to backpropagate (all jobs together); updates the sums."""
         self.counts, self.stats, self.records = add_counts(self.counts, out.router_stats), out.router_stats, out.records
         if not self.together:
@@ -110,7 +130,10 @@ class StepLoss:
         sums = self.sums[name]
         loss = ce = out.sample_loss[rows].sum() / max(self.counted[i], 1)
         if out.router_stats and self.aux_coef:
-            aux = load_balancing_loss([s.for_samples(rows) for s in out.router_stats], self.model.args.moe.num_experts) / self.accum
+            aux = (
+                load_balancing_loss([s.for_samples(rows) for s in out.router_stats], self.model.args.moe.num_experts)
+                / self.accum
+            )
             loss = loss + self.aux_coef * aux
             sums["aux_loss"] += aux.item()
         loss = self._router(loss, adapter_router_loss(out.records, name), sums)

@@ -88,7 +88,9 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
 
     def update(self, record: dict[str, Any]) -> None:
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
+        )
         self.bar.update(1)
 
     def write(self, text: str) -> None:

@@ -34,7 +34,13 @@ from ..config import DistillSection, TrainConfig
 from ..errors import AdapterError, CheckpointError, ConfigError
 from ..model.loss import IGNORE_INDEX, shift_labels
 from ..outputs import record_entries
-from ..peft.adalora.allocator import allocators, orth_regularization, rank_pattern, svd_adapter_names, update_and_allocate
+from ..peft.adalora.allocator import (
+    allocators,
+    orth_regularization,
+    rank_pattern,
+    svd_adapter_names,
+    update_and_allocate,
+)
 from ..peft.formats.adalora import save_adalora
 from ..peft.core.layer import disable_adapters, set_active_adapters
 
@@ -74,7 +80,9 @@ class Objectives:
                 terms.append(orth)
         if self.distill is not None and self.distill.weight:
             teacher = self.teacher_logits(model, batch)
-            terms.append(self.distill.weight * distill_loss(out.logits, teacher, batch["labels"], self.distill.temperature))
+            terms.append(
+                self.distill.weight * distill_loss(out.logits, teacher, batch["labels"], self.distill.temperature)
+            )
         return sum(terms[1:], terms[0]) if terms else None
 
     @torch.no_grad()
@@ -103,8 +111,14 @@ class Objectives:
         """Each trained AdaLoRA adapter's allocator state (EMAs, masks), for the checkpoint."""
         return {name: alloc.state_dict() for name, alloc in allocators(model).items()} if self.adalora else {}
 
-    def load_allocator_state(self, model: nn.Module, saved: dict[str, dict[str, torch.Tensor]], *, where: str,
-                             copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+    def load_allocator_state(
+        self,
+        model: nn.Module,
+        saved: dict[str, dict[str, torch.Tensor]],
+        *,
+        where: str,
+        copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> None:
         """Restore :meth:`allocator_state` from checkpoint ``where``. A checkpoint without it (written
         before moetune saved it) resumes with a warning: the importance EMAs restart from zero and
         the masks are rebuilt from the zeroed Lambda entries."""
@@ -117,9 +131,13 @@ class Objectives:
                 except AdapterError as err:
                     raise CheckpointError(f"checkpoint '{where}': {err}") from None
                 continue
-            log.warning("checkpoint '%s' has no AdaLoRA allocator state for adapter '%s' (written by an earlier moetune): "
-                        "its importance EMAs restart from zero and its masks are rebuilt from the zeroed Lambda entries, "
-                        "so rank allocation can differ from an uninterrupted run", where, name)
+            log.warning(
+                "checkpoint '%s' has no AdaLoRA allocator state for adapter '%s' (written by an earlier moetune): "
+                "its importance EMAs restart from zero and its masks are rebuilt from the zeroed Lambda entries, "
+                "so rank allocation can differ from an uninterrupted run",
+                where,
+                name,
+            )
             alloc.masks_from_lambda()
 
     def finish(self, model: nn.Module, adapter_dirs: dict[str, Path]) -> None:
@@ -139,14 +157,18 @@ class Objectives:
                 pass
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over the positions t
     whose ``labels[t + 1]`` counts. student, teacher (B, T, V); labels (B, T), -100 ignored."""
     if student is None:
         raise ValueError("distillation needs the student's logits (forward with return_logits=True)")
     if teacher.shape != student.shape:
-        raise ConfigError(f"optim.distill: teacher logits {tuple(teacher.shape)} do not match the student's "
-                          f"{tuple(student.shape)} (another vocabulary?)")
+        raise ConfigError(
+            f"optim.distill: teacher logits {tuple(teacher.shape)} do not match the student's "
+            f"{tuple(student.shape)} (another vocabulary?)"
+        )
     keep = shift_labels(labels) != IGNORE_INDEX
     if not keep.any():
         return student.sum() * 0.0
@@ -169,7 +191,9 @@ class TeacherFile:
             if key.startswith("input_ids."):
                 logits = tensors.get("logits." + key.split(".", 1)[1])
                 if logits is None or logits.shape[0] != ids.numel():
-                    raise ConfigError(f"optim.distill.teacher: '{self.path}': '{key}' has no matching 'logits.*' tensor of {ids.numel()} rows")
+                    raise ConfigError(
+                        f"optim.distill.teacher: '{self.path}': '{key}' has no matching 'logits.*' tensor of {ids.numel()} rows"
+                    )
                 self.table[tuple(ids.tolist())] = logits
 
     def lookup(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -184,15 +208,23 @@ class TeacherFile:
                 where = (segments[b] == seg).nonzero().squeeze(-1)
                 key = tuple(ids[b, where].tolist())
                 if key not in self.table:
-                    raise ConfigError(f"optim.distill.teacher: '{self.path}' has no logits for a training example "
-                                      f"(tokens {list(key[:8])}...); write it with save_teacher_logits on this data")
+                    raise ConfigError(
+                        f"optim.distill.teacher: '{self.path}' has no logits for a training example "
+                        f"(tokens {list(key[:8])}...); write it with save_teacher_logits on this data"
+                    )
                 out[b, where] = self.table[key].to(out)
         return out
 
 
 @torch.no_grad()
-def save_teacher_logits(model: nn.Module, examples: Sequence[Sequence[int]], path: str | Path, *,
-                        adapter: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
+def save_teacher_logits(
+    model: nn.Module,
+    examples: Sequence[Sequence[int]],
+    path: str | Path,
+    *,
+    adapter: str | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
     """Run ``model`` (with ``adapter`` only, if given) on each example's token ids and save the
     logits for ``file:`` distillation: ``input_ids.{i}`` (L,), ``logits.{i}`` (L, V) in ``dtype``."""
     was_training = model.training

@@ -11,8 +11,16 @@ from torch import nn
 from ..peft.core.params import AdapterParams
 
 
-def build_optimizer(params: dict[str, nn.Parameter], *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                    loraplus_lr_ratio: float | None, b_side: Collection[str] | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    params: dict[str, nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    loraplus_lr_ratio: float | None,
+    b_side: Collection[str] | None = None,
+) -> torch.optim.AdamW:
     """AdamW with fp32 state; with LoRA+ the B matrices get ``lr * loraplus_lr_ratio``.
 
     Args:
@@ -25,8 +33,10 @@ def build_optimizer(params: dict[str, nn.Parameter], *, lr: float, weight_decay:
     ratio = loraplus_lr_ratio or 1.0
     b_keys = set(b_side if b_side is not None else getattr(params, "b_side", ()))
     if ratio != 1.0 and b_side is None and not isinstance(params, AdapterParams):
-        raise ValueError("build_optimizer: loraplus_lr_ratio needs to know the B matrices; pass b_side= "
-                         "or the parameters from adapter_parameters()")
+        raise ValueError(
+            "build_optimizer: loraplus_lr_ratio needs to know the B matrices; pass b_side= "
+            "or the parameters from adapter_parameters()"
+        )
     a = [p for k, p in params.items() if k not in b_keys]
     b = [p for k, p in params.items() if k in b_keys]
     groups = [g for g in ({"params": a, "lr": lr}, {"params": b, "lr": lr * ratio}) if g["params"]]
@@ -47,5 +57,7 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, kind: str, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind=kind, warmup=warmup, total=total))

@@ -58,14 +58,30 @@ def loss_figure(series: Series, *, title: str | None = None) -> Figure:
     for i, name in enumerate(names):
         color, prefix = f"C{i}", f"{name} " if name else ""
         if series.loss.get(name):
-            ax.plot(*zip(*series.loss[name]), color=color, linewidth=1.5, marker="o" if len(series.loss[name]) == 1 else None,
-                    label=f"{prefix}train loss")
+            ax.plot(
+                *zip(*series.loss[name]),
+                color=color,
+                linewidth=1.5,
+                marker="o" if len(series.loss[name]) == 1 else None,
+                label=f"{prefix}train loss",
+            )
         if series.eval.get(name):
-            ax.plot(*zip(*series.eval[name]), color=color, linestyle="--", marker="o", markersize=4,
-                    label=f"{prefix}eval loss")
+            ax.plot(
+                *zip(*series.eval[name]),
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=4,
+                label=f"{prefix}eval loss",
+            )
         if lr_ax is not None and series.lr.get(name):
-            lr_ax.plot(*zip(*series.lr[name]), color=color if name else "0.45", linestyle=":", linewidth=1.2,
-                       label=f"{prefix}lr")
+            lr_ax.plot(
+                *zip(*series.lr[name]),
+                color=color if name else "0.45",
+                linestyle=":",
+                linewidth=1.2,
+                label=f"{prefix}lr",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -99,8 +115,13 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path, *, title: str |
     return save_figure(loss_figure(series, title=title), out)
 
 
-def plot_losses(series: dict[str, Points], out: str | Path, *, lr: Points | dict[str, Points] | None = None,
-                title: str | None = None) -> Path:
+def plot_losses(
+    series: dict[str, Points],
+    out: str | Path,
+    *,
+    lr: Points | dict[str, Points] | None = None,
+    title: str | None = None,
+) -> Path:
     """The same plot from ready curves: ``{"train": [...], "eval": [...]}`` for one adapter, or
     ``{adapter name: train points}``; ``lr`` one list of (step, lr) or one per adapter."""
     if set(series) <= {"train", "eval"}:

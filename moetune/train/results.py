@@ -34,7 +34,12 @@ class TrainResult:
     def summary(self) -> str:
         lines = [
             f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.1f}s ({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), peak memory {self.peak_memory_gib:.2f} GiB",
-            f"final train loss {self.final_loss:.4f}" + (f", eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})" if self.eval_loss is not None else ""),
+            f"final train loss {self.final_loss:.4f}"
+            + (
+                f", eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})"
+                if self.eval_loss is not None
+                else ""
+            ),
         ]
         if self.skipped_steps:
             lines.append(f"skipped {self.skipped_steps} step(s) with non-finite loss or gradients")
@@ -56,16 +61,37 @@ def job_mixture(model, records: dict, name: str) -> dict:
     return {"mixture": metrics[name]} if name in metrics else {}
 
 
-def step_record(step: int, per_job: dict[str, dict], *, together: bool, model, records: dict, router: dict, seconds: float,
-                elapsed: float) -> dict:
+def step_record(
+    step: int,
+    per_job: dict[str, dict],
+    *,
+    together: bool,
+    model,
+    records: dict,
+    router: dict,
+    seconds: float,
+    elapsed: float,
+) -> dict:
     """The metrics record of loop step ``step`` from each job's record (``per_job``); ``router``: the
     routers' load and entropy (last micro-batch), ``records``: what the adapter layers reported."""
     if together:
         tokens = sum(r["tokens"] for r in per_job.values())
-        return {"step": step, "loss": sum(r["loss"] for r in per_job.values()) / len(per_job), "lr": next(iter(per_job.values()))["lr"],
-                "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9), "elapsed_s": round(elapsed, 3), "adapters": per_job, **router}
+        return {
+            "step": step,
+            "loss": sum(r["loss"] for r in per_job.values()) / len(per_job),
+            "lr": next(iter(per_job.values()))["lr"],
+            "tokens": tokens,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "elapsed_s": round(elapsed, 3),
+            "adapters": per_job,
+            **router,
+        }
     job = next(iter(per_job.values()))
-    record = {"step": step, **{k: job[k] for k in ("loss", "aux_loss", "grad_norm", "lr", "tokens", "skipped")}, **router}
+    record = {
+        "step": step,
+        **{k: job[k] for k in ("loss", "aux_loss", "grad_norm", "lr", "tokens", "skipped")},
+        **router,
+    }
     mixture = mixture_metrics(model, records)
     if mixture:
         record.update(router_loss=job["router_loss"], mixture=mixture)
@@ -76,4 +102,7 @@ def losses_of(records: list[dict], names: list[str], *, together: bool) -> dict[
     """Each job's logged losses of the steps it did not skip."""
     if not together:
         return {names[0]: [r["loss"] for r in records if "loss" in r and not r.get("skipped")]}
-    return {n: [r["adapters"][n]["loss"] for r in records if n in r.get("adapters", {}) and not r["adapters"][n]["skipped"]] for n in names}
+    return {
+        n: [r["adapters"][n]["loss"] for r in records if n in r.get("adapters", {}) and not r["adapters"][n]["skipped"]]
+        for n in names
+    }

@@ -21,8 +21,19 @@ from pathlib import Path
 
 from ..config import TrainConfig, dump_config
 from ..errors import CheckpointError, ConfigError
-from ..outputs import (MARKER, Marker, OutputError, OwnedFolder, check_output, new_run_id, open_folder, read_marker, refuse_collisions,
-                       write_marker, write_text_atomic)
+from ..outputs import (
+    MARKER,
+    Marker,
+    OutputError,
+    OwnedFolder,
+    check_output,
+    new_run_id,
+    open_folder,
+    read_marker,
+    refuse_collisions,
+    write_marker,
+    write_text_atomic,
+)
 from .checkpoint import latest_checkpoint, list_checkpoints
 
 KEY = "checkpoint.output_dir"
@@ -57,8 +68,10 @@ def is_installed(package: str) -> bool:
 def check_optional_dependencies(config: TrainConfig) -> None:
     """Every optional package the config needs is importable, checked before anything is written."""
     if config.logging.tensorboard and not is_installed("tensorboard"):
-        raise ConfigError("logging.tensorboard: true needs the tensorboard package (pip install tensorboard), "
-                          "which is not installed; install it or set logging.tensorboard: false")
+        raise ConfigError(
+            "logging.tensorboard: true needs the tensorboard package (pip install tensorboard), "
+            "which is not installed; install it or set logging.tensorboard: false"
+        )
 
 
 def _holds_legacy_run(out: Path) -> bool:
@@ -73,7 +86,9 @@ def _describe(out: Path) -> str:
 def plan_run_folder(config: TrainConfig, *, resume, overwrite: bool = False) -> RunPlan:
     """Decide, reading only, whether the run may use its output folder; one clear error if not."""
     if resume and overwrite:
-        raise ConfigError("--resume continues the run in checkpoint.output_dir and --overwrite starts it over: give one")
+        raise ConfigError(
+            "--resume continues the run in checkpoint.output_dir and --overwrite starts it over: give one"
+        )
     check_optional_dependencies(config)
     out = Path(config.checkpoint.output_dir)
     marker = check_output(out, "run", overwrite=True, key=KEY)  # kind mismatch and special folders
@@ -81,22 +96,32 @@ def plan_run_folder(config: TrainConfig, *, resume, overwrite: bool = False) -> 
     holds_run = legacy or (marker is not None and bool(marker.files))
     foreign = out.is_dir() and any(p.name != MARKER for p in out.iterdir()) and marker is None
     if resume is True and not holds_run:
-        raise CheckpointError(f"--resume: '{out}' holds no moetune run to continue (no checkpoints); start it without --resume")
+        raise CheckpointError(
+            f"--resume: '{out}' holds no moetune run to continue (no checkpoints); start it without --resume"
+        )
     if not resume and holds_run and not overwrite:
-        raise OutputError(f"{KEY}: '{out}' holds a moetune run{_describe(out)}; continue it with --resume, or start "
-                          "over with --overwrite (deletes only that run's own files)")
+        raise OutputError(
+            f"{KEY}: '{out}' holds a moetune run{_describe(out)}; continue it with --resume, or start "
+            "over with --overwrite (deletes only that run's own files)"
+        )
     if not resume and legacy:
-        raise OutputError(f"{KEY}: '{out}' holds a run from an earlier moetune that recorded no list of its files, so "
-                          "--overwrite cannot tell them from yours; continue it with --resume, or move it away")
+        raise OutputError(
+            f"{KEY}: '{out}' holds a run from an earlier moetune that recorded no list of its files, so "
+            "--overwrite cannot tell them from yours; continue it with --resume, or move it away"
+        )
     if not resume and foreign and not overwrite:
-        raise OutputError(f"{KEY}: '{out}' is not empty and moetune did not write it; give a new or empty folder, or "
-                          "pass --overwrite to write the run beside those files (none of them is changed or deleted)")
+        raise OutputError(
+            f"{KEY}: '{out}' is not empty and moetune did not write it; give a new or empty folder, or "
+            "pass --overwrite to write the run beside those files (none of them is changed or deleted)"
+        )
     entries = _adapter_entries(config, out)
     mode = "resume" if resume else ("overwrite" if overwrite and out.is_dir() else "new")
     if not legacy:
         refuse_collisions(out, RUN_ENTRIES + entries, marker, KEY)
     _check_adapter_folders(config, overwrite=overwrite, skip_inside=out if legacy or mode == "overwrite" else None)
-    return RunPlan(path=out, mode=mode, marker=marker, legacy=legacy, adapter_entries=entries, config_yaml=dump_config(config))
+    return RunPlan(
+        path=out, mode=mode, marker=marker, legacy=legacy, adapter_entries=entries, config_yaml=dump_config(config)
+    )
 
 
 def _adapter_entries(config: TrainConfig, out: Path) -> tuple[str, ...]:
@@ -110,7 +135,9 @@ def _check_adapter_folders(config: TrainConfig, *, overwrite: bool, skip_inside:
         target = config.adapter_dir(i)
         if skip_inside is not None and target.resolve().parent == skip_inside.resolve():
             continue
-        check_output(target, "adapter", overwrite=overwrite, key=f"adapters[{i}].output_dir" if adapter.output_dir else KEY)
+        check_output(
+            target, "adapter", overwrite=overwrite, key=f"adapters[{i}].output_dir" if adapter.output_dir else KEY
+        )
 
 
 def open_run_folder(plan: RunPlan) -> OwnedFolder:
@@ -154,7 +181,9 @@ def resolve_resume(config: TrainConfig, resume, run_id: str | None) -> Path | No
     if resume is True:
         found = latest_checkpoint(Path(config.checkpoint.output_dir) / "checkpoints", run_id=run_id)
         if found is None:
-            raise CheckpointError(f"--resume: no checkpoint under {config.checkpoint.output_dir}/checkpoints to resume from")
+            raise CheckpointError(
+                f"--resume: no checkpoint under {config.checkpoint.output_dir}/checkpoints to resume from"
+            )
     else:
         found = Path(resume)
         if not found.is_dir():
@@ -170,6 +199,8 @@ def _refuse_finished(config: TrainConfig, checkpoint: Path) -> None:
         return  # an unreadable checkpoint is reported, with what to do, when it is loaded
     last = max(config.adapter_optim(i).max_steps for i in range(len(config.adapters)))
     if step >= last:
-        raise CheckpointError(f"--resume: the run in '{config.checkpoint.output_dir}' is finished ('{checkpoint.name}' is "
-                              f"at step {step}, optim.max_steps is {last}); to train on, raise it "
-                              f"(optim.max_steps={last * 2} --resume), or start over with --overwrite")
+        raise CheckpointError(
+            f"--resume: the run in '{config.checkpoint.output_dir}' is finished ('{checkpoint.name}' is "
+            f"at step {step}, optim.max_steps is {last}); to train on, raise it "
+            f"(optim.max_steps={last * 2} --resume), or start over with --overwrite"
+        )

@@ -33,8 +33,11 @@ def router_biases(model: nn.Module) -> dict[str, torch.Tensor]:
 def run_state(loop) -> TrainState:
     """``loop``'s state in full tensors whatever the rank count (collective when distributed)."""
     par, jobs = loop.parallel, loop.jobs
-    extra = {"router_biases": {n: b.float().cpu().tolist() for n, b in router_biases(loop.model).items()}
-             if loop.config.optim.router_bias_update_speed else {}}
+    extra = {
+        "router_biases": {n: b.float().cpu().tolist() for n, b in router_biases(loop.model).items()}
+        if loop.config.optim.router_bias_update_speed
+        else {}
+    }
     if loop.scaler.is_enabled():
         extra["grad_scaler"] = loop.scaler.state_dict()
     if loop.together:
@@ -42,15 +45,22 @@ def run_state(loop) -> TrainState:
         extra.update(multi=True, steps={j.name: j.step for j in jobs}, skipped={j.name: j.skipped for j in jobs})
     else:
         data = jobs[0].state.to_dict()
-        extra.update(skipped=jobs[0].skipped, world_size=par.world_size, global_batch=jobs[0].optim.batch_size * par.world_size)
+        extra.update(
+            skipped=jobs[0].skipped, world_size=par.world_size, global_batch=jobs[0].optim.batch_size * par.world_size
+        )
     return TrainState(
         step=loop.step,
-        adapters={n: {k: par.full_tensor(p.detach()) for k, p in ps.items()} for j in jobs for n, ps in j.params.items()},
+        adapters={
+            n: {k: par.full_tensor(p.detach()) for k, p in ps.items()} for j in jobs for n, ps in j.params.items()
+        },
         optimizers={n: par.full_optimizer_state(o) for j in jobs for n, o in j.optimizers.items()},
         schedulers={n: s.state_dict() for j in jobs for n, s in j.schedulers.items()},
         data=data,
         rng=par.rng_state(),
-        allocators={n: {k: par.full_tensor(t) for k, t in ts.items()} for n, ts in loop.objectives.allocator_state(loop.model).items()},
+        allocators={
+            n: {k: par.full_tensor(t) for k, t in ts.items()}
+            for n, ts in loop.objectives.allocator_state(loop.model).items()
+        },
         extra=extra,
     )
 
@@ -61,7 +71,9 @@ def restore_run(loop, path: Path) -> None:
     names = sorted(n for j in loop.jobs for n in j.params)
     if sorted(state.adapters) != names or bool(state.extra.get("multi")) != loop.together:
         together = " together" if loop.together else ""
-        raise CheckpointError(f"checkpoint '{path}' holds adapters {sorted(state.adapters)}, the config trains {names}{together}")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds adapters {sorted(state.adapters)}, the config trains {names}{together}"
+        )
     par = loop.parallel
     for j in loop.jobs:
         _load_params(j, state, path, par)
@@ -69,7 +81,11 @@ def restore_run(loop, path: Path) -> None:
             par.load_optimizer_state(j.optimizers[n], state.optimizers[n])
             j.schedulers[n].load_state_dict(state.schedulers[n])
         if loop.together:
-            j.state, j.step, j.skipped = SamplerState.from_dict(state.data[j.name]), state.extra["steps"][j.name], state.extra["skipped"][j.name]
+            j.state, j.step, j.skipped = (
+                SamplerState.from_dict(state.data[j.name]),
+                state.extra["steps"][j.name],
+                state.extra["skipped"][j.name],
+            )
         else:
             j.state, j.step, j.skipped = SamplerState.from_dict(state.data), state.step, state.extra.get("skipped", 0)
     par.set_rng_state(state.rng, seed=loop.config.seed, step=state.step)
@@ -91,13 +107,20 @@ def _load_params(job, state: TrainState, path: Path, par) -> None:
             tensors = state.adapters[name]
             for key, p in params.items():
                 if key not in tensors or tensors[key].shape != p.shape:
-                    raise CheckpointError(f"checkpoint '{path}': adapter '{name}' tensor '{key}' is missing or has another shape; "
-                                          "was it made with a different config?")
+                    raise CheckpointError(
+                        f"checkpoint '{path}': adapter '{name}' tensor '{key}' is missing or has another shape; "
+                        "was it made with a different config?"
+                    )
                 par.load_tensor(p, tensors[key])
 
 
 def _warn_global_batch(path: Path, state: TrainState, now: int) -> None:
     saved = state.extra.get("global_batch")
     if saved is not None and saved != now:
-        log.warning("checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); the data "
-                    "position carries over, the loss sequence will not match", path, saved, now)
+        log.warning(
+            "checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); the data "
+            "position carries over, the loss sequence will not match",
+            path,
+            saved,
+            now,
+        )

@@ -21,7 +21,9 @@ from .setup import prepare_run
 __all__ = ["TrainResult", "Trainer", "peak_memory_gib", "train"]
 
 
-def train(config: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False, model=None, tokenizer=None) -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False, model=None, tokenizer=None
+) -> TrainResult:
     """Run training as configured; returns where things went and what happened.
 
     ``checkpoint.output_dir`` must be new or empty, or hold this run (``resume``: continue from its

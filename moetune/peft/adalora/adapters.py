@@ -54,8 +54,9 @@ def svd_scaling(config: LoraConfig) -> float:
     return config.alpha / (config.r + EPS_RANKNUM)
 
 
-def folded(a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, c: float
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def folded(
+    a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One matrix's kept triplets as a plain pair: a (r, in), e (r, 1), b (out, r), keep (r,) ->
     ``c * (e * a)[keep]`` (k, in), ``b[:, keep]`` (out, k); k = 0 becomes one zero pair."""
     a2, b2 = (c * e * a)[keep], b[:, keep]
@@ -86,8 +87,9 @@ class SvdLinearAdapter(LoraAdapter):
             layer.lora_A[name].normal_(0.0, 0.02)
             layer.lora_B[name].normal_(0.0, 0.02)
         layer.lora_E[name] = nn.Parameter(layer.lora_A[name].new_zeros(self.config.r, 1))
-        layer.rank_mask.put(name, torch.ones(self.config.r, dtype=torch.bool, device=layer.lora_A[name].device),
-                            persistent=False)
+        layer.rank_mask.put(
+            name, torch.ones(self.config.r, dtype=torch.bool, device=layer.lora_A[name].device), persistent=False
+        )
 
     def remove(self, layer: LoraLinear) -> None:
         super().remove(layer)
@@ -103,7 +105,10 @@ class SvdLinearAdapter(LoraAdapter):
 
     def output(self, layer: LoraLinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         xd = layer.lora_dropout[self.name](x)
-        return F.linear(F.linear(xd, self._effective_a(layer).to(x.dtype)), layer.lora_B[self.name].to(x.dtype)) * self.scaling
+        return (
+            F.linear(F.linear(xd, self._effective_a(layer).to(x.dtype)), layer.lora_B[self.name].to(x.dtype))
+            * self.scaling
+        )
 
     def delta_weight(self, layer: LoraLinear) -> torch.Tensor:
         return self.scaling * (layer.lora_B[self.name].float() @ self._effective_a(layer).float())
@@ -112,8 +117,13 @@ class SvdLinearAdapter(LoraAdapter):
         """The equivalent plain LoRA of the kept triplets."""
         c = self.scaling / self.config.scaling
         with torch.no_grad():
-            a, b = folded(layer.lora_A[self.name].float(), layer.lora_E[self.name].float(),
-                          layer.lora_B[self.name].float(), layer.rank_mask.get(self.name), c)
+            a, b = folded(
+                layer.lora_A[self.name].float(),
+                layer.lora_E[self.name].float(),
+                layer.lora_B[self.name].float(),
+                layer.rank_mask.get(self.name),
+                c,
+            )
         return {"lora_A.weight": a, "lora_B.weight": b}
 
     def rank_alpha(self, layer: LoraLinear) -> tuple[int, float]:
@@ -146,8 +156,9 @@ class SvdExpertAdapter(ExpertAdapter):
                 a.normal_(0.0, 0.02)
                 b.normal_(0.0, 0.02)
             layer.lora_e(pair)[self.name] = nn.Parameter(a.new_zeros(*a.shape[:2], 1))
-            layer.rank_mask.put(f"{self.name}:{pair}", torch.ones(a.shape[:2], dtype=torch.bool, device=a.device),
-                                persistent=False)
+            layer.rank_mask.put(
+                f"{self.name}:{pair}", torch.ones(a.shape[:2], dtype=torch.bool, device=a.device), persistent=False
+            )
 
     def remove(self, layer: LoraGroupedExperts) -> None:
         pairs = layer.pairs(self.name)
@@ -165,8 +176,10 @@ class SvdExpertAdapter(ExpertAdapter):
     def file_pair(self, layer: LoraGroupedExperts, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain (E, k_max, in), (E, out, k_max) of the kept triplets (what every file layout reads)."""
         c = self.scaling(PROJ_OF_PAIR[pair]) / self.config.scaling
-        a, e, b = (t.detach().float() for t in (layer.lora_a(pair)[self.name], layer.lora_e(pair)[self.name],
-                                                  layer.lora_b(pair)[self.name]))
+        a, e, b = (
+            t.detach().float()
+            for t in (layer.lora_a(pair)[self.name], layer.lora_e(pair)[self.name], layer.lora_b(pair)[self.name])
+        )
         keep = layer.rank_mask.get(f"{self.name}:{pair}")
         return _pad_rank([folded(a[i], e[i], b[i], keep[i], c) for i in range(a.shape[0])])
 
@@ -174,8 +187,9 @@ class SvdExpertAdapter(ExpertAdapter):
         raise AdapterError(f"{where}: adapter '{self.name}' {_NOT_LOADABLE}")
 
 
-def svd_adapter(layer: AdapterLayer, name: str, config: LoraConfig,
-                param_configs: dict[str, LoraConfig] | None = None) -> SvdLinearAdapter | SvdExpertAdapter:
+def svd_adapter(
+    layer: AdapterLayer, name: str, config: LoraConfig, param_configs: dict[str, LoraConfig] | None = None
+) -> SvdLinearAdapter | SvdExpertAdapter:
     """The AdaLoRA adapter object for wrapper ``layer`` (linears and routed experts only)."""
     if isinstance(layer, LoraLinear):
         return SvdLinearAdapter(name, config)

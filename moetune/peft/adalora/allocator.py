@@ -49,11 +49,14 @@ class RankAllocator:
 
     def __init__(self, model: nn.Module, name: str, options: AdaLoraOptions) -> None:
         if options.total_step is None:
-            raise AdapterError(f"AdaLoRA adapter '{name}': adalora.total_step is not set (the trainer sets it "
-                               "from optim.max_steps; set it yourself when training outside moetune train)")
+            raise AdapterError(
+                f"AdaLoRA adapter '{name}': adalora.total_step is not set (the trainer sets it "
+                "from optim.max_steps; set it yourself when training outside moetune train)"
+            )
         self.name, self.options = name, options
-        self.triplets = {f"{path}:{key}": (layer, key) for path, layer in svd_layers(model, name)
-                         for key in layer.svd_triplets(name)}
+        self.triplets = {
+            f"{path}:{key}": (layer, key) for path, layer in svd_layers(model, name) for key in layer.svd_triplets(name)
+        }
         if not self.triplets:
             raise AdapterError(f"no AdaLoRA adapter named '{name}' in this model")
         shapes = [self._tensors(k)[1].shape for k in self.triplets]  # Lambda (r, 1) or (E, r, 1)
@@ -83,7 +86,7 @@ class RankAllocator:
         if step > o.total_step - o.tfinal:
             return self.target_budget, True
         left = 1 - (step - o.tinit) / (o.total_step - o.tfinal - o.tinit)
-        budget = int((self.init_budget - self.target_budget) * left ** 3 + self.target_budget)
+        budget = int((self.init_budget - self.target_budget) * left**3 + self.target_budget)
         return budget, step % o.delta_t == 0
 
     # --- importance -----------------------------------------------------------------------
@@ -117,7 +120,9 @@ class RankAllocator:
         if k <= 0:  # nothing to prune (PEFT's kthvalue would fail on k = 0)
             threshold = -float("inf")
         else:
-            threshold = torch.kthvalue(torch.cat([s.reshape(-1) for s in scores.values()]).float().cpu(), k).values.item()
+            threshold = torch.kthvalue(
+                torch.cat([s.reshape(-1) for s in scores.values()]).float().cpu(), k
+            ).values.item()
         for key, score in scores.items():
             layer, local = self.triplets[key]
             keep = ~(score <= threshold)
@@ -161,8 +166,9 @@ class RankAllocator:
         return state
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], *,
-                        copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+    def load_state_dict(
+        self, state: dict[str, torch.Tensor], *, copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    ) -> None:
         """Restore :meth:`state_dict`'s tensors. ``copy(dst, src)`` fills a tensor laid out like the
         parameter (a sharded one takes its shard); default ``dst.copy_(src)``.
 
@@ -172,8 +178,10 @@ class RankAllocator:
         copy = copy or (lambda dst, src: dst.copy_(src))
         unknown = set(state) - set(self._state_keys())
         if unknown:
-            raise AdapterError(f"AdaLoRA adapter '{self.name}': saved allocator state has '{min(unknown)}', which is "
-                               "not a matrix of this adapter (was it made with a different config?)")
+            raise AdapterError(
+                f"AdaLoRA adapter '{self.name}': saved allocator state has '{min(unknown)}', which is "
+                "not a matrix of this adapter (was it made with a different config?)"
+            )
         self.reset_importance()
         for key in self.triplets:
             layer, local = self.triplets[key]
@@ -186,8 +194,12 @@ class RankAllocator:
                     copy(self.uncertainty[id(p)], state[f"uncertainty/{key}/{part}"])
 
     def _state_keys(self) -> list[str]:
-        return [f"{kind}/{key}/{part}" for key in self.triplets for kind in ("sensitivity", "uncertainty")
-                for part in _PARTS] + [f"mask/{key}" for key in self.triplets]
+        return [
+            f"{kind}/{key}/{part}"
+            for key in self.triplets
+            for kind in ("sensitivity", "uncertainty")
+            for part in _PARTS
+        ] + [f"mask/{key}" for key in self.triplets]
 
     @torch.no_grad()
     def masks_from_lambda(self) -> None:
@@ -258,6 +270,6 @@ def rank_pattern(model: nn.Module, name: str) -> dict[str, list[bool] | list[lis
     out = {}
     for path, layer in svd_layers(model, name):
         for local in layer.svd_triplets(name):
-            suffix = local[len(name):].replace(":", ".")  # "" for a linear, ".gate_up" / ".down" for experts
+            suffix = local[len(name) :].replace(":", ".")  # "" for a linear, ".gate_up" / ".down" for experts
             out[f"{path}{suffix}"] = layer.rank_mask.get(local).tolist()
     return out

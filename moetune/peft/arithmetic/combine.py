@@ -78,8 +78,15 @@ def disjoint_merge(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (weighted * mask).sum(0) / mask.sum(0).clamp(min=1)
 
 
-def combine(tensors: list[torch.Tensor], weights: list[float], method: str, *, density: float | None = None,
-            masks: list[torch.Tensor] | None = None, sign_method: str = "total") -> torch.Tensor:
+def combine(
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    method: str,
+    *,
+    density: float | None = None,
+    masks: list[torch.Tensor] | None = None,
+    sign_method: str = "total",
+) -> torch.Tensor:
     """Combine same-shape task tensors by ``method`` (without the ``_svd`` suffix).
 
     DARE methods need ``masks`` (see :func:`random_masks`); density >= 1 prunes nothing, as PEFT.
@@ -102,8 +109,10 @@ def _modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     for key, t in state.items():
         m = _PAIR_KEY.match(key)
         if m is None:
-            raise AdapterError(f"cannot merge tensor '{key}': only plain LoRA pairs (lora_A/lora_B) can be "
-                               "merged (DoRA magnitudes, embeddings and saved modules are not)")
+            raise AdapterError(
+                f"cannot merge tensor '{key}': only plain LoRA pairs (lora_A/lora_B) can be "
+                "merged (DoRA magnitudes, embeddings and saved modules are not)"
+            )
         found.setdefault(m.group("module"), {})[m.group("kind")] = t
     for module, pair in found.items():
         if set(pair) != {"A", "B"}:
@@ -111,15 +120,19 @@ def _modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     return {module: (pair["A"], pair["B"]) for module, pair in found.items()}
 
 
-def _expert_view(module: str, a: torch.Tensor, b: torch.Tensor, num_experts: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_view(
+    module: str, a: torch.Tensor, b: torch.Tensor, num_experts: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, r, in), (E, out, r) fp32; a linear is one expert."""
     if not _EXPERTS.search(module):
         return a.float()[None], b.float()[None]
     if num_experts is None:
         raise AdapterError(f"'{module}lora_A.weight' is a routed-experts pair; pass num_experts to merge it")
     if a.shape[0] % num_experts or b.shape[1] % num_experts:
-        raise AdapterError(f"'{module}lora_A.weight' {tuple(a.shape)} / lora_B {tuple(b.shape)} do not split "
-                           f"into {num_experts} experts")
+        raise AdapterError(
+            f"'{module}lora_A.weight' {tuple(a.shape)} / lora_B {tuple(b.shape)} do not split "
+            f"into {num_experts} experts"
+        )
     return from_peft(a.float(), b.float(), num_experts)
 
 
@@ -127,10 +140,18 @@ def _module_seed(seed: int, module: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(module.encode())) % (2**63)
 
 
-def combine_adapters(states: list[dict[str, torch.Tensor]], weights: list[float], method: str, *,
-                   density: float | None = None, rank: int | None = None, seed: int = 0,
-                   scalings: list[float] | None = None, num_experts: int | None = None,
-                   majority_sign_method: str = "total") -> dict[str, torch.Tensor]:
+def combine_adapters(
+    states: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    method: str,
+    *,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    scalings: list[float] | None = None,
+    num_experts: int | None = None,
+    majority_sign_method: str = "total",
+) -> dict[str, torch.Tensor]:
     """Merge PEFT-format adapter tensors of the same base model into one adapter.
 
     Args:
@@ -158,8 +179,9 @@ def combine_adapters(states: list[dict[str, torch.Tensor]], weights: list[float]
         dtype = members[0][0][0].dtype
         pairs = [_expert_view(module, a, b, num_experts) for (a, b), _, _ in members]
         gen = torch.Generator().manual_seed(_module_seed(seed, module))
-        a, b = _merge_module(module, pairs, [(w, s) for _, w, s in members], method, density, rank, gen,
-                             majority_sign_method)
+        a, b = _merge_module(
+            module, pairs, [(w, s) for _, w, s in members], method, density, rank, gen, majority_sign_method
+        )
         if _EXPERTS.search(module):
             a, b = to_peft(a, b)
         else:
@@ -168,9 +190,16 @@ def combine_adapters(states: list[dict[str, torch.Tensor]], weights: list[float]
     return out
 
 
-def _merge_module(module: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], ws_s: list[tuple[float, float]],
-                  method: str, density: float | None, rank: int | None, gen: torch.Generator, sign_method: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge_module(
+    module: str,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    ws_s: list[tuple[float, float]],
+    method: str,
+    density: float | None,
+    rank: int | None,
+    gen: torch.Generator,
+    sign_method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (E, r_i, in) / (E, out, r_i), (w_i, s_i) -> merged (E, r', in), (E, out, r')."""
     ws = [w * s for w, s in ws_s]
     if method == "cat":
@@ -179,8 +208,10 @@ def _merge_module(module: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], w
     if method in FACTOR_METHODS:
         ranks = sorted({a.shape[1] for a, _ in pairs})
         if len(ranks) > 1:
-            raise AdapterError(f"'{module}': method '{method}' needs one rank across adapters, got {ranks}; "
-                               "use 'cat' or an '*svd' method")
+            raise AdapterError(
+                f"'{module}': method '{method}' needs one rank across adapters, got {ranks}; "
+                "use 'cat' or an '*svd' method"
+            )
         wa = [math.copysign(math.sqrt(abs(w)), w) for w in ws]  # the sign on A only, as PEFT
         wb = [math.sqrt(abs(w)) for w in ws]
         merged_a, merged_b = [], []
@@ -198,8 +229,16 @@ def _merge_module(module: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], w
     for e in range(E):
         d_list = [d[e] for d in deltas]
         masks = random_masks(d_list, density, gen) if base.startswith("dare") else None
-        merged.append(combine(d_list, [w for w, _ in ws_s], "linear" if base == "svd" else base, density=density,
-                              masks=masks, sign_method=sign_method))
+        merged.append(
+            combine(
+                d_list,
+                [w for w, _ in ws_s],
+                "linear" if base == "svd" else base,
+                density=density,
+                masks=masks,
+                sign_method=sign_method,
+            )
+        )
     return _refactor(torch.stack(merged), rank or max(a.shape[1] for a, _ in pairs))
 
 
@@ -223,13 +262,15 @@ def _check_args(states, weights, scalings, method, density, rank, sign_method) -
     if not states:
         raise AdapterError("merge_adapters needs at least one adapter")
     if len(weights) != len(states) or len(scalings) != len(states):
-        raise AdapterError(f"weights ({len(weights)}) and scalings ({len(scalings)}) must match the "
-                           f"number of adapters ({len(states)})")
+        raise AdapterError(
+            f"weights ({len(weights)}) and scalings ({len(scalings)}) must match the number of adapters ({len(states)})"
+        )
     needs_density = method.startswith(("ties", "dare", "magnitude_prune"))
     if needs_density and (density is None or not 0 <= density <= 1):
         raise AdapterError(f"method '{method}' needs density in [0, 1], got {density!r}")
     if rank is not None and (method not in DELTA_METHODS or rank < 1):
-        raise AdapterError(f"rank={rank!r}: an output rank >= 1 applies to the *svd methods only "
-                           f"({', '.join(DELTA_METHODS)})")
+        raise AdapterError(
+            f"rank={rank!r}: an output rank >= 1 applies to the *svd methods only ({', '.join(DELTA_METHODS)})"
+        )
     if sign_method not in ("total", "frequency"):
         raise AdapterError(f"majority_sign_method={sign_method!r} (allowed: total, frequency)")

@@ -89,13 +89,17 @@ def _check_same_targets(states: list[dict[str, torch.Tensor]], names: list[str])
         for key in sorted(set(ref) | set(state)):
             if key not in state or key not in ref:
                 has, lacks = (ref_name, name) if key not in state else (name, ref_name)
-                raise AdapterError(f"tensor '{key}' is in adapter {has} but not in {lacks}: the adapters adapt different "
-                                   "modules (merge adapters trained with the same targets on the same base)")
+                raise AdapterError(
+                    f"tensor '{key}' is in adapter {has} but not in {lacks}: the adapters adapt different "
+                    "modules (merge adapters trained with the same targets on the same base)"
+                )
             a, b = ref[key].shape, state[key].shape
             fixed = 1 if key.endswith("lora_A.weight") else 0  # A (r, in): `in` must match; B (out, r): `out`
             if len(a) != len(b) or a[fixed] != b[fixed]:
-                raise AdapterError(f"tensor '{key}' has shape {tuple(b)} in adapter {name} but {tuple(a)} in {ref_name}: "
-                                   "the adapters were trained on different base models")
+                raise AdapterError(
+                    f"tensor '{key}' has shape {tuple(b)} in adapter {name} but {tuple(a)} in {ref_name}: "
+                    "the adapters were trained on different base models"
+                )
 
 
 def _fold_scalings(state: dict[str, torch.Tensor], scalings: dict[str, float]) -> tuple[dict[str, torch.Tensor], float]:
@@ -109,9 +113,18 @@ def _fold_scalings(state: dict[str, torch.Tensor], scalings: dict[str, float]) -
     return out, 1.0
 
 
-def combine_adapter_folders(model_path: str | os.PathLike, adapters: list[str | os.PathLike], out_dir: str | os.PathLike, *,
-                       weights: list[float] | None = None, method: str = "linear", density: float | None = None,
-                       rank: int | None = None, seed: int = 0, overwrite: bool = False) -> MergeResult:
+def combine_adapter_folders(
+    model_path: str | os.PathLike,
+    adapters: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    weights: list[float] | None = None,
+    method: str = "linear",
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> MergeResult:
     """Merge PEFT adapter folders trained on ``model_path`` into one folder at ``out_dir``.
 
     Args:
@@ -147,12 +160,25 @@ def combine_adapter_folders(model_path: str | os.PathLike, adapters: list[str | 
     if len(counts) > 1:
         raise AdapterError(f"merging needs one routed-expert count across layers, this model has {sorted(counts)}")
     num_experts = counts.pop() if counts else None
-    merged = combine_adapters(states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings,
-                            num_experts=num_experts)
+    merged = combine_adapters(
+        states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings, num_experts=num_experts
+    )
     cfg, ranks = _merged_config(raw[0], merged, num_experts or 1)
-    info = {"method": method, "weights": weights, "density": density, "rank": rank, "sources": [str(a) for a in adapters]}
-    out = write_adapter_folder(Path(out_dir), {k: v.contiguous() for k, v in merged.items()}, cfg, meta={"merged": info},
-                 overwrite=overwrite, inputs=(model_path, *adapters))
+    info = {
+        "method": method,
+        "weights": weights,
+        "density": density,
+        "rank": rank,
+        "sources": [str(a) for a in adapters],
+    }
+    out = write_adapter_folder(
+        Path(out_dir),
+        {k: v.contiguous() for k, v in merged.items()},
+        cfg,
+        meta={"merged": info},
+        overwrite=overwrite,
+        inputs=(model_path, *adapters),
+    )
     try:  # the result must load onto the base like any adapter
         load_adapter(model, out, name="merged")
     except AdapterError:
@@ -170,8 +196,18 @@ def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: in
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {_pattern_key(p, first): k for p, k in ranks.items() if k != r}
     cfg = dict(first)
-    cfg.update({"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
-                "use_dora": False, "init_lora_weights": True, "inference_mode": True})
+    cfg.update(
+        {
+            "r": r,
+            "lora_alpha": r,
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+    )
     return cfg, ranks
 
 
@@ -185,7 +221,9 @@ def _pattern_key(prefix: str, cfg: dict) -> str:
         ordered = [p for p in ("gate_up_proj", "down_proj") if p in params]
         depth = path.count(".base_layer")
         return f"{base}.{ordered[len(ordered) - 1 - depth]}" if ordered else base
-    moved = [p for p in cfg.get("target_parameters") or [] if p == f"{path}.weight" or f"{path}.weight".endswith("." + p)]
+    moved = [
+        p for p in cfg.get("target_parameters") or [] if p == f"{path}.weight" or f"{path}.weight".endswith("." + p)
+    ]
     return f"{path}.weight" if moved else path
 
 

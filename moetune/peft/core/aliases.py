@@ -47,21 +47,23 @@ from typing import Mapping
 
 __all__ = ["TARGET_ALIASES", "alias_targets"]
 
-TARGET_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    # multi-head latent attention (DeepSeek-V2/V3)
-    "linear_q_proj": ("q_proj",),
-    "linear_q_down_proj": ("q_a_proj",),
-    "linear_q_up_proj": ("q_b_proj",),
-    "linear_qb": ("q_b_proj",),
-    "linear_kv_down_proj": ("kv_a_proj_with_mqa",),
-    "linear_kv_up_proj": ("kv_b_proj",),
-    "linear_kvb": ("kv_b_proj",),
-    # attention output, feed-forward, LM head (all families)
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj", "experts.gate_proj", "experts.up_proj"),
-    "linear_fc2": ("down_proj", "experts.down_proj"),
-    "output_layer": ("lm_head",),
-})
+TARGET_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        # multi-head latent attention (DeepSeek-V2/V3)
+        "linear_q_proj": ("q_proj",),
+        "linear_q_down_proj": ("q_a_proj",),
+        "linear_q_up_proj": ("q_b_proj",),
+        "linear_qb": ("q_b_proj",),
+        "linear_kv_down_proj": ("kv_a_proj_with_mqa",),
+        "linear_kv_up_proj": ("kv_b_proj",),
+        "linear_kvb": ("kv_b_proj",),
+        # attention output, feed-forward, LM head (all families)
+        "linear_proj": ("o_proj",),
+        "linear_fc1": ("gate_proj", "up_proj", "experts.gate_proj", "experts.up_proj"),
+        "linear_fc2": ("down_proj", "experts.down_proj"),
+        "output_layer": ("lm_head",),
+    }
+)
 
 
 def alias_targets(entry: str) -> tuple[str, ...]:

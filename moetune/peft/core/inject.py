@@ -48,8 +48,13 @@ def adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
-                per_module: Callable[[str, LoraConfig], LoraConfig] | None = None) -> AdapterReport:
+def add_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str = "default",
+    *,
+    per_module: Callable[[str, LoraConfig], LoraConfig] | None = None,
+) -> AdapterReport:
     """Add LoRA adapter ``name`` to the modules ``config`` targets and freeze the base.
 
     Every parameter that is not an adapter parameter gets ``requires_grad=False``; the new
@@ -77,7 +82,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if not _ADAPTER_NAME.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
     if name in adapter_names(model):
-        raise AdapterError(f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name")
+        raise AdapterError(
+            f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name"
+        )
     plan = plan_targets(model, config)
     _check_pissa(model, plan, config)
     placements = place(model, plan, config)  # mixtures regroup targets
@@ -122,8 +129,9 @@ def _add_to(module: AdapterLayer, path: str, name: str, config: LoraConfig, part
         param_configs = {p: per_module(f"{path}.{p}", config) for p in params}
     module_config = per_module(path, config) if per_module else config
     adapter = None if module_config.adalora is None else svd_adapter(module, name, module_config, param_configs)
-    module.add_adapter(name, module_config, parts=set(parts) if parts else None, param_configs=param_configs,
-                       adapter=adapter)
+    module.add_adapter(
+        name, module_config, parts=set(parts) if parts else None, param_configs=param_configs, adapter=adapter
+    )
 
 
 def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -> None:
@@ -135,12 +143,16 @@ def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -
         existing = module.adapter_names if isinstance(module, AdapterLayer) else []
         pissa = isinstance(module, LoraLinear) and any(module.is_pissa(n) for n in existing)
         if existing and (config.init == "pissa" or pissa):
-            raise AdapterError(f"{path}: a PiSSA adapter changes the base weight, so it must be the only "
-                               f"adapter of its module (it already has {existing})")
+            raise AdapterError(
+                f"{path}: a PiSSA adapter changes the base weight, so it must be the only "
+                f"adapter of its module (it already has {existing})"
+            )
         weight = getattr(base_of(module), "weight", None)
         if config.init == "pissa" and weight is not None and counts.get(id(weight), 0) > 1:
-            raise AdapterError(f"{path}: init 'pissa' would change {path}.weight, which is tied to another "
-                               "weight (tied embeddings); leave this module out or use another init")
+            raise AdapterError(
+                f"{path}: init 'pissa' would change {path}.weight, which is tied to another "
+                "weight (tied embeddings); leave this module out or use another init"
+            )
 
 
 def _remove(model: nn.Module, name: str, paths: list[str] | None = None) -> None:
@@ -171,8 +183,9 @@ def _require(model: nn.Module, names: list[str]) -> None:
     known = adapter_names(model)
     for n in names:
         if n not in known:
-            raise AdapterError(f"no adapter named '{n}' in this model{did_you_mean(n, known)} "
-                               f"(adapters: {', '.join(known) or 'none'})")
+            raise AdapterError(
+                f"no adapter named '{n}' in this model{did_you_mean(n, known)} (adapters: {', '.join(known) or 'none'})"
+            )
 
 
 def freeze_base(model: nn.Module, *, trainable: str | None = None) -> None:

@@ -49,8 +49,9 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
 
-    def add_adapter(self, name: str, config, *, parts: set[str] | None = None,
-                    param_configs: dict | None = None, adapter=None) -> None:
+    def add_adapter(
+        self, name: str, config, *, parts: set[str] | None = None, param_configs: dict | None = None, adapter=None
+    ) -> None:
         """Create adapter ``name`` from a LoraConfig (and initialise it).
 
         Args:
@@ -67,8 +68,9 @@ class AdapterLayer(nn.Module):
     def take_over(cls, layer: AdapterLayer, path: str) -> AdapterLayer:
         """A wrapper of this class holding ``layer``'s base and adapters (the same parameters),
         for a module that already carries adapters of a kind this class extends."""
-        raise AdapterError(f"{path} already carries {type(layer).__name__} adapters; a {cls.__name__} "
-                           "cannot be added to it")
+        raise AdapterError(
+            f"{path} already carries {type(layer).__name__} adapters; a {cls.__name__} cannot be added to it"
+        )
 
     def delete_adapter(self, name: str) -> None:
         raise NotImplementedError

@@ -26,12 +26,14 @@ from .layer import AdapterLayer
 
 __all__ = ["WRAPPERS", "base_of", "wrapper_for"]
 
-WRAPPERS: Mapping[type, type[AdapterLayer]] = MappingProxyType({
-    QuantLinear: QLoraLinear,
-    QuantGroupedExperts: QLoraGroupedExperts,
-    nn.Linear: LoraLinear,
-    GroupedExperts: LoraGroupedExperts,
-})
+WRAPPERS: Mapping[type, type[AdapterLayer]] = MappingProxyType(
+    {
+        QuantLinear: QLoraLinear,
+        QuantGroupedExperts: QLoraGroupedExperts,
+        nn.Linear: LoraLinear,
+        GroupedExperts: LoraGroupedExperts,
+    }
+)
 
 
 def base_of(module: nn.Module) -> nn.Module:

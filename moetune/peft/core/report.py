@@ -43,13 +43,17 @@ class AdapterReport:
 
     def __str__(self) -> str:
         width = max([len("module group"), *(len(r.group) for r in self.rows)])
-        lines = [f"adapter '{self.name}'",
-                 f"  {'module group':<{width}}  {'modules':>7}  {'trainable':>12}  {'% of model':>10}"]
+        lines = [
+            f"adapter '{self.name}'",
+            f"  {'module group':<{width}}  {'modules':>7}  {'trainable':>12}  {'% of model':>10}",
+        ]
         for r in self.rows:
             pct = 100.0 * r.params / max(self.total, 1)
             lines.append(f"  {r.group:<{width}}  {r.modules:>7}  {r.params:>12,}  {pct:>9.4f}%")
-        lines.append(f"  {'total':<{width}}  {sum(r.modules for r in self.rows):>7}  {self.trainable:>12,}  "
-                     f"{self.percent:>9.4f}%   (of {self.total:,} parameters)")
+        lines.append(
+            f"  {'total':<{width}}  {sum(r.modules for r in self.rows):>7}  {self.trainable:>12,}  "
+            f"{self.percent:>9.4f}%   (of {self.total:,} parameters)"
+        )
         return "\n".join(lines)
 
 
@@ -63,4 +67,6 @@ def build_report(model: nn.Module, name: str) -> AdapterReport:
         row.modules += 1
         row.params += sum(p.numel() for _, p in layer.adapter_params(name))
     total = sum(p.numel() for p in model.parameters())
-    return AdapterReport(name=name, rows=list(rows.values()), trainable=sum(r.params for r in rows.values()), total=total)
+    return AdapterReport(
+        name=name, rows=list(rows.values()), trainable=sum(r.params for r in rows.values()), total=total
+    )

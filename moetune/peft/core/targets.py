@@ -77,12 +77,16 @@ def _match_entry(entry: str, modules: dict[str, nn.Module]) -> tuple[list[tuple[
     refused: list[str] = []
 
     def linears_under(prefix: str) -> list[tuple[str, Parts]]:
-        return [(q, None) for q, n in modules.items()
-                if q.startswith(prefix + ".") and _is_linear(n) and not _is_router(q)]
+        return [
+            (q, None) for q, n in modules.items() if q.startswith(prefix + ".") and _is_linear(n) and not _is_router(q)
+        ]
 
     if entry == "all-linear":
-        return [(p, None) for p, m in modules.items()
-                if _is_linear(m) and not _is_router(p) and p.rsplit(".", 1)[-1] != "lm_head"], refused
+        return [
+            (p, None)
+            for p, m in modules.items()
+            if _is_linear(m) and not _is_router(p) and p.rsplit(".", 1)[-1] != "lm_head"
+        ], refused
     for path, module in modules.items():
         if not _suffix_match(path, entry):
             continue
@@ -137,14 +141,18 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
     """
     modules = dict(logical_modules(model))
     layers = config.layers_to_transform
-    entries = [config.target_regex] if config.target_regex else (
-        ["all-linear"] if isinstance(config.target_modules, str) else list(config.target_modules))
+    entries = (
+        [config.target_regex]
+        if config.target_regex
+        else (["all-linear"] if isinstance(config.target_modules, str) else list(config.target_modules))
+    )
     plan: dict[str, Parts] = {}
     for entry in entries:
         if config.target_regex:
             hits = [(p, None) for p, m in modules.items() if re.fullmatch(entry, p) and wrapper_for(m)]
-            refused = [f"{p} ({type(m).__name__})" for p, m in modules.items()
-                       if re.fullmatch(entry, p) and not wrapper_for(m)]
+            refused = [
+                f"{p} ({type(m).__name__})" for p, m in modules.items() if re.fullmatch(entry, p) and not wrapper_for(m)
+            ]
         else:
             hits, refused = _match_entry(entry, modules)
             if not hits and alias_targets(entry):

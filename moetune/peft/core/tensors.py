@@ -14,8 +14,14 @@ from ...errors import AdapterError
 __all__ = ["check_keys", "check_shape", "check_tensors"]
 
 
-def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: str, *,
-                  optional: dict[str, tuple[int, ...]] | None = None, differs: str = " or rank") -> None:
+def check_tensors(
+    expected: dict[str, tuple[int, ...]],
+    tensors: dict[str, torch.Tensor],
+    where: str,
+    *,
+    optional: dict[str, tuple[int, ...]] | None = None,
+    differs: str = " or rank",
+) -> None:
     """Every ``expected`` tensor present with its shape, nothing else (``optional`` ones may be
     present); errors name ``where`` and the key, and ``differs`` says what else may differ."""
     allowed = {**expected, **(optional or {})}
@@ -23,8 +29,10 @@ def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch
         if key not in allowed:
             raise AdapterError(f"{where}.{key}: unexpected tensor for this layer (expected {sorted(expected)})")
         if tuple(t.shape) != allowed[key]:
-            raise AdapterError(f"{where}.{key}: shape {tuple(t.shape)} does not match the model, expected {allowed[key]} "
-                               f"(an adapter for a different base model{differs}?)")
+            raise AdapterError(
+                f"{where}.{key}: shape {tuple(t.shape)} does not match the model, expected {allowed[key]} "
+                f"(an adapter for a different base model{differs}?)"
+            )
     for key in expected:
         if key not in tensors:
             raise AdapterError(f"{where}.{key}: missing from the adapter file")
@@ -34,8 +42,9 @@ def check_keys(tensors: dict[str, torch.Tensor], expected: set[str], where: str)
     """Exactly the ``expected`` keys (a routed-experts layer, whose keys come as a set)."""
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if unexpected:
-        raise AdapterError(f"{where}: tensor(s) {unexpected} map to nothing in this experts adapter "
-                           f"(expected {sorted(expected)})")
+        raise AdapterError(
+            f"{where}: tensor(s) {unexpected} map to nothing in this experts adapter (expected {sorted(expected)})"
+        )
     if missing:
         raise AdapterError(f"{where}: missing tensor(s) {missing}")
 

@@ -43,8 +43,10 @@ def adalora_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
     pattern: dict[str, list[bool]] = {}
     for path, layer in svd_layers(model, name):
         if isinstance(layer, LoraGroupedExperts):
-            raise AdapterError(f"{path}: PEFT's AdaLoRA layout has no routed-expert layer; write adapter '{name}' "
-                               "with moetune.save_adapter (plain LoRA, experts included) instead")
+            raise AdapterError(
+                f"{path}: PEFT's AdaLoRA layout has no routed-expert layer; write adapter '{name}' "
+                "with moetune.save_adapter (plain LoRA, experts included) instead"
+            )
         keep = layer.rank_mask.get(name)
         a, e, b = (t.detach().to("cpu", torch.float32) for t in layer.svd_triplets(name)[name])
         keep_cpu = keep.cpu()
@@ -131,6 +133,15 @@ def adalora_as_lora(raw: dict, tensors: dict[str, torch.Tensor], *, where: str) 
         raise AdapterError(f"{where}: tensor '{extra[0]}' is not part of an AdaLoRA triplet")
     skip = {"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}
     cfg = {k: v for k, v in raw.items() if k not in skip}
-    cfg.update({"peft_type": "LORA", "r": init_r, "lora_alpha": alpha, "rank_pattern": ranks,
-                "alpha_pattern": {p: alpha * k / init_r for p, k in ranks.items()}, "use_rslora": False, "use_dora": False})
+    cfg.update(
+        {
+            "peft_type": "LORA",
+            "r": init_r,
+            "lora_alpha": alpha,
+            "rank_pattern": ranks,
+            "alpha_pattern": {p: alpha * k / init_r for p, k in ranks.items()},
+            "use_rslora": False,
+            "use_dora": False,
+        }
+    )
     return cfg, out

@@ -25,8 +25,14 @@ from .peft import add_adapter_from, read_adapter_folder, save_peft
 __all__ = ["load_adapter", "save_adapter"]
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default", *, layout: str = "peft",
-                 overwrite: bool = False) -> Path:
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    name: str = "default",
+    *,
+    layout: str = "peft",
+    overwrite: bool = False,
+) -> Path:
     """Write adapter ``name`` as a PEFT adapter folder.
 
     Args:

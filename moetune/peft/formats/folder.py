@@ -32,8 +32,16 @@ from ...outputs import write_folder
 from ...safetensors_check import check_safetensors
 from .peft_config import FINGERPRINT_KEY, config_fingerprint, split_meta
 
-__all__ = ["CONFIG_FILE", "META_FILE", "WEIGHTS_FILE", "adapter_files", "read_adapter_config",
-           "read_json", "read_tensors", "write_adapter_folder"]
+__all__ = [
+    "CONFIG_FILE",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "adapter_files",
+    "read_adapter_config",
+    "read_json",
+    "read_tensors",
+    "write_adapter_folder",
+]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,8 +50,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 log = logging.getLogger(__name__)
 
 
-def write_adapter_folder(out: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, meta: dict | None = None, overwrite: bool = False,
-           inputs: tuple = ()) -> Path:
+def write_adapter_folder(
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    cfg: dict,
+    *,
+    meta: dict | None = None,
+    overwrite: bool = False,
+    inputs: tuple = (),
+) -> Path:
     """Write the folder's files (``meta``: moetune's metadata, to :data:`META_FILE`, with the
     fingerprint of ``cfg``) as one folder output (see :func:`moetune.outputs.write_folder`), so the
     three files always belong together and nothing moetune did not write is touched."""
@@ -52,7 +67,9 @@ def write_adapter_folder(out: Path, tensors: dict[str, torch.Tensor], cfg: dict,
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         if meta is not None:
-            (tmp / META_FILE).write_text(json.dumps({**meta, FINGERPRINT_KEY: config_fingerprint(cfg)}, indent=2) + "\n")
+            (tmp / META_FILE).write_text(
+                json.dumps({**meta, FINGERPRINT_KEY: config_fingerprint(cfg)}, indent=2) + "\n"
+            )
 
     return write_folder(out, "adapter", write, overwrite=overwrite, inputs=inputs)
 
@@ -70,7 +87,8 @@ def adapter_files(folder: Path) -> tuple[Path, Path]:
         raise AdapterError(
             f"'{folder}' holds only a pickled adapter ({pickles[0]}); moetune reads safetensors only, because "
             "unpickling a file can run arbitrary code. Convert it once with PEFT: "
-            "PeftModel.from_pretrained(base, path).save_pretrained(out) writes adapter_model.safetensors")
+            "PeftModel.from_pretrained(base, path).save_pretrained(out) writes adapter_model.safetensors"
+        )
     raise AdapterError(f"'{folder}' has no {WEIGHTS_FILE}")
 
 
@@ -91,8 +109,13 @@ def read_adapter_config(cfg_file: Path) -> tuple[Any, dict | None]:
         return raw, legacy
     meta = _read_meta(meta_file)
     if _stale(meta, raw):
-        log.warning("%s was written for another %s (it was rewritten since, e.g. by PEFT's save_pretrained, or edited); "
-                    "ignoring it: the targets and ranks in %s apply", meta_file, CONFIG_FILE, CONFIG_FILE)
+        log.warning(
+            "%s was written for another %s (it was rewritten since, e.g. by PEFT's save_pretrained, or edited); "
+            "ignoring it: the targets and ranks in %s apply",
+            meta_file,
+            CONFIG_FILE,
+            CONFIG_FILE,
+        )
         return raw, legacy
     return raw, meta
 
@@ -104,8 +127,10 @@ def _stale(meta: dict, raw: Any) -> bool:
 
 
 def _read_meta(path: Path) -> dict:
-    expected = ('a JSON object with moetune\'s adapter metadata, e.g. {"adapter_name": ..., "layout": ..., '
-                '"lora_config": {...}} (delete the file to load the folder from adapter_config.json alone)')
+    expected = (
+        'a JSON object with moetune\'s adapter metadata, e.g. {"adapter_name": ..., "layout": ..., '
+        '"lora_config": {...}} (delete the file to load the folder from adapter_config.json alone)'
+    )
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

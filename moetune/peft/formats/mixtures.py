@@ -51,7 +51,9 @@ def is_mixture_folder(folder: Path) -> bool:
     return isinstance(raw, dict) and raw.get("peft_type") in MIXTURE_TYPES
 
 
-def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str, *, layout: str, overwrite: bool = False) -> Path:
+def save_mixture_adapter(
+    model: nn.Module, out_dir: str | os.PathLike, name: str, *, layout: str, overwrite: bool = False
+) -> Path:
     """Write adapter ``name`` in moetune's mixture layout (``layout="peft"``) or MoE-PEFT's
     (``layout="moe_peft"``)."""
     config = adapter_configs(model).get(name)
@@ -62,11 +64,18 @@ def save_mixture_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str
         tensors, cfg = moe_peft.export(model, config, parts)
     elif layout == "peft":
         tensors = {f"{PREFIX}{path}.{suffix}": t for path, part in parts.items() for suffix, t in part.items()}
-        cfg = {"peft_type": MOETUNE_TYPE, "format_version": FORMAT_VERSION, "adapter_name": name,
-               "base_model_name_or_path": getattr(model, "source_path", None), "lora_config": config.to_dict()}
+        cfg = {
+            "peft_type": MOETUNE_TYPE,
+            "format_version": FORMAT_VERSION,
+            "adapter_name": name,
+            "base_model_name_or_path": getattr(model, "source_path", None),
+            "lora_config": config.to_dict(),
+        }
     else:
-        raise AdapterError(f"layout {layout!r} is not one of 'peft' (moetune's mixture layout), 'moe_peft' for a "
-                           f"mixture adapter ('{name}' is {config.mixture.kind})")
+        raise AdapterError(
+            f"layout {layout!r} is not one of 'peft' (moetune's mixture layout), 'moe_peft' for a "
+            f"mixture adapter ('{name}' is {config.mixture.kind})"
+        )
     tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
     return write_adapter_folder(Path(out_dir), tensors, cfg, overwrite=overwrite)
 
@@ -79,7 +88,9 @@ def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterRe
         raise AdapterError(_missing_weights(folder))
     tensors = read_tensors(weights)
     if raw["peft_type"] == moe_peft.PEFT_TYPE:
-        config = moe_peft.config_from_file(raw, str(cfg_file), hidden_act=getattr(getattr(model, "args", None), "hidden_act", None))
+        config = moe_peft.config_from_file(
+            raw, str(cfg_file), hidden_act=getattr(getattr(model, "args", None), "hidden_act", None)
+        )
         tensors = moe_peft.import_tensors(tensors, str(weights), config)
     else:
         config = _our_config(raw, str(cfg_file))
@@ -97,7 +108,9 @@ def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterRe
 
 def _our_config(raw: dict, where: str) -> LoraConfig:
     if raw.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{where}: format_version {raw.get('format_version')!r} is not supported (this moetune reads {FORMAT_VERSION})")
+        raise AdapterError(
+            f"{where}: format_version {raw.get('format_version')!r} is not supported (this moetune reads {FORMAT_VERSION})"
+        )
     try:
         return from_dict(LoraConfig, raw.get("lora_config"), where=f"{where}: lora_config")
     except ConfigError as err:
@@ -106,9 +119,10 @@ def _our_config(raw: dict, where: str) -> LoraConfig:
 
 def _missing_weights(folder: Path) -> str:
     if (folder / "adapter_model.bin").is_file():
-        return (f"'{folder}' holds adapter_model.bin (a pickle, as MoE-PEFT writes); moetune reads safetensors only, "
-                "because unpickling can run arbitrary code. If you trust the file, convert it once: python -c \"import torch; "
-                "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
-                "'adapter_model.safetensors')\" in that folder")
+        return (
+            f"'{folder}' holds adapter_model.bin (a pickle, as MoE-PEFT writes); moetune reads safetensors only, "
+            'because unpickling can run arbitrary code. If you trust the file, convert it once: python -c "import torch; '
+            "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
+            "'adapter_model.safetensors')\" in that folder"
+        )
     return f"'{folder}' has no {WEIGHTS_FILE}"
-

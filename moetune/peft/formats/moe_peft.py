@@ -33,14 +33,41 @@ PREFIX = "base_model.model."
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 # Keys MoE-PEFT reads only for training (or for variants we map); anything else is refused.
-_KNOWN = {"peft_type", "bias", "r", "lora_alpha", "lora_dropout", "target_modules", "routing_strategy", "num_experts",
-          "top_k", "top_p", "temperature", "expert_lora", "use_rslora", "use_dora", "lora_init", "act_fn",
-          "router_aux_loss_coef", "router_init_range", "jitter_noise", "router_loss", "router_dyn_loss_coef",
-          "entropy_index", "entropy_type", "entropy_eps", "name", "task_name", "base_model_name_or_path"}
+_KNOWN = {
+    "peft_type",
+    "bias",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "routing_strategy",
+    "num_experts",
+    "top_k",
+    "top_p",
+    "temperature",
+    "expert_lora",
+    "use_rslora",
+    "use_dora",
+    "lora_init",
+    "act_fn",
+    "router_aux_loss_coef",
+    "router_init_range",
+    "jitter_noise",
+    "router_loss",
+    "router_dyn_loss_coef",
+    "entropy_index",
+    "entropy_type",
+    "entropy_eps",
+    "name",
+    "task_name",
+    "base_model_name_or_path",
+}
 _FFN_PATH = re.compile(r"^model\.layers\.(\d+)\.mlp$")
 _ATTN_PATH = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$")
 _GATE_KEY = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.moe_gate\.weight$")
-_EXPERT_KEY = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.experts\.(\d+)\.lora_([AB])\.weight$")
+_EXPERT_KEY = re.compile(
+    r"^mixlora\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.experts\.(\d+)\.lora_([AB])\.weight$"
+)
 _ATTN_KEY = re.compile(r"^mixlora\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])\.weight$")
 
 
@@ -77,8 +104,10 @@ def export(model: nn.Module, config: LoraConfig, parts: dict[str, dict[str, torc
                 tensors[f"mixlora.layers.{layer}.self_attn.{proj}.lora_{ab}.weight"] = part[f"lora_{ab}.weight"]
             layers_of.setdefault(proj, set()).add(layer)
         else:
-            raise AdapterError(f"{path}: MoE-PEFT's MixLoRA layout holds only each layer's mlp mixture and attention "
-                               "q/k/v/o LoRA; this adapter also adapts this module")
+            raise AdapterError(
+                f"{path}: MoE-PEFT's MixLoRA layout holds only each layer's mlp mixture and attention "
+                "q/k/v/o LoRA; this adapter also adapts this module"
+            )
     _check_uniform(model, layers_of)
     return tensors, _export_config(config, sorted(layers_of, key=(ATTENTION + FFN).index))
 
@@ -90,10 +119,14 @@ def _check_exportable(config: LoraConfig) -> None:
     if config.use_dora:
         raise AdapterError("MoE-PEFT's layout has no place for DoRA magnitudes (MoE-PEFT never saves them)")
     if isinstance(mix.num_experts, list) and len(set(mix.num_experts)) > 1:
-        raise AdapterError("MoE-PEFT's layout has one num_experts for all layers; this adapter has " + str(mix.num_experts))
+        raise AdapterError(
+            "MoE-PEFT's layout has one num_experts for all layers; this adapter has " + str(mix.num_experts)
+        )
     if mix.routing not in ("top_k", "top_p") or (mix.routing == "top_p" and mix.top_p_renormalize):
-        raise AdapterError(f"routing {mix.routing}{' with top_p_renormalize' if mix.routing == 'top_p' else ''} has no "
-                           "MoE-PEFT equivalent (it has top_k = mixlora, and top_p without renormalising = mixlora-dynamic)")
+        raise AdapterError(
+            f"routing {mix.routing}{' with top_p_renormalize' if mix.routing == 'top_p' else ''} has no "
+            "MoE-PEFT equivalent (it has top_k = mixlora, and top_p without renormalising = mixlora-dynamic)"
+        )
 
 
 def _check_uniform(model: nn.Module, layers_of: dict[str, set[int]]) -> None:
@@ -102,23 +135,38 @@ def _check_uniform(model: nn.Module, layers_of: dict[str, set[int]]) -> None:
     want = set(range(count)) if count else set.union(*layers_of.values())
     for proj, layers in layers_of.items():
         if layers != want:
-            raise AdapterError(f"{proj} is adapted in layers {sorted(layers)} only; MoE-PEFT's layout adapts every layer")
+            raise AdapterError(
+                f"{proj} is adapted in layers {sorted(layers)} only; MoE-PEFT's layout adapts every layer"
+            )
 
 
 def _export_config(config: LoraConfig, targets: list[str]) -> dict:
     mix = config.mixture
     num = mix.num_experts[0] if isinstance(mix.num_experts, list) else mix.num_experts
-    cfg = {"peft_type": PEFT_TYPE, "bias": "none", "r": config.r, "lora_alpha": _number(config.alpha),
-           "lora_dropout": config.dropout, "target_modules": targets, "num_experts": num,
-           "router_aux_loss_coef": mix.router_aux_loss_coef, "router_init_range": mix.router_init_std,
-           "jitter_noise": mix.jitter_noise, "lora_init": "gaussian" if config.init == "gaussian" else "original"}
+    cfg = {
+        "peft_type": PEFT_TYPE,
+        "bias": "none",
+        "r": config.r,
+        "lora_alpha": _number(config.alpha),
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "num_experts": num,
+        "router_aux_loss_coef": mix.router_aux_loss_coef,
+        "router_init_range": mix.router_init_std,
+        "jitter_noise": mix.jitter_noise,
+        "lora_init": "gaussian" if config.init == "gaussian" else "original",
+    }
     if config.use_rslora:
         cfg["use_rslora"] = True
     if mix.routing == "top_k":
         cfg.update(routing_strategy="mixlora", top_k=mix.top_k)
     else:
         cfg.update(routing_strategy="mixlora-dynamic", top_p=mix.top_p, temperature=0.0)
-    expert = {k: v for k, v in (("r", mix.expert_r), ("lora_alpha", mix.expert_alpha), ("lora_dropout", mix.expert_dropout)) if v is not None}
+    expert = {
+        k: v
+        for k, v in (("r", mix.expert_r), ("lora_alpha", mix.expert_alpha), ("lora_dropout", mix.expert_dropout))
+        if v is not None
+    }
     if expert:
         cfg["expert_lora"] = {k: _number(v) if k == "lora_alpha" else v for k, v in expert.items()}
     return cfg
@@ -132,29 +180,50 @@ def config_from_file(raw: dict, where: str, *, hidden_act: str | None) -> LoraCo
         raise AdapterError(f"{where}: MoE-PEFT config keys {unknown} are not understood by moetune")
     strategy = raw.get("routing_strategy")
     if strategy not in ("mixlora", "mixlora-dynamic"):
-        raise AdapterError(f"{where}: routing_strategy {strategy!r} is not supported (mixlora, mixlora-dynamic; "
-                           "MoE-PEFT's mixlora-switch computes something moetune's switch does not)")
+        raise AdapterError(
+            f"{where}: routing_strategy {strategy!r} is not supported (mixlora, mixlora-dynamic; "
+            "MoE-PEFT's mixlora-switch computes something moetune's switch does not)"
+        )
     if raw.get("use_dora"):
-        raise AdapterError(f"{where}: use_dora is set, but MoE-PEFT never saves DoRA magnitudes, so the file cannot be loaded exactly")
+        raise AdapterError(
+            f"{where}: use_dora is set, but MoE-PEFT never saves DoRA magnitudes, so the file cannot be loaded exactly"
+        )
     if raw.get("temperature", 0.0):
         raise AdapterError(f"{where}: temperature {raw['temperature']} is not supported (only 0)")
     act = raw.get("act_fn")
     if act is not None and hidden_act is not None and act != hidden_act:
-        raise AdapterError(f"{where}: act_fn {act!r} differs from the model's {hidden_act!r}; moetune's experts use the FFN's own")
+        raise AdapterError(
+            f"{where}: act_fn {act!r} differs from the model's {hidden_act!r}; moetune's experts use the FFN's own"
+        )
     targets = raw.get("target_modules")
     targets = [k for k, v in targets.items() if v] if isinstance(targets, dict) else list(targets or [])
     expert = raw.get("expert_lora") or {}
-    routing = dict(routing="top_k", top_k=raw.get("top_k", 2)) if strategy == "mixlora" else \
-        dict(routing="top_p", top_p=raw.get("top_p", 0.8), top_p_renormalize=False)
+    routing = (
+        dict(routing="top_k", top_k=raw.get("top_k", 2))
+        if strategy == "mixlora"
+        else dict(routing="top_p", top_p=raw.get("top_p", 0.8), top_p_renormalize=False)
+    )
     try:
-        mixture = MixtureConfig(kind="mixlora", num_experts=raw.get("num_experts"), **routing,
-                                router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
-                                router_init_std=float(raw.get("router_init_range", 0.02)),
-                                jitter_noise=float(raw.get("jitter_noise", 0.0)), expert_r=expert.get("r"),
-                                expert_alpha=expert.get("lora_alpha"), expert_dropout=expert.get("lora_dropout"))
-        return LoraConfig(r=raw.get("r"), alpha=float(raw.get("lora_alpha", 0)), dropout=float(raw.get("lora_dropout", 0.0)),
-                          target_modules=targets, use_rslora=bool(raw.get("use_rslora", False)),
-                          init="gaussian" if raw.get("lora_init") == "gaussian" else "kaiming", mixture=mixture)
+        mixture = MixtureConfig(
+            kind="mixlora",
+            num_experts=raw.get("num_experts"),
+            **routing,
+            router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
+            router_init_std=float(raw.get("router_init_range", 0.02)),
+            jitter_noise=float(raw.get("jitter_noise", 0.0)),
+            expert_r=expert.get("r"),
+            expert_alpha=expert.get("lora_alpha"),
+            expert_dropout=expert.get("lora_dropout"),
+        )
+        return LoraConfig(
+            r=raw.get("r"),
+            alpha=float(raw.get("lora_alpha", 0)),
+            dropout=float(raw.get("lora_dropout", 0.0)),
+            target_modules=targets,
+            use_rslora=bool(raw.get("use_rslora", False)),
+            init="gaussian" if raw.get("lora_init") == "gaussian" else "kaiming",
+            mixture=mixture,
+        )
     except ConfigError as err:
         raise AdapterError(f"{where}: {err}") from None
 
@@ -171,12 +240,18 @@ def import_tensors(tensors: dict[str, torch.Tensor], where: str, config: LoraCon
         elif m := _ATTN_KEY.match(key):
             out[f"{PREFIX}model.layers.{m.group(1)}.self_attn.{m.group(2)}.lora_{m.group(3)}.weight"] = t
         else:
-            raise AdapterError(f"{where}: tensor '{key}' is not a MoE-PEFT MixLoRA key (mixlora.layers.<l>.mlp.moe_gate.weight, "
-                               "...mlp.<proj>.experts.<i>.lora_A/B.weight, ...self_attn.<proj>.lora_A/B.weight)")
+            raise AdapterError(
+                f"{where}: tensor '{key}' is not a MoE-PEFT MixLoRA key (mixlora.layers.<l>.mlp.moe_gate.weight, "
+                "...mlp.<proj>.experts.<i>.lora_A/B.weight, ...self_attn.<proj>.lora_A/B.weight)"
+            )
     num = config.mixture.num_experts
     for (layer, proj, ab), per in experts.items():
         if sorted(per) != list(range(num)):
-            raise AdapterError(f"{where}: mixlora.layers.{layer}.mlp.{proj}.experts.*.lora_{ab}.weight holds experts "
-                               f"{sorted(per)}, expected 0..{num - 1} (num_experts {num})")
-        out[f"{PREFIX}model.layers.{layer}.mlp.{proj}.experts.lora_{ab}.weight"] = torch.stack([per[i] for i in range(num)])
+            raise AdapterError(
+                f"{where}: mixlora.layers.{layer}.mlp.{proj}.experts.*.lora_{ab}.weight holds experts "
+                f"{sorted(per)}, expected 0..{num - 1} (num_experts {num})"
+            )
+        out[f"{PREFIX}model.layers.{layer}.mlp.{proj}.experts.lora_{ab}.weight"] = torch.stack(
+            [per[i] for i in range(num)]
+        )
     return out

@@ -31,15 +31,24 @@ from ..lora.linear import LoraLinear
 from .adalora import adalora_as_lora
 from ..core.layer import layers_holding
 from .folder import adapter_files, read_adapter_config, read_tensors, write_adapter_folder
-from .peft_config import (PEFT_RETARGETED_NAMES, PREFIX, compact_targets, config_from_peft, config_to_peft, moetune_meta,
-                          normalise_key, rank_alpha)
+from .peft_config import (
+    PEFT_RETARGETED_NAMES,
+    PREFIX,
+    compact_targets,
+    config_from_peft,
+    config_to_peft,
+    moetune_meta,
+    normalise_key,
+    rank_alpha,
+)
 from .per_expert import load_part, per_expert_part
 
 __all__ = ["AdapterFolder", "add_adapter_from", "fill_adapter", "read_adapter_folder", "save_peft"]
 
 
-def save_peft(model: nn.Module, out_dir: str | os.PathLike, name: str, config: LoraConfig, *, layout: str,
-              overwrite: bool = False) -> Path:
+def save_peft(
+    model: nn.Module, out_dir: str | os.PathLike, name: str, config: LoraConfig, *, layout: str, overwrite: bool = False
+) -> Path:
     """Write adapter ``name`` in PEFT's layout (``layout="peft"``) or with routed experts per
     expert (``"per_expert"``); see :func:`moetune.peft.formats.adapters.save_adapter`."""
     tensors: dict[str, torch.Tensor] = {}
@@ -59,19 +68,29 @@ def save_peft(model: nn.Module, out_dir: str | os.PathLike, name: str, config: L
     target_modules = compact_targets(linear_paths, [p for p, _ in logical_modules(model) if p])
     r, alpha, rank_pattern, alpha_pattern = rank_alpha(config, patterns)
     if layout == "peft":
-        target_modules, params = _avoid_peft_retargeting(model, target_modules, params, set(linear_paths),
-                                                         rank_pattern, alpha_pattern)
+        target_modules, params = _avoid_peft_retargeting(
+            model, target_modules, params, set(linear_paths), rank_pattern, alpha_pattern
+        )
     target_modules += list(dict.fromkeys(expert_projs))
-    cfg = config_to_peft(config, name=name, layout=layout, r=r, alpha=alpha,
-                         targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
-                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                         base_model=getattr(model, "source_path", None))
-    return write_adapter_folder(Path(out_dir), tensors, cfg, meta=moetune_meta(config, name=name, layout=layout),
-                                overwrite=overwrite)
+    cfg = config_to_peft(
+        config,
+        name=name,
+        layout=layout,
+        r=r,
+        alpha=alpha,
+        targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        base_model=getattr(model, "source_path", None),
+    )
+    return write_adapter_folder(
+        Path(out_dir), tensors, cfg, meta=moetune_meta(config, name=name, layout=layout), overwrite=overwrite
+    )
 
 
-def _avoid_peft_retargeting(model: nn.Module, modules: list[str], params: list[str], linear_paths: set[str],
-                            *patterns: dict) -> tuple[list[str], list[str]]:
+def _avoid_peft_retargeting(
+    model: nn.Module, modules: list[str], params: list[str], linear_paths: set[str], *patterns: dict
+) -> tuple[list[str], list[str]]:
     """Write linears whose names PEFT would retarget to the routed experts (see
     :data:`~.peft_config.PEFT_RETARGETED_NAMES`) as ``<suffix>.weight`` target_parameters; their
     rank/alpha pattern keys (full module paths) get the same ``.weight``, as PEFT looks them up."""
@@ -136,9 +155,11 @@ def fill_adapter(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
         tokens = body.split(".")
         path = next((p for i in range(len(tokens) - 1, 0, -1) if (p := ".".join(tokens[:i])) in layers), None)
         if path is None:
-            raise AdapterError(f"{file}: tensor '{key}' maps to no adapted module of this model (an adapter for "
-                               "another model, or its adapter_config.json does not target that module)")
-        grouped[path][body[len(path) + 1:]] = tensor
+            raise AdapterError(
+                f"{file}: tensor '{key}' maps to no adapted module of this model (an adapter for "
+                "another model, or its adapter_config.json does not target that module)"
+            )
+        grouped[path][body[len(path) + 1 :]] = tensor
     for path, layer in layers.items():
         part = grouped[path]
         if not part:

@@ -30,13 +30,36 @@ PREFIX = "base_model.model."
 LEGACY_META_KEY = "moetune"  # where moetune's metadata sat inside adapter_config.json before the sidecar
 _LORA_TOKENS = ("lora_A", "lora_B", "lora_magnitude_vector")
 # PEFT options that must be off (falsy) for us to reproduce the adapter exactly.
-_MUST_BE_OFF = ("fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "use_qalora",
-                "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "velora_config",
-                "monteclora_config", "kasa_config", "use_bdlora", "exclude_modules", "megatron_config")
+_MUST_BE_OFF = (
+    "fan_in_fan_out",
+    "lora_bias",
+    "modules_to_save",
+    "layer_replication",
+    "use_qalora",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "use_bdlora",
+    "exclude_modules",
+    "megatron_config",
+)
 # The config fields moetune's metadata overrides or must agree with (targets, ranks, dropout); its
 # fingerprint of them tells whether adapter_config.json was rewritten after the metadata was written.
-FINGERPRINT_FIELDS = ("peft_type", "r", "init_r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters",
-                      "layers_to_transform", "rank_pattern", "alpha_pattern")
+FINGERPRINT_FIELDS = (
+    "peft_type",
+    "r",
+    "init_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "target_parameters",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+)
 FINGERPRINT_KEY = "adapter_config_sha256"
 _SET_FIELDS = ("target_modules", "target_parameters", "layers_to_transform")
 _EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -47,7 +70,9 @@ _EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_
 # ``gate_proj`` would silently lose its adapter, so such linears are written as the equivalent
 # ``target_parameters`` entry ``<name>.weight`` instead (PEFT wraps the 2D weight; same keys, same output).
 PEFT_RETARGETED_NAMES: dict[str, frozenset[str]] = {
-    **dict.fromkeys(("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"), frozenset({"gate_proj", "up_proj", "down_proj", "gate"})),
+    **dict.fromkeys(
+        ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"), frozenset({"gate_proj", "up_proj", "down_proj", "gate"})
+    ),
     "mixtral": frozenset({"w1", "w2", "w3", "gate"}),
 }
 
@@ -89,8 +114,18 @@ def rank_alpha(config: LoraConfig, layers: list[tuple[str, dict, dict]]) -> tupl
     return r, alpha, rank_pattern, alpha_pattern
 
 
-def config_to_peft(config: LoraConfig, *, name: str, layout: str, r: int, alpha: float, targets: dict[str, list],
-                   rank_pattern: dict, alpha_pattern: dict, base_model: str | None) -> dict[str, Any]:
+def config_to_peft(
+    config: LoraConfig,
+    *,
+    name: str,
+    layout: str,
+    r: int,
+    alpha: float,
+    targets: dict[str, list],
+    rank_pattern: dict,
+    alpha_pattern: dict,
+    base_model: str | None,
+) -> dict[str, Any]:
     """The ``adapter_config.json`` mapping for adapter ``name``."""
     init = {"kaiming": True, "gaussian": "gaussian", "pissa": True}[config.init]  # PiSSA is saved converted
     return {
@@ -120,8 +155,12 @@ def config_to_peft(config: LoraConfig, *, name: str, layout: str, r: int, alpha:
 def moetune_meta(config: LoraConfig, *, name: str, layout: str) -> dict[str, Any]:
     """moetune's metadata for adapter ``name``: what PEFT's config cannot say (the exact targets,
     expert rank, trained dropout, that PiSSA was converted)."""
-    return {"adapter_name": name, "layout": layout, "pissa_converted": config.init == "pissa",
-            "lora_config": config.to_dict()}
+    return {
+        "adapter_name": name,
+        "layout": layout,
+        "pissa_converted": config.init == "pissa",
+        "lora_config": config.to_dict(),
+    }
 
 
 def config_fingerprint(raw: dict[str, Any]) -> str:
@@ -159,7 +198,9 @@ def split_meta(raw: Any) -> tuple[Any, dict[str, Any] | None]:
 
 def _check_supported(raw: dict[str, Any], where: str) -> None:
     if raw.get("peft_type") != "LORA":
-        raise AdapterError(f"{where}: peft_type {raw.get('peft_type')!r} is not supported (moetune reads LORA adapters)")
+        raise AdapterError(
+            f"{where}: peft_type {raw.get('peft_type')!r} is not supported (moetune reads LORA adapters)"
+        )
     for key in _MUST_BE_OFF:
         if raw.get(key):
             raise AdapterError(f"{where}: '{key}': {raw[key]!r} is not supported by moetune (it must be off/null)")
@@ -177,14 +218,19 @@ def _init(value: Any, where: str) -> str:
         return "gaussian"
     if isinstance(value, str) and value.startswith("pissa"):
         return "pissa"  # the file holds trained A/B on top of the PiSSA residual, as PEFT loads it
-    raise AdapterError(f"{where}: init_lora_weights {value!r} rewrites the base weights in a way moetune does not "
-                       "reproduce; save the adapter with PEFT's path_initial_model_for_weight_conversion first")
+    raise AdapterError(
+        f"{where}: init_lora_weights {value!r} rewrites the base weights in a way moetune does not "
+        "reproduce; save the adapter with PEFT's path_initial_model_for_weight_conversion first"
+    )
 
 
 def _targets(raw: dict[str, Any], ours: dict[str, Any] | None, where: str) -> dict[str, Any]:
     if ours is not None:  # our metadata's LoraConfig: the exact original targets
-        return {k: ours.get(k) for k in ("target_modules", "target_regex", "layers_to_transform", "expert_rank")
-                if ours.get(k) is not None}
+        return {
+            k: ours.get(k)
+            for k in ("target_modules", "target_regex", "layers_to_transform", "expert_rank")
+            if ours.get(k) is not None
+        }
     modules, params = raw.get("target_modules"), raw.get("target_parameters") or []
     if isinstance(modules, str) and not params:
         return {"target_regex": modules, "layers_to_transform": raw.get("layers_to_transform")}
@@ -197,16 +243,19 @@ def _targets(raw: dict[str, Any], ours: dict[str, Any] | None, where: str) -> di
             names.append(prefix)
             continue
         if param not in _EXPERT_PARAMS:
-            raise AdapterError(f"{where}: target_parameters entry {entry!r} is not supported "
-                               f"(moetune adapts expert parameters {', '.join(_EXPERT_PARAMS)})")
+            raise AdapterError(
+                f"{where}: target_parameters entry {entry!r} is not supported "
+                f"(moetune adapts expert parameters {', '.join(_EXPERT_PARAMS)})"
+            )
         names += [f"{prefix or 'experts'}.{proj}" for proj in _EXPERT_PARAMS[param]]
     if not names:
         raise AdapterError(f"{where}: neither target_modules nor target_parameters is set")
     return {"target_modules": list(dict.fromkeys(names)), "layers_to_transform": raw.get("layers_to_transform")}
 
 
-def config_from_peft(raw: Any, where: str, meta: dict[str, Any] | None = None
-                     ) -> tuple[LoraConfig, Callable[[str, LoraConfig], LoraConfig] | None]:
+def config_from_peft(
+    raw: Any, where: str, meta: dict[str, Any] | None = None
+) -> tuple[LoraConfig, Callable[[str, LoraConfig], LoraConfig] | None]:
     """A :class:`LoraConfig` for a PEFT (or moetune) ``adapter_config.json`` mapping, and a
     per-module override that applies its ``rank_pattern`` / ``alpha_pattern`` (None if empty).
 
@@ -223,9 +272,15 @@ def config_from_peft(raw: Any, where: str, meta: dict[str, Any] | None = None
     options = {k: v for k, v in _targets(raw, ours, where).items() if v is not None}
     dropout = (ours or {}).get("dropout", raw.get("lora_dropout", 0.0))  # ours: the trained value
     try:
-        config = LoraConfig(r=raw.get("r", 8), alpha=float(raw.get("lora_alpha", 8)), dropout=float(dropout),
-                            use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
-                            init=_init(raw.get("init_lora_weights", True), where), **options)
+        config = LoraConfig(
+            r=raw.get("r", 8),
+            alpha=float(raw.get("lora_alpha", 8)),
+            dropout=float(dropout),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
+            init=_init(raw.get("init_lora_weights", True), where),
+            **options,
+        )
     except ConfigError as err:
         raise AdapterError(f"{where}: {err}") from None
     ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
@@ -252,14 +307,14 @@ def normalise_key(key: str) -> str:
     """File key -> module path + suffix: drop ``base_model.model.`` and any adapter name PEFT put
     in the key (``.lora_A.default.weight`` -> ``.lora_A.weight``;
     ``.lora_magnitude_vector.default.weight`` -> ``.lora_magnitude_vector``)."""
-    body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    body = key[len(PREFIX) :] if key.startswith(PREFIX) else key
     tokens = body.split(".")
     idx = max((i for i, t in enumerate(tokens) if t in _LORA_TOKENS), default=None)
     if idx is None:
         return body
-    rest = tokens[idx + 1:]
+    rest = tokens[idx + 1 :]
     if rest and rest[0] not in ("weight", "bias"):
         rest = rest[1:]
     if tokens[idx] == "lora_magnitude_vector" and rest == ["weight"]:
         rest = []
-    return ".".join(tokens[:idx + 1] + rest)
+    return ".".join(tokens[: idx + 1] + rest)

@@ -41,8 +41,9 @@ class ExpertAdapter:
         if self.config.use_dora:
             raise AdapterError("use_dora is not supported on routed experts yet (supported on linears)")
         if self.config.init not in ("kaiming", "gaussian"):
-            raise AdapterError(f"init={self.config.init!r} is not supported on routed experts yet "
-                               "(allowed there: kaiming, gaussian)")
+            raise AdapterError(
+                f"init={self.config.init!r} is not supported on routed experts yet (allowed there: kaiming, gaussian)"
+            )
 
     def create(self, layer: AdapterLayer, pairs: list[str]) -> None:
         for pair in pairs:
@@ -59,7 +60,9 @@ class ExpertAdapter:
         else:
             nn.init.normal_(a, std=1 / rank)
         layer.lora_a(pair)[self.name] = nn.Parameter(a)
-        layer.lora_b(pair)[self.name] = nn.Parameter(torch.zeros(*lead, d_out, rank, dtype=torch.float32, device=device))
+        layer.lora_b(pair)[self.name] = nn.Parameter(
+            torch.zeros(*lead, d_out, rank, dtype=torch.float32, device=device)
+        )
 
     def remove(self, layer: AdapterLayer) -> None:
         for pair in layer.pairs(self.name):

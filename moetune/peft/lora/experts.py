@@ -98,8 +98,15 @@ class LoraGroupedExperts(AdapterLayer):
         """The pairs adapter ``name`` holds, in :data:`PAIRS` order."""
         return [p for p in PAIRS if name in self.lora_a(p)]
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
-                    param_configs: dict[str, LoraConfig] | None = None, adapter: ExpertAdapter | None = None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        config: LoraConfig,
+        *,
+        parts: set[str] | None = None,
+        param_configs: dict[str, LoraConfig] | None = None,
+        adapter: ExpertAdapter | None = None,
+    ) -> None:
         """Create adapter ``name`` on ``parts`` (default all of gate_proj, up_proj, down_proj).
 
         Args:
@@ -111,15 +118,17 @@ class LoraGroupedExperts(AdapterLayer):
         """
         parts = set(parts or layout.EXPERT_PROJS)
         if not parts <= set(layout.EXPERT_PROJS):
-            raise AdapterError(f"experts: unknown parts {sorted(parts - set(layout.EXPERT_PROJS))}; "
-                               f"allowed: {', '.join(layout.EXPERT_PROJS)}")
+            raise AdapterError(
+                f"experts: unknown parts {sorted(parts - set(layout.EXPERT_PROJS))}; "
+                f"allowed: {', '.join(layout.EXPERT_PROJS)}"
+            )
         adapter = adapter if adapter is not None else ExpertAdapter(name, config, param_configs)
         adapter.check()
         if name in self.adapters:
             parts |= {p for pair in self.pairs(name) for p in _parts_of(pair)}
             self.delete_adapter(name)
         gate, up = "gate_proj" in parts, "up_proj" in parts
-        pairs = (["gate_up"] if gate and up else ["gate"] if gate else ["up"] if up else [])
+        pairs = ["gate_up"] if gate and up else ["gate"] if gate else ["up"] if up else []
         pairs += ["down"] if "down_proj" in parts else []
         self.adapters[name] = adapter
         adapter.create(self, pairs)
@@ -150,7 +159,9 @@ class LoraGroupedExperts(AdapterLayer):
 
     def svd_triplets(self, name: str) -> dict[str, tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
         """Mask key ``"{name}:{pair}"`` -> (P (E, r, in), Lambda (E, r, 1), Q (E, out, r)) of an AdaLoRA adapter."""
-        return {f"{name}:{p}": (self.lora_a(p)[name], self.lora_e(p)[name], self.lora_b(p)[name]) for p in self.pairs(name)}
+        return {
+            f"{name}:{p}": (self.lora_a(p)[name], self.lora_e(p)[name], self.lora_b(p)[name]) for p in self.pairs(name)
+        }
 
     def is_svd(self, name: str) -> bool:
         return any(name in self.lora_e(p) for p in PAIRS)
@@ -186,8 +197,9 @@ class LoraGroupedExperts(AdapterLayer):
         ctx = current_context()
         return samples[ctx.sample_of_token(token_index.device)][token_index].to(dtype).unsqueeze(-1)
 
-    def _split_lora(self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor,
-                    rows: torch.Tensor | None) -> torch.Tensor:
+    def _split_lora(
+        self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
         """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated."""
         adapter = self.adapters[name]
         config = adapter.config

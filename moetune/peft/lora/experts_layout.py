@@ -69,7 +69,7 @@ def block_diag_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[to
     b = pairs[0][1].new_zeros(pairs[0][1].shape[0], sum(outs), sum(ranks))
     row = col = 0
     for (_, bi), o, r in zip(pairs, outs, ranks):
-        b[:, row:row + o, col:col + r] = bi
+        b[:, row : row + o, col : col + r] = bi
         row, col = row + o, col + r
     return a, b
 
@@ -78,7 +78,9 @@ def per_expert_keys(e: int, proj: str) -> tuple[str, str]:
     return f"{e}.{proj}.lora_A.weight", f"{e}.{proj}.lora_B.weight"
 
 
-def split_per_expert(tensors: dict[str, torch.Tensor], proj: str, num_experts: int, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_per_expert(
+    tensors: dict[str, torch.Tensor], proj: str, num_experts: int, *, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``{e}.{proj}.lora_A/B.weight`` over experts -> (E, r, in), (E, out, r)."""
     a_list, b_list = [], []
     for e in range(num_experts):
@@ -102,8 +104,10 @@ def check_zero(t: torch.Tensor, *, where: str, what: str) -> None:
 def shared_from(t: torch.Tensor, *, where: str, key: str) -> torch.Tensor:
     """(E, ...) -> (...) for expert_rank='shared'; every expert must hold the same tensor."""
     if not torch.equal(t, t[:1].expand_as(t)):
-        raise AdapterError(f"{where}: tensor '{key}' differs across experts, but the adapter uses "
-                           f"expert_rank='shared' (one pair for all experts); use expert_rank='per_expert'")
+        raise AdapterError(
+            f"{where}: tensor '{key}' differs across experts, but the adapter uses "
+            f"expert_rank='shared' (one pair for all experts); use expert_rank='per_expert'"
+        )
     return t[0]
 
 
@@ -166,16 +170,17 @@ def load_peft_tensors(layer: AdapterLayer, name: str, tensors: dict[str, torch.T
             _load_halves(layer, name, a, b, where, ka, kb)
 
 
-def _load_halves(layer: AdapterLayer, name: str, a: torch.Tensor, b: torch.Tensor, where: str,
-                 ka: str, kb: str) -> None:
+def _load_halves(
+    layer: AdapterLayer, name: str, a: torch.Tensor, b: torch.Tensor, where: str, ka: str, kb: str
+) -> None:
     """Separate gate and up pairs from PEFT's block-diagonal gate_up pair (off-blocks must be zero)."""
     Fh, col = layer.hidden, 0
     for half, rows in (("gate", slice(0, Fh)), ("up", slice(Fh, 2 * Fh))):
         r = layer.lora_a(half)[name].shape[-2] if half in layer.pairs(name) else 0
         other = slice(Fh, 2 * Fh) if half == "gate" else slice(0, Fh)
-        check_zero(b[:, other, col:col + r], where=where, what=f"'{kb}' outside the {half} block")
+        check_zero(b[:, other, col : col + r], where=where, what=f"'{kb}' outside the {half} block")
         if r:
-            set_pair(layer, name, half, a[:, col:col + r], b[:, rows, col:col + r], where, ka)
+            set_pair(layer, name, half, a[:, col : col + r], b[:, rows, col : col + r], where, ka)
         col += r
 
 
@@ -187,8 +192,7 @@ def check_loadable(layer: AdapterLayer, name: str, where: str) -> None:
     layer.adapters[name].check_loadable(where)
 
 
-def set_pair(layer: AdapterLayer, name: str, pair: str, a: torch.Tensor, b: torch.Tensor, where: str,
-             key: str) -> None:
+def set_pair(layer: AdapterLayer, name: str, pair: str, a: torch.Tensor, b: torch.Tensor, where: str, key: str) -> None:
     pa, pb = layer.lora_a(pair)[name], layer.lora_b(pair)[name]
     if pa.dim() == 2:
         a, b = shared_from(a, where=where, key=key), shared_from(b, where=where, key=key)
@@ -218,8 +222,7 @@ def per_proj(layer: AdapterLayer, name: str) -> dict[str, tuple[torch.Tensor, to
     return dict(sorted(out.items(), key=lambda kv: EXPERT_PROJS.index(kv[0])))
 
 
-def load_per_expert_tensors(layer: AdapterLayer, name: str, tensors: dict[str, torch.Tensor], *,
-                            where: str) -> None:
+def load_per_expert_tensors(layer: AdapterLayer, name: str, tensors: dict[str, torch.Tensor], *, where: str) -> None:
     """Inverse of :func:`per_expert_tensors`. Gate and up pairs with different A's turn a fused
     gate_up pair into separate gate and up pairs (call before building the optimizer)."""
     check_loadable(layer, name, where)

@@ -35,8 +35,10 @@ def fold_adapter(model: nn.Module, name: str = "default", *, unload: bool = Fals
     for path, layer in layers:
         weight = getattr(layer.base_layer, "weight", None)
         if weight is not None and counts.get(id(weight), 0) > 1:
-            raise AdapterError(f"{path}.weight is tied to another weight (tied embeddings); merging adapter "
-                               f"'{name}' would change both. Untie it first, or keep the adapter unmerged")
+            raise AdapterError(
+                f"{path}.weight is tied to another weight (tied embeddings); merging adapter "
+                f"'{name}' would change both. Untie it first, or keep the adapter unmerged"
+            )
     for _, layer in layers:
         layer.merge(name)
     if unload:

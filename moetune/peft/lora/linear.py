@@ -69,8 +69,15 @@ class LoraLinear(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
-                    param_configs: dict[str, LoraConfig] | None = None, adapter: LinearAdapter | None = None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        config: LoraConfig,
+        *,
+        parts: set[str] | None = None,
+        param_configs: dict[str, LoraConfig] | None = None,
+        adapter: LinearAdapter | None = None,
+    ) -> None:
         """Create adapter ``name`` (``parts`` and ``param_configs`` are ignored: a linear has one
         projection). ``adapter`` is the adapter object to hold (default: LoRA, DoRA with ``use_dora``)."""
         if name in self.adapters:
@@ -86,8 +93,10 @@ class LoraLinear(AdapterLayer):
     def default_adapter(self, name: str, config: LoraConfig) -> LinearAdapter:
         """The adapter object ``config`` gets when none is given."""
         if config.mixture is not None or config.adalora is not None:
-            raise AdapterError(f"adapter '{name}': a {'mixture' if config.mixture else 'AdaLoRA'} config needs its adapter "
-                               "object (moetune.add_adapter chooses it)")
+            raise AdapterError(
+                f"adapter '{name}': a {'mixture' if config.mixture else 'AdaLoRA'} config needs its adapter "
+                "object (moetune.add_adapter chooses it)"
+            )
         return lora_adapter(name, config)
 
     def delete_adapter(self, name: str) -> None:
@@ -129,8 +138,10 @@ class LoraLinear(AdapterLayer):
         if self.merged:
             ctx = current_context()
             if self.disabled or (ctx is not None and ctx.adapter_names is not None):
-                raise AdapterError(f"adapter(s) {self.merged} are merged into the base weights; unmerge them "
-                                   "before disabling adapters or choosing adapters per sample")
+                raise AdapterError(
+                    f"adapter(s) {self.merged} are merged into the base weights; unmerge them "
+                    "before disabling adapters or choosing adapters per sample"
+                )
         base = result = self.base_layer(x)
         for name in self.running():  # each adapter's term is relative to the base output alone
             delta = self.adapters[name].output(self, x, base)

@@ -104,8 +104,10 @@ class LoraAdapter(LinearAdapter):
     def _pissa(self, layer: AdapterLayer, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         weight = layer.base_layer.weight
         if not layer.base_is_writable:
-            raise AdapterError("init='pissa' rewrites the base weight, which is 4-bit here (quantize='nf4'); "
-                               "use init='kaiming' or 'gaussian', or load the base without quantize")
+            raise AdapterError(
+                "init='pissa' rewrites the base weight, which is 4-bit here (quantize='nf4'); "
+                "use init='kaiming' or 'gaussian', or load the base without quantize"
+            )
         if r > min(weight.shape):
             raise AdapterError(f"init 'pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={r}")
         with torch.no_grad():

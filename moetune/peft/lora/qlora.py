@@ -22,8 +22,10 @@ from ...errors import AdapterError
 from .experts import LoraGroupedExperts
 from .linear import LoraLinear
 
-_MERGE_HINT = ("the base weights are 4-bit (quantize='nf4'), so merging would re-round them; load the base "
-               "without quantize and merge the adapter there")
+_MERGE_HINT = (
+    "the base weights are 4-bit (quantize='nf4'), so merging would re-round them; load the base "
+    "without quantize and merge the adapter there"
+)
 
 
 class QLoraLinear(LoraLinear):

@@ -42,8 +42,9 @@ class ExpertOptions:
         return cls(rank=r, scaling=scaling, dropout=dropout, init=config.init)
 
 
-def new_expert_pair(num_experts: int, rank: int, d_in: int, d_out: int, init: str,
-                    device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+def new_expert_pair(
+    num_experts: int, rank: int, d_in: int, d_out: int, init: str, device: torch.device
+) -> tuple[nn.Parameter, nn.Parameter]:
     """A (E, r, in) fp32, initialised like ``nn.Linear`` per expert (kaiming) or N(0, 1/r);
     B (E, out, r) zeros, so every expert starts as the frozen layer."""
     a = torch.empty(num_experts, rank, d_in, dtype=torch.float32, device=device)
@@ -103,12 +104,15 @@ def check_not_stacked(mixtures: list[str], others: bool) -> None:
     ctx = current_context()
     per_sample = ctx is not None and ctx.adapter_names is not None
     if not per_sample and mixtures and (len(mixtures) > 1 or others):
-        raise AdapterError(f"mixture adapter(s) {mixtures} cannot run together with other adapters on the same "
-                           "tokens; activate one adapter, or pass adapter_names (one per sample)")
+        raise AdapterError(
+            f"mixture adapter(s) {mixtures} cannot run together with other adapters on the same "
+            "tokens; activate one adapter, or pass adapter_names (one per sample)"
+        )
 
 
-def route_tokens(layer: AdapterLayer, name: str, config: LoraConfig, x: torch.Tensor, rows: torch.Tensor | None,
-                 n: int) -> Route:
+def route_tokens(
+    layer: AdapterLayer, name: str, config: LoraConfig, x: torch.Tensor, rows: torch.Tensor | None, n: int
+) -> Route:
     """Route adapter ``name``'s tokens ``x`` (N_a, D) with ``layer.router[name]`` and report the
     routing statistics in the forward's records."""
     sequence = _sequence_of(rows, n, x.device) if config.mixture.expert_capacity else None
@@ -117,14 +121,17 @@ def route_tokens(layer: AdapterLayer, name: str, config: LoraConfig, x: torch.Te
     if ctx is not None:  # written again (not added) if checkpointing recomputes this layer
         mix = config.mixture
         z_coef = mix.router_z_loss_coef if mix.routing == "switch" else 0.0
-        ctx.records[(id(layer), name)] = MixtureRecord(adapter=name, stats=result.stats,
-                                                       aux_coef=mix.router_aux_loss_coef, z_coef=z_coef)
+        ctx.records[(id(layer), name)] = MixtureRecord(
+            adapter=name, stats=result.stats, aux_coef=mix.router_aux_loss_coef, z_coef=z_coef
+        )
     return result
 
 
 def refuse_merge(name: str) -> None:
-    raise AdapterError(f"adapter '{name}' is a mixture of LoRA experts: its router picks experts per token, "
-                       "so it cannot be folded into the base weights")
+    raise AdapterError(
+        f"adapter '{name}' is a mixture of LoRA experts: its router picks experts per token, "
+        "so it cannot be folded into the base weights"
+    )
 
 
 def load_own(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -38,8 +38,20 @@ from ...model.grouped import grouped_linear
 from ...model.layers import SwiGLU
 from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
-from .common import (ExpertOptions, base_call, check_not_stacked, dense_weight, load_own, new_expert_pair, new_router,
-                     refuse_merge, require_mixture, route_tokens, scatter_rows, token_rows)
+from .common import (
+    ExpertOptions,
+    base_call,
+    check_not_stacked,
+    dense_weight,
+    load_own,
+    new_expert_pair,
+    new_router,
+    refuse_merge,
+    require_mixture,
+    route_tokens,
+    scatter_rows,
+    token_rows,
+)
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -88,8 +100,15 @@ class MixtureFFN(AdapterLayer):
         """The projections adapter ``name`` puts LoRA experts on, in gate, up, down order."""
         return [p for p in PROJS if name in self.params("A", p)]
 
-    def add_adapter(self, name: str, config: LoraConfig, *, parts: set[str] | None = None,
-                    param_configs: dict | None = None, adapter=None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        config: LoraConfig,
+        *,
+        parts: set[str] | None = None,
+        param_configs: dict | None = None,
+        adapter=None,
+    ) -> None:
         """Create MixLoRA adapter ``name`` with experts on ``parts`` (default all projections);
         ``param_configs`` is ignored and ``adapter`` must be None (the mixture is the layer's own kind)."""
         if adapter is not None:
@@ -99,7 +118,9 @@ class MixtureFFN(AdapterLayer):
         if name in self.mixtures:
             raise AdapterError(f"adapter '{name}' already exists on this layer")
         if not parts <= set(PROJS):
-            raise AdapterError(f"mixlora: unknown projections {sorted(parts - set(PROJS))}; allowed: {', '.join(PROJS)}")
+            raise AdapterError(
+                f"mixlora: unknown projections {sorted(parts - set(PROJS))}; allowed: {', '.join(PROJS)}"
+            )
         opts = ExpertOptions.of(config)
         device = dense_weight(self.gate_proj).device
         dim, hidden = self.dim, self.hidden
@@ -117,7 +138,11 @@ class MixtureFFN(AdapterLayer):
             self.active.append(name)
 
     def delete_adapter(self, name: str) -> None:
-        for store in [self.router, self.lora_dropout, *(self.params(k, p) for k in ("A", "B", "magnitude") for p in PROJS)]:
+        for store in [
+            self.router,
+            self.lora_dropout,
+            *(self.params(k, p) for k in ("A", "B", "magnitude") for p in PROJS),
+        ]:
             if name in store:
                 del store[name]
         self.mixtures.pop(name, None)
@@ -192,8 +217,9 @@ class MixtureFFN(AdapterLayer):
             out = out.index_copy(0, idx, base_call(self.down_proj, self.act(gate0[idx]) * up0[idx]))
         return out
 
-    def _mixture(self, name: str, x: torch.Tensor, gate0: torch.Tensor, up0: torch.Tensor,
-                 rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    def _mixture(
+        self, name: str, x: torch.Tensor, gate0: torch.Tensor, up0: torch.Tensor, rows: torch.Tensor | None, n: int
+    ) -> torch.Tensor:
         """One adapter on its N_a tokens: x (N_a, D), gate0/up0 (N_a, F) -> (N_a, D)."""
         r = route_tokens(self, name, self.mixtures[name], x, rows, n)
         E = self.router[name].shape[0]
@@ -268,6 +294,8 @@ class MixtureFFN(AdapterLayer):
         return grouped_linear(x, w, offsets)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: E={self.router[n].shape[0]} {c.mixture.routing} r={self.options[n].rank}"
-                         f"{' dora' if c.use_dora else ''}" for n, c in self.mixtures.items())
-
+        return ", ".join(
+            f"{n}: E={self.router[n].shape[0]} {c.mixture.routing} r={self.options[n].rank}"
+            f"{' dora' if c.use_dora else ''}"
+            for n, c in self.mixtures.items()
+        )

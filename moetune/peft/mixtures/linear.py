@@ -32,11 +32,28 @@ from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
 from ..lora.linear import LoraLinear
 from ..lora.linear_adapters import LinearAdapter
-from .common import (ExpertOptions, check_not_stacked, load_own, new_expert_pair, new_router, refuse_merge, require_mixture,
-                     route_tokens, token_rows)
+from .common import (
+    ExpertOptions,
+    check_not_stacked,
+    load_own,
+    new_expert_pair,
+    new_router,
+    refuse_merge,
+    require_mixture,
+    route_tokens,
+    token_rows,
+)
 
-_LORA_STORES = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout", "pissa_init", "dora_factor", "lora_E",
-                "rank_mask")
+_LORA_STORES = (
+    "lora_A",
+    "lora_B",
+    "lora_magnitude_vector",
+    "lora_dropout",
+    "pissa_init",
+    "dora_factor",
+    "lora_E",
+    "rank_mask",
+)
 
 
 class MixtureAdapter(LinearAdapter):
@@ -55,12 +72,16 @@ class MixtureAdapter(LinearAdapter):
 
     def create(self, layer: MixtureLinear) -> None:
         if self.config.use_dora:
-            raise AdapterError(f"adapter '{self.name}': DoRA experts exist for mixlora (MixDoRA) only, not for "
-                               f"{self.mixture.kind}")
+            raise AdapterError(
+                f"adapter '{self.name}': DoRA experts exist for mixlora (MixDoRA) only, not for {self.mixture.kind}"
+            )
         opts, device = self.options, layer.base_layer.weight.device
-        layer.router[self.name] = new_router(self.mixture.num_experts, layer.in_features, self.mixture.router_init_std, device)
+        layer.router[self.name] = new_router(
+            self.mixture.num_experts, layer.in_features, self.mixture.router_init_std, device
+        )
         layer.moe_lora_A[self.name], layer.moe_lora_B[self.name] = new_expert_pair(
-            self.mixture.num_experts, opts.rank, layer.in_features, layer.out_features, opts.init, device)
+            self.mixture.num_experts, opts.rank, layer.in_features, layer.out_features, opts.init, device
+        )
         layer.moe_dropout[self.name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
 
     def remove(self, layer: MixtureLinear) -> None:
@@ -79,7 +100,9 @@ class MixtureAdapter(LinearAdapter):
             return self._delta(layer, x, None, x.shape[0])
         if rows.numel() == 0:  # its samples are all padding here
             return x.new_zeros(x.shape[0], layer.out_features)
-        return x.new_zeros(x.shape[0], layer.out_features).index_add(0, rows, self._delta(layer, x[rows], rows, x.shape[0]))
+        return x.new_zeros(x.shape[0], layer.out_features).index_add(
+            0, rows, self._delta(layer, x[rows], rows, x.shape[0])
+        )
 
     def _delta(self, layer: MixtureLinear, x: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
         """``sum_e w_e s B_e A_e x'`` for its tokens x (N_a, in) -> (N_a, out)."""
@@ -104,8 +127,11 @@ class MixtureAdapter(LinearAdapter):
 
     def file_tensors(self, layer: MixtureLinear) -> dict[str, torch.Tensor]:
         """``router.weight`` (E, in), ``experts.lora_A.weight`` (E, r, in), ``experts.lora_B.weight`` (E, out, r)."""
-        return {"router.weight": layer.router[self.name].detach(), "experts.lora_A.weight": layer.moe_lora_A[self.name].detach(),
-                "experts.lora_B.weight": layer.moe_lora_B[self.name].detach()}
+        return {
+            "router.weight": layer.router[self.name].detach(),
+            "experts.lora_A.weight": layer.moe_lora_A[self.name].detach(),
+            "experts.lora_B.weight": layer.moe_lora_B[self.name].detach(),
+        }
 
     def load_file_tensors(self, layer: MixtureLinear, tensors: dict[str, torch.Tensor], *, where: str) -> None:
         load_own(self.file_tensors(layer), tensors, where)
@@ -128,7 +154,9 @@ class MixtureLinear(LoraLinear):
         """A MixtureLinear holding a plain :class:`LoraLinear`'s base and adapters (the same
         parameter objects, so optimizers and references stay valid)."""
         if type(layer) is not LoraLinear:
-            raise AdapterError(f"cannot add a mixture adapter to a {type(layer).__name__} (4-bit bases take plain LoRA only)")
+            raise AdapterError(
+                f"cannot add a mixture adapter to a {type(layer).__name__} (4-bit bases take plain LoRA only)"
+            )
         new = cls(layer.base_layer)
         for store in _LORA_STORES:
             setattr(new, store, getattr(layer, store))
@@ -180,7 +208,11 @@ class MixtureLinear(LoraLinear):
         return out.view(shape)
 
     def extra_repr(self) -> str:
-        plain = ", ".join(f"{n}: r={c.r}{' dora' if c.use_dora else ''}" for n, c in self.configs.items() if n not in self.mixtures)
-        mix = ", ".join(f"{n}: {c.mixture.kind} E={self.router[n].shape[0]} {c.mixture.routing} r={self.options[n].rank}"
-                        for n, c in self.mixtures.items())
+        plain = ", ".join(
+            f"{n}: r={c.r}{' dora' if c.use_dora else ''}" for n, c in self.configs.items() if n not in self.mixtures
+        )
+        mix = ", ".join(
+            f"{n}: {c.mixture.kind} E={self.router[n].shape[0]} {c.mixture.routing} r={self.options[n].rank}"
+            for n, c in self.mixtures.items()
+        )
         return ", ".join(p for p in (plain, mix) if p)

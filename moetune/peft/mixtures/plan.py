@@ -67,8 +67,10 @@ def place(model: nn.Module, plan: dict[str, frozenset | None], config: LoraConfi
         else:
             out.append(Placement(path, parts, wrapper_for(module), plain))
     if kind == "mixlora" and not ffns:
-        raise AdapterError("mixture kind mixlora: no target is a projection (gate_proj, up_proj, down_proj) of a dense "
-                           f"SwiGLU FFN (a dense layer's mlp or a shared expert); targets matched: {', '.join(plan)}")
+        raise AdapterError(
+            "mixture kind mixlora: no target is a projection (gate_proj, up_proj, down_proj) of a dense "
+            f"SwiGLU FFN (a dense layer's mlp or a shared expert); targets matched: {', '.join(plan)}"
+        )
     out += [Placement(p, frozenset(projs), MixtureFFN, _per_layer(config, p)) for p, projs in ffns.items()]
     return out
 

@@ -84,8 +84,9 @@ class Route:
     stats: MixtureStats
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, cfg: MixtureConfig, *, training: bool,
-          sequence: torch.Tensor | None = None) -> Route:
+def route(
+    x: torch.Tensor, weight: torch.Tensor, cfg: MixtureConfig, *, training: bool, sequence: torch.Tensor | None = None
+) -> Route:
     """Route tokens ``x`` (N, D) with router ``weight`` (E, D) as ``cfg.routing`` says.
 
     Args:
@@ -115,8 +116,13 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: MixtureConfig, *, training
         experts = torch.arange(E, device=probs.device).expand(probs.shape[0], E)
         counts = probs.detach().sum(0)
     stats = _stats(logits, probs, counts, dropped=(experts[:, 0] == E).sum() if cfg.routing == "switch" else None)
-    return Route(weights=weights.to(x.dtype), experts=experts, variable=variable,
-                 base_weight=None if base is None else base.to(x.dtype), stats=stats)
+    return Route(
+        weights=weights.to(x.dtype),
+        experts=experts,
+        variable=variable,
+        base_weight=None if base is None else base.to(x.dtype),
+        stats=stats,
+    )
 
 
 def _top_p(probs: torch.Tensor, top_p: float, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +161,17 @@ def _rank_in_group(key: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _stats(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, dropped: torch.Tensor | None) -> MixtureStats:
+def _stats(
+    logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, dropped: torch.Tensor | None
+) -> MixtureStats:
     with torch.no_grad():
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
     zero = probs.new_zeros(())
-    return MixtureStats(counts=counts, prob_sum=probs.sum(0), tokens=probs.new_tensor(float(probs.shape[0])),
-                        z_sum=torch.logsumexp(logits, dim=-1).pow(2).sum(), entropy_sum=entropy,
-                        dropped=zero if dropped is None else dropped.float())
+    return MixtureStats(
+        counts=counts,
+        prob_sum=probs.sum(0),
+        tokens=probs.new_tensor(float(probs.shape[0])),
+        z_sum=torch.logsumexp(logits, dim=-1).pow(2).sum(),
+        entropy_sum=entropy,
+        dropped=zero if dropped is None else dropped.float(),
+    )

@@ -44,8 +44,10 @@ def mixture_metrics(model: nn.Module, records: dict) -> dict[str, dict[str, list
         counts = s.counts.detach().float()
         share = counts / counts.sum().clamp_min(1e-12)
         tokens = max(float(s.tokens), 1.0)
-        entry = out.setdefault(record.adapter, {"layers": [], "expert_load": [], "router_max_load": [],
-                                                "router_entropy": [], "dropped": []})
+        entry = out.setdefault(
+            record.adapter,
+            {"layers": [], "expert_load": [], "router_max_load": [], "router_entropy": [], "dropped": []},
+        )
         entry["layers"].append(paths.get(key[0], "?") if isinstance(key, tuple) else str(key))
         entry["expert_load"].append([round(float(v), 4) for v in share])
         entry["router_max_load"].append(round(float(share.max()) * counts.numel(), 4))
@@ -59,13 +61,19 @@ def merge_metrics(total: dict, part: dict, weight: float = 1.0) -> dict:
     for name, entry in part.items():
         acc = total.setdefault(name, {"layers": entry["layers"], "weight": 0.0, "sums": None})
         values = [entry["expert_load"], entry["router_max_load"], entry["router_entropy"], entry["dropped"]]
-        flat = [[w * weight for w in row] for row in values[0]], [v * weight for v in values[1]], \
-            [v * weight for v in values[2]], [v * weight for v in values[3]]
+        flat = (
+            [[w * weight for w in row] for row in values[0]],
+            [v * weight for v in values[1]],
+            [v * weight for v in values[2]],
+            [v * weight for v in values[3]],
+        )
         if acc["sums"] is None:
             acc["sums"] = flat
         else:
-            acc["sums"] = ([[a + b for a, b in zip(ra, rb)] for ra, rb in zip(acc["sums"][0], flat[0])],
-                           *([a + b for a, b in zip(sa, sb)] for sa, sb in zip(acc["sums"][1:], flat[1:])))
+            acc["sums"] = (
+                [[a + b for a, b in zip(ra, rb)] for ra, rb in zip(acc["sums"][0], flat[0])],
+                *([a + b for a, b in zip(sa, sb)] for sa, sb in zip(acc["sums"][1:], flat[1:])),
+            )
         acc["weight"] += weight
     return total
 
@@ -75,9 +83,13 @@ def mean_metrics(total: dict) -> dict[str, dict[str, list]]:
     for name, acc in total.items():
         w = max(acc["weight"], 1e-12)
         load, max_load, entropy, dropped = acc["sums"]
-        out[name] = {"layers": acc["layers"], "expert_load": [[round(v / w, 4) for v in row] for row in load],
-                     "router_max_load": [round(v / w, 4) for v in max_load],
-                     "router_entropy": [round(v / w, 4) for v in entropy], "dropped": [round(v / w, 2) for v in dropped]}
+        out[name] = {
+            "layers": acc["layers"],
+            "expert_load": [[round(v / w, 4) for v in row] for row in load],
+            "router_max_load": [round(v / w, 4) for v in max_load],
+            "router_entropy": [round(v / w, 4) for v in entropy],
+            "dropped": [round(v / w, 2) for v in dropped],
+        }
     return out
 
 
@@ -86,8 +98,12 @@ def format_metrics(metrics: dict[str, dict[str, list]]) -> str:
     lines = []
     for name, entry in metrics.items():
         lines.append(f"adapter '{name}' routers (expert load shares, max load vs uniform, entropy in nats):")
-        for path, load, top, h in zip(entry["layers"], entry["expert_load"], entry["router_max_load"], entry["router_entropy"]):
+        for path, load, top, h in zip(
+            entry["layers"], entry["expert_load"], entry["router_max_load"], entry["router_entropy"]
+        ):
             ceiling = math.log(max(len(load), 1))
-            lines.append(f"  {path}: load [{' '.join(f'{v:.2f}' for v in load)}]  max {top:.2f}  "
-                         f"entropy {h:.3f} (max {ceiling:.3f})")
+            lines.append(
+                f"  {path}: load [{' '.join(f'{v:.2f}' for v in load)}]  max {top:.2f}  "
+                f"entropy {h:.3f} (max {ceiling:.3f})"
+            )
     return "\n".join(lines)
