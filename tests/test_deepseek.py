@@ -5,7 +5,7 @@ import torch
 
 import moetune
 from moetune.model import KVCache
-from moetune.model.deepseek import DeepSeekRouter, update_correction_biases
+from moetune.model.deepseek import DeepSeekRouter
 
 transformers = pytest.importorskip("transformers")
 
@@ -244,7 +244,7 @@ def test_bias_update_from_forward_stats(tmp_path):
     ids, mask = _inputs(128)
     out = ours(ids, attention_mask=mask)
     assert torch.isfinite(out.aux_loss)
-    assert update_correction_biases(ours, out.router_stats, speed=1e-3) == 2
+    assert ours.update_router_biases(out.router_stats, speed=1e-3) == 2
     bias = ours.model.layers[1].mlp.gate.e_score_correction_bias
     assert not bias.requires_grad and bias.grad is None
 

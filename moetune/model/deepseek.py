@@ -30,12 +30,12 @@ from .deepseek_config import parse_deepseek_v2, parse_deepseek_v3
 from .families import register_family
 from .layers import RMSNorm, SwiGLU
 from .mla import MultiHeadLatentAttention, mla_softmax_scale
-from .moe import GroupedExperts, MoEBlock, RouterStats, Routing
+from .moe import GroupedExperts, MoEBlock, Router, Routing
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
-class DeepSeekRouter(nn.Module):
+class DeepSeekRouter(Router):
     """Softmax or sigmoid scoring, group-limited top-k, optional selection-only correction bias.
 
     ``Routing.probs`` feeds the shared load-balancing loss: the softmax scores for softmax
@@ -113,6 +113,10 @@ class DeepSeekRouter(nn.Module):
         probs = scores if self.scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
         return Routing(weights=weights.to(x.dtype), experts=experts, probs=probs)
 
+    @property
+    def has_correction_bias(self) -> bool:
+        return self.e_score_correction_bias is not None
+
     @torch.no_grad()
     def update_correction_bias(self, counts: torch.Tensor, speed: float) -> torch.Tensor:
         """One aux-loss-free balancing step: ``bias_e += speed * sign(mean_load - load_e)``.
@@ -134,29 +138,6 @@ class DeepSeekRouter(nn.Module):
         delta = speed * torch.sign(load.mean() - load)
         bias.add_(delta)
         return delta
-
-
-def update_correction_biases(model: nn.Module, stats: list[RouterStats], speed: float) -> int:
-    """Apply :meth:`DeepSeekRouter.update_correction_bias` to every MoE layer that has a bias.
-
-    Args:
-        model: a :class:`CausalLM`.
-        stats: per MoE layer, in layer order, as in ``CausalLMOutput.router_stats`` (their
-            ``counts`` exclude padding).
-        speed: step size.
-
-    Returns:
-        Number of routers updated (0 for models without correction biases).
-    """
-    routers = [layer.mlp.gate for layer in model.model.layers if layer.is_moe]
-    if len(routers) != len(stats):
-        raise ValueError(f"got router stats for {len(stats)} layers, the model has {len(routers)} MoE layers")
-    updated = 0
-    for router, s in zip(routers, stats):
-        if getattr(router, "e_score_correction_bias", None) is not None:
-            router.update_correction_bias(s.counts, speed)
-            updated += 1
-    return updated
 
 
 # --- builders -------------------------------------------------------------------------------

@@ -54,7 +54,24 @@ class Routing:
     probs: torch.Tensor  # (N, E) fp32 probabilities (for the aux loss)
 
 
-class TopKRouter(nn.Module):
+class Router(nn.Module):
+    """Base of the MoE routers: ``forward(x (N, D)) -> Routing``.
+
+    A router may hold a selection-only correction bias that aux-loss-free balancing moves
+    (DeepSeek-V3's ``e_score_correction_bias``): such a router says so with
+    :attr:`has_correction_bias` and implements :meth:`update_correction_bias`.
+    """
+
+    @property
+    def has_correction_bias(self) -> bool:
+        return False
+
+    def update_correction_bias(self, counts: torch.Tensor, speed: float) -> torch.Tensor:
+        """One balancing step from (E,) routed counts; returns the (E,) change applied."""
+        raise ValueError(f"this router ({type(self).__name__}) has no e_score_correction_bias to update")
+
+
+class TopKRouter(Router):
     """Softmax over E logits, top-k, optional renormalisation of the k weights."""
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:

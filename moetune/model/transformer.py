@@ -17,7 +17,7 @@ from .config import ModelArgs
 from .context import ForwardContext, current_context, forward_context
 from .layers import RMSNorm
 from .loss import chunked_cross_entropy
-from .moe import RouterStats, load_balancing_loss
+from .moe import Router, RouterStats, load_balancing_loss
 
 
 @dataclass
@@ -171,6 +171,26 @@ class CausalLM(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.model.gradient_checkpointing = enabled
+
+    @torch.no_grad()
+    def update_router_biases(self, stats: list[RouterStats], speed: float) -> int:
+        """One aux-loss-free balancing step on every router that holds a correction bias.
+
+        Args:
+            stats: per MoE layer, in layer order, as in ``CausalLMOutput.router_stats`` (their
+                ``counts`` exclude padding; sum micro-batches and ranks first).
+            speed: step size (DeepSeek-V3 used 1e-3).
+
+        Returns:
+            Number of routers updated (0 for models without correction biases).
+        """
+        routers = [layer.mlp.gate for layer in self.model.layers if layer.is_moe]
+        if len(routers) != len(stats):
+            raise ValueError(f"got router stats for {len(stats)} layers, the model has {len(routers)} MoE layers")
+        biased = [(r, s) for r, s in zip(routers, stats) if isinstance(r, Router) and r.has_correction_bias]
+        for router, s in biased:
+            router.update_correction_bias(s.counts, speed)
+        return len(biased)
 
     def forward(
         self,

@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import TrainConfig
-from ..model.deepseek import update_correction_biases
 from ..outputs import OwnedFolder
 from ..peft.core.layer import set_active_adapters
 from ..peft.formats.adapters import save_adapter
@@ -177,10 +176,11 @@ class Trainer:
 
     @torch.no_grad()
     def _balance_routers(self, counts: list) -> None:
-        """DeepSeek-V3 aux-loss-free balancing on the step's routed-token counts (all jobs, all ranks)."""
+        """Aux-loss-free router balancing (routers with a correction bias: DeepSeek-V3) on the step's
+        routed-token counts (all jobs, all ranks)."""
         speed = self.config.optim.router_bias_update_speed
         if speed and counts:
-            update_correction_biases(self.model, self.parallel.router_stats(counts), speed)
+            self.model.update_router_biases(self.parallel.router_stats(counts), speed)
 
     @torch.no_grad()
     def evaluate(self, job: Job) -> float | None:
