@@ -32,9 +32,9 @@ from torch import nn
 
 from ...config import AdaLoraOptions
 from ...errors import AdapterError
+from ..core.state import adapter_state
 from .adapters import svd_layers
 
-_STORE = "adalora_allocators"
 _PARTS = ("lora_A", "lora_E", "lora_B")  # P, Lambda, Q: PEFT's names, for state-dict keys
 
 
@@ -216,9 +216,9 @@ class RankAllocator:
 
 
 def allocators(model: nn.Module) -> dict[str, RankAllocator]:
-    """One allocator per trainable AdaLoRA adapter of ``model``, kept on the model object (rebuilt
-    when the adapter's parameters were replaced)."""
-    store = model.__dict__.setdefault(_STORE, {})
+    """One allocator per trainable AdaLoRA adapter of ``model``, kept in its adapter state
+    (:class:`~moetune.peft.core.state.AdapterState`; rebuilt when the adapter's parameters were replaced)."""
+    store = adapter_state(model).allocators
     for name in svd_adapter_names(model):
         layer = next(layer for _, layer in svd_layers(model, name))
         alloc = store.get(name)

@@ -24,6 +24,7 @@ from .layer import AdapterLayer, adapter_layers, set_active_adapters
 from .params import adapter_parameters
 from .registry import base_of
 from .report import AdapterReport, build_report
+from .state import adapter_state
 from .targets import Parts, plan_targets
 
 __all__ = ["add_adapter", "adapter_configs", "adapter_names", "delete_adapter", "freeze_base", "set_adapter"]
@@ -35,10 +36,8 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 # --- adding, removing, selecting ------------------------------------------------------------
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The config of each adapter added to ``model`` (by name), kept on the model object."""
-    if "adapter_configs" not in model.__dict__:
-        model.__dict__["adapter_configs"] = {}
-    return model.__dict__["adapter_configs"]
+    """The config of each adapter added to ``model`` (by name): ``adapter_state(model).configs``."""
+    return adapter_state(model).configs
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -72,7 +71,8 @@ def add_adapter(
             as ``<module path>.<parameter name>``.
 
     Returns:
-        The :class:`AdapterReport` (also logged at INFO).
+        The :class:`AdapterReport` (also logged at INFO); its ``state`` is the model's
+        :class:`~.state.AdapterState` (adapter configs, AdaLoRA allocators).
 
     Raises:
         AdapterError: bad name, name in use, or a target that matches nothing.
@@ -101,7 +101,7 @@ def add_adapter(
     adapter_configs(model)[name] = config
     freeze_base(model, trainable=name)
     set_active_adapters(model, active or [name])
-    report = build_report(model, name)
+    report = build_report(model, name, state=adapter_state(model))
     log.info("%s", report)
     return report
 

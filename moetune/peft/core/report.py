@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .layer import adapter_layers
+from .state import AdapterState
 
 __all__ = ["AdapterReport", "ReportRow", "build_report"]
 
@@ -30,12 +31,14 @@ class AdapterReport:
         rows: one row per module group (layer index dropped), in model order.
         trainable: parameters of this adapter.
         total: all parameters of the model, adapters included.
+        state: the model's adapter state (configs, AdaLoRA allocators), the one place peft keeps it.
     """
 
     name: str
     rows: list[ReportRow] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
+    state: AdapterState | None = field(default=None, repr=False, compare=False)
 
     @property
     def percent(self) -> float:
@@ -57,7 +60,7 @@ class AdapterReport:
         return "\n".join(lines)
 
 
-def build_report(model: nn.Module, name: str) -> AdapterReport:
+def build_report(model: nn.Module, name: str, *, state: AdapterState | None = None) -> AdapterReport:
     rows: dict[str, ReportRow] = {}
     for path, layer in adapter_layers(model):
         if name not in layer.adapter_names:
@@ -68,5 +71,5 @@ def build_report(model: nn.Module, name: str) -> AdapterReport:
         row.params += sum(p.numel() for _, p in layer.adapter_params(name))
     total = sum(p.numel() for p in model.parameters())
     return AdapterReport(
-        name=name, rows=list(rows.values()), trainable=sum(r.params for r in rows.values()), total=total
+        name=name, rows=list(rows.values()), trainable=sum(r.params for r in rows.values()), total=total, state=state
     )
