@@ -27,7 +27,8 @@ def _add_inspect(sub) -> None:
         "inspect",
         formatter_class=_Help,
         help="describe a Hugging Face model folder",
-        description="Print family, layer/expert counts, parameter counts (total and active per token) and the module names adapters can target.",
+        description="Print family, layer/expert counts, parameter counts (total and active per token) and the "
+        "module names adapters can target.",
     )
     p.add_argument("path", help="local model folder (config.json + *.safetensors)")
     p.set_defaults(handler=_cmd_inspect)
@@ -51,7 +52,8 @@ def _add_demo(sub) -> None:
         "demo",
         formatter_class=_Help,
         help="train a tiny MoE and a LoRA adapter on built-in data (CPU, ~3 min)",
-        description="Build a tiny MoE model, give it a base skill on built-in data, LoRA-fine-tune it on a task it cannot do, and print base vs adapted accuracy.",
+        description="Build a tiny MoE model, give it a base skill on built-in data, LoRA-fine-tune it on a task it "
+        "cannot do, and print base vs adapted accuracy.",
     )
     p.add_argument("--out", default="moetune-demo", help="output folder (default: ./moetune-demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
@@ -111,7 +113,8 @@ def _overwrite_arg(p) -> None:
         "--overwrite",
         action="store_true",
         help="write into a non-empty folder moetune did not write, beside its "
-        "files (never replacing or deleting them); moetune's own earlier output of the same kind is replaced without it",
+        "files (never replacing or deleting them); moetune's own earlier output of the same kind is replaced "
+        "without it",
     )
 
 
@@ -238,7 +241,9 @@ def _add_eval(sub) -> None:
         "eval",
         formatter_class=_Help,
         help="loss / perplexity, or multiple-choice accuracy, of base or base+adapter",
-        description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows), and/or multiple-choice accuracy by log-likelihood on task files (rows: question, choices, answer). Router statistics (expert load, entropy) are printed for MoE layers and adapter mixtures.",
+        description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows), and/or "
+        "multiple-choice accuracy by log-likelihood on task files (rows: question, choices, answer). Router "
+        "statistics (expert load, entropy) are printed for MoE layers and adapter mixtures.",
     )
     _model_args(p)
     p.add_argument("--data", help="JSONL file for loss / perplexity")
@@ -329,9 +334,10 @@ def _add_merge(sub) -> None:
 def _cmd_export(ns: argparse.Namespace) -> None:
     from .workflows import export_adapter
 
-    print(
-        f"adapter written to {export_adapter(ns.model, ns.adapter, ns.out, layout=ns.layout, dtype=ns.dtype, device=ns.device, overwrite=ns.overwrite)} ({ns.layout} layout)"
+    out = export_adapter(
+        ns.model, ns.adapter, ns.out, layout=ns.layout, dtype=ns.dtype, device=ns.device, overwrite=ns.overwrite
     )
+    print(f"adapter written to {out} ({ns.layout} layout)")
 
 
 def _add_export(sub) -> None:

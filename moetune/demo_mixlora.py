@@ -74,7 +74,7 @@ def run_comparison(
     overwrite: bool = False,
 ) -> dict:
     """Pre-train the dense base, train LoRA and MixLoRA together, return their accuracies and sizes."""
-    say = print if verbose else (lambda *a, **k: None)
+    say = print if verbose else (lambda *_a, **_k: None)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     out, tok = claim_demo_folder(out_dir, overwrite=overwrite), ByteTokenizer()
@@ -92,7 +92,8 @@ def run_comparison(
         result[f"{name}_params"] = sum(p.numel() for p in trainable_parameters(adapted, name).values())
         result[f"{name}_accuracy"] = accuracy(adapted, tok, rows, adapter=name)
         say(
-            f"{name}: {result[f'{name}_params']:,} trainable parameters, held-out accuracy {result[f'{name}_accuracy']:.0%}",
+            f"{name}: {result[f'{name}_params']:,} trainable parameters, held-out accuracy "
+            f"{result[f'{name}_accuracy']:.0%}",
             flush=True,
         )
     result["seconds"] = time.perf_counter() - t0

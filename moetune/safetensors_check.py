@@ -61,7 +61,10 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
             if length > MAX_HEADER_BYTES or length == 0:
                 return f"is not a safetensors file (header unreadable: its length field says {length:,} bytes)"
             if 8 + length > size:
-                return f"is truncated inside its header: the header is {length:,} bytes, the file has {size:,} bytes in all"
+                return (
+                    f"is truncated inside its header: the header is {length:,} bytes, "
+                    f"the file has {size:,} bytes in all"
+                )
             raw = f.read(length)
     except FileNotFoundError:
         return "does not exist"

@@ -50,7 +50,7 @@ def _handlers(handlers: dict[int, Callable]) -> Iterator[bool]:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-def _raise_terminated(signum, frame) -> None:
+def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
     raise Terminated()
 
 
@@ -77,7 +77,7 @@ class StopRequest:
         """The exception to end the run with (``default``: when another rank received the signal)."""
         return interruption(self.signum or default, message)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - a signal handler's signature
         if self.signum is not None:
             raise interruption(signum, "stopped at once on a second signal; no checkpoint written")
         self.signum = signum

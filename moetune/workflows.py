@@ -18,6 +18,7 @@ from .model.loading import read_hf_config
 from .model.generate import SamplingConfig, generate
 from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
+from .peft.arithmetic.combine import METHODS
 from .peft.arithmetic.folders import combine_adapter_folders
 from .peft.formats.adapters import load_adapter, save_adapter
 from .peft.lora.fold import fold_adapter as merge_adapter
@@ -81,7 +82,10 @@ class EvalResult:
     router: str = ""  # router statistics (base MoE layers, adapter mixtures)
 
     def summary(self) -> str:
-        line = f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  ({self.tokens:,} scored tokens, {self.examples} examples)"
+        line = (
+            f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  "
+            f"({self.tokens:,} scored tokens, {self.examples} examples)"
+        )
         return line + ("\n" + self.router if self.router else "")
 
 
@@ -182,6 +186,9 @@ def train_from_file(
         return dump_config(config)
     result = train(config, resume=resume, overwrite=overwrite)
     return result.summary() if is_main_process() else None
+
+
+COMBINE_METHODS: tuple[str, ...] = tuple(METHODS)  # the --method choices of merge-adapters
 
 
 def combine_adapters(model_path, adapters: list[str], out_dir, **options) -> str:

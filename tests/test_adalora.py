@@ -144,7 +144,8 @@ def test_budget_over_linears_and_experts(tmp_path):
     assert len(pattern["model.layers.0.mlp.experts.gate_up"]) == 8
     experts = sum(sum(map(sum, v)) for k, v in pattern.items() if "experts" in k)
     print(
-        f"AdaLoRA budget {alloc.kept()} of {alloc.init_budget}: {experts} triplets on experts, {alloc.kept() - experts} on q_proj"
+        f"AdaLoRA budget {alloc.kept()} of {alloc.init_budget}: {experts} triplets on experts, "
+        f"{alloc.kept() - experts} on q_proj"
     )
 
 

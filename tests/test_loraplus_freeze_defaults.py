@@ -160,7 +160,10 @@ def test_run_file_adalora_r_8_is_kept_or_refused(tmp_path):
     from moetune.config import load_train_config
 
     run = tmp_path / "run.yaml"
-    base = "model: {path: m}\ndata: {train: t.jsonl}\noptim: {max_steps: 10, batch_size: 2}\ncheckpoint: {output_dir: out}\n"
+    base = (
+        "model: {path: m}\ndata: {train: t.jsonl}\noptim: {max_steps: 10, batch_size: 2}\n"
+        "checkpoint: {output_dir: out}\n"
+    )
     run.write_text(base + "adapter: {method: adalora, r: 8, adalora: {init_r: 16, target_r: 4}}\n")
     with pytest.raises(ConfigError, match=r"adapter\.r"):
         load_train_config(run)

@@ -211,7 +211,7 @@ def test_missing_tensorboard_is_refused_before_anything_is_written(finished, mon
     from moetune.config import load_train_config
 
     config = load_train_config(cfg, ["logging.tensorboard=true"])
-    monkeypatch.setattr(run_folder, "is_installed", lambda name: False)
+    monkeypatch.setattr(run_folder, "is_installed", lambda _name: False)
     before = _snapshot(root / "run")
     with pytest.raises(ConfigError, match="tensorboard"):
         run_folder.plan_run_folder(config, resume=True)

@@ -20,7 +20,8 @@ KILL_MULTI_AFTER_SAVE = KILL_AFTER_SAVE  # one loop (moetune.train.loop) for one
 
 
 def _train_killed_after(cfg, step):
-    """``moetune train cfg`` (several adapters) in a subprocess that SIGKILLs itself once checkpoint ``step`` is written."""
+    """``moetune train cfg`` (several adapters) in a subprocess that SIGKILLs itself once checkpoint
+    ``step`` is written."""
     return subprocess.run(
         [sys.executable, "-c", KILL_MULTI_AFTER_SAVE.format(step=step), str(cfg)],
         capture_output=True,

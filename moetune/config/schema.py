@@ -229,7 +229,7 @@ def to_plain(obj: Any) -> Any:
 class ConfigSection:
     """Base of every config dataclass: type-check all fields, then run :meth:`validate`."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> ConfigSection:
+    def __new__(cls, *_args: Any, **kwargs: Any) -> ConfigSection:
         obj = super().__new__(cls)
         obj.__dict__["_given"] = frozenset(kwargs)  # the keyword arguments the caller wrote (all of them: kw_only)
         return obj

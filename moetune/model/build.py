@@ -42,7 +42,7 @@ def build_attention(args: ModelArgs, layer: int) -> nn.Module:
     )
 
 
-def build_moe(args: ModelArgs, layer: int) -> nn.Module:
+def build_moe(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - every part builder takes the layer index
     moe, D = args.moe, args.hidden_size
     shared = gate = None
     if moe.shared_intermediate_size:
@@ -57,7 +57,7 @@ def build_moe(args: ModelArgs, layer: int) -> nn.Module:
     )
 
 
-def build_dense_mlp(args: ModelArgs, layer: int) -> nn.Module:
+def build_dense_mlp(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - the part builder signature
     return SwiGLU(dim=args.hidden_size, hidden=args.intermediate_size, act=args.hidden_act)
 
 

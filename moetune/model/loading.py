@@ -91,13 +91,15 @@ class _Filler:
         native = self.params[target.name]
         if target.expert is not None and target.expert >= native.shape[0]:
             raise CheckpointError(
-                f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} experts"
+                f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} "
+                "experts"
             )
         quantized = isinstance(native, NF4Weight)
         dest = destination(native.layout() if quantized else native.data, target)
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from config.json"
+                f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from "
+                "config.json"
             )
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
@@ -105,7 +107,7 @@ class _Filler:
             dest.copy_(tensor.to(dest.dtype))
         self.filled[target.name].add((target.expert, target.part))
 
-    def check_complete(self, model: nn.Module) -> None:
+    def check_complete(self) -> None:
         for name, parts in self.filled.items():
             if parts == {(None, "all")} or _covers(self.params[name], parts):
                 continue
@@ -179,7 +181,7 @@ def load_model(
     filler = _Filler(model, KeyMap(args.family), tied=args.tie_word_embeddings)
     for file, key, tensor in iter_checkpoint(files):
         filler.fill(key, tensor, file)
-    filler.check_complete(model)
+    filler.check_complete()
     model.source_path = str(folder)
     return model.eval()
 

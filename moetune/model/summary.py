@@ -31,7 +31,8 @@ class ModelSummary:
     def lines(self) -> list[str]:
         out = [
             f"family            {self.family}",
-            f"layers            {self.num_layers} ({self.moe_layers} MoE, {self.num_layers - self.moe_layers} dense FFN)",
+            f"layers            {self.num_layers} ({self.moe_layers} MoE, {self.num_layers - self.moe_layers} dense "
+            "FFN)",
             f"hidden / vocab    {self.hidden_size} / {self.vocab_size}",
         ]
         if self.moe_layers:

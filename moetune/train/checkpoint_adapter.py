@@ -67,7 +67,8 @@ def load_checkpoint_adapter(model: nn.Module, path: str | os.PathLike) -> str:
         for key, p in params.items():
             if tensors[key].shape != p.shape:
                 raise AdapterError(
-                    f"'{checkpoint}': tensor '{key}' has shape {tuple(tensors[key].shape)}, the config makes {tuple(p.shape)}"
+                    f"'{checkpoint}': tensor '{key}' has shape {tuple(tensors[key].shape)}, the config makes "
+                    f"{tuple(p.shape)}"
                 )
             p.copy_(tensors[key])
     return trained

@@ -225,7 +225,8 @@ class DataParallel(Parallel):
         ranks = state.get("ranks") or [state]
         if len(ranks) != self.world_size:
             log.info(
-                "checkpoint from %d rank(s), resuming on %d: runs with dropout > 0 draw other masks than the uninterrupted run",
+                "checkpoint from %d rank(s), resuming on %d: runs with dropout > 0 draw other masks than the "
+                "uninterrupted run",
                 len(ranks),
                 self.world_size,
             )

@@ -46,7 +46,8 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
         ) from None
     if not (0 <= rank < world and 0 <= local < world):
         raise ConfigError(
-            f"distributed launch: need 0 <= RANK, LOCAL_RANK < WORLD_SIZE; got RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}"
+            f"distributed launch: need 0 <= RANK, LOCAL_RANK < WORLD_SIZE; got RANK={rank}, LOCAL_RANK={local}, "
+            f"WORLD_SIZE={world}"
         )
     return LaunchEnv(rank=rank, world_size=world, local_rank=local)
 
@@ -72,7 +73,8 @@ def resolve_launch(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, s
         count = torch.cuda.device_count()
         if env.local_rank >= count:
             raise ConfigError(
-                f"model.device: {spec} under torchrun needs one GPU per local rank; local rank {env.local_rank} but {count} GPU(s) visible"
+                f"model.device: {spec} under torchrun needs one GPU per local rank; local rank {env.local_rank} but "
+                f"{count} GPU(s) visible"
             )
         device = torch.device("cuda", env.local_rank)
     else:

@@ -192,7 +192,8 @@ class TeacherFile:
                 logits = tensors.get("logits." + key.split(".", 1)[1])
                 if logits is None or logits.shape[0] != ids.numel():
                     raise ConfigError(
-                        f"optim.distill.teacher: '{self.path}': '{key}' has no matching 'logits.*' tensor of {ids.numel()} rows"
+                        f"optim.distill.teacher: '{self.path}': '{key}' has no matching 'logits.*' tensor of "
+                        f"{ids.numel()} rows"
                     )
                 self.table[tuple(ids.tolist())] = logits
 

@@ -33,7 +33,8 @@ class TrainResult:
 
     def summary(self) -> str:
         lines = [
-            f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.1f}s ({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), peak memory {self.peak_memory_gib:.2f} GiB",
+            f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.1f}s "
+            f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), peak memory {self.peak_memory_gib:.2f} GiB",
             f"final train loss {self.final_loss:.4f}"
             + (
                 f", eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})"

@@ -72,7 +72,8 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
         model = load_model(config.model.path, dtype=dtype, device=device, quantize=config.model.quantize)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(
-            f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; use the model's own tokenizer"
+            f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; "
+            "use the model's own tokenizer"
         )
     for section in config.adapters:
         torch.manual_seed(config.seed)  # each adapter starts as it would alone (adapters trained together == alone)

@@ -45,7 +45,8 @@ def shard_model(model: nn.Module, *, device: torch.device, world_size: int) -> N
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ConfigError(
-            f"distributed.strategy: fsdp needs a model with model.layers; {type(model).__name__} has none (use replicate)"
+            f"distributed.strategy: fsdp needs a model with model.layers; {type(model).__name__} has none (use "
+            "replicate)"
         )
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)

@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
@@ -103,6 +104,7 @@ class SvdLinearAdapter(LoraAdapter):
     def _effective_a(self, layer: LoraLinear) -> torch.Tensor:
         return layer.lora_A[self.name] * layer.lora_E[self.name]  # Lambda * P, (r, in)
 
+    @override
     def output(self, layer: LoraLinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         xd = layer.lora_dropout[self.name](x)
         return (
@@ -130,6 +132,7 @@ class SvdLinearAdapter(LoraAdapter):
         k = max(int(layer.rank_mask.get(self.name).sum()), 1)
         return k, self.config.alpha * k / self.config.r
 
+    @override
     def load_file_tensors(self, layer: LoraLinear, tensors: dict[str, torch.Tensor], *, where: str) -> None:
         raise AdapterError(f"{where}: adapter '{self.name}' {_NOT_LOADABLE}")
 
@@ -167,6 +170,7 @@ class SvdExpertAdapter(ExpertAdapter):
             del layer.lora_e(pair)[self.name]
             layer.rank_mask.pop(f"{self.name}:{pair}")
 
+    @override
     def scaling(self, param: str) -> float:
         return svd_scaling(self.config)
 

@@ -109,7 +109,8 @@ def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterRe
 def _our_config(raw: dict, where: str) -> LoraConfig:
     if raw.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
-            f"{where}: format_version {raw.get('format_version')!r} is not supported (this moetune reads {FORMAT_VERSION})"
+            f"{where}: format_version {raw.get('format_version')!r} is not supported (this moetune reads "
+            f"{FORMAT_VERSION})"
         )
     try:
         return from_dict(LoraConfig, raw.get("lora_config"), where=f"{where}: lora_config")
@@ -121,7 +122,8 @@ def _missing_weights(folder: Path) -> str:
     if (folder / "adapter_model.bin").is_file():
         return (
             f"'{folder}' holds adapter_model.bin (a pickle, as MoE-PEFT writes); moetune reads safetensors only, "
-            'because unpickling can run arbitrary code. If you trust the file, convert it once: python -c "import torch; '
+            'because unpickling can run arbitrary code. If you trust the file, convert it once: python -c "import '
+            "torch; "
             "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
             "'adapter_model.safetensors')\" in that folder"
         )

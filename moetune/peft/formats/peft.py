@@ -74,8 +74,6 @@ def save_peft(
     target_modules += list(dict.fromkeys(expert_projs))
     cfg = config_to_peft(
         config,
-        name=name,
-        layout=layout,
         r=r,
         alpha=alpha,
         targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},

@@ -117,8 +117,6 @@ def rank_alpha(config: LoraConfig, layers: list[tuple[str, dict, dict]]) -> tupl
 def config_to_peft(
     config: LoraConfig,
     *,
-    name: str,
-    layout: str,
     r: int,
     alpha: float,
     targets: dict[str, list],
@@ -126,7 +124,7 @@ def config_to_peft(
     alpha_pattern: dict,
     base_model: str | None,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` mapping for adapter ``name``."""
+    """The ``adapter_config.json`` mapping of an adapter trained with ``config``."""
     init = {"kaiming": True, "gaussian": "gaussian", "pissa": True}[config.init]  # PiSSA is saved converted
     return {
         "peft_type": "LORA",

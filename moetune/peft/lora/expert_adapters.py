@@ -83,7 +83,7 @@ class ExpertAdapter:
             a, b = a.expand(layer.num_experts, -1, -1), b.expand(layer.num_experts, -1, -1)
         return a, b
 
-    def check_loadable(self, where: str) -> None:
+    def check_loadable(self, where: str) -> None:  # noqa: ARG002 - interface; SVD adapters refuse
         """Raise when files cannot fill this adapter (they hold plain LoRA)."""
         return None
 

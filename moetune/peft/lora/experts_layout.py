@@ -202,7 +202,8 @@ def set_pair(layer: AdapterLayer, name: str, pair: str, a: torch.Tensor, b: torc
 
 
 def per_expert_tensors(layer: AdapterLayer, name: str) -> dict[str, torch.Tensor]:
-    """vLLM/SGLang layout: ``{e}.{gate_proj|up_proj|down_proj}.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r)."""
+    """vLLM/SGLang layout: ``{e}.{gate_proj|up_proj|down_proj}.lora_A.weight`` (r, in),
+    ``...lora_B.weight`` (out, r)."""
     out = {}
     for proj, (a, b) in per_proj(layer, name).items():
         for e in range(layer.num_experts):

@@ -18,8 +18,9 @@ __all__ = ["fold_adapter"]
 
 
 def fold_adapter(model: nn.Module, name: str = "default", *, unload: bool = False) -> nn.Module:
-    """Fold adapter ``name`` into the base weights (``moetune.merge_adapter``) (then ``model.save_pretrained`` writes a plain
-    Hugging Face checkpoint with it). Merging twice is a no-op; ``layer.unmerge`` undoes it.
+    """Fold adapter ``name`` into the base weights (``moetune.merge_adapter``); then
+    ``model.save_pretrained`` writes a plain Hugging Face checkpoint with it. Merging twice is a
+    no-op; ``layer.unmerge`` undoes it.
 
     Args:
         unload: also drop the adapter (its effect stays in the weights) and unwrap modules left

@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
@@ -69,6 +70,7 @@ class LoraLinear(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
 
+    @override
     def add_adapter(
         self,
         name: str,
@@ -129,7 +131,8 @@ class LoraLinear(AdapterLayer):
         return name in self.lora_E
 
     def svd_triplets(self, name: str) -> dict[str, tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
-        """``{name: (P (r, in), Lambda (r, 1), Q (out, r))}`` of an AdaLoRA adapter: one matrix, under the mask key ``name``."""
+        """``{name: (P (r, in), Lambda (r, 1), Q (out, r))}`` of an AdaLoRA adapter: one matrix, under
+        the mask key ``name``."""
         return {name: (self.lora_A[name], self.lora_E[name], self.lora_B[name])}
 
     # --- forward --------------------------------------------------------------------------

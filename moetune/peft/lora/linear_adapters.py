@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
@@ -68,7 +69,7 @@ class LinearAdapter:
         """``s * B @ A`` (out, in) in fp32 (what merging adds to the weight)."""
         raise NotImplementedError
 
-    def merge_factor(self, layer: AdapterLayer, w0: torch.Tensor) -> torch.Tensor | None:
+    def merge_factor(self, layer: AdapterLayer, w0: torch.Tensor) -> torch.Tensor | None:  # noqa: ARG002 - DoRA uses them
         """DoRA's per-row ``m / ||W0 + delta||`` at merge time; None for a plain delta."""
         return None
 
@@ -79,7 +80,7 @@ class LinearAdapter:
     def load_file_tensors(self, layer: AdapterLayer, tensors: dict[str, torch.Tensor], *, where: str) -> None:
         raise NotImplementedError
 
-    def rank_alpha(self, layer: AdapterLayer) -> tuple[int, float]:
+    def rank_alpha(self, layer: AdapterLayer) -> tuple[int, float]:  # noqa: ARG002 - PiSSA's needs the layer
         """The (rank, alpha) its file is written with (``rank_pattern`` / ``alpha_pattern``)."""
         return self.config.r, self.config.alpha
 
@@ -138,6 +139,7 @@ class LoraAdapter(LinearAdapter):
         yield f"lora_A.{self.name}", layer.lora_A[self.name]
         yield f"lora_B.{self.name}", layer.lora_B[self.name]
 
+    @override
     def output(self, layer: AdapterLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = layer.lora_A[self.name].to(x.dtype), layer.lora_B[self.name].to(x.dtype)
         return F.linear(F.linear(layer.lora_dropout[self.name](x), a), b) * self.scaling
@@ -154,6 +156,7 @@ class LoraAdapter(LinearAdapter):
             a, b = torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
         return {"lora_A.weight": a, "lora_B.weight": b}
 
+    @override
     def rank_alpha(self, layer: AdapterLayer) -> tuple[int, float]:
         r, alpha = self.config.r, self.config.alpha
         if self.config.init == "pissa":  # written converted, at rank 2r with the same scaling

@@ -18,6 +18,8 @@ the originals).
 
 from __future__ import annotations
 
+from typing_extensions import override
+
 from ...errors import AdapterError
 from .experts import LoraGroupedExperts
 from .linear import LoraLinear
@@ -36,6 +38,7 @@ class QLoraLinear(LoraLinear):
     def merge(self, name: str) -> None:
         raise AdapterError(f"cannot merge adapter '{name}': {_MERGE_HINT}")
 
+    @override
     def unmerge(self, name: str) -> None:
         return None  # nothing is ever merged into a 4-bit base
 
@@ -46,5 +49,6 @@ class QLoraGroupedExperts(LoraGroupedExperts):
     def merge(self, name: str) -> None:
         raise AdapterError(f"cannot merge adapter '{name}' into routed experts: {_MERGE_HINT}")
 
+    @override
     def unmerge(self, name: str) -> None:
         return None

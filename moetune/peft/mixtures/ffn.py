@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
@@ -100,6 +101,7 @@ class MixtureFFN(AdapterLayer):
         """The projections adapter ``name`` puts LoRA experts on, in gate, up, down order."""
         return [p for p in PROJS if name in self.params("A", p)]
 
+    @override
     def add_adapter(
         self,
         name: str,
@@ -157,12 +159,15 @@ class MixtureFFN(AdapterLayer):
                     if n in self.params(kind, proj):
                         yield f"lora_{kind}_{SHORT[proj]}.{n}", self.params(kind, proj)[n]
 
+    @override
     def merge(self, name: str) -> None:
         refuse_merge(name)
 
+    @override
     def unmerge(self, name: str) -> None:
         return None
 
+    @override
     def peft_config_targets(self, module_path: str, name: str | None = None) -> dict:
         return {"target_modules": [f"{module_path}.{p}" for p in PROJS]}
 

@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
@@ -93,6 +94,7 @@ class MixtureAdapter(LinearAdapter):
         yield f"moe_lora_A.{self.name}", layer.moe_lora_A[self.name]
         yield f"moe_lora_B.{self.name}", layer.moe_lora_B[self.name]
 
+    @override
     def output(self, layer: MixtureLinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """(N, out) ``sum_e w_e s B_e A_e x'`` on the tokens it routes, zero elsewhere; x (N, in)."""
         rows = token_rows(layer, self.name, x.shape[0], x.device)
@@ -122,6 +124,7 @@ class MixtureAdapter(LinearAdapter):
             y = torch.cat([y, y.new_zeros(d.order.numel() - count, y.shape[1])])
         return combine(y, d, r.weights)
 
+    @override
     def delta_weight(self, layer: MixtureLinear) -> torch.Tensor:
         refuse_merge(self.name)
 
@@ -150,6 +153,7 @@ class MixtureLinear(LoraLinear):
         self.moe_dropout = nn.ModuleDict()
 
     @classmethod
+    @override
     def take_over(cls, layer: AdapterLayer, path: str) -> MixtureLinear:
         """A MixtureLinear holding a plain :class:`LoraLinear`'s base and adapters (the same
         parameter objects, so optimizers and references stay valid)."""
