@@ -62,6 +62,8 @@ def test_version_and_every_option_has_help(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("moetune ")
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    train_help = " ".join(subparsers["train"].format_help().split())
+    assert "Relative paths in the YAML file resolve against the folder the YAML file is in" in train_help
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help, f"moetune {name} {action.option_strings or action.dest} has no help text"
