@@ -114,3 +114,26 @@ def chunked_cross_entropy(
         )
         total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
     return (total, counts) if per_sample else total / count
+
+
+def causal_lm_loss(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    chunk_size: int = 1024,
+    per_sample: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The causal LM's loss: padding (``attention_mask`` 0) never counts, whatever the labels say.
+
+    Returns:
+        ``(mean loss, per-sample sums (B,), per-sample counts (B,))``; the last two are None
+        unless ``per_sample`` (see :func:`chunked_cross_entropy`).
+    """
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
+    if not per_sample:
+        return chunked_cross_entropy(head, hidden, labels, chunk_size=chunk_size), None, None
+    sums, counts = chunked_cross_entropy(head, hidden, labels, chunk_size=chunk_size, per_sample=True)
+    return sums.sum() / counts.sum().clamp_min(1), sums, counts

@@ -66,7 +66,7 @@ class Router(nn.Module):
     def has_correction_bias(self) -> bool:
         return False
 
-    def update_correction_bias(self, counts: torch.Tensor, speed: float) -> torch.Tensor:
+    def update_correction_bias(self, counts: torch.Tensor, speed: float) -> torch.Tensor:  # noqa: ARG002 - the interface
         """One balancing step from (E,) routed counts; returns the (E,) change applied."""
         raise ValueError(f"this router ({type(self).__name__}) has no e_score_correction_bias to update")
 

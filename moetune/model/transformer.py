@@ -16,7 +16,7 @@ from .attention import KVCache, build_mask
 from .config import ModelArgs
 from .context import ForwardContext, current_context, forward_context
 from .layers import RMSNorm
-from .loss import chunked_cross_entropy
+from .loss import causal_lm_loss
 from .moe import Router, RouterStats, load_balancing_loss
 
 
@@ -140,6 +140,17 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pas
     return pos.clamp_min(0)[:, -T:]
 
 
+def _context(input_ids, attention_mask, adapter_names, per_sample: bool) -> ForwardContext:
+    """The :class:`ForwardContext` of one causal-LM forward (``adapter_names`` checked against B)."""
+    B, T = input_ids.shape
+    if adapter_names is not None and len(adapter_names) != B:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {B}")
+    token_mask = attention_mask[:, -T:].reshape(-1) if attention_mask is not None else None
+    return ForwardContext(
+        batch_size=B, seq_len=T, adapter_names=adapter_names, token_mask=token_mask, per_sample=per_sample
+    )
+
+
 class CausalLM(nn.Module):
     """Decoder-only causal LM.
 
@@ -219,16 +230,7 @@ class CausalLM(nn.Module):
             per_sample: also return per-sample loss sums and token counts, and per-sample
                 routing sums in ``router_stats`` (to split one mixed-adapter forward by adapter).
         """
-        if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {input_ids.shape[0]}")
-        token_mask = attention_mask[:, -input_ids.shape[1] :].reshape(-1) if attention_mask is not None else None
-        ctx = ForwardContext(
-            batch_size=input_ids.shape[0],
-            seq_len=input_ids.shape[1],
-            adapter_names=adapter_names,
-            token_mask=token_mask,
-            per_sample=per_sample,
-        )
+        ctx = _context(input_ids, attention_mask, adapter_names, per_sample)
         with forward_context(ctx):
             hidden, stats = self.model(
                 input_ids,
@@ -239,15 +241,9 @@ class CausalLM(nn.Module):
             )
             out = CausalLMOutput(router_stats=stats, cache=cache, records=dict(ctx.records))
             if labels is not None:
-                if attention_mask is not None:
-                    labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
-                if per_sample:
-                    out.sample_loss, out.sample_tokens = chunked_cross_entropy(
-                        self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size, per_sample=True
-                    )
-                    out.loss = out.sample_loss.sum() / out.sample_tokens.sum().clamp_min(1)
-                else:
-                    out.loss = chunked_cross_entropy(self.lm_head, hidden, labels, chunk_size=self.loss_chunk_size)
+                out.loss, out.sample_loss, out.sample_tokens = causal_lm_loss(
+                    self.lm_head, hidden, labels, attention_mask, chunk_size=self.loss_chunk_size, per_sample=per_sample
+                )
             if labels is None or return_logits:
                 out.logits = self.lm_head(hidden)
         if stats:

@@ -71,8 +71,7 @@ def add_adapter(
             as ``<module path>.<parameter name>``.
 
     Returns:
-        The :class:`AdapterReport` (also logged at INFO); its ``state`` is the model's
-        :class:`~.state.AdapterState` (adapter configs, AdaLoRA allocators).
+        The :class:`AdapterReport` (also logged at INFO); ``.state``: the model's :class:`~.state.AdapterState`.
 
     Raises:
         AdapterError: bad name, name in use, or a target that matches nothing.
