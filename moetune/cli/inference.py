@@ -1,0 +1,207 @@
+"""The inference-side subcommands: ``eval``, ``generate``, ``merge``, ``export``, ``merge-adapters``."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import Help, fraction, model_args, non_negative_float, overwrite_arg, positive_int, probability
+
+
+def _cmd_eval(ns: argparse.Namespace) -> None:
+    from ..errors import ConfigError
+    from ..workflows import evaluate_file, evaluate_task_files
+
+    if not ns.data and not ns.task:
+        raise ConfigError("give --data FILE (loss/perplexity) and/or --task FILE (multiple-choice accuracy)")
+    if ns.data:
+        print(
+            evaluate_file(
+                ns.model,
+                ns.data,
+                adapter=ns.adapter,
+                tokenizer=ns.tokenizer,
+                max_length=ns.max_length,
+                batch_size=ns.batch_size,
+                dtype=ns.dtype,
+                device=ns.device,
+            ).summary()
+        )
+    for result in evaluate_task_files(
+        ns.model,
+        ns.task or [],
+        adapter=ns.adapter,
+        tokenizer=ns.tokenizer,
+        max_length=ns.max_length,
+        batch_size=ns.batch_size,
+        chat=ns.chat,
+        dtype=ns.dtype,
+        device=ns.device,
+    ):
+        print(result.summary())
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        formatter_class=Help,
+        help="loss / perplexity, or multiple-choice accuracy, of base or base+adapter",
+        description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows), and/or "
+        "multiple-choice accuracy by log-likelihood on task files (rows: question, choices, answer). Router "
+        "statistics (expert load, entropy) are printed for MoE layers and adapter mixtures.",
+    )
+    model_args(p)
+    p.add_argument("--data", help="JSONL file for loss / perplexity")
+    p.add_argument(
+        "--task",
+        action="append",
+        metavar="FILE.jsonl",
+        help="multiple-choice task file (repeat for several); reports accuracy_norm (headline) and accuracy",
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="--task: ask each question as a chat user turn (chat-tuned adapters)"
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=1024, help="tokens per row (longer rows are cut, and counted)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_generate(ns: argparse.Namespace) -> None:
+    from ..workflows import generate_text
+
+    for text in generate_text(
+        ns.model,
+        ns.prompt,
+        adapter=ns.adapter,
+        tokenizer=ns.tokenizer,
+        chat=not ns.raw,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        seed=ns.seed,
+        dtype=ns.dtype,
+        device=ns.device,
+    ):
+        print(text)
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        formatter_class=Help,
+        help="generate text from a prompt (greedy or sampled, KV cache)",
+        description="Continue prompts with the base model or base + adapter.",
+    )
+    model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most per prompt")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument(
+        "--top-p",
+        type=probability,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens with this much probability",
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.set_defaults(handler=_cmd_generate)
+
+
+def _cmd_merge(ns: argparse.Namespace) -> None:
+    from ..workflows import merge_to_checkpoint
+
+    out = merge_to_checkpoint(
+        ns.model, ns.adapter, ns.out, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device, overwrite=ns.overwrite
+    )
+    print(f"merged checkpoint written to {out}")
+
+
+def add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        formatter_class=Help,
+        help="fold an adapter into the base; write a Hugging Face checkpoint",
+        description="Merge an adapter into the base weights and save a plain Hugging Face checkpoint.",
+    )
+    model_args(
+        p,
+        adapter_required=True,
+        tokenizer="a tokenizer folder whose files are copied into the merged folder "
+        "(default: the base folder's tokenizer, chat template and generation config)",
+    )
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier merge's")
+    overwrite_arg(p)
+    p.set_defaults(handler=_cmd_merge)
+
+
+def _cmd_export(ns: argparse.Namespace) -> None:
+    from ..workflows import export_adapter
+
+    out = export_adapter(
+        ns.model, ns.adapter, ns.out, layout=ns.layout, dtype=ns.dtype, device=ns.device, overwrite=ns.overwrite
+    )
+    print(f"adapter written to {out} ({ns.layout} layout)")
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        formatter_class=Help,
+        help="re-save an adapter in PEFT or per-expert (vLLM) layout",
+        description="Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).",
+    )
+    model_args(p, adapter_required=True, tokenizer=None)  # an adapter folder carries no tokenizer
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export's")
+    overwrite_arg(p)
+    p.add_argument(
+        "--layout",
+        choices=["peft", "per_expert", "moe_peft"],
+        default="peft",
+        help="moe_peft: MoE-PEFT's MixLoRA layout (MixLoRA adapters)",
+    )
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
+    from ..workflows import combine_adapters
+
+    print(
+        combine_adapters(
+            ns.model,
+            ns.adapter,
+            ns.out,
+            weights=ns.weights,
+            method=ns.method,
+            density=ns.density,
+            rank=ns.rank,
+            seed=ns.seed,
+            overwrite=ns.overwrite,
+        )
+    )
+
+
+def add_merge_adapters(sub) -> None:
+    from ..workflows import COMBINE_METHODS as METHODS
+
+    p = sub.add_parser(
+        "merge-adapters",
+        formatter_class=Help,
+        help="combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
+        description="Merge LoRA adapters trained on the same base model into one PEFT-format adapter "
+        "(PEFT's add_weighted_adapter methods; routed experts merged expert by expert).",
+    )
+    p.add_argument(
+        "--model", required=True, help="the base model folder the adapters were trained on (only config.json is read)"
+    )
+    p.add_argument("--adapter", action="append", required=True, help="adapter folder (repeat, two or more)")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0 each)")
+    p.add_argument("--method", choices=METHODS, default="linear", help="merge method (default: linear)")
+    p.add_argument("--density", type=fraction, help="fraction kept by ties / dare / magnitude_prune methods")
+    p.add_argument(
+        "--rank", type=positive_int, help="output rank of the *svd methods (default: the largest input rank)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    p.add_argument("--out", required=True, help="output adapter folder: new, empty, or an earlier adapter's")
+    overwrite_arg(p)
+    p.set_defaults(handler=_cmd_merge_adapters)
