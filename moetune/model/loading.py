@@ -25,7 +25,8 @@ from .config import ModelArgs
 from .families import model_args_from_hf
 from .hf import KeyMap, destination
 from .layers import RMSNorm
-from .quant import NF4Weight, quantize_model, quantized_weights
+from .nf4_weight import NF4Weight
+from .quant import quantize_model, quantized_weights
 from .transformer import CausalLM
 
 log = logging.getLogger(__name__)

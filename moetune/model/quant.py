@@ -9,112 +9,26 @@ output, it is often tied to the embedding, and PEFT files may carry it whole) an
 (``gate``, ``router``, ``shared_expert_gate``: a tiny share of the parameters that decides where
 every token goes). Embeddings are lookups, not matmuls, and are left alone too.
 
-Each 4-bit weight lives in an :class:`NF4Weight` holder (format in :mod:`.nf4`). Forward
-dequantizes it into the input's dtype just for the matmul; backward dequantizes it again (a
-custom autograd Function that saves no weight), so no dequantized base weight outlives its
+Each 4-bit weight lives in an :class:`~.nf4_weight.NF4Weight` holder (format in :mod:`.nf4`).
+Forward dequantizes it into the input's dtype just for the matmul; backward dequantizes it again
+(a custom autograd Function that saves no weight), so no dequantized base weight outlives its
 matmul. Gradients flow to the input only: the base is frozen.
 
 On the meta device the swap only creates empty holders, so the loader can allocate ~0.52 bytes
-per weight element and quantize each checkpoint tensor as it is read (:meth:`NF4Weight.write`).
+per weight element and quantize each checkpoint tensor as it is read (:meth:`~.nf4_weight.NF4Weight.write`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import nf4
 from .grouped import grouped_linear, grouped_linear_loop
 from .moe import GroupedExperts
+from .nf4_weight import NF4Weight
 
 KEEP_FULL_PRECISION = frozenset({"lm_head", "gate", "router", "shared_expert_gate"})
-_FP32_STATE = ("absmax_scale", "absmax_offset")
-
-
-class NF4Weight(nn.Module):
-    """One frozen weight of ``shape`` in NF4 with double-quantized block scales (buffers only).
-
-    Buffers: ``codes`` (ceil(n/2),) uint8, ``absmax_codes`` (nb,) uint8, ``absmax_scale`` (nb2,)
-    fp32, ``absmax_offset`` () fp32. ``dtype`` is the dtype it dequantizes to by default (the
-    dtype the full-precision weight would have); ``model.to(dtype)`` changes it but never rounds
-    the fp32 scales.
-    """
-
-    def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device=None) -> None:
-        super().__init__()
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
-        n = self.shape.numel()
-        nb = math.ceil(n / nf4.BLOCK)
-        self.register_buffer("codes", torch.zeros(math.ceil(n / 2), dtype=torch.uint8, device=device))
-        self.register_buffer("absmax_codes", torch.zeros(nb, dtype=torch.uint8, device=device))
-        self.register_buffer("absmax_scale", torch.zeros(math.ceil(nb / nf4.SCALE_BLOCK), device=device))
-        self.register_buffer("absmax_offset", torch.zeros((), device=device))
-        self._writer: nf4.BlockQuantizer | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def layout(self) -> torch.Tensor:
-        """A meta tensor of ``shape``: index it like the weight to find a slice's flat offset."""
-        return torch.empty(self.shape, device="meta")
-
-    @torch.no_grad()
-    def write(self, start: int, values: torch.Tensor) -> None:
-        """Quantize ``values`` into flat positions [start, start + numel) of the weight.
-
-        Pieces may come in any order; the block scales are double-quantized once the last piece
-        is in, and only then is the weight usable.
-        """
-        if self._writer is None:
-            self._writer = nf4.BlockQuantizer(self.numel(), self.device)
-        if self._writer.write(start, values):
-            codes, absmax_codes, scale, offset = self._writer.result()
-            self.codes.copy_(codes)
-            self.absmax_codes.copy_(absmax_codes)
-            self.absmax_scale.copy_(scale)
-            self.absmax_offset.copy_(offset)
-            self._writer = None
-
-    @property
-    def pending(self) -> bool:
-        """True while a piecewise write has started but not finished."""
-        return self._writer is not None
-
-    def block_absmax(self) -> torch.Tensor:
-        """(nb,) fp32 first-level scales, after undoing the double quantization."""
-        return nf4.dequantize_scales(self.absmax_codes, self.absmax_scale, self.absmax_offset)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full weight ``shape`` in ``dtype`` (default :attr:`dtype`); a new tensor each call."""
-        flat = nf4.dequantize_blocks(self.codes, self.block_absmax(), self.numel(), dtype or self.dtype)
-        return flat.view(self.shape)
-
-    def _apply(self, fn, recurse: bool = True):
-        # `.to(dtype)` reaches every floating buffer; the fp32 scales must only follow the device.
-        # The dtype a plain weight would be cast to is read off a zero-size probe.
-        probe = fn(torch.empty(0, dtype=self.dtype, device=self.codes.device))
-        kept = {k: self._buffers[k] for k in _FP32_STATE}
-        super()._apply(fn, recurse)
-        for key, old in kept.items():
-            new = self._buffers[key]
-            if new.dtype != old.dtype:
-                self._buffers[key] = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
-        self.dtype = probe.dtype
-        return self
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, nf4, block={nf4.BLOCK}, double-quant={nf4.SCALE_BLOCK}, dtype={self.dtype}"
 
 
 class _NF4Linear(torch.autograd.Function):
