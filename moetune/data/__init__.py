@@ -12,20 +12,11 @@ Typical use::
 """
 
 from moetune.data.collate import Collator
-from moetune.data.dataset import (
-    BatchLoader,
-    DataReport,
-    DataSplits,
-    ResumableSampler,
-    SamplerState,
-    build_datasets,
-    eval_batches,
-    make_train_loader,
-    split_rows,
-)
+from moetune.data.dataset import DataReport, DataSplits, build_datasets, split_rows
 from moetune.data.examples import IGNORE, Example, encode_row, tokenize_row
 from moetune.data.formats import ChatRow, InstructionRow, LoadedRows, Row, TextRow, detect_format, load_rows
 from moetune.data.packing import pack_examples, packing_efficiency
+from moetune.data.sampling import BatchLoader, ResumableSampler, SamplerState, eval_batches, make_train_loader
 from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer
 from moetune.data.tokenizer_loading import load_tokenizer, resolve_tokenizer
 
