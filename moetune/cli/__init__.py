@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(ns, "handler", None):
         parser.print_help()
         return 2
-    from .signals import Terminated, sigterm_raises
+    from ..signals import Terminated, sigterm_raises
 
     try:
         with sigterm_raises():  # SIGTERM: Terminated, as SIGINT is KeyboardInterrupt

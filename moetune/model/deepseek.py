@@ -173,7 +173,7 @@ def build_mla(args: ModelArgs, layer: int) -> nn.Module:
     )
 
 
-def build_deepseek_moe(args: ModelArgs, layer: int) -> nn.Module:
+def build_deepseek_moe(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - the part builder signature
     moe, D = args.moe, args.hidden_size
     shared = None
     if moe.shared_intermediate_size:
@@ -194,7 +194,7 @@ def build_deepseek_moe(args: ModelArgs, layer: int) -> nn.Module:
     return MoEBlock(gate=router, experts=experts, shared_expert=shared, shared_name="shared_experts")
 
 
-def build_deepseek_dense(args: ModelArgs, layer: int) -> nn.Module:
+def build_deepseek_dense(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - the part builder signature
     return SwiGLU(dim=args.hidden_size, hidden=args.intermediate_size, act=args.hidden_act, bias=args.mlp_bias)
 
 

@@ -103,7 +103,7 @@ class GroupedExperts(nn.Module):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return (grouped_linear_loop if self.use_loop else grouped_linear)(x, weight, offsets)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - LoRA wrappers use it
         """x (R, D) sorted by expert; offsets (E,) int32; token_index (R,) token of each row -> (R, D)."""
         gate, up = self.linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
         return self.linear(self.act(gate) * up, self.down_proj, offsets)

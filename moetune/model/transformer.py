@@ -101,7 +101,7 @@ class DecoderModel(nn.Module):
             for w in kinds
         }
 
-    def _run_layer(self, i: int, layer: DecoderLayer, x, **kw):
+    def _run_layer(self, layer: DecoderLayer, x, **kw):
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return layer(x, **kw)
         ctx = current_context()
@@ -125,7 +125,7 @@ class DecoderModel(nn.Module):
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
             window = self.args.sliding_window[i]
-            x, s = self._run_layer(i, layer, x, rope=rope, mask=masks[window], cache=cache, token_mask=token_mask)
+            x, s = self._run_layer(layer, x, rope=rope, mask=masks[window], cache=cache, token_mask=token_mask)
             if s is not None:
                 stats.append(s)
         return self.norm(x), stats

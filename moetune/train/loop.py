@@ -36,7 +36,8 @@ from ..peft.core.layer import set_active_adapters
 from ..peft.formats.adapters import save_adapter
 from ..signals import StopRequest
 from .checkpoint import save_checkpoint
-from .jobs import BATCH_KEYS, Job, build_jobs, check_supported, merge_batches
+from .evaluate import eval_loss, evaluate_due
+from .jobs import Job, build_jobs, check_supported, merge_batches
 from .losses import StepLoss
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
 from .objectives import Objectives
@@ -102,7 +103,7 @@ class Trainer:
         return path
 
     # --- one step ----------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
         use = self.device.type == "cuda" and self.parts.dtype != torch.float32
         return torch.autocast("cuda", dtype=self.parts.dtype, enabled=use)
 
@@ -147,7 +148,7 @@ class Trainer:
         """Forward and backward of one micro-batch (every job's part of it)."""
         batch = {k: v.to(self.device) for k, v in merge_batches(parts, self.parts.tokenizer.pad_id).items()}
         self.parallel.gradient_sync(last)
-        with self._autocast():
+        with self.autocast():
             out = self.model(**batch, **loss.forward_kwargs(parts))
             extra = loss.objective_terms(batch, out)
         self.scaler.scale(loss.add(index, parts, batch, out, extra)).backward()
@@ -182,26 +183,6 @@ class Trainer:
         if speed and counts:
             self.model.update_router_biases(self.parallel.router_stats(counts), speed)
 
-    @torch.no_grad()
-    def evaluate(self, job: Job) -> float | None:
-        """Mean eval loss of ``job``'s eval data over its counted tokens (all ranks)."""
-        if not job.data.eval:
-            return None
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch, counts in self.parallel.eval_batches(
-            job.data.eval, batch_size=job.optim.batch_size, pad_id=self.parts.tokenizer.pad_id
-        ):
-            batch = {k: batch[k].to(self.device) for k in BATCH_KEYS if k in batch}
-            n = int((batch["labels"][:, 1:] != -100).sum()) if counts else 0
-            names = {"adapter_names": [job.name] * batch["input_ids"].shape[0]} if self.together else {}
-            with self._autocast():
-                total += self.model(**batch, **names).loss.item() * n
-            count += n
-        total, count = self.parallel.sum_floats(total, count)
-        self.model.train()
-        return total / max(count, 1)
-
     # --- the run -----------------------------------------------------------------------------
     def run(self, *, resume: Path | None = None) -> TrainResult:
         if resume is not None:
@@ -233,7 +214,7 @@ class Trainer:
         progress.close()
         every = cfg.logging.eval_every
         if not self.together and not (every and self.step % every == 0):  # one job: a last evaluation of its own
-            self.eval_loss = self.evaluate(self.jobs[0])
+            self.eval_loss = eval_loss(self, self.jobs[0])
             if self.eval_loss is not None:
                 metrics.write({"step": self.step, "eval_loss": self.eval_loss})
         return self._finish(metrics)
@@ -250,7 +231,7 @@ class Trainer:
                     + (f"adapter '{name}': " if name else "")
                     + "non-finite loss or gradient norm; update skipped"
                 )
-        self._evaluate(active, record)
+        evaluate_due(self, active, record)
         for j in active:
             if j.done:  # this adapter is finished: write it now, the others go on
                 self._save_job(j)
@@ -260,21 +241,6 @@ class Trainer:
         self.last, self.means = record, self.means + [record["loss"]]
         if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
             self.save()
-
-    def _evaluate(self, active: list[Job], record: dict) -> None:
-        """Periodic evaluation (``logging.eval_every``); several jobs: also each one's last step."""
-        every, evals = self.config.logging.eval_every, []
-        for j in active:
-            if not ((every and j.step % every == 0) or (self.together and j.done)):
-                continue
-            loss = self.evaluate(j)
-            if not self.together:
-                self.eval_loss = record["eval_loss"] = loss
-            elif loss is not None:
-                record["adapters"][j.name]["eval_loss"] = loss
-                evals.append(loss)
-        if evals:
-            record["eval_loss"] = sum(evals) / len(evals)
 
     def _save_job(self, job: Job) -> None:
         """Write ``job``'s adapter folder(s) (rank 0; every rank gathers sharded adapters)."""

@@ -35,7 +35,7 @@ class Parallel:
         """The step's counted tokens over all ranks."""
         return float(count)
 
-    def aux_loss(self, out: Any, num_experts: int) -> torch.Tensor | None:
+    def aux_loss(self, out: Any, num_experts: int) -> torch.Tensor | None:  # noqa: ARG002 - ranks need it
         """This rank's share of the global router load-balancing loss."""
         return out.aux_loss
 
@@ -79,11 +79,11 @@ class Parallel:
     def rng_state(self) -> dict[str, Any]:
         return rng_state()
 
-    def set_rng_state(self, state: dict[str, Any], *, seed: int, step: int) -> None:
+    def set_rng_state(self, state: dict[str, Any], *, seed: int, step: int) -> None:  # noqa: ARG002 - ranks need them
         set_rng_state(state)
 
     @contextlib.contextmanager
-    def full_adapters(self, model: nn.Module) -> Iterator[None]:
+    def full_adapters(self, model: nn.Module) -> Iterator[None]:  # noqa: ARG002 - FSDP gathers from it
         """Inside the block, adapter parameters are full tensors (for writing adapter files)."""
         yield
 

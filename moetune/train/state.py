@@ -118,8 +118,8 @@ def _warn_global_batch(path: Path, state: TrainState, now: int) -> None:
     saved = state.extra.get("global_batch")
     if saved is not None and saved != now:
         log.warning(
-            "checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); the data "
-            "position carries over, the loss sequence will not match",
+            "checkpoint '%s' was trained with a global batch of %d rows, this run has %d (batch_size x ranks); "
+            "the data position carries over, the loss sequence will not match",
             path,
             saved,
             now,
