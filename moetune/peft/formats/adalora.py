@@ -34,7 +34,8 @@ from ..core.inject import adapter_configs
 from ..core.targets import logical_modules
 from ..lora.experts import LoraGroupedExperts
 from .folder import write_adapter_folder
-from .peft_config import PREFIX, compact_targets, moetune_meta
+from .peft_config import PREFIX, compact_targets
+from .peft_meta import moetune_meta
 
 
 def adalora_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, list[bool]]]:

@@ -8,7 +8,7 @@ is never half overwritten. Pickled adapters (``adapter_model.bin``) are refused.
 
 Folders of earlier moetune versions carry the metadata inside ``adapter_config.json`` under
 ``moetune``; it is read from there when no ``moetune_adapter.json`` exists. The sidecar records a
-fingerprint of the config it was written with (:func:`~.peft_config.config_fingerprint`); when
+fingerprint of the config it was written with (:func:`~.peft_meta.config_fingerprint`); when
 ``adapter_config.json`` was later rewritten (PEFT's ``save_pretrained`` into the same folder, a
 hand edit) so that targets, ranks or dropout no longer match, the sidecar is ignored with a
 warning and the PEFT config wins. Sidecars without a fingerprint are trusted.
@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ...errors import AdapterError
 from ...outputs import write_folder
 from ...safetensors_check import check_safetensors
-from .peft_config import FINGERPRINT_KEY, config_fingerprint, split_meta
+from .peft_meta import FINGERPRINT_KEY, config_fingerprint, split_meta
 
 __all__ = [
     "CONFIG_FILE",

@@ -37,10 +37,10 @@ from .peft_config import (
     compact_targets,
     config_from_peft,
     config_to_peft,
-    moetune_meta,
     normalise_key,
     rank_alpha,
 )
+from .peft_meta import moetune_meta
 from .per_expert import load_part, per_expert_part
 
 __all__ = ["AdapterFolder", "add_adapter_from", "fill_adapter", "read_adapter_folder", "save_peft"]

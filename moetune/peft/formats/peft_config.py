@@ -4,10 +4,8 @@ What we write is exactly a PEFT 0.21 ``LoraConfig``: ``target_modules`` as the s
 module-name suffixes that select exactly the adapted linears (``q_proj`` when every layer's is
 adapted, ``layers.0.self_attn.q_proj`` when not), ``target_parameters`` as the expert wrapper gives
 them, and ``rank_pattern`` / ``alpha_pattern`` only for modules whose rank or alpha differ from the
-adapter-wide values. moetune's own metadata (:func:`moetune_meta`: adapter name, layout, the
-original :class:`LoraConfig`) goes to a sidecar file the caller writes beside it, because PEFT warns
-about any key its config class does not know. Earlier moetune versions embedded it in the config
-under ``moetune`` (:data:`LEGACY_META_KEY`); :func:`split_meta` still takes it from there.
+adapter-wide values. moetune's own metadata (adapter name, layout, the original
+:class:`LoraConfig`) goes to a sidecar file beside it: :mod:`.peft_meta`.
 
 What we read: PEFT LoRA configs whose options we implement exactly. Options that would change the
 model in ways we do not reproduce (LoRA bias, modules_to_save, fan_in_fan_out, other variants,
@@ -17,17 +15,15 @@ inits that rewrite the base weights other than PiSSA) are refused with the reaso
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from collections import Counter
 from typing import Any, Callable
 
 from ...config import LoraConfig
 from ...errors import AdapterError, ConfigError
+from .peft_meta import split_meta
 
 PREFIX = "base_model.model."
-LEGACY_META_KEY = "moetune"  # where moetune's metadata sat inside adapter_config.json before the sidecar
 _LORA_TOKENS = ("lora_A", "lora_B", "lora_magnitude_vector")
 # PEFT options that must be off (falsy) for us to reproduce the adapter exactly.
 _MUST_BE_OFF = (
@@ -46,22 +42,6 @@ _MUST_BE_OFF = (
     "exclude_modules",
     "megatron_config",
 )
-# The config fields moetune's metadata overrides or must agree with (targets, ranks, dropout); its
-# fingerprint of them tells whether adapter_config.json was rewritten after the metadata was written.
-FINGERPRINT_FIELDS = (
-    "peft_type",
-    "r",
-    "init_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "target_parameters",
-    "layers_to_transform",
-    "rank_pattern",
-    "alpha_pattern",
-)
-FINGERPRINT_KEY = "adapter_config_sha256"
-_SET_FIELDS = ("target_modules", "target_parameters", "layers_to_transform")
 _EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 # Module names PEFT (0.21, with transformers >= 5) rewrites when it loads a config for these model
 # types: a target_modules entry ending in one of them is taken for a transformers-v4 expert
@@ -133,7 +113,7 @@ def config_to_peft(
         "r": r,
         "lora_alpha": _number(alpha),
         # PEFT's target_parameters wrapper refuses dropout; it changes nothing at inference, and
-        # moetune's metadata (moetune_meta) keeps the trained value.
+        # moetune's metadata (peft_meta.moetune_meta) keeps the trained value.
         "lora_dropout": 0.0 if targets.get("target_parameters") else config.dropout,
         "target_modules": targets.get("target_modules") or None,
         "target_parameters": targets.get("target_parameters") or None,
@@ -148,50 +128,6 @@ def config_to_peft(
         "inference_mode": True,
         "modules_to_save": None,
     }
-
-
-def moetune_meta(config: LoraConfig, *, name: str, layout: str) -> dict[str, Any]:
-    """moetune's metadata for adapter ``name``: what PEFT's config cannot say (the exact targets,
-    expert rank, trained dropout, that PiSSA was converted)."""
-    return {
-        "adapter_name": name,
-        "layout": layout,
-        "pissa_converted": config.init == "pissa",
-        "lora_config": config.to_dict(),
-    }
-
-
-def config_fingerprint(raw: dict[str, Any]) -> str:
-    """sha256 of the PEFT config fields moetune's metadata can stand in for (:data:`FINGERPRINT_FIELDS`),
-    in canonical JSON: absent, null and empty are alike, integral floats are ints, and the target
-    lists are sorted (PEFT keeps them as sets), so PEFT re-saving the same adapter keeps it."""
-    canonical = {}
-    for key in FINGERPRINT_FIELDS:
-        value = raw.get(key)
-        if isinstance(value, (list, tuple, set)) and key in _SET_FIELDS:
-            value = sorted(value, key=json.dumps)
-        canonical[key] = _canonical(value) if value not in (None, [], {}, "") else None
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def split_meta(raw: Any) -> tuple[Any, dict[str, Any] | None]:
-    """``raw`` without the metadata earlier moetune versions embedded under ``moetune``, and that
-    metadata (None when absent or not an object, as those versions ignored it then)."""
-    if not isinstance(raw, dict) or LEGACY_META_KEY not in raw:
-        return raw, None
-    rest = {k: v for k, v in raw.items() if k != LEGACY_META_KEY}
-    meta = raw[LEGACY_META_KEY]
-    return rest, meta if isinstance(meta, dict) else None
 
 
 def _check_supported(raw: dict[str, Any], where: str) -> None:
@@ -258,7 +194,7 @@ def config_from_peft(
     per-module override that applies its ``rank_pattern`` / ``alpha_pattern`` (None if empty).
 
     Args:
-        meta: moetune's metadata for the folder (:func:`moetune_meta`); when None, the metadata
+        meta: moetune's metadata for the folder (:func:`~.peft_meta.moetune_meta`); when None, the metadata
             an earlier moetune embedded in ``raw`` is used, if any.
     """
     raw, legacy = split_meta(raw)
