@@ -146,20 +146,9 @@ def combine_adapter_folders(
     if len(weights) != len(adapters):
         raise AdapterError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
     model = skeleton(model_path)
-    states, scalings, raw = [], [], []
-    for i, folder in enumerate(adapters):
-        files = read_adapter_folder(Path(folder))  # its config as plain LoRA, without moetune's metadata
-        add_adapter_from(model, files, name=f"merge{i}")  # validates against the base, naming the tensor
-        state, s = _fold_scalings(files.tensors, module_scalings(model, f"merge{i}"))
-        delete_adapter(model, f"merge{i}")
-        states.append(state)
-        scalings.append(s)
-        raw.append(files.raw)
+    states, scalings, raw = _read_adapters(model, adapters)
     _check_same_targets(states, [str(a) for a in adapters])
-    counts = {m.num_experts for m in model.modules() if isinstance(m, GroupedExperts)}
-    if len(counts) > 1:
-        raise AdapterError(f"merging needs one routed-expert count across layers, this model has {sorted(counts)}")
-    num_experts = counts.pop() if counts else None
+    num_experts = _routed_expert_count(model)
     merged = combine_adapters(
         states, weights, method, density=density, rank=rank, seed=seed, scalings=scalings, num_experts=num_experts
     )
@@ -171,19 +160,61 @@ def combine_adapter_folders(
         "rank": rank,
         "sources": [str(a) for a in adapters],
     }
+    out = _write_checked(model, Path(out_dir), merged, cfg, info, overwrite=overwrite, inputs=(model_path, *adapters))
+    return MergeResult(out_dir=out, method=method, ranks=ranks)
+
+
+def _read_adapters(
+    model: nn.Module, adapters: list[str | os.PathLike]
+) -> tuple[list[dict[str, torch.Tensor]], list[float], list[dict]]:
+    """Per folder: its tensors with scalings folded as needed, its scaling, its config as plain LoRA.
+
+    Each is loaded onto ``model`` (the skeleton) and removed again, so an adapter for another model
+    fails as loading it would, naming the tensor."""
+    states, scalings, raw = [], [], []
+    for i, folder in enumerate(adapters):
+        files = read_adapter_folder(Path(folder))  # its config as plain LoRA, without moetune's metadata
+        add_adapter_from(model, files, name=f"merge{i}")  # validates against the base, naming the tensor
+        state, s = _fold_scalings(files.tensors, module_scalings(model, f"merge{i}"))
+        delete_adapter(model, f"merge{i}")
+        states.append(state)
+        scalings.append(s)
+        raw.append(files.raw)
+    return states, scalings, raw
+
+
+def _routed_expert_count(model: nn.Module) -> int | None:
+    """The one routed-expert count of ``model``'s MoE layers (None for a dense model)."""
+    counts = {m.num_experts for m in model.modules() if isinstance(m, GroupedExperts)}
+    if len(counts) > 1:
+        raise AdapterError(f"merging needs one routed-expert count across layers, this model has {sorted(counts)}")
+    return counts.pop() if counts else None
+
+
+def _write_checked(
+    model: nn.Module,
+    out_dir: Path,
+    merged: dict[str, torch.Tensor],
+    cfg: dict,
+    info: dict,
+    *,
+    overwrite: bool,
+    inputs: tuple,
+) -> Path:
+    """Write the merged folder, then load it onto ``model``: the result must load like any adapter."""
     out = write_adapter_folder(
-        Path(out_dir),
+        out_dir,
         {k: v.contiguous() for k, v in merged.items()},
         cfg,
         meta={"merged": info},
         overwrite=overwrite,
-        inputs=(model_path, *adapters),
+        inputs=inputs,
     )
-    try:  # the result must load onto the base like any adapter
+    try:
         load_adapter(model, out, name="merged")
     except AdapterError:
         raise AdapterError(f"internal error: the merged adapter written to {out} does not load") from None
-    return MergeResult(out_dir=out, method=method, ranks=ranks)
+    return out
 
 
 def _merged_config(first: dict, merged: dict[str, torch.Tensor], num_experts: int) -> tuple[dict, dict[str, int]]:

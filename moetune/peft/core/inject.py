@@ -76,14 +76,7 @@ def add_adapter(
     Raises:
         AdapterError: bad name, name in use, or a target that matches nothing.
     """
-    if not isinstance(config, LoraConfig):
-        raise AdapterError(f"add_adapter needs a moetune.LoraConfig, got {type(config).__name__}")
-    if not _ADAPTER_NAME.fullmatch(name):
-        raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
-    if name in adapter_names(model):
-        raise AdapterError(
-            f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name"
-        )
+    _check_new(model, config, name)
     plan = plan_targets(model, config)
     _check_pissa(model, plan, config)
     placements = place(model, plan, config)  # mixtures regroup targets
@@ -103,6 +96,18 @@ def add_adapter(
     report = build_report(model, name, state=adapter_state(model))
     log.info("%s", report)
     return report
+
+
+def _check_new(model: nn.Module, config: LoraConfig, name: str) -> None:
+    """A LoraConfig and a valid name not yet in use."""
+    if not isinstance(config, LoraConfig):
+        raise AdapterError(f"add_adapter needs a moetune.LoraConfig, got {type(config).__name__}")
+    if not _ADAPTER_NAME.fullmatch(name):
+        raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+    if name in adapter_names(model):
+        raise AdapterError(
+            f"adapter '{name}' already exists; delete_adapter(model, '{name}') first or use another name"
+        )
 
 
 def _wrapped(model: nn.Module, path: str, wrapper: type[AdapterLayer], created: list[str]) -> AdapterLayer:

@@ -175,26 +175,8 @@ def _export_config(config: LoraConfig, targets: list[str]) -> dict:
 # --- import ---------------------------------------------------------------------------------
 def config_from_file(raw: dict, where: str, *, hidden_act: str | None) -> LoraConfig:
     """The :class:`LoraConfig` of a MoE-PEFT MixLoRA ``adapter_config.json``."""
-    unknown = sorted(set(raw) - _KNOWN)
-    if unknown:
-        raise AdapterError(f"{where}: MoE-PEFT config keys {unknown} are not understood by moetune")
-    strategy = raw.get("routing_strategy")
-    if strategy not in ("mixlora", "mixlora-dynamic"):
-        raise AdapterError(
-            f"{where}: routing_strategy {strategy!r} is not supported (mixlora, mixlora-dynamic; "
-            "MoE-PEFT's mixlora-switch computes something moetune's switch does not)"
-        )
-    if raw.get("use_dora"):
-        raise AdapterError(
-            f"{where}: use_dora is set, but MoE-PEFT never saves DoRA magnitudes, so the file cannot be loaded exactly"
-        )
-    if raw.get("temperature", 0.0):
-        raise AdapterError(f"{where}: temperature {raw['temperature']} is not supported (only 0)")
-    act = raw.get("act_fn")
-    if act is not None and hidden_act is not None and act != hidden_act:
-        raise AdapterError(
-            f"{where}: act_fn {act!r} differs from the model's {hidden_act!r}; moetune's experts use the FFN's own"
-        )
+    _check_importable(raw, where, hidden_act)
+    strategy = raw["routing_strategy"]
     targets = raw.get("target_modules")
     targets = [k for k, v in targets.items() if v] if isinstance(targets, dict) else list(targets or [])
     expert = raw.get("expert_lora") or {}
@@ -226,6 +208,30 @@ def config_from_file(raw: dict, where: str, *, hidden_act: str | None) -> LoraCo
         )
     except ConfigError as err:
         raise AdapterError(f"{where}: {err}") from None
+
+
+def _check_importable(raw: dict, where: str, hidden_act: str | None) -> None:
+    """Refuse what moetune cannot load exactly: unknown keys, switch routing, DoRA, temperature, another act_fn."""
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise AdapterError(f"{where}: MoE-PEFT config keys {unknown} are not understood by moetune")
+    strategy = raw.get("routing_strategy")
+    if strategy not in ("mixlora", "mixlora-dynamic"):
+        raise AdapterError(
+            f"{where}: routing_strategy {strategy!r} is not supported (mixlora, mixlora-dynamic; "
+            "MoE-PEFT's mixlora-switch computes something moetune's switch does not)"
+        )
+    if raw.get("use_dora"):
+        raise AdapterError(
+            f"{where}: use_dora is set, but MoE-PEFT never saves DoRA magnitudes, so the file cannot be loaded exactly"
+        )
+    if raw.get("temperature", 0.0):
+        raise AdapterError(f"{where}: temperature {raw['temperature']} is not supported (only 0)")
+    act = raw.get("act_fn")
+    if act is not None and hidden_act is not None and act != hidden_act:
+        raise AdapterError(
+            f"{where}: act_fn {act!r} differs from the model's {hidden_act!r}; moetune's experts use the FFN's own"
+        )
 
 
 def import_tensors(tensors: dict[str, torch.Tensor], where: str, config: LoraConfig) -> dict[str, torch.Tensor]:

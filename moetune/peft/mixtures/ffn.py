@@ -16,9 +16,7 @@ Expert e is the frozen FFN with its own LoRA pairs on the targeted projections:
 - dropout on the expert input is one mask per token, shared by the token's experts (as MixLoRA,
   whose gate and up experts read the same dropped input); on the down input, one per row.
 
-DoRA experts (``use_dora``) follow PEFT's DoRA per expert and projection: a trained magnitude
-``m_e`` (E, out) and ``W_e' = m_e * (W + s B_e A_e) / ||W + s B_e A_e||`` (row norms, detached, as
-PEFT), computed from r x r Gram matrices so ``B_e A_e`` is never formed.
+DoRA experts (``use_dora``) follow PEFT's DoRA per expert and projection (:mod:`.expert_dora`).
 
 The wrapper registers the FFN's own ``gate_proj``/``up_proj``/``down_proj`` as its children, so
 module paths (``mlp.gate_proj``) and base checkpoint keys are unchanged and another adapter can
@@ -53,6 +51,7 @@ from .common import (
     scatter_rows,
     token_rows,
 )
+from .expert_dora import dora_factor, dora_output, initial_magnitude
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -132,8 +131,8 @@ class MixtureFFN(AdapterLayer):
             a, b = new_expert_pair(mix.num_experts, opts.rank, d_in, d_out, opts.init, device)
             self.params("A", proj)[name], self.params("B", proj)[name] = a, b
             if config.use_dora:  # m starts at ||W|| per row: every expert equals the frozen layer
-                norm = torch.linalg.norm(dense_weight(getattr(self, proj)).float(), dim=1)
-                self.params("magnitude", proj)[name] = nn.Parameter(norm.expand(mix.num_experts, -1).clone())
+                weight = dense_weight(getattr(self, proj))
+                self.params("magnitude", proj)[name] = initial_magnitude(weight, mix.num_experts)
         self.lora_dropout[name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
         self.mixtures[name], self.options[name] = config, opts
         if not self.active:
@@ -279,20 +278,13 @@ class MixtureFFN(AdapterLayer):
         if name not in self.params("magnitude", proj):
             return base + lora
         factor = self.dora_factor(name, proj).to(t.dtype)[expert]  # (R, out)
-        return base + (factor - 1) * base_dropped + factor * lora
+        return dora_output(base, base_dropped, lora, factor)
 
     def dora_factor(self, name: str, proj: str) -> torch.Tensor:
-        """(E, out) ``m_e / ||W + s B_e A_e||`` with the norm detached, from Gram matrices:
-        ``||W_j + s b_j A||^2 = ||W_j||^2 + 2 s b_j (A W_j^T) + s^2 b_j (A A^T) b_j^T``."""
-        s = self.options[name].scaling
-        a, b = self.params("A", proj)[name].detach(), self.params("B", proj)[name].detach()
-        with torch.no_grad():
-            w = dense_weight(getattr(self, proj)).float()  # (out, in)
-            wa = torch.einsum("oi,eri->eor", w, a)  # (E, out, r)
-            gram = torch.bmm(a, a.transpose(1, 2))  # (E, r, r)
-            sq = w.pow(2).sum(1) + 2 * s * (wa * b).sum(-1) + s * s * (torch.bmm(b, gram) * b).sum(-1)
-            norm = sq.clamp_min(0).sqrt()
-        return self.params("magnitude", proj)[name] / norm
+        """(E, out) ``m_e / ||W + s B_e A_e||`` of adapter ``name`` on ``proj`` (norm detached)."""
+        a, b = self.params("A", proj)[name], self.params("B", proj)[name]
+        weight = dense_weight(getattr(self, proj))
+        return dora_factor(weight, a, b, self.params("magnitude", proj)[name], self.options[name].scaling)
 
     def grouped(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Per-expert ``x_e @ w_e^T`` on expert-sorted rows (the routed experts' grouped GEMM)."""
