@@ -14,7 +14,7 @@ A weight is stored as:
 
 That is 0.5 + 1/64 + 4/(64*256) ~= 0.516 bytes per element. Quantization rounds to the nearest code
 (``bucketize`` against the midpoints, ties to the lower code) exactly as bitsandbytes' reference
-kernel does, so codes can be compared with it (tests/test_quant.py does when it is installed).
+kernel does, so codes can be compared with it (tests/model/test_quant.py does when it is installed).
 
 Writing a weight in pieces (:class:`BlockQuantizer`) lets the loader quantize each checkpoint
 tensor as soon as it is read, whatever slice of the native weight it fills (one expert, the gate

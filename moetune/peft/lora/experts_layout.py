@@ -2,7 +2,7 @@
 
 Legend: E experts, r rank, D model dim, F expert hidden; ours ``a`` (E, r, in), ``b`` (E, out, r).
 
-PEFT 0.21 on transformers-5 fused experts (pinned by tests/test_lora_experts.py against the real
+PEFT 0.21 on transformers-5 fused experts (pinned by tests/peft/test_lora_experts.py against the real
 package) wraps each targeted 3D parameter in a ``ParamWrapper``, nested in the order the experts
 module registers its parameters: ``gate_up_proj`` innermost, ``down_proj`` outside it. The key of
 a parameter's pair carries one ``base_layer.`` per wrapper outside it and never the parameter

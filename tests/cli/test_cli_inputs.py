@@ -15,7 +15,7 @@ from moetune.cli import build_parser, main
 from moetune.tiny_models import tiny_moe_args
 from moetune.model import build_random_model
 from moetune.workflows import evaluate_file, generate_text, load_with_adapter, merge_to_checkpoint
-from test_data import make_hf_tokenizer
+from tokenizer_helpers import make_hf_tokenizer
 from train_helpers import write_run
 
 

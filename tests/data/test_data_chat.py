@@ -24,9 +24,9 @@ import pytest
 from moetune.config import DataSection
 from moetune.data import ByteTokenizer, build_datasets, load_rows, load_tokenizer, tokenize_row
 from moetune.errors import DataError
-from test_data import CHATML, make_hf_tokenizer, write_jsonl
+from tokenizer_helpers import CHATML, make_hf_tokenizer, write_jsonl
 
-QWEN3 = (Path(__file__).parent / "fixtures" / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
+QWEN3 = (Path(__file__).parent.parent / "fixtures" / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
 HEADER, END = "<|im_start|>assistant\n", "<|im_end|>"
 
 CONVERSATIONS = {

@@ -135,7 +135,7 @@ def test_load_run_file(tmp_path: Path) -> None:
     assert [a.name for a in config.adapters] == ["default"]
     assert config.adapters[0].r == 16 and config.adapters[0].alpha == 32.0
     assert config.optim.lr == 1e-4 and config.data.packing is True
-    assert config.data.tokenizer is None  # the model folder's tokenizer (tests/test_tokenizer_default.py)
+    assert config.data.tokenizer is None  # the model folder's tokenizer (tests/data/test_tokenizer_default.py)
     assert config.logging.log_every == 1
 
 

@@ -16,7 +16,7 @@ import yaml
 from moetune.config import DataSection, dump_config, load_train_config
 from moetune.data import ByteTokenizer, load_rows, resolve_tokenizer, tokenize_row
 from moetune.workflows import default_tokenizer
-from test_data import make_hf_tokenizer
+from tokenizer_helpers import make_hf_tokenizer
 from train_helpers import tiny_model_dir, write_run
 
 

@@ -13,7 +13,7 @@ import moetune
 from train_helpers import tiny_model_dir
 from moetune.demo_data import make_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args):

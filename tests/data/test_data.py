@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -30,11 +29,8 @@ from moetune.data import (
     tokenize_row,
 )
 from moetune.errors import CheckpointError, DataError
+from tokenizer_helpers import CHATML, make_hf_tokenizer, write_jsonl
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Like Qwen3: only the last assistant turn gets a (here empty) think block, so a prefix render is
 # not a prefix of the full render; system must come first.
 HISTORY_CHANGING = (
@@ -52,34 +48,6 @@ CHAT = [
     {"role": "user", "content": "how are you?"},
     {"role": "assistant", "content": "héllo"},
 ]
-
-
-def make_hf_tokenizer(folder: Path, chat_template: str | None = CHATML, *, vocab_size: int = 330, **config) -> Path:
-    """A tiny byte-level BPE tokenizer trained here, saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["hello world, how are you?", "the quick brown fox", "héllo wörld"] * 5, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    settings = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>", "add_bos_token": False, **config}
-    if chat_template is not None:
-        settings["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    return folder
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def learnt_text(tokenizer, example: Example) -> str:

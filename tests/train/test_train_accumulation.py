@@ -1,7 +1,7 @@
 """Gradient accumulation weights micro-batches by their counted tokens: batch 2 x accum 4 is batch 8.
 
 The LM loss of a step is the mean over every counted token of the step (labels != -100 after the
-shift), whatever the split into micro-batches (and ranks: see tests/test_distributed.py). Router
+shift), whatever the split into micro-batches (and ranks: see tests/train/test_distributed.py). Router
 aux losses are per micro-batch (their formula is not a sum over tokens), so these runs turn them off.
 """
 

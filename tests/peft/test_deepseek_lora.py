@@ -17,13 +17,13 @@ from moetune.peft.core.aliases import TARGET_ALIASES
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
 from moetune.peft.core.targets import plan_targets, targetable_names
-from test_deepseek import make_hf
+from tiny_deepseek import make_hf
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deepseek_v3_lora.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "deepseek_v3_lora.yaml"
 # Every DeepSeek LoRA target: MLA projections (q_a/q_b on V3, direct q_proj on V2-Lite), the dense
 # MLP of the first layer, the shared experts, the routed experts and the LM head.
 CASES = {
