@@ -4,7 +4,33 @@ from __future__ import annotations
 
 import argparse
 
-from .options import Help, fraction, model_args, non_negative_float, overwrite_arg, positive_int, probability
+from .options import command, fraction, model_args, non_negative_float, overwrite_arg, positive_int, probability
+
+TEXTS = {  # subcommand: (help line, description)
+    "eval": (
+        "loss / perplexity, or multiple-choice accuracy, of base or base+adapter",
+        "Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows), and/or "
+        "multiple-choice accuracy by log-likelihood on task files (rows: question, choices, answer). Router "
+        "statistics (expert load, entropy) are printed for MoE layers and adapter mixtures.",
+    ),
+    "generate": (
+        "generate text from a prompt (greedy or sampled, KV cache)",
+        "Continue prompts with the base model or base + adapter.",
+    ),
+    "merge": (
+        "fold an adapter into the base; write a Hugging Face checkpoint",
+        "Merge an adapter into the base weights and save a plain Hugging Face checkpoint.",
+    ),
+    "export": (
+        "re-save an adapter in PEFT or per-expert (vLLM) layout",
+        "Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).",
+    ),
+    "merge-adapters": (
+        "combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
+        "Merge LoRA adapters trained on the same base model into one PEFT-format adapter "
+        "(PEFT's add_weighted_adapter methods; routed experts merged expert by expert).",
+    ),
+}
 
 
 def _cmd_eval(ns: argparse.Namespace) -> None:
@@ -13,42 +39,21 @@ def _cmd_eval(ns: argparse.Namespace) -> None:
 
     if not ns.data and not ns.task:
         raise ConfigError("give --data FILE (loss/perplexity) and/or --task FILE (multiple-choice accuracy)")
+    common = {
+        "adapter": ns.adapter,
+        "tokenizer": ns.tokenizer,
+        "max_length": ns.max_length,
+        "batch_size": ns.batch_size,
+    }
+    common |= {"dtype": ns.dtype, "device": ns.device}
     if ns.data:
-        print(
-            evaluate_file(
-                ns.model,
-                ns.data,
-                adapter=ns.adapter,
-                tokenizer=ns.tokenizer,
-                max_length=ns.max_length,
-                batch_size=ns.batch_size,
-                dtype=ns.dtype,
-                device=ns.device,
-            ).summary()
-        )
-    for result in evaluate_task_files(
-        ns.model,
-        ns.task or [],
-        adapter=ns.adapter,
-        tokenizer=ns.tokenizer,
-        max_length=ns.max_length,
-        batch_size=ns.batch_size,
-        chat=ns.chat,
-        dtype=ns.dtype,
-        device=ns.device,
-    ):
+        print(evaluate_file(ns.model, ns.data, **common).summary())
+    for result in evaluate_task_files(ns.model, ns.task or [], chat=ns.chat, **common):
         print(result.summary())
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        formatter_class=Help,
-        help="loss / perplexity, or multiple-choice accuracy, of base or base+adapter",
-        description="Token-weighted loss and perplexity on a JSONL dataset (instruction, chat or text rows), and/or "
-        "multiple-choice accuracy by log-likelihood on task files (rows: question, choices, answer). Router "
-        "statistics (expert load, entropy) are printed for MoE layers and adapter mixtures.",
-    )
+    p = command(sub, "eval", _cmd_eval, TEXTS)
     model_args(p)
     p.add_argument("--data", help="JSONL file for loss / perplexity")
     p.add_argument(
@@ -64,7 +69,6 @@ def add_eval(sub) -> None:
         "--max-length", type=positive_int, default=1024, help="tokens per row (longer rows are cut, and counted)"
     )
     p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
-    p.set_defaults(handler=_cmd_eval)
 
 
 def _cmd_generate(ns: argparse.Namespace) -> None:
@@ -87,12 +91,7 @@ def _cmd_generate(ns: argparse.Namespace) -> None:
 
 
 def add_generate(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        formatter_class=Help,
-        help="generate text from a prompt (greedy or sampled, KV cache)",
-        description="Continue prompts with the base model or base + adapter.",
-    )
+    p = command(sub, "generate", _cmd_generate, TEXTS)
     model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
@@ -105,25 +104,22 @@ def add_generate(sub) -> None:
         help="nucleus sampling: keep the smallest set of tokens with this much probability",
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.set_defaults(handler=_cmd_generate)
+
+
+def _writing(ns: argparse.Namespace) -> dict:
+    """The options of commands that load a model and write an output folder."""
+    return {"dtype": ns.dtype, "device": ns.device, "overwrite": ns.overwrite}
 
 
 def _cmd_merge(ns: argparse.Namespace) -> None:
     from ..workflows import merge_to_checkpoint
 
-    out = merge_to_checkpoint(
-        ns.model, ns.adapter, ns.out, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device, overwrite=ns.overwrite
-    )
+    out = merge_to_checkpoint(ns.model, ns.adapter, ns.out, tokenizer=ns.tokenizer, **_writing(ns))
     print(f"merged checkpoint written to {out}")
 
 
 def add_merge(sub) -> None:
-    p = sub.add_parser(
-        "merge",
-        formatter_class=Help,
-        help="fold an adapter into the base; write a Hugging Face checkpoint",
-        description="Merge an adapter into the base weights and save a plain Hugging Face checkpoint.",
-    )
+    p = command(sub, "merge", _cmd_merge, TEXTS)
     model_args(
         p,
         adapter_required=True,
@@ -132,25 +128,17 @@ def add_merge(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier merge's")
     overwrite_arg(p)
-    p.set_defaults(handler=_cmd_merge)
 
 
 def _cmd_export(ns: argparse.Namespace) -> None:
     from ..workflows import export_adapter
 
-    out = export_adapter(
-        ns.model, ns.adapter, ns.out, layout=ns.layout, dtype=ns.dtype, device=ns.device, overwrite=ns.overwrite
-    )
+    out = export_adapter(ns.model, ns.adapter, ns.out, layout=ns.layout, **_writing(ns))
     print(f"adapter written to {out} ({ns.layout} layout)")
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        formatter_class=Help,
-        help="re-save an adapter in PEFT or per-expert (vLLM) layout",
-        description="Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).",
-    )
+    p = command(sub, "export", _cmd_export, TEXTS)
     model_args(p, adapter_required=True, tokenizer=None)  # an adapter folder carries no tokenizer
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export's")
     overwrite_arg(p)
@@ -160,37 +148,19 @@ def add_export(sub) -> None:
         default="peft",
         help="moe_peft: MoE-PEFT's MixLoRA layout (MixLoRA adapters)",
     )
-    p.set_defaults(handler=_cmd_export)
 
 
 def _cmd_merge_adapters(ns: argparse.Namespace) -> None:
     from ..workflows import combine_adapters
 
-    print(
-        combine_adapters(
-            ns.model,
-            ns.adapter,
-            ns.out,
-            weights=ns.weights,
-            method=ns.method,
-            density=ns.density,
-            rank=ns.rank,
-            seed=ns.seed,
-            overwrite=ns.overwrite,
-        )
-    )
+    options = {"weights": ns.weights, "method": ns.method, "density": ns.density, "rank": ns.rank, "seed": ns.seed}
+    print(combine_adapters(ns.model, ns.adapter, ns.out, overwrite=ns.overwrite, **options))
 
 
 def add_merge_adapters(sub) -> None:
     from ..workflows import COMBINE_METHODS as METHODS
 
-    p = sub.add_parser(
-        "merge-adapters",
-        formatter_class=Help,
-        help="combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
-        description="Merge LoRA adapters trained on the same base model into one PEFT-format adapter "
-        "(PEFT's add_weighted_adapter methods; routed experts merged expert by expert).",
-    )
+    p = command(sub, "merge-adapters", _cmd_merge_adapters, TEXTS)
     p.add_argument(
         "--model", required=True, help="the base model folder the adapters were trained on (only config.json is read)"
     )
@@ -204,4 +174,3 @@ def add_merge_adapters(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
     p.add_argument("--out", required=True, help="output adapter folder: new, empty, or an earlier adapter's")
     overwrite_arg(p)
-    p.set_defaults(handler=_cmd_merge_adapters)

@@ -99,3 +99,12 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+def command(sub, name: str, handler, texts: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: its (help, description) from ``texts``, defaults shown in
+    its help, ``handler`` called with the parsed arguments."""
+    short, description = texts[name]
+    parser = sub.add_parser(name, formatter_class=Help, help=short, description=description)
+    parser.set_defaults(handler=handler)
+    return parser

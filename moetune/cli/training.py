@@ -4,7 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from .options import Help, overwrite_arg
+from .options import command, overwrite_arg
+
+TEXTS = {  # subcommand: (help line, description)
+    "train": (
+        "train adapter(s) from a YAML config",
+        "Train LoRA-family adapters as a YAML config says. Override any key with key.sub=value. "
+        "Relative paths in the YAML file resolve against the folder the YAML file is in; relative "
+        "paths given as overrides on the command line resolve against the current folder. "
+        "checkpoint.output_dir must be new or empty, or hold this run (--resume / --overwrite).",
+    ),
+    "demo": (
+        "train a tiny MoE and a LoRA adapter on built-in data (CPU, ~3 min)",
+        "Build a tiny MoE model, give it a base skill on built-in data, LoRA-fine-tune it on a task it "
+        "cannot do, and print base vs adapted accuracy.",
+    ),
+    "inspect": (
+        "describe a Hugging Face model folder",
+        "Print family, layer/expert counts, parameter counts (total and active per token) and the "
+        "module names adapters can target.",
+    ),
+}
 
 
 def _cmd_train(ns: argparse.Namespace) -> None:
@@ -18,15 +38,7 @@ def _cmd_train(ns: argparse.Namespace) -> None:
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        formatter_class=Help,
-        help="train adapter(s) from a YAML config",
-        description="Train LoRA-family adapters as a YAML config says. Override any key with key.sub=value. "
-        "Relative paths in the YAML file resolve against the folder the YAML file is in; relative "
-        "paths given as overrides on the command line resolve against the current folder. "
-        "checkpoint.output_dir must be new or empty, or hold this run (--resume / --overwrite).",
-    )
+    p = command(sub, "train", _cmd_train, TEXTS)
     p.add_argument("config", help="YAML run config (see examples/)")
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4 adapter.r=16"
@@ -46,7 +58,6 @@ def add_train(sub) -> None:
         help="start over in an output_dir that holds a run (deletes only that run's own files), "
         "or write beside files moetune did not write (never touching them)",
     )
-    p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_demo(ns: argparse.Namespace) -> None:
@@ -63,13 +74,7 @@ def _cmd_demo(ns: argparse.Namespace) -> None:
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        formatter_class=Help,
-        help="train a tiny MoE and a LoRA adapter on built-in data (CPU, ~3 min)",
-        description="Build a tiny MoE model, give it a base skill on built-in data, LoRA-fine-tune it on a task it "
-        "cannot do, and print base vs adapted accuracy.",
-    )
+    p = command(sub, "demo", _cmd_demo, TEXTS)
     p.add_argument("--out", default="moetune-demo", help="output folder (default: ./moetune-demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
     p.add_argument(
@@ -78,7 +83,6 @@ def add_demo(sub) -> None:
         help="instead: MixLoRA next to a same-size LoRA on a tiny dense base, trained together",
     )
     overwrite_arg(p)
-    p.set_defaults(handler=_cmd_demo)
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> None:
@@ -88,12 +92,5 @@ def _cmd_inspect(ns: argparse.Namespace) -> None:
 
 
 def add_inspect(sub) -> None:
-    p = sub.add_parser(
-        "inspect",
-        formatter_class=Help,
-        help="describe a Hugging Face model folder",
-        description="Print family, layer/expert counts, parameter counts (total and active per token) and the "
-        "module names adapters can target.",
-    )
+    p = command(sub, "inspect", _cmd_inspect, TEXTS)
     p.add_argument("path", help="local model folder (config.json + *.safetensors)")
-    p.set_defaults(handler=_cmd_inspect)
