@@ -74,19 +74,9 @@ def add_eval(sub) -> None:
 def _cmd_generate(ns: argparse.Namespace) -> None:
     from ..workflows import generate_text
 
-    for text in generate_text(
-        ns.model,
-        ns.prompt,
-        adapter=ns.adapter,
-        tokenizer=ns.tokenizer,
-        chat=not ns.raw,
-        max_new_tokens=ns.max_new_tokens,
-        temperature=ns.temperature,
-        top_p=ns.top_p,
-        seed=ns.seed,
-        dtype=ns.dtype,
-        device=ns.device,
-    ):
+    sampling = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature, "top_p": ns.top_p, "seed": ns.seed}
+    loading = {"adapter": ns.adapter, "tokenizer": ns.tokenizer, "dtype": ns.dtype, "device": ns.device}
+    for text in generate_text(ns.model, ns.prompt, chat=not ns.raw, **sampling, **loading):
         print(text)
 
 

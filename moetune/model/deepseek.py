@@ -173,23 +173,26 @@ def build_mla(args: ModelArgs, layer: int) -> nn.Module:
     )
 
 
+# The MoEArgs fields a DeepSeekRouter is built from, under the same names.
+ROUTER_OPTIONS = (
+    "num_experts",
+    "top_k",
+    "scoring",
+    "topk_method",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "correction_bias",
+)
+
+
 def build_deepseek_moe(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - the part builder signature
     moe, D = args.moe, args.hidden_size
     shared = None
     if moe.shared_intermediate_size:
         shared = SwiGLU(dim=D, hidden=moe.shared_intermediate_size, act=args.hidden_act, bias=args.mlp_bias)
-    router = DeepSeekRouter(
-        dim=D,
-        num_experts=moe.num_experts,
-        top_k=moe.top_k,
-        scoring=moe.scoring,
-        topk_method=moe.topk_method,
-        n_group=moe.n_group,
-        topk_group=moe.topk_group,
-        norm_topk_prob=moe.norm_topk_prob,
-        routed_scaling_factor=moe.routed_scaling_factor,
-        correction_bias=moe.correction_bias,
-    )
+    router = DeepSeekRouter(dim=D, **{name: getattr(moe, name) for name in ROUTER_OPTIONS})
     experts = GroupedExperts(num_experts=moe.num_experts, dim=D, hidden=moe.intermediate_size, act=args.hidden_act)
     return MoEBlock(gate=router, experts=experts, shared_expert=shared, shared_name="shared_experts")
 

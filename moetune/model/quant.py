@@ -158,15 +158,7 @@ class QuantGroupedExperts(GroupedExperts):
     @classmethod
     def from_experts(cls, experts: GroupedExperts) -> QuantGroupedExperts:
         w = experts.gate_up_proj
-        q = cls(
-            num_experts=experts.num_experts,
-            dim=experts.dim,
-            hidden=experts.hidden,
-            act=experts.act_name,
-            use_loop=experts.use_loop,
-            dtype=w.dtype,
-            device=w.device,
-        )
+        q = cls(**expert_shape(experts), dtype=w.dtype, device=w.device)
         if not w.is_meta:
             for name in ("gate_up_proj", "down_proj"):
                 getattr(q, name).write(0, getattr(experts, name).detach())
@@ -205,17 +197,22 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             model.set_submodule(path, linear)
         elif isinstance(module, QuantGroupedExperts):
             with torch.device("meta"):
-                experts = GroupedExperts(
-                    num_experts=module.num_experts,
-                    dim=module.dim,
-                    hidden=module.hidden,
-                    act=module.act_name,
-                    use_loop=module.use_loop,
-                )
+                experts = GroupedExperts(**expert_shape(module))
             for name in ("gate_up_proj", "down_proj"):
                 setattr(experts, name, nn.Parameter(module.dequantized_weight(name), requires_grad=False))
             model.set_submodule(path, experts)
     return model
+
+
+def expert_shape(experts: GroupedExperts) -> dict:
+    """The constructor arguments that describe a group of experts (full precision or 4-bit)."""
+    return {
+        "num_experts": experts.num_experts,
+        "dim": experts.dim,
+        "hidden": experts.hidden,
+        "act": experts.act_name,
+        "use_loop": experts.use_loop,
+    }
 
 
 def quantized_weights(model: nn.Module, *, recurse: bool = True) -> dict[str, NF4Weight]:
