@@ -235,10 +235,11 @@ class OwnedFolder:
     key: str = "checkpoint.output_dir"
     run_id: str | None = None
     files: set[str] = field(default_factory=set)
+    writable: bool = True  # False: a view (another rank's), whose entries are never recorded
 
     def entry(self, name: str) -> Path:
         """The path of top-level entry ``name``, recorded as moetune's; refused if someone else's."""
-        if name not in self.files:
+        if self.writable and name not in self.files:
             target = self.path / name
             if target.exists() or target.is_symlink():
                 raise OutputError(

@@ -32,21 +32,12 @@ def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node but those under ``if TYPE_CHECKING:`` (type-only imports form no runtime cycle)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
 def _imports(modules: dict[str, Path]) -> dict[str, list[tuple[str, str]]]:
     """module -> [(imported moetune module, imported name or '')], lazy imports included."""
     found: dict[str, list[tuple[str, str]]] = {}
     for module, path in modules.items():
         edges = found.setdefault(module, [])
-        for node in _runtime_nodes(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 edges += [(a.name, "") for a in node.names if a.name.startswith("moetune")]
             elif isinstance(node, ast.ImportFrom):

@@ -36,7 +36,7 @@ from ..peft.core.layer import set_active_adapters
 from ..peft.formats.adapters import save_adapter
 from ..signals import StopRequest
 from .checkpoint import save_checkpoint
-from .evaluate import eval_loss, evaluate_due
+from .evaluate import Evaluator
 from .jobs import Job, build_jobs, check_supported, merge_batches
 from .losses import StepLoss
 from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
@@ -80,6 +80,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=parts.dtype == torch.float16)
         self.last: dict | None = None
         self.eval_loss: float | None = None
+        self.evaluator = Evaluator(
+            self.model, self.parallel, self.device, self.autocast, parts.tokenizer.pad_id, self.together
+        )
         self.means: list[float] = []
 
     @property
@@ -92,12 +95,8 @@ class Trainer:
         state = run_state(self)  # every rank takes part in gathering it; rank 0 writes it
         path = self.out / "checkpoints" / f"checkpoint-{state.step:08d}"
         if self.parallel.is_main:
-            path = save_checkpoint(
-                self.folder.entry("checkpoints"),
-                state,
-                keep_last=self.config.checkpoint.keep_last,
-                run_id=self.folder.run_id,
-            )
+            keep = self.config.checkpoint.keep_last
+            path = save_checkpoint(self.folder.entry("checkpoints"), state, keep_last=keep, run_id=self.folder.run_id)
         self.parallel.barrier()
         self.saved_step, self.saved_path = self.step, path
         return path
@@ -214,7 +213,7 @@ class Trainer:
         progress.close()
         every = cfg.logging.eval_every
         if not self.together and not (every and self.step % every == 0):  # one job: a last evaluation of its own
-            self.eval_loss = eval_loss(self, self.jobs[0])
+            self.eval_loss = self.evaluator.loss(self.jobs[0])
             if self.eval_loss is not None:
                 metrics.write({"step": self.step, "eval_loss": self.eval_loss})
         return self._finish(metrics)
@@ -226,12 +225,11 @@ class Trainer:
         self.tokens += record["tokens"]
         for name, r in record["adapters"].items() if self.together else [("", record)]:
             if r["skipped"] and self.parallel.is_main:
-                progress.write(
-                    f"step {self.step}: "
-                    + (f"adapter '{name}': " if name else "")
-                    + "non-finite loss or gradient norm; update skipped"
-                )
-        evaluate_due(self, active, record)
+                where = f"adapter '{name}': " if name else ""
+                progress.write(f"step {self.step}: {where}non-finite loss or gradient norm; update skipped")
+        ran = self.evaluator.due(active, record, self.config.logging.eval_every)
+        if ran and not self.together:
+            self.eval_loss = next(iter(ran.values()))
         for j in active:
             if j.done:  # this adapter is finished: write it now, the others go on
                 self._save_job(j)

@@ -171,7 +171,7 @@ def adapter_target(folder: OwnedFolder, path: Path) -> Path:
 
 def run_view(plan: RunPlan) -> OwnedFolder:
     """The folder as ranks other than 0 see it: the run id for resuming, no writes."""
-    return OwnedFolder(path=plan.path, kind="run", key=KEY, run_id=plan.run_id)
+    return OwnedFolder(path=plan.path, kind="run", key=KEY, run_id=plan.run_id, writable=False)
 
 
 def resolve_resume(config: TrainConfig, resume, run_id: str | None) -> Path | None:
