@@ -87,6 +87,9 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     moe: MoEArgs | None = None
     mla: MLAArgs | None = None
+    # Multi-token-prediction modules stored after the decoder layers (``num_nextn_predict_layers``):
+    # checkpoint layers num_layers .. num_layers + mtp_layers - 1, skipped at load.
+    mtp_layers: int = 0
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:

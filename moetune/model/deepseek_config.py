@@ -50,7 +50,7 @@ def _bad(cfg: dict[str, Any], field: str, allowed: str) -> CheckpointError:
     )
 
 
-def _mla(cfg: dict[str, Any], rope_layout: str) -> MLAArgs:
+def mla_args(cfg: dict[str, Any], rope_layout: str) -> MLAArgs:
     return MLAArgs(
         q_lora_rank=cfg.get("q_lora_rank"),
         kv_lora_rank=config_value(cfg, "kv_lora_rank"),
@@ -82,7 +82,7 @@ def _check_groups(cfg: dict[str, Any], moe: MoEArgs) -> None:
         raise _bad(cfg, "n_group", f"at most n_routed_experts/2 = {E // 2}: V3 scores a group by its best two experts")
 
 
-def _moe(
+def deepseek_moe_args(
     cfg: dict[str, Any], num_layers: int, *, scoring: str, topk_method: str, norm_topk_prob: bool
 ) -> MoEArgs | None:
     experts = config_value(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
@@ -108,11 +108,11 @@ def _moe(
     return moe
 
 
-def _common(cfg: dict[str, Any], rope_layout: str) -> ModelArgs:
+def mla_model_args(cfg: dict[str, Any], rope_layout: str) -> ModelArgs:
     args = parse_llama(cfg)
     # kv_b_proj always emits one key/value per query head; num_key_value_heads plays no part.
     args.num_kv_heads = args.num_heads
-    args.mla = _mla(cfg, rope_layout)
+    args.mla = mla_args(cfg, rope_layout)
     # The rotary tables cover only the rope dims (transformers sets head_dim the same way).
     args.head_dim = args.mla.qk_rope_head_dim
     args.rope.partial_rotary_factor = 1.0
@@ -126,8 +126,8 @@ def parse_deepseek_v2(raw: dict[str, Any]) -> ModelArgs:
     method = cfg.get("topk_method") or "greedy"
     if method not in ("greedy", "group_limited_greedy"):
         raise _bad(cfg, "topk_method", "greedy or group_limited_greedy")
-    args = _common(cfg, rope_layout="complex")
-    args.moe = _moe(cfg, args.num_layers, scoring="softmax", topk_method=method, norm_topk_prob=False)
+    args = mla_model_args(cfg, rope_layout="complex")
+    args.moe = deepseek_moe_args(cfg, args.num_layers, scoring="softmax", topk_method=method, norm_topk_prob=False)
     args.hf_config = dict(raw)  # save_pretrained writes the user's config back, not our defaults
     return args
 
@@ -135,8 +135,8 @@ def parse_deepseek_v2(raw: dict[str, Any]) -> ModelArgs:
 def parse_deepseek_v3(raw: dict[str, Any]) -> ModelArgs:
     """DeepSeek-V3 / R1 and others with model_type deepseek_v3: sigmoid router with a correction bias."""
     cfg = {**DEFAULTS["deepseek_v3"], **raw}
-    args = _common(cfg, rope_layout="interleave" if cfg.get("rope_interleave", True) else "half")
-    args.moe = _moe(
+    args = mla_model_args(cfg, rope_layout="interleave" if cfg.get("rope_interleave", True) else "half")
+    args.moe = deepseek_moe_args(
         cfg, args.num_layers, scoring="sigmoid", topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob"))
     )
     args.hf_config = dict(raw)

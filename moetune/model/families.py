@@ -88,6 +88,7 @@ def parse_llama(cfg: dict[str, Any]) -> ModelArgs:
         o_bias=bool(cfg.get("attention_bias", False)),
         sliding_window=_sliding_windows(cfg, layers),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mtp_layers=int(config_value(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         hf_config=dict(cfg),
     )
 

@@ -33,10 +33,7 @@ PER_EXPERT_RULES: dict[str, list[tuple[str, str, str]]] = {
 
 # Checkpoint keys that carry no weights we need (recomputed buffers).
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
-# Per family, keys of modules we do not build. DeepSeek-V3 checkpoints carry their
-# multi-token-prediction module as layer 61, after the 61 decoder layers; transformers skips it
-# with the same pattern (``_keys_to_ignore_on_load_unexpected``).
-IGNORED_FAMILY_KEYS: dict[str, re.Pattern] = {"deepseek_v3": re.compile(r"model\.layers\.61\.")}
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -56,17 +53,24 @@ def _compile(template: str) -> re.Pattern:
 class KeyMap:
     """Maps checkpoint keys to native targets and native tensors back to checkpoint keys."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, *, skipped_layers: range = range(0)) -> None:
+        """``skipped_layers``: checkpoint layer indices of modules we do not build (the
+        multi-token-prediction layers stored after the decoder layers); their keys map to nothing."""
         self.family = family
+        self.skipped_layers = skipped_layers
         self.rules = [
             (_compile(src), src, dst, part)
             for src, dst, part in PER_EXPERT_RULES.get(family, PER_EXPERT_RULES["default"])
         ]
 
+    def skipped(self, key: str) -> bool:
+        """True for keys of a skipped layer."""
+        m = LAYER_KEY.match(key)
+        return m is not None and int(m.group(1)) in self.skipped_layers
+
     def ignored(self, key: str) -> bool:
         """True for checkpoint keys that map to nothing by design (only asked for unknown keys)."""
-        family = IGNORED_FAMILY_KEYS.get(self.family)
-        return bool(IGNORED_KEYS.match(key) or (family is not None and family.match(key)))
+        return bool(IGNORED_KEYS.match(key)) or self.skipped(key)
 
     def target(self, key: str) -> Target:
         for regex, _, dst, part in self.rules:

@@ -80,8 +80,12 @@ class _Filler:
         self.keymap = keymap
         self.tied = tied
         self.filled: dict[str, set] = {name: set() for name in self.params}
+        self.skipped = 0
 
     def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
+        if self.keymap.skipped(key):
+            self.skipped += 1
+            return
         target = self.keymap.target(key)
         if target.name not in self.params:
             if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
@@ -179,10 +183,19 @@ def load_model(
         quantize_model(model)  # on meta: empty 4-bit holders, filled tensor by tensor below
     model.to_empty(device=device)
     _after_materialise(model)
-    filler = _Filler(model, KeyMap(args.family), tied=args.tie_word_embeddings)
+    mtp = range(args.num_layers, args.num_layers + args.mtp_layers)
+    filler = _Filler(model, KeyMap(args.family, skipped_layers=mtp), tied=args.tie_word_embeddings)
     for file, key, tensor in iter_checkpoint(files):
         filler.fill(key, tensor, file)
     filler.check_complete()
+    if filler.skipped:
+        log.info(
+            "skipped %d tensors of the multi-token-prediction layer(s) %s (num_nextn_predict_layers=%d): "
+            "moetune builds and trains the main model only",
+            filler.skipped,
+            ", ".join(f"model.layers.{i}" for i in mtp),
+            args.mtp_layers,
+        )
     model.source_path = str(folder)
     return model.eval()
 

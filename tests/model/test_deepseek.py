@@ -168,17 +168,20 @@ def test_bad_group_config_is_a_clear_error(tmp_path):
 
 
 def test_v3_multi_token_prediction_layer_is_skipped(tmp_path):
-    """Released V3 checkpoints carry an MTP module as layer 61; like transformers we skip it."""
+    """V3 checkpoints carry num_nextn_predict_layers MTP modules after the decoder layers (layer 61
+    of the 61-layer release); they are skipped by that rule, not by a fixed index. V2 has none."""
     from safetensors.torch import save_file
 
     from moetune.errors import CheckpointError
 
     for name, ok in (("v3_groups_yarn", True), ("v2_lite_greedy", False)):
         folder = tmp_path / name
-        make_hf(name).save_pretrained(folder)
-        save_file({"model.layers.61.eh_proj.weight": torch.zeros(4, 4)}, str(folder / "mtp.safetensors"))
+        hf = make_hf(name)
+        hf.save_pretrained(folder)
+        mtp = f"model.layers.{hf.config.num_hidden_layers}.eh_proj.weight"
+        save_file({mtp: torch.zeros(4, 4)}, str(folder / "mtp.safetensors"))
         if ok:
             moetune.load_model(folder)
-        else:
-            with pytest.raises(CheckpointError, match="model.layers.61.eh_proj.weight"):
-                moetune.load_model(folder)
+            save_file({"model.layers.61.eh_proj.weight": torch.zeros(4, 4)}, str(folder / "mtp.safetensors"))
+        with pytest.raises(CheckpointError, match=r"model\.layers\.\d+\.eh_proj\.weight"):
+            moetune.load_model(folder)

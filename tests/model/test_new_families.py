@@ -1,0 +1,125 @@
+"""GLM-4.5, GLM-4.7-Flash, MiniMax-M2, Mistral 4 and Kimi-K2.x vs transformers 5.17 on tiny random
+checkpoints saved by transformers: logits on a padded batch, module names, save_pretrained round
+trip, greedy generation with the KV cache, ``moetune inspect``, skipped multi-token-prediction layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moetune
+from moetune.errors import CheckpointError
+from moetune.inspect import inspect_model
+from moetune.model.generate import SamplingConfig, generate
+from tiny_families import CASES, make_hf
+
+transformers = pytest.importorskip("transformers")
+NAMES = sorted(CASES)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (transformers model, its folder, our model loaded from it); built once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            hf = make_hf(name)
+            folder = tmp_path_factory.mktemp(name)
+            hf.save_pretrained(folder)
+            cache[name] = (hf, folder, moetune.load_model(folder))
+        return cache[name]
+
+    return get
+
+
+def _inputs(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(name, saved):
+    hf, _, ours = saved(name)
+    ids, mask = _inputs(hf.config.vocab_size)
+    with torch.no_grad():
+        err = (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item()
+        ref, got = hf(input_ids=ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    err_pad = (ref[mask.bool()] - got[mask.bool()]).abs().max().item()
+    print(f"{name}: max|dlogits| fp32 no pad {err:.2e}, padded {err_pad:.2e}, logit scale {ref.abs().max():.2f}")
+    assert err <= 1e-4 and err_pad <= 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_names_match_transformers(name, saved):
+    """Module paths equal transformers' in memory (so LoRA targets and PEFT adapter keys line up)."""
+    hf, _, ours = saved(name)
+    theirs = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers() if n.endswith("bias")}
+    assert {n for n, _ in ours.named_parameters()} == theirs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_pretrained_round_trip(name, saved, tmp_path):
+    hf, folder, ours = saved(name)
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == hf.config.model_type
+    back = type(hf).from_pretrained(tmp_path / "ours").eval()
+    ids, _ = _inputs(hf.config.vocab_size)
+    with torch.no_grad():
+        err = (back(input_ids=ids).logits - ours(ids).logits).abs().max().item()
+    print(f"{name}: save_pretrained -> transformers from_pretrained max|dlogits| {err:.2e}")
+    assert err <= 1e-5
+    again = moetune.load_model(tmp_path / "ours")
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), ours.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_matches_transformers(name, saved):
+    hf, _, ours = saved(name)
+    prompts = [[5, 17, 3, 99, 42, 8], [7, 1, 64]]  # different lengths: left padding in both
+    new = 8
+    ids = torch.tensor([[0] * (6 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (6 - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None
+    )[:, ids.shape[1] :]
+    got = generate(ours, prompts, eos_id=None, pad_id=0, config=SamplingConfig(max_new_tokens=new))
+    print(f"{name}: greedy tokens transformers {ref.tolist()} moetune {got}")
+    assert got == ref.tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inspect_names_the_family(name, saved):
+    hf, folder, _ = saved(name)
+    report = inspect_model(folder)
+    print(report)
+    assert f"family            {hf.config.model_type}" in report
+    assert "experts           8 routed" in report and "adapter targets" in report
+
+
+def test_multi_token_prediction_layers_are_skipped_by_rule(saved, tmp_path, caplog):
+    """Layers num_hidden_layers .. + num_nextn_predict_layers - 1 are skipped with one log line;
+    a layer past them is still an unknown tensor."""
+    from safetensors.torch import save_file
+
+    hf, folder, _ = saved("glm4_moe")
+    L = hf.config.num_hidden_layers
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    mtp = {f"model.layers.{L}.eh_proj.weight": torch.zeros(4, 4), f"model.layers.{L}.enorm.weight": torch.ones(4)}
+    save_file(mtp, str(tmp_path / "mtp.safetensors"))
+    with caplog.at_level("INFO", logger="moetune.model.loading"):
+        moetune.load_model(tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    assert len(lines) == 1 and f"model.layers.{L} " in lines[0] and "2 tensors" in lines[0], lines
+    save_file({f"model.layers.{L + 1}.eh_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "mtp.safetensors"))
+    with pytest.raises(CheckpointError, match=f"model.layers.{L + 1}.eh_proj.weight"):
+        moetune.load_model(tmp_path)

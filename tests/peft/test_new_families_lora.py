@@ -1,0 +1,135 @@
+"""LoRA on every projection of the 2025-26 MoE families (attention, dense FFN, shared and routed
+experts, LM head) vs the real ``peft`` on transformers' model, and adapter files both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moetune
+from moetune.peft.core.layer import adapter_layers
+from moetune.peft.core.params import trainable_parameters
+from tiny_families import CASES, make_hf
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+GQA = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+ATTENTION = {"glm4_moe": GQA, "glm4_moe_lite": MLA, "minimax_m2": GQA, "mistral4": MLA, "kimi_k25": MLA}
+# Dense-MLP and shared-expert linears go to PEFT as 2D target_parameters: PEFT 0.21 retargets
+# target_modules entries named gate_proj/up_proj/down_proj to the routed experts on these model
+# types (see moetune.peft.formats.peft_config.PEFT_RETARGETED_NAMES).
+PEFT_PARAMS = ["gate_proj.weight", "up_proj.weight", "down_proj.weight", "experts.gate_up_proj", "experts.down_proj"]
+FFN = ["gate_proj", "up_proj", "down_proj", "shared_experts", "experts", "lm_head"]
+R, ALPHA = 4, 8
+NAMES = sorted(CASES)
+
+
+def _ids(vocab: int = 128):
+    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return (model(ids, **kw) if isinstance(model, moetune.CausalLM) else model(input_ids=ids)).logits
+
+
+def _randomise(model, seed: int = 5, adapter: str = "default"):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in trainable_parameters(model).items():
+            if f".{adapter}" in key or adapter in key.split("."):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """name -> folder of the transformers checkpoint (written once per module)."""
+    folders = {}
+
+    def get(name: str):
+        if name not in folders:
+            folders[name] = tmp_path_factory.mktemp(name)
+            make_hf(name).save_pretrained(folders[name])
+        return folders[name]
+
+    return get
+
+
+def _ours(name: str, folder):
+    model = moetune.load_model(folder)
+    moetune.add_adapter(model, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=[*ATTENTION[name], *FFN]))
+    _randomise(model)
+    return model
+
+
+def _peft_model(name: str):
+    config = peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=[*ATTENTION[name], "lm_head"], target_parameters=PEFT_PARAMS
+    )
+    return peft.get_peft_model(make_hf(name), config).eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_everywhere_matches_peft(name, base):
+    """Our adapter tensors set into PEFT's model give PEFT's logits; every module kind is adapted."""
+    ours = _ours(name, base(name))
+    kinds = {path.split(".")[-1] if "experts" not in path else "experts" for path, _ in adapter_layers(ours)}
+    assert {*ATTENTION[name], "gate_proj", "up_proj", "down_proj", "experts", "lm_head"} <= kinds
+    assert any(".shared_experts." in path for path, _ in adapter_layers(ours))
+    pm = _peft_model(name)
+    state = {
+        f"base_model.model.{path}.{k}": v
+        for path, layer in adapter_layers(ours)
+        for k, v in layer.peft_tensors("default").items()
+    }
+    result = peft.set_peft_model_state_dict(pm, state)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(state)
+    ids = _ids()
+    ref, got = _logits(pm, ids), _logits(ours, ids)
+    with pm.disable_adapter():
+        effect = (ref - _logits(pm, ids)).abs().max().item()
+    err = (ref - got).abs().max().item()
+    print(f"{name}: LoRA everywhere, moetune vs PEFT max|dlogits| {err:.2e} (adapter effect {effect:.2f})")
+    assert err <= 1e-5 and effect > 1e-2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_files_both_ways(name, base, tmp_path):
+    """moetune.save_adapter -> PeftModel.from_pretrained, and PEFT's save_pretrained -> moetune.load_adapter."""
+    ours = _ours(name, base(name))
+    out = moetune.save_adapter(ours, tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(make_hf(name), str(out)).eval()
+    ids = _ids()
+    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
+
+    theirs = _peft_model(name)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            if "lora_" in key:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = moetune.load_model(base(name))
+    moetune.load_adapter(back, tmp_path / "peft")
+    err_back = (_logits(theirs, ids) - _logits(back, ids)).abs().max().item()
+    print(f"{name}: ours -> PeftModel max|dlogits| {err:.2e}; PEFT's file -> moetune {err_back:.2e}")
+    assert err <= 1e-5 and err_back <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mixed_adapters_per_sample(name, base):
+    """Two adapters in one batch, chosen per sample, equal each adapter run alone."""
+    model = _ours(name, base(name))
+    moetune.add_adapter(
+        model, moetune.LoraConfig(r=2, alpha=4, target_modules=[*ATTENTION[name], *FFN]), name="other"
+    )
+    _randomise(model, seed=7, adapter="other")
+    ids = _ids()
+    mixed = _logits(model, ids, adapter_names=["default", "other"])
+    alone = [_logits(model, ids[i : i + 1], adapter_names=[a]) for i, a in enumerate(["default", "other"])]
+    assert (mixed - torch.cat(alone)).abs().max() <= 1e-5
+    assert (alone[0] - _logits(model, ids[:1], adapter_names=["other"])).abs().max() > 1e-3

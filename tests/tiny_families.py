@@ -1,0 +1,69 @@
+"""Tiny random checkpoints of the 2025-26 MoE families (GLM-4.5, GLM-4.7-Flash, MiniMax-M2,
+Mistral 4, Kimi-K2.x), built and saved by transformers itself as parity references."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, max_position_embeddings=256)
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+
+# name -> (config class, causal-LM class, config kwargs)
+CASES: dict[str, tuple[str, str, dict]] = {
+    # GLM-4.5 as released, scaled down: q/k norm, q/k/v biases, partial RoPE 0.5 (the default),
+    # one dense layer, 8 experts in 2 groups (keep 1), shared expert, routed scaling.
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            BASE,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            attention_bias=True,
+            first_k_dense_replace=1,
+        ),
+    ),
+    # GLM-4.7-Flash: latent attention with a compressed query, sparse layers from mlp_layer_types.
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",
+        dict(
+            BASE,
+            **MLA,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=24,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            routed_scaling_factor=1.8,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    ),
+}
+
+
+def make_hf(name: str, seed: int = 0, std: float = 0.08):
+    """transformers model of a case: N(0, std) weights, norms ~1, random router correction biases
+    (sigmoid scores sit near 0.5 +- 0.1, so biases of 0.1 reorder the choice)."""
+    cfg_cls, model_cls, kwargs = CASES[name]
+    config = getattr(transformers, cfg_cls)(**kwargs)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in pname else p.normal_(0.0, std)
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model.eval()
