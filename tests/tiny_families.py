@@ -49,6 +49,24 @@ CASES: dict[str, tuple[str, str, dict]] = {
             mlp_layer_types=["dense", "sparse", "sparse"],
         ),
     ),
+    # MiniMax-M2: every layer MoE, sigmoid router with bias, q/k norm over all heads, partial RoPE.
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(
+            BASE,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            partial_rotary_factor=0.5,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+    ),
 }
 
 

@@ -21,8 +21,10 @@ ATTENTION = {"glm4_moe": GQA, "glm4_moe_lite": MLA, "minimax_m2": GQA, "mistral4
 # Dense-MLP and shared-expert linears go to PEFT as 2D target_parameters: PEFT 0.21 retargets
 # target_modules entries named gate_proj/up_proj/down_proj to the routed experts on these model
 # types (see moetune.peft.formats.peft_config.PEFT_RETARGETED_NAMES).
-PEFT_PARAMS = ["gate_proj.weight", "up_proj.weight", "down_proj.weight", "experts.gate_up_proj", "experts.down_proj"]
-FFN = ["gate_proj", "up_proj", "down_proj", "shared_experts", "experts", "lm_head"]
+DENSE_PARAMS = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
+DENSE = ["gate_proj", "up_proj", "down_proj", "shared_experts"]  # dense-FFN layers and shared experts
+NO_DENSE = {"minimax_m2"}  # every layer MoE, no shared expert
 R, ALPHA = 4, 8
 NAMES = sorted(CASES)
 
@@ -58,16 +60,23 @@ def base(tmp_path_factory):
     return get
 
 
+def _ffn(name: str) -> list[str]:
+    return ["experts", "lm_head"] + ([] if name in NO_DENSE else DENSE)
+
+
 def _ours(name: str, folder):
     model = moetune.load_model(folder)
-    moetune.add_adapter(model, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=[*ATTENTION[name], *FFN]))
+    moetune.add_adapter(model, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=[*ATTENTION[name], *_ffn(name)]))
     _randomise(model)
     return model
 
 
 def _peft_model(name: str):
     config = peft.LoraConfig(
-        r=R, lora_alpha=ALPHA, target_modules=[*ATTENTION[name], "lm_head"], target_parameters=PEFT_PARAMS
+        r=R,
+        lora_alpha=ALPHA,
+        target_modules=[*ATTENTION[name], "lm_head"],
+        target_parameters=EXPERT_PARAMS + ([] if name in NO_DENSE else DENSE_PARAMS),
     )
     return peft.get_peft_model(make_hf(name), config).eval()
 
@@ -77,8 +86,9 @@ def test_lora_everywhere_matches_peft(name, base):
     """Our adapter tensors set into PEFT's model give PEFT's logits; every module kind is adapted."""
     ours = _ours(name, base(name))
     kinds = {path.split(".")[-1] if "experts" not in path else "experts" for path, _ in adapter_layers(ours)}
-    assert {*ATTENTION[name], "gate_proj", "up_proj", "down_proj", "experts", "lm_head"} <= kinds
-    assert any(".shared_experts." in path for path, _ in adapter_layers(ours))
+    dense = set() if name in NO_DENSE else {"gate_proj", "up_proj", "down_proj"}
+    assert {*ATTENTION[name], *dense, "experts", "lm_head"} <= kinds
+    assert any(".shared_experts." in path for path, _ in adapter_layers(ours)) == (name not in NO_DENSE)
     pm = _peft_model(name)
     state = {
         f"base_model.model.{path}.{k}": v
@@ -125,7 +135,7 @@ def test_mixed_adapters_per_sample(name, base):
     """Two adapters in one batch, chosen per sample, equal each adapter run alone."""
     model = _ours(name, base(name))
     moetune.add_adapter(
-        model, moetune.LoraConfig(r=2, alpha=4, target_modules=[*ATTENTION[name], *FFN]), name="other"
+        model, moetune.LoraConfig(r=2, alpha=4, target_modules=[*ATTENTION[name], *_ffn(name)]), name="other"
     )
     _randomise(model, seed=7, adapter="other")
     ids = _ids()

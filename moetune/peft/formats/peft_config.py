@@ -54,7 +54,7 @@ PEFT_RETARGETED_NAMES: dict[str, frozenset[str]] = {
         ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"),
         frozenset({"gate_proj", "up_proj", "down_proj", "gate"}),
     ),
-    "mixtral": frozenset({"w1", "w2", "w3", "gate"}),
+    **dict.fromkeys(("mixtral", "minimax_m2"), frozenset({"w1", "w2", "w3", "gate"})),
 }
 
 
