@@ -2,6 +2,7 @@
 
 from . import deepseek as _deepseek  # noqa: F401 - registers the deepseek_v2 / deepseek_v3 families
 from . import glm as _glm  # noqa: F401 - registers the glm4_moe / glm4_moe_lite families
+from . import gpt_oss as _gpt_oss  # noqa: F401 - registers the gpt_oss family
 from . import minimax as _minimax  # noqa: F401 - registers the minimax_m2 family
 from .attention import KVCache
 from .config import MLAArgs, MoEArgs, ModelArgs, RopeArgs

@@ -81,9 +81,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = sdpa(q, k, v, mask=mask, scale=self.head_dim**-0.5)
+        out = self.attend(q, k, v, mask)
         B, T = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, T, Dh), k/v (B, K, S, Dh) -> (B, H, T, Dh); variants (attention sinks) override it."""
+        return sdpa(q, k, v, mask=mask, scale=self.head_dim**-0.5)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

@@ -35,6 +35,19 @@ PER_EXPERT_RULES["minimax_m2"] = PER_EXPERT_RULES["mixtral"] + [
     ("model.layers.{L}.block_sparse_moe.e_score_correction_bias", _MOE + ".gate.e_score_correction_bias", "all"),
 ]
 
+# Whole tensors a family's checkpoint stores in another layout than ours, by native name (= checkpoint
+# key). gpt-oss keeps its experts transposed, (E, in, out), with gate and up columns interleaved
+# (gate_0, up_0, gate_1, ...); ours are (E, out, in) with the gate rows first. The layouts are
+# permutations, so both directions are exact.
+LAYOUT_RULES: dict[str, list[tuple[str, str]]] = {
+    "gpt_oss": [
+        (_MOE + ".experts.gate_up_proj", "interleaved_transposed"),
+        (_MOE + ".experts.gate_up_proj_bias", "interleaved"),
+        (_MOE + ".experts.down_proj", "transposed"),
+    ],
+}
+PER_EXPERT_RULES["gpt_oss"] = []  # fused tensors only (LAYOUT_RULES)
+
 # Checkpoint keys that carry no weights we need (recomputed buffers).
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
@@ -47,6 +60,7 @@ class Target:
     name: str
     expert: int | None = None
     part: str = "all"
+    layout: str | None = None  # a LAYOUT_RULES layout: the checkpoint tensor is the whole native one, permuted
 
 
 def _compile(template: str) -> re.Pattern:
@@ -66,6 +80,11 @@ class KeyMap:
             (_compile(src), src, dst, part)
             for src, dst, part in PER_EXPERT_RULES.get(family, PER_EXPERT_RULES["default"])
         ]
+        self.layouts = [(_compile(name), layout) for name, layout in LAYOUT_RULES.get(family, [])]
+
+    def layout(self, name: str) -> str | None:
+        """The checkpoint layout of native tensor ``name`` when it differs from ours."""
+        return next((layout for regex, layout in self.layouts if regex.match(name)), None)
 
     def skipped(self, key: str) -> bool:
         """True for keys of a skipped layer."""
@@ -77,6 +96,9 @@ class KeyMap:
         return bool(IGNORED_KEYS.match(key)) or self.skipped(key)
 
     def target(self, key: str) -> Target:
+        layout = self.layout(key)
+        if layout is not None:
+            return Target(key, layout=layout)
         for regex, _, dst, part in self.rules:
             m = regex.match(key)
             if m:
@@ -86,6 +108,9 @@ class KeyMap:
 
     def export(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Checkpoint (key, tensor) pairs for a native tensor, in the layout transformers writes."""
+        layout = self.layout(name)
+        if layout is not None:
+            return [(name, to_checkpoint(tensor, layout))]
         out = []
         for regex_src, src, dst, part in self.rules:
             m = _compile(dst).match(name)
@@ -111,3 +136,42 @@ def destination(native: torch.Tensor, target: Target) -> torch.Tensor:
     """The view of a native tensor that a checkpoint tensor fills."""
     view = native if target.expert is None else native[target.expert]
     return slice_part(view, target.part)
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """(..., 2F) gate columns then up columns -> gate_0, up_0, gate_1, up_1, ..."""
+    return t.unflatten(-1, (2, t.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_interleave`."""
+    return t.unflatten(-1, (t.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
+def to_checkpoint(native: torch.Tensor, layout: str) -> torch.Tensor:
+    """A native tensor in a :data:`LAYOUT_RULES` checkpoint layout."""
+    if layout == "transposed":
+        return native.transpose(-1, -2)
+    if layout == "interleaved":
+        return _interleave(native)
+    if layout == "interleaved_transposed":  # (E, 2F, D) gate rows first -> (E, D, 2F) interleaved
+        return _interleave(native.transpose(-1, -2))
+    raise ValueError(f"unknown checkpoint layout '{layout}'")
+
+
+def from_checkpoint(stored: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`to_checkpoint`: a checkpoint tensor in the native layout."""
+    if layout == "transposed":
+        return stored.transpose(-1, -2)
+    if layout == "interleaved":
+        return _deinterleave(stored)
+    if layout == "interleaved_transposed":
+        return _deinterleave(stored).transpose(-1, -2)
+    raise ValueError(f"unknown checkpoint layout '{layout}'")
+
+
+def checkpoint_shape(native: torch.Tensor, layout: str | None) -> tuple[int, ...]:
+    """The shape the checkpoint holds for ``native`` (no data is touched)."""
+    if layout is None:
+        return tuple(native.shape)
+    return tuple(to_checkpoint(torch.empty(native.shape, device="meta"), layout).shape)

@@ -23,7 +23,7 @@ from ..safetensors_check import check_safetensors
 from .build import build_causal_lm
 from .config import ModelArgs
 from .families import model_args_from_hf
-from .hf import KeyMap, destination
+from .hf import KeyMap, checkpoint_shape, destination, from_checkpoint
 from .layers import RMSNorm
 from .nf4_weight import NF4Weight
 from .quant import quantize_model, quantized_weights
@@ -101,11 +101,13 @@ class _Filler:
             )
         quantized = isinstance(native, NF4Weight)
         dest = destination(native.layout() if quantized else native.data, target)
-        if tuple(dest.shape) != tuple(tensor.shape):
+        expected = checkpoint_shape(dest, target.layout)
+        if expected != tuple(tensor.shape):
             raise CheckpointError(
-                f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from "
-                "config.json"
+                f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {expected} from config.json"
             )
+        if target.layout is not None:
+            tensor = from_checkpoint(tensor, target.layout)
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
         else:

@@ -103,10 +103,24 @@ class GroupedExperts(nn.Module):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return (grouped_linear_loop if self.use_loop else grouped_linear)(x, weight, offsets)
 
+    # The three stages of an expert, apart so an expert LoRA adds its deltas between them and a
+    # family changes one stage (gpt-oss: biases, its own gated activation) without a new forward.
+    def project_gate_up(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x (R, D) sorted by expert -> (R, 2F), gate columns first."""
+        return self.linear(x, self.gate_up_proj, offsets)
+
+    def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(R, 2F) -> (R, F): ``act(gate) * up``."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def project_down(self, h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """h (R, F) sorted by expert -> (R, D)."""
+        return self.linear(h, self.down_proj, offsets)
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - LoRA wrappers use it
         """x (R, D) sorted by expert; offsets (E,) int32; token_index (R,) token of each row -> (R, D)."""
-        gate, up = self.linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        return self.linear(self.act(gate) * up, self.down_proj, offsets)
+        return self.project_down(self.gated(self.project_gate_up(x, offsets)), offsets)
 
 
 @dataclass
@@ -181,20 +195,27 @@ class MoEBlock(nn.Module):
         shared_expert: SwiGLU | None = None,
         shared_expert_gate: nn.Linear | None = None,
         shared_name: str = "shared_expert",
+        router_name: str = "gate",
     ) -> None:
         super().__init__()
-        self.gate = gate
+        self.router_name = router_name
+        setattr(self, router_name, gate)  # HF module names: gate / router (gpt-oss)
         self.experts = experts
         self.shared_name = shared_name
         if shared_expert is not None:
             setattr(self, shared_name, shared_expert)  # HF module names: shared_expert / shared_experts
         self.shared_expert_gate = shared_expert_gate
 
+    @property
+    def routing_module(self) -> nn.Module:
+        """The routing module, whatever its name (``gate`` or ``router``)."""
+        return getattr(self, self.router_name)
+
     def forward(self, x: torch.Tensor, *, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
         """x (B, T, D); token_mask (B*T,) 1 for real tokens -> (B, T, D) and routing stats."""
         shape = x.shape
         h = x.reshape(-1, shape[-1])
-        routing = self.gate(h)
+        routing = self.routing_module(h)
         d = dispatch(routing.experts, self.experts.num_experts)
         rows = self.experts(h[d.token_index], d.offsets, token_index=d.token_index)
         out = combine(rows, d, routing.weights)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
 from .grouped import grouped_linear, grouped_linear_loop
 from .moe import GroupedExperts
 from .nf4_weight import NF4Weight
@@ -181,6 +182,10 @@ def quantize_model(model: nn.Module) -> nn.Module:
             model.set_submodule(path, QuantLinear.from_linear(module))
         elif type(module) is GroupedExperts:
             model.set_submodule(path, QuantGroupedExperts.from_experts(module))
+        elif isinstance(module, GroupedExperts) and not isinstance(module, QuantGroupedExperts):
+            # e.g. gpt-oss's biased experts: leaving them full precision would silently break the promise
+            kind = type(module).__name__
+            raise CheckpointError(f"quantize='nf4' does not support the experts of '{path}' ({kind}) yet")
     return model
 
 

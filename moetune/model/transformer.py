@@ -195,7 +195,7 @@ class CausalLM(nn.Module):
         Returns:
             Number of routers updated (0 for models without correction biases).
         """
-        routers = [layer.mlp.gate for layer in self.model.layers if layer.is_moe]
+        routers = [layer.mlp.routing_module for layer in self.model.layers if layer.is_moe]
         if len(routers) != len(stats):
             raise ValueError(f"got router stats for {len(stats)} layers, the model has {len(routers)} MoE layers")
         biased = [(r, s) for r, s in zip(routers, stats) if isinstance(r, Router) and r.has_correction_bias]

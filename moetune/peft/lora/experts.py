@@ -172,7 +172,7 @@ class LoraGroupedExperts(AdapterLayer):
         base = self.base_layer
         names = self.running()
         rows = {n: self._rows(n, token_index, x.dtype) for n in names}
-        gate_up = base.linear(x, base.gate_up_proj, offsets)  # (R, 2F)
+        gate_up = base.project_gate_up(x, offsets)  # (R, 2F)
         Fh = self.hidden
         for n in names:
             fused, alone = _gate_up_groups(self.pairs(n))
@@ -181,9 +181,8 @@ class LoraGroupedExperts(AdapterLayer):
             for half in alone:  # zero-padded to 2F so the base path below stays bit-identical
                 pad = (0, Fh) if half == "gate" else (Fh, 0)
                 gate_up = gate_up + F.pad(self._split_lora(n, [half], x, offsets, rows[n]), pad)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = base.act(gate) * up  # (R, F)
-        out = base.linear(h, base.down_proj, offsets)  # (R, D)
+        h = base.gated(gate_up)  # (R, F)
+        out = base.project_down(h, offsets)  # (R, D)
         for n in names:
             if "down" in self.pairs(n):
                 out = out + self._split_lora(n, ["down"], h, offsets, rows[n])

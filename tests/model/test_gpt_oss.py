@@ -1,0 +1,171 @@
+"""gpt-oss (sinks, sliding windows, biased clamped experts) vs transformers on a tiny random checkpoint."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moetune
+from moetune.errors import CheckpointError
+from moetune.inspect import inspect_model
+from moetune.model.families import model_args_from_hf
+from moetune.model.generate import SamplingConfig, generate
+from tiny_gpt_oss import make_hf
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The transformers model and the folder it saved itself to."""
+    folder = tmp_path_factory.mktemp("gpt_oss") / "hf"
+    hf = make_hf()
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def _inputs(vocab: int = 128):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)  # 12 tokens: three times the window of 4
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    return ids, mask
+
+
+def test_logits_loss_and_aux_loss_match_transformers(saved):
+    hf, folder = saved
+    ours = moetune.load_model(folder, dtype=torch.float32)
+    ids, mask = _inputs()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 4] = -100  # first real token after left padding: transformers would score a pad position on it
+    with torch.no_grad():
+        err = (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item()
+        ref = hf(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        got = ours(ids, attention_mask=mask, labels=labels, return_logits=True)
+    real = mask.bool()
+    err_pad = (ref.logits[real] - got.logits[real]).abs().max().item()
+    print(
+        f"gpt_oss: max|dlogits| no pad {err:.2e}, padded {err_pad:.2e} (logit scale {ref.logits.abs().max():.2f}); "
+        f"loss {ref.loss.item():.6f} vs {got.loss.item():.6f}, "
+        f"aux {ref.aux_loss.item():.6f} vs {got.aux_loss.item():.6f}"
+    )
+    assert err <= 1e-4 and err_pad <= 1e-4
+    # transformers' loss already includes coef * aux_loss when output_router_logits is set
+    coef = hf.config.router_aux_loss_coef
+    assert abs(ref.loss.item() - coef * ref.aux_loss.item() - got.loss.item()) < 1e-5
+    assert abs(ref.aux_loss.item() - got.aux_loss.item()) < 1e-5
+
+
+def test_sinks_clamps_and_biases_are_exercised(saved):
+    """The parity case would fail if any gpt-oss detail were dropped: each changes the logits."""
+    _, folder = saved
+    ours = moetune.load_model(folder)
+    ids, _ = _inputs()
+    seen = []
+    experts = ours.model.layers[0].mlp.experts
+    hook = experts.register_forward_pre_hook(lambda _module, args: seen.append(args))  # (rows, offsets)
+    with torch.no_grad():
+        base = ours(ids).logits
+        hook.remove()
+        gate_up = experts.project_gate_up(*seen[0])
+        assert (gate_up[:, :16] > 7).any() and (gate_up[:, 16:].abs() > 7).any()  # both clamps cut
+        for name in ("sinks", "experts.gate_up_proj_bias", "experts.down_proj_bias", "router.bias"):
+            model = copy.deepcopy(ours)
+            for pname, p in model.named_parameters():
+                if pname.endswith(name):
+                    p.zero_()
+            assert (model(ids).logits - base).abs().max() > 1e-2, name
+
+
+def test_names_match_transformers(saved):
+    hf, folder = saved
+    ours = moetune.load_model(folder)
+    assert {n for n, _ in ours.named_parameters()} == {n for n, _ in hf.named_parameters()}
+    assert tuple(ours.model.layers[0].mlp.experts.gate_up_proj.shape) == (8, 64, 64)  # (E, 2F, D) in memory
+    assert ours.args.sliding_window == [4, None, 4]
+
+
+def test_save_pretrained_round_trip_is_byte_exact(saved, tmp_path):
+    """Load transformers' checkpoint and write it back: the same keys and bit-identical tensors
+    (experts transposed and interleaved again), and transformers reads it to the same logits."""
+    hf, folder = saved
+    ours = moetune.load_model(folder)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs, mine = load_file(folder / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(theirs) == set(mine)
+    for key, t in theirs.items():
+        assert t.dtype == mine[key].dtype and torch.equal(t, mine[key]), key
+    back = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids, _ = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, hf(input_ids=ids).logits)
+
+
+def test_greedy_generation_matches_transformers_generate(saved):
+    """Left-padded prompts, prompt + 12 new tokens far past the window of 4: KV cache with sinks."""
+    hf, folder = saved
+    ours = moetune.load_model(folder)
+    prompts = [[5, 17, 99, 3, 42, 8, 61], [7, 1, 2]]
+    got = generate(ours, prompts, eos_id=None, config=SamplingConfig(max_new_tokens=12))
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    print(f"gpt_oss greedy: {got}")
+    assert got == ref[:, width:].tolist()
+
+
+def test_parser_defaults_are_transformers_defaults():
+    """A config.json that leaves keys out reads as transformers' GptOssConfig defaults."""
+    full = transformers.GptOssConfig().to_dict()
+    a, b = model_args_from_hf({"model_type": "gpt_oss"}), model_args_from_hf(full)
+    a.hf_config = b.hf_config = {}
+    assert a == b
+    assert b.sliding_window[:4] == [128, None, 128, None] and b.qkv_bias and b.o_bias
+    assert (b.rope.kind, b.rope.factor, b.rope.truncate, b.rope.theta) == ("yarn", 32.0, False, 150000.0)
+    assert (b.moe.num_experts, b.moe.top_k, b.head_dim, b.num_kv_heads) == (128, 4, 64, 8)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"swiglu_limit": 10.0}, "swiglu_limit=10.0 is not supported"),
+        ({"layer_types": ["sliding_attention"]}, "layer_types=.* is not supported \\(3 entries"),
+    ],
+)
+def test_unsupported_configs_are_refused(saved, tmp_path, change, message):
+    _, folder = saved
+    cfg = {**json.loads((folder / "config.json").read_text()), **change}
+    with pytest.raises(CheckpointError, match=message):
+        model_args_from_hf(cfg)
+
+
+def test_inspect_reports_the_family(saved):
+    _, folder = saved
+    report = inspect_model(folder)
+    print(report)
+    assert "family            gpt_oss" in report
+    assert "experts           8 routed, top-2" in report
+    assert "q_proj" in report and "experts" in report
+
+
+def test_unknown_tensor_is_an_error_naming_it(saved, tmp_path):
+    from safetensors.torch import save_file
+
+    _, folder = saved
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(2)
+    (tmp_path / "bad").mkdir()
+    save_file(tensors, tmp_path / "bad" / "model.safetensors")
+    (tmp_path / "bad" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.experts.gate_up_proj_blocks' is not part"):
+        moetune.load_model(tmp_path / "bad")
+
+
+def test_nf4_is_refused_not_ignored_on_the_biased_experts(saved):
+    _, folder = saved
+    with pytest.raises(CheckpointError, match="quantize='nf4' does not support the experts of 'model.layers.0.mlp"):
+        moetune.load_model(folder, quantize="nf4")
