@@ -67,6 +67,37 @@ CASES: dict[str, tuple[str, str, dict]] = {
             eos_token_id=None,
         ),
     ),
+    # Mistral 4: MLA, softmax routing over 2 groups (keep 1), shared expert, one dense layer; the
+    # Llama-4 query temperature changes every 4 positions (original_max_position_embeddings 4).
+    "mistral4": (
+        "Mistral4Config",
+        "Mistral4ForCausalLM",
+        dict(
+            BASE,
+            **MLA,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=1,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=4,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                mscale=1.0,
+                mscale_all_dim=1.0,
+                llama_4_scaling_beta=0.5,
+            ),
+        ),
+    ),
 }
 
 

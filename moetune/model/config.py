@@ -28,6 +28,7 @@ class RopeArgs:
     attention_factor: float | None = None
     truncate: bool = True
     partial_rotary_factor: float = 1.0
+    llama_4_scaling_beta: float | None = None  # Mistral 4's query temperature over positions
 
 
 @dataclass

@@ -51,6 +51,7 @@ def parse_rope(cfg: dict[str, Any]) -> RopeArgs:
         attention_factor=params.get("attention_factor"),
         truncate=params.get("truncate", True),
         partial_rotary_factor=params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)),
+        llama_4_scaling_beta=params.get("llama_4_scaling_beta"),
     )
 
 

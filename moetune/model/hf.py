@@ -30,6 +30,8 @@ PER_EXPERT_RULES: dict[str, list[tuple[str, str, str]]] = {
         ("model.layers.{L}.block_sparse_moe.gate.weight", _MOE + ".gate.weight", "all"),
     ],
 }
+# Mistral 4 checkpoints hold the experts fused, as in memory: every key maps to itself.
+PER_EXPERT_RULES["mistral4"] = []
 # MiniMax-M2: Mixtral's names, plus the router's correction bias, stored on the MoE block.
 PER_EXPERT_RULES["minimax_m2"] = PER_EXPERT_RULES["mixtral"] + [
     ("model.layers.{L}.block_sparse_moe.e_score_correction_bias", _MOE + ".gate.e_score_correction_bias", "all"),

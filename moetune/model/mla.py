@@ -15,6 +15,10 @@ match PEFT's)::
     keys:   [k_nope (B,H,S,Dn) | k_rot broadcast to H heads (B,H,S,Dr)]
     out:    sdpa -> (B,T,H*Dv) -o_proj-> (B,T,D)
 
+The rope tables may carry a third tensor, a per-position query scale (B, T) (Mistral 4's
+Llama-4 temperature, :class:`moetune.model.mistral4.QueryScaledRotary`); the query is multiplied
+by it after rotation.
+
 The KV cache holds the compressed latents (c after its norm, and the rotated k_rot), as
 transformers does, and re-expands them through ``kv_b_proj`` each step; this keeps the cache
 small and keeps a LoRA on ``kv_b_proj`` exact during decoding.
@@ -145,15 +149,19 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, *, rope: Rope, mask: torch.Tensor | None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        """x (B, T, D); rope: (cos, sin) (B, T, Dr); mask: bool (B, 1, T, S) or None -> (B, T, D)."""
+        """x (B, T, D); rope: (cos, sin) (B, T, Dr) [+ query scale (B, T)]; mask: bool (B, 1, T, S) or
+        None -> (B, T, D)."""
         B, T, _ = x.shape
         q_nope, q_rot = self._query(x)
         latent, k_rot = self._latent(x)
-        q_rot = apply_rope_mla(q_rot, *rope, self.rope_layout)
-        k_rot = apply_rope_mla(k_rot, *rope, self.rope_layout)
+        cos, sin = rope[0], rope[1]
+        q_rot = apply_rope_mla(q_rot, cos, sin, self.rope_layout)
+        k_rot = apply_rope_mla(k_rot, cos, sin, self.rope_layout)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
         k, v = self._expand(latent, k_rot)
         q = torch.cat((q_nope, q_rot), dim=-1)
+        if len(rope) > 2:
+            q = q * rope[2][:, None, :, None]
         out = sdpa(q, k, v, mask=mask, scale=self.softmax_scale)  # (B, H, T, Dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_head_dim))

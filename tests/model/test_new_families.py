@@ -50,7 +50,10 @@ def test_logits_match_transformers(name, saved):
     ids, mask = _inputs(hf.config.vocab_size)
     with torch.no_grad():
         err = (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item()
-        ref, got = hf(input_ids=ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+        # positions count real tokens (as generate does; Mistral 4's query temperature depends on them)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        got = ours(ids, attention_mask=mask).logits
     err_pad = (ref[mask.bool()] - got[mask.bool()]).abs().max().item()
     print(f"{name}: max|dlogits| fp32 no pad {err:.2e}, padded {err_pad:.2e}, logit scale {ref.abs().max():.2f}")
     assert err <= 1e-4 and err_pad <= 1e-4
