@@ -2,12 +2,19 @@
 
 Rows are sorted by expert; ``offsets`` (E,) int32 holds the cumulative row ends, so expert e owns
 rows ``offsets[e-1]:offsets[e]``. Weights are ``(E, out, in)`` like ``nn.Linear``.
-``grouped_linear`` uses ``torch.nn.functional.grouped_mm`` (torch >= 2.9, CPU and CUDA) and falls
-back to :func:`grouped_linear_loop`, the reference with the same signature, when it cannot run.
+``grouped_linear`` uses ``torch.nn.functional.grouped_mm`` (torch >= 2.9) wherever the device has
+a kernel for the dtype (CPU: fp32/fp16/bf16; CUDA: bf16 on compute capability >= 8.0) and
+otherwise runs :func:`grouped_linear_loop`, the reference with the same signature, saying so once
+at INFO. The loop reads the offsets on the host (a device sync per call); the grouped path never does.
+
+The kernel needs 16-byte aligned row strides. A dimension that misses it (a LoRA rank of 4 in bf16,
+an odd expert width) is padded with zeros to the next multiple and the extra output columns are
+dropped: zero rows and columns add exact zeros, so the result is the unpadded product.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -38,19 +45,31 @@ def _fallback_once(reason: str) -> None:
         log.info("grouped_mm unavailable (%s); using the per-expert loop", reason)
 
 
-def _can_group(x: torch.Tensor, w: torch.Tensor) -> bool:
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Why ``grouped_mm`` cannot multiply these operands on their device, or None when it can."""
     if not hasattr(F, "grouped_mm"):
-        _fallback_once("torch < 2.9")
-        return False
+        return "torch < 2.9"
     if x.dtype != w.dtype:
-        _fallback_once(f"mixed dtypes {x.dtype}/{w.dtype}")
-        return False
-    # Strides must be 16-byte aligned (in and out dims of every operand).
-    size = x.element_size()
-    if (w.shape[-1] * size) % 16 or (w.shape[-2] * size) % 16:
-        _fallback_once(f"dims {tuple(w.shape[1:])} not 16-byte aligned for {x.dtype}")
-        return False
-    return True
+        return f"mixed dtypes {x.dtype}/{w.dtype}"
+    kind = x.device.type
+    if kind == "cpu":
+        return None if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else f"{x.dtype} on CPU"
+    if kind == "cuda":
+        if x.dtype != torch.bfloat16:
+            return f"the CUDA grouped GEMM takes bfloat16 only, not {x.dtype}"
+        if _cuda_capability(x.device.index) < (8, 0):
+            return "the CUDA grouped GEMM needs compute capability >= 8.0"
+        return None
+    return f"no grouped GEMM on {kind}"
+
+
+def _pad_to(n: int, multiple: int) -> int:
+    return -n % multiple
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -64,9 +83,22 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     Returns:
         (N, out).
     """
-    if x.shape[0] == 0 or not _can_group(x, weight):
+    if x.shape[0] == 0:  # grouped_mm's backward rejects empty operands; nothing to sync on either
         return grouped_linear_loop(x, weight, offsets)
+    reason = grouped_unsupported(x, weight)
+    if reason is not None:
+        _fallback_once(reason)
+        return grouped_linear_loop(x, weight, offsets)
+    multiple = 16 // x.element_size()
+    out = weight.shape[-2]
+    pad_in, pad_out = _pad_to(weight.shape[-1], multiple), _pad_to(out, multiple)
+    if pad_in:
+        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in))
+    if pad_out:
+        weight = F.pad(weight, (0, 0, 0, pad_out))
     y = F.grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)
+    if pad_out:
+        y = y[:, :out].contiguous()
     return _ContiguousGrad.apply(y)
 
 

@@ -7,6 +7,10 @@ and 8192 tokens they take 151936 * 8192 * 4 B = 4.6 GiB, plus the same again for
 chunk's scalar loss, and the backward recomputes one chunk's logits at a time. Peak logits memory
 is ``chunk_size * vocab * 4`` bytes - 0.58 GiB for 1024 tokens at vocab 151936, an 8x saving at
 8192 tokens (16x counting the gradient), for the price of one extra LM-head matmul.
+
+Chunks cover every position, ignored ones (-100) included, as transformers' loss does: keeping
+only the counted rows would size the work from the labels' values, which the host must read first
+(a device sync per step, and a shape that changes every step).
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _row_context(ctx: ForwardContext | None, rows: torch.Tensor | None, start: int, end: int) -> ForwardContext | None:
-    """Context for head rows ``start:end`` (one "sample" per row), or ``ctx`` itself when no
-    per-sample adapter names were given."""
+def _row_context(ctx: ForwardContext | None, seq_len: int, start: int, end: int) -> ForwardContext | None:
+    """Context for flat rows ``start:end`` (one "sample" per row; row i is in sample i // T), or
+    ``ctx`` itself when no per-sample adapter names were given. Host arithmetic only."""
     if ctx is None or ctx.adapter_names is None:
         return ctx
-    names = [ctx.adapter_names[i] for i in rows[start:end].tolist()]
+    names = [ctx.adapter_names[i // seq_len] for i in range(start, end)]
     return ForwardContext(batch_size=len(names), seq_len=1, adapter_names=names)
 
 
@@ -87,33 +91,22 @@ def chunked_cross_entropy(
         ``per_sample``, ``(sums (B,), counts (B,))`` in fp32.
     """
     targets = shift_labels(labels).reshape(-1)
-    keep = targets != IGNORE_INDEX
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    targets = targets[keep]
-    count = targets.numel()
-    B = hidden.shape[0]
-    sample = torch.arange(B, device=hidden.device).repeat_interleave(hidden.shape[1])[keep]
-    if per_sample:
-        counts = torch.zeros(B, device=hidden.device).index_add(0, sample, torch.ones_like(sample, dtype=torch.float32))
-        if count == 0:
-            return hidden.sum() * 0.0 + torch.zeros(B, device=hidden.device), counts
-    elif count == 0:
-        return hidden.sum() * 0.0
+    h = hidden.reshape(-1, hidden.shape[-1])
+    (B, T), rows = hidden.shape[:2], targets.numel()
+    kept = (targets != IGNORE_INDEX).view(B, T).sum(1)  # (B,) counted tokens per sample
+    sample = torch.arange(B, device=hidden.device).repeat_interleave(T)
     ctx = current_context()
-    rows = None
-    if ctx is not None and ctx.adapter_names is not None:  # sample of each kept row
-        rows = sample.cpu()
     total = hidden.new_zeros((B,) if per_sample else (), dtype=torch.float32)
-    for start in range(0, count, chunk_size):
+    for start in range(0, rows, chunk_size):
         part_h, part_t = h[start : start + chunk_size], targets[start : start + chunk_size]
-        part_ctx = _row_context(ctx, rows, start, start + chunk_size)
+        part_ctx = _row_context(ctx, T, start, min(start + chunk_size, rows))
         fn, args = (
             (_chunk_sample_sums, (head, part_h, part_t, sample[start : start + chunk_size], B, part_ctx))
             if per_sample
             else (_chunk_loss_sum, (head, part_h, part_t, part_ctx))
         )
         total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
-    return (total, counts) if per_sample else total / count
+    return (total, kept.float()) if per_sample else total / kept.sum().clamp_min(1)
 
 
 def causal_lm_loss(
