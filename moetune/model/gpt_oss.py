@@ -176,6 +176,8 @@ class GptOssExperts(GroupedExperts):
     same order, ``down_proj`` (E, D, F), ``down_proj_bias`` (E, D).
     """
 
+    gate_up_interleaved = True
+
     def __init__(
         self,
         *,

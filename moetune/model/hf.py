@@ -140,13 +140,13 @@ def destination(native: torch.Tensor, target: Target) -> torch.Tensor:
     return slice_part(view, target.part)
 
 
-def _interleave(t: torch.Tensor) -> torch.Tensor:
+def interleave(t: torch.Tensor) -> torch.Tensor:
     """(..., 2F) gate columns then up columns -> gate_0, up_0, gate_1, up_1, ..."""
     return t.unflatten(-1, (2, t.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
 
 
-def _deinterleave(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_interleave`."""
+def deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`interleave`."""
     return t.unflatten(-1, (t.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
@@ -155,9 +155,9 @@ def to_checkpoint(native: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return native.transpose(-1, -2)
     if layout == "interleaved":
-        return _interleave(native)
+        return interleave(native)
     if layout == "interleaved_transposed":  # (E, 2F, D) gate rows first -> (E, D, 2F) interleaved
-        return _interleave(native.transpose(-1, -2))
+        return interleave(native.transpose(-1, -2))
     raise ValueError(f"unknown checkpoint layout '{layout}'")
 
 
@@ -166,9 +166,9 @@ def from_checkpoint(stored: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return stored.transpose(-1, -2)
     if layout == "interleaved":
-        return _deinterleave(stored)
+        return deinterleave(stored)
     if layout == "interleaved_transposed":
-        return _deinterleave(stored).transpose(-1, -2)
+        return deinterleave(stored).transpose(-1, -2)
     raise ValueError(f"unknown checkpoint layout '{layout}'")
 
 

@@ -91,6 +91,10 @@ class TopKRouter(Router):
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as 3D weights, computed with grouped GEMMs on expert-sorted rows."""
 
+    # True where the Hugging Face tensor interleaves gate and up (gpt-oss): files in HF's layout
+    # (PEFT target_parameters) then hold gate_up rows interleaved too. In memory they never are.
+    gate_up_interleaved = False
+
     def __init__(self, *, num_experts: int, dim: int, hidden: int, act: str = "silu", use_loop: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)

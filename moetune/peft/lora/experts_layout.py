@@ -14,7 +14,9 @@ name, so with both targeted::
     <experts>.lora_B.weight             (D, r*E)     down_proj
 
 and with only one of them targeted, that one is the outer ``<experts>.lora_A.weight``. A is
-expert-slowest (row ``e*r + i``), B expert-fastest (column ``i*E + e``).
+expert-slowest (row ``e*r + i``), B expert-fastest (column ``i*E + e``). Where the Hugging Face
+tensor interleaves gate and up columns (gpt-oss's transposed ``(E, D, 2F)``), so do the rows of
+PEFT's gate_up B (gate_0, up_0, gate_1, ...); ours are gate-first and converted here.
 
 The per-expert layout that vLLM and SGLang read has 2D keys per expert and projection,
 ``<experts>.{e}.gate_proj.lora_A.weight`` (r, D) and ``...lora_B.weight`` (F, r).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import AdapterError
+from ...model.hf import deinterleave, interleave
 from ..core.layer import AdapterLayer
 from ..core.tensors import check_keys, check_shape
 
@@ -150,7 +153,10 @@ def peft_tensors(layer: AdapterLayer, name: str) -> dict[str, torch.Tensor]:
     prefixes = peft_prefixes(targeted_params(layer, [name]))
     out = {}
     for proj, (a, b) in proj_pairs(layer, name).items():
-        out[f"{prefixes[proj]}lora_A.weight"], out[f"{prefixes[proj]}lora_B.weight"] = to_peft(a, b)
+        a2, b2 = to_peft(a, b)
+        if proj == "gate_up_proj" and layer.base_layer.gate_up_interleaved:
+            b2 = interleave(b2.T).T.contiguous()
+        out[f"{prefixes[proj]}lora_A.weight"], out[f"{prefixes[proj]}lora_B.weight"] = a2, b2
     return out
 
 
@@ -163,7 +169,10 @@ def load_peft_tensors(layer: AdapterLayer, name: str, tensors: dict[str, torch.T
         ka, kb = f"{prefixes[proj]}lora_A.weight", f"{prefixes[proj]}lora_B.weight"
         check_shape(tensors[ka], (E * a0.shape[1], a0.shape[2]), where=where, key=ka)
         check_shape(tensors[kb], (b0.shape[1], E * b0.shape[2]), where=where, key=kb)
-        a, b = from_peft(tensors[ka], tensors[kb], E)
+        b2 = tensors[kb]
+        if proj == "gate_up_proj" and layer.base_layer.gate_up_interleaved:
+            b2 = deinterleave(b2.T).T
+        a, b = from_peft(tensors[ka], b2, E)
         if proj == "down_proj" or "gate_up" in layer.pairs(name):
             set_pair(layer, name, "down" if proj == "down_proj" else "gate_up", a, b, where, ka)
         else:
