@@ -15,10 +15,15 @@ from .layers import RMSNorm, Rope, apply_rope
 
 
 class KVCache:
-    """Keys and values of earlier positions, per layer, for incremental decoding."""
+    """Keys and values of earlier positions, per layer, for incremental decoding.
+
+    Recurrent layers (gated DeltaNet) keep their fixed-size state in ``recurrent`` instead: it
+    summarises all earlier positions and is replaced, not extended, at each step.
+    """
 
     def __init__(self) -> None:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recurrent: dict[int, tuple[torch.Tensor, ...]] = {}
 
     @property
     def length(self) -> int:

@@ -69,6 +69,8 @@ ATTENTION_BUILDERS: dict[str, PartBuilder] = {}
 MOE_BUILDERS: dict[str, PartBuilder] = {}
 DENSE_BUILDERS: dict[str, PartBuilder] = {}
 ROTARY_BUILDERS: dict[str, Callable[[ModelArgs], nn.Module]] = {}
+# family -> norm class (called as ``norm(dim, eps=...)``) of the decoder blocks and the final norm
+NORM_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def build_causal_lm(args: ModelArgs) -> CausalLM:
@@ -76,6 +78,7 @@ def build_causal_lm(args: ModelArgs) -> CausalLM:
     attn = ATTENTION_BUILDERS.get(args.family, build_attention)
     moe = MOE_BUILDERS.get(args.family, build_moe)
     dense = DENSE_BUILDERS.get(args.family, build_dense_mlp)
+    norm = NORM_BUILDERS.get(args.family, RMSNorm)
     layers = []
     for i in range(args.num_layers):
         is_moe = args.is_moe_layer(i)
@@ -83,13 +86,16 @@ def build_causal_lm(args: ModelArgs) -> CausalLM:
             DecoderLayer(
                 self_attn=attn(args, i),
                 mlp=moe(args, i) if is_moe else dense(args, i),
-                input_layernorm=RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
-                post_attention_layernorm=RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+                input_layernorm=norm(args.hidden_size, eps=args.rms_norm_eps),
+                post_attention_layernorm=norm(args.hidden_size, eps=args.rms_norm_eps),
                 is_moe=is_moe,
+                attn_name="linear_attn" if args.is_linear_attention_layer(i) else "self_attn",
             )
         )
     rotary = ROTARY_BUILDERS.get(args.family, build_rotary)(args)
-    model = DecoderModel(args=args, layers=layers, rotary_emb=rotary)
+    model = DecoderModel(
+        args=args, layers=layers, rotary_emb=rotary, norm=norm(args.hidden_size, eps=args.rms_norm_eps)
+    )
     lm = CausalLM(args=args, model=model, lm_head=nn.Linear(args.hidden_size, args.vocab_size, bias=False))
     lm.tie_weights()
     return lm

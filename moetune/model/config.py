@@ -64,6 +64,19 @@ class MLAArgs:
 
 
 @dataclass
+class LinearAttentionArgs:
+    """Gated DeltaNet (Qwen3-Next, Qwen3.5) dimensions; ``None`` on ``ModelArgs.linear`` elsewhere."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+    layers: list[bool]  # per decoder layer: True where the token mixer is gated DeltaNet
+    projections: str = "fused"  # fused: in_proj_qkvz + in_proj_ba (Qwen3-Next) | split: in_proj_qkv/z/b/a (Qwen3.5)
+
+
+@dataclass
 class ModelArgs:
     """Everything the model code needs to build a decoder-only causal LM."""
 
@@ -91,7 +104,11 @@ class ModelArgs:
     # Multi-token-prediction modules stored after the decoder layers (``num_nextn_predict_layers``):
     # checkpoint layers num_layers .. num_layers + mtp_layers - 1, skipped at load.
     mtp_layers: int = 0
+    linear: LinearAttentionArgs | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and self.moe.layers[layer]
+
+    def is_linear_attention_layer(self, layer: int) -> bool:
+        return self.linear is not None and self.linear.layers[layer]

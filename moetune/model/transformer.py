@@ -46,7 +46,11 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; mlp is dense or MoE."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; mlp is dense or MoE.
+
+    The token mixer is registered under ``attn_name``: ``self_attn``, or ``linear_attn`` for the
+    gated DeltaNet layers of hybrid models (transformers' module names, so adapter keys match).
+    """
 
     def __init__(
         self,
@@ -56,16 +60,19 @@ class DecoderLayer(nn.Module):
         input_layernorm: nn.Module,
         post_attention_layernorm: nn.Module,
         is_moe: bool,
+        attn_name: str = "self_attn",
     ) -> None:
         super().__init__()
-        self.self_attn = self_attn
+        self.attn_name = attn_name
+        setattr(self, attn_name, self_attn)
         self.mlp = mlp
         self.input_layernorm = input_layernorm
         self.post_attention_layernorm = post_attention_layernorm
         self.is_moe = is_moe
 
     def forward(self, x: torch.Tensor, *, rope, mask, cache: KVCache | None, token_mask: torch.Tensor | None):
-        x = x + self.self_attn(self.input_layernorm(x), rope=rope, mask=mask, cache=cache)
+        mixer = getattr(self, self.attn_name)
+        x = x + mixer(self.input_layernorm(x), rope=rope, mask=mask, cache=cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, stats = self.mlp(h, token_mask=token_mask)
@@ -76,12 +83,14 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, decoder layers and final norm (HF's ``model.`` prefix)."""
 
-    def __init__(self, *, args: ModelArgs, layers: list[DecoderLayer], rotary_emb: nn.Module) -> None:
+    def __init__(
+        self, *, args: ModelArgs, layers: list[DecoderLayer], rotary_emb: nn.Module, norm: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = norm if norm is not None else RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.rotary_emb = rotary_emb
         self.gradient_checkpointing = False
 

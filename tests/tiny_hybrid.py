@@ -1,0 +1,54 @@
+"""Tiny random Qwen3-Next / Qwen3.5-MoE checkpoints built with transformers itself (parity references)."""
+
+import torch
+import transformers
+
+TEXT = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    max_position_embeddings=256,
+)
+
+# name -> (config class, model class, config kwargs)
+CASES = {
+    # Qwen3-Next as released, scaled down: 3 DeltaNet layers then one gated-attention layer; the
+    # second layer has a dense FFN (mlp_only_layers).
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(TEXT, num_hidden_layers=4, intermediate_size=96, mlp_only_layers=[1], norm_topk_prob=True),
+    ),
+}
+
+
+def make_hf(name: str, seed: int = 0, std: float = 0.08):
+    """transformers model with N(0, std) weights, norms near their neutral value, and DeltaNet
+    decays spread as transformers initialises them."""
+    cfg_cls, model_cls, kwargs = CASES[name]
+    config = getattr(transformers, cfg_cls)(**kwargs)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
+            elif pname.endswith("dt_bias") or pname.endswith("linear_attn.norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "norm" in pname:
+                p.copy_(0.1 * torch.randn_like(p))  # zero-centred: the scale is 1 + w
+            else:
+                p.normal_(0.0, std)
+    return model.eval()
