@@ -23,10 +23,10 @@ from ..safetensors_check import check_safetensors
 from .build import build_causal_lm
 from .config import ModelArgs
 from .families import model_args_from_hf
-from .hf import KeyMap, checkpoint_shape, destination, from_checkpoint
+from .hf import KeyMap, Target, checkpoint_shape, destination, from_checkpoint
 from .layers import RMSNorm
-from .nf4_weight import NF4Weight
-from .quant import quantize_model, quantized_weights
+from .prequantized import StoredFormat, checkpoint_dtypes, stored_format, stored_names, swap_stored_modules
+from .quant import StoredWeight, quantize_model, quantized_weights
 from .transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -75,31 +75,52 @@ class _Filler:
     """Copies checkpoint tensors into native ones and tracks what was filled."""
 
     def __init__(self, model: nn.Module, keymap: KeyMap, *, tied: bool) -> None:
-        # 4-bit weights (quantize="nf4") are filled through their holders, under the same names.
-        self.params = {**dict(model.named_parameters()), **quantized_weights(model)}
+        self.params: dict[str, torch.Tensor | StoredWeight] = dict(model.named_parameters())
+        self.stored: set[str] = set()  # buffers of weights read as released: copied, never converted
+        self.suffixes: set[str] = set()
+        for name, holder in quantized_weights(model).items():
+            parts = holder.checkpoint_tensors()
+            if not parts:  # quantized while loading (quantize="nf4"): filled through the holder
+                self.params[name] = holder
+            for suffix, buffer in parts.items():  # e.g. FP8: "" -> weight, "_scale_inv" -> scales
+                self.params[name + suffix] = buffer
+                self.stored.add(name + suffix)
+                self.suffixes.add(suffix)
+        self.suffixes.discard("")
         self.keymap = keymap
         self.tied = tied
         self.filled: dict[str, set] = {name: set() for name in self.params}
         self.skipped = 0
 
+    def _target(self, key: str) -> tuple[Target, str]:
+        """Where a key goes, and the name it fills: a weight's scales (``<weight key>_scale_inv``)
+        follow the weight's own key map, into the holder's scale buffer."""
+        target = self.keymap.target(key)
+        for suffix in self.suffixes:
+            if target.name not in self.params and key.endswith(suffix):
+                base = self.keymap.target(key[: -len(suffix)])
+                if base.name + suffix in self.params:
+                    return base, base.name + suffix
+        return target, target.name
+
     def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
         if self.keymap.skipped(key):
             self.skipped += 1
             return
-        target = self.keymap.target(key)
-        if target.name not in self.params:
+        target, name = self._target(key)
+        if name not in self.params:
             if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
                 return
             raise CheckpointError(
                 f"{file.name}: tensor '{key}' is not part of a {self.keymap.family} model (unexpected key)"
             )
-        native = self.params[target.name]
+        native = self.params[name]
         if target.expert is not None and target.expert >= native.shape[0]:
             raise CheckpointError(
                 f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} "
                 "experts"
             )
-        quantized = isinstance(native, NF4Weight)
+        quantized = isinstance(native, StoredWeight)
         dest = destination(native.layout() if quantized else native.data, target)
         expected = checkpoint_shape(dest, target.layout)
         if expected != tuple(tensor.shape):
@@ -111,8 +132,21 @@ class _Filler:
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
         else:
-            dest.copy_(tensor.to(dest.dtype))
-        self.filled[target.name].add((target.expert, target.part))
+            dest.copy_(self._converted(name, target, tensor, dest.dtype, f"{file.name}: tensor '{key}'"))
+        self.filled[name].add((target.expert, target.part))
+
+    def _converted(self, name: str, target: Target, tensor: torch.Tensor, dtype: torch.dtype, what: str):
+        """``tensor`` in ``dtype``: stored tensors are copied as they are (or converted exactly), and a
+        float8 tensor is never read as a plain weight."""
+        if name in self.stored:
+            if target.layout is not None:
+                raise CheckpointError(f"{what} is stored quantized in a permuted layout moetune does not read yet")
+            if tensor.dtype == dtype or (tensor.dtype, dtype) in _EXACT:
+                return tensor.to(dtype)
+            raise CheckpointError(f"{what} is {tensor.dtype}, expected {dtype} for a stored weight")
+        if tensor.dtype.itemsize == 1 and tensor.is_floating_point():
+            raise CheckpointError(f"{what} is {tensor.dtype}, but config.json has no quantization_config to scale it")
+        return tensor.to(dtype)
 
     def check_complete(self) -> None:
         for name, parts in self.filled.items():
@@ -137,6 +171,10 @@ def _describe_missing(param: torch.Tensor, parts: set) -> str:
         return "missing key"
     have = sorted({e for e, _ in parts if e is not None})
     return f"experts filled: {len(have)} of {param.shape[0]}"
+
+
+# Stored tensors are copied as they are; the only conversion allowed is an exact one.
+_EXACT = {(torch.float8_e8m0fnu, torch.float32)}  # power-of-two scales (scale_fmt "ue8m0")
 
 
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
@@ -166,6 +204,10 @@ def load_model(
         quantize: None, or "nf4" for 4-bit base weights: every linear but the LM head and the
             routers, and every routed-expert weight (see :mod:`moetune.model.quant`).
 
+    A folder released quantized (``quantization_config``: block-scaled FP8) is read as stored: its
+    quantized weights stay in that form on ``device`` and are dequantized to ``dtype`` for each
+    matmul (:mod:`moetune.model.prequantized`).
+
     Returns:
         A :class:`CausalLM` in eval mode.
     """
@@ -173,20 +215,16 @@ def load_model(
         raise CheckpointError(f"quantize={quantize!r} is not supported (allowed: None, 'nf4')")
     folder = Path(path)
     cfg = read_hf_config(folder)
-    _refuse_prequantized(cfg, folder / "config.json")
+    fmt = _stored_format(cfg, folder, quantize)
     args = model_args_from_hf(cfg, where=str(folder / "config.json"))
     files = weight_files(folder)
     for file in files:  # header and size of every shard, before anything is built
         check_safetensors(file)
-    with torch.device("meta"):
-        model = build_causal_lm(args)
-    model.to(dtype=dtype)
-    if quantize == "nf4":
-        quantize_model(model)  # on meta: empty 4-bit holders, filled tensor by tensor below
-    model.to_empty(device=device)
-    _after_materialise(model)
     mtp = range(args.num_layers, args.num_layers + args.mtp_layers)
-    filler = _Filler(model, KeyMap(args.family, skipped_layers=mtp), tied=args.tie_word_embeddings)
+    keymap = KeyMap(args.family, skipped_layers=mtp)
+    stored = None if fmt is None else (fmt, stored_names(fmt, checkpoint_dtypes(files), keymap))
+    model = _allocate(args, dtype, device, quantize, stored)
+    filler = _Filler(model, keymap, tied=args.tie_word_embeddings)
     for file, key, tensor in iter_checkpoint(files):
         filler.fill(key, tensor, file)
     filler.check_complete()
@@ -202,23 +240,29 @@ def load_model(
     return model.eval()
 
 
-def _refuse_prequantized(cfg: dict, where: Path) -> None:
-    """Checkpoints stored quantized (DeepSeek-V3's FP8 release, GPTQ, AWQ ...) hold scales next to
-    their weights; reading the raw values as if they were the weights would be silently wrong."""
-    quant = cfg.get("quantization_config")
-    if not quant:
-        return
-    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-    hint = (
-        " Convert it to bf16 first (for DeepSeek-V3/R1: DeepSeek's inference/fp8_cast_bf16.py)."
-        if method == "fp8"
-        else " Use the unquantized (bf16/fp16/fp32) checkpoint."
-    )
-    raise CheckpointError(
-        f"{where}: the weights are stored quantized (quantization_config.quant_method "
-        f"'{method}'), which moetune does not load; for 4-bit training load a bf16 checkpoint "
-        f"with quantize='nf4'.{hint}"
-    )
+def _allocate(args: ModelArgs, dtype, device, quantize: str | None, stored: tuple | None) -> CausalLM:
+    """The model with every tensor allocated once on ``device``: built on meta, holders of the
+    stored format swapped in where ``stored`` (format, native names) says, or NF4 holders."""
+    with torch.device("meta"):
+        model = build_causal_lm(args)
+    model.to(dtype=dtype)
+    if stored:  # on meta: empty holders of the stored format, filled byte for byte below
+        swap_stored_modules(model, *stored)
+    if quantize == "nf4":
+        quantize_model(model)  # on meta: empty 4-bit holders, filled tensor by tensor below
+    model.to_empty(device=device)
+    _after_materialise(model)
+    return model
+
+
+def _stored_format(cfg: dict, folder: Path, quantize: str | None) -> StoredFormat | None:
+    fmt = stored_format(cfg, folder / "config.json")
+    if fmt is not None and quantize is not None:
+        raise CheckpointError(
+            f"quantize={quantize!r} needs a full-precision folder; '{folder}' is stored in {fmt.method} and is "
+            "loaded in that form without quantize"
+        )
+    return fmt
 
 
 def _after_materialise(model: CausalLM) -> None:

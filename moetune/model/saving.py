@@ -35,7 +35,7 @@ def native_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Ten
         return native_state_dict(model.base_layer, prefix)
     for name, p in model.named_parameters(recurse=False):
         out[prefix + name] = p
-    for name, holder in quantized_weights(model, recurse=False).items():  # 4-bit base: written dequantized
+    for name, holder in quantized_weights(model, recurse=False).items():  # stored base: written dequantized
         out[prefix + name] = holder.dequantize()
     for name, child in model.named_children():
         out.update(native_state_dict(child, f"{prefix}{name}."))
@@ -129,6 +129,7 @@ def save_pretrained(
         config = dict(args.hf_config)
         config["dtype"] = DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")
         config.pop("torch_dtype", None)
+        config.pop("quantization_config", None)  # a stored-format base is written dequantized
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)

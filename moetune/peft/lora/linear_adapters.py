@@ -106,8 +106,8 @@ class LoraAdapter(LinearAdapter):
         weight = layer.base_layer.weight
         if not layer.base_is_writable:
             raise AdapterError(
-                "init='pissa' rewrites the base weight, which is 4-bit here (quantize='nf4'); "
-                "use init='kaiming' or 'gaussian', or load the base without quantize"
+                "init='pissa' rewrites the base weight, which is held quantized here (nf4 or fp8); "
+                "use init='kaiming' or 'gaussian', or load a full-precision base"
             )
         if r > min(weight.shape):
             raise AdapterError(f"init 'pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={r}")

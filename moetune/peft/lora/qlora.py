@@ -1,13 +1,14 @@
-"""QLoRA: the LoRA wrappers of 4-bit base layers (``load_model(..., quantize="nf4")``).
+"""QLoRA: the LoRA wrappers of quantized base layers (``load_model(..., quantize="nf4")``, or a
+checkpoint released quantized such as block-scaled FP8).
 
 A :class:`~moetune.model.quant.QuantLinear` is an ``nn.Linear`` whose ``weight`` is a read-only,
 freshly dequantized tensor, and a :class:`~moetune.model.quant.QuantGroupedExperts` is a
-``GroupedExperts`` whose ``linear`` takes the 4-bit holders; so :class:`LoraLinear` and
+``GroupedExperts`` whose ``linear`` takes the stored holders; so :class:`LoraLinear` and
 :class:`LoraGroupedExperts` already train, save and load on them unchanged (DoRA included: it
 reads the dequantized weight). What they must not do is write into the base weight, which a
-4-bit base would silently ignore (or re-round): merging and PiSSA init. The subclasses here refuse
+quantized base would silently ignore (or re-round): merging and PiSSA init. The subclasses here refuse
 both with a clear error (PiSSA through ``base_is_writable``), and are the registered wrappers of
-the 4-bit types in :data:`~moetune.peft.core.registry.WRAPPERS`, which
+the quantized types in :data:`~moetune.peft.core.registry.WRAPPERS`, which
 :func:`~moetune.peft.core.registry.wrapper_for` finds before the ``nn.Linear`` / ``GroupedExperts``
 entry because it walks the base type's MRO.
 
@@ -25,8 +26,9 @@ from .experts import LoraGroupedExperts
 from .linear import LoraLinear
 
 _MERGE_HINT = (
-    "the base weights are 4-bit (quantize='nf4'), so merging would re-round them; load the base "
-    "without quantize and merge the adapter there"
+    "the base weights are held quantized (quantize='nf4', or a checkpoint released in FP8), so merging "
+    "would re-round them; merge the adapter into a full-precision copy of the base (for nf4: load it "
+    "without quantize)"
 )
 
 

@@ -1,16 +1,19 @@
-"""4-bit (NF4) frozen base weights for QLoRA: quantized linears and grouped experts.
+"""Frozen base weights held in a stored format (NF4, FP8 ...): quantized linears and grouped experts.
 
 Legend: N rows, in/out features, E experts, D model dim, F expert hidden.
 
-:func:`quantize_model` swaps every frozen ``nn.Linear`` for a :class:`QuantLinear` and every
+:class:`QuantLinear` and :class:`QuantGroupedExperts` hold their weights in
+:class:`~.stored.StoredWeight` holders, whatever the format. Two ways to get them: a checkpoint
+released quantized is read as stored (the loader swaps in holders of its format, see
+:mod:`moetune.model.prequantized`), and :func:`quantize_model` quantizes a full-precision base to
+NF4 for QLoRA. :func:`quantize_model` swaps every frozen ``nn.Linear`` for a :class:`QuantLinear` and every
 :class:`GroupedExperts` for a :class:`QuantGroupedExperts`, under the same module names. Kept in
 full precision, as QLoRA and bitsandbytes do: the LM head (logits are the most error-sensitive
 output, it is often tied to the embedding, and PEFT files may carry it whole) and the routers
 (``gate``, ``router``, ``shared_expert_gate``: a tiny share of the parameters that decides where
 every token goes). Embeddings are lookups, not matmuls, and are left alone too.
 
-Each 4-bit weight lives in an :class:`~.nf4_weight.NF4Weight` holder (format in :mod:`.nf4`).
-Forward dequantizes it into the input's dtype just for the matmul; backward dequantizes it again
+Forward dequantizes a stored weight into the input's dtype just for the matmul; backward dequantizes it again
 (a custom autograd Function that saves no weight), so no dequantized base weight outlives its
 matmul. Gradients flow to the input only: the base is frozen.
 
@@ -20,23 +23,26 @@ per weight element and quantize each checkpoint tensor as it is read (:meth:`~.n
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
-from .grouped import grouped_linear, grouped_linear_loop
-from .moe import GroupedExperts
+from ...errors import CheckpointError
+from ..grouped import grouped_linear, grouped_linear_loop
+from ..moe import GroupedExperts
 from .nf4_weight import NF4Weight
+from .stored import StoredWeight
 
 KEEP_FULL_PRECISION = frozenset({"lm_head", "gate", "router", "shared_expert_gate"})
 
 
-class _NF4Linear(torch.autograd.Function):
+class _StoredLinear(torch.autograd.Function):
     """y = x @ W^T with W dequantized in forward and again in backward (never saved)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: StoredWeight) -> torch.Tensor:
         ctx.weight = weight
         return F.linear(x, weight.dequantize(x.dtype))
 
@@ -47,11 +53,11 @@ class _NF4Linear(torch.autograd.Function):
         return grad @ ctx.weight.dequantize(grad.dtype), None  # (..., out) @ (out, in)
 
 
-class _NF4Grouped(torch.autograd.Function):
+class _StoredGrouped(torch.autograd.Function):
     """Per-expert x_e @ W_e^T on expert-sorted rows, W (E, out, in) recomputed for backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight, offsets: torch.Tensor, loop: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: StoredWeight, offsets: torch.Tensor, loop: bool) -> torch.Tensor:
         ctx.weight, ctx.loop = weight, loop
         ctx.save_for_backward(offsets)
         fn = grouped_linear_loop if loop else grouped_linear
@@ -71,7 +77,7 @@ class _NF4Grouped(torch.autograd.Function):
 
 
 class QuantLinear(nn.Linear):
-    """A frozen ``nn.Linear`` whose weight (out, in) is stored in NF4 (``weight_nf4``).
+    """A frozen ``nn.Linear`` whose weight (out, in) is held in a stored format (``stored``, NF4 by default).
 
     It stays an ``nn.Linear`` for ``isinstance`` checks (target matching, "all-linear"), keeps
     ``in_features``/``out_features``/``bias``, and offers the weight read-only: ``weight`` and
@@ -87,24 +93,25 @@ class QuantLinear(nn.Linear):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device=None,
+        stored: StoredWeight | None = None,
     ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no full-precision weight
         self.in_features, self.out_features = in_features, out_features
-        self.weight_nf4 = NF4Weight((out_features, in_features), dtype=dtype, device=device)
+        self.stored = stored or NF4Weight((out_features, in_features), dtype=dtype, device=device)
         self.register_parameter(
             "bias", nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         )
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return self.weight_nf4.dequantize()
+        return self.stored.dequantize()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out, in) dequantized weight in ``dtype`` (default the model dtype), not saved anywhere."""
-        return self.weight_nf4.dequantize(dtype)
+        return self.stored.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4Linear.apply(x, self.weight_nf4)
+        y = _StoredLinear.apply(x, self.stored)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
@@ -113,19 +120,21 @@ class QuantLinear(nn.Linear):
         w = linear.weight
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
         if not w.is_meta:
-            q.weight_nf4.write(0, w.detach())
+            q.stored.write(0, w.detach())
             if linear.bias is not None:
                 q.bias.data.copy_(linear.bias.detach())
         return q
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+        fmt = self.stored.format
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {fmt}"
 
 
 class QuantGroupedExperts(GroupedExperts):
-    """:class:`GroupedExperts` with ``gate_up_proj`` (E, 2F, D) and ``down_proj`` (E, D, F) in NF4.
+    """:class:`GroupedExperts` with ``gate_up_proj`` (E, 2F, D) and ``down_proj`` (E, D, F) stored.
 
-    The projections are :class:`NF4Weight` holders under the same names; :meth:`linear` accepts
+    The projections are :class:`StoredWeight` holders under the same names (NF4 unless ``stored``,
+    a function of the weight's shape, makes them in another format); :meth:`linear` accepts
     either a holder (dequantize + grouped GEMM, recomputed in backward) or a plain 3D tensor (an
     expert LoRA's A or B), so the base forward and an expert-LoRA wrapper run unchanged.
     """
@@ -140,16 +149,18 @@ class QuantGroupedExperts(GroupedExperts):
         use_loop: bool = False,
         dtype: torch.dtype = torch.float32,
         device=None,
+        stored: Callable[[tuple[int, ...]], StoredWeight] | None = None,
     ) -> None:
         with torch.device("meta"):  # the parent's full-precision parameters are replaced at once
             super().__init__(num_experts=num_experts, dim=dim, hidden=hidden, act=act, use_loop=use_loop)
         del self.gate_up_proj, self.down_proj
-        self.gate_up_proj = NF4Weight((num_experts, 2 * hidden, dim), dtype=dtype, device=device)
-        self.down_proj = NF4Weight((num_experts, dim, hidden), dtype=dtype, device=device)
+        make = stored or (lambda shape: NF4Weight(shape, dtype=dtype, device=device))
+        self.gate_up_proj = make((num_experts, 2 * hidden, dim))
+        self.down_proj = make((num_experts, dim, hidden))
 
     def linear(self, x: torch.Tensor, weight, offsets: torch.Tensor) -> torch.Tensor:
-        if isinstance(weight, NF4Weight):
-            return _NF4Grouped.apply(x, weight, offsets, self.use_loop)
+        if isinstance(weight, StoredWeight):
+            return _StoredGrouped.apply(x, weight, offsets, self.use_loop)
         return super().linear(x, weight, offsets)
 
     def dequantized_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -190,7 +201,7 @@ def quantize_model(model: nn.Module) -> nn.Module:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Inverse swap, in place: 4-bit modules become ``nn.Linear`` / ``GroupedExperts`` holding the
+    """Inverse swap, in place: stored (quantized) modules become ``nn.Linear`` / ``GroupedExperts`` holding the
     dequantized weights (the model a QLoRA adapter was trained against, in full precision)."""
     for path, module in list(model.named_modules())[1:]:
         if isinstance(module, QuantLinear):
@@ -210,7 +221,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def expert_shape(experts: GroupedExperts) -> dict:
-    """The constructor arguments that describe a group of experts (full precision or 4-bit)."""
+    """The constructor arguments that describe a group of experts (full precision or stored)."""
     return {
         "num_experts": experts.num_experts,
         "dim": experts.dim,
@@ -220,20 +231,20 @@ def expert_shape(experts: GroupedExperts) -> dict:
     }
 
 
-def quantized_weights(model: nn.Module, *, recurse: bool = True) -> dict[str, NF4Weight]:
-    """Native parameter name -> 4-bit holder (``...q_proj.weight``, ``...experts.gate_up_proj``);
+def quantized_weights(model: nn.Module, *, recurse: bool = True) -> dict[str, StoredWeight]:
+    """Native parameter name -> stored holder (``...q_proj.weight``, ``...experts.gate_up_proj``);
     with ``recurse=False`` only ``model``'s own (``weight`` / ``gate_up_proj``, ``down_proj``)."""
-    out: dict[str, NF4Weight] = {}
+    out: dict[str, StoredWeight] = {}
     for path, module in model.named_modules() if recurse else [("", model)]:
         dot = f"{path}." if path else ""
         if isinstance(module, QuantLinear):
-            out[f"{dot}weight"] = module.weight_nf4
+            out[f"{dot}weight"] = module.stored
         elif isinstance(module, QuantGroupedExperts):
             out[f"{dot}gate_up_proj"], out[f"{dot}down_proj"] = module.gate_up_proj, module.down_proj
     return out
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(stored bytes, weight elements) over the model's 4-bit weights."""
-    holders = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    """(stored bytes, weight elements) over the model's stored (quantized) weights."""
+    holders = [m for m in model.modules() if isinstance(m, StoredWeight)]
     return sum(h.storage_bytes() for h in holders), sum(h.numel() for h in holders)

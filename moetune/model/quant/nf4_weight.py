@@ -1,5 +1,5 @@
 """One frozen 4-bit (NF4) weight: :class:`NF4Weight`, the buffers-only holder the QLoRA modules of
-:mod:`.quant` keep their base weights in (format in :mod:`.nf4`).
+:mod:`.modules` keep their base weights in (format in :mod:`.nf4`).
 
 A holder can be filled whole or piecewise (:meth:`NF4Weight.write`), so the loader can allocate
 ~0.52 bytes per weight element and quantize each checkpoint tensor as it is read; it dequantizes
@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from . import nf4
+from .stored import StoredWeight
 
-_FP32_STATE = ("absmax_scale", "absmax_offset")
 
-
-class NF4Weight(nn.Module):
+class NF4Weight(StoredWeight):
     """One frozen weight of ``shape`` in NF4 with double-quantized block scales (buffers only).
 
     Buffers: ``codes`` (ceil(n/2),) uint8, ``absmax_codes`` (nb,) uint8, ``absmax_scale`` (nb2,)
@@ -27,10 +25,10 @@ class NF4Weight(nn.Module):
     the fp32 scales.
     """
 
+    format = "nf4"
+
     def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device=None) -> None:
-        super().__init__()
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
+        super().__init__(shape, dtype=dtype)
         n = self.shape.numel()
         nb = math.ceil(n / nf4.BLOCK)
         self.register_buffer("codes", torch.zeros(math.ceil(n / 2), dtype=torch.uint8, device=device))
@@ -38,20 +36,6 @@ class NF4Weight(nn.Module):
         self.register_buffer("absmax_scale", torch.zeros(math.ceil(nb / nf4.SCALE_BLOCK), device=device))
         self.register_buffer("absmax_offset", torch.zeros((), device=device))
         self._writer: nf4.BlockQuantizer | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def layout(self) -> torch.Tensor:
-        """A meta tensor of ``shape``: index it like the weight to find a slice's flat offset."""
-        return torch.empty(self.shape, device="meta")
 
     @torch.no_grad()
     def write(self, start: int, values: torch.Tensor) -> None:
@@ -83,19 +67,6 @@ class NF4Weight(nn.Module):
         """The full weight ``shape`` in ``dtype`` (default :attr:`dtype`); a new tensor each call."""
         flat = nf4.dequantize_blocks(self.codes, self.block_absmax(), self.numel(), dtype or self.dtype)
         return flat.view(self.shape)
-
-    def _apply(self, fn, recurse: bool = True):
-        # `.to(dtype)` reaches every floating buffer; the fp32 scales must only follow the device.
-        # The dtype a plain weight would be cast to is read off a zero-size probe.
-        probe = fn(torch.empty(0, dtype=self.dtype, device=self.codes.device))
-        kept = {k: self._buffers[k] for k in _FP32_STATE}
-        super()._apply(fn, recurse)
-        for key, old in kept.items():
-            new = self._buffers[key]
-            if new.dtype != old.dtype:
-                self._buffers[key] = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
-        self.dtype = probe.dtype
-        return self
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, nf4, block={nf4.BLOCK}, double-quant={nf4.SCALE_BLOCK}, dtype={self.dtype}"

@@ -1,0 +1,36 @@
+"""Stored formats of frozen bases: hold the weights compact, dequantize them for each matmul.
+
+- :mod:`.stored` — :class:`StoredWeight`, the holder protocol every format implements;
+- :mod:`.nf4` / :mod:`.nf4_weight` — NF4 (QLoRA), quantized from a full-precision folder;
+- :mod:`.fp8` — block-scaled FP8 as released (DeepSeek-V3, Qwen3 ``-FP8`` ...), read as stored;
+- :mod:`.modules` — :class:`QuantLinear` and :class:`QuantGroupedExperts` (any format), the
+  NF4 swap :func:`quantize_model` and its inverse :func:`dequantize_model`.
+"""
+
+from .fp8 import FP8Weight
+from .modules import (
+    KEEP_FULL_PRECISION,
+    QuantGroupedExperts,
+    QuantLinear,
+    dequantize_model,
+    expert_shape,
+    quantize_model,
+    quantized_bytes,
+    quantized_weights,
+)
+from .nf4_weight import NF4Weight
+from .stored import StoredWeight
+
+__all__ = [
+    "FP8Weight",
+    "KEEP_FULL_PRECISION",
+    "NF4Weight",
+    "QuantGroupedExperts",
+    "QuantLinear",
+    "StoredWeight",
+    "dequantize_model",
+    "expert_shape",
+    "quantize_model",
+    "quantized_bytes",
+    "quantized_weights",
+]

@@ -1,0 +1,81 @@
+"""The holder every frozen base weight kept in a stored format lives in: :class:`StoredWeight`.
+
+A holder is an ``nn.Module`` with buffers only (the stored bytes and their scales), a logical
+``shape`` and a ``dtype`` it dequantizes to by default (the dtype the full-precision weight would
+have). Its buffers never change dtype: ``model.to(torch.bfloat16)`` moves them and changes
+:attr:`StoredWeight.dtype`, but does not round the fp32 scales nor turn FP8 bytes into bf16
+(``nn.Module.to`` casts every floating tensor, and float8 counts as floating).
+
+A format subclass says how its buffers are filled from a checkpoint:
+- quantized while loading (NF4 from a full-precision folder): :meth:`StoredWeight.write` takes
+  full-precision pieces at flat offsets of the weight;
+- read as released (FP8, INT4, MXFP4): :meth:`StoredWeight.checkpoint_tensors` names the buffers
+  the checkpoint's tensors are copied into byte for byte (``weight`` and ``weight_scale_inv`` for
+  FP8), with the suffix each one's checkpoint key has after the weight's own key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StoredWeight(nn.Module):
+    """One frozen weight of ``shape`` held in a stored format (buffers only).
+
+    Subclasses register their buffers and implement :meth:`dequantize`; ``format`` names the
+    format in messages and summaries.
+    """
+
+    format = "?"
+
+    def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def storage_bytes(self) -> int:
+        """Bytes held: the stored values and their scales."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def layout(self) -> torch.Tensor:
+        """A meta tensor of ``shape``: index it like the weight to find a slice's flat offset."""
+        return torch.empty(self.shape, device="meta")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full weight ``shape`` in ``dtype`` (default :attr:`dtype`); a new tensor each call."""
+        raise NotImplementedError
+
+    def write(self, start: int, values: torch.Tensor) -> None:  # noqa: ARG002 - the interface
+        """Quantize full-precision ``values`` into flat positions [start, start + numel)."""
+        raise ValueError(f"a {self.format} weight is read as stored, not quantized from full-precision values")
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint-key suffix -> buffer the checkpoint tensor is copied into unchanged; empty
+        when the weight is quantized from full-precision values instead (:meth:`write`)."""
+        return {}
+
+    @property
+    def pending(self) -> bool:
+        """True while a piecewise write has started but not finished."""
+        return False
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)` reaches every floating buffer, and the stored bytes and scales must only follow
+        # the device. The dtype a plain weight would be cast to is read off a zero-size probe.
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for key, old in kept.items():
+            new = self._buffers[key]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[key] = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
+        self.dtype = probe.dtype
+        return self
