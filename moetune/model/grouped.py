@@ -50,22 +50,29 @@ def _cuda_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def grouped_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
-    """Why ``grouped_mm`` cannot multiply these operands on their device, or None when it can."""
+def grouped_support(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str | None:
+    """Why ``grouped_mm`` has no kernel for ``dtype`` on this device kind, or None when it has.
+
+    Args:
+        capability: the CUDA compute capability (CUDA only).
+    """
     if not hasattr(F, "grouped_mm"):
         return "torch < 2.9"
+    if device_type == "cpu":
+        return None if dtype in (torch.float32, torch.float16, torch.bfloat16) else f"{dtype} on CPU"
+    if device_type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"the CUDA grouped GEMM takes bfloat16 only, not {dtype}"
+        return None if capability is None or capability >= (8, 0) else "the CUDA grouped GEMM needs sm >= 80"
+    return f"no grouped GEMM on {device_type}"
+
+
+def grouped_unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Why ``grouped_mm`` cannot multiply these operands on their device, or None when it can."""
     if x.dtype != w.dtype:
         return f"mixed dtypes {x.dtype}/{w.dtype}"
-    kind = x.device.type
-    if kind == "cpu":
-        return None if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else f"{x.dtype} on CPU"
-    if kind == "cuda":
-        if x.dtype != torch.bfloat16:
-            return f"the CUDA grouped GEMM takes bfloat16 only, not {x.dtype}"
-        if _cuda_capability(x.device.index) < (8, 0):
-            return "the CUDA grouped GEMM needs compute capability >= 8.0"
-        return None
-    return f"no grouped GEMM on {kind}"
+    capability = _cuda_capability(x.device.index) if x.device.type == "cuda" else None
+    return grouped_support(x.device.type, x.dtype, capability)
 
 
 def _pad_to(n: int, multiple: int) -> int:

@@ -1,0 +1,110 @@
+"""Which grouped path each device and dtype gets, and bf16 grouped-vs-loop parity on a GPU.
+
+The CUDA grouped GEMM takes bf16 only (its meta kernel rejects fp32/fp16, so ``torch.compile``
+would too): other dtypes on CUDA take the per-expert loop, said once at INFO. The GPU tests skip
+on a machine without CUDA; ``bench/gpu_check.sh`` runs them on the GPU day.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import moetune
+from moetune.config import LoraConfig
+from moetune.model import build_random_model
+from moetune.model.grouped import grouped_linear, grouped_linear_loop, grouped_support
+from moetune.model.moe import GroupedExperts, dispatch
+from moetune.peft.lora.experts import LoraGroupedExperts
+from moetune.tiny_models import tiny_model_args
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_grouped_support_by_device_and_dtype():
+    assert grouped_support("cuda", torch.bfloat16, (9, 0)) is None
+    assert "bfloat16 only" in grouped_support("cuda", torch.float32, (9, 0))
+    assert "bfloat16 only" in grouped_support("cuda", torch.float16, (9, 0))
+    assert "sm >= 80" in grouped_support("cuda", torch.bfloat16, (7, 5))
+    assert all(grouped_support("cpu", dt) is None for dt in (torch.float32, torch.float16, torch.bfloat16))
+    assert grouped_support("cpu", torch.float64) is not None
+    assert grouped_support("mps", torch.bfloat16) is not None
+
+
+def test_unsupported_dtype_takes_the_loop_and_says_so_once(caplog):
+    offsets = torch.tensor([2, 2, 5], dtype=torch.int32)
+    x, w = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 6, 4, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="moetune.model.grouped"):
+        ys = [grouped_linear(x, w, offsets) for _ in range(2)]
+    lines = [r for r in caplog.records if "per-expert loop" in r.getMessage()]
+    assert len(lines) <= 1  # zero when an earlier test in this process already said it
+    assert all(torch.equal(y, grouped_linear_loop(x, w, offsets)) for y in ys)
+
+
+def _experts_pair(device: str, rank: int):
+    """Two identical bf16 LoRA experts layers on ``device``: grouped, and the reference loop."""
+    layers = []
+    for use_loop in (False, True):
+        torch.manual_seed(0)
+        base = GroupedExperts(num_experts=8, dim=64, hidden=32, use_loop=use_loop)
+        with torch.no_grad():
+            base.gate_up_proj.normal_(0, 0.1), base.down_proj.normal_(0, 0.1)
+        base.requires_grad_(False)
+        layer = LoraGroupedExperts(base.to(device, torch.bfloat16))
+        layer.add_adapter("default", LoraConfig(r=rank, alpha=2 * rank, target_modules=["experts"]))
+        with torch.no_grad():
+            for _, p in layer.adapter_params("default"):
+                p.normal_(0, 0.1)
+        layers.append(layer)
+    return layers
+
+
+def _bf16_parity(device: str, rank: int) -> None:
+    fast, ref = _experts_pair(device, rank)
+    choices = torch.randint(0, 7, (256, 2), device=device)  # expert 7 gets no rows
+    d = dispatch(choices, 8)
+    x = torch.randn(256, 64, device=device, dtype=torch.bfloat16)
+    results = []
+    for layer in (fast, ref):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi[d.token_index], d.offsets, token_index=d.token_index)
+        y.float().pow(2).sum().backward()
+        results.append([y.float(), xi.grad.float()] + [p.grad.float() for _, p in layer.adapter_params("default")])
+    for a, b in zip(*results):
+        scale = b.abs().max().clamp_min(1e-3)
+        assert (a - b).abs().max() / scale < 2e-2, (a - b).abs().max()
+
+
+@gpu
+@pytest.mark.parametrize("rank", [4, 16])  # 4 in bf16 is 8 bytes: the padded grouped GEMM
+def test_bf16_grouped_matches_loop_on_gpu(rank):
+    _bf16_parity("cuda", rank)
+
+
+def test_bf16_grouped_matches_loop_on_cpu():
+    _bf16_parity("cpu", 4)
+
+
+@gpu
+def test_fp32_on_gpu_takes_a_supported_path():
+    offsets = torch.tensor([3, 3, 8], dtype=torch.int32, device="cuda")
+    x, w = torch.randn(8, 16, device="cuda"), torch.randn(3, 32, 16, device="cuda")
+    assert torch.equal(grouped_linear(x, w, offsets), grouped_linear_loop(x, w, offsets))
+
+
+@gpu
+def test_bf16_training_step_never_syncs_on_gpu():
+    model = build_random_model(tiny_model_args("qwen3_moe"), dtype=torch.bfloat16, device="cuda")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
+    moetune.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=targets))
+    ids = torch.randint(0, 200, (2, 64), device="cuda")
+    model(ids, labels=ids).loss.backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
