@@ -127,6 +127,34 @@ TINY_CONFIGS["qwen3"] = {
     "max_position_embeddings": 256,
     "rope_theta": 10000.0,
 }
+# gpt-oss as released, scaled down: sliding (window 16) and full layers alternating, learned sinks,
+# attention biases, YaRN (truncate false), 8 biased experts top-2 with the clamped activation.
+TINY_CONFIGS["gpt_oss"] = {
+    "model_type": "gpt_oss",
+    "architectures": ["GptOssForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 16,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "attention_bias": True,
+    "max_position_embeddings": 512,
+    "router_aux_loss_coef": 0.001,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 128,
+    },
+}
 COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False}
 
 
