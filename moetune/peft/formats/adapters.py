@@ -31,6 +31,7 @@ def save_adapter(
     name: str = "default",
     *,
     layout: str = "peft",
+    fold_scaling: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write adapter ``name`` as a PEFT adapter folder.
@@ -41,10 +42,13 @@ def save_adapter(
             anything else is refused (see :mod:`moetune.outputs`).
         name: the adapter to write.
         layout: ``"peft"`` (PEFT's keys; loads with ``PeftModel.from_pretrained``) or
-            ``"per_expert"`` (routed experts as 2D per-expert pairs
-            ``...mlp.experts.{e}.gate_proj.lora_A.weight``, the layout vLLM and SGLang read).
+            ``"per_expert"`` (routed experts as 2D per-expert pairs under the family's serving
+            names, ``...mlp.experts.{e}.gate_proj.lora_A.weight``, the layout vLLM and SGLang read;
+            PEFT refuses it, see :mod:`.per_expert`).
             A mixture of LoRA experts writes moetune's mixture layout for ``"peft"``, or
             MoE-PEFT's MixLoRA layout for ``"moe_peft"`` (see :mod:`.mixtures`).
+        fold_scaling: ``"per_expert"`` only: fold each module's scaling into B and write plain
+            ``lora_alpha = r`` (for SGLang, which ignores rsLoRA and rank/alpha patterns; :mod:`.fold_scaling`).
         overwrite: write into a non-empty folder moetune did not write, beside its files (never
             replacing or deleting them).
 
@@ -53,13 +57,20 @@ def save_adapter(
     """
     config = adapter_configs(model).get(name)
     if layout == "moe_peft" or (config is not None and config.mixture is not None):
+        if fold_scaling:
+            raise AdapterError("fold_scaling applies to LoRA adapters in the per_expert layout, not to mixtures")
         return save_mixture_adapter(model, out_dir, name, layout=layout, overwrite=overwrite)
     if layout not in ("peft", "per_expert"):
         raise AdapterError(f"layout {layout!r} is not one of 'peft', 'per_expert', 'moe_peft'")
     layers_holding(model, name)  # an unknown name is an error naming the adapters there are
     if config is None:
         raise AdapterError(f"adapter '{name}' was not added with moetune.add_adapter; its config is unknown")
-    return save_peft(model, out_dir, name, config, layout=layout, overwrite=overwrite)
+    if fold_scaling and layout != "per_expert":
+        raise AdapterError(
+            "fold_scaling is for the per_expert layout (servers that ignore rsLoRA and patterns); "
+            "PEFT's layout keeps the trained scaling in the config, which PEFT and vLLM read"
+        )
+    return save_peft(model, out_dir, name, config, layout=layout, fold_scaling=fold_scaling, overwrite=overwrite)
 
 
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str = "default") -> AdapterReport:

@@ -27,6 +27,7 @@ from ...errors import AdapterError
 from ..core.inject import add_adapter, delete_adapter
 from ..core.report import AdapterReport
 from ..core.targets import logical_modules
+from ..lora.experts_layout import EXPERT_PROJS
 from ..lora.linear import LoraLinear
 from .adalora import adalora_as_lora
 from ..core.layer import layers_holding
@@ -41,37 +42,36 @@ from .peft_config import (
     rank_alpha,
 )
 from .peft_meta import moetune_meta
-from .per_expert import load_part, per_expert_part
+from .fold_scaling import fold_into_b
+from .per_expert import SERVING_TASK_TYPE, expert_targets, load_part, native_keys, per_expert_part, zero_pairs
 
 __all__ = ["AdapterFolder", "add_adapter_from", "fill_adapter", "read_adapter_folder", "save_peft"]
 
 
 def save_peft(
-    model: nn.Module, out_dir: str | os.PathLike, name: str, config: LoraConfig, *, layout: str, overwrite: bool = False
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    name: str,
+    config: LoraConfig,
+    *,
+    layout: str,
+    fold_scaling: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write adapter ``name`` in PEFT's layout (``layout="peft"``) or with routed experts per
-    expert (``"per_expert"``); see :func:`moetune.peft.formats.adapters.save_adapter`."""
-    tensors: dict[str, torch.Tensor] = {}
-    linear_paths, params, patterns, expert_projs = [], [], [], []
-    for path, layer in layers_holding(model, name):
-        if layout == "per_expert" and not isinstance(layer, LoraLinear):
-            part, projs = per_expert_part(layer, path, name)
-            expert_projs += projs
-        else:
-            part = layer.peft_tensors(name)
-            targets = layer.peft_config_targets(path, name=name)
-            linear_paths += targets.get("target_modules", [])
-            params += targets.get("target_parameters", [])
-            patterns.append((path, targets.get("rank_pattern", {}), targets.get("alpha_pattern", {})))
-        for suffix, t in part.items():
-            tensors[f"{PREFIX}{path}.{suffix}"] = t.detach().to("cpu", torch.float32).contiguous()
+    expert (``"per_expert"``, optionally with the scaling folded into B: :mod:`.fold_scaling`);
+    see :func:`moetune.peft.formats.adapters.save_adapter`."""
+    tensors, linear_paths, params, patterns, experts = _collect(model, name, layout)
     target_modules = compact_targets(linear_paths, [p for p, _ in logical_modules(model) if p])
     r, alpha, rank_pattern, alpha_pattern = rank_alpha(config, patterns)
     if layout == "peft":
         target_modules, params = _avoid_peft_retargeting(
             model, target_modules, params, set(linear_paths), rank_pattern, alpha_pattern
         )
-    target_modules += list(dict.fromkeys(expert_projs))
+    for part in experts:
+        zero_pairs(part, r)
+        tensors.update({f"{PREFIX}{part.path}.{suffix}": t for suffix, t in part.tensors.items()})
+    target_modules += list(dict.fromkeys(p for part in experts for p in EXPERT_PROJS if p in part.ranks))
     cfg = config_to_peft(
         config,
         r=r,
@@ -81,9 +81,33 @@ def save_peft(
         alpha_pattern=alpha_pattern,
         base_model=getattr(model, "source_path", None),
     )
-    return write_adapter_folder(
-        Path(out_dir), tensors, cfg, meta=moetune_meta(config, name=name, layout=layout), overwrite=overwrite
-    )
+    if experts:  # PEFT reads per-expert names wrongly for some families: make it refuse the folder
+        cfg["task_type"] = SERVING_TASK_TYPE
+    tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
+    if fold_scaling:
+        tensors, cfg = fold_into_b(tensors, cfg)
+    meta = moetune_meta(config, name=name, layout=layout) | ({"scaling_folded": True} if fold_scaling else {})
+    return write_adapter_folder(Path(out_dir), tensors, cfg, meta=meta, overwrite=overwrite)
+
+
+def _collect(model: nn.Module, name: str, layout: str) -> tuple[dict, list, list, list, list]:
+    """Adapter ``name``'s PEFT tensors, linear paths, target_parameters and rank/alpha entries per
+    module, and its routed-experts layers as :class:`~.per_expert.ExpertPart` (``per_expert``)."""
+    family = getattr(getattr(model, "args", None), "family", None)
+    tensors: dict[str, torch.Tensor] = {}
+    linear_paths, params, patterns, experts = [], [], [], []
+    for path, layer in layers_holding(model, name):
+        if layout == "per_expert" and not isinstance(layer, LoraLinear):
+            part = per_expert_part(layer, path, name, family=family)
+            experts.append(part)
+            patterns += [(key, {key: r}, {key: a}) for p, (r, a) in part.ranks.items() if (key := part.pattern_key(p))]
+            continue
+        targets = layer.peft_config_targets(path, name=name)
+        linear_paths += targets.get("target_modules", [])
+        params += targets.get("target_parameters", [])
+        patterns.append((path, targets.get("rank_pattern", {}), targets.get("alpha_pattern", {})))
+        tensors.update({f"{PREFIX}{path}.{suffix}": t for suffix, t in layer.peft_tensors(name).items()})
+    return tensors, linear_paths, params, patterns, experts
 
 
 def _avoid_peft_retargeting(
@@ -130,7 +154,14 @@ def read_adapter_folder(folder: Path) -> AdapterFolder:
 
 def add_adapter_from(model: nn.Module, files: AdapterFolder, name: str) -> AdapterReport:
     """:func:`load_adapter` for a folder already read; nothing is left behind when it fails."""
-    config, per_module = config_from_peft(files.raw, str(files.cfg_file), files.meta)
+    files.tensors = native_keys(files.tensors)
+    raw = files.raw
+    if isinstance(raw, dict) and not (files.meta or {}).get("lora_config"):  # no metadata: targets from the file
+        listed = raw.get("target_modules")
+        keys = [normalise_key(k) for k in files.tensors]
+        targets = expert_targets(keys, listed) if isinstance(listed, list) else None
+        raw = raw if targets is None else {**raw, "target_modules": targets}
+    config, per_module = config_from_peft(raw, str(files.cfg_file), files.meta)
     try:
         report = add_adapter(model, config, name, per_module=per_module)
     except AdapterError as err:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from ...config import LoraConfig
 from ...errors import AdapterError, ConfigError
 from .peft_meta import split_meta
+from .per_expert import pattern_names
 
 PREFIX = "base_model.model."
 _LORA_TOKENS = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -223,8 +224,9 @@ def config_from_peft(
         return config, None
 
     def per_module(path: str, cfg: LoraConfig) -> LoraConfig:
-        r = next((v for k, v in ranks.items() if _pattern_match(k, path)), cfg.r)
-        alpha = next((v for k, v in alphas.items() if _pattern_match(k, path)), cfg.alpha)
+        names = [path, *pattern_names(path)]  # a per-expert file keys expert parameters per expert
+        r = next((v for k, v in ranks.items() if any(_pattern_match(k, n) for n in names)), cfg.r)
+        alpha = next((v for k, v in alphas.items() if any(_pattern_match(k, n) for n in names)), cfg.alpha)
         return dataclasses.replace(cfg, r=int(r), alpha=float(alpha)) if (r, alpha) != (cfg.r, cfg.alpha) else cfg
 
     return config, per_module
