@@ -27,6 +27,7 @@ class ModelSummary:
     active_params: int
     vocab_size: int
     hidden_size: int
+    attention: str = ""  # what differs from full causal attention (sliding windows, sinks); "" when nothing
 
     def lines(self) -> list[str]:
         out = [
@@ -35,6 +36,8 @@ class ModelSummary:
             "FFN)",
             f"hidden / vocab    {self.hidden_size} / {self.vocab_size}",
         ]
+        if self.attention:
+            out.append(f"attention         {self.attention}")
         if self.moe_layers:
             out.append(
                 f"experts           {self.num_experts} routed, top-{self.top_k}"
@@ -82,4 +85,17 @@ def summarize(args: ModelArgs) -> ModelSummary:
         active_params=active,
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
+        attention=_attention(args, model),
     )
+
+
+def _attention(args: ModelArgs, model: nn.Module) -> str:
+    """'sliding window 128 on 12 of 24 layers, learned sinks' (only the parts that apply)."""
+    parts = []
+    windows = [w for w in args.sliding_window if w is not None]
+    if windows:
+        sizes = "/".join(str(w) for w in sorted(set(windows)))
+        parts.append(f"sliding window {sizes} on {len(windows)} of {args.num_layers} layers")
+    if any(name.endswith(".sinks") for name, _ in model.named_parameters()):
+        parts.append("learned sinks")
+    return ", ".join(parts)

@@ -149,6 +149,7 @@ def test_inspect_reports_the_family(saved):
     print(report)
     assert "family            gpt_oss" in report
     assert "experts           8 routed, top-2" in report
+    assert "attention         sliding window 4 on 2 of 3 layers, learned sinks" in report
     assert "q_proj" in report and "experts" in report
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moetune
+from moetune.errors import AdapterError
 from moetune.model.hf import to_checkpoint
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
@@ -156,3 +157,10 @@ def test_merge_folds_into_the_biased_experts(base):
     err = (_logits(ours, ids) - unmerged).abs().max().item()
     print(f"gpt_oss: merged vs unmerged max|dlogits| {err:.2e}")
     assert err <= 1e-4
+
+
+def test_per_expert_layout_is_refused(base, tmp_path):
+    """vLLM reads gpt-oss expert adapters in PEFT's fused layout only; per-expert keys would not load there."""
+    with pytest.raises(AdapterError, match="gpt-oss experts are served from PEFT's fused layout"):
+        moetune.save_adapter(_ours(base, targets=["experts"]), tmp_path / "x", layout="per_expert")
+    assert not (tmp_path / "x").exists()

@@ -87,6 +87,12 @@ def per_expert_part(layer: AdapterLayer, path: str, name: str, *, family: str | 
     """A routed-experts layer's tensors in this layout, named for ``family``'s serving checkpoints."""
     if not isinstance(layer, LoraGroupedExperts):
         raise AdapterError(f"{path}: {type(layer).__name__} cannot write the per_expert layout")
+    if layer.base_layer.gate_up_interleaved:
+        # gpt-oss: vLLM serves its expert LoRA from the fused 3D layout (is_3d_moe_weight), PEFT's file
+        raise AdapterError(
+            f"{path}: gpt-oss experts are served from PEFT's fused layout (vLLM reads no per-expert keys "
+            "for gpt-oss); save with layout='peft'"
+        )
     block, names = serving_names(family)
     part = ExpertPart(_NATIVE_BLOCK.sub(f".{block}.experts", path), {}, names=names)
     adapter = layer.adapters[name]
