@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
 from .peft.arithmetic.combine import METHODS
 from .peft.arithmetic.folders import combine_adapter_folders
+from .peft.core.layer import layers_holding
 from .peft.formats.adapters import load_adapter, save_adapter
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
@@ -234,17 +236,51 @@ def merged_companions(model_path, tokenizer: str | None) -> dict[str, Path]:
     return companion_files(model_path)
 
 
+# Which layout each reader loads, and whether it needs the scaling folded into B (docs/serving.md).
+EXPORT_READERS: dict[str, tuple[str, bool]] = {
+    "peft": ("peft", False),
+    "vllm": ("per_expert", False),
+    "sglang": ("per_expert", True),
+    "moe_peft": ("moe_peft", False),
+}
+log = logging.getLogger(__name__)
+
+
+def export_plan(layout: str | None, reader: str | None, fold_scaling: bool) -> tuple[str, bool]:
+    """(layout, fold_scaling) for ``export``: ``reader`` (``--for``) chooses both; ``layout`` alone
+    defaults to PEFT's; a layout or fold that contradicts ``reader`` is an error."""
+    if reader is None:
+        return layout or "peft", fold_scaling
+    if reader not in EXPORT_READERS:
+        raise ConfigError(f"--for: '{reader}' is not one of {', '.join(EXPORT_READERS)}")
+    want, fold = EXPORT_READERS[reader]
+    if layout not in (None, want):
+        raise ConfigError(f"--layout {layout} contradicts --for {reader}, which reads the {want} layout")
+    return want, fold or fold_scaling
+
+
 def export_adapter(
     model_path,
     adapter,
     out_dir,
     *,
-    layout: str = "peft",
+    layout: str | None = None,
+    reader: str | None = None,
+    fold_scaling: bool = False,
     dtype: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Re-save an adapter in PEFT's layout or the per-expert (vLLM) layout."""
+    """Re-save an adapter for a reader (``reader``: peft, vllm, sglang, moe_peft) or in a layout
+    (peft, per_expert, moe_peft; ``fold_scaling``: the scaling folded into B, per_expert only)."""
+    layout, fold_scaling = export_plan(layout, reader, fold_scaling)
     check_output(out_dir, "adapter", overwrite=overwrite, inputs=(model_path, adapter))
     model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
-    return Path(save_adapter(model, out_dir, name=name, layout=layout, overwrite=overwrite))
+    if reader == "vllm" and any(p.endswith(".kv_b_proj") for p, _ in layers_holding(model, name)):
+        log.warning(
+            "the adapter changes kv_b_proj: vLLM's multi-head latent attention decodes with the base kv_b_proj "
+            "(absorbed into W_UK/W_UV when the model loads), so in vLLM it changes prefill but not decode; "
+            "merge the adapter (moetune merge) to serve it exactly"
+        )
+    out = save_adapter(model, out_dir, name=name, layout=layout, fold_scaling=fold_scaling, overwrite=overwrite)
+    return Path(out)

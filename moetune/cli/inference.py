@@ -22,8 +22,10 @@ TEXTS = {  # subcommand: (help line, description)
         "Merge an adapter into the base weights and save a plain Hugging Face checkpoint.",
     ),
     "export": (
-        "re-save an adapter in PEFT or per-expert (vLLM) layout",
-        "Write an adapter in PEFT's layout or with per-expert 2D keys (the layout vLLM and SGLang read).",
+        "re-save an adapter for a reader: PEFT, vLLM, SGLang, MoE-PEFT",
+        "Write an adapter the way one reader loads it exactly (--for; docs/serving.md says what each reads): "
+        "PEFT's layout (PEFT, Unsloth, axolotl, ms-swift, LLaMA-Factory), per-expert 2D keys under the family's "
+        "serving names (vLLM; SGLang with the scaling folded into B), or MoE-PEFT's MixLoRA layout.",
     ),
     "merge-adapters": (
         "combine adapters of one base into a new adapter (linear, TIES, DARE, SVD ...)",
@@ -123,8 +125,13 @@ def add_merge(sub) -> None:
 def _cmd_export(ns: argparse.Namespace) -> None:
     from ..workflows import export_adapter
 
-    out = export_adapter(ns.model, ns.adapter, ns.out, layout=ns.layout, **_writing(ns))
-    print(f"adapter written to {out} ({ns.layout} layout)")
+    from ..workflows import export_plan
+
+    layout, fold = export_plan(ns.layout, ns.reader, ns.fold_scaling)
+    out = export_adapter(
+        ns.model, ns.adapter, ns.out, layout=layout, reader=ns.reader, fold_scaling=fold, **_writing(ns)
+    )
+    print(f"adapter written to {out} ({layout} layout{', scaling folded into B' if fold else ''})")
 
 
 def add_export(sub) -> None:
@@ -133,10 +140,22 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export's")
     overwrite_arg(p)
     p.add_argument(
+        "--for",
+        dest="reader",
+        choices=["peft", "vllm", "sglang", "moe_peft"],
+        help="the reader that will load the folder; chooses --layout and --fold-scaling (docs/serving.md)",
+    )
+    p.add_argument(
         "--layout",
         choices=["peft", "per_expert", "moe_peft"],
-        default="peft",
-        help="moe_peft: MoE-PEFT's MixLoRA layout (MixLoRA adapters)",
+        help="peft (default): PEFT's keys; per_expert: 2D pairs per expert (vLLM, SGLang); moe_peft: MoE-PEFT's "
+        "MixLoRA layout (MixLoRA adapters)",
+    )
+    p.add_argument(
+        "--fold-scaling",
+        action="store_true",
+        help="per_expert: fold each module's scaling (rsLoRA, rank/alpha patterns) into B and write alpha = r, "
+        "for readers that scale every module by alpha/r (SGLang)",
     )
 
 

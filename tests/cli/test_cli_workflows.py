@@ -102,3 +102,30 @@ def test_export_per_expert_layout(trained, tmp_path):
         keys = list(f.keys())
     assert any(".mlp.experts.0.gate_proj.lora_A.weight" in k for k in keys), keys[:5]
     assert json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_export_for_sglang_folds_the_scaling(trained, tmp_path):
+    """``export --for sglang``: per-expert keys, scaling folded into B (alpha = r, no rsLoRA or
+    patterns), and the folder reads back with the trained adapter's logits."""
+    _, model, adapter, _ = trained
+    out = _cli("export", "--model", model, "--adapter", adapter, "--out", tmp_path / "sg", "--for", "sglang")
+    assert "scaling folded into B" in out
+    cfg = json.loads((tmp_path / "sg" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] and not cfg["use_rslora"] and not cfg["rank_pattern"], cfg
+    folded, live = moetune.load_model(model), moetune.load_model(model)
+    moetune.load_adapter(folded, tmp_path / "sg")
+    moetune.load_adapter(live, adapter)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert (folded(ids).logits - live(ids).logits).abs().max() < 1e-5
+
+
+def test_export_plan_refuses_contradictions():
+    from moetune.errors import ConfigError
+    from moetune.workflows import export_plan
+
+    assert export_plan(None, None, False) == ("peft", False)
+    assert export_plan(None, "sglang", False) == ("per_expert", True)
+    assert export_plan("per_expert", "vllm", False) == ("per_expert", False)
+    with pytest.raises(ConfigError, match="--layout peft contradicts --for vllm"):
+        export_plan("peft", "vllm", False)
