@@ -7,12 +7,18 @@ unquantized, while DeepSeek's release quantizes it with a partial last block (``
 576 rows, has 5 row blocks); such a weight is quantized zero-padded to whole blocks and cropped,
 which gives exactly those scales (a zero pad never raises a block's max |w|).
 The dequantized reference folder uses transformers' ``Fp8Dequantize`` the same way.
+
+INT4 (compressed-tensors pack-quantized, symmetric groups): the ``compressed_tensors`` package's own
+scale computation (``calculate_qparams``) and ``PackedQuantizationCompressor`` write
+``weight_packed`` / ``weight_scale`` / ``weight_shape`` from bf16 weights, as the Kimi releases are;
+its ``decompress`` gives the dequantized reference folder.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,5 +86,86 @@ def write_dequantized_folder(src: Path, dst: Path, dtype=torch.float32) -> None:
             continue
         scale = tensors.get(key + "_scale_inv")
         out[key] = t if scale is None else fp8_dequantize_reference(t, scale, block, dtype).contiguous()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+INT4_GROUP = 32
+# Kimi-K2-Thinking's ignore list: only the routed experts are int4.
+KIMI_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
+
+
+def int4_scheme(group: int = INT4_GROUP):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def int4_compress(w: torch.Tensor, group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
+    """compressed-tensors' pack-quantized INT4 of a bf16 (..., out, in) weight."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = int4_scheme(group)
+    groups = w.unflatten(-1, (w.shape[-1] // group, group))
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
+    state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero}
+    return PackedQuantizationCompressor.compress(state, scheme)
+
+
+def int4_decompress(packed: dict[str, torch.Tensor], group: int = INT4_GROUP) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+
+    return PackedQuantizationCompressor.decompress(packed, int4_scheme(group))["weight"]
+
+
+def _ignored(module: str, ignore: list[str]) -> bool:
+    return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
+
+
+def write_int4_folder(src: Path, dst: Path, ignore: list[str], group: int = INT4_GROUP) -> None:
+    """The pack-quantized INT4 release of ``src`` in ``dst`` (weights not ignored, bf16 scales)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, w in load_file(str(src / "model.safetensors")).items():
+        module = key.removesuffix(".weight")
+        quantized = w.ndim == 2 and not any(s in key for s in FP8_SKIP) and not _ignored(module, ignore)
+        if key.endswith(".weight") and quantized:
+            for suffix, t in int4_compress(w.to(torch.bfloat16), group).items():
+                tensors[module + "." + suffix] = t
+        else:
+            tensors[key] = w
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    # The keys Kimi-K2-Thinking's config.json has (newer compressed-tensors leaves the None ones out).
+    extra = {"actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
+    weights = {**extra, **int4_scheme(group).weights.model_dump(mode="json")}
+    cfg["quantization_config"] = {
+        "config_groups": {"group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"],
+                                      "weights": weights}},
+        "format": "pack-quantized",
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def write_int4_dequantized_folder(src: Path, dst: Path, group: int = INT4_GROUP) -> None:
+    """The INT4 folder ``src`` decompressed by compressed-tensors, as a plain folder."""
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    tensors = load_file(str(src / "model.safetensors"))
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("weight_packed"):
+            module = key.removesuffix(".weight_packed")
+            parts = {s: tensors[f"{module}.weight_{s}"] for s in ("packed", "scale", "shape")}
+            out[module + ".weight"] = int4_decompress({f"weight_{s}": t for s, t in parts.items()}, group)
+        elif not key.endswith(("weight_scale", "weight_shape")):
+            out[key] = t
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -25,7 +25,7 @@ from .config import ModelArgs
 from .families import model_args_from_hf
 from .hf import KeyMap, Target, checkpoint_shape, destination, from_checkpoint
 from .layers import RMSNorm
-from .prequantized import StoredFormat, checkpoint_dtypes, stored_format, stored_names, swap_stored_modules
+from .prequantized import folder_format, stored_layout, swap_stored_modules
 from .quant import StoredWeight, quantize_model, quantized_weights
 from .transformer import CausalLM
 
@@ -78,7 +78,11 @@ class _Filler:
         self.params: dict[str, torch.Tensor | StoredWeight] = dict(model.named_parameters())
         self.stored: set[str] = set()  # buffers of weights read as released: copied, never converted
         self.suffixes: set[str] = set()
+        self.checks: dict[str, StoredWeight] = {}  # tensors that describe a stored weight: checked, not held
         for name, holder in quantized_weights(model).items():
+            for suffix in holder.checked_suffixes():
+                self.checks[name + suffix] = holder
+                self.suffixes.add(suffix)
             parts = holder.checkpoint_tensors()
             if not parts:  # quantized while loading (quantize="nf4"): filled through the holder
                 self.params[name] = holder
@@ -99,7 +103,7 @@ class _Filler:
         for suffix in self.suffixes:
             if target.name not in self.params and key.endswith(suffix):
                 base = self.keymap.target(key[: -len(suffix)])
-                if base.name + suffix in self.params:
+                if base.name + suffix in self.params or base.name + suffix in self.checks:
                     return base, base.name + suffix
         return target, target.name
 
@@ -108,6 +112,8 @@ class _Filler:
             self.skipped += 1
             return
         target, name = self._target(key)
+        if name in self.checks:
+            return self._check(name, target, tensor, f"{file.name}: tensor '{key}'")
         if name not in self.params:
             if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
                 return
@@ -134,6 +140,11 @@ class _Filler:
         else:
             dest.copy_(self._converted(name, target, tensor, dest.dtype, f"{file.name}: tensor '{key}'"))
         self.filled[name].add((target.expert, target.part))
+
+    def _check(self, name: str, target: Target, tensor: torch.Tensor, what: str) -> None:
+        expected = tuple(destination(self.checks[name].layout(), target).shape)
+        if tuple(tensor.tolist()) != expected:
+            raise CheckpointError(f"{what} says {tuple(tensor.tolist())}, expected {expected} from config.json")
 
     def _converted(self, name: str, target: Target, tensor: torch.Tensor, dtype: torch.dtype, what: str):
         """``tensor`` in ``dtype``: stored tensors are copied as they are (or converted exactly), and a
@@ -215,14 +226,14 @@ def load_model(
         raise CheckpointError(f"quantize={quantize!r} is not supported (allowed: None, 'nf4')")
     folder = Path(path)
     cfg = read_hf_config(folder)
-    fmt = _stored_format(cfg, folder, quantize)
+    fmt = folder_format(cfg, folder, quantize)
     args = model_args_from_hf(cfg, where=str(folder / "config.json"))
     files = weight_files(folder)
     for file in files:  # header and size of every shard, before anything is built
         check_safetensors(file)
     mtp = range(args.num_layers, args.num_layers + args.mtp_layers)
     keymap = KeyMap(args.family, skipped_layers=mtp)
-    stored = None if fmt is None else (fmt, stored_names(fmt, checkpoint_dtypes(files), keymap))
+    stored = None if fmt is None else stored_layout(fmt, files, keymap)
     model = _allocate(args, dtype, device, quantize, stored)
     filler = _Filler(model, keymap, tied=args.tie_word_embeddings)
     for file, key, tensor in iter_checkpoint(files):
@@ -253,16 +264,6 @@ def _allocate(args: ModelArgs, dtype, device, quantize: str | None, stored: tupl
     model.to_empty(device=device)
     _after_materialise(model)
     return model
-
-
-def _stored_format(cfg: dict, folder: Path, quantize: str | None) -> StoredFormat | None:
-    fmt = stored_format(cfg, folder / "config.json")
-    if fmt is not None and quantize is not None:
-        raise CheckpointError(
-            f"quantize={quantize!r} needs a full-precision folder; '{folder}' is stored in {fmt.method} and is "
-            "loaded in that form without quantize"
-        )
-    return fmt
 
 
 def _after_materialise(model: CausalLM) -> None:

@@ -3,8 +3,10 @@
 ``config.json``'s ``quantization_config`` names the format (:func:`stored_format`); anything
 moetune does not read (GPTQ, AWQ, bitsandbytes-serialized, an unknown method) is refused with one
 line. Which weights are stored that way is read off the checkpoint itself, not guessed from module
-names: a weight is FP8 exactly when the folder has its ``..._scale_inv`` (releases leave routers,
-norms, embeddings, the LM head and their ``modules_to_not_convert`` without one). Before any
+names: a weight is FP8 exactly when the folder has its ``..._scale_inv``, INT4 when it has its
+``..._packed`` (releases leave routers, norms, embeddings, the LM head and their
+``modules_to_not_convert`` / ``ignore`` lists in full precision). The formats and their config
+parsing live in :mod:`.quant.formats`. Before any
 tensor is read, :func:`swap_stored_modules` replaces those linears and expert groups of the model
 (still on the meta device) with :class:`~.quant.QuantLinear` / :class:`~.quant.QuantGroupedExperts`
 holding empty holders of the format, which the loader then fills byte for byte.
@@ -12,7 +14,6 @@ holding empty holders of the format, which the loader then fills byte for byte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,60 +23,21 @@ from torch import nn
 from ..errors import CheckpointError
 from .hf import KeyMap
 from .moe import GroupedExperts
-from .quant import FP8Weight, QuantGroupedExperts, QuantLinear, StoredWeight, expert_shape
-from .quant.fp8 import SCALE_SUFFIX
+from .quant import QuantGroupedExperts, QuantLinear, expert_shape
+from .quant.formats import StoredFormat, stored_format
 
-SUPPORTED = "fp8 (block-scaled e4m3, as DeepSeek-V3 and the Qwen3 -FP8 releases store it)"
-
-
-@dataclass(frozen=True)
-class StoredFormat:
-    """A checkpoint's stored format: ``method`` (``quant_method``) and its parameters."""
-
-    method: str
-    block: tuple[int, int]
-    scale_suffix: str = SCALE_SUFFIX
-
-    def holder(self, shape: tuple[int, ...], dtype: torch.dtype) -> StoredWeight:
-        """An empty holder of this format for a weight of ``shape`` (on the current device)."""
-        return FP8Weight(shape, block=self.block, dtype=dtype)
+__all__ = ["StoredFormat", "folder_format", "stored_format", "stored_layout", "stored_names", "swap_stored_modules"]
 
 
-def stored_format(cfg: dict, where: Path) -> StoredFormat | None:
-    """The stored format ``config.json`` declares, None for a full-precision checkpoint.
-
-    Raises:
-        CheckpointError: a quantization method or option moetune does not read, named in one line.
-    """
-    quant = cfg.get("quantization_config")
-    if not quant:
-        return None
-    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-    if method != "fp8":
+def folder_format(cfg: dict, folder: Path, quantize: str | None) -> StoredFormat | None:
+    """The stored format of the model folder with ``config.json`` ``cfg``, loaded with ``quantize``."""
+    fmt = stored_format(cfg, folder / "config.json")
+    if fmt is not None and quantize is not None:
         raise CheckpointError(
-            f"{where}: quantization_config.quant_method '{method}' is not a format moetune reads "
-            f"(supported: {SUPPORTED}); use the unquantized (bf16/fp16/fp32) checkpoint, or load a bf16 "
-            "checkpoint with quantize='nf4' for 4-bit training"
+            f"quantize={quantize!r} needs a full-precision folder; '{folder}' is stored in {fmt.method} and is "
+            "loaded in that form without quantize"
         )
-    return _fp8_format(quant, where)
-
-
-def _fp8_format(quant: dict, where: Path) -> StoredFormat:
-    def refuse(key: str, allowed: str) -> CheckpointError:
-        return CheckpointError(
-            f"{where}: quantization_config.{key} is {quant.get(key)!r}; moetune reads fp8 checkpoints with {allowed}"
-        )
-
-    if quant.get("fmt", "e4m3") != "e4m3":
-        raise refuse("fmt", "'e4m3'")
-    if quant.get("activation_scheme", "dynamic") != "dynamic":
-        raise refuse("activation_scheme", "'dynamic' (weights-only scales)")
-    if quant.get("scale_fmt", "float") not in ("float", "ue8m0"):
-        raise refuse("scale_fmt", "'float' or 'ue8m0'")
-    block = quant.get("weight_block_size")
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise refuse("weight_block_size", "a block of two positive integers, e.g. [128, 128]")
-    return StoredFormat("fp8", (block[0], block[1]))
+    return fmt
 
 
 def checkpoint_dtypes(files: list[Path]) -> dict[str, str]:
@@ -90,6 +52,13 @@ def checkpoint_dtypes(files: list[Path]) -> dict[str, str]:
     return out
 
 
+def stored_layout(fmt: StoredFormat, files: list[Path], keymap: KeyMap) -> tuple[StoredFormat, set[str]]:
+    """The format completed from the checkpoint's headers, and the native names it stores."""
+    dtypes = checkpoint_dtypes(files)
+    fmt = fmt.with_header(dtypes)
+    return fmt, stored_names(fmt, dtypes, keymap)
+
+
 def stored_names(fmt: StoredFormat, dtypes: dict[str, str], keymap: KeyMap) -> set[str]:
     """Native weight names the checkpoint stores in ``fmt``: those with a scale tensor.
 
@@ -100,17 +69,18 @@ def stored_names(fmt: StoredFormat, dtypes: dict[str, str], keymap: KeyMap) -> s
     names = set()
     dtypes = {key: dtype for key, dtype in dtypes.items() if not keymap.skipped(key)}  # MTP layers are not built
     for key in dtypes:
-        if key.endswith(fmt.scale_suffix):
-            weight = key[: -len(fmt.scale_suffix)]
-            if weight not in dtypes:
-                raise CheckpointError(f"checkpoint has '{key}' but no tensor '{weight}' for it to scale")
+        if key.endswith(fmt.marker):
+            weight = key[: -len(fmt.marker)]
+            missing = [weight + suffix for suffix in fmt.needs if weight + suffix not in dtypes]
+            if missing:
+                raise CheckpointError(f"checkpoint has '{key}' but no tensor '{missing[0]}' beside it")
             names.add(keymap.target(weight).name)
     for key, dtype in dtypes.items():
-        if dtype.startswith("F8") and key + fmt.scale_suffix not in dtypes:
-            raise CheckpointError(f"checkpoint tensor '{key}' is {dtype} but has no '{key}{fmt.scale_suffix}'")
+        if dtype.startswith("F8") and not (fmt.method == "fp8" and key + fmt.marker in dtypes):
+            raise CheckpointError(f"checkpoint tensor '{key}' is {dtype} but has no '{key}{fmt.marker}' scales")
     if not names:
         raise CheckpointError(
-            f"config.json declares quant_method '{fmt.method}', but no checkpoint tensor has a '{fmt.scale_suffix}' "
+            f"config.json declares quant_method '{fmt.method}', but no checkpoint tensor has a '{fmt.marker}' "
             "(is the folder the quantized release?)"
         )
     return names
@@ -148,11 +118,9 @@ def _swap(model: nn.Module, fmt: StoredFormat, left: set[str]) -> None:
         elif type(module) is GroupedExperts and {dot + "gate_up_proj", dot + "down_proj"} & left:
             if not {dot + "gate_up_proj", dot + "down_proj"} <= left:
                 raise CheckpointError(f"'{path}': the checkpoint stores some projections in {fmt.method}, not all")
-            if module.hidden % fmt.block[0]:
-                raise CheckpointError(
-                    f"'{path}': expert hidden size {module.hidden} is not a multiple of the {fmt.method} block "
-                    f"{fmt.block[0]}, so the fused gate/up scales cannot be stacked"
-                )
+            problem = fmt.experts_problem(module.hidden)
+            if problem:
+                raise CheckpointError(f"'{path}': {problem}, so the fused gate/up scales cannot be stacked")
             left.difference_update({dot + "gate_up_proj", dot + "down_proj"})
             dtype = module.gate_up_proj.dtype
             model.set_submodule(

@@ -3,11 +3,13 @@
 - :mod:`.stored` — :class:`StoredWeight`, the holder protocol every format implements;
 - :mod:`.nf4` / :mod:`.nf4_weight` — NF4 (QLoRA), quantized from a full-precision folder;
 - :mod:`.fp8` — block-scaled FP8 as released (DeepSeek-V3, Qwen3 ``-FP8`` ...), read as stored;
+- :mod:`.int4` — compressed-tensors pack-quantized INT4 (Kimi releases), read as stored;
 - :mod:`.modules` — :class:`QuantLinear` and :class:`QuantGroupedExperts` (any format), the
   NF4 swap :func:`quantize_model` and its inverse :func:`dequantize_model`.
 """
 
 from .fp8 import FP8Weight
+from .int4 import Int4Weight
 from .modules import (
     KEEP_FULL_PRECISION,
     QuantGroupedExperts,
@@ -23,6 +25,7 @@ from .stored import StoredWeight
 
 __all__ = [
     "FP8Weight",
+    "Int4Weight",
     "KEEP_FULL_PRECISION",
     "NF4Weight",
     "QuantGroupedExperts",

@@ -62,6 +62,11 @@ class StoredWeight(nn.Module):
         when the weight is quantized from full-precision values instead (:meth:`write`)."""
         return {}
 
+    def checked_suffixes(self) -> tuple[str, ...]:
+        """Checkpoint-key suffixes of tensors that describe the weight (its shape) and are checked
+        against it, not held."""
+        return ()
+
     @property
     def pending(self) -> bool:
         """True while a piecewise write has started but not finished."""
