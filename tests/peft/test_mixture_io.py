@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -177,3 +178,45 @@ def test_moe_peft_errors_name_the_problem(tmp_path):
     model = _trained(LoraConfig(r=4, target_modules=TARGETS, mixture=MixtureConfig(num_experts=2, routing="switch")))
     with pytest.raises(AdapterError, match="no MoE-PEFT equivalent"):
         moetune.save_adapter(model, tmp_path / "x", name="mix", layout="moe_peft")
+
+
+def _as_moe_peft_trainer_wrote_it(cfg: dict) -> dict:
+    """The adapter_config.json MoE-PEFT's trainer writes (``save_adapter_weight``: ``MixLoraConfig.export()``
+    + ``base_model_name_or_path`` + ``task_type``; the expert config exported with bias and dropout)."""
+    out = {k: cfg[k] for k in ("peft_type", "r", "lora_alpha", "target_modules", "routing_strategy", "num_experts")}
+    out |= {"bias": "none", "lora_dropout": 0.05, "act_fn": "silu", "top_k": cfg["top_k"]}
+    out["expert_lora"] = {"bias": "none", **cfg["expert_lora"], "lora_dropout": 0.05}
+    return out | {"base_model_name_or_path": "/models/tiny", "task_type": "CAUSAL_LM"}
+
+
+def test_moe_peft_trainer_folder_with_task_type_loads(tmp_path):
+    """Defect 5: MoE-PEFT's saved configs carry task_type; they load with our logits."""
+    model = _trained(_moe_peft_config(routing="top_k", top_k=2))
+    folder = moetune.save_adapter(model, tmp_path / "mp", name="mix", layout="moe_peft")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(_as_moe_peft_trainer_wrote_it(cfg)))
+    fresh = _model()
+    moetune.load_adapter(fresh, folder, name="back")
+    err = (_logits(fresh, "back") - _logits(model, "mix")).abs().max().item()
+    print(f"MoE-PEFT trainer-style folder (task_type) -> moetune logits max|d| {err:.2e}")
+    assert err <= 1e-5
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": "SEQ_CLS"}))
+    with pytest.raises(AdapterError, match="task_type 'SEQ_CLS'.*classification head"):
+        moetune.load_adapter(_model(), folder, name="cls")
+
+
+def test_moe_peft_export_is_what_its_loader_reads(tmp_path):
+    """What MoE-PEFT's loader needs: adapter_model.bin (the only file it reads; same tensors as the
+    safetensors file), task_type, integer r/alpha, a float dropout > 0 (its LoRA asserts it)."""
+    model = _trained(_moe_peft_config(routing="top_k", top_k=2))  # trained with dropout 0
+    folder = moetune.save_adapter(model, tmp_path / "mp", name="mix", layout="moe_peft")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and isinstance(cfg["lora_alpha"], int) and isinstance(cfg["r"], int)
+    assert isinstance(cfg["lora_dropout"], float) and cfg["lora_dropout"] > 0
+    ours = load_file(str(folder / "adapter_model.safetensors"))
+    pickled = torch.load(folder / "adapter_model.bin", weights_only=True)  # our own file, read as tensors only
+    assert pickled.keys() == ours.keys() and all(torch.equal(pickled[k], ours[k]) for k in ours)
+    print(f"moe_peft export: {len(ours)} tensors, .bin {(folder / 'adapter_model.bin').stat().st_size} bytes")
+    with pytest.raises(AdapterError, match="alpha 7.5 is not a whole number"):
+        bad = _trained(dataclasses.replace(_moe_peft_config(routing="top_k", top_k=2), alpha=7.5))
+        moetune.save_adapter(bad, tmp_path / "bad", name="mix", layout="moe_peft")

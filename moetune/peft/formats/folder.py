@@ -4,7 +4,8 @@ An adapter folder holds ``adapter_config.json``, ``adapter_model.safetensors`` a
 moetune writes, ``moetune_adapter.json`` (moetune's metadata, kept out of the config because PEFT
 warns about every key its config class does not know). Folders are written to a temporary folder
 and moved into place when complete (:func:`moetune.outputs.write_folder`), so an existing folder
-is never half overwritten. Pickled adapters (``adapter_model.bin``) are refused.
+is never half overwritten. Pickled adapters (``adapter_model.bin``) are refused on reading; one is
+written only for MoE-PEFT, which reads nothing else, beside the safetensors file (``pickle_copy``).
 
 Folders of earlier moetune versions carry the metadata inside ``adapter_config.json`` under
 ``moetune``; it is read from there when no ``moetune_adapter.json`` exists. The sidecar records a
@@ -35,6 +36,7 @@ from .peft_meta import FINGERPRINT_KEY, config_fingerprint, split_meta
 __all__ = [
     "CONFIG_FILE",
     "META_FILE",
+    "PICKLE_FILE",
     "WEIGHTS_FILE",
     "adapter_files",
     "read_adapter_config",
@@ -45,6 +47,7 @@ __all__ = [
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
 META_FILE = "moetune_adapter.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 log = logging.getLogger(__name__)
@@ -58,13 +61,17 @@ def write_adapter_folder(
     meta: dict | None = None,
     overwrite: bool = False,
     inputs: tuple = (),
+    pickle_copy: bool = False,
 ) -> Path:
     """Write the folder's files (``meta``: moetune's metadata, to :data:`META_FILE`, with the
-    fingerprint of ``cfg``) as one folder output (see :func:`moetune.outputs.write_folder`), so the
-    three files always belong together and nothing moetune did not write is touched."""
+    fingerprint of ``cfg``; ``pickle_copy``: the tensors also as :data:`PICKLE_FILE`, written with
+    ``torch.save``, never read) as one folder output (see :func:`moetune.outputs.write_folder`), so
+    the files always belong together and nothing moetune did not write is touched."""
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if pickle_copy:
+            torch.save(tensors, tmp / PICKLE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         if meta is not None:
             (tmp / META_FILE).write_text(

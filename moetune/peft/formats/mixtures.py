@@ -12,7 +12,8 @@ MoE-PEFT's layout (``layout="moe_peft"``, read automatically): ``peft_type: MIXL
 ``mixlora.layers.{l}.mlp.moe_gate.weight``, ``mixlora.layers.{l}.mlp.{proj}.experts.{i}.lora_{A,B}.weight``
 and ``mixlora.layers.{l}.self_attn.{proj}.lora_{A,B}.weight`` (proj names as in Hugging Face
 LLaMA: gate_proj, up_proj, down_proj - MoE-PEFT's ``LlamaMLP.state_dict``). MoE-PEFT writes
-``adapter_model.bin`` (a pickle): moetune writes and reads ``adapter_model.safetensors`` only.
+``adapter_model.bin`` (a pickle) and reads nothing else: moetune's export writes it beside
+``adapter_model.safetensors`` (same tensors, :mod:`.moe_peft`); moetune reads the safetensors file only.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def save_mixture_adapter(
             f"mixture adapter ('{name}' is {config.mixture.kind})"
         )
     tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
-    return write_adapter_folder(Path(out_dir), tensors, cfg, overwrite=overwrite)
+    return write_adapter_folder(Path(out_dir), tensors, cfg, overwrite=overwrite, pickle_copy=layout == "moe_peft")
 
 
 def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterReport:

@@ -16,6 +16,15 @@ probabilities *without* renormalising (imported as ``top_p_renormalize: false``)
 ``mixlora-switch`` routes an over-capacity token's *input* through and scales by the router
 probability, which is not what moetune's ``switch`` does, so switch files are refused rather
 than loaded with another meaning. MoE-PEFT never saves DoRA magnitudes, so DoRA files are refused.
+
+What MoE-PEFT's loader needs (``LLMModel.load_adapter`` and the config classes' ``check``):
+``task_type`` (written ``CAUSAL_LM``, read back; other task types carry a classification head moetune
+does not hold and are refused); integer ``r`` and ``lora_alpha`` (a fractional alpha is refused on
+export); ``lora_dropout`` a float > 0 (a trained 0 is written as :data:`MIN_DROPOUT`, which at
+inference - MoE-PEFT never calls ``eval()``, so its dropout runs unless the caller does - drops one
+activation in 10^9); and the weights in ``adapter_model.bin``, the only file it reads (``torch.load``
+with ``weights_only=False``). The export writes that pickle beside ``adapter_model.safetensors``
+(the same tensors); moetune itself only ever reads the safetensors file.
 """
 
 from __future__ import annotations
@@ -60,8 +69,13 @@ _KNOWN = {
     "entropy_eps",
     "name",
     "task_name",
+    "task_type",
     "base_model_name_or_path",
 }
+TASK_TYPE = "CAUSAL_LM"  # what MoE-PEFT's trainer writes for causal-LM tasks (CasualTask.peft_task_type)
+# MoE-PEFT's LoRA asserts lora_dropout > 0 (common/lora_linear.py: ``assert config.lora_dropout_ > 0.0``)
+# and applies it whenever its modules are in training mode: a dropout of 0 is written as this.
+MIN_DROPOUT = 1e-9
 _FFN_PATH = re.compile(r"^model\.layers\.(\d+)\.mlp$")
 _ATTN_PATH = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$")
 _GATE_KEY = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.moe_gate\.weight$")
@@ -118,6 +132,11 @@ def _check_exportable(config: LoraConfig) -> None:
         raise AdapterError(f"MoE-PEFT's MixLoRA layout holds mixlora adapters, not {mix.kind}")
     if config.use_dora:
         raise AdapterError("MoE-PEFT's layout has no place for DoRA magnitudes (MoE-PEFT never saves them)")
+    for what, alpha in (("alpha", config.alpha), ("expert_alpha", mix.expert_alpha)):
+        if alpha is not None and not float(alpha).is_integer():
+            raise AdapterError(
+                f"{what} {alpha} is not a whole number; MoE-PEFT's config check accepts integer alphas only"
+            )
     if isinstance(mix.num_experts, list) and len(set(mix.num_experts)) > 1:
         raise AdapterError(
             "MoE-PEFT's layout has one num_experts for all layers; this adapter has " + str(mix.num_experts)
@@ -145,10 +164,11 @@ def _export_config(config: LoraConfig, targets: list[str]) -> dict:
     num = mix.num_experts[0] if isinstance(mix.num_experts, list) else mix.num_experts
     cfg = {
         "peft_type": PEFT_TYPE,
+        "task_type": TASK_TYPE,
         "bias": "none",
         "r": config.r,
         "lora_alpha": _number(config.alpha),
-        "lora_dropout": config.dropout,
+        "lora_dropout": max(float(config.dropout), MIN_DROPOUT),
         "target_modules": targets,
         "num_experts": num,
         "router_aux_loss_coef": mix.router_aux_loss_coef,
@@ -169,6 +189,8 @@ def _export_config(config: LoraConfig, targets: list[str]) -> dict:
     }
     if expert:
         cfg["expert_lora"] = {k: _number(v) if k == "lora_alpha" else v for k, v in expert.items()}
+        if "lora_dropout" in expert:
+            cfg["expert_lora"]["lora_dropout"] = max(float(expert["lora_dropout"]), MIN_DROPOUT)
     return cfg
 
 
@@ -215,6 +237,11 @@ def _check_importable(raw: dict, where: str, hidden_act: str | None) -> None:
     unknown = sorted(set(raw) - _KNOWN)
     if unknown:
         raise AdapterError(f"{where}: MoE-PEFT config keys {unknown} are not understood by moetune")
+    if raw.get("task_type") not in (None, TASK_TYPE):
+        raise AdapterError(
+            f"{where}: task_type {raw['task_type']!r}: MoE-PEFT adds a classification head for it, which moetune "
+            f"does not load (only {TASK_TYPE})"
+        )
     strategy = raw.get("routing_strategy")
     if strategy not in ("mixlora", "mixlora-dynamic"):
         raise AdapterError(
