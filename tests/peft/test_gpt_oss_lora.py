@@ -164,3 +164,20 @@ def test_per_expert_layout_is_refused(base, tmp_path):
     with pytest.raises(AdapterError, match="gpt-oss experts are served from PEFT's fused layout"):
         moetune.save_adapter(_ours(base, targets=["experts"]), tmp_path / "x", layout="per_expert")
     assert not (tmp_path / "x").exists()
+
+
+def test_training_step_has_no_host_sync():
+    """Sinks (mask + extra key), the experts' per-row biases (searchsorted) and LoRA: no host waits."""
+    from host_syncs import HostSyncCounter
+    from moetune.model import build_random_model
+    from moetune.tiny_models import tiny_model_args
+
+    model = build_random_model(tiny_model_args("gpt_oss"))
+    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=[*ATTN, "experts"]))
+    ids = torch.randint(0, 200, (2, 24))  # past the tiny model's window of 16
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    with HostSyncCounter() as counter:
+        out = model(ids, attention_mask=mask, labels=ids)
+        (out.loss + out.aux_loss).backward()
+    assert not counter.counts, counter.report()
