@@ -19,21 +19,38 @@ class KVCache:
 
     Recurrent layers (gated DeltaNet) keep their fixed-size state in ``recurrent`` instead: it
     summarises all earlier positions and is replaced, not extended, at each step.
+
+    A sliding-window layer (``windows``, set by the model) keeps only its last ``window - 1``
+    positions, all the next query can see, as transformers' sliding-window cache does; a step
+    still attends over what was kept plus its own new keys.
     """
 
     def __init__(self) -> None:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recurrent: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.windows: dict[int, int] = {}  # layer -> sliding window
+        self.seen: dict[int, int] = {}  # layer -> positions cached so far (kept or not)
 
     @property
     def length(self) -> int:
-        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+        """Positions seen so far (what the next step's positions start from)."""
+        return max(self.seen.values(), default=0)
+
+    def kept(self, window: int | None, past: int) -> int:
+        """How many of ``past`` positions a layer with ``window`` holds (the keys before a step's own)."""
+        return past if window is None else min(past, window - 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, K, T, Dh); returns this step's keys and values (kept ones + new)."""
+        self.seen[layer] = self.seen.get(layer, 0) + k.shape[2]
         if layer in self.layers:
             old_k, old_v = self.layers[layer]
             k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
-        self.layers[layer] = (k, v)
+        keep = self.kept(self.windows.get(layer), k.shape[2])
+        if keep < k.shape[2]:  # own storage, so the step's full keys are freed
+            self.layers[layer] = (k[:, :, k.shape[2] - keep :].clone(), v[:, :, v.shape[2] - keep :].clone())
+        else:
+            self.layers[layer] = (k, v)
         return k, v
 
 

@@ -94,21 +94,23 @@ class DecoderModel(nn.Module):
         self.rotary_emb = rotary_emb
         self.gradient_checkpointing = False
 
-    def _masks(self, x, attention_mask, segment_ids, past):
+    def _masks(self, x, attention_mask, segment_ids, cache: KVCache | None):
+        """One mask per window size; a cached sliding layer sees only the positions it kept."""
         B, T = x.shape[:2]
-        kinds = {w for w in self.args.sliding_window}
-        return {
-            w: build_mask(
+        past = cache.length if cache is not None else 0
+        masks = {}
+        for w in set(self.args.sliding_window):
+            kept = cache.kept(w, past) if cache is not None else past
+            masks[w] = build_mask(
                 batch=B,
                 q_len=T,
-                past=past,
+                past=kept,
                 device=x.device,
                 attention_mask=attention_mask,
                 segment_ids=segment_ids,
-                window=w if w is not None and w < past + T else None,
+                window=w if w is not None and w < kept + T else None,
             )
-            for w in kinds
-        }
+        return masks
 
     def _run_layer(self, layer: DecoderLayer, x, **kw):
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
@@ -129,7 +131,9 @@ class DecoderModel(nn.Module):
         if position_ids is None:
             position_ids = _positions(input_ids, attention_mask, past)
         rope = self.rotary_emb(position_ids, x.dtype)
-        masks = self._masks(x, attention_mask, segment_ids, past)
+        if cache is not None:
+            cache.windows = {i: w for i, w in enumerate(self.args.sliding_window) if w is not None}
+        masks = self._masks(x, attention_mask, segment_ids, cache)
         token_mask = attention_mask[:, -input_ids.shape[1] :].reshape(-1) if attention_mask is not None else None
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import moetune
 from moetune.errors import CheckpointError
 from moetune.inspect import inspect_model
+from moetune.model import KVCache
 from moetune.model.families import model_args_from_hf
 from moetune.model.generate import SamplingConfig, generate
 from tiny_gpt_oss import make_hf
@@ -116,6 +117,23 @@ def test_greedy_generation_matches_transformers_generate(saved):
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     print(f"gpt_oss greedy: {got}")
     assert got == ref[:, width:].tolist()
+
+
+def test_sliding_layers_cache_only_their_window(saved):
+    """Prefill 7 tokens then decode one at a time: each step equals the full forward, and the sliding
+    layers (0 and 2, window 4) hold 3 positions while the full layer holds all of them."""
+    _, folder = saved
+    ours = moetune.load_model(folder)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask).logits
+        cache = KVCache()
+        steps = [ours(ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits]
+        for t in range(7, ids.shape[1]):
+            steps.append(ours(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+    real = mask.bool()
+    assert (torch.cat(steps, dim=1) - full)[real].abs().max() <= 1e-5
+    assert [cache.layers[i][0].shape[2] for i in range(3)] == [3, 12, 3] and cache.length == 12
 
 
 def test_parser_defaults_are_transformers_defaults():
