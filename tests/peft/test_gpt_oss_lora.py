@@ -181,3 +181,18 @@ def test_training_step_has_no_host_sync():
         out = model(ids, attention_mask=mask, labels=ids)
         (out.loss + out.aux_loss).backward()
     assert not counter.counts, counter.report()
+
+
+@pytest.mark.parametrize("targets", [["experts.gate_proj", "experts.down_proj"], ["experts.up_proj"]])
+def test_one_half_of_gate_up_round_trips_through_peft(base, tmp_path, targets):
+    """A gate-only or up-only pair is PEFT's gate_up pair with the other half's rows zero, interleaved."""
+    ours = _ours(base, targets=targets)
+    out = moetune.save_adapter(ours, tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(make_hf(), str(out)).eval()
+    ids = _ids()
+    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
+    print(f"gpt_oss {targets}: moetune -> PEFT max|dlogits| {err:.2e}")
+    assert err <= 1e-5
+    back = moetune.load_model(base)
+    moetune.load_adapter(back, out)
+    assert (_logits(back, ids) - _logits(ours, ids)).abs().max() <= 1e-6
