@@ -12,6 +12,12 @@ INT4 (compressed-tensors pack-quantized, symmetric groups): the ``compressed_ten
 scale computation (``calculate_qparams``) and ``PackedQuantizationCompressor`` write
 ``weight_packed`` / ``weight_scale`` / ``weight_shape`` from bf16 weights, as the Kimi releases are;
 its ``decompress`` gives the dequantized reference folder.
+
+MXFP4 (gpt-oss experts): the experts' ``*_blocks`` (E, out, in/32, 16) uint8 and ``*_scales``
+(E, out, in/32) uint8 hold random e2m1 codes and exponents (every byte pattern is a valid MXFP4
+weight), with gate and up rows interleaved as gpt-oss stores them; transformers'
+``convert_moe_packed_tensors`` gives the dequantized reference folder, in gpt-oss's full-precision
+layout (E, in, out).
 """
 
 from __future__ import annotations
@@ -166,6 +172,53 @@ def write_int4_dequantized_folder(src: Path, dst: Path, group: int = INT4_GROUP)
             parts = {s: tensors[f"{module}.weight_{s}"] for s in ("packed", "scale", "shape")}
             out[module + ".weight"] = int4_decompress({f"weight_{s}": t for s, t in parts.items()}, group)
         elif not key.endswith(("weight_scale", "weight_shape")):
+            out[key] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def write_mxfp4_folder(src: Path, dst: Path, exponents=(121, 125), seed: int = 0) -> None:
+    """gpt-oss's MXFP4 release of the full-precision gpt-oss folder ``src``: routed experts as random
+    MXFP4 codes with scales 2**(exponents - 127), the rest as it is."""
+    dst.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, w in load_file(str(src / "model.safetensors")).items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inputs, outputs = w.shape  # gpt-oss's full-precision layout is (E, in, out)
+            grid = (experts, outputs, inputs // 32)
+            tensors[key + "_blocks"] = torch.randint(0, 256, (*grid, 16), generator=gen, dtype=torch.uint8)
+            tensors[key + "_scales"] = torch.randint(*exponents, grid, generator=gen, dtype=torch.uint8)
+        else:
+            tensors[key] = w
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+        "quant_method": "mxfp4",
+    }
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def write_mxfp4_dequantized_folder(src: Path, dst: Path) -> None:
+    """The MXFP4 folder ``src`` dequantized by transformers' ``convert_moe_packed_tensors`` (fp32)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    tensors = load_file(str(src / "model.safetensors"))
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("_blocks"):
+            base = key.removesuffix("_blocks")
+            out[base] = convert_moe_packed_tensors(t, tensors[base + "_scales"], dtype=torch.float32)
+        elif not key.endswith("_scales"):
             out[key] = t
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -76,7 +76,7 @@ class _Filler:
 
     def __init__(self, model: nn.Module, keymap: KeyMap, *, tied: bool) -> None:
         self.params: dict[str, torch.Tensor | StoredWeight] = dict(model.named_parameters())
-        self.stored: set[str] = set()  # buffers of weights read as released: copied, never converted
+        self.stored: dict[str, tuple[StoredWeight, str]] = {}  # buffers read as released -> (holder, suffix)
         self.suffixes: set[str] = set()
         self.checks: dict[str, StoredWeight] = {}  # tensors that describe a stored weight: checked, not held
         for name, holder in quantized_weights(model).items():
@@ -88,7 +88,7 @@ class _Filler:
                 self.params[name] = holder
             for suffix, buffer in parts.items():  # e.g. FP8: "" -> weight, "_scale_inv" -> scales
                 self.params[name + suffix] = buffer
-                self.stored.add(name + suffix)
+                self.stored[name + suffix] = (holder, suffix)
                 self.suffixes.add(suffix)
         self.suffixes.discard("")
         self.keymap = keymap
@@ -99,12 +99,12 @@ class _Filler:
     def _target(self, key: str) -> tuple[Target, str]:
         """Where a key goes, and the name it fills: a weight's scales (``<weight key>_scale_inv``)
         follow the weight's own key map, into the holder's scale buffer."""
-        target = self.keymap.target(key)
         for suffix in self.suffixes:
-            if target.name not in self.params and key.endswith(suffix):
+            if key.endswith(suffix):
                 base = self.keymap.target(key[: -len(suffix)])
                 if base.name + suffix in self.params or base.name + suffix in self.checks:
                     return base, base.name + suffix
+        target = self.keymap.target(key)
         return target, target.name
 
     def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
@@ -128,13 +128,14 @@ class _Filler:
             )
         quantized = isinstance(native, StoredWeight)
         dest = destination(native.layout() if quantized else native.data, target)
-        expected = checkpoint_shape(dest, target.layout)
+        layout = None if name in self.stored else target.layout  # stored buffers have the checkpoint's shape
+        expected = checkpoint_shape(dest, layout)
         if expected != tuple(tensor.shape):
             raise CheckpointError(
                 f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {expected} from config.json"
             )
-        if target.layout is not None:
-            tensor = from_checkpoint(tensor, target.layout)
+        if layout is not None:
+            tensor = from_checkpoint(tensor, layout)
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
         else:
@@ -150,8 +151,9 @@ class _Filler:
         """``tensor`` in ``dtype``: stored tensors are copied as they are (or converted exactly), and a
         float8 tensor is never read as a plain weight."""
         if name in self.stored:
-            if target.layout is not None:
-                raise CheckpointError(f"{what} is stored quantized in a permuted layout moetune does not read yet")
+            if target.layout is not None:  # the family permutes this weight: the holder knows its bytes
+                holder, suffix = self.stored[name]
+                tensor = holder.from_checkpoint(suffix, tensor, target.layout)
             if tensor.dtype == dtype or (tensor.dtype, dtype) in _EXACT:
                 return tensor.to(dtype)
             raise CheckpointError(f"{what} is {tensor.dtype}, expected {dtype} for a stored weight")

@@ -4,7 +4,7 @@
 moetune does not read (GPTQ, AWQ, bitsandbytes-serialized, an unknown method) is refused with one
 line. Which weights are stored that way is read off the checkpoint itself, not guessed from module
 names: a weight is FP8 exactly when the folder has its ``..._scale_inv``, INT4 when it has its
-``..._packed`` (releases leave routers, norms, embeddings, the LM head and their
+``..._packed``, MXFP4 when it has its ``..._blocks`` (releases leave routers, norms, embeddings, the LM head and their
 ``modules_to_not_convert`` / ``ignore`` lists in full precision). The formats and their config
 parsing live in :mod:`.quant.formats`. Before any
 tensor is read, :func:`swap_stored_modules` replaces those linears and expert groups of the model
@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .hf import KeyMap
 from .moe import GroupedExperts
-from .quant import QuantGroupedExperts, QuantLinear, expert_shape
+from .quant import QuantLinear, stored_experts
 from .quant.formats import StoredFormat, stored_format
 
 __all__ = ["StoredFormat", "folder_format", "stored_format", "stored_layout", "stored_names", "swap_stored_modules"]
@@ -115,7 +115,7 @@ def _swap(model: nn.Module, fmt: StoredFormat, left: set[str]) -> None:
             if module.bias is not None:
                 new.bias = module.bias
             model.set_submodule(path, new)
-        elif type(module) is GroupedExperts and {dot + "gate_up_proj", dot + "down_proj"} & left:
+        elif isinstance(module, GroupedExperts) and {dot + "gate_up_proj", dot + "down_proj"} & left:
             if not {dot + "gate_up_proj", dot + "down_proj"} <= left:
                 raise CheckpointError(f"'{path}': the checkpoint stores some projections in {fmt.method}, not all")
             problem = fmt.experts_problem(module.hidden)
@@ -123,6 +123,4 @@ def _swap(model: nn.Module, fmt: StoredFormat, left: set[str]) -> None:
                 raise CheckpointError(f"'{path}': {problem}, so the fused gate/up scales cannot be stacked")
             left.difference_update({dot + "gate_up_proj", dot + "down_proj"})
             dtype = module.gate_up_proj.dtype
-            model.set_submodule(
-                path, QuantGroupedExperts(**expert_shape(module), stored=lambda shape: fmt.holder(shape, dtype))
-            )
+            model.set_submodule(path, stored_experts(module, lambda shape: fmt.holder(shape, dtype)))

@@ -4,6 +4,8 @@
 - :mod:`.nf4` / :mod:`.nf4_weight` — NF4 (QLoRA), quantized from a full-precision folder;
 - :mod:`.fp8` — block-scaled FP8 as released (DeepSeek-V3, Qwen3 ``-FP8`` ...), read as stored;
 - :mod:`.int4` — compressed-tensors pack-quantized INT4 (Kimi releases), read as stored;
+- :mod:`.mxfp4` — MXFP4 experts (gpt-oss), read as stored;
+- :mod:`.formats` — which of those a checkpoint's ``quantization_config`` declares;
 - :mod:`.modules` — :class:`QuantLinear` and :class:`QuantGroupedExperts` (any format), the
   NF4 swap :func:`quantize_model` and its inverse :func:`dequantize_model`.
 """
@@ -19,7 +21,9 @@ from .modules import (
     quantize_model,
     quantized_bytes,
     quantized_weights,
+    stored_experts,
 )
+from .mxfp4 import MXFP4Weight
 from .nf4_weight import NF4Weight
 from .stored import StoredWeight
 
@@ -27,6 +31,7 @@ __all__ = [
     "FP8Weight",
     "Int4Weight",
     "KEEP_FULL_PRECISION",
+    "MXFP4Weight",
     "NF4Weight",
     "QuantGroupedExperts",
     "QuantLinear",
@@ -36,4 +41,5 @@ __all__ = [
     "quantize_model",
     "quantized_bytes",
     "quantized_weights",
+    "stored_experts",
 ]

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from ...errors import CheckpointError
-from . import fp8, int4
+from . import fp8, int4, mxfp4
 from .stored import StoredWeight
 
 SUPPORTED = (
     "fp8 (block-scaled e4m3: DeepSeek-V3, Qwen3 -FP8), "
-    "compressed-tensors (pack-quantized symmetric int4 groups: Kimi-K2-Thinking)"
+    "compressed-tensors (pack-quantized symmetric int4 groups: Kimi-K2-Thinking), mxfp4 (gpt-oss experts)"
 )
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -28,7 +28,7 @@ class StoredFormat:
     """A checkpoint's stored format.
 
     Attributes:
-        method: ``quant_method``, "fp8" or "compressed-tensors".
+        method: ``quant_method``, "fp8", "compressed-tensors" or "mxfp4".
         marker: checkpoint-key suffix that marks a weight stored this way (after the weight's key).
         needs: suffixes every such weight must have ("" is the weight's own key).
         block: FP8 block (out, in).
@@ -47,6 +47,8 @@ class StoredFormat:
         """An empty holder of this format for a weight of ``shape`` (on the current device)."""
         if self.method == "fp8":
             return fp8.FP8Weight(shape, block=self.block, dtype=dtype)
+        if self.method == "mxfp4":
+            return mxfp4.MXFP4Weight(shape, dtype=dtype)
         return int4.Int4Weight(shape, group=self.group, scale_dtype=self.scale_dtype, dtype=dtype)
 
     def experts_problem(self, hidden: int) -> str | None:
@@ -57,7 +59,7 @@ class StoredFormat:
 
     def with_header(self, dtypes: dict[str, str]) -> StoredFormat:
         """The format with what only the tensors say (INT4: the scales' dtype)."""
-        if self.method == "fp8":
+        if self.method != "compressed-tensors":
             return self
         found = {d for k, d in dtypes.items() if k.endswith(".weight_scale")}
         if len(found) > 1 or not found <= _DTYPES.keys():
@@ -79,6 +81,8 @@ def stored_format(cfg: dict, where: Path) -> StoredFormat | None:
         return _fp8_format(quant, where)
     if method == "compressed-tensors":
         return _int4_format(quant, where)
+    if method == "mxfp4":  # no options: blocks of 32 with e8m0 scales is the whole format
+        return StoredFormat("mxfp4", mxfp4.MARKER, (mxfp4.MARKER, "_scales"))
     raise CheckpointError(
         f"{where}: quantization_config.quant_method '{method}' is not a format moetune reads "
         f"(supported: {SUPPORTED}); use the unquantized (bf16/fp16/fp32) checkpoint, or load a bf16 "

@@ -158,6 +158,8 @@ class QuantGroupedExperts(GroupedExperts):
         self.gate_up_proj = make((num_experts, 2 * hidden, dim))
         self.down_proj = make((num_experts, dim, hidden))
 
+    plain_class: type = GroupedExperts  # the full-precision class (dequantize_model swaps back to it)
+
     def linear(self, x: torch.Tensor, weight, offsets: torch.Tensor) -> torch.Tensor:
         if isinstance(weight, StoredWeight):
             return _StoredGrouped.apply(x, weight, offsets, self.use_loop)
@@ -175,6 +177,31 @@ class QuantGroupedExperts(GroupedExperts):
             for name in ("gate_up_proj", "down_proj"):
                 getattr(q, name).write(0, getattr(experts, name).detach())
         return q
+
+
+_STORED_CLASSES: dict[type, type] = {}
+
+
+def stored_experts(experts: GroupedExperts, stored: Callable[[tuple[int, ...]], StoredWeight]) -> GroupedExperts:
+    """``experts`` with ``gate_up_proj`` / ``down_proj`` held by ``stored(shape)`` holders.
+
+    Plain :class:`GroupedExperts` become a :class:`QuantGroupedExperts`. A family's subclass (gpt-oss's
+    biased experts) keeps its own module, biases and activation: it becomes an instance of
+    ``Quant<Class>`` (:class:`QuantGroupedExperts` first in its MRO, then the family's class), so its
+    projections run through the stored-weight ``linear`` and adapters find the quantized wrapper.
+    """
+    if type(experts) is GroupedExperts:
+        return QuantGroupedExperts(**expert_shape(experts), stored=stored)
+    cls = type(experts)
+    if cls not in _STORED_CLASSES:
+        _STORED_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantGroupedExperts, cls), {"plain_class": cls})
+    shapes = {name: tuple(getattr(experts, name).shape) for name in ("gate_up_proj", "down_proj")}
+    for name, shape in shapes.items():
+        delattr(experts, name)
+    experts.__class__ = _STORED_CLASSES[cls]
+    for name, shape in shapes.items():
+        setattr(experts, name, stored(shape))
+    return experts
 
 
 def quantize_model(model: nn.Module) -> nn.Module:
@@ -212,10 +239,17 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                 linear.bias = module.bias
             model.set_submodule(path, linear)
         elif isinstance(module, QuantGroupedExperts):
-            with torch.device("meta"):
-                experts = GroupedExperts(**expert_shape(module))
-            for name in ("gate_up_proj", "down_proj"):
-                setattr(experts, name, nn.Parameter(module.dequantized_weight(name), requires_grad=False))
+            weights = {name: module.dequantized_weight(name) for name in ("gate_up_proj", "down_proj")}
+            if module.plain_class is GroupedExperts:
+                with torch.device("meta"):
+                    experts = GroupedExperts(**expert_shape(module))
+            else:  # a family's experts: the same module, its class and full-precision weights back
+                experts = module
+                for name in weights:
+                    delattr(experts, name)
+                experts.__class__ = module.plain_class
+            for name, w in weights.items():
+                setattr(experts, name, nn.Parameter(w, requires_grad=False))
             model.set_submodule(path, experts)
     return model
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import CheckpointError
+
 
 class StoredWeight(nn.Module):
     """One frozen weight of ``shape`` held in a stored format (buffers only).
@@ -61,6 +63,11 @@ class StoredWeight(nn.Module):
         """Checkpoint-key suffix -> buffer the checkpoint tensor is copied into unchanged; empty
         when the weight is quantized from full-precision values instead (:meth:`write`)."""
         return {}
+
+    def from_checkpoint(self, suffix: str, tensor: torch.Tensor, layout: str) -> torch.Tensor:  # noqa: ARG002
+        """The checkpoint tensor of ``suffix`` in the buffer's order, when the family stores the
+        full-precision weight in another ``layout`` (a :data:`~moetune.model.hf.LAYOUT_RULES` name)."""
+        raise CheckpointError(f"a {self.format} weight in the checkpoint layout '{layout}' is not read yet")
 
     def checked_suffixes(self) -> tuple[str, ...]:
         """Checkpoint-key suffixes of tensors that describe the weight (its shape) and are checked
