@@ -1,5 +1,6 @@
 """The built-in task data of the demos and tiny examples: ``copy:`` / ``lower:`` (a base skill)
-and ``upper: <word>`` (the task an adapter learns), as instruction rows and JSONL files."""
+and ``upper: <word>`` (the task an adapter learns), as instruction rows and JSONL files; and the
+same task as preference pairs (``upper_pairs``: the upper-case word chosen over the word as it is)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def random_word(rng: random.Random, mixed: bool) -> str:
 
 
 def make_rows(task: str, n: int, seed: int) -> list[dict]:
-    """``n`` rows of ``task``: ``"base"`` (copy/lower of mixed-case words) or ``"upper"``."""
+    """``n`` rows of ``task``: ``"base"`` (copy/lower of mixed-case words), ``"upper"`` or
+    ``"upper_pairs"`` (prompt, chosen, rejected)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -25,6 +27,9 @@ def make_rows(task: str, n: int, seed: int) -> list[dict]:
             word = random_word(rng, mixed=True)
             kind = rng.choice(["copy", "lower"])
             rows.append({"instruction": f"{kind}: {word}", "output": word if kind == "copy" else word.lower()})
+        elif task == "upper_pairs":
+            word = random_word(rng, mixed=False)
+            rows.append({"prompt": f"upper: {word}", "chosen": word.upper(), "rejected": word})
         else:
             word = random_word(rng, mixed=False)
             rows.append({"instruction": f"upper: {word}", "output": word.upper()})

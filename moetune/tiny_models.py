@@ -178,7 +178,8 @@ def tiny_moe_args(vocab_size: int = BYTE_VOCAB, hidden_size: int = 96) -> ModelA
 
 def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, train_rows: int = 512, eval_rows: int = 32) -> Path:
     """Write a tiny random ``family`` model to ``out_dir/base-model`` and the demo's ``upper:``
-    task to ``out_dir/data/upper_train.jsonl`` / ``upper_eval.jsonl``.
+    task to ``out_dir/data/upper_train.jsonl`` / ``upper_eval.jsonl`` (and as preference pairs to
+    ``upper_pairs_train.jsonl`` / ``upper_pairs_eval.jsonl``).
 
     Returns:
         The model folder.
@@ -193,6 +194,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, train_rows: in
     model.save_pretrained(out / "base-model")
     write_jsonl(make_rows("upper", train_rows, seed + 1), out / "data" / "upper_train.jsonl")
     write_jsonl(make_rows("upper", eval_rows, seed + 2), out / "data" / "upper_eval.jsonl")
+    write_jsonl(make_rows("upper_pairs", train_rows, seed + 1), out / "data" / "upper_pairs_train.jsonl")
+    write_jsonl(make_rows("upper_pairs", eval_rows, seed + 2), out / "data" / "upper_pairs_eval.jsonl")
     return out / "base-model"
 
 

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .preference import PREFERENCE_AUX_LOSS_COEF, PREFERENCE_OBJECTIVES, Objective, PreferenceSection
 from .schema import PATH_FIELD, ConfigFieldError, ConfigSection, require
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -40,7 +41,8 @@ class DataSection(ConfigSection):
     Attributes:
         train: JSONL file of training rows.
         eval: JSONL file of evaluation rows; or use ``val_fraction``, not both.
-        format: row shape; ``auto`` detects it per file.
+        format: row shape; ``auto`` detects it per file. ``preference`` (prompt, chosen, rejected)
+            and ``kto`` (prompt, completion, label) rows train the preference objectives.
         tokenizer: a folder with ``tokenizer.json``, or ``byte`` (the built-in byte tokenizer).
             Default (null): the model folder's own tokenizer, the one ``eval`` and ``generate``
             use; the byte tokenizer only when the model folder has no ``tokenizer.json`` (with a
@@ -55,7 +57,7 @@ class DataSection(ConfigSection):
 
     train: str = field(metadata=PATH_FIELD)
     eval: str | None = field(default=None, metadata=PATH_FIELD)
-    format: Literal["auto", "instruction", "chat", "text"] = "auto"
+    format: Literal["auto", "instruction", "chat", "text", "preference", "kto"] = "auto"
     tokenizer: str | None = field(default=None, metadata={"path": True, "keep": ("byte",)})
     max_length: int = 512
     packing: bool = False
@@ -118,7 +120,12 @@ class OptimSection(ConfigSection):
         batch_size: examples (or packed rows) per micro-batch on each device.
         grad_accum: micro-batches per optimizer step.
         max_grad_norm: gradient clipping threshold; None turns clipping off.
-        aux_loss_coef: weight of the router load-balancing loss added to the LM loss.
+        aux_loss_coef: weight of the router load-balancing loss added to the LM loss (default 0;
+            0.001 with a preference objective, as TRL does for MoE policies).
+        objective: ``sft`` (cross-entropy on the responses) or a preference objective: ``dpo``,
+            ``ipo``, ``simpo``, ``orpo``, ``kto`` (options in ``preference``; see
+            :class:`~moetune.config.preference.PreferenceSection`).
+        preference: the preference objective's options.
         distill: add a distillation term towards a teacher (see :class:`DistillSection`).
         router_bias_update_speed: DeepSeek-V3 aux-loss-free balancing: after each optimizer step
             every router's ``e_score_correction_bias`` moves by this step toward equal expert
@@ -141,8 +148,11 @@ class OptimSection(ConfigSection):
     activation_checkpointing: bool = False
     router_bias_update_speed: float = 0.0
     distill: DistillSection | None = None
+    objective: Objective = "sft"
+    preference: PreferenceSection | None = None
 
     def validate(self) -> None:
+        self._validate_objective()
         require(self.lr > 0, "lr", "a number > 0", self.lr)
         require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         require(all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)", list(self.betas))
@@ -162,6 +172,21 @@ class OptimSection(ConfigSection):
         norm = self.max_grad_norm
         require(norm is None or norm > 0, "max_grad_norm", "a number > 0 or null", norm)
         require(self.aux_loss_coef >= 0, "aux_loss_coef", "a number >= 0", self.aux_loss_coef)
+
+    def _validate_objective(self) -> None:
+        if self.objective not in PREFERENCE_OBJECTIVES:
+            if self.preference is not None:
+                raise ConfigFieldError("{key} needs a preference objective (optim.objective: dpo ...)", ("preference",))
+            return
+        self.preference = self.preference or PreferenceSection()
+        try:
+            self.preference.check_for(self.objective)
+        except ConfigFieldError as err:
+            raise err.prefixed("preference") from None
+        if not self.given("aux_loss_coef"):
+            self.aux_loss_coef = PREFERENCE_AUX_LOSS_COEF
+        if self.distill is not None:
+            raise ConfigFieldError(f"{{key}} cannot be combined with objective: {self.objective}", ("distill",))
 
 
 @dataclass(kw_only=True)

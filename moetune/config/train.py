@@ -94,7 +94,7 @@ class DataOverride(ConfigSection):
 
     train: str | None = field(default=None, metadata=PATH_FIELD)
     eval: str | None = field(default=None, metadata=PATH_FIELD)
-    format: Literal["auto", "instruction", "chat", "text"] | None = None
+    format: Literal["auto", "instruction", "chat", "text", "preference", "kto"] | None = None
     max_length: int | None = None
     packing: bool | None = None
     train_on_prompt: bool | None = None
@@ -151,6 +151,7 @@ class TrainConfig(ConfigSection):
         for i in range(len(self.adapters)):  # overrides must give valid sections (errors name the adapter)
             self.adapter_data(i), self.adapter_optim(i)
         self._validate_adalora()
+        self._validate_preference()
         trained = [a.name for a in self.adapters if not a.frozen]
         require(len(trained) > 0, "adapters", "at least one adapter that is not frozen", names)
         # AdaLoRA's allocation and distillation run in the single-adapter trainer (frozen adapters beside it)
@@ -181,6 +182,25 @@ class TrainConfig(ConfigSection):
                     f"(frozen adapters: {', '.join(frozen) or 'none'}; add it with path: and frozen: true)",
                     ("optim", "distill", "teacher"),
                 )
+
+    def _validate_preference(self) -> None:
+        """A preference objective trains one adapter against the base alone, on unpacked prompt/completion rows."""
+        objective = self.optim.objective
+        if objective == "sft":
+            return
+        reasons = {
+            ("adapters",): len(self.adapters) > 1
+            and "one adapter, scored against the base with every adapter off (frozen or other adapters "
+            "would be in the policy but not in the reference: merge them into the base first)",
+            ("data", "packing"): self.data.packing and "false: each row is one prompt and completion",
+            ("data", "train_on_prompt"): self.data.train_on_prompt and "false: only completion tokens are scored",
+            ("optim", "batch_size"): objective == "kto"
+            and self.optim.batch_size < 2
+            and "at least 2: KTO's KL estimate pairs each prompt with another row's completion",
+        }
+        for key, reason in reasons.items():
+            if reason:
+                raise ConfigFieldError(f"{{key}}: objective {objective} needs {reason}", key)
 
     def _validate_adalora(self) -> None:
         """AdaLoRA's ``total_step`` defaults to the adapter's ``max_steps``; its schedule must fit."""

@@ -130,6 +130,14 @@ def _tokenize_rows(
     return examples
 
 
+def _supervised(loaded: LoadedRows) -> LoadedRows:
+    """Supervised rows only: preference and KTO rows name the objective that trains on them."""
+    if loaded.format in ("preference", "kto"):
+        objectives = "dpo, ipo, simpo or orpo" if loaded.format == "preference" else "kto"
+        raise DataError(f"{loaded.path}: {loaded.format} rows are trained with optim.objective: {objectives}")
+    return loaded
+
+
 def build_datasets(section: DataSection, tokenizer: Tokenizer, seed: int | None = None) -> DataSplits:
     """Read, check, split and tokenise the data of a ``data:`` section.
 
@@ -147,11 +155,11 @@ def build_datasets(section: DataSection, tokenizer: Tokenizer, seed: int | None 
             training example keeps a loss token within ``max_length``.
     """
     seed = section.seed if seed is None else seed
-    train_file = load_rows(section.train, section.format, section.skip_bad_rows)
+    train_file = _supervised(load_rows(section.train, section.format, section.skip_bad_rows))
     report = DataReport(format=train_file.format, skipped_rows=train_file.skipped)
     train_rows, eval_rows, eval_file = train_file.rows, [], train_file
     if section.eval is not None:
-        eval_file = load_rows(section.eval, section.format, section.skip_bad_rows)
+        eval_file = _supervised(load_rows(section.eval, section.format, section.skip_bad_rows))
         eval_rows, report.skipped_rows = eval_file.rows, report.skipped_rows + eval_file.skipped
     elif section.val_fraction > 0:
         train_rows, eval_rows = split_rows(train_rows, section.val_fraction, seed)

@@ -1,14 +1,19 @@
 """JSONL dataset files: read rows with their line numbers, detect and check their shape.
 
-Three row shapes (extra fields, such as an ``id``, are allowed and unused)::
+Row shapes (extra fields, such as an ``id``, are allowed and unused)::
 
     {"instruction": "...", "input": "...", "output": "..."}        # instruction; input optional
     {"messages": [{"role": "user", "content": "..."}, ...]}        # chat; roles system/user/assistant
                                                                   # (assistant: reasoning_content optional)
     {"text": "..."}                                               # plain text
+    {"prompt": P, "chosen": C, "rejected": C}                     # preference pair (dpo, ipo, simpo, orpo)
+    {"prompt": P, "completion": C, "label": true}                 # unpaired, desirable or not (kto)
+
+In the last two, P and C are both strings, or both lists of chat messages (the completion's
+messages are assistant turns).
 
 With ``format: auto`` the shape of a file is that of its first well-formed row (``messages``,
-then ``instruction``, then ``text`` decides); every row must then have that shape. Blank lines
+then ``instruction``, ``text``, ``chosen``, ``completion`` decides); every row must then have that shape. Blank lines
 are skipped. A bad row is an error naming the file and line, unless ``skip_bad_rows`` is set:
 then it is skipped, counted and reported.
 """
@@ -25,8 +30,9 @@ from moetune.data.tokenizer import ROLES
 from moetune.errors import DataError
 
 log = logging.getLogger(__name__)
-RowFormat = Literal["instruction", "chat", "text"]
-FORMATS: tuple[RowFormat, ...] = ("instruction", "chat", "text")
+RowFormat = Literal["instruction", "chat", "text", "preference", "kto"]
+FORMATS: tuple[RowFormat, ...] = ("instruction", "chat", "text", "preference", "kto")
+Turns = Union[str, list[dict[str, str]]]  # a prompt or completion: text, or chat messages
 
 
 class RowError(DataError):
@@ -59,7 +65,27 @@ class TextRow:
     line: int = 0
 
 
-Row = Union[InstructionRow, ChatRow, TextRow]
+@dataclass(frozen=True)
+class PreferenceRow:
+    """A prompt with a chosen and a rejected completion."""
+
+    prompt: Turns
+    chosen: Turns
+    rejected: Turns
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class KTORow:
+    """A prompt with one completion, desirable (``label`` true) or not."""
+
+    prompt: Turns
+    completion: Turns
+    label: bool
+    line: int = 0
+
+
+Row = Union[InstructionRow, ChatRow, TextRow, PreferenceRow, KTORow]
 
 
 @dataclass(frozen=True)
@@ -142,25 +168,72 @@ def _parse_text(obj: dict[str, Any], line: int) -> TextRow:
     return TextRow(text=text, line=line)
 
 
+def _turns(obj: dict[str, Any], name: str, shape: str, prompt: Turns | None = None) -> Turns:
+    """A prompt (``prompt`` None) or a completion of that prompt: both strings, or both lists of
+    chat messages (a completion's all assistant turns)."""
+    value = obj.get(name)
+    if name not in obj:
+        raise RowError(f"missing field '{name}' ({shape})")
+    if not isinstance(value, (str, list)) or not value:
+        raise RowError(f"field '{name}' must be a non-empty string or list of {{role, content}} messages")
+    if prompt is not None and isinstance(value, str) != isinstance(prompt, str):
+        raise RowError(f"'prompt' and '{name}' must both be strings or both lists of messages")
+    if isinstance(value, str):
+        return value
+    messages = [_parse_message(i, m) for i, m in enumerate(value)]
+    if prompt is not None and any(m["role"] != "assistant" for m in messages):
+        raise RowError(f"field '{name}': a completion's messages must all be assistant turns")
+    return messages
+
+
+def _parse_preference(obj: dict[str, Any], line: int) -> PreferenceRow:
+    shape = "preference rows need prompt, chosen, rejected"
+    prompt = _turns(obj, "prompt", shape)
+    chosen, rejected = (_turns(obj, name, shape, prompt) for name in ("chosen", "rejected"))
+    return PreferenceRow(prompt=prompt, chosen=chosen, rejected=rejected, line=line)
+
+
+def _parse_kto(obj: dict[str, Any], line: int) -> KTORow:
+    shape = "kto rows need prompt, completion, label"
+    prompt = _turns(obj, "prompt", shape)
+    completion = _turns(obj, "completion", shape, prompt)
+    if not isinstance(obj.get("label"), bool):
+        problem = "missing" if "label" not in obj else f"{json.dumps(obj['label'])[:40]}, not true or false"
+        raise RowError(f"field 'label' is {problem} ({shape})")
+    return KTORow(prompt=prompt, completion=completion, label=obj["label"], line=line)
+
+
 PARSERS: dict[RowFormat, Callable[[dict[str, Any], int], Row]] = {
     "instruction": _parse_instruction,
     "chat": _parse_chat,
     "text": _parse_text,
+    "preference": _parse_preference,
+    "kto": _parse_kto,
 }
+
+
+DETECT: tuple[tuple[str, RowFormat], ...] = (
+    ("messages", "chat"),
+    ("instruction", "instruction"),
+    ("text", "text"),
+    ("chosen", "preference"),
+    ("completion", "kto"),
+)
 
 
 def detect_format(obj: dict[str, Any]) -> RowFormat:
     """The shape of one row, from its fields.
 
     Raises:
-        RowError: none of ``messages``, ``instruction``, ``text`` is present.
+        RowError: none of ``messages``, ``instruction``, ``text``, ``chosen``, ``completion`` is present.
     """
-    for key, shape in (("messages", "chat"), ("instruction", "instruction"), ("text", "text")):
+    for key, shape in DETECT:
         if key in obj:
-            return shape  # type: ignore[return-value]
+            return shape
     found = ", ".join(sorted(obj)) or "none"
     raise RowError(
-        f"cannot tell the row format: expected a 'messages' (chat), 'instruction' or 'text' field; found {found}"
+        "cannot tell the row format: expected a 'messages' (chat), 'instruction', 'text', 'chosen' (preference) "
+        f"or 'completion' (kto) field; found {found}"
     )
 
 
@@ -191,7 +264,7 @@ def load_rows(path: str | Path, format: str = "auto", skip_bad_rows: bool = Fals
 
     Args:
         path: the ``.jsonl`` file.
-        format: ``auto`` or one of ``instruction``, ``chat``, ``text``.
+        format: ``auto`` or one of :data:`FORMATS`.
         skip_bad_rows: skip and count malformed rows instead of raising.
 
     Raises:
@@ -223,10 +296,4 @@ def load_rows(path: str | Path, format: str = "auto", skip_bad_rows: bool = Fals
         raise DataError(f"{path}: no usable rows ({detail})")
     if skipped:
         log.warning("%s: skipped %d bad rows (the first: %s)", path, skipped, first_error)
-    return LoadedRows(
-        path=str(path),
-        format=shape,
-        rows=rows,
-        skipped=skipped,  # type: ignore[arg-type]
-        first_error=first_error,
-    )
+    return LoadedRows(path=str(path), format=shape, rows=rows, skipped=skipped, first_error=first_error)  # type: ignore[arg-type]

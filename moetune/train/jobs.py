@@ -19,6 +19,7 @@ import torch
 
 from ..config import OptimSection, TrainConfig
 from ..data import DataSplits, SamplerState, build_datasets, make_train_loader
+from ..data.preference import build_preference_datasets, make_preference_loader
 from ..errors import ConfigError
 from ..peft.core.params import AdapterParams, adapter_parameters
 from .optim import build_optimizer, build_scheduler
@@ -84,17 +85,19 @@ def build_jobs(config: TrainConfig, parts, parallel) -> list[Job]:
 def _job(config: TrainConfig, parts, parallel, index: int, members: list[int]) -> Job:
     """Job of adapter ``index``, holding adapters ``members`` (indices into ``config.adapters``)."""
     tok, data_cfg, o = parts.tokenizer, config.adapter_data(index), config.adapter_optim(index)
-    data = parts.data if data_cfg == config.data else build_datasets(data_cfg, tok, seed=config.seed)
-    loader = make_train_loader(
-        data.train,
-        batch_size=o.batch_size,
-        max_length=data_cfg.max_length,
-        packing=data_cfg.packing,
-        pad_id=tok.pad_id,
-        seed=config.seed + data_cfg.seed,
-        rank=parallel.rank,
-        world_size=parallel.world_size,
-    )
+    data = parts.data if data_cfg == config.data else build_run_data(data_cfg, tok, config.seed, o.objective)
+    order = {"seed": config.seed + data_cfg.seed, "rank": parallel.rank, "world_size": parallel.world_size}
+    if o.objective == "sft":
+        loader = make_train_loader(
+            data.train,
+            batch_size=o.batch_size,
+            max_length=data_cfg.max_length,
+            packing=data_cfg.packing,
+            pad_id=tok.pad_id,
+            **order,
+        )
+    else:
+        loader = make_preference_loader(data.train, batch_size=o.batch_size, pad_id=tok.pad_id, **order)
     names = [config.adapters[i].name for i in members]
     params = {n: adapter_parameters(parts.model, n) for n in names}
     optimizers = {
@@ -122,6 +125,14 @@ def _job(config: TrainConfig, parts, parallel, index: int, members: list[int]) -
         schedulers=schedulers,
         out_dirs={config.adapters[i].name: config.adapter_dir(i) for i in members},
     )
+
+
+def build_run_data(section, tokenizer, seed: int, objective: str) -> DataSplits:
+    """The data of a run: supervised rows for ``sft``, else preference pairs or KTO rows."""
+    if objective == "sft":
+        return build_datasets(section, tokenizer, seed=seed)
+    kind = "kto" if objective == "kto" else "pairs"
+    return build_preference_datasets(section, tokenizer, kind=kind, seed=seed)
 
 
 def merge_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -37,9 +37,10 @@ from ..peft.formats.adapters import save_adapter
 from ..signals import StopRequest
 from .checkpoint import save_checkpoint
 from .evaluate import Evaluator
-from .jobs import Job, build_jobs, check_supported, merge_batches
+from .jobs import Job, build_jobs, check_supported
 from .losses import StepLoss
-from .metrics import MemoryLog, MetricsLog, Progress, router_metrics
+from .preference import preference_objective, step_loss
+from .metrics import MetricsLog, Progress, open_metrics, router_metrics
 from .objectives import Objectives
 from .parallel import Parallel
 from .plot import plot_metrics
@@ -80,8 +81,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=parts.dtype == torch.float16)
         self.last: dict | None = None
         self.eval_loss: float | None = None
+        self.preference = preference_objective(self)  # None unless optim.objective is a preference objective
         self.evaluator = Evaluator(
-            self.model, self.parallel, self.device, self.autocast, parts.tokenizer.pad_id, self.together
+            self.model,
+            self.parallel,
+            self.device,
+            self.autocast,
+            parts.tokenizer.pad_id,
+            self.together,
+            self.preference,
         )
         self.means: list[float] = []
 
@@ -111,14 +119,16 @@ class Trainer:
         returns the step's metrics record."""
         t0 = time.perf_counter()
         micro = [[j.next_batch() for j in jobs] for _ in range(self.config.optim.grad_accum)]
-        loss = StepLoss(
+        loss = step_loss(
             [j.name for j in jobs],
             micro,
+            preference=self.preference,
             model=self.model,
             parallel=self.parallel,
             objectives=self.objectives,
             aux_loss_coef=self.config.optim.aux_loss_coef,
             together=self.together,
+            pad_id=self.parts.tokenizer.pad_id,
         )
         for i, parts in enumerate(micro):
             self._micro_step(loss, i, parts, last=i == len(micro) - 1)
@@ -145,12 +155,8 @@ class Trainer:
 
     def _micro_step(self, loss: StepLoss, index: int, parts: list[dict], *, last: bool) -> None:
         """Forward and backward of one micro-batch (every job's part of it)."""
-        batch = {k: v.to(self.device) for k, v in merge_batches(parts, self.parts.tokenizer.pad_id).items()}
         self.parallel.gradient_sync(last)
-        with self.autocast():
-            out = self.model(**batch, **loss.forward_kwargs(parts))
-            extra = loss.objective_terms(batch, out)
-        self.scaler.scale(loss.add(index, parts, batch, out, extra)).backward()
+        self.scaler.scale(loss.micro(index, parts, device=self.device, autocast=self.autocast)).backward()
 
     def _update(self, job: Job, totals: dict) -> dict:
         """Sync, unscale, clip, then step (unless the loss or gradient norm is not finite) and schedule ``job``."""
@@ -189,14 +195,7 @@ class Trainer:
             self.saved_step, self.saved_path = self.step, resume
             log.info("resumed from %s at step %d", resume, self.step)
         cfg, main = self.config, self.parallel.is_main
-        if main:
-            metrics = MetricsLog(
-                self.folder.entry("metrics.jsonl"),
-                resume_step=self.step if resume else None,
-                tensorboard_dir=self.folder.entry("tensorboard") if cfg.logging.tensorboard else None,
-            )
-        else:
-            metrics = MemoryLog()
+        metrics = open_metrics(self.folder, main=main, resume_step=self.step if resume else None, cfg=cfg.logging)
         progress = Progress(
             total=max(j.optim.max_steps for j in self.jobs), initial=self.step, enabled=cfg.logging.progress and main
         )
@@ -215,7 +214,7 @@ class Trainer:
         if not self.together and not (every and self.step % every == 0):  # one job: a last evaluation of its own
             self.eval_loss = self.evaluator.loss(self.jobs[0])
             if self.eval_loss is not None:
-                metrics.write({"step": self.step, "eval_loss": self.eval_loss})
+                metrics.write({"step": self.step, "eval_loss": self.eval_loss, **self.evaluator.extra})
         return self._finish(metrics)
 
     def _loop_step(self, active: list[Job], metrics: MetricsLog, progress: Progress) -> None:

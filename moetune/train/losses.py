@@ -20,12 +20,13 @@ the routed-token counts of all micro-batches (router-bias balancing) and the las
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
 from ..model.moe import RouterStats, load_balancing_loss
 from ..peft.mixtures.stats import adapter_router_loss
+from .jobs import merge_batches
 
 
 def counted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,6 +61,7 @@ class StepLoss:
         parallel: the run's :class:`~moetune.train.parallel.Parallel` (token shares, aux loss share).
         objectives: the run's :class:`~moetune.train.objectives.Objectives` (one job only).
         aux_loss_coef: weight of the router load-balancing loss.
+        pad_id: the tokenizer's padding id (several jobs' batches are padded into one).
     """
 
     def __init__(
@@ -72,7 +74,9 @@ class StepLoss:
         objectives,
         aux_loss_coef: float,
         together: bool,
+        pad_id: int = 0,
     ) -> None:
+        self.pad_id = pad_id
         self.names, self.model, self.parallel, self.objectives = list(names), model, parallel, objectives
         self.aux_coef, self.accum, self.together = aux_loss_coef, len(micro), together
         if self.together:  # each job's counted tokens over all its micro-batches
@@ -83,6 +87,16 @@ class StepLoss:
         self.counts: list[RouterStats] = []
         self.stats: list[RouterStats] = []
         self.records: dict = {}
+
+    def micro(
+        self, index: int, parts: Sequence[dict], *, device: torch.device, autocast: Callable[[], ContextManager]
+    ) -> torch.Tensor:
+        """Forward of micro-batch ``index`` (every job's part of it) and the loss to backpropagate."""
+        batch = {k: v.to(device) for k, v in merge_batches(parts, self.pad_id).items()}
+        with autocast():
+            out = self.model(**batch, **self.forward_kwargs(parts))
+            extra = self.objective_terms(batch, out)
+        return self.add(index, parts, batch, out, extra)
 
     def forward_kwargs(self, parts: Sequence[dict]) -> dict[str, Any]:
         """Extra forward arguments: one adapter per sample (several jobs), or the objectives' own."""

@@ -81,6 +81,15 @@ class MemoryLog(MetricsLog):
         return list(self.records)
 
 
+def open_metrics(folder, *, main: bool, resume_step: int | None, cfg) -> MetricsLog:
+    """The run's metrics log: ``metrics.jsonl`` (and TensorBoard when ``cfg.tensorboard``) in the run
+    folder on rank 0, records in memory on the other ranks."""
+    if not main:
+        return MemoryLog()
+    tensorboard = folder.entry("tensorboard") if cfg.tensorboard else None
+    return MetricsLog(folder.entry("metrics.jsonl"), resume_step=resume_step, tensorboard_dir=tensorboard)
+
+
 class Progress:
     """tqdm bar with step, loss, lr, tokens/s and ETA; silent when disabled."""
 

@@ -91,6 +91,7 @@ def step_record(
     record = {
         "step": step,
         **{k: job[k] for k in ("loss", "aux_loss", "grad_norm", "lr", "tokens", "skipped")},
+        **job.get("preference", {}),
         **router,
     }
     mixture = mixture_metrics(model, records)

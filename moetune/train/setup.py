@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import DataSplits, Tokenizer, build_datasets, resolve_tokenizer
+from ..data import DataSplits, Tokenizer, resolve_tokenizer
 from ..errors import ConfigError
 from ..model import CausalLM, load_model
 from ..peft.core.inject import add_adapter
 from ..peft.formats.adapters import load_adapter
 from ..peft.core.params import adapter_parameters
+from .jobs import build_run_data
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,7 +67,7 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
     random.seed(config.seed)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
     tokenizer = tokenizer or resolve_tokenizer(config.data.tokenizer, config.model.path)  # null: the model's own
-    data = build_datasets(config.data, tokenizer, seed=config.seed)
+    data = build_run_data(config.data, tokenizer, config.seed, config.optim.objective)
     log.info(data.report.summary())
     if model is None:
         model = load_model(config.model.path, dtype=dtype, device=device, quantize=config.model.quantize)
