@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One command for the GPU day (issue 19): on one H100/H200, in under 8 minutes, it runs
+#   1. the GPU tests: bf16 grouped GEMM vs the per-expert loop, fp32 on CUDA, no host sync in a bf16 step;
+#   2. bench/train_step.py, moetune and transformers + PEFT at the reference shape of docs/benchmarks.md
+#      (attention-only LoRA, attention + experts, the same with activation checkpointing);
+#   3. bench/moe_block.py, the one-MoE-block benchmark, eager and compiled, with and without LoRA;
+# and prints one table (results also kept as JSON lines in a fresh temporary folder, printed at the end).
+#
+#   bash bench/gpu_check.sh             # the GPU
+#   bash bench/gpu_check.sh --dry-run   # every step at toy size on the CPU (a test runs this)
+#
+# Each step has its own time limit, so a hung step costs its limit and shows in the table as rc 124.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry=0
+case "${1:-}" in
+  --dry-run) dry=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
+
+out=$(mktemp -d "${TMPDIR:-/tmp}/moetune-gpu-check.XXXXXX")
+results="$out/results.jsonl"
+: > "$results"
+
+step() {  # step NAME SECONDS COMMAND...: run, keep its JSON lines, add a row for the step itself
+  local name=$1 limit=$2 start rc summary
+  shift 2
+  start=$(date +%s)
+  timeout "$limit" "$@" > "$out/$name.out" 2> "$out/$name.err"
+  rc=$?
+  grep '^{' "$out/$name.out" | sed "s/^{/{\"step\": \"$name\", /" >> "$results"
+  summary=$(grep -E '(passed|failed|error)' "$out/$name.out" | tail -n 1 | tr -d '"=')
+  printf '{"step": "%s", "rc": %d, "seconds": %d, "summary": "%s"}\n' \
+    "$name" "$rc" "$(( $(date +%s) - start ))" "$summary" >> "$results"
+}
+
+if [ "$dry" = 1 ]; then
+  step gpu-tests 120 python -m pytest -q -rs -p no:cacheprovider \
+    tests/model/test_grouped_devices.py -k "bf16 or support"
+  step train-step 300 python bench/train_step.py --device cpu --tiny --steps 1 --warmup 0
+  step moe-block 300 python bench/moe_block.py --device cpu --tiny --compile-backend eager
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  step gpu-tests 60 python -m pytest -q -rs -p no:cacheprovider \
+    tests/model/test_grouped_devices.py tests/peft/test_host_syncs.py
+  step train-step 150 python bench/train_step.py --steps 5 --warmup 2
+  step moe-block 240 python bench/moe_block.py
+fi
+
+python bench/table.py "$results"
+echo "results: $results (each step's output and errors beside it)"
+! grep -q '"rc": [1-9]' "$results"
