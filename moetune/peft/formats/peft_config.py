@@ -52,7 +52,7 @@ _EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_
 # ``target_parameters`` entry ``<name>.weight`` instead (PEFT wraps the 2D weight; same keys, same output).
 PEFT_RETARGETED_NAMES: dict[str, frozenset[str]] = {
     **dict.fromkeys(
-        ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"),
+        ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next"),
         frozenset({"gate_proj", "up_proj", "down_proj", "gate"}),
     ),
     **dict.fromkeys(("mixtral", "minimax_m2"), frozenset({"w1", "w2", "w3", "gate"})),
