@@ -20,11 +20,13 @@ than loaded with another meaning. MoE-PEFT never saves DoRA magnitudes, so DoRA 
 What MoE-PEFT's loader needs (``LLMModel.load_adapter`` and the config classes' ``check``):
 ``task_type`` (written ``CAUSAL_LM``, read back; other task types carry a classification head moetune
 does not hold and are refused); integer ``r`` and ``lora_alpha`` (a fractional alpha is refused on
-export); ``lora_dropout`` a float > 0 (a trained 0 is written as :data:`MIN_DROPOUT`, which at
-inference - MoE-PEFT never calls ``eval()``, so its dropout runs unless the caller does - drops one
-activation in 10^9); and the weights in ``adapter_model.bin``, the only file it reads (``torch.load``
-with ``weights_only=False``). The export writes that pickle beside ``adapter_model.safetensors``
-(the same tensors); moetune itself only ever reads the safetensors file.
+export); ``lora_dropout`` a float > 0, which MoE-PEFT then applies at inference as well (its LoRA
+modules are held in plain dicts, so ``LLMModel.eval()`` never reaches their ``nn.Dropout``): the
+export always writes :data:`MIN_DROPOUT` (1e-9; one activation in 10^9 dropped), so MoE-PEFT's
+outputs are the trained model's, and the trained dropout is not carried (it only matters to
+continued training); and the weights in ``adapter_model.bin``, the only file it reads
+(``torch.load`` with ``weights_only=False``). The export writes that pickle beside
+``adapter_model.safetensors`` (the same tensors); moetune itself only ever reads the safetensors file.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ _KNOWN = {
 }
 TASK_TYPE = "CAUSAL_LM"  # what MoE-PEFT's trainer writes for causal-LM tasks (CasualTask.peft_task_type)
 # MoE-PEFT's LoRA asserts lora_dropout > 0 (common/lora_linear.py: ``assert config.lora_dropout_ > 0.0``)
-# and applies it whenever its modules are in training mode: a dropout of 0 is written as this.
+# and applies it at inference too (its LoRA modules sit in plain dicts, so ``eval()`` never reaches
+# them): every export writes this dropout, whatever the adapter was trained with.
 MIN_DROPOUT = 1e-9
 _FFN_PATH = re.compile(r"^model\.layers\.(\d+)\.mlp$")
 _ATTN_PATH = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$")
@@ -168,7 +171,7 @@ def _export_config(config: LoraConfig, targets: list[str]) -> dict:
         "bias": "none",
         "r": config.r,
         "lora_alpha": _number(config.alpha),
-        "lora_dropout": max(float(config.dropout), MIN_DROPOUT),
+        "lora_dropout": MIN_DROPOUT,
         "target_modules": targets,
         "num_experts": num,
         "router_aux_loss_coef": mix.router_aux_loss_coef,
@@ -190,7 +193,7 @@ def _export_config(config: LoraConfig, targets: list[str]) -> dict:
     if expert:
         cfg["expert_lora"] = {k: _number(v) if k == "lora_alpha" else v for k, v in expert.items()}
         if "lora_dropout" in expert:
-            cfg["expert_lora"]["lora_dropout"] = max(float(expert["lora_dropout"]), MIN_DROPOUT)
+            cfg["expert_lora"]["lora_dropout"] = MIN_DROPOUT
     return cfg
 
 
