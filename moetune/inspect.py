@@ -9,8 +9,7 @@ import torch
 
 from .errors import CheckpointError
 from .model.build import build_causal_lm
-from .model.families import model_args_from_hf
-from .model.loading import read_hf_config, weight_files
+from .model.loading import model_args_from_folder, weight_files
 from .model.summary import summarize
 from .safetensors_check import safetensors_problem
 
@@ -32,11 +31,12 @@ def inspect_model(path: str | os.PathLike) -> str:
     Raises:
         CheckpointError: a weight file is empty, truncated or not safetensors (all such files named).
     """
-    cfg = read_hf_config(path)
-    args = model_args_from_hf(cfg, where=os.path.join(str(path), "config.json"))
+    args = model_args_from_folder(path)
     files = weight_files(Path(path))
     check_weight_files(files, Path(path))
     lines = [f"model             {path}"] + summarize(args).lines()
+    if args.wrapper:
+        lines.append(f"wrapper           {args.wrapper}: its text model is loaded, the vision parts are skipped")
     size = sum(f.stat().st_size for f in files)
     lines.append(
         f"weights           {len(files)} safetensors file(s), {size / 2**20:,.1f} MiB (headers and sizes checked)"

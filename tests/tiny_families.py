@@ -98,6 +98,40 @@ CASES: dict[str, tuple[str, str, dict]] = {
             ),
         ),
     ),
+    # Kimi-K2.5: a DeepSeek-V3 text model (text_config model_type kimi_k2) inside the vision wrapper.
+    "kimi_k25": (
+        "Kimi_K25Config",
+        "Kimi_K25ForConditionalGeneration",
+        dict(
+            text_config=dict(
+                BASE,
+                **MLA,
+                model_type="kimi_k2",
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                q_lora_rank=24,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1,
+                tie_word_embeddings=False,
+            ),
+            vision_config=dict(
+                patch_size=2,
+                pos_emb_height=4,
+                pos_emb_width=4,
+                pos_emb_time=2,
+                num_attention_heads=2,
+                num_hidden_layers=1,
+                hidden_size=16,
+                intermediate_size=32,
+            ),
+            projection_hidden_size=16,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 

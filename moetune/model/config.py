@@ -105,6 +105,7 @@ class ModelArgs:
     # checkpoint layers num_layers .. num_layers + mtp_layers - 1, skipped at load.
     mtp_layers: int = 0
     linear: LinearAttentionArgs | None = None
+    wrapper: str | None = None  # model_type of the multimodal wrapper the text model came from (wrappers.py)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:

@@ -28,6 +28,7 @@ from .layers import RMSNorm
 from .prequantized import folder_format, stored_layout, swap_stored_modules
 from .quant import StoredWeight, quantize_model, quantized_weights
 from .transformer import CausalLM
+from .wrappers import WRAPPERS, Wrapper, unwrap_config
 
 log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -44,6 +45,16 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def model_args_from_folder(folder: str | os.PathLike) -> ModelArgs:
+    """:class:`ModelArgs` of a model folder's config.json; a multimodal wrapper's (see
+    :mod:`.wrappers`) gives its text model's, with ``args.wrapper`` naming the wrapper."""
+    where = str(Path(folder) / "config.json")
+    cfg, wrapper = unwrap_config(read_hf_config(folder), where=where)
+    args = model_args_from_hf(cfg, where=where)
+    args.wrapper = wrapper.model_type if wrapper is not None else None
+    return args
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -74,7 +85,7 @@ def weight_files(folder: Path) -> list[Path]:
 class _Filler:
     """Copies checkpoint tensors into native ones and tracks what was filled."""
 
-    def __init__(self, model: nn.Module, keymap: KeyMap, *, tied: bool) -> None:
+    def __init__(self, model: nn.Module, keymap: KeyMap, *, tied: bool, wrapper: Wrapper | None = None) -> None:
         self.params: dict[str, torch.Tensor | StoredWeight] = dict(model.named_parameters())
         self.stored: dict[str, tuple[StoredWeight, str]] = {}  # buffers read as released -> (holder, suffix)
         self.suffixes: set[str] = set()
@@ -93,8 +104,10 @@ class _Filler:
         self.suffixes.discard("")
         self.keymap = keymap
         self.tied = tied
+        self.wrapper = wrapper
         self.filled: dict[str, set] = {name: set() for name in self.params}
-        self.skipped = 0
+        self.skipped = 0  # tensors of multi-token-prediction layers
+        self.skipped_parts = 0  # tensors of a wrapper's parts that are not the text model
 
     def _target(self, key: str) -> tuple[Target, str]:
         """Where a key goes, and the name it fills: a weight's scales (``<weight key>_scale_inv``)
@@ -108,6 +121,12 @@ class _Filler:
         return target, target.name
 
     def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
+        if self.wrapper is not None:
+            text_key = self.wrapper.text_key(key)
+            if text_key is None:
+                self.skipped_parts += 1
+                return
+            key = text_key
         if self.keymap.skipped(key):
             self.skipped += 1
             return
@@ -229,7 +248,7 @@ def load_model(
     folder = Path(path)
     cfg = read_hf_config(folder)
     fmt = folder_format(cfg, folder, quantize)
-    args = model_args_from_hf(cfg, where=str(folder / "config.json"))
+    args = model_args_from_folder(folder)
     files = weight_files(folder)
     for file in files:  # header and size of every shard, before anything is built
         check_safetensors(file)
@@ -237,10 +256,24 @@ def load_model(
     keymap = KeyMap(args.family, skipped_layers=mtp)
     stored = None if fmt is None else stored_layout(fmt, files, keymap)
     model = _allocate(args, dtype, device, quantize, stored)
-    filler = _Filler(model, keymap, tied=args.tie_word_embeddings)
+    filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=WRAPPERS.get(args.wrapper))
     for file, key, tensor in iter_checkpoint(files):
         filler.fill(key, tensor, file)
     filler.check_complete()
+    _report_skipped(filler, args, mtp)
+    model.source_path = str(folder)
+    return model.eval()
+
+
+def _report_skipped(filler: _Filler, args: ModelArgs, mtp: range) -> None:
+    """One log line per kind of checkpoint part left out by rule: a wrapper's vision parts, MTP layers."""
+    if filler.skipped_parts:
+        log.info(
+            "skipped %d tensors of the %s model's vision parts (%s): moetune loads and fine-tunes its text model only",
+            filler.skipped_parts,
+            args.wrapper,
+            ", ".join(filler.wrapper.skipped),
+        )
     if filler.skipped:
         log.info(
             "skipped %d tensors of the multi-token-prediction layer(s) %s (num_nextn_predict_layers=%d): "
@@ -249,8 +282,6 @@ def load_model(
             ", ".join(f"model.layers.{i}" for i in mtp),
             args.mtp_layers,
         )
-    model.source_path = str(folder)
-    return model.eval()
 
 
 def _allocate(args: ModelArgs, dtype, device, quantize: str | None, stored: tuple | None) -> CausalLM:

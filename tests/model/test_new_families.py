@@ -35,6 +35,15 @@ def saved(tmp_path_factory):
     return get
 
 
+def _family(name: str) -> str:
+    return {"kimi_k25": "deepseek_v3"}.get(name, name)  # Kimi-K2.5's text model is a DeepSeek-V3
+
+
+def _text(hf):
+    """The text model's config (Kimi-K2.5's text_config; the config itself elsewhere)."""
+    return hf.config.get_text_config()
+
+
 def _inputs(vocab: int):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (3, 12), generator=g)
@@ -47,7 +56,7 @@ def _inputs(vocab: int):
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_transformers(name, saved):
     hf, _, ours = saved(name)
-    ids, mask = _inputs(hf.config.vocab_size)
+    ids, mask = _inputs(_text(hf).vocab_size)
     with torch.no_grad():
         err = (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item()
         # positions count real tokens (as generate does; Mistral 4's query temperature depends on them)
@@ -66,6 +75,9 @@ def test_names_match_transformers(name, saved):
     theirs = {n for n, _ in hf.named_parameters()} | {n for n, _ in hf.named_buffers() if n.endswith("bias")}
     # MiniMax-M2 keeps its router's correction bias on the MoE block; ours is on the router
     theirs = {n.replace(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias") for n in theirs}
+    if name == "kimi_k25":  # the wrapper's text model, without its vision tower and projector
+        text = {n for n in theirs if "vision" not in n and "mm_proj" not in n}
+        theirs = {n.replace("model.language_model.", "model.") for n in text}
     assert {n for n, _ in ours.named_parameters()} == theirs
 
 
@@ -73,9 +85,10 @@ def test_names_match_transformers(name, saved):
 def test_save_pretrained_round_trip(name, saved, tmp_path):
     hf, folder, ours = saved(name)
     ours.save_pretrained(tmp_path / "ours")
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == hf.config.model_type
-    back = type(hf).from_pretrained(tmp_path / "ours").eval()
-    ids, _ = _inputs(hf.config.vocab_size)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == _family(name)
+    cls = transformers.AutoModelForCausalLM if name == "kimi_k25" else type(hf)  # Kimi: its text model alone
+    back = cls.from_pretrained(tmp_path / "ours").eval()
+    ids, _ = _inputs(_text(hf).vocab_size)
     with torch.no_grad():
         err = (back(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"{name}: save_pretrained -> transformers from_pretrained max|dlogits| {err:.2e}")
@@ -104,7 +117,8 @@ def test_inspect_names_the_family(name, saved):
     hf, folder, _ = saved(name)
     report = inspect_model(folder)
     print(report)
-    assert f"family            {hf.config.model_type}" in report
+    assert f"family            {_family(name)}" in report
+    assert ("wrapper           kimi_k25" in report) == (name == "kimi_k25")
     assert "experts           8 routed" in report and "adapter targets" in report
 
 
@@ -128,3 +142,12 @@ def test_multi_token_prediction_layers_are_skipped_by_rule(saved, tmp_path, capl
     save_file({f"model.layers.{L + 1}.eh_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "mtp.safetensors"))
     with pytest.raises(CheckpointError, match=f"model.layers.{L + 1}.eh_proj.weight"):
         moetune.load_model(tmp_path)
+
+
+def test_vision_tower_is_skipped_with_one_line(saved, caplog):
+    _, folder, _ = saved("kimi_k25")
+    with caplog.at_level("INFO", logger="moetune.model.loading"):
+        model = moetune.load_model(folder)
+    lines = [r.getMessage() for r in caplog.records if "vision" in r.getMessage()]
+    assert len(lines) == 1 and "kimi_k25" in lines[0] and "text model only" in lines[0], lines
+    assert model.args.family == "deepseek_v3" and model.args.wrapper == "kimi_k25"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moetune
+from moetune.model.wrappers import wrapped_path
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
 from tiny_families import CASES, make_hf
@@ -90,8 +91,8 @@ def test_lora_everywhere_matches_peft(name, base):
     assert {*ATTENTION[name], *dense, "experts", "lm_head"} <= kinds
     assert any(".shared_experts." in path for path, _ in adapter_layers(ours)) == (name not in NO_DENSE)
     pm = _peft_model(name)
-    state = {
-        f"base_model.model.{path}.{k}": v
+    state = {  # Kimi-K2.5: PEFT sees the wrapper's paths (model.language_model.layers...)
+        f"base_model.model.{wrapped_path(ours.args.wrapper, path)}.{k}": v
         for path, layer in adapter_layers(ours)
         for k, v in layer.peft_tensors("default").items()
     }

@@ -29,8 +29,7 @@ from torch import nn
 from ...errors import AdapterError
 from ...outputs import check_output
 from ...model.build import build_causal_lm
-from ...model.families import model_args_from_hf
-from ...model.loading import read_hf_config
+from ...model.loading import model_args_from_folder
 from ...model.moe import GroupedExperts
 from ..core.inject import delete_adapter
 from ..core.layer import adapter_layers
@@ -58,8 +57,7 @@ class MergeResult:
 
 def skeleton(model_path: str | os.PathLike) -> nn.Module:
     """The base model's modules on the meta device (shapes, no weights, nothing read but config.json)."""
-    cfg_path = Path(model_path) / "config.json"
-    args = model_args_from_hf(read_hf_config(model_path), where=str(cfg_path))
+    args = model_args_from_folder(model_path)
     with torch.device("meta"):
         model = build_causal_lm(args)
     model.source_path = str(model_path)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ...config import LoraConfig
 from ...errors import AdapterError
+from ...model.wrappers import native_path, wrapped_path
 from ..core.inject import add_adapter, delete_adapter
 from ..core.report import AdapterReport
 from ..core.targets import logical_modules
@@ -72,11 +73,14 @@ def save_peft(
         zero_pairs(part, r)
         tensors.update({f"{PREFIX}{part.path}.{suffix}": t for suffix, t in part.tensors.items()})
     target_modules += list(dict.fromkeys(p for part in experts for p in EXPERT_PROJS if p in part.ranks))
+    targets = {"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))}
+    patterns = (rank_pattern, alpha_pattern)
+    tensors, targets, (rank_pattern, alpha_pattern) = _wrapper_paths(model, tensors, targets, *patterns)
     cfg = config_to_peft(
         config,
         r=r,
         alpha=alpha,
-        targets={"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))},
+        targets=targets,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         base_model=getattr(model, "source_path", None),
@@ -108,6 +112,17 @@ def _collect(model: nn.Module, name: str, layout: str) -> tuple[dict, list, list
         patterns.append((path, targets.get("rank_pattern", {}), targets.get("alpha_pattern", {})))
         tensors.update({f"{PREFIX}{path}.{suffix}": t for suffix, t in layer.peft_tensors(name).items()})
     return tensors, linear_paths, params, patterns, experts
+
+
+def _wrapper_paths(model: nn.Module, tensors: dict, targets: dict, *patterns: dict) -> tuple[dict, dict, tuple]:
+    """A text model loaded from a multimodal wrapper (Kimi-K2.5): keys, targets and patterns name
+    the wrapper's module paths (``model.language_model.layers...``), as PEFT sees that model."""
+    wrapper = getattr(getattr(model, "args", None), "wrapper", None)
+    if wrapper is None:
+        return tensors, targets, patterns
+    tensors = {PREFIX + wrapped_path(wrapper, k[len(PREFIX) :]): t for k, t in tensors.items()}
+    targets = {kind: [wrapped_path(wrapper, t) for t in names] for kind, names in targets.items()}
+    return tensors, targets, tuple({wrapped_path(wrapper, k): v for k, v in p.items()} for p in patterns)
 
 
 def _avoid_peft_retargeting(
@@ -178,9 +193,10 @@ def fill_adapter(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
     """Copy file ``tensors`` (PEFT keys) into adapter ``name``, each to the adapted module whose path
     prefixes its key; errors name ``file`` and the tensor."""
     layers = dict(layers_holding(model, name))
+    wrapper = getattr(getattr(model, "args", None), "wrapper", None)
     grouped: dict[str, dict[str, torch.Tensor]] = {path: {} for path in layers}
     for key, tensor in tensors.items():
-        body = normalise_key(key)
+        body = native_path(wrapper, normalise_key(key))
         tokens = body.split(".")
         path = next((p for i in range(len(tokens) - 1, 0, -1) if (p := ".".join(tokens[:i])) in layers), None)
         if path is None:
