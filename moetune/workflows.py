@@ -23,6 +23,7 @@ from .peft.arithmetic.combine import METHODS
 from .peft.arithmetic.folders import combine_adapter_folders
 from .peft.core.layer import layers_holding
 from .peft.formats.adapters import load_adapter, save_adapter
+from .peft.formats.per_expert import FUSED_SERVING
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
 from .train.launch import is_main_process
@@ -273,9 +274,13 @@ def export_adapter(
 ) -> Path:
     """Re-save an adapter for a reader (``reader``: peft, vllm, sglang, moe_peft) or in a layout
     (peft, per_expert, moe_peft; ``fold_scaling``: the scaling folded into B, per_expert only)."""
-    layout, fold_scaling = export_plan(layout, reader, fold_scaling)
+    chosen, fold_scaling = export_plan(layout, reader, fold_scaling)
     check_output(out_dir, "adapter", overwrite=overwrite, inputs=(model_path, adapter))
     model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    if reader == "vllm" and layout is None and model.args.family in FUSED_SERVING:
+        chosen = "peft"
+        log.info("vLLM reads %s expert adapters in PEFT's fused layout: writing that", model.args.family)
+    layout = chosen
     if reader == "vllm" and any(p.endswith(".kv_b_proj") for p, _ in layers_holding(model, name)):
         log.warning(
             "the adapter changes kv_b_proj: vLLM's multi-head latent attention decodes with the base kv_b_proj "

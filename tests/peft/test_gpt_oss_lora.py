@@ -159,11 +159,22 @@ def test_merge_folds_into_the_biased_experts(base):
     assert err <= 1e-4
 
 
-def test_per_expert_layout_is_refused(base, tmp_path):
-    """vLLM reads gpt-oss expert adapters in PEFT's fused layout only; per-expert keys would not load there."""
-    with pytest.raises(AdapterError, match="gpt-oss experts are served from PEFT's fused layout"):
-        moetune.save_adapter(_ours(base, targets=["experts"]), tmp_path / "x", layout="per_expert")
+def test_per_expert_layout_is_refused_and_export_for_vllm_writes_peft(base, tmp_path):
+    """vLLM reads gpt-oss expert adapters in PEFT's fused layout only (is_3d_moe_weight): per-expert keys
+    would load nowhere, so that layout is refused and ``export --for vllm`` writes PEFT's."""
+    from safetensors.torch import load_file
+
+    from moetune.workflows import export_adapter
+
+    ours = _ours(base, targets=["experts", "q_proj"])
+    with pytest.raises(AdapterError, match="gpt_oss experts are served from PEFT's fused layout"):
+        moetune.save_adapter(ours, tmp_path / "x", layout="per_expert")
     assert not (tmp_path / "x").exists()
+    saved = moetune.save_adapter(ours, tmp_path / "a")
+    out = export_adapter(base, str(saved), tmp_path / "vllm", reader="vllm")
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
+    assert not any(".experts.0." in k for k in keys)
 
 
 def test_training_step_has_no_host_sync():

@@ -37,6 +37,7 @@ from ..lora.experts import LoraGroupedExperts
 from ..lora.experts_layout import EXPERT_PROJS, check_zero, per_proj
 
 __all__ = [
+    "FUSED_SERVING",
     "SERVING_EXPERTS",
     "SERVING_TASK_TYPE",
     "ExpertPart",
@@ -54,6 +55,9 @@ __all__ = [
 SERVING_EXPERTS: dict[str, tuple[str, dict[str, str]]] = {
     "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
 }
+# Families whose vLLM model reads routed-expert LoRA in PEFT's fused 3D layout (``is_3d_moe_weight``
+# on the model class) and no per-expert keys: for them the per-expert layout serves nobody.
+FUSED_SERVING = frozenset({"gpt_oss"})
 _NATIVE = ("mlp", {p: p for p in EXPERT_PROJS})
 # PEFT validates task_type against its TaskType enum; vLLM and SGLang never read it.
 SERVING_TASK_TYPE = "PER_EXPERT_SERVING_LAYOUT__FOR_VLLM_SGLANG__PEFT_CANNOT_LOAD__EXPORT_LAYOUT_PEFT_FOR_PEFT"
@@ -87,11 +91,10 @@ def per_expert_part(layer: AdapterLayer, path: str, name: str, *, family: str | 
     """A routed-experts layer's tensors in this layout, named for ``family``'s serving checkpoints."""
     if not isinstance(layer, LoraGroupedExperts):
         raise AdapterError(f"{path}: {type(layer).__name__} cannot write the per_expert layout")
-    if layer.base_layer.gate_up_interleaved:
-        # gpt-oss: vLLM serves its expert LoRA from the fused 3D layout (is_3d_moe_weight), PEFT's file
+    if family in FUSED_SERVING:
         raise AdapterError(
-            f"{path}: gpt-oss experts are served from PEFT's fused layout (vLLM reads no per-expert keys "
-            "for gpt-oss); save with layout='peft'"
+            f"{path}: {family} experts are served from PEFT's fused layout (vLLM reads no per-expert keys "
+            f"for {family}); save with layout='peft'"
         )
     block, names = serving_names(family)
     part = ExpertPart(_NATIVE_BLOCK.sub(f".{block}.experts", path), {}, names=names)
