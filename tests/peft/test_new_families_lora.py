@@ -144,3 +144,20 @@ def test_mixed_adapters_per_sample(name, base):
     alone = [_logits(model, ids[i : i + 1], adapter_names=[a]) for i, a in enumerate(["default", "other"])]
     assert (mixed - torch.cat(alone)).abs().max() <= 1e-5
     assert (alone[0] - _logits(model, ids[:1], adapter_names=["other"])).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_expert_serving_layout_round_trip(name, base, tmp_path):
+    """The per-expert layout (vLLM / SGLang names for the family) reads back to the same logits."""
+    from safetensors import safe_open
+
+    ours = _ours(name, base(name))
+    out = moetune.save_adapter(ours, tmp_path / "serving", layout="per_expert")
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    proj = "w1" if name == "minimax_m2" else "gate_proj"  # vLLM's checkpoint names for MiniMax-M2's experts
+    assert any(k.endswith(f".mlp.experts.0.{proj}.lora_A.weight") for k in keys), keys[:5]
+    back = moetune.load_model(base(name))
+    moetune.load_adapter(back, out)
+    ids = _ids()
+    assert (_logits(back, ids) - _logits(ours, ids)).abs().max() <= 1e-5

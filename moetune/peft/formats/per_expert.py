@@ -54,6 +54,9 @@ __all__ = [
 # vLLM's model files (the FusedMoE ``prefix`` and ``ckpt_names``); any other family: ("mlp", same names).
 SERVING_EXPERTS: dict[str, tuple[str, dict[str, str]]] = {
     "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
+    # vLLM's minimax_m2.py: the MoE block's prefix is "mlp" (its attribute is block_sparse_moe),
+    # the expert checkpoint names Mixtral's
+    "minimax_m2": ("mlp", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
 }
 # Families whose vLLM model reads routed-expert LoRA in PEFT's fused 3D layout (``is_3d_moe_weight``
 # on the model class) and no per-expert keys: for them the per-expert layout serves nobody.
