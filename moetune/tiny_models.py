@@ -155,6 +155,33 @@ TINY_CONFIGS["gpt_oss"] = {
         "original_max_position_embeddings": 128,
     },
 }
+# GLM-4.5 as released, scaled down: q/k biases and per-head q/k norm, partial RoPE 0.5, the first
+# layer dense, 16 experts top-4 behind a sigmoid router with a correction bias, one shared expert.
+TINY_CONFIGS["glm4_moe"] = {
+    "model_type": "glm4_moe",
+    "architectures": ["Glm4MoeForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+    "use_qk_norm": True,
+    "attention_bias": True,
+    "partial_rotary_factor": 0.5,
+    "num_nextn_predict_layers": 0,
+    "max_position_embeddings": 512,
+    "rope_theta": 10000.0,
+}
 COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False}
 
 
