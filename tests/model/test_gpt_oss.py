@@ -147,6 +147,60 @@ def test_parser_defaults_are_transformers_defaults():
     assert (b.moe.num_experts, b.moe.top_k, b.head_dim, b.num_kv_heads) == (128, 4, 64, 8)
 
 
+# gpt-oss-20b's config.json as released (legacy rope_scaling, swiglu_limit; its MXFP4 quantization_config left out)
+RELEASED_20B = dict(
+    model_type="gpt_oss",
+    attention_bias=True,
+    experts_per_token=4,
+    head_dim=64,
+    hidden_act="silu",
+    hidden_size=2880,
+    initial_context_length=4096,
+    intermediate_size=2880,
+    layer_types=["sliding_attention", "full_attention"] * 12,
+    max_position_embeddings=131072,
+    num_attention_heads=64,
+    num_experts_per_tok=4,
+    num_hidden_layers=24,
+    num_key_value_heads=8,
+    num_local_experts=32,
+    rms_norm_eps=1e-05,
+    rope_scaling=dict(
+        beta_fast=32.0,
+        beta_slow=1.0,
+        factor=32.0,
+        original_max_position_embeddings=4096,
+        rope_type="yarn",
+        truncate=False,
+    ),
+    rope_theta=150000,
+    router_aux_loss_coef=0.9,
+    sliding_window=128,
+    swiglu_limit=7.0,
+    tie_word_embeddings=False,
+    vocab_size=201088,
+)
+
+
+def test_released_20b_config_and_its_long_context_rope():
+    """The released config reads as transformers reads it, and the YaRN tables (factor 32, no
+    truncation) equal transformers' rotary embedding out to 131072 positions."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from moetune.model.layers import RotaryEmbedding
+
+    config = transformers.GptOssConfig(**RELEASED_20B)
+    a, b = model_args_from_hf(dict(RELEASED_20B)), model_args_from_hf(config.to_dict())
+    a.hf_config = b.hf_config = {}
+    assert a == b and a.moe.num_experts == 32 and a.moe.router_aux_loss_coef == 0.9
+    pos = torch.tensor([[0, 1, 127, 128, 4095, 4096, 65536, 131071]])
+    ref_cos, ref_sin = GptOssRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), pos)
+    ours = RotaryEmbedding(rope=a.rope, head_dim=a.head_dim, max_position_embeddings=a.max_position_embeddings)
+    cos, sin = ours(pos, torch.float32)
+    half = cos.shape[-1] // 2  # transformers' gpt-oss tables hold each frequency once
+    assert torch.equal(cos[..., :half], ref_cos) and torch.equal(sin[..., :half], ref_sin)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
