@@ -182,6 +182,30 @@ TINY_CONFIGS["glm4_moe"] = {
     "max_position_embeddings": 512,
     "rope_theta": 10000.0,
 }
+# Qwen3.5-MoE (text model) as released, scaled down: three gated DeltaNet layers then one gated-attention
+# layer, 8 experts top-2 plus the gated shared expert, zero-centred norms, rotary on a quarter of each head.
+TINY_CONFIGS["qwen3_5_moe"] = {
+    "model_type": "qwen3_5_moe_text",
+    "architectures": ["Qwen3_5MoeForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "max_position_embeddings": 256,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    "router_aux_loss_coef": 0.001,
+}
 COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False}
 
 

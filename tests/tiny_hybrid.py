@@ -30,6 +30,12 @@ CASES = {
         "Qwen3NextForCausalLM",
         dict(TEXT, num_hidden_layers=4, intermediate_size=96, mlp_only_layers=[1], norm_topk_prob=True),
     ),
+    # Qwen3.5-MoE's text model: split DeltaNet projections, every layer MoE; full attention first.
+    "qwen3_5_moe_text": (
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        dict(TEXT, num_hidden_layers=3, layer_types=["full_attention", "linear_attention", "linear_attention"]),
+    ),
 }
 
 

@@ -52,6 +52,9 @@ PER_EXPERT_RULES["gpt_oss"] = []  # fused tensors only (LAYOUT_RULES)
 
 # Checkpoint keys that carry no weights we need (recomputed buffers).
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+# Per family, top-level parts of released checkpoints that we do not build: the multi-token-prediction
+# module Qwen3-Next and Qwen3.5 store as mtp.* (transformers skips it the same way).
+IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {"qwen3_next": ("mtp.",), "qwen3_5_moe_text": ("mtp.",)}
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -95,7 +98,8 @@ class KeyMap:
 
     def ignored(self, key: str) -> bool:
         """True for checkpoint keys that map to nothing by design (only asked for unknown keys)."""
-        return bool(IGNORED_KEYS.match(key)) or self.skipped(key)
+        parts = IGNORED_PREFIXES.get(self.family, ())
+        return bool(IGNORED_KEYS.match(key)) or self.skipped(key) or key.startswith(parts)
 
     def target(self, key: str) -> Target:
         layout = self.layout(key)

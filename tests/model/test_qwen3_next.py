@@ -166,3 +166,15 @@ def test_causal_conv_restarts_and_carries_state():
     first, state = causal_conv(x[:, :13], w, resets=resets[:, :13])  # stop mid-document, continue
     rest, _ = causal_conv(x[:, 13:], w, state=state)
     assert (torch.cat((first, rest), dim=1) - out).abs().max() <= 1e-6
+
+
+def test_multi_token_prediction_module_is_skipped(pair, tmp_path):
+    """Released Qwen3-Next / Qwen3.5 checkpoints carry an mtp.* module; like transformers we skip it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, _, _, folder = pair
+    shutil.copytree(folder, tmp_path / "m")
+    save_file({"mtp.fc.weight": torch.zeros(4, 8)}, str(tmp_path / "m" / "mtp.safetensors"))
+    moetune.load_model(tmp_path / "m")
