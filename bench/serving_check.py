@@ -69,6 +69,24 @@ FAMILIES = {  # family -> (vLLM model file, transformers config class, tiny conf
     ),
 }  # fmt: skip
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+NEWER = {  # family -> vLLM model file; tiny configs from tests/tiny_families.py and tests/tiny_hybrid.py
+    "glm4_moe": "glm4_moe",
+    "glm4_moe_lite": "glm4_moe_lite",
+    "minimax_m2": "minimax_m2",
+    "qwen3_next": "qwen3_next",
+}
+
+
+def tiny_args(family: str):
+    if family in FAMILIES:
+        _, cfg_cls, extra = FAMILIES[family]
+        return model_args_from_hf(getattr(transformers, cfg_cls)(**SMALL, vocab_size=128, **extra).to_dict())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_families
+    import tiny_hybrid
+
+    cfg_cls, _, kwargs = {**tiny_families.CASES, **tiny_hybrid.CASES}[family]
+    return model_args_from_hf(getattr(transformers, cfg_cls)(**kwargs).to_dict())
 
 
 def _experts_8_8(path: str, cfg: LoraConfig) -> LoraConfig:
@@ -162,19 +180,28 @@ def vllm_family(vllm: dict, model_file: str) -> tuple[str, tuple, object]:
                 mapper = eval(
                     compile(ast.Expression(call), str(path), "eval"), {"WeightsMapper": vllm["WeightsMapper"]}
                 )  # noqa: S307
-    block = next(
+    block = next(  # the decoder layer's attribute holding the MoE block (a subclass counts, e.g. Glm4MoeLite)
         n.targets[0].attr
         for n in ast.walk(tree)
         if isinstance(n, ast.Assign)
         and isinstance(n.value, ast.Call)
-        and getattr(n.value.func, "id", None) == moe_class
+        and getattr(n.targets[0], "attr", None) in ("mlp", "block_sparse_moe")
+        and re.search(r"(?i)moe", getattr(n.value.func, "id", ""))
+        and "MLP" not in getattr(n.value.func, "id", "")
     )
+    if moe_class is None:  # the experts are built in a parent class's file (glm4_moe_lite -> glm4_moe)
+        parent = next(
+            b.id for c in tree.body if isinstance(c, ast.ClassDef) for b in c.bases if "MoE" in getattr(b, "id", "")
+        )
+        for other in path.parent.glob("*.py"):
+            if f"class {parent}(" in other.read_text():
+                return (block, *vllm_family(vllm, other.stem)[1:2], mapper.get_rename_mapper() if mapper else None)
     return block, names, (mapper.get_rename_mapper() if mapper is not None else None)
 
 
 def vllm_read(vllm: dict, folder: Path, family: str, model) -> dict[str, torch.Tensor]:
     """Our parameter name -> the delta vLLM's loading code assembles from ``folder``."""
-    block, (w1, w2, w3), mapper = vllm_family(vllm, FAMILIES[family][0])
+    block, (w1, w2, w3), mapper = vllm_family(vllm, FAMILIES[family][0] if family in FAMILIES else NEWER[family])
     helper = vllm["peft_helper"].PEFTHelper.from_local_dir(str(folder), None)
     experts = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraGroupedExperts)]
     mapping = vllm["build_expert_params_mapping"](w1, w2, w3, experts[0][1].num_experts, routed_experts_prefix="")
@@ -201,9 +228,7 @@ def vllm_read(vllm: dict, folder: Path, family: str, model) -> dict[str, torch.T
 
 # --- moetune's side ---------------------------------------------------------------------------
 def trained_model(family: str, case: str):
-    _, cfg_cls, extra = FAMILIES[family]
-    args = model_args_from_hf(getattr(transformers, cfg_cls)(**SMALL, vocab_size=128, **extra).to_dict())
-    model = build_random_model(args, std=0.08).eval()
+    model = build_random_model(tiny_args(family), std=0.08).eval()
     config, per_module = CASES[case]
     add_adapter(model, config, "default", per_module=per_module)
     gen = torch.Generator().manual_seed(3)
@@ -288,12 +313,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm", type=Path, help="folder holding the vllm package source")
     p.add_argument("--moe-peft", type=Path, help="a MoE-PEFT checkout (the folder holding moe_peft/)")
-    p.add_argument("--family", action="append", choices=list(FAMILIES), help="default: all")
+    p.add_argument("--family", action="append", choices=[*FAMILIES, *NEWER], help="default: all")
     ns = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if ns.vllm:
             vllm = load_vllm(ns.vllm)
-            for family in ns.family or FAMILIES:
+            for family in ns.family or [*FAMILIES, *NEWER]:
                 for case in CASES:
                     print(json.dumps(check(vllm, family, case, Path(tmp))), flush=True)
         if ns.moe_peft:

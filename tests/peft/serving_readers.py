@@ -41,6 +41,13 @@ VLLM_EXPERTS: dict[str, tuple[str, tuple[str, str, str]]] = {  # family -> (MoE 
     "olmoe": _DEFAULT,  # olmoe.py: OlmoeMoE at .mlp
     "deepseek_v2": _DEFAULT,  # deepseek_v2.py: DeepseekV2MoE at .mlp (DeepSeek-V3 uses this file too)
     "deepseek_v3": _DEFAULT,
+    "minimax_m2": (
+        "block_sparse_moe",
+        ("w1", "w2", "w3"),
+    ),  # minimax_m2.py: MiniMaxM2MoE, ckpt_names=("w1", "w2", "w3")
+    "glm4_moe": _DEFAULT,  # glm4_moe.py: Glm4MoE at .mlp
+    "glm4_moe_lite": _DEFAULT,  # glm4_moe_lite.py: Glm4MoeLite(Glm4MoE) at .mlp
+    "qwen3_next": _DEFAULT,  # qwen3_next.py: Qwen3NextSparseMoeBlock at .mlp
 }
 VLLM_RENAMES: dict[str, dict[str, str]] = {
     "mixtral": {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."},

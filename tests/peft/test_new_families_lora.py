@@ -155,8 +155,9 @@ def test_per_expert_serving_layout_round_trip(name, base, tmp_path):
     out = moetune.save_adapter(ours, tmp_path / "serving", layout="per_expert")
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    proj = "w1" if name == "minimax_m2" else "gate_proj"  # vLLM's checkpoint names for MiniMax-M2's experts
-    assert any(k.endswith(f".mlp.experts.0.{proj}.lora_A.weight") for k in keys), keys[:5]
+    # vLLM's module path and checkpoint names for MiniMax-M2's experts: block_sparse_moe.experts.{e}.w1
+    where = "block_sparse_moe.experts.0.w1" if name == "minimax_m2" else "mlp.experts.0.gate_proj"
+    assert any(k.endswith(f".{where}.lora_A.weight") for k in keys), keys[:5]
     back = moetune.load_model(base(name))
     moetune.load_adapter(back, out)
     ids = _ids()

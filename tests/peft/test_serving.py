@@ -23,6 +23,7 @@ from moetune.peft.core.inject import add_adapter
 from moetune.peft.lora.experts import LoraGroupedExperts
 from moetune.tiny_models import tiny_model_args
 from serving_readers import VLLM_EXPERTS, merge_deltas, sglang_deltas, vllm_deltas
+from tiny_families import CASES as FAMILY_CASES
 from tiny_hf import CASES
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
@@ -31,7 +32,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 def _args(family: str):
     if family == "deepseek_v3":
         return tiny_model_args(family, vocab_size=128)
-    cfg_cls, _, kwargs = CASES[family]
+    cfg_cls, _, kwargs = {**CASES, **FAMILY_CASES}[family]
     return model_args_from_hf(getattr(transformers, cfg_cls)(**kwargs).to_dict())
 
 
@@ -80,7 +81,7 @@ CASES_EXPORT = {  # name -> (LoraConfig, per_module)
 VLLM_CASES = (
     [(f, "all") for f in FAMILIES]
     + [(f, c) for f in ("mixtral", "deepseek_v3") for c in ("patterns", "rslora_patterns", "down_only")]
-    + [("qwen3_moe", "gate_only")]
+    + [("qwen3_moe", "gate_only"), ("minimax_m2", "down_only"), ("glm4_moe", "all")]
 )
 
 

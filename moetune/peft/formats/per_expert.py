@@ -2,8 +2,8 @@
 
 Routed experts are written as 2D pairs per expert and projection under the names the family's
 serving checkpoints use, ``<block>.experts.{e}.<proj>.lora_A.weight`` (r, in) / ``...lora_B.weight``
-(out, r): ``mlp.experts.{e}.gate_proj|up_proj|down_proj`` for most families, Mixtral's
-``block_sparse_moe.experts.{e}.w1|w3|w2`` (:data:`SERVING_EXPERTS`). vLLM names the LoRA module of
+(out, r): ``mlp.experts.{e}.gate_proj|up_proj|down_proj`` for most families, Mixtral's and
+MiniMax-M2's ``block_sparse_moe.experts.{e}.w1|w3|w2`` (:data:`SERVING_EXPERTS`). vLLM names the LoRA module of
 expert e ``<FusedMoE prefix>.experts.{e}.<checkpoint name>`` (``get_moe_expert_mapping`` /
 ``process_packed_modules_mapping`` in ``vllm/lora/utils.py``) and silently leaves a tensor under any
 other name unused, so the names are per family. Linears keep PEFT's keys.
@@ -50,14 +50,13 @@ __all__ = [
     "zero_pairs",
 ]
 
-# family -> (the MoE block's name in a decoder layer, our projection -> the checkpoint's name), from
-# vLLM's model files (the FusedMoE ``prefix`` and ``ckpt_names``); any other family: ("mlp", same names).
-SERVING_EXPERTS: dict[str, tuple[str, dict[str, str]]] = {
-    "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
-    # vLLM's minimax_m2.py: the MoE block's prefix is "mlp" (its attribute is block_sparse_moe),
-    # the expert checkpoint names Mixtral's
-    "minimax_m2": ("mlp", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
-}
+# family -> (the MoE block's attribute in a decoder layer, our projection -> the checkpoint's name), from
+# vLLM's model files. vLLM's LoRA manager names modules by ``named_modules()``, i.e. attribute paths
+# (``self.block_sparse_moe = MiniMaxM2MoE(..., prefix=f"{prefix}.mlp")`` is ``block_sparse_moe``: the
+# ``prefix`` string only names weights for loading); the names are the FusedMoE ``ckpt_names``.
+# Any other family: ("mlp", same names).
+_W123 = ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})
+SERVING_EXPERTS: dict[str, tuple[str, dict[str, str]]] = {"mixtral": _W123, "minimax_m2": _W123}
 # Families whose vLLM model reads routed-expert LoRA in PEFT's fused 3D layout (``is_3d_moe_weight``
 # on the model class) and no per-expert keys: for them the per-expert layout serves nobody.
 FUSED_SERVING = frozenset({"gpt_oss"})
