@@ -59,20 +59,30 @@ class Evaluator:
         metrics go to :attr:`extra`."""
         self.model.eval()
         total, count, sums = 0.0, 0, dict.fromkeys(METRICS, 0.0)
-        par = self.parallel
-        for batch in preference_batches(
-            job.data.eval, batch_size=job.optim.batch_size, pad_id=self.pad_id, rank=par.rank, world_size=par.world_size
-        ):
+        for batch, counts in self.preference_batches(job):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
                 scored = self.preference.score(batch, train=False)
+            if not counts:
+                continue
             total, count = total + float(scored.losses.sum()), count + scored.losses.numel()
             for key, value in metric_sums(self.preference.kind, scored, batch).items():
                 sums[key] += value
-        total, count, *summed = par.sum_floats(total, count, *(sums[k] for k in METRICS))
+        total, count, *summed = self.parallel.sum_floats(total, count, *(sums[k] for k in METRICS))
         self.extra = {f"eval_{k}": v for k, v in metric_means(dict(zip(METRICS, summed))).items()}
         self.model.train()
         return total / max(count, 1)
+
+    def preference_batches(self, job: Job) -> list[tuple[dict, bool]]:
+        """``(batch, counts)``: this rank's eval batches, then filler batches (not counted) up to the
+        number rank 0 has, so every rank runs as many forwards (FSDP gathers in each)."""
+        par, examples, size = self.parallel, job.data.eval, job.optim.batch_size
+        mine = list(
+            preference_batches(examples, batch_size=size, pad_id=self.pad_id, rank=par.rank, world_size=par.world_size)
+        )
+        most = -(-(-(-len(examples) // par.world_size)) // size)
+        filler = next(preference_batches(examples[:1], batch_size=1, pad_id=self.pad_id))
+        return [(b, True) for b in mine] + [(filler, False)] * (most - len(mine))
 
     def due(self, active: list[Job], record: dict, every: int) -> dict[str, float | None]:
         """Run the evaluations due after a step (every ``every`` steps; several jobs: also each one's

@@ -1,4 +1,6 @@
-"""``loss.png``: train and eval loss vs step, the learning rate on a second y axis.
+"""``loss.png``: train and eval loss vs step, the learning rate on a second y axis; for a
+preference objective a second panel below: reward accuracy (train and eval, left axis) and the
+reward margin and KL estimate (right axis).
 
 The figure is built with matplotlib's object API on the Agg canvas (no display, no pyplot state)
 from the records of ``metrics.jsonl``: a one-adapter run has one train curve, its eval points and
@@ -27,6 +29,10 @@ class Series:
     loss: dict[str, Points] = field(default_factory=dict)
     eval: dict[str, Points] = field(default_factory=dict)
     lr: dict[str, Points] = field(default_factory=dict)
+    preference: dict[str, Points] = field(default_factory=dict)  # metric name -> points (one-adapter runs)
+
+
+PREFERENCE_METRICS = ("reward_accuracy", "eval_reward_accuracy", "reward_margin", "kl")
 
 
 def series_from_records(records: list[dict[str, Any]]) -> Series:
@@ -44,15 +50,18 @@ def series_from_records(records: list[dict[str, Any]]) -> Series:
                 out.lr.setdefault(name, []).append((step, row["lr"]))
             if row.get("eval_loss") is not None:
                 evals.setdefault(name, {})[step] = row["eval_loss"]  # one point per step: the last
+        for key in PREFERENCE_METRICS if not isinstance(per_adapter, dict) else ():
+            if r.get(key) is not None and not r.get("skipped"):
+                out.preference.setdefault(key, []).append((r["step"], r[key]))
     out.eval = {name: sorted(points.items()) for name, points in evals.items()}
     return out
 
 
 def loss_figure(series: Series, *, title: str | None = None) -> Figure:
     """The plot of ``series``: loss (left axis) and learning rate (right axis) against step."""
-    fig = Figure(figsize=(8.0, 4.8), dpi=100, layout="tight")
+    fig = Figure(figsize=(8.0, 7.6 if series.preference else 4.8), dpi=100, layout="tight")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if series.preference else fig.add_subplot()
     names = list(dict.fromkeys([*series.loss, *series.eval, *series.lr]))
     lr_ax = ax.twinx() if series.lr else None
     for i, name in enumerate(names):
@@ -93,7 +102,32 @@ def loss_figure(series: Series, *, title: str | None = None) -> Figure:
         more = lr_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, loc="upper right", fontsize="small")
+    if series.preference:
+        preference_panel(fig.add_subplot(2, 1, 2, sharex=ax), series.preference)
     return fig
+
+
+def preference_panel(ax, curves: dict[str, Points]) -> None:
+    """Reward accuracy (left axis, 0 to 1) and reward margin / KL estimate (right axis) against step."""
+    right = ax.twinx()
+    styles = {
+        "reward_accuracy": (ax, "C2", "-", "reward accuracy"),
+        "eval_reward_accuracy": (ax, "C2", "--", "eval reward accuracy"),
+        "reward_margin": (right, "C3", "-", "reward margin"),
+        "kl": (right, "C4", ":", "KL estimate"),
+    }
+    for key, points in curves.items():
+        axis, color, style, label = styles[key]
+        marker = "o" if len(points) == 1 or key.startswith("eval") else None
+        axis.plot(*zip(*points), color=color, linestyle=style, marker=marker, markersize=4, label=label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward accuracy")
+    right.set_ylabel("margin / KL")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(handles + more[0], labels + more[1], loc="lower right", fontsize="small")
 
 
 def save_figure(fig: Figure, out: str | Path) -> Path:

@@ -33,21 +33,13 @@ import torch
 
 from ..config.preference import REFERENCE_FREE
 from ..peft.mixtures.stats import adapter_router_loss
+from .logps import cat_rows, completion_tokens, rows, sequence_logps
 from .losses import StepLoss, add_counts
+from .reference import reference_table
 from .preference_losses import dpo_losses, ipo_losses, kto_losses, kto_reference_point, orpo_losses, simpo_losses
 
-INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 METRICS = ("pairs", "correct", "reward_chosen", "reward_rejected", "chosen_rows", "rejected_rows")
 METRICS += ("logps_chosen", "logps_rejected", "kl", "kl_rows")
-
-
-def rows(batch: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-    """The model inputs of some rows of a preference batch."""
-    return {k: batch[k][index] for k in INPUTS}
-
-
-def cat_rows(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([p[k] for p in parts]) for k in INPUTS}
 
 
 @dataclass
@@ -80,8 +72,8 @@ class PreferenceObjective:
 
     def logps(self, batch: dict[str, torch.Tensor], adapter_names=None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Per-row summed completion log-probs, completion token counts and the forward's output."""
-        out = self.model(**rows(batch, slice(None)), adapter_names=adapter_names, per_sample=True)
-        return -out.sample_loss, out.sample_tokens, out
+        logps, out = sequence_logps(self.model, batch, adapter_names)
+        return logps, completion_tokens(batch).to(logps), out
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], train: bool = True) -> torch.Tensor:
@@ -227,8 +219,6 @@ def preference_objective(trainer) -> PreferenceObjective | None:
     optim = trainer.config.optim
     if optim.objective == "sft":
         return None
-    from .reference import reference_table  # the table module reads data batches; only preference runs need it
-
     precompute = optim.preference.precompute_reference and optim.objective not in REFERENCE_FREE
     world = trainer.parallel.world_size
 

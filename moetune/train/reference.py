@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..data.preference import PreferenceExample, preference_batches
 from ..outputs import write_file_atomic
+from .logps import INPUTS, sequence_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
 log = logging.getLogger(__name__)
@@ -62,11 +63,10 @@ def compute_table(
     table = torch.zeros(len(examples), 2)
     for batch in preference_batches(examples, batch_size=batch_size, pad_id=pad_id):
         index = batch.pop("example_index")
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
+        inputs = {k: batch[k].to(device) for k in INPUTS}
         with autocast():
-            out = model(**inputs, adapter_names=[None] * inputs["input_ids"].shape[0], per_sample=True)
-        logps = (-out.sample_loss).float().cpu().view(2, -1)
-        table[index] = logps.T
+            logps = sequence_logps(model, inputs, [None] * inputs["input_ids"].shape[0])[0]
+        table[index] = logps.float().cpu().view(2, -1).T
     return table
 
 
@@ -89,10 +89,11 @@ def reference_table(trainer, objective: str) -> ReferenceTable:
     job = trainer.jobs[0]
     examples, digest = job.data.train, fingerprint(job.data.train)
     path = trainer.folder.entry(REFERENCE_FILE) if trainer.parallel.is_main else trainer.out / REFERENCE_FILE
+    trainer.parallel.barrier()  # every rank reads the folder as it was before rank 0 writes
     table = read_table(path, objective, digest, len(examples)) if path.exists() else None
-    if table is not None:
+    if trainer.parallel.all_ok(table is not None):  # every rank agrees: under FSDP all compute, or none
         return ReferenceTable(table)
-    if path.exists():
+    if path.exists() and trainer.parallel.is_main:
         log.warning("%s was computed for other data or another objective: computing it again", path)
     table = compute_table(
         trainer.model,

@@ -123,3 +123,16 @@ def test_training_run_plots_loss_and_lr(tmp_path, monkeypatch):
     assert [lr for _, lr in next(iter(series.lr.values()))] == [r["lr"] for r in records if "lr" in r]
     assert series.eval and kw.get("title") == "run"
     assert _png_size(run / "loss.png")[0] >= 600
+
+
+def test_preference_metrics_get_their_own_panel(tmp_path):
+    records = [
+        {"step": 1, "loss": 0.69, "lr": 1e-3, "reward_accuracy": 0.0, "reward_margin": 0.0, "kl": 0.0},
+        {"step": 2, "loss": 0.5, "lr": 1e-3, "reward_accuracy": 0.75, "reward_margin": 0.4, "kl": 0.1},
+        {"step": 2, "eval_loss": 0.55, "eval_reward_accuracy": 0.8},
+    ]
+    series = series_from_records(records)
+    assert series.preference["reward_accuracy"] == [(1, 0.0), (2, 0.75)]
+    assert series.preference["eval_reward_accuracy"] == [(2, 0.8)] and len(series.preference) == 4
+    assert len(loss_figure(series).axes) == 4  # loss + lr, accuracy + margin/KL
+    assert plot_metrics(records, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,6 +14,7 @@ from moetune.config.preference import PreferenceSection
 from moetune.data.examples import IGNORE, Example
 from moetune.data.preference import PreferenceCollator, PreferenceExample
 from moetune.peft.core.params import trainable_parameters
+from moetune.train.logps import sequence_logps
 from moetune.train.preference import PreferenceObjective
 from tiny_hf import make_hf_model, save_hf_model
 
@@ -87,7 +88,7 @@ def test_reference_equals_base_without_adapter(models):
     reference = _objective(ours).reference_logps(batch, train=False)
     fresh = moetune.load_model(root / "base").eval()  # the base, loaded without any adapter
     with torch.no_grad():
-        base = -fresh(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, per_sample=True).sample_loss
+        base = sequence_logps(fresh, batch)[0]
     err = (reference - base).abs().max().item()
     hf_err = (reference.double() - _hf_logps(make_hf_model("qwen3_moe"), batch)).abs().max().item()
     with theirs.disable_adapter():

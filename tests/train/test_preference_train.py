@@ -5,6 +5,7 @@ run's losses (with the reference table precomputed and read back); every objecti
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 import moetune
@@ -30,6 +32,16 @@ from train_helpers import losses, train_killed_after
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny_qwen3_moe_dpo.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One thread, as the torchrun ranks: two OpenMP threads spin-waiting on a shared 2-core machine
+    can be many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +75,9 @@ def test_example_config_raises_heldout_reward_accuracy(base, tmp_path):
     overrides = [f"model.path={base}", f"data.train={train_file}", f"data.eval={held_out}"]
     overrides += [f"checkpoint.output_dir={run}", "optim.max_steps=12", "logging.eval_every=12"]
     command = [sys.executable, "-m", "moetune", "train", str(EXAMPLE), *overrides, "logging.progress=false"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = [r for r in _records(run) if "eval_reward_accuracy" in r][-1]
     print(f"held-out: base prefers chosen {before:.0%}; after DPO reward accuracy {final['eval_reward_accuracy']:.0%}")
@@ -121,3 +135,31 @@ def test_each_objective_trains(base, tmp_path, objective):
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert "reward_chosen" in records[-1] and "reward_margin" in records[-1]
     assert ("kl" in records[-1]) == (objective in ("ipo", "kto"))
+
+
+def _torchrun(cfg: Path, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moetune"]
+    proc = subprocess.run([*cmd, "train", str(cfg), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_fsdp_two_ranks_equal_one_process(base, tmp_path):
+    """DPO under torchrun (FSDP2, 2 ranks x 2 pairs) == one process with 4 pairs: losses, rewards,
+    eval on 9 pairs (uneven over the ranks: rank 1 runs a filler forward), reference precomputed."""
+    runs = {}
+    for name, batch, args in (("one", 4, ()), ("fsdp", 2, ("distributed.strategy=fsdp",))):
+        cfg = _config(tmp_path / name, base, "dpo", 3, precompute_reference=True)
+        raw = yaml.safe_load(cfg.read_text())
+        raw["optim"]["batch_size"], raw["logging"]["eval_every"] = batch, 3
+        raw["data"]["eval"] = str(write_jsonl(make_rows("upper_pairs", 9, 4), tmp_path / "eval9.jsonl"))
+        raw["adapter"]["dropout"] = 0.0  # each rank draws its own dropout masks
+        cfg.write_text(yaml.safe_dump(raw))
+        _torchrun(cfg, *args) if args else train(load_train_config(cfg))
+        runs[name] = _records(tmp_path / name / "run")
+    for key in ("loss", "aux_loss", "reward_margin", "kl", "eval_loss", "eval_reward_margin"):
+        a = [r[key] for r in runs["one"] if key in r]
+        b = [r[key] for r in runs["fsdp"] if key in r]
+        assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (key, a, b)
