@@ -5,6 +5,7 @@ run's losses (with the reference table precomputed and read back); every objecti
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -113,7 +114,8 @@ def _config(root: Path, base: Path, objective: str, steps: int, save_every: int 
     return path
 
 
-def test_resume_after_kill_gives_the_same_losses(base, tmp_path):
+def test_resume_after_kill_gives_the_same_losses(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed run's process computes as this one does
     straight = _config(tmp_path / "a", base, "dpo", 4, 1, precompute_reference=True)
     train(load_train_config(straight))
     killed = _config(tmp_path / "b", base, "dpo", 4, 1, precompute_reference=True)
@@ -163,3 +165,25 @@ def test_fsdp_two_ranks_equal_one_process(base, tmp_path):
         a = [r[key] for r in runs["one"] if key in r]
         b = [r[key] for r in runs["fsdp"] if key in r]
         assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+
+
+@pytest.mark.parametrize(
+    "adapter, model",
+    [
+        ({"method": "dora", "target_modules": ["q_proj", "v_proj", "o_proj"]}, {}),
+        ({"method": "mola", "target_modules": ["q_proj", "v_proj"]}, {}),
+        ({"target_modules": ["q_proj", "v_proj", "experts"]}, {"quantize": "nf4"}),
+    ],
+    ids=["dora", "mola-mixture", "qlora-nf4-experts"],
+)
+def test_adapter_kinds_start_at_the_reference(base, tmp_path, adapter, model):
+    """A new adapter changes nothing, so the first DPO loss is exactly log 2: the policy forward
+    and the reference forward (adapters off) agree for DoRA, a mixture of LoRA experts and a 4-bit
+    base with expert LoRA; a second step moves off it."""
+    cfg = _config(tmp_path, base, "dpo", 2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["adapter"] = {"r": 4, "alpha": 8, **adapter}
+    raw["model"].update(model)
+    cfg.write_text(yaml.safe_dump(raw))
+    first, second = train(load_train_config(cfg)).losses
+    assert abs(first - math.log(2)) <= 1e-6 and second < first
