@@ -75,7 +75,8 @@ def save_peft(
     target_modules += list(dict.fromkeys(p for part in experts for p in EXPERT_PROJS if p in part.ranks))
     targets = {"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))}
     patterns = (rank_pattern, alpha_pattern)
-    tensors, targets, (rank_pattern, alpha_pattern) = _wrapper_paths(model, tensors, targets, *patterns)
+    if layout == "peft":  # the servers read a wrapped model's text model under its own names (below)
+        tensors, targets, (rank_pattern, alpha_pattern) = _wrapper_paths(model, tensors, targets, *patterns)
     cfg = config_to_peft(
         config,
         r=r,
@@ -116,7 +117,10 @@ def _collect(model: nn.Module, name: str, layout: str) -> tuple[dict, list, list
 
 def _wrapper_paths(model: nn.Module, tensors: dict, targets: dict, *patterns: dict) -> tuple[dict, dict, tuple]:
     """A text model loaded from a multimodal wrapper (Kimi-K2.5): keys, targets and patterns name
-    the wrapper's module paths (``model.language_model.layers...``), as PEFT sees that model."""
+    the wrapper's module paths (``model.language_model.layers...``), as PEFT sees that model.
+    PEFT's layout only: the per-expert layout names the text model itself (``model.layers...``), what
+    a server reads for it (vLLM 0.33's Kimi-K2.5 wrapper takes no LoRA - no ``SupportsLoRA`` -, so
+    vLLM serves the adapter on the text model, DeepSeek-V3; SGLang finds modules by layer and name)."""
     wrapper = getattr(getattr(model, "args", None), "wrapper", None)
     if wrapper is None:
         return tensors, targets, patterns
