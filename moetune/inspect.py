@@ -9,8 +9,10 @@ import torch
 
 from .errors import CheckpointError
 from .model.build import build_causal_lm
-from .model.loading import model_args_from_folder, weight_files
+from .model.loading import model_args_from_folder, read_hf_config, weight_files
+from .model.prequantized import stored_summary
 from .model.summary import summarize
+from .model.wrappers import WRAPPERS
 from .safetensors_check import safetensors_problem
 
 
@@ -41,6 +43,8 @@ def inspect_model(path: str | os.PathLike) -> str:
     lines.append(
         f"weights           {len(files)} safetensors file(s), {size / 2**20:,.1f} MiB (headers and sizes checked)"
     )
+    stored = stored_summary(read_hf_config(path), Path(path), files, args.family, WRAPPERS.get(args.wrapper))
+    lines.append(f"quantization      {stored}")
     try:
         names, aliases = target_names(args)
     except ImportError:  # peft layer not available

@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.loading import read_hf_config
+from .model.quant import dequantize_model, quantized_bytes
 from .model.generate import SamplingConfig, generate
 from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
@@ -60,14 +61,18 @@ def resolve_dtype(model_path, spec: str | None) -> torch.dtype:
 
 
 def load_with_adapter(
-    model_path, adapter: str | None, *, dtype: str | None = None, device: str | None = None
+    model_path, adapter: str | None, *, dtype: str | None = None, device: str | None = None, dequantize: bool = False
 ) -> tuple[torch.nn.Module, str]:
     """The base (in the checkpoint's dtype unless ``dtype`` says otherwise) with ``adapter`` loaded:
     a PEFT-format folder (as ``"default"``) or a training checkpoint folder (``checkpoints/checkpoint-N``,
-    under the run's adapter name). Returns the model and the adapter's name."""
+    under the run's adapter name). With ``dequantize``, a base released quantized (FP8, INT4, MXFP4)
+    is dequantized to that dtype first, so the adapter can be folded into it. Returns the model and
+    the adapter's name."""
     model = load_model(
         model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device, key="--device")
     )
+    if dequantize and quantized_bytes(model)[1]:
+        dequantize_model(model)
     name = "default"
     if adapter and is_training_checkpoint(adapter):
         name = load_checkpoint_adapter(model, adapter)
@@ -213,11 +218,12 @@ def merge_to_checkpoint(
     """Fold an adapter into the base and write a plain Hugging Face checkpoint, in the base's dtype
     unless ``dtype`` says otherwise, with the base folder's generation config and the tokenizer
     files of ``tokenizer`` (a folder; default: the base folder's), so it generates as base + adapter did.
+    A base released quantized is written dequantized (its config.json's dtype, bf16 for the releases).
     """
     inputs = (model_path, adapter)
     check_output(out_dir, "model", overwrite=overwrite, inputs=inputs)  # before minutes of loading
     files = merged_companions(model_path, tokenizer)
-    model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device, dequantize=True)
     merge_adapter(model, name=name)
     return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs, extra_files=files)
 

@@ -204,9 +204,10 @@ def load_model(
         check_safetensors(file)
     mtp = range(args.num_layers, args.num_layers + args.mtp_layers)
     keymap = KeyMap(args.family, skipped_layers=mtp)
-    stored = None if fmt is None else stored_layout(fmt, files, keymap)
+    wrapper = WRAPPERS.get(args.wrapper)
+    stored = None if fmt is None else stored_layout(fmt, files, keymap, wrapper)
     model = _allocate(args, dtype, device, quantize, stored)
-    filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=WRAPPERS.get(args.wrapper))
+    filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=wrapper)
     for file, key, tensor in iter_checkpoint(files):
         filler.fill(key, tensor, file)
     filler.check_complete()

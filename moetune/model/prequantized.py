@@ -14,6 +14,7 @@ holding empty holders of the format, which the loader then fills byte for byte.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -21,12 +22,22 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import CheckpointError
+from ..safetensors_check import DTYPE_BYTES
 from .hf import KeyMap
 from .moe import GroupedExperts
 from .quant import QuantLinear, stored_experts
 from .quant.formats import StoredFormat, stored_format
+from .wrappers import Wrapper
 
-__all__ = ["StoredFormat", "folder_format", "stored_format", "stored_layout", "stored_names", "swap_stored_modules"]
+__all__ = [
+    "StoredFormat",
+    "folder_format",
+    "stored_format",
+    "stored_layout",
+    "stored_names",
+    "stored_summary",
+    "swap_stored_modules",
+]
 
 
 def folder_format(cfg: dict, folder: Path, quantize: str | None) -> StoredFormat | None:
@@ -40,21 +51,72 @@ def folder_format(cfg: dict, folder: Path, quantize: str | None) -> StoredFormat
     return fmt
 
 
-def checkpoint_dtypes(files: list[Path]) -> dict[str, str]:
-    """Every checkpoint key -> its safetensors dtype name ("F8_E4M3", "F32" ...), headers only."""
-    out: dict[str, str] = {}
+def stored_summary(cfg: dict, folder: Path, files: list[Path], family: str, wrapper: Wrapper | None = None) -> str:
+    """One line for ``moetune inspect``: the stored format and the bytes the base will hold.
+
+    Read from the headers only: a stored weight is held as it is in the file, every other tensor in
+    the checkpoint's dtype (loading with another ``dtype`` scales that part).
+    """
+    try:
+        fmt = stored_format(cfg, folder / "config.json")
+    except CheckpointError as exc:
+        return f"not loadable: {exc}"
+    if fmt is None:
+        return "none (full precision)"
+    keymap = KeyMap(family)
+    headers = _text_keys(checkpoint_headers(files), wrapper)
+    dtypes = {k: d for k, (d, _) in headers.items()}
+    names = stored_names(fmt.with_header(dtypes), dtypes, keymap)
+    nbytes = {k: math.prod(shape) * DTYPE_BYTES[d] for k, (d, shape) in headers.items() if not keymap.skipped(k)}
+    stored = [k for k in nbytes if keymap.target(_weight_key(k, fmt)).name in names and not k.endswith("_shape")]
+    values = [k for k in stored if k == _weight_key(k, fmt) + fmt.needs[0]]  # one tensor per weight
+    params = sum(math.prod(headers[k][1]) * fmt.values_per_element for k in values)
+    held = sum(nbytes[k] for k in stored)
+    rest = sum(b for k, b in nbytes.items() if not k.endswith("_shape")) - held
+    return (
+        f"{fmt.method}, {params / 1e6:,.2f}M parameters stored at {held / max(params, 1):.3f} bytes each "
+        f"(scales included); the base holds {(held + rest) / 2**20:,.1f} MiB, {rest / 2**20:,.1f} MiB of it "
+        "full precision"
+    )
+
+
+def _text_keys(headers: dict, wrapper: Wrapper | None) -> dict:
+    if wrapper is None:
+        return headers
+    return {text: v for key, v in headers.items() if (text := wrapper.text_key(key)) is not None}
+
+
+def _weight_key(key: str, fmt: StoredFormat) -> str:
+    """The weight's own key of a stored tensor's key (``...weight_scale_inv`` -> ``...weight``)."""
+    suffix = next((s for s in fmt.needs if s and key.endswith(s)), "")
+    return key[: len(key) - len(suffix)]
+
+
+def checkpoint_headers(files: list[Path]) -> dict[str, tuple[str, list[int]]]:
+    """Every checkpoint key -> (safetensors dtype name, shape), headers only."""
+    out: dict[str, tuple[str, list[int]]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                out.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    out[key] = (piece.get_dtype(), piece.get_shape())
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
     return out
 
 
-def stored_layout(fmt: StoredFormat, files: list[Path], keymap: KeyMap) -> tuple[StoredFormat, set[str]]:
-    """The format completed from the checkpoint's headers, and the native names it stores."""
-    dtypes = checkpoint_dtypes(files)
+def checkpoint_dtypes(files: list[Path]) -> dict[str, str]:
+    """Every checkpoint key -> its safetensors dtype name ("F8_E4M3", "F32" ...), headers only."""
+    return {key: dtype for key, (dtype, _) in checkpoint_headers(files).items()}
+
+
+def stored_layout(
+    fmt: StoredFormat, files: list[Path], keymap: KeyMap, wrapper: Wrapper | None = None
+) -> tuple[StoredFormat, set[str]]:
+    """The format completed from the checkpoint's headers, and the native names it stores (a
+    multimodal ``wrapper``'s keys renamed to its text model's first)."""
+    dtypes = _text_keys(checkpoint_dtypes(files), wrapper)
     fmt = fmt.with_header(dtypes)
     return fmt, stored_names(fmt, dtypes, keymap)
 

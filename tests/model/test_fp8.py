@@ -17,6 +17,7 @@ from tiny_deepseek import make_hf
 from tiny_hf import save_hf_model
 
 import moetune
+from moetune.inspect import inspect_model
 from moetune.errors import CheckpointError
 from moetune.model.quant import FP8Weight, QuantGroupedExperts, QuantLinear, dequantize_model, quantized_bytes
 from moetune.model.quant.fp8 import dequantize_fp8
@@ -130,6 +131,8 @@ def test_held_bytes_of_an_fp8_base(qwen_fp8):
     model = moetune.load_model(qwen_fp8, dtype=torch.bfloat16)
     stored, count = quantized_bytes(model)
     assert stored / count <= 1 + 4 / 16**2 + 1e-9  # 16x16 blocks here: one fp32 scale per 256 bytes
+    report = inspect_model(qwen_fp8)
+    assert "quantization      fp8, " in report and "stored at 1.016 bytes each" in report, report
     held = stored + sum(p.numel() * p.element_size() for p in model.parameters())
     params = count + sum(p.numel() for p in model.parameters())
     print(f"fp8 base: {stored / count:.4f} bytes per quantized parameter; whole base {held} bytes = "

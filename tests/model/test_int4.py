@@ -19,6 +19,7 @@ from tiny_deepseek import make_hf
 from tiny_hf import save_hf_model
 
 import moetune
+from moetune.inspect import inspect_model
 from moetune.errors import CheckpointError
 from moetune.model.quant import Int4Weight, QuantGroupedExperts, QuantLinear, dequantize_model, quantized_bytes
 from moetune.model.quant.int4 import dequantize_int4, unpack_int4
@@ -107,6 +108,8 @@ def test_held_bytes_of_an_int4_base(qwen_int4):
     stored, count = quantized_bytes(model)
     print(f"int4 base: {stored / count:.4f} bytes per quantized parameter (bf16 scales per 32)")
     assert stored / count == 0.5 + 2 / 32
+    report = inspect_model(qwen_int4)
+    assert "quantization      compressed-tensors, " in report and "stored at 0.562 bytes each" in report, report
     kept = ("embed_tokens", "norm", "lm_head", "mlp.gate.")
     assert all(any(k in n for k in kept) for n, _ in model.named_parameters())
 

@@ -12,6 +12,7 @@ from tiny_gpt_oss import make_hf
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import moetune
+from moetune.inspect import inspect_model
 from moetune.model.hf import to_checkpoint
 from moetune.model.quant import MXFP4Weight, QuantGroupedExperts, dequantize_model, quantized_bytes
 from moetune.model.quant.mxfp4 import dequantize_mxfp4
@@ -87,6 +88,8 @@ def test_held_bytes_of_mxfp4_experts_and_save(gpt_oss_mxfp4, tmp_path):
     stored, count = quantized_bytes(model)
     print(f"mxfp4 experts: {stored / count:.4f} bytes per parameter")
     assert stored / count == (16 + 1) / 32
+    report = inspect_model(gpt_oss_mxfp4 / "mxfp4")
+    assert "quantization      mxfp4, " in report and "stored at 0.531 bytes each" in report, report
     assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n, _ in model.named_parameters())
     model = moetune.load_model(gpt_oss_mxfp4 / "mxfp4")
     model.save_pretrained(tmp_path / "out")  # written dequantized, in gpt-oss's full-precision layout

@@ -34,6 +34,8 @@ class StoredFormat:
         block: FP8 block (out, in).
         group: INT4 group size.
         scale_dtype: INT4 scale dtype, read from the checkpoint's header.
+        values_per_element: weight values in each element of the first ``needs`` tensor (8 per int32
+            word of packed INT4, 2 per MXFP4 byte).
     """
 
     method: str
@@ -42,6 +44,7 @@ class StoredFormat:
     block: tuple[int, int] = (0, 0)
     group: int = 0
     scale_dtype: torch.dtype = torch.bfloat16
+    values_per_element: int = 1  # weight values per element of the first ``needs`` tensor
 
     def holder(self, shape: tuple[int, ...], dtype: torch.dtype) -> StoredWeight:
         """An empty holder of this format for a weight of ``shape`` (on the current device)."""
@@ -73,8 +76,8 @@ def stored_format(cfg: dict, where: Path) -> StoredFormat | None:
     Raises:
         CheckpointError: a quantization method or option moetune does not read, named in one line.
     """
-    quant = cfg.get("quantization_config")
-    if not quant:
+    quant = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    if not quant:  # (a multimodal wrapper may declare it on its text model)
         return None
     method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
     if method == "fp8":
@@ -82,7 +85,7 @@ def stored_format(cfg: dict, where: Path) -> StoredFormat | None:
     if method == "compressed-tensors":
         return _int4_format(quant, where)
     if method == "mxfp4":  # no options: blocks of 32 with e8m0 scales is the whole format
-        return StoredFormat("mxfp4", mxfp4.MARKER, (mxfp4.MARKER, "_scales"))
+        return StoredFormat("mxfp4", mxfp4.MARKER, (mxfp4.MARKER, "_scales"), values_per_element=2)
     raise CheckpointError(
         f"{where}: quantization_config.quant_method '{method}' is not a format moetune reads "
         f"(supported: {SUPPORTED}); use the unquantized (bf16/fp16/fp32) checkpoint, or load a bf16 "
@@ -143,4 +146,4 @@ def _int4_format(quant: dict, where: Path) -> StoredFormat:
     size = sizes.pop()
     if sizes or not isinstance(size, int) or size <= 0 or size % int4.PER_WORD:
         raise _refusal(where, "config_groups.*.weights.group_size", size, method, "one size, a multiple of 8")
-    return StoredFormat(method, int4.MARKER, (int4.MARKER, "_scale"), group=size)
+    return StoredFormat(method, int4.MARKER, (int4.MARKER, "_scale"), group=size, values_per_element=int4.PER_WORD)
