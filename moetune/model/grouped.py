@@ -14,7 +14,6 @@ dropped: zero rows and columns add exact zeros, so the result is the unpadded pr
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -45,9 +44,10 @@ def _fallback_once(reason: str) -> None:
         log.info("grouped_mm unavailable (%s); using the per-expert loop", reason)
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    # get_device_properties is cached by torch and constant-folded by dynamo (get_device_capability is not)
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.minor
 
 
 def grouped_support(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str | None:

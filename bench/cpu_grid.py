@@ -1,0 +1,110 @@
+"""CPU step-time ratio grid: transformers + PEFT time / moetune time, interleaved in one process.
+
+For every point of the grid (experts x tokens x LoRA case x dtype) both tools get the same base
+and adapter weights (``bench/train_step.py``'s ``build_pair`` / ``add_adapters``), then their
+training steps (forward, loss, backward, AdamW) alternate A, B, A, B ... so that whatever else the
+machine does falls on both; the first step of each is a warm-up. Prints one JSON line per point:
+each tool's median step and its spread (min, max), and the ratio of medians (> 1: moetune faster).
+
+Timings mean something only on a quiet machine: no other jobs, threads pinned (``taskset``),
+``OMP_WAIT_POLICY=PASSIVE`` (set here before torch loads; spinning threads of two processes made
+2-thread steps 3-10x slower and erratic). Report the spread with the ratio.
+
+    taskset -c 0,1 python bench/cpu_grid.py                        # the whole grid (long)
+    python bench/cpu_grid.py --experts 8 --tokens 512 --steps 3     # one point
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402 - after the OpenMP setting, which must precede torch
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import CASES, add_adapters, build_pair  # noqa: E402 - the bench folder's own module
+
+
+def grid_config(experts: int, hidden: int, layers: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        hidden_size=hidden,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        head_dim=64,
+        num_experts=experts,
+        num_experts_per_tok=min(8, experts),
+        moe_intermediate_size=hidden // 2,
+        intermediate_size=2 * hidden,
+        vocab_size=8192,
+        num_hidden_layers=layers,
+        norm_topk_prob=True,
+    )
+
+
+def one_step(model, opt, ids, ours: bool) -> float:
+    t0 = time.perf_counter()
+    out = model(ids, labels=ids) if ours else model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def point(experts: int, tokens: int, case: str, dtype: torch.dtype, ns) -> dict:
+    cfg = grid_config(experts, ns.hidden, ns.layers)
+    hf, ours = build_pair(cfg, dtype, "cpu")
+    if hasattr(hf, "set_experts_implementation"):
+        hf.set_experts_implementation("grouped_mm")
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model = add_adapters(hf, ours, CASES[case], tmp)
+    ours.train(), peft_model.train()
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    tools = {"moetune": ours, "transformers+peft": peft_model}
+    opts = {t: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for t, m in tools.items()}
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    for i in range(ns.steps + 1):
+        for tool, model in tools.items() if i % 2 == 0 else reversed(tools.items()):
+            sec = one_step(model, opts[tool], ids, tool == "moetune")
+            if i:
+                times[tool].append(sec)
+    med = {t: statistics.median(v) for t, v in times.items()}
+    row = {"experts": experts, "tokens": tokens, "case": case, "dtype": str(dtype).removeprefix("torch.")}
+    for t, v in times.items():
+        row[t] = {"median_ms": round(med[t] * 1e3, 1), "min_ms": round(min(v) * 1e3, 1)}
+        row[t]["max_ms"] = round(max(v) * 1e3, 1)
+    row["ratio"] = round(med["transformers+peft"] / med["moetune"], 3)
+    row.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experts", default="8,32,64,128")
+    p.add_argument("--tokens", default="512,1024,2048,4096")
+    p.add_argument("--cases", default="attention,attention+experts")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per tool (median of these)")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    ns = p.parse_args(argv)
+    for dtype in ns.dtypes.split(","):
+        for case in ns.cases.split(","):
+            for experts in map(int, ns.experts.split(",")):
+                for tokens in map(int, ns.tokens.split(",")):
+                    print(json.dumps(point(experts, tokens, case, getattr(torch, dtype), ns)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
