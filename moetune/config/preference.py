@@ -3,9 +3,10 @@
 The objectives and their options, named as TRL names them (see :mod:`moetune.train.preference_losses`):
 
 - ``dpo``: ``-log sigmoid(beta * (log-ratio(chosen) - log-ratio(rejected)))``, log-ratios against the
-  reference (the base with every adapter off); ``label_smoothing`` gives conservative DPO.
+  reference (the base with every adapter off).
 - ``ipo``: ``(mean log-ratio difference - 1 / (2 beta))^2``, log-ratios averaged over completion tokens.
-- ``simpo``: reference-free, ``-log sigmoid(beta * (avg logp(chosen) - avg logp(rejected)) - gamma)``.
+- ``simpo``: reference-free, ``-log sigmoid(beta * (avg logp(chosen) - avg logp(rejected)) - gamma)``;
+  ``label_smoothing`` mixes in the flipped pair's loss.
 - ``orpo``: reference-free, the chosen completion's NLL minus ``beta * log sigmoid(log odds ratio)``
   (``beta`` is the paper's lambda).
 - ``kto``: unpaired rows with a ``label``; ``desirable_weight`` / ``undesirable_weight`` weigh them.
@@ -29,7 +30,7 @@ PREFERENCE_AUX_LOSS_COEF = 0.001
 # Options that belong to some objectives only: giving one to another objective is an error.
 ONLY_FOR = {
     "gamma": ("simpo",),
-    "label_smoothing": ("dpo", "simpo"),
+    "label_smoothing": ("simpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
     "precompute_reference": ("dpo", "ipo", "kto"),
@@ -44,7 +45,7 @@ class PreferenceSection(ConfigSection):
         beta: temperature of the implicit reward (ORPO: the weight lambda of the odds-ratio term);
             default per objective (dpo, ipo, kto, orpo 0.1; simpo 2.0).
         gamma: SimPO's target reward margin (TRL ``simpo_gamma``).
-        label_smoothing: probability that a pair's labels are flipped (conservative DPO; SimPO).
+        label_smoothing: SimPO's probability that a pair's labels are flipped.
         desirable_weight, undesirable_weight: KTO's weights of desirable / undesirable rows.
         precompute_reference: compute the reference log-probs (base, adapters off) once before
             training and keep them in ``reference_logps.safetensors`` in the run folder, instead

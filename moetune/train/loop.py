@@ -294,4 +294,5 @@ class Trainer:
             skipped_steps=sum(j.skipped for j in self.jobs),
             plot=plot,
             losses=self.means if self.together else series[names[0]],
+            objective=self.config.optim.objective,
         )

@@ -26,6 +26,7 @@ reference point z).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
@@ -38,6 +39,7 @@ from .losses import StepLoss, add_counts
 from .reference import reference_table
 from .preference_losses import dpo_losses, ipo_losses, kto_losses, kto_reference_point, orpo_losses, simpo_losses
 
+log = logging.getLogger(__name__)
 METRICS = ("pairs", "correct", "reward_chosen", "reward_rejected", "chosen_rows", "rejected_rows")
 METRICS += ("logps_chosen", "logps_rejected", "kl", "kl_rows")
 
@@ -219,6 +221,13 @@ def preference_objective(trainer) -> PreferenceObjective | None:
     optim = trainer.config.optim
     if optim.objective == "sft":
         return None
+    if optim.objective not in REFERENCE_FREE and trainer.config.adapters[0].path is not None:
+        log.warning(
+            "adapter '%s' starts from %s; the reference is the base without it (every adapter off), "
+            "not the adapter as loaded",
+            trainer.jobs[0].name,
+            trainer.config.adapters[0].path,
+        )
     precompute = optim.preference.precompute_reference and optim.objective not in REFERENCE_FREE
     world = trainer.parallel.world_size
 

@@ -30,6 +30,7 @@ class TrainResult:
     skipped_steps: int
     plot: Path | None
     losses: list[float] = field(default_factory=list)
+    objective: str = "sft"  # a preference objective's loss has no perplexity
 
     def summary(self) -> str:
         lines = [
@@ -37,7 +38,8 @@ class TrainResult:
             f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), peak memory {self.peak_memory_gib:.2f} GiB",
             f"final train loss {self.final_loss:.4f}"
             + (
-                f", eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})"
+                f", eval loss {self.eval_loss:.4f}"
+                + (f" (perplexity {math.exp(min(self.eval_loss, 50)):.2f})" if self.objective == "sft" else "")
                 if self.eval_loss is not None
                 else ""
             ),

@@ -36,6 +36,7 @@ def test_defaults_per_objective():
             "run.yaml: optim.preference.gamma is an option of objective simpo, not of dpo",
         ),
         ({"objective": "orpo", "preference": {"precompute_reference": True}}, {}, "precompute_reference is an option"),
+        ({"preference": {"label_smoothing": 0.1}}, {}, "label_smoothing is an option of objective simpo, not of dpo"),
         ({"objective": "sft", "preference": {}}, {}, "optim.preference needs a preference objective"),
         ({"preference": {"beta": 0}}, {}, "optim.preference.beta must be a number > 0"),
         ({"objective": "dop"}, {}, "did you mean 'dpo'"),
