@@ -39,14 +39,28 @@ CASES = {
 }
 
 
+# Qwen3.5-MoE as released: the text model inside the multimodal wrapper, beside a (tiny) vision tower.
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8)
+
+
+def make_hf_wrapper(seed: int = 0, std: float = 0.08):
+    """transformers' Qwen3_5MoeForConditionalGeneration around the qwen3_5_moe_text case."""
+    text = dict(CASES["qwen3_5_moe_text"][2], model_type="qwen3_5_moe_text")
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=VISION)
+    return _randomised(transformers.Qwen3_5MoeForConditionalGeneration, config, seed, std)
+
+
 def make_hf(name: str, seed: int = 0, std: float = 0.08):
     """transformers model with N(0, std) weights, norms near their neutral value, and DeltaNet
     decays spread as transformers initialises them."""
     cfg_cls, model_cls, kwargs = CASES[name]
-    config = getattr(transformers, cfg_cls)(**kwargs)
+    return _randomised(getattr(transformers, model_cls), getattr(transformers, cfg_cls)(**kwargs), seed, std)
+
+
+def _randomised(model_cls, config, seed: int, std: float):
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config)
+    model = model_cls(config)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("A_log"):

@@ -72,6 +72,18 @@ WRAPPERS: dict[str, Wrapper] = {
         tie_default=True,
         adapter_prefix=("model.", "model.language_model."),
     ),
+    # Qwen3.5 / Qwen3.6-MoE (transformers 5.17 models/qwen3_5_moe): the hybrid text model under
+    # model.language_model.*, the vision tower under model.visual.*, the multi-token-prediction module
+    # under mtp.* (not built, as transformers skips it too).
+    "qwen3_5_moe": Wrapper(
+        model_type="qwen3_5_moe",
+        text_types={"qwen3_5_moe_text": "qwen3_5_moe_text"},
+        default_text_type="qwen3_5_moe_text",
+        renames=((r"^model\.language_model\.", "model."),),
+        skipped=("model.visual.", "mtp."),
+        tie_default=False,
+        adapter_prefix=("model.", "model.language_model."),
+    ),
 }
 
 

@@ -174,10 +174,11 @@ def read_adapter_folder(folder: Path) -> AdapterFolder:
 def add_adapter_from(model: nn.Module, files: AdapterFolder, name: str) -> AdapterReport:
     """:func:`load_adapter` for a folder already read; nothing is left behind when it fails."""
     files.tensors = native_keys(files.tensors)
-    raw = files.raw
+    wrapper = getattr(getattr(model, "args", None), "wrapper", None)
+    raw = _native_paths(files.raw, wrapper)
     if isinstance(raw, dict) and not (files.meta or {}).get("lora_config"):  # no metadata: targets from the file
         listed = raw.get("target_modules")
-        keys = [normalise_key(k) for k in files.tensors]
+        keys = [native_path(wrapper, normalise_key(k)) for k in files.tensors]
         targets = expert_targets(keys, listed) if isinstance(listed, list) else None
         raw = raw if targets is None else {**raw, "target_modules": targets}
     config, per_module = config_from_peft(raw, str(files.cfg_file), files.meta)
@@ -191,6 +192,21 @@ def add_adapter_from(model: nn.Module, files: AdapterFolder, name: str) -> Adapt
         delete_adapter(model, name)
         raise
     return report
+
+
+def _native_paths(raw: Any, wrapper: str | None) -> Any:
+    """A PEFT config written on a multimodal wrapper names the wrapper's module paths in its
+    target lists and patterns; the native model's paths, as our targets are matched against them."""
+    if wrapper is None or not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for key in ("target_modules", "target_parameters"):
+        if isinstance(raw.get(key), list):
+            out[key] = [native_path(wrapper, t) for t in raw[key]]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if isinstance(raw.get(key), dict):
+            out[key] = {native_path(wrapper, k): v for k, v in raw[key].items()}
+    return out
 
 
 def fill_adapter(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
