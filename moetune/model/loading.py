@@ -24,7 +24,7 @@ from .config import ModelArgs
 from .hf import KeyMap, Target, checkpoint_shape, destination, from_checkpoint
 from .layers import RMSNorm
 from .model_folder import model_args_from_folder, read_hf_config, weight_files
-from .prequantized import folder_format, stored_layout, swap_stored_modules
+from .prequantized import folder_format, stored_layout, stored_to_nf4, swap_stored_modules
 from .quant import StoredWeight, quantize_model, quantized_weights
 from .transformer import CausalLM
 from .wrappers import WRAPPERS, Wrapper
@@ -186,9 +186,10 @@ def load_model(
         quantize: None, or "nf4" for 4-bit base weights: every linear but the LM head and the
             routers, and every routed-expert weight (see :mod:`moetune.model.quant`).
 
-    A folder released quantized (``quantization_config``: block-scaled FP8) is read as stored: its
-    quantized weights stay in that form on ``device`` and are dequantized to ``dtype`` for each
-    matmul (:mod:`moetune.model.prequantized`).
+    A folder released quantized (``quantization_config``: block-scaled FP8, pack-quantized INT4,
+    MXFP4 experts) is read as stored: its quantized weights stay in that form on ``device`` and are
+    dequantized to ``dtype`` for each matmul (:mod:`moetune.model.prequantized`); with
+    ``quantize="nf4"`` they are turned into NF4 after loading (with a warning: two roundings).
 
     Returns:
         A :class:`CausalLM` in eval mode.
@@ -206,12 +207,14 @@ def load_model(
     keymap = KeyMap(args.family, skipped_layers=mtp)
     wrapper = WRAPPERS.get(args.wrapper)
     stored = None if fmt is None else stored_layout(fmt, files, keymap, wrapper)
-    model = _allocate(args, dtype, device, quantize, stored)
+    model = _allocate(args, dtype, device, quantize if fmt is None else None, stored)
     filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=wrapper)
     for file, key, tensor in iter_checkpoint(files):
         filler.fill(key, tensor, file)
     filler.check_complete()
     _report_skipped(filler, args, mtp)
+    if fmt is not None and quantize == "nf4":  # read as stored first: 1.0-1.5 bytes per weight at the peak
+        stored_to_nf4(model)
     model.source_path = str(folder)
     return model.eval()
 

@@ -14,6 +14,7 @@ holding empty holders of the format, which the loader then fills byte for byte.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from ..errors import CheckpointError
 from ..safetensors_check import DTYPE_BYTES
 from .hf import KeyMap
 from .moe import GroupedExperts
-from .quant import QuantLinear, stored_experts
+from .quant import NF4Weight, QuantGroupedExperts, QuantLinear, quantize_model, stored_experts
 from .quant.formats import StoredFormat, stored_format
 from .wrappers import Wrapper
 
+log = logging.getLogger(__name__)
 __all__ = [
     "StoredFormat",
     "folder_format",
@@ -36,6 +38,7 @@ __all__ = [
     "stored_layout",
     "stored_names",
     "stored_summary",
+    "stored_to_nf4",
     "swap_stored_modules",
 ]
 
@@ -44,11 +47,27 @@ def folder_format(cfg: dict, folder: Path, quantize: str | None) -> StoredFormat
     """The stored format of the model folder with ``config.json`` ``cfg``, loaded with ``quantize``."""
     fmt = stored_format(cfg, folder / "config.json")
     if fmt is not None and quantize is not None:
-        raise CheckpointError(
-            f"quantize={quantize!r} needs a full-precision folder; '{folder}' is stored in {fmt.method} and is "
-            "loaded in that form without quantize"
+        log.warning(
+            "quantize=%r on '%s', stored in %s: each weight is dequantized from %s and quantized again to %s "
+            "(the second rounding adds to the first); load it without quantize to keep it as released",
+            quantize, folder, fmt.method, fmt.method, quantize,
         )
     return fmt
+
+
+def stored_to_nf4(model: nn.Module) -> nn.Module:
+    """NF4 in place of every stored weight (dequantized in float32, one weight at a time), then NF4
+    for the linears and experts the checkpoint kept in full precision (:func:`quantize_model`)."""
+    for module in model.modules():
+        names = ["stored"] if isinstance(module, QuantLinear) else []
+        names += ["gate_up_proj", "down_proj"] if isinstance(module, QuantGroupedExperts) else []
+        for name in names:
+            held = getattr(module, name)
+            if not isinstance(held, NF4Weight):
+                nf4 = NF4Weight(tuple(held.shape), dtype=held.dtype, device=held.device)
+                nf4.write(0, held.dequantize(torch.float32))
+                setattr(module, name, nf4)
+    return quantize_model(model)
 
 
 def stored_summary(cfg: dict, folder: Path, files: list[Path], family: str, wrapper: Wrapper | None = None) -> str:

@@ -19,7 +19,14 @@ from tiny_hf import save_hf_model
 import moetune
 from moetune.inspect import inspect_model
 from moetune.errors import CheckpointError
-from moetune.model.quant import FP8Weight, QuantGroupedExperts, QuantLinear, dequantize_model, quantized_bytes
+from moetune.model.quant import (
+    FP8Weight,
+    QuantGroupedExperts,
+    QuantLinear,
+    dequantize_model,
+    quantized_bytes,
+    quantized_weights,
+)
 from moetune.model.quant.fp8 import dequantize_fp8
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
@@ -179,12 +186,23 @@ def test_unsupported_quantization_configs_are_refused(qwen_fp8, tmp_path, quant,
         moetune.load_model(tmp_path)
 
 
-def test_fp8_config_on_a_full_precision_folder_and_nf4_on_fp8_are_refused(qwen_fp8, tmp_path):
+def test_nf4_from_an_fp8_folder_equals_nf4_from_the_dequantized_folder(deepseek_fp8, caplog):
+    """quantize='nf4' on an FP8 release: dequantized, then NF4, with a warning; the same NF4 model as
+    quantize='nf4' on the folder transformers' Fp8Dequantize writes."""
+    with caplog.at_level("WARNING", logger="moetune"):
+        nf4 = moetune.load_model(deepseek_fp8 / "fp8", quantize="nf4")
+    assert "dequantized from fp8 and quantized again to nf4" in caplog.text
+    assert {type(h).__name__ for h in quantized_weights(nf4).values()} == {"NF4Weight"}
+    ref = moetune.load_model(deepseek_fp8 / "dequantized", quantize="nf4")
+    assert quantized_weights(nf4).keys() == quantized_weights(ref).keys()
+    with torch.no_grad():
+        assert torch.equal(nf4(_ids()).logits, ref(_ids()).logits)
+
+
+def test_fp8_config_on_a_full_precision_folder_is_refused(tmp_path):
     save_hf_model("qwen3_moe", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no checkpoint tensor has a '_scale_inv'"):
         moetune.load_model(tmp_path)
-    with pytest.raises(CheckpointError, match="quantize='nf4' needs a full-precision folder"):
-        moetune.load_model(qwen_fp8, quantize="nf4")
