@@ -13,10 +13,9 @@ What differs from the shared parts (transformers 5.17 ``modeling_gpt_oss.py`` is
 
 In memory the experts keep the shared layout (``(E, out, in)``, gate rows before up rows); the
 checkpoint's transposed, interleaved tensors are converted by the key map (``hf.LAYOUT_RULES``),
-so the LoRA wrappers, files and a future quantized store see the same layout as every family. The
-MXFP4 release stores ``gate_up_proj_blocks`` (E, 2F, D/32, 16) with interleaved rows and its scales
-blocked along D: a store for it permutes whole rows to gate-first (exact, no requantization) and
-dequantizes to this layout per expert group; ``GroupedExperts.linear`` is the hook (as NF4's).
+so the LoRA wrappers, files and quantized stores see the same layout as every family (the MXFP4
+release's interleaved rows of blocks are permuted to gate-first whole, see ``quant/mxfp4.py``; the
+stored weights plug in through ``GroupedExperts.linear``).
 """
 
 from __future__ import annotations
