@@ -28,6 +28,7 @@ from torch import nn
 
 from .attention import KVCache
 from .delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .delta_rule_fast import fast_chunk_rule
 from .layers import RMSNorm, Rope
 
 
@@ -119,7 +120,10 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(self.hv // self.hk, dim=2), k.repeat_interleave(self.hv // self.hk, dim=2)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-        rule = recurrent_gated_delta_rule if state is not None and T == 1 else chunk_gated_delta_rule
+        if state is not None and T == 1:
+            rule = recurrent_gated_delta_rule
+        else:  # flash-linear-attention's kernel on CUDA where installed, else the PyTorch reference
+            rule = fast_chunk_rule(qkv.device) or chunk_gated_delta_rule
         out, recurrent_state = rule(q, k, v, g, beta, resets=resets, initial_state=recurrent_state)
         return out, (conv_state, recurrent_state)
 

@@ -178,3 +178,27 @@ def test_multi_token_prediction_module_is_skipped(pair, tmp_path):
     shutil.copytree(folder, tmp_path / "m")
     save_file({"mtp.fc.weight": torch.zeros(4, 8)}, str(tmp_path / "m" / "mtp.safetensors"))
     moetune.load_model(tmp_path / "m")
+
+
+def test_fast_path_is_cuda_only_and_matches_the_reference(caplog):
+    """flash-linear-attention's kernel runs only for CUDA tensors (never here on CPU); where a GPU and
+    the package are present it agrees with the PyTorch form, packed resets included."""
+    import logging
+
+    from moetune.model.delta_rule_fast import fast_chunk_rule
+
+    assert fast_chunk_rule(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the fast path is not used")
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        rule = fast_chunk_rule(torch.device("cuda"))
+    assert any("gated DeltaNet" in r.getMessage() for r in caplog.records)
+    if rule is None:
+        pytest.skip("flash-linear-attention is not installed")
+    q, k, v, gate, beta, resets = (t.cuda() for t in _rule_inputs(T=200, Dk=16, Dv=16))
+    state0 = torch.randn(2, 3, 16, 16, device="cuda")
+    ref, ref_state = chunk_gated_delta_rule(q, k, v, gate, beta, resets=resets, initial_state=state0)
+    out, state = rule(q, k, v, gate, beta, resets=resets, initial_state=state0)
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max() and (
+        state - ref_state
+    ).abs().max() <= 1e-3 * ref_state.abs().max()
