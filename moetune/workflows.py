@@ -25,6 +25,7 @@ from .peft.arithmetic.folders import combine_adapter_folders
 from .peft.core.layer import layers_holding
 from .peft.formats.adapters import load_adapter, save_adapter
 from .peft.formats.per_expert import FUSED_SERVING
+from .peft.lora.experts import LoraGroupedExperts
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
 from .train.launch import is_main_process
@@ -266,6 +267,21 @@ def export_plan(layout: str | None, reader: str | None, fold_scaling: bool) -> t
     return want, fold or fold_scaling
 
 
+def _check_fused_pairs(model, name: str) -> None:
+    """vLLM's fused-layout reader needs both expert parameters adapted (``_stack_moe_lora_weights``
+    asserts a gate_up_proj and a down_proj pair, and takes a lone pair for down_proj)."""
+    for path, layer in layers_holding(model, name):
+        if not isinstance(layer, LoraGroupedExperts):
+            continue
+        pairs = set(layer.pairs(name))
+        if not pairs & {"gate_up", "gate", "up"} or "down" not in pairs:
+            raise ConfigError(
+                f"--for vllm: {path} adapts only {sorted(pairs)}; vLLM's fused expert LoRA for "
+                f"{model.args.family} needs both gate_up_proj and down_proj adapted (it asserts otherwise): "
+                "train with target 'experts', or merge the adapter (moetune merge)"
+            )
+
+
 def export_adapter(
     model_path,
     adapter,
@@ -286,6 +302,7 @@ def export_adapter(
     if reader == "vllm" and layout is None and model.args.family in FUSED_SERVING:
         chosen = "peft"
         log.info("vLLM reads %s expert adapters in PEFT's fused layout: writing that", model.args.family)
+        _check_fused_pairs(model, name)
     layout = chosen
     if reader == "vllm" and any(p.endswith(".kv_b_proj") for p, _ in layers_holding(model, name)):
         log.warning(

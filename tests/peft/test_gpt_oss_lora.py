@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moetune
-from moetune.errors import AdapterError
+from moetune.errors import AdapterError, ConfigError
 from moetune.model.hf import to_checkpoint
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
@@ -170,6 +170,10 @@ def test_per_expert_layout_is_refused_and_export_for_vllm_writes_peft(base, tmp_
     keys = set(load_file(out / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
     assert not any(".experts.0." in k for k in keys)
+    # vLLM's fused reader asserts a gate_up_proj and a down_proj pair (_stack_moe_lora_weights): refused here
+    part = moetune.save_adapter(_ours(base, targets=["experts.down_proj"]), tmp_path / "down")
+    with pytest.raises(ConfigError, match="needs both gate_up_proj and down_proj"):
+        export_adapter(base, str(part), tmp_path / "vllm_down", reader="vllm")
 
 
 def test_training_step_has_no_host_sync():
