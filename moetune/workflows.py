@@ -22,10 +22,8 @@ from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
 from .peft.arithmetic.combine import METHODS
 from .peft.arithmetic.folders import combine_adapter_folders
-from .peft.core.layer import layers_holding
 from .peft.formats.adapters import load_adapter, save_adapter
-from .peft.formats.per_expert import FUSED_SERVING
-from .peft.lora.experts import LoraGroupedExperts
+from .peft.formats.per_expert import FUSED_SERVING, check_vllm_export
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
 from .train.launch import is_main_process
@@ -267,21 +265,6 @@ def export_plan(layout: str | None, reader: str | None, fold_scaling: bool) -> t
     return want, fold or fold_scaling
 
 
-def _check_fused_pairs(model, name: str) -> None:
-    """vLLM's fused-layout reader needs both expert parameters adapted (``_stack_moe_lora_weights``
-    asserts a gate_up_proj and a down_proj pair, and takes a lone pair for down_proj)."""
-    for path, layer in layers_holding(model, name):
-        if not isinstance(layer, LoraGroupedExperts):
-            continue
-        pairs = set(layer.pairs(name))
-        if not pairs & {"gate_up", "gate", "up"} or "down" not in pairs:
-            raise ConfigError(
-                f"--for vllm: {path} adapts only {sorted(pairs)}; vLLM's fused expert LoRA for "
-                f"{model.args.family} needs both gate_up_proj and down_proj adapted (it asserts otherwise): "
-                "train with target 'experts', or merge the adapter (moetune merge)"
-            )
-
-
 def export_adapter(
     model_path,
     adapter,
@@ -302,13 +285,8 @@ def export_adapter(
     if reader == "vllm" and layout is None and model.args.family in FUSED_SERVING:
         chosen = "peft"
         log.info("vLLM reads %s expert adapters in PEFT's fused layout: writing that", model.args.family)
-        _check_fused_pairs(model, name)
     layout = chosen
-    if reader == "vllm" and any(p.endswith(".kv_b_proj") for p, _ in layers_holding(model, name)):
-        log.warning(
-            "the adapter changes kv_b_proj: vLLM's multi-head latent attention decodes with the base kv_b_proj "
-            "(absorbed into W_UK/W_UV when the model loads), so in vLLM it changes prefill but not decode; "
-            "merge the adapter (moetune merge) to serve it exactly"
-        )
+    if reader == "vllm":
+        check_vllm_export(model, name, fused=model.args.family in FUSED_SERVING)
     out = save_adapter(model, out_dir, name=name, layout=layout, fold_scaling=fold_scaling, overwrite=overwrite)
     return Path(out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moetune
-from moetune.errors import AdapterError, ConfigError
+from moetune.errors import AdapterError
 from moetune.model.hf import to_checkpoint
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
@@ -172,7 +172,7 @@ def test_per_expert_layout_is_refused_and_export_for_vllm_writes_peft(base, tmp_
     assert not any(".experts.0." in k for k in keys)
     # vLLM's fused reader asserts a gate_up_proj and a down_proj pair (_stack_moe_lora_weights): refused here
     part = moetune.save_adapter(_ours(base, targets=["experts.down_proj"]), tmp_path / "down")
-    with pytest.raises(ConfigError, match="needs both gate_up_proj and down_proj"):
+    with pytest.raises(AdapterError, match="needs both gate_up_proj and down_proj"):
         export_adapter(base, str(part), tmp_path / "vllm_down", reader="vllm")
 
 

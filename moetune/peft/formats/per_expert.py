@@ -26,17 +26,22 @@ experts, drops zero pairs of untargeted projections, and needs no ``moetune_adap
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ...errors import AdapterError
-from ..core.layer import AdapterLayer
+from ..core.layer import AdapterLayer, layers_holding
 from ..lora.experts import LoraGroupedExperts
 from ..lora.experts_layout import EXPERT_PROJS, check_zero, per_proj
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "check_vllm_export",
     "FUSED_SERVING",
     "SERVING_EXPERTS",
     "SERVING_TASK_TYPE",
@@ -168,6 +173,27 @@ def expert_targets(keys: list[str], listed: list[str]) -> list[str] | None:
     if not experts and not any(_EXPERT_KEY.match(k) for k in keys):
         return None
     return list(dict.fromkeys(linears + experts))
+
+
+def check_vllm_export(model: nn.Module, name: str, *, fused: bool) -> None:
+    """What vLLM cannot serve exactly: with ``fused`` (its model reads PEFT's fused layout), an experts
+    layer with only one of gate_up_proj / down_proj adapted is refused (``_stack_moe_lora_weights``
+    asserts both and takes a lone pair for down_proj); a LoRA on ``kv_b_proj`` gets a warning (MLA
+    decodes with the base ``kv_b_proj``, absorbed into W_UK/W_UV when the model loads)."""
+    layers = layers_holding(model, name)
+    for path, layer in layers:
+        pairs = set(layer.pairs(name)) if isinstance(layer, LoraGroupedExperts) else {"gate_up", "down"}
+        if fused and (not pairs & {"gate_up", "gate", "up"} or "down" not in pairs):
+            raise AdapterError(
+                f"{path} adapts only {sorted(pairs)}; vLLM's fused expert LoRA needs both gate_up_proj and "
+                "down_proj adapted (it asserts otherwise): train with target 'experts', or merge the adapter"
+            )
+    if any(p.endswith(".kv_b_proj") for p, _ in layers):
+        log.warning(
+            "the adapter changes kv_b_proj: vLLM's multi-head latent attention decodes with the base kv_b_proj "
+            "(absorbed into W_UK/W_UV when the model loads), so in vLLM it changes prefill but not decode; "
+            "merge the adapter (moetune merge) to serve it exactly"
+        )
 
 
 def is_per_expert_part(layer: AdapterLayer, part: dict[str, torch.Tensor]) -> bool:
