@@ -48,6 +48,7 @@ VLLM_EXPERTS: dict[str, tuple[str, tuple[str, str, str]]] = {  # family -> (MoE 
     "glm4_moe": _DEFAULT,  # glm4_moe.py: Glm4MoE at .mlp
     "glm4_moe_lite": _DEFAULT,  # glm4_moe_lite.py: Glm4MoeLite(Glm4MoE) at .mlp
     "qwen3_next": _DEFAULT,  # qwen3_next.py: Qwen3NextSparseMoeBlock at .mlp
+    "qwen3_5_moe_text": _DEFAULT,  # qwen3_5.py: Qwen3NextSparseMoeBlock at .mlp
 }
 VLLM_RENAMES: dict[str, dict[str, str]] = {
     "mixtral": {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."},

@@ -186,3 +186,29 @@ def test_peft_refuses_per_expert_folders(family, tmp_path):
     out = moetune.save_adapter(trained, tmp_path / "vllm", layout="per_expert")
     with pytest.raises(ValueError, match="Invalid task type.*EXPORT_LAYOUT_PEFT_FOR_PEFT"):
         peft.PeftModel.from_pretrained(make_hf_model(family), str(out))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_transformers4_era_per_expert_adapter_reads_exactly(family, tmp_path):
+    """An adapter saved by PEFT on transformers 4 (LLaMA-Factory and the like): per-expert nn.Linear
+    keys (Mixtral: block_sparse_moe.experts.{e}.w1/w2/w3), separate gate and up A's, target_modules by
+    checkpoint name, task_type CAUSAL_LM, no moetune metadata; it reads onto the fused experts exactly."""
+    trained = _trained(family, CASES_EXPORT["all"][0])
+    gen = torch.Generator().manual_seed(5)
+    for path, _ in _experts(trained):  # separate gate / up A's, as per-Linear training gives
+        layer = trained.get_submodule(path)
+        tensors = layer.per_expert_tensors("default")
+        for k in [k for k in tensors if ".up_proj.lora_A" in k]:
+            tensors[k] = torch.randn(tensors[k].shape, generator=gen) * 0.1
+        layer.load_per_expert_tensors("default", tensors, where="test")
+    out = moetune.save_adapter(trained, tmp_path / "v4", layout="per_expert")
+    (out / "moetune_adapter.json").unlink()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    names = ["w1", "w2", "w3"] if family == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    cfg |= {"task_type": "CAUSAL_LM", "target_modules": ["o_proj", *names]}
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    back = _fresh(trained)
+    moetune.load_adapter(back, out)
+    err = (_logits(back, IDS) - _logits(trained, IDS)).abs().max().item()
+    print(f"{family}: transformers-4-era per-expert adapter -> moetune logits max|d| {err:.2e}")
+    assert err <= 1e-5
