@@ -27,7 +27,7 @@ from .model_folder import model_args_from_folder, read_hf_config, weight_files
 from .prequantized import folder_format, stored_layout, stored_to_nf4, swap_stored_modules
 from .quant import StoredWeight, quantize_model, quantized_weights
 from .transformer import CausalLM
-from .wrappers import WRAPPERS, Wrapper
+from .wrappers import Wrapper, unwrap_config
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def load_model(
     if quantize not in (None, "nf4"):
         raise CheckpointError(f"quantize={quantize!r} is not supported (allowed: None, 'nf4')")
     folder = Path(path)
-    cfg = read_hf_config(folder)
+    cfg, wrapper = unwrap_config(read_hf_config(folder), where=str(folder / "config.json"))
     fmt = folder_format(cfg, folder, quantize)
     args = model_args_from_folder(folder)
     files = weight_files(folder)
@@ -205,7 +205,6 @@ def load_model(
         check_safetensors(file)
     mtp = range(args.num_layers, args.num_layers + args.mtp_layers)
     keymap = KeyMap(args.family, skipped_layers=mtp)
-    wrapper = WRAPPERS.get(args.wrapper)
     stored = None if fmt is None else stored_layout(fmt, files, keymap, wrapper)
     model = _allocate(args, dtype, device, quantize if fmt is None else None, stored)
     filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=wrapper)

@@ -91,7 +91,8 @@ def unwrap_config(cfg: dict[str, Any], *, where: str = "config.json") -> tuple[d
     """The text model's config of a wrapper's config (and the wrapper), or ``cfg`` itself (and None).
 
     The text config takes the wrapper's ``tie_word_embeddings`` (transformers ties the wrapper's
-    LM head by the wrapper's setting) and the family that builds it as ``model_type``.
+    LM head by the wrapper's setting), its ``quantization_config`` (a quantized release declares its
+    format there) and the family that builds it as ``model_type``.
     """
     wrapper = WRAPPERS.get(cfg.get("model_type"))
     if wrapper is None:
@@ -106,7 +107,10 @@ def unwrap_config(cfg: dict[str, Any], *, where: str = "config.json") -> tuple[d
             f"(supported: {', '.join(sorted(wrapper.text_types))})"
         )
     tie = cfg.get("tie_word_embeddings", wrapper.tie_default)
-    return {**text, "model_type": wrapper.text_types[kind], "tie_word_embeddings": tie}, wrapper
+    out = {**text, "model_type": wrapper.text_types[kind], "tie_word_embeddings": tie}
+    if "quantization_config" in cfg and "quantization_config" not in text:  # a quantized release's format
+        out["quantization_config"] = cfg["quantization_config"]
+    return out, wrapper
 
 
 def wrapped_path(wrapper: str | None, path: str) -> str:

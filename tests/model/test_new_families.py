@@ -168,3 +168,25 @@ def test_vision_tower_is_skipped_with_one_line(saved, caplog):
     lines = [r.getMessage() for r in caplog.records if "vision" in r.getMessage()]
     assert len(lines) == 1 and "kimi_k25" in lines[0] and "text model only" in lines[0], lines
     assert model.args.family == "deepseek_v3" and model.args.wrapper == "kimi_k25"
+
+
+def test_kimi_int4_release_loads_its_text_model(saved, tmp_path):
+    """Kimi-K2.5 as released: routed experts pack-quantized INT4 (compressed-tensors) under the
+    wrapper's key names; the text model loads compact and equals transformers on the decompressed folder."""
+    pytest.importorskip("compressed_tensors")
+    from quant_fixtures import KIMI_IGNORE, write_int4_dequantized_folder, write_int4_folder
+
+    from moetune.model.quant import quantized_bytes
+
+    _, folder, _ = saved("kimi_k25")
+    write_int4_folder(folder, tmp_path / "int4", ignore=[*KIMI_IGNORE, "re:.*vision.*", "re:.*mm_projector.*"])
+    write_int4_dequantized_folder(tmp_path / "int4", tmp_path / "dequantized")
+    ours = moetune.load_model(tmp_path / "int4")
+    stored, elements = quantized_bytes(ours)
+    assert 0 < stored < 0.6 * elements  # the routed experts stay INT4 (+ bf16 group scales)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "dequantized", dtype=torch.float32)
+    ids, mask = _inputs(_text(ref).vocab_size)
+    with torch.no_grad():
+        err = (ref.eval()(input_ids=ids).logits - ours(ids).logits).abs().max().item()
+    print(f"kimi_k25 INT4 release: moetune vs transformers on the decompressed folder max|dlogits| {err:.2e}")
+    assert err <= 1e-4
