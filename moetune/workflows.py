@@ -17,6 +17,7 @@ from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.loading import read_hf_config
 from .model.quant import dequantize_model, quantized_bytes
+from .model.requantize import checked_plan, requantize_plan
 from .model.generate import SamplingConfig, generate
 from .model.saving import GENERATION_FILES, TOKENIZER_FILES, companion_files
 from .outputs import check_output
@@ -64,13 +65,13 @@ def load_with_adapter(
 ) -> tuple[torch.nn.Module, str]:
     """The base (in the checkpoint's dtype unless ``dtype`` says otherwise) with ``adapter`` loaded:
     a PEFT-format folder (as ``"default"``) or a training checkpoint folder (``checkpoints/checkpoint-N``,
-    under the run's adapter name). With ``dequantize``, a base released quantized (FP8, INT4, MXFP4)
-    is dequantized to that dtype first, so the adapter can be folded into it. Returns the model and
-    the adapter's name."""
+    under the run's adapter name); with ``dequantize`` a stored (FP8, INT4, MXFP4) base is dequantized
+    to that dtype first. Returns the model and the adapter's name."""
     model = load_model(
         model_path, dtype=resolve_dtype(model_path, dtype), device=resolve_device(device, key="--device")
     )
     if dequantize and quantized_bytes(model)[1]:
+        model.requantize = requantize_plan(model)  # what the stored weights were, for merge --requantize
         dequantize_model(model)
     name = "default"
     if adapter and is_training_checkpoint(adapter):
@@ -213,18 +214,20 @@ def merge_to_checkpoint(
     dtype: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    requantize: bool = False,
 ) -> Path:
     """Fold an adapter into the base and write a plain Hugging Face checkpoint, in the base's dtype
     unless ``dtype`` says otherwise, with the base folder's generation config and the tokenizer
     files of ``tokenizer`` (a folder; default: the base folder's), so it generates as base + adapter did.
-    A base released quantized is written dequantized (its config.json's dtype, bf16 for the releases).
+    A base released quantized is written dequantized, or with ``requantize`` in its own format (FP8).
     """
     inputs = (model_path, adapter)
     check_output(out_dir, "model", overwrite=overwrite, inputs=inputs)  # before minutes of loading
     files = merged_companions(model_path, tokenizer)
     model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device, dequantize=True)
+    plan = checked_plan(model, model_path) if requantize else None
     merge_adapter(model, name=name)
-    return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs, extra_files=files)
+    return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs, extra_files=files, requantize=plan)
 
 
 def merged_companions(model_path, tokenizer: str | None) -> dict[str, Path]:

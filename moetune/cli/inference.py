@@ -106,7 +106,9 @@ def _writing(ns: argparse.Namespace) -> dict:
 def _cmd_merge(ns: argparse.Namespace) -> None:
     from ..workflows import merge_to_checkpoint
 
-    out = merge_to_checkpoint(ns.model, ns.adapter, ns.out, tokenizer=ns.tokenizer, **_writing(ns))
+    out = merge_to_checkpoint(
+        ns.model, ns.adapter, ns.out, tokenizer=ns.tokenizer, requantize=ns.requantize, **_writing(ns)
+    )
     print(f"merged checkpoint written to {out}")
 
 
@@ -119,6 +121,12 @@ def add_merge(sub) -> None:
         "(default: the base folder's tokenizer, chat template and generation config)",
     )
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier merge's")
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="a base released quantized (fp8) is written back in its own format, block scales recomputed from "
+        "the merged weights (default: written dequantized); the largest error of doing so is reported",
+    )
     overwrite_arg(p)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..outputs import write_folder
 from .hf import KeyMap
 from .quant import quantized_weights
+from .requantize import Requantize
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -42,14 +43,18 @@ def native_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Ten
     return out
 
 
-def checkpoint_tensors(model: nn.Module, family: str, *, tied: bool) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    model: nn.Module, family: str, *, tied: bool, requantize: Requantize | None = None
+) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> tensor; the weights ``requantize`` names are written back in its format."""
     keymap = KeyMap(family)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in native_state_dict(model).items():
         if tied and name == "lm_head.weight":
             continue
         for key, t in keymap.export(name, tensor.detach()):
-            tensors[key] = t.to("cpu").contiguous()
+            parts = requantize.tensors(key, t) if requantize and name in requantize.names else {key: t}
+            tensors.update({k: v.to("cpu").contiguous() for k, v in parts.items()})
     return tensors
 
 
@@ -98,18 +103,21 @@ def save_pretrained(
     overwrite: bool = False,
     inputs: tuple = (),
     extra_files: dict[str, Path] | None = None,
+    requantize: Requantize | None = None,
 ) -> Path:
     """Write config.json and safetensors shards (with an index when sharded) to ``out_dir``.
 
     ``out_dir`` must be new, empty, or a model folder moetune wrote (see :mod:`moetune.outputs`).
     ``extra_files`` (name -> source file, copied beside the weights) defaults to the tokenizer,
     chat template and generation config of the folder the model was loaded from, so the written
-    folder tokenizes and generates as the original did.
+    folder tokenizes and generates as the original did. ``requantize`` (``moetune merge --requantize``)
+    writes the weights a stored base held back in its format, config.json's quantization_config kept;
+    the largest error of doing so is logged.
     """
     if extra_files is None:
         extra_files = companion_files(getattr(model, "source_path", None))
     args = model.args
-    tensors = checkpoint_tensors(model, args.family, tied=args.tie_word_embeddings)
+    tensors = checkpoint_tensors(model, args.family, tied=args.tie_word_embeddings, requantize=requantize)
     shards = _shards(tensors, max_shard_size)
 
     def write(tmp: Path) -> None:
@@ -126,12 +134,20 @@ def save_pretrained(
                 "weight_map": {k: n for n, s in zip(names, shards) for k in s},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = dict(args.hf_config)
-        config["dtype"] = DTYPE_NAMES.get(next(iter(tensors.values())).dtype, "float32")
-        config.pop("torch_dtype", None)
-        config.pop("quantization_config", None)  # a stored-format base is written dequantized
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(_config(args.hf_config, tensors, requantize), indent=2))
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)
 
-    return write_folder(out_dir, "model", write, overwrite=overwrite, inputs=inputs)
+    out = write_folder(out_dir, "model", write, overwrite=overwrite, inputs=inputs)
+    if requantize is not None:
+        requantize.report()
+    return out
+
+
+def _config(hf_config: dict, tensors: dict[str, torch.Tensor], requantize: Requantize | None) -> dict:
+    config = dict(hf_config)
+    config["dtype"] = DTYPE_NAMES.get(next(t.dtype for t in tensors.values() if t.dtype.itemsize > 1), "float32")
+    config.pop("torch_dtype", None)
+    if requantize is None:
+        config.pop("quantization_config", None)  # a stored-format base is written dequantized
+    return config

@@ -27,7 +27,7 @@ from moetune.model.quant import (
     quantized_bytes,
     quantized_weights,
 )
-from moetune.model.quant.fp8 import dequantize_fp8
+from moetune.model.quant.fp8 import dequantize_fp8, quantize_fp8
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
 
@@ -72,6 +72,18 @@ def test_dequantize_equals_transformers_bit_for_bit(shape, block, dtype):
         from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
         assert torch.equal(ours, Fp8Dequantize(None)._dequantize_one(q, scale, output_dtype=dtype))
+
+
+@pytest.mark.parametrize("shape, block", [((64, 96), (16, 16)), ((3, 40, 72), (16, 32)), ((256, 384), (128, 128))])
+def test_quantize_equals_transformers_bit_for_bit(shape, block):
+    """Our FP8 quantizer (merge --requantize) against transformers' Fp8Quantize (zero-padded for the
+    partial blocks of (3, 40, 72)), zero blocks and bf16 input included."""
+    w = torch.randn(shape) * torch.logspace(-3, 1, shape[-1])
+    w[..., :16, :16] = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        q, scale = quantize_fp8(w.to(dtype), block)
+        ref_q, ref_scale = fp8_quantize(w.to(dtype), block)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_scale)
 
 
 def test_qwen3_moe_fp8_logits_match_transformers(qwen_fp8):

@@ -64,6 +64,27 @@ def dequantize_fp8(
     return out.view(weight.shape)
 
 
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., out, in) weight -> (float8 weight, (..., so, si) float32 ``weight_scale_inv``).
+
+    The arithmetic of transformers' ``Fp8Quantize`` (per-block max |w| in float32, scale
+    ``FP8_MAX / max``, an all-zero block scaled by 1), with a partial last block quantized as if
+    zero-padded, so its max is its own.
+    """
+    *lead, rows, cols = weight.shape
+    bo, bi = block
+    so, si = math.ceil(rows / bo), math.ceil(cols / bi)
+    w = F.pad(weight.float(), (0, si * bi - cols, 0, so * bo - rows)).view(*lead, so, bo, si, bi)
+    amax = w.abs().amax(dim=(-3, -1))
+    scale = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    q = torch.clamp(w * scale[..., :, None, :, None], min=-FP8_MAX, max=FP8_MAX).to(FP8_DTYPE)
+    q = q.view(*lead, so * bo, si * bi)[..., :rows, :cols].contiguous()
+    return q, (1.0 / scale).to(torch.float32)
+
+
 class FP8Weight(StoredWeight):
     """One frozen weight of ``shape`` as released in block-scaled FP8 (buffers only).
 
