@@ -79,6 +79,15 @@ def test_kimi_shaped_int4_logits_match_the_decompressed_model(kimi_int4):
     assert isinstance(experts, QuantGroupedExperts) and isinstance(experts.gate_up_proj, Int4Weight)
     assert experts.gate_up_proj.weight_scale.dtype == torch.bfloat16
     assert type(ours.model.layers[1].self_attn.kv_b_proj) is torch.nn.Linear  # ignored, as in the release
+    # transformers reading the INT4 folder itself (decompressed by compressed-tensors, to bf16) holds the
+    # same expert weights; its logits differ only because it keeps them bf16 next to fp32 activations
+    dequantize = transformers.CompressedTensorsConfig(dequantize=True)
+    same = transformers.AutoModelForCausalLM.from_pretrained(
+        kimi_int4 / "int4", dtype=torch.float32, quantization_config=dequantize
+    )
+    for name in ("gate_up_proj", "down_proj"):
+        theirs = getattr(same.model.layers[1].mlp.experts, name)
+        assert torch.equal(experts.dequantized_weight(name, theirs.dtype), theirs)
 
 
 def test_lora_gradients_through_int4_equal_the_dequantized_base(qwen_int4):
