@@ -97,12 +97,14 @@ def _chunk_decays(g: torch.Tensor, resets: torch.Tensor | None):
         # sum through earlier sequences would reach hundreds and cost its digits in differences.
         cum = ((same & ~upper).to(g.dtype) @ g[..., None]).squeeze(-1)
     pair = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf"))
-    decay_in, decay_out, carry = cum.exp(), (cum[..., -1:] - cum).exp(), cum[..., -1].exp()
+    to_end = cum[..., -1:] - cum
     if resets is not None:
+        # Masked before exp, never after: across a boundary these differences may be large and
+        # positive, and exp(inf) * 0 would be NaN.
         pair = pair.masked_fill(~same, float("-inf"))
-        decay_in, decay_out = decay_in * (seg == 0), decay_out * (seg == seg[..., -1:])
-        carry = carry * (seg[..., -1] == 0)
-    return pair.exp(), decay_in, decay_out, carry
+        cum = cum.masked_fill(seg != 0, float("-inf"))
+        to_end = to_end.masked_fill(seg != seg[..., -1:], float("-inf"))
+    return pair.exp(), cum.exp(), to_end.exp(), cum[..., -1].exp()
 
 
 def chunk_gated_delta_rule(

@@ -98,4 +98,7 @@ def _attention(args: ModelArgs, model: nn.Module) -> str:
         parts.append(f"sliding window {sizes} on {len(windows)} of {args.num_layers} layers")
     if any(name.endswith(".sinks") for name, _ in model.named_parameters()):
         parts.append("learned sinks")
+    linear = sum(args.is_linear_attention_layer(i) for i in range(args.num_layers))
+    if linear:
+        parts.append(f"gated DeltaNet on {linear} of {args.num_layers} layers, gated full attention on the rest")
     return ", ".join(parts)

@@ -20,7 +20,7 @@ def _inputs(vocab: int, T: int = 80):
     ids = torch.randint(0, vocab, (3, T), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    mask[2, T - 13 :] = 0
+    mask[2, T - 23 :] = 0  # at T=80 the padding spans the edge of the first 64-token chunk
     return ids, mask
 
 
@@ -40,6 +40,7 @@ def test_logits_match_transformers(pair):
     err = (ref - got)[mask.bool()].abs().max().item()
     print(f"{name}: max|dlogits| padded batch {err:.2e} (logit scale {ref.abs().max():.2f})")
     assert err <= 1e-4
+    assert torch.isfinite(got).all()  # padding positions too: a NaN there would poison attention and the loss
 
 
 def test_names_match_transformers(pair):
@@ -99,6 +100,50 @@ def test_greedy_generation_equals_transformers(pair):
     assert ref[:, 6:].tolist() == got
 
 
+def test_aux_loss_and_inspect(pair):
+    name, hf, ours, folder = pair
+    from moetune.inspect import inspect_model
+
+    ids, mask = _inputs(128, T=20)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+        got = ours(ids, attention_mask=mask).aux_loss
+    assert torch.allclose(ref.float(), got, atol=1e-5), (ref, got)
+    report = inspect_model(folder)
+    assert "gated DeltaNet" in report and ("in_proj_qkvz" in report) == (name == "qwen3_next")
+
+
+def test_lora_gradients_through_chunked_equal_the_recurrence(pair, monkeypatch):
+    """Every LoRA gradient (DeltaNet projections, attention, experts) is the same whether the
+    DeltaNet layers run the chunked form or the token-by-token recurrence (the reference)."""
+    import moetune.model.linear_attention as la
+
+    _, _, ours, folder = pair
+    model = moetune.load_model(folder)
+    targets = ["in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    moetune.add_adapter(model, moetune.LoraConfig(r=2, target_modules=[t for t in targets if t in names] + ["experts"]))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in moetune.trainable_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids, mask = _inputs(128, T=70)
+
+    def grads():
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        return {k: p.grad.clone() for k, p in moetune.trainable_parameters(model).items()}
+
+    chunked = grads()
+    monkeypatch.setattr(la, "chunk_gated_delta_rule", la.recurrent_gated_delta_rule)
+    recurrent = grads()
+    assert all(torch.isfinite(g).all() for g in [*chunked.values(), *recurrent.values()])
+    scale = {k: recurrent[k].abs().max().clamp_min(1e-12) for k in recurrent}  # unrouted experts: zero grads
+    worst = max(((chunked[k] - recurrent[k]).abs().max() / scale[k]).item() for k in chunked)
+    print(f"LoRA grads, chunked vs recurrent DeltaNet: max relative diff {worst:.2e} over {len(chunked)} tensors")
+    assert worst <= 3e-4  # fp32 rounding through four layers; the rule alone is held to 1e-5 below
+
+
 # --- the delta rule itself -------------------------------------------------------------------
 
 
@@ -134,7 +179,8 @@ def test_chunked_equals_recurrent_outputs_and_gradients(with_resets):
     assert (state_c - state_r).abs().max() <= 1e-5
     for name, gc, gr in zip(("q", "k", "v", "gate", "beta", "state"), grads_c, grads_r):
         err = (gc - gr).abs().max().item()
-        assert err <= 1e-4 * max(1.0, gr.abs().max().item()), (name, err)
+        print(f"d/d{name}: chunked vs recurrent max|diff| {err:.2e} (scale {gr.abs().max():.2f})")
+        assert err <= 1e-5 * max(1.0, gr.abs().max().item()), (name, err)
 
 
 def test_delta_rule_matches_transformers_fallbacks():
