@@ -141,3 +141,13 @@ def parse_deepseek_v3(raw: dict[str, Any]) -> ModelArgs:
     )
     args.hf_config = dict(raw)
     return args
+
+
+def parse_kimi_k2(raw: dict[str, Any]) -> ModelArgs:
+    """Kimi-K2 / K2-Thinking (model_type ``kimi_k2``): DeepSeek-V3's architecture under another name.
+    transformers 5.17 has no ``kimi_k2`` model and reads one as ``deepseek_v3`` (Kimi-K2.5's text
+    config does the same), so it is built and saved as DeepSeek-V3 would be; its own config.json is
+    written back unchanged."""
+    args = parse_deepseek_v3({**raw, "model_type": "deepseek_v3"})
+    args.hf_config = dict(raw)
+    return args

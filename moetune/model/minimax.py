@@ -11,6 +11,12 @@ Attention: GQA without biases, RMSNorm over the whole q and k projections (all h
 before the heads are split: :class:`~.attention.Attention` with ``qk_norm="full"``), rotate-half
 RoPE on the first ``partial_rotary_factor`` of each head.
 
+Aux loss: ours is the shared load-balancing loss over the routing actually used (counts of the
+chosen experts, bias included; probabilities = sigmoid scores normalised per token, as for
+DeepSeek-V3). transformers 5.17 returns Mixtral's loss for this model when asked
+(``output_router_logits``): softmax over the raw logits and their bias-free top-k, a selection the
+model never makes. The two differ by design and are not compared.
+
 ``rotary_dim``: MiniMax's own configs give the rotary width as ``rotary_dim`` (64 of 128), which
 transformers 5.17 does not read (it rotates ``partial_rotary_factor`` of the head, default all of
 it). A config with ``rotary_dim`` and no ``partial_rotary_factor`` is read as MiniMax (and vLLM)

@@ -190,3 +190,18 @@ def test_kimi_int4_release_loads_its_text_model(saved, tmp_path):
         err = (ref.eval()(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"kimi_k25 INT4 release: moetune vs transformers on the decompressed folder max|dlogits| {err:.2e}")
     assert err <= 1e-4
+
+
+def test_text_only_kimi_k2_reads_as_deepseek_v3(tmp_path):
+    """Kimi-K2 / K2-Thinking folders say model_type kimi_k2: DeepSeek-V3 under another name."""
+    from tiny_deepseek import make_hf as make_deepseek
+
+    hf = make_deepseek("v3_groups_yarn")
+    hf.save_pretrained(tmp_path / "k2")
+    cfg = json.loads((tmp_path / "k2" / "config.json").read_text())
+    (tmp_path / "k2" / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
+    ours = moetune.load_model(tmp_path / "k2")
+    ids, _ = _inputs(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max() <= 1e-4
+    assert ours.args.family == "deepseek_v3" and ours.args.hf_config["model_type"] == "kimi_k2"
