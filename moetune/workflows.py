@@ -219,7 +219,7 @@ def merge_to_checkpoint(
     """Fold an adapter into the base and write a plain Hugging Face checkpoint, in the base's dtype
     unless ``dtype`` says otherwise, with the base folder's generation config and the tokenizer
     files of ``tokenizer`` (a folder; default: the base folder's), so it generates as base + adapter did.
-    A base released quantized is written dequantized, or with ``requantize`` in its own format (FP8).
+    A base released quantized is written dequantized, or with ``requantize`` in its own format (FP8, INT4).
     """
     inputs = (model_path, adapter)
     check_output(out_dir, "model", overwrite=overwrite, inputs=inputs)  # before minutes of loading

@@ -124,7 +124,7 @@ def add_merge(sub) -> None:
     p.add_argument(
         "--requantize",
         action="store_true",
-        help="a base released quantized (fp8) is written back in its own format, block scales recomputed from "
+        help="a base released quantized (fp8, int4) is written back in its own format, scales recomputed from "
         "the merged weights (default: written dequantized); the largest error of doing so is reported",
     )
     overwrite_arg(p)

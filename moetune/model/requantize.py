@@ -2,9 +2,9 @@
 
 Before a stored base is dequantized for merging, :func:`requantize_plan` records which native
 weights were stored and how; :meth:`Requantize.tensors` turns each merged checkpoint tensor of those
-weights back into the format's tensors (block scales recomputed from the merged values) and keeps the
+weights back into the format's tensors (scales recomputed from the merged values) and keeps the
 largest difference between the requantized and the merged weights, which the saver reports.
-Only block-scaled FP8 is written back so far.
+Block-scaled FP8 and pack-quantized INT4 are written back; MXFP4 is not yet.
 """
 
 from __future__ import annotations
@@ -16,28 +16,31 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .quant import FP8Weight, quantized_weights
+from .quant import FP8Weight, Int4Weight, quantized_weights
 from .quant.fp8 import SCALE_SUFFIX, dequantize_fp8, quantize_fp8
+from .quant.int4 import dequantize_int4, quantize_int4
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Requantize:
-    """Native weight names a stored base held, their formats and FP8 ``block``, and the largest
-    |requantized - merged| seen while writing them back."""
+    """Native weight names a stored base held, their format and its parameters (FP8 ``block``;
+    INT4 ``group`` and scale dtype), and the largest |requantized - merged| seen writing them back."""
 
     names: set[str]
     formats: set[str]
-    block: tuple[int, int] | None
+    block: tuple[int, int] | None = None
+    group: int | None = None
+    scale_dtype: torch.dtype | None = None
     max_error: float = 0.0
 
     def check(self) -> Requantize:
         """Raises:
         CheckpointError: the base is stored in a format moetune does not write back yet."""
-        if self.formats != {"fp8"} or self.block is None:
+        if len(self.formats) != 1 or not (self.block or self.group):
             raise CheckpointError(
-                f"--requantize writes block-scaled fp8 bases back; this base is stored in "
+                f"--requantize writes fp8 and int4 bases back; this base is stored in "
                 f"{', '.join(sorted(self.formats))} (merge without --requantize to write it in full precision)"
             )
         return self
@@ -51,11 +54,17 @@ class Requantize:
         )
 
     def tensors(self, key: str, merged: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The checkpoint tensors of one merged (out, in) weight: ``key`` float8, ``key_scale_inv``."""
-        q, scale_inv = quantize_fp8(merged, self.block)
-        back = dequantize_fp8(q, scale_inv, self.block, torch.float32)
+        """The checkpoint tensors of one merged (out, in) weight in the base's format."""
+        if self.block is not None:
+            q, scale_inv = quantize_fp8(merged, self.block)
+            back = dequantize_fp8(q, scale_inv, self.block, torch.float32)
+            out = {key: q, key + SCALE_SUFFIX: scale_inv}
+        else:  # int4, quantized from the weight in the scales' dtype, as compressed-tensors does
+            packed, scale = quantize_int4(merged.to(self.scale_dtype), self.group)
+            back = dequantize_int4(packed, scale, merged.shape[-1], torch.float32)
+            out = {key + "_packed": packed, key + "_scale": scale, key + "_shape": torch.tensor(merged.shape)}
         self.max_error = max(self.max_error, (back - merged.float()).abs().max().item())
-        return {key: q, key + SCALE_SUFFIX: scale_inv}
+        return out
 
 
 def requantize_plan(model: nn.Module) -> Requantize | None:
@@ -64,9 +73,14 @@ def requantize_plan(model: nn.Module) -> Requantize | None:
     held = quantized_weights(model)
     if not held:
         return None
-    blocks = {h.block for h in held.values() if isinstance(h, FP8Weight)}
-    block = blocks.pop() if len(blocks) == 1 else None
-    return Requantize(set(held), {h.format for h in held.values()}, block)
+    fp8 = {h.block for h in held.values() if isinstance(h, FP8Weight)}
+    int4 = {(h.group, h.weight_scale.dtype) for h in held.values() if isinstance(h, Int4Weight)}
+    plan = Requantize(set(held), {h.format for h in held.values()})
+    if len(fp8) == 1:
+        plan.block = fp8.pop()
+    elif len(int4) == 1:
+        plan.group, plan.scale_dtype = int4.pop()
+    return plan
 
 
 def checked_plan(model: nn.Module, source) -> Requantize:

@@ -8,7 +8,7 @@ from quant_fixtures import write_fp8_folder
 from tiny_hf import save_hf_model
 
 import moetune
-from moetune.model.quant import FP8Weight
+from moetune.model.quant import FP8Weight, QuantLinear
 from moetune.workflows import merge_to_checkpoint
 
 
@@ -75,3 +75,31 @@ def test_merge_requantize_writes_the_fp8_format_back(tmp_path, caplog):
     assert abs(max(errors).item() - reported) <= 5e-3 * reported  # reported with 3 significant digits
     back = moetune.load_model(tmp_path / "requantized")
     assert isinstance(back.model.layers[1].mlp.experts.gate_up_proj, FP8Weight)
+
+
+def test_merge_requantize_writes_the_int4_format_back(tmp_path, caplog):
+    """--requantize on an INT4 base: compressed-tensors' own compress of the merged weights (taken in
+    the base's bf16 scale dtype), bit for bit."""
+    from quant_fixtures import int4_compress, write_int4_folder
+    from safetensors.torch import load_file
+
+    save_hf_model("qwen3_moe", tmp_path / "full")
+    write_int4_folder(tmp_path / "full", tmp_path / "int4", ignore=["lm_head"])
+    model = moetune.load_model(tmp_path / "int4")
+    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=["o_proj", "experts"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    moetune.save_adapter(model, tmp_path / "adapter")
+    merge_to_checkpoint(tmp_path / "int4", str(tmp_path / "adapter"), tmp_path / "plain")
+    with caplog.at_level("WARNING"):
+        merge_to_checkpoint(tmp_path / "int4", str(tmp_path / "adapter"), tmp_path / "requantized", requantize=True)
+    print(caplog.text.strip())
+    assert "to int4: max |requantized - merged|" in caplog.text
+    written = load_file(str(tmp_path / "requantized" / "model.safetensors"))
+    merged = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for key in ("model.layers.1.mlp.experts.5.down_proj", "model.layers.0.self_attn.o_proj"):
+        ref = int4_compress(merged[key + ".weight"].to(torch.bfloat16))
+        assert all(torch.equal(written[f"{key}.weight_{s}"], ref[f"weight_{s}"]) for s in ("packed", "scale", "shape"))
+    assert isinstance(moetune.load_model(tmp_path / "requantized").model.layers[0].self_attn.o_proj, QuantLinear)

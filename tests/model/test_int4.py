@@ -22,7 +22,7 @@ import moetune
 from moetune.inspect import inspect_model
 from moetune.errors import CheckpointError
 from moetune.model.quant import Int4Weight, QuantGroupedExperts, QuantLinear, dequantize_model, quantized_bytes
-from moetune.model.quant.int4 import dequantize_int4, unpack_int4
+from moetune.model.quant.int4 import dequantize_int4, quantize_int4, unpack_int4
 
 pytest.importorskip("compressed_tensors")
 
@@ -65,6 +65,16 @@ def test_dequantize_equals_compressed_tensors_bit_for_bit(shape, scale_dtype):
     reference = int4_decompress(packed)
     assert torch.equal(dequantize_int4(p, s, shape[-1], scale_dtype), reference)
     assert torch.equal(dequantize_int4(p, s, shape[-1], torch.float32), reference.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_equals_compressed_tensors_bit_for_bit(dtype):
+    """Our INT4 quantizer (merge --requantize) against compressed-tensors' compress, zero groups included."""
+    w = (torch.randn(3, 40, 96) * torch.logspace(-3, 1, 96)).to(dtype)
+    w[..., :2, :32] = 0
+    ref = int4_compress(w)
+    packed, scale = quantize_int4(w, 32)
+    assert torch.equal(packed, ref["weight_packed"]) and torch.equal(scale, ref["weight_scale"])
 
 
 def test_kimi_shaped_int4_logits_match_the_decompressed_model(kimi_int4):

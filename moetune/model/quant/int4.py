@@ -48,6 +48,23 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, cols: int, dtype:
     return out.view(*scale.shape[:-1], cols)
 
 
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., out, in) weight -> ((..., out, in/8) int32 packed, (..., out, in/g) scales in the weight's dtype).
+
+    The arithmetic of compressed-tensors' symmetric group quantization (``calculate_qparams``, then
+    ``quantize`` and ``pack_to_int32``), in the weight's dtype: scale = max |w| of the group / 7.5
+    (the smallest positive number of that dtype for an all-zero group), q = round(clamp(w / scale, -8, 7)).
+    """
+    groups = weight.unflatten(-1, (weight.shape[-1] // group, group))
+    low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    scale = torch.maximum(low.abs(), high.abs()) / torch.tensor(15, dtype=weight.dtype).div(2)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
+    q = torch.round(torch.clamp(groups / scale.unsqueeze(-1), -8, 7)).flatten(-2).to(torch.int64) + 8
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int64, device=weight.device)
+    words = (q.unflatten(-1, (-1, PER_WORD)) << shifts).sum(-1)  # disjoint nibbles: the sum is their OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), scale
+
+
 class Int4Weight(StoredWeight):
     """One frozen weight of ``shape`` as released in pack-quantized INT4 (buffers only).
 
