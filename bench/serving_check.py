@@ -13,7 +13,13 @@ does with ``PackedLoRALayerWeights.pack_moe``, and compares the per-expert delta
 (``scaling * B @ A``) with moetune's, and the logits of the base with vLLM's deltas merged in with
 the trained model's.
 
+With ``--sglang`` it does the same through SGLang 0.5.23's ``LoRAAdapter`` (``lora/lora.py``: its
+``scaling = lora_alpha / r``, weight normalisation - w1/w3/w2 renamed, gate and up stacked per expert)
+executed from its source, for the per-expert folder with and without ``fold_scaling``; the memory
+pool's rule that every pair has the config's rank ``r`` is checked as a reproduction (an assertion).
+
     python bench/serving_check.py --vllm /path/containing/vllm   # site-packages or an unpacked wheel
+    python bench/serving_check.py --sglang /path/containing/sglang
     python bench/serving_check.py --moe-peft /path/to/MoE-PEFT   # a checkout of github.com/TUDB-Labs/MoE-PEFT
 
 With ``--moe-peft`` it also exports a MixLoRA adapter in MoE-PEFT's layout and runs MoE-PEFT's own
@@ -96,6 +102,7 @@ def _experts_8_8(path: str, cfg: LoraConfig) -> LoraConfig:
 CASES = {  # the adapter: experts at r=8 alpha=8 under r=4 alpha=8 ("patterns"), rsLoRA, one projection only
     "all": (LoraConfig(r=4, alpha=8, target_modules=["o_proj", "experts"]), None),
     "patterns": (LoraConfig(r=4, alpha=8, target_modules=["o_proj", "experts"]), _experts_8_8),
+    "rslora": (LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=["o_proj", "experts"]), None),
     "rslora_patterns": (LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=["o_proj", "experts"]), _experts_8_8),
     "down_only": (LoraConfig(r=4, alpha=8, target_modules=["o_proj", "experts.down_proj"]), None),
 }
@@ -272,6 +279,84 @@ def check(vllm: dict, family: str, case: str, tmp: Path) -> dict:
     return row
 
 
+# --- SGLang's own adapter code -------------------------------------------------------------------
+def load_sglang(root: Path) -> types.ModuleType:
+    """SGLang's ``lora/lora.py`` (``LoRAAdapter``: scaling, weight normalisation) and ``lora_config.py``,
+    executed from the source under ``root`` with stubs for the loader, backend and config types."""
+    src = root / "sglang/srt"
+    for pkg in ("sglang", "sglang.srt", "sglang.srt.lora", "sglang.srt.layers", "sglang.srt.configs"):
+        _stub(pkg, __path__=[])
+    _stub("sglang.srt.configs.load_config", LoadConfig=object)
+    _stub("sglang.srt.lora.backend.base_backend", BaseLoRABackend=object)
+    _stub("sglang.srt.model_loader.loader", DefaultModelLoader=object)
+    _stub("sglang.srt.utils.hf_transformers_utils", AutoConfig=object)
+    _stub("sglang.srt.model_executor.forward_batch_info", ForwardBatch=object)
+    layer_utils = _defs(src / "layers/utils/common.py", {"get_layer_id"}, {"re": re})
+    _stub("sglang.srt.layers.utils", get_layer_id=layer_utils["get_layer_id"])
+    modules = {}
+    for mod in ("lora_config", "utils", "lora"):
+        spec = importlib.util.spec_from_file_location(f"sglang.srt.lora.{mod}", src / f"lora/{mod}.py")
+        modules[mod] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = modules[mod]
+        spec.loader.exec_module(modules[mod])
+    return modules
+
+
+def sglang_read(sgl: dict, folder: Path, model) -> dict[str, torch.Tensor]:
+    """Our parameter name -> the delta SGLang's ``LoRAAdapter`` holds for ``folder``: its normalised
+    weights (gate/up stacked per expert, w1/w3/w2 renamed) times its ``scaling``; each pair's rank must
+    be the config's ``r`` (``LoRAMemoryPool`` copies ``[:r]`` rows and asserts the shapes)."""
+    from safetensors.torch import load_file
+
+    config = sgl["lora_config"].LoRAConfig(str(folder))
+    hf = types.SimpleNamespace(num_hidden_layers=model.args.num_layers)
+    adapter = sgl["lora"].LoRAAdapter("a", config, hf, None, None)
+    adapter.initialize_weights_from_tensors(load_file(str(folder / "adapter_model.safetensors")))
+    out: dict[str, torch.Tensor] = {}
+    experts = {p: m for p, m in model.named_modules() if isinstance(m, LoraGroupedExperts)}
+    for layer in adapter.layers:
+        for name, a in ((k, t) for k, t in layer.weights.items() if "lora_A" in k):
+            b = layer.weights[name.replace("lora_A", "lora_B")]
+            c = 2 if ".gate_up_proj." in name else 1
+            assert a.shape[0] == c * config.r, f"mem_pool: {name} has rank {a.shape[0] // c}, buffers rank {config.r}"
+            blocks = [
+                b[i * b.shape[0] // c : (i + 1) * b.shape[0] // c] @ a[i * config.r : (i + 1) * config.r]
+                for i in range(c)
+            ]
+            path = name.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0].replace(".block_sparse_moe.", ".mlp.")
+            out[path] = adapter.scaling * torch.cat(blocks)
+    result: dict[str, torch.Tensor] = {}
+    for path, layer in experts.items():
+        E = layer.num_experts
+        result[f"{path}.gate_up_proj"] = torch.stack([out.pop(f"{path}.{e}.gate_up_proj") for e in range(E)])
+        result[f"{path}.down_proj"] = torch.stack([out.pop(f"{path}.{e}.down_proj") for e in range(E)])
+    return result | {f"{k}.weight": v for k, v in out.items()}
+
+
+def merged_logits_diff(model, deltas: dict[str, torch.Tensor]) -> float:
+    fresh = build_random_model(model.args, std=0.08).eval()
+    params = dict(fresh.named_parameters())
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, d in deltas.items():
+            params[name].add_(d)
+        return (fresh(ids).logits - model(ids).logits).abs().max().item()
+
+
+def sglang_check(sgl: dict, family: str, case: str, tmp: Path, *, fold: bool) -> dict:
+    model = trained_model(family, case)
+    folder = moetune.save_adapter(model, tmp / f"sg-{family}-{case}-{fold}", layout="per_expert", fold_scaling=fold)
+    row = {"family": family, "case": case, "reader": "sglang (own code)", "fold_scaling": fold}
+    row["bytes"] = (folder / "adapter_model.safetensors").stat().st_size
+    try:
+        got = sglang_read(sgl, folder, model)
+    except AssertionError as err:
+        return row | {"error": f"AssertionError: {err}"}
+    ours = our_deltas(model)
+    row["max_delta_diff"] = max((got[k] - v).abs().max().item() for k, v in ours.items())
+    return row | {"max_logit_diff": merged_logits_diff(model, got)}
+
+
 # --- MoE-PEFT's own loader and forward ------------------------------------------------------
 def moe_peft_check(root: Path, tmp: Path, dropout: float) -> dict:
     """A MixLoRA adapter exported with ``layout="moe_peft"``, loaded by MoE-PEFT's ``LLMModel.load_adapter``
@@ -312,6 +397,7 @@ def moe_peft_check(root: Path, tmp: Path, dropout: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm", type=Path, help="folder holding the vllm package source")
+    p.add_argument("--sglang", type=Path, help="folder holding the sglang package source")
     p.add_argument("--moe-peft", type=Path, help="a MoE-PEFT checkout (the folder holding moe_peft/)")
     p.add_argument("--family", action="append", choices=[*FAMILIES, *NEWER], help="default: all")
     ns = p.parse_args()
@@ -321,6 +407,12 @@ def main() -> None:
             for family in ns.family or [*FAMILIES, *NEWER]:
                 for case in CASES:
                     print(json.dumps(check(vllm, family, case, Path(tmp))), flush=True)
+        if ns.sglang:
+            sgl = load_sglang(ns.sglang)
+            for family in ns.family or [*FAMILIES, *NEWER]:
+                for case in CASES:
+                    for fold in (False, True):
+                        print(json.dumps(sglang_check(sgl, family, case, Path(tmp), fold=fold)), flush=True)
         if ns.moe_peft:
             for dropout in (0.0, 0.05):
                 print(json.dumps(moe_peft_check(ns.moe_peft, Path(tmp), dropout)), flush=True)
