@@ -205,3 +205,27 @@ def test_text_only_kimi_k2_reads_as_deepseek_v3(tmp_path):
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max() <= 1e-4
     assert ours.args.family == "deepseek_v3" and ours.args.hf_config["model_type"] == "kimi_k2"
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "minimax_m2"])
+def test_fp8_release_matches_transformers(name, saved, tmp_path):
+    """GLM-4.5-FP8 and MiniMax-M2 are released block-FP8: read as stored, equal to transformers on the
+    dequantized folder (MiniMax's router stays full precision, as in its release)."""
+    from quant_fixtures import write_dequantized_folder, write_fp8_folder
+    from safetensors.torch import load_file, save_file
+
+    hf, folder, _ = saved(name)
+    write_fp8_folder(folder, tmp_path / "fp8")
+    tensors, full = load_file(str(tmp_path / "fp8" / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith("block_sparse_moe.gate.weight")]:
+        tensors[key] = full[key]
+        del tensors[key + "_scale_inv"]
+    save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    write_dequantized_folder(tmp_path / "fp8", tmp_path / "dequantized")
+    ours = moetune.load_model(tmp_path / "fp8")
+    ref = type(hf).from_pretrained(tmp_path / "dequantized", dtype=torch.float32).eval()
+    ids, _ = _inputs(_text(hf).vocab_size)
+    with torch.no_grad():
+        err = (ref(input_ids=ids).logits - ours(ids).logits).abs().max().item()
+    print(f"{name}: FP8 release vs transformers on the dequantized folder max|dlogits| {err:.2e}")
+    assert err <= 1e-4
