@@ -72,7 +72,8 @@ def save_peft(
     for part in experts:
         zero_pairs(part, r)
         tensors.update({f"{PREFIX}{part.path}.{suffix}": t for suffix, t in part.tensors.items()})
-    target_modules += list(dict.fromkeys(p for part in experts for p in EXPERT_PROJS if p in part.ranks))
+    # Zero pairs are listed too when folding for SGLang, whose strict loading refuses unlisted tensors.
+    target_modules += list(dict.fromkeys(p for e in experts for p in EXPERT_PROJS if p in e.ranks or fold_scaling))
     targets = {"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))}
     patterns = (rank_pattern, alpha_pattern)
     if layout == "peft":  # the servers read a wrapped model's text model under its own names (below)
