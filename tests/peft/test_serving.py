@@ -212,3 +212,17 @@ def test_transformers4_era_per_expert_adapter_reads_exactly(family, tmp_path):
     err = (_logits(back, IDS) - _logits(trained, IDS)).abs().max().item()
     print(f"{family}: transformers-4-era per-expert adapter -> moetune logits max|d| {err:.2e}")
     assert err <= 1e-5
+
+
+def test_vllm_export_warns_about_kv_b_proj(caplog):
+    """vLLM's MLA decode multiplies by W_UK/W_UV split from the base kv_b_proj at load
+    (mla_attention.py: process_weights_after_loading): a kv_b_proj LoRA changes prefill only."""
+    from moetune.peft.formats.per_expert import check_vllm_export
+
+    model = _trained("deepseek_v3", LoraConfig(r=4, alpha=8, target_modules=["kv_b_proj", "experts"]))
+    with caplog.at_level("WARNING"):
+        check_vllm_export(model, "default", fused=False)
+    assert any("prefill but not decode" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    check_vllm_export(_trained("deepseek_v3", CASES_EXPORT["all"][0]), "default", fused=False)
+    assert not caplog.records
