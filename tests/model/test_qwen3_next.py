@@ -24,12 +24,29 @@ def _inputs(vocab: int, T: int = 80):
     return ids, mask
 
 
+_LOADED: dict = {}
+
+
+def _load(name, tmp_path_factory):
+    """(name, transformers model, our model, folder), built once per test module."""
+    if name not in _LOADED:
+        folder = tmp_path_factory.mktemp(name)
+        hf = make_hf(name)
+        hf.save_pretrained(folder)
+        _LOADED[name] = name, hf, moetune.load_model(folder), folder
+    return _LOADED[name]
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = make_hf(request.param)
-    hf.save_pretrained(folder)
-    return request.param, hf, moetune.load_model(folder), folder
+    """Each family: for what both must show (parity, names, packing, generation)."""
+    return _load(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def next_pair(tmp_path_factory):
+    """Qwen3-Next alone: for what the two families share the code of (cache, loss, gradients)."""
+    return _load("qwen3_next", tmp_path_factory)
 
 
 def test_logits_match_transformers(pair):
@@ -76,8 +93,8 @@ def test_packed_row_equals_documents_run_alone(pair):
     assert (leaky - alone).abs().max() > 1e-2
 
 
-def test_cache_decoding_matches_full_forward(pair):
-    _, _, ours, _ = pair
+def test_cache_decoding_matches_full_forward(next_pair):
+    _, _, ours, _ = next_pair
     ids, mask = _inputs(128, T=16)
     ids, mask = ids[:2], torch.cat((mask[1:2], torch.ones_like(mask[:1])))  # a left-padded row and a full one
     with torch.no_grad():
@@ -100,8 +117,8 @@ def test_greedy_generation_equals_transformers(pair):
     assert ref[:, 6:].tolist() == got
 
 
-def test_aux_loss_and_inspect(pair):
-    name, hf, ours, folder = pair
+def test_aux_loss_and_inspect(next_pair):
+    name, hf, ours, folder = next_pair
     from moetune.inspect import inspect_model
 
     ids, mask = _inputs(128, T=20)
@@ -113,12 +130,12 @@ def test_aux_loss_and_inspect(pair):
     assert "gated DeltaNet" in report and ("in_proj_qkvz" in report) == (name == "qwen3_next")
 
 
-def test_lora_gradients_through_chunked_equal_the_recurrence(pair, monkeypatch):
+def test_lora_gradients_through_chunked_equal_the_recurrence(next_pair, monkeypatch):
     """Every LoRA gradient (DeltaNet projections, attention, experts) is the same whether the
     DeltaNet layers run the chunked form or the token-by-token recurrence (the reference)."""
     import moetune.model.linear_attention as la
 
-    _, _, ours, folder = pair
+    _, _, _, folder = next_pair
     model = moetune.load_model(folder)
     targets = ["in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -214,13 +231,13 @@ def test_causal_conv_restarts_and_carries_state():
     assert (torch.cat((first, rest), dim=1) - out).abs().max() <= 1e-6
 
 
-def test_multi_token_prediction_module_is_skipped(pair, tmp_path):
+def test_multi_token_prediction_module_is_skipped(next_pair, tmp_path):
     """Released Qwen3-Next / Qwen3.5 checkpoints carry an mtp.* module; like transformers we skip it."""
     import shutil
 
     from safetensors.torch import save_file
 
-    _, _, _, folder = pair
+    _, _, _, folder = next_pair
     shutil.copytree(folder, tmp_path / "m")
     save_file({"mtp.fc.weight": torch.zeros(4, 8)}, str(tmp_path / "m" / "mtp.safetensors"))
     moetune.load_model(tmp_path / "m")
