@@ -177,11 +177,11 @@ def causal_conv(
     K = weight.shape[1]
     past = x.new_zeros(B, K - 1, Ch) if state is None else state.to(x.dtype)
     xs = torch.cat((past, x), dim=1)  # (B, K-1+T, Ch)
-    w = weight.to(x.dtype)
+    wide, w = xs.float(), weight.float()  # summed in fp32, as a convolution kernel accumulates
     if resets is None:
-        out = sum(xs[:, i : i + T] * w[:, i] for i in range(K))
-        return out, xs[:, T:]
+        out = sum(wide[:, i : i + T] * w[:, i] for i in range(K))
+        return out.to(x.dtype), xs[:, T:]
     seg = F.pad(resets.long().cumsum(1), (K - 1, 0))  # (B, K-1+T): sequence index of every input
     here = seg[:, K - 1 :]
-    out = sum(xs[:, i : i + T] * w[:, i] * (seg[:, i : i + T] == here)[..., None] for i in range(K))
-    return out, xs[:, T:] * (seg[:, T:] == seg[:, -1:])[..., None]
+    out = sum(wide[:, i : i + T] * w[:, i] * (seg[:, i : i + T] == here)[..., None] for i in range(K))
+    return out.to(x.dtype), xs[:, T:] * (seg[:, T:] == seg[:, -1:])[..., None]

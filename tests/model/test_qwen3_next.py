@@ -117,6 +117,19 @@ def test_greedy_generation_equals_transformers(pair):
     assert ref[:, 6:].tolist() == got
 
 
+def test_bf16_logits_follow_transformers_in_bf16(next_pair):
+    """In bf16 (the training dtype) the DeltaNet layers round as transformers' do: the convolution
+    sums in fp32 like a conv kernel, the delta rule runs in fp32."""
+    _, _, _, folder = next_pair
+    ours, hf = moetune.load_model(folder, dtype=torch.bfloat16), make_hf("qwen3_next").to(torch.bfloat16)
+    ids, mask = _inputs(128, T=70)
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    err = (ref.float() - got.float())[mask.bool()].abs().max().item()
+    print(f"qwen3_next bf16 vs transformers bf16: max|dlogits| {err:.2e} (logit scale {ref.abs().max():.2f})")
+    assert err <= 5e-2
+
+
 def test_aux_loss_and_inspect(next_pair):
     name, hf, ours, folder = next_pair
     from moetune.inspect import inspect_model
