@@ -149,6 +149,17 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order=order, token_index=order // experts.shape[1], offsets=ends.to(torch.int32), counts=counts)
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 number of choices of each expert id in ``experts`` (ids >= E are not counted).
+
+    A sum of one-hot rows on the device: ``bincount`` sizes its output from the largest id, which
+    the host reads (a sync), and a ``minlength`` does not spare it.
+    """
+    flat = experts.reshape(-1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat.clamp_max(num_experts), torch.ones_like(flat))[:num_experts]
+
+
 def gather_rows(h: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
     """(N, D) token states -> (R, D) routed rows.
 

@@ -13,7 +13,8 @@ import moetune
 from host_syncs import HostSyncCounter
 from moetune.model import build_random_model
 from moetune.model.grouped import grouped_linear, grouped_linear_loop
-from moetune.model.moe import dispatch
+from moetune.config import MixtureConfig
+from moetune.model.moe import dispatch, expert_counts
 from moetune.tiny_models import tiny_model_args
 
 ATTENTION = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"], "deepseek_v3": ["q_b_proj", "kv_b_proj", "o_proj"]}
@@ -45,6 +46,19 @@ def test_training_step_has_no_host_sync(family, rank, adapters):
     assert not counter.counts, counter.report()
 
 
+def test_mixlora_top_k_step_has_no_host_sync():
+    """MixLoRA as published (top-k routing) on a dense FFN; top-p and switch routing still read
+    the number of kept rows on the host."""
+    model = build_random_model(tiny_model_args("qwen3"))
+    mixture = MixtureConfig(kind="mixlora", num_experts=4, routing="top_k")
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=targets, mixture=mixture))
+    ids = torch.randint(0, 200, (2, 12))
+    with HostSyncCounter() as counter:
+        model(ids, labels=ids).loss.backward()
+    assert not counter.counts, counter.report()
+
+
 def test_counter_sees_what_it_should():
     offsets = torch.tensor([2, 2, 5], dtype=torch.int32)
     x, w = torch.randn(5, 4), torch.randn(3, 4, 4)
@@ -70,6 +84,8 @@ def test_dispatch_offsets_match_bincount_including_empty_experts():
     assert torch.equal(d.counts, counts)
     assert d.offsets.dtype == torch.int32 and torch.equal(d.offsets, counts.cumsum(0).to(torch.int32))
     assert torch.equal(d.order, torch.argsort(choices.reshape(-1), stable=True))
+    dropped = torch.tensor([[3, 7], [0, 7], [5, 3]])  # id 7 = E: a slot no expert takes
+    assert torch.equal(expert_counts(dropped, 7), torch.bincount(dropped.reshape(-1), minlength=8)[:7])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

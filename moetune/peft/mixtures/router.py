@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import MixtureConfig
+from ...model.moe import expert_counts
 
 
 @dataclass
@@ -103,11 +104,11 @@ def route(
     if cfg.routing == "top_k":
         top, experts = torch.topk(probs, cfg.top_k, dim=-1)
         weights, variable, base = top / top.sum(-1, keepdim=True), False, None
-        counts = torch.bincount(experts.reshape(-1), minlength=E).float()
+        counts = expert_counts(experts, E).float()
     elif cfg.routing == "top_p":
         weights, experts = _top_p(probs, cfg.top_p, cfg.top_p_renormalize)
         variable, base = True, None
-        counts = torch.bincount(experts.reshape(-1), minlength=E + 1)[:E].float()
+        counts = expert_counts(experts, E).float()
     elif cfg.routing == "switch":
         weights, experts, base, counts = _switch(probs, cfg, sequence)
         variable = True
@@ -146,7 +147,7 @@ def _switch(probs: torch.Tensor, cfg: MixtureConfig, sequence: torch.Tensor | No
     else:
         groups, capacity = torch.zeros_like(expert), math.ceil(cfg.capacity_factor * N / E)
     keep = _rank_in_group(groups * E + expert) < capacity
-    counts = torch.bincount(expert, minlength=E).float()
+    counts = expert_counts(expert, E).float()
     base = torch.where(keep, 1.0 - p, torch.ones_like(p))
     return torch.where(keep, p, torch.zeros_like(p))[:, None], torch.where(keep, expert, E)[:, None], base, counts
 
