@@ -27,6 +27,7 @@ import torch
 from .data.collate import Collator
 from .data.examples import IGNORE, Example
 from .errors import DataError
+from .model.loss import counted_tokens, sample_losses
 from .peft.mixtures.stats import format_metrics, mean_metrics, merge_metrics, mixture_metrics
 
 
@@ -168,11 +169,10 @@ def score_task(
             labels=batch["labels"],
             position_ids=batch["position_ids"],
             adapter_names=names,
-            per_sample=True,
         )
-        loglik += (-out.sample_loss).tolist()
+        loglik += (-sample_losses(out.token_loss)).tolist()
         if tally is not None:
-            tally.add(model, out, float(out.sample_tokens.sum()))
+            tally.add(model, out, float(counted_tokens(batch)))
     right = right_norm = 0
     i = 0
     for q in questions:

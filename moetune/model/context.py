@@ -1,66 +1,50 @@
-"""Per-forward information that leaf modules may need but the model code should not thread through.
+"""The model's token layout as sub-modules see it, and running a recomputation in its forward's context.
 
-Adapter layers (in ``peft/``) need to know which sample each token belongs to and which adapter
-that sample asked for, so one forward can serve a batch that mixes adapters. The causal LM sets a
-:class:`ForwardContext` for the duration of its forward (and again when activation checkpointing
-recomputes a layer); leaf modules read it with :func:`current_context`. It is a ``ContextVar``,
-so nested or concurrent forwards never see each other's state.
+The decoder runs every module on all ``B*T`` tokens of the batch, shaped (B, T, ...) or flattened
+(B*T, ...) in batch order. The loss is the one exception: it runs the LM head on chunks of the
+positions in chunks. While it does, :func:`token_rows` gives the range of flat positions (into
+the ``B*T`` tokens) of the rows the head is called on, so a module that needs to know which token
+a row is (an adapter chosen per sample, in ``peft/``) can map them; outside such a call it is None.
+A ``range`` is known on the host, so mapping it needs no device sync.
+The model says where its rows come from and nothing else: it knows no adapters.
+
+:func:`in_forward_context` is for recomputation: activation checkpointing runs a layer (or a
+loss chunk) again during backward, after the forward and whatever context it ran in are gone.
+The function it returns runs in a copy of the ``contextvars`` context captured when it was made,
+so anything a forward hook put in a ``ContextVar`` (peft's adapter selection) is seen again,
+unchanged, without the model knowing what it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-import torch
+_ROWS: ContextVar[range | None] = ContextVar("moetune_token_rows", default=None)
 
-
-@dataclass
-class ForwardContext:
-    """What a forward is running on.
-
-    Attributes:
-        batch_size: B of the current forward.
-        seq_len: T of the current forward.
-        adapter_names: one entry per sample (None = base only), or None for "all active adapters".
-        token_mask: (B*T,) 1 for real tokens, 0 for padding, or None when there is no padding.
-        per_sample: also keep routing sums per sample (router stats, losses), so a caller can
-            split them by adapter after a forward that mixes adapters.
-        records: what leaf modules report about this forward (e.g. the routing statistics of
-            adapter mixtures), keyed by the reporter; the causal LM returns a copy. A key is
-            written again, not added, when activation checkpointing recomputes a layer.
-        extras: free-form slots for adapter layers (e.g. cached per-adapter row masks).
-    """
-
-    batch_size: int
-    seq_len: int
-    adapter_names: list[str | None] | None = None
-    token_mask: torch.Tensor | None = None
-    per_sample: bool = False
-    records: dict = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)
-
-    def sample_of_token(self, device: torch.device) -> torch.Tensor:
-        """Sample index of each flattened token, shape (B*T,)."""
-        key = ("sample_of_token", device)
-        if key not in self.extras:
-            self.extras[key] = torch.arange(self.batch_size, device=device).repeat_interleave(self.seq_len)
-        return self.extras[key]
+R = TypeVar("R")
 
 
-_CONTEXT: ContextVar[ForwardContext | None] = ContextVar("moetune_forward_context", default=None)
-
-
-def current_context() -> ForwardContext | None:
-    return _CONTEXT.get()
+def token_rows() -> range | None:
+    """The flat token positions (into ``B*T``) of the rows of the current sub-module call, or None
+    when the call covers every token of the forward in batch order."""
+    return _ROWS.get()
 
 
 @contextlib.contextmanager
-def forward_context(ctx: ForwardContext | None) -> Iterator[ForwardContext | None]:
-    token = _CONTEXT.set(ctx)
+def on_rows(rows: range) -> Iterator[None]:
+    """Sub-module calls inside the block run on the tokens ``rows`` (flat positions in ``B*T``)."""
+    token = _ROWS.set(rows)
     try:
-        yield ctx
+        yield
     finally:
-        _CONTEXT.reset(token)
+        _ROWS.reset(token)
+
+
+def in_forward_context(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` run, now and whenever called later (a recompute in backward), in a copy of the
+    current ``contextvars`` context."""
+    return functools.partial(contextvars.copy_context().run, fn)

@@ -1,16 +1,26 @@
-"""Chunked causal-LM cross-entropy.
+"""The losses: chunked causal-LM cross-entropy, the router load-balancing loss, and their
+per-sample sums for batches that several adapters share.
 
-Full fp32 logits for a long batch are the largest activation in LoRA training: at vocab 151936
-and 8192 tokens they take 151936 * 8192 * 4 B = 4.6 GiB, plus the same again for their gradient
-(and 2.3 GiB more for a bf16 copy). Here the LM head and the loss run on chunks of
+Everything that turns model outputs into loss numbers is here, below ``peft/`` and ``train/``,
+because the model's own forward must return ``.loss`` and ``.aux_loss`` (the transformers
+contract) and ``model/`` imports nothing above it. The model keeps per-token information - each
+position's cross-entropy (``CausalLMOutput.token_loss``) and each layer's per-token routing
+(``RouterStats.routing``) - and the splits by sample (:func:`sample_losses`,
+:func:`router_stats_of_samples`) are computed here, on demand, by whoever needs them (the trainer
+for several adapters in one batch, ``moetune eval`` for per-choice log-likelihoods).
+
+Chunking: full fp32 logits for a long batch are the largest activation in LoRA training: at
+vocab 151936 and 8192 tokens they take 151936 * 8192 * 4 B = 4.6 GiB, plus the same again for
+their gradient (and 2.3 GiB more for a bf16 copy). Here the LM head and the loss run on chunks of
 ``chunk_size`` tokens (default 1024) under activation checkpointing: the forward keeps only each
-chunk's scalar loss, and the backward recomputes one chunk's logits at a time. Peak logits memory
-is ``chunk_size * vocab * 4`` bytes - 0.58 GiB for 1024 tokens at vocab 151936, an 8x saving at
-8192 tokens (16x counting the gradient), for the price of one extra LM-head matmul.
+chunk's per-token losses, and the backward recomputes one chunk's logits at a time. Peak logits
+memory is ``chunk_size * vocab * 4`` bytes - 0.58 GiB for 1024 tokens at vocab 151936, an 8x
+saving at 8192 tokens (16x counting the gradient), for the price of one extra LM-head matmul.
 
 Chunks cover every position, ignored ones (-100) included, as transformers' loss does: keeping
 only the counted rows would size the work from the labels' values, which the host must read first
-(a device sync per step, and a shape that changes every step).
+(a device sync per step, and a shape that changes every step). Each chunk is a contiguous range of
+the flattened ``B*T`` positions, which the head call is told (:func:`~.context.on_rows`).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .context import ForwardContext, current_context, forward_context
+from .context import in_forward_context, on_rows
+from .moe import RouterStats
 
 IGNORE_INDEX = -100
 
@@ -32,81 +43,52 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat((labels[:, 1:], pad), dim=1)
 
 
-def _chunk_loss_sum(
-    head: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    ctx: ForwardContext | None,
+def counted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the causal-LM loss averages over: shifted labels != -100 on real positions."""
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    if "attention_mask" in batch:
+        keep = keep & (batch["attention_mask"][:, 1:] != 0)
+    return keep.sum()
+
+
+def _chunk_losses(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, rows: range
 ) -> torch.Tensor:
-    # The head runs on a chunk of kept rows, and again in backward outside the model's forward:
-    # give it a context whose "samples" are those rows, so per-sample adapters on the head apply.
-    with forward_context(ctx):
+    # The head runs on some of the forward's tokens (and again in backward): say which.
+    with on_rows(rows):
         logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _row_context(ctx: ForwardContext | None, seq_len: int, start: int, end: int) -> ForwardContext | None:
-    """Context for flat rows ``start:end`` (one "sample" per row; row i is in sample i // T), or
-    ``ctx`` itself when no per-sample adapter names were given. Host arithmetic only."""
-    if ctx is None or ctx.adapter_names is None:
-        return ctx
-    names = [ctx.adapter_names[i // seq_len] for i in range(start, end)]
-    return ForwardContext(batch_size=len(names), seq_len=1, adapter_names=names)
-
-
-def _chunk_sample_sums(
-    head: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    samples: torch.Tensor,
-    batch: int,
-    ctx: ForwardContext | None,
-) -> torch.Tensor:
-    with forward_context(ctx):
-        logits = head(hidden).float()
-    losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.new_zeros(batch).index_add(0, samples, losses)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def chunked_cross_entropy(
-    head: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    chunk_size: int = 1024,
-    per_sample: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mean token cross-entropy of ``head(hidden)`` against shifted ``labels``.
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``head(hidden)`` against shifted ``labels``, by chunks of positions.
 
     Args:
         head: maps (n, D) hidden states to (n, V) logits (the LM head, possibly with LoRA).
         hidden: (B, T, D) final hidden states.
         labels: (B, T) token ids, -100 where no loss is taken; shifted here.
-        chunk_size: tokens per chunk.
-        per_sample: return per-sample sums instead of the mean (several adapters trained in one
-            forward each take the mean over their own samples' tokens).
+        chunk_size: positions per chunk.
 
     Returns:
-        Scalar mean over counted tokens (0 with a gradient path if none count); with
-        ``per_sample``, ``(sums (B,), counts (B,))`` in fp32.
+        ``(mean, token_loss)``: the scalar mean over counted tokens (0 with a gradient path if none
+        count) and (B, T) fp32 per-position losses, 0 where nothing is counted.
     """
-    targets = shift_labels(labels).reshape(-1)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    (B, T), rows = hidden.shape[:2], targets.numel()
-    kept = (targets != IGNORE_INDEX).view(B, T).sum(1)  # (B,) counted tokens per sample
-    sample = torch.arange(B, device=hidden.device).repeat_interleave(T)
-    ctx = current_context()
-    total = hidden.new_zeros((B,) if per_sample else (), dtype=torch.float32)
-    for start in range(0, rows, chunk_size):
-        part_h, part_t = h[start : start + chunk_size], targets[start : start + chunk_size]
-        part_ctx = _row_context(ctx, T, start, min(start + chunk_size, rows))
-        fn, args = (
-            (_chunk_sample_sums, (head, part_h, part_t, sample[start : start + chunk_size], B, part_ctx))
-            if per_sample
-            else (_chunk_loss_sum, (head, part_h, part_t, part_ctx))
+    B, T, D = hidden.shape
+    targets, h = shift_labels(labels).reshape(-1), hidden.reshape(-1, D)
+    count = (targets != IGNORE_INDEX).sum()
+    total, parts = hidden.new_zeros((), dtype=torch.float32), []
+    for start in range(0, B * T, chunk_size):
+        end = min(start + chunk_size, B * T)
+        args = (head, h[start:end], targets[start:end], range(start, end))
+        part = (
+            checkpoint(in_forward_context(_chunk_losses), *args, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else _chunk_losses(*args)
         )
-        total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
-    return (total, kept.float()) if per_sample else total / kept.sum().clamp_min(1)
+        total, parts = total + part.sum(), parts + [part]
+    return total / count.clamp_min(1), torch.cat(parts).view(B, T)
 
 
 def causal_lm_loss(
@@ -116,17 +98,54 @@ def causal_lm_loss(
     attention_mask: torch.Tensor | None,
     *,
     chunk_size: int = 1024,
-    per_sample: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal LM's loss: padding (``attention_mask`` 0) never counts, whatever the labels say.
-
-    Returns:
-        ``(mean loss, per-sample sums (B,), per-sample counts (B,))``; the last two are None
-        unless ``per_sample`` (see :func:`chunked_cross_entropy`).
-    """
+    Returns ``(mean, token_loss (B, T))`` as :func:`chunked_cross_entropy`."""
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
-    if not per_sample:
-        return chunked_cross_entropy(head, hidden, labels, chunk_size=chunk_size), None, None
-    sums, counts = chunked_cross_entropy(head, hidden, labels, chunk_size=chunk_size, per_sample=True)
-    return sums.sum() / counts.sum().clamp_min(1), sums, counts
+    return chunked_cross_entropy(head, hidden, labels, chunk_size=chunk_size)
+
+
+def sample_losses(token_loss: torch.Tensor) -> torch.Tensor:
+    """(B,) summed cross-entropy per sample (the negative log-likelihood of its counted tokens)."""
+    return token_loss.sum(dim=1)
+
+
+# --- router load balancing -----------------------------------------------------------------------
+def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss over all MoE layers, padding excluded.
+
+    ``E * sum_e f_e * P_e`` with f_e = routed rows to e / tokens and P_e = mean probability of e,
+    both pooled over layers - the same value transformers returns as ``aux_loss``.
+    """
+    counts = torch.stack([s.counts for s in stats]).sum(0)
+    probs = torch.stack([s.prob_sum for s in stats]).sum(0)
+    tokens = torch.stack([torch.as_tensor(s.tokens, device=counts.device) for s in stats]).sum().clamp_min(1)
+    return num_experts * torch.sum((counts / tokens) * (probs / tokens))
+
+
+def sample_router_sums(stats: RouterStats, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's routing sums per sample: counts (B, E), probability sums (B, E) and tokens (B,),
+    padding excluded, from its per-token routing (``stats.routing``)."""
+    routing = stats.routing
+    if routing is None:
+        raise ValueError("these router stats carry no per-token routing (sums of several batches cannot be split)")
+    probs, (N, k) = routing.probs, routing.experts.shape
+    E = probs.shape[1]
+    sample = torch.arange(batch_size, device=probs.device).repeat_interleave(N // batch_size)
+    m = probs.new_ones(N) if stats.token_mask is None else stats.token_mask.to(probs.dtype)
+    flat = sample.repeat_interleave(k) * E + routing.experts.reshape(-1)
+    counts = probs.new_zeros(batch_size * E).index_add(0, flat, m.repeat_interleave(k)).view(batch_size, E)
+    prob_sum = probs.new_zeros(batch_size, E).index_add(0, sample, probs * m[:, None])
+    return counts, prob_sum, probs.new_zeros(batch_size).index_add(0, sample, m)
+
+
+def router_stats_of_samples(stats: list[RouterStats], samples: torch.Tensor, batch_size: int) -> list[RouterStats]:
+    """Each layer's routing sums over the tokens of ``samples`` (indices into the batch of
+    ``batch_size``) only: what those samples alone would have routed."""
+    out = []
+    for s in stats:
+        counts, probs, tokens = sample_router_sums(s, batch_size)
+        mine = RouterStats(counts=counts[samples].sum(0), prob_sum=probs[samples].sum(0), tokens=tokens[samples].sum())
+        out.append(mine)
+    return out

@@ -17,34 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import current_context
 from .grouped import grouped_linear, grouped_linear_loop
 from .layers import ACTIVATIONS, SwiGLU
-
-
-@dataclass
-class RouterStats:
-    """Per-layer routing sums for the load-balancing loss and for metrics.
-
-    Attributes:
-        counts: (E,) number of routed rows per expert (non-padding tokens only).
-        prob_sum: (E,) sum of router probabilities over non-padding tokens (carries gradient).
-        tokens: number of non-padding tokens.
-        per_sample: when the forward asked for it (``ForwardContext.per_sample``), the same three
-            sums per sample: counts (B, E), prob_sum (B, E), tokens (B,).
-    """
-
-    counts: torch.Tensor
-    prob_sum: torch.Tensor
-    tokens: torch.Tensor
-    per_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def for_samples(self, samples: torch.Tensor) -> RouterStats:
-        """The sums over the given sample indices only (needs ``per_sample``)."""
-        if self.per_sample is None:
-            raise ValueError("router stats were not kept per sample; run the forward with per_sample=True")
-        counts, probs, tokens = self.per_sample
-        return RouterStats(counts=counts[samples].sum(0), prob_sum=probs[samples].sum(0), tokens=tokens[samples].sum())
 
 
 @dataclass
@@ -52,6 +26,27 @@ class Routing:
     weights: torch.Tensor  # (N, k) combine weights
     experts: torch.Tensor  # (N, k) expert ids
     probs: torch.Tensor  # (N, E) fp32 probabilities (for the aux loss)
+
+
+@dataclass
+class RouterStats:
+    """One MoE layer's routing: sums for the load-balancing loss and metrics, and per token.
+
+    Attributes:
+        counts: (E,) number of routed rows per expert (non-padding tokens only).
+        prob_sum: (E,) sum of router probabilities over non-padding tokens (carries gradient).
+        tokens: number of non-padding tokens.
+        routing: the router's output for each of the forward's N = B*T tokens in batch order
+            (what :func:`moetune.model.loss.router_stats_of_samples` splits by sample); None for
+            sums over several batches. Autograd keeps ``probs`` for the router's backward anyway.
+        token_mask: (N,) 1 for real tokens, 0 for padding, or None when there is no padding.
+    """
+
+    counts: torch.Tensor
+    prob_sum: torch.Tensor
+    tokens: torch.Tensor
+    routing: Routing | None = None
+    token_mask: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -185,34 +180,18 @@ def combine(rows: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Ten
 
 def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
     if token_mask is None:
-        stats = RouterStats(
+        return RouterStats(
             counts=counts.float(),
             prob_sum=routing.probs.sum(0),
             tokens=routing.probs.new_tensor(routing.probs.shape[0]),
+            routing=routing,
         )
-    else:
-        m = token_mask.float()
-        counts = torch.zeros_like(routing.probs[0]).scatter_add_(
-            0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1])
-        )
-        stats = RouterStats(counts=counts, prob_sum=(routing.probs * m[:, None]).sum(0), tokens=m.sum())
-    ctx = current_context()
-    if ctx is not None and ctx.per_sample:
-        stats.per_sample = _per_sample_sums(
-            routing, token_mask, ctx.sample_of_token(routing.probs.device), ctx.batch_size
-        )
-    return stats
-
-
-def _per_sample_sums(routing: Routing, token_mask: torch.Tensor | None, sample: torch.Tensor, B: int):
-    """(B, E) counts, (B, E) probability sums and (B,) tokens, padding excluded."""
-    probs, (N, k) = routing.probs, routing.experts.shape
-    E = probs.shape[1]
-    m = probs.new_ones(N) if token_mask is None else token_mask.to(probs.dtype)
-    flat = sample.repeat_interleave(k) * E + routing.experts.reshape(-1)
-    counts = probs.new_zeros(B * E).index_add(0, flat, m.repeat_interleave(k)).view(B, E)
-    prob_sum = probs.new_zeros(B, E).index_add(0, sample, probs * m[:, None])
-    return counts, prob_sum, probs.new_zeros(B).index_add(0, sample, m)
+    m = token_mask.float()
+    counts = torch.zeros_like(routing.probs[0]).scatter_add_(
+        0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1])
+    )
+    prob_sum = (routing.probs * m[:, None]).sum(0)
+    return RouterStats(counts=counts, prob_sum=prob_sum, tokens=m.sum(), routing=routing, token_mask=token_mask)
 
 
 class MoEBlock(nn.Module):
@@ -257,15 +236,3 @@ class MoEBlock(nn.Module):
                 s = torch.sigmoid(self.shared_expert_gate(h)) * s
             out = out + s
         return out.view(shape), router_stats(routing, d.counts, token_mask)
-
-
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss over all MoE layers, padding excluded.
-
-    ``E * sum_e f_e * P_e`` with f_e = routed rows to e / tokens and P_e = mean probability of e,
-    both pooled over layers - the same value transformers returns as ``aux_loss``.
-    """
-    counts = torch.stack([s.counts for s in stats]).sum(0)
-    probs = torch.stack([s.prob_sum for s in stats]).sum(0)
-    tokens = torch.stack([torch.as_tensor(s.tokens, device=counts.device) for s in stats]).sum().clamp_min(1)
-    return num_experts * torch.sum((counts / tokens) * (probs / tokens))

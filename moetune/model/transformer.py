@@ -14,10 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, build_mask
 from .config import ModelArgs
-from .context import ForwardContext, current_context, forward_context
+from .context import in_forward_context
 from .layers import RMSNorm
-from .loss import causal_lm_loss
-from .moe import Router, RouterStats, load_balancing_loss
+from .loss import causal_lm_loss, load_balancing_loss
+from .moe import Router, RouterStats
 
 
 @dataclass
@@ -28,11 +28,12 @@ class CausalLMOutput:
         logits: (B, T, V), or None when labels were given and ``return_logits`` was False.
         loss: scalar mean cross-entropy over counted tokens, or None without labels.
         aux_loss: scalar load-balancing loss (uncoefficiented), or None for dense models.
-        router_stats: per MoE layer routing sums (load per expert), for metrics.
-        records: what adapter layers reported during the forward (``ForwardContext.records``),
-            e.g. the routing statistics and auxiliary losses of adapter mixtures.
-        sample_loss: with ``per_sample=True``, (B,) summed token cross-entropy per sample.
-        sample_tokens: with ``per_sample=True``, (B,) counted tokens per sample.
+        router_stats: per MoE layer, routing sums (load per expert) and per-token routing.
+        records: what forward hooks added (adapter mixtures report their routing statistics
+            and router losses here); the model itself leaves it empty.
+        token_loss: with labels, (B, T) fp32 cross-entropy of each position (predicting
+            ``labels[t+1]``), 0 where nothing is counted; per-sample sums are
+            :func:`moetune.model.loss.sample_losses`.
     """
 
     logits: torch.Tensor | None = None
@@ -41,8 +42,7 @@ class CausalLMOutput:
     router_stats: list[RouterStats] = field(default_factory=list)
     cache: KVCache | None = None
     records: dict = field(default_factory=dict)
-    sample_loss: torch.Tensor | None = None
-    sample_tokens: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -115,13 +115,8 @@ class DecoderModel(nn.Module):
     def _run_layer(self, layer: DecoderLayer, x, **kw):
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return layer(x, **kw)
-        ctx = current_context()
-
-        def run(h):  # re-enter the forward context when backward recomputes this layer
-            with forward_context(ctx):
-                return layer(h, **kw)
-
-        return checkpoint(run, x, use_reentrant=False)
+        # backward recomputes the layer in the context this forward ran in (forward hooks' state)
+        return checkpoint(in_forward_context(layer), x, use_reentrant=False, **kw)
 
     def forward(
         self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache: KVCache | None = None
@@ -151,17 +146,6 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pas
         return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_min(0)[:, -T:]
-
-
-def _context(input_ids, attention_mask, adapter_names, per_sample: bool) -> ForwardContext:
-    """The :class:`ForwardContext` of one causal-LM forward (``adapter_names`` checked against B)."""
-    B, T = input_ids.shape
-    if adapter_names is not None and len(adapter_names) != B:
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {B}")
-    token_mask = attention_mask[:, -T:].reshape(-1) if attention_mask is not None else None
-    return ForwardContext(
-        batch_size=B, seq_len=T, adapter_names=adapter_names, token_mask=token_mask, per_sample=per_sample
-    )
 
 
 class CausalLM(nn.Module):
@@ -221,13 +205,12 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        adapter_names: list[str | None] | None = None,
+        adapter_names: list[str | None] | None = None,  # noqa: ARG002 - read by adapter layers' forward hooks
         *,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool = False,
-        per_sample: bool = False,
     ) -> CausalLMOutput:
         """Run the model.
 
@@ -236,29 +219,24 @@ class CausalLM(nn.Module):
             attention_mask: (B, T) or (B, past+T) 1 for real tokens, 0 for padding.
             labels: (B, T) target ids, -100 ignored; position t is scored against labels[t+1].
             adapter_names: per-sample adapter name (None = base only); default: active adapters.
+                The model does not read it: the adapters' forward hooks (``peft/``, installed by
+                ``add_adapter``) take it from the call, with the token layout (``input_ids``,
+                ``attention_mask``); a model without adapters ignores it.
             position_ids: (B, T) RoPE positions (packing restarts them per example).
             segment_ids: (B, T) packed-example ids; attention stays inside a segment.
             cache: KV cache for incremental decoding.
             return_logits: also return logits when labels are given.
-            per_sample: also return per-sample loss sums and token counts, and per-sample
-                routing sums in ``router_stats`` (to split one mixed-adapter forward by adapter).
         """
-        ctx = _context(input_ids, attention_mask, adapter_names, per_sample)
-        with forward_context(ctx):
-            hidden, stats = self.model(
-                input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                segment_ids=segment_ids,
-                cache=cache,
+        hidden, stats = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids, cache=cache
+        )
+        out = CausalLMOutput(router_stats=stats, cache=cache)
+        if labels is not None:
+            out.loss, out.token_loss = causal_lm_loss(
+                self.lm_head, hidden, labels, attention_mask, chunk_size=self.loss_chunk_size
             )
-            out = CausalLMOutput(router_stats=stats, cache=cache, records=dict(ctx.records))
-            if labels is not None:
-                out.loss, out.sample_loss, out.sample_tokens = causal_lm_loss(
-                    self.lm_head, hidden, labels, attention_mask, chunk_size=self.loss_chunk_size, per_sample=per_sample
-                )
-            if labels is None or return_logits:
-                out.logits = self.lm_head(hidden)
+        if labels is None or return_logits:
+            out.logits = self.lm_head(hidden)
         if stats:
             out.aux_loss = load_balancing_loss(stats, self.args.moe.num_experts)
         return out

@@ -53,11 +53,11 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import eval_batches
-from ..model.moe import RouterStats, load_balancing_loss
+from ..model.loss import load_balancing_loss
+from ..model.moe import RouterStats
 from ..peft.core.layer import adapter_layers
 from .checkpoint import rng_state, set_rng_state
 from .launch import ENV_KEYS, LaunchEnv, is_main_process, launch_env, resolve_launch  # noqa: F401  (importable from here too)
-from .losses import counted_tokens  # noqa: F401  (importable from here too)
 from .parallel import Parallel
 from .sharding import full_tensor, is_dtensor, local_like, shard_model
 

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from ..model.loss import sample_losses
+
 INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
@@ -26,8 +28,8 @@ def cat_rows(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 def sequence_logps(model, batch: dict[str, torch.Tensor], adapter_names=None) -> tuple[torch.Tensor, object]:
     """(rows,) log-probs of each row's labelled tokens, summed (the negated per-sample sums of the
     model's chunked cross-entropy), and the forward's output."""
-    out = model(**rows(batch, slice(None)), adapter_names=adapter_names, per_sample=True)
-    return -out.sample_loss, out
+    out = model(**rows(batch, slice(None)), adapter_names=adapter_names)
+    return -sample_losses(out.token_loss), out
 
 
 def completion_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """The loss of one training step, assembled per job from the model's outputs.
 
-The model returns the chunked cross-entropy (``.loss``, a mean over counted tokens, or with
-``per_sample=True`` ``.sample_loss``, per-row sums), router statistics and what adapter layers
-recorded; this module turns one micro-batch's output into the number to backpropagate:
+The model returns the chunked cross-entropy (``.loss``, a mean over counted tokens, and
+``.token_loss``, per position), router statistics (sums and per-token routing) and what adapter
+layers recorded. The loss math is :mod:`moetune.model.loss`; this module only decides which of it
+each job gets and with what weight, turning one micro-batch's output into the number to
+backpropagate:
 
 - **One job** (one trained adapter, possibly over frozen ones): ``out.loss`` weighted by the
   micro-batch's share ``n_i / n`` of the step's counted tokens over every rank
   (:meth:`Parallel.micro_weights`), so ``grad_accum`` micro-batches equal one batch of all their rows;
   plus the objectives' terms (AdaLoRA regulariser, distillation) with the same weight.
-- **Several jobs** in one mixed batch: a job's LM loss is the sum of its rows' ``sample_loss`` over its
-  step's counted tokens, so each adapter gets exactly its own gradient.
+- **Several jobs** in one mixed batch: a job's LM loss is the sum of its rows' token losses over its
+  step's counted tokens, so each adapter gets exactly its own gradient; its aux loss is the
+  load-balancing loss of its rows' routing alone (:func:`~moetune.model.loss.router_stats_of_samples`).
 - Router load-balancing loss (``optim.aux_loss_coef``; the rank's share of the global loss when
   distributed, or on a job's own rows) and the mixtures' own router losses are per micro-batch,
   averaged over the step's micro-batches.
@@ -24,17 +27,10 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from ..model.moe import RouterStats, load_balancing_loss
+from ..model.loss import counted_tokens, load_balancing_loss, router_stats_of_samples, sample_losses
+from ..model.moe import RouterStats
 from ..peft.mixtures.stats import adapter_router_loss
 from .jobs import merge_batches
-
-
-def counted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens the causal-LM loss averages over: shifted labels != -100 on real positions."""
-    keep = batch["labels"][:, 1:] != -100
-    if "attention_mask" in batch:
-        keep = keep & (batch["attention_mask"][:, 1:] != 0)
-    return keep.sum()
 
 
 def add_counts(acc: list[RouterStats], stats: list[RouterStats]) -> list[RouterStats]:
@@ -101,10 +97,7 @@ class StepLoss:
     def forward_kwargs(self, parts: Sequence[dict]) -> dict[str, Any]:
         """Extra forward arguments: one adapter per sample (several jobs), or the objectives' own."""
         if self.together:
-            return {
-                "adapter_names": [n for n, b in zip(self.names, parts) for _ in range(b["input_ids"].shape[0])],
-                "per_sample": True,
-            }
+            return {"adapter_names": [n for n, b in zip(self.names, parts) for _ in range(b["input_ids"].shape[0])]}
         return self.objectives.forward_kwargs
 
     def objective_terms(self, batch: dict[str, torch.Tensor], out) -> torch.Tensor | None:
@@ -118,11 +111,11 @@ class StepLoss:
         self.counts, self.stats, self.records = add_counts(self.counts, out.router_stats), out.router_stats, out.records
         if not self.together:
             return self._whole(index, batch, out, extra)
-        total, start = 0.0, 0
+        total, start, sums = 0.0, 0, sample_losses(out.token_loss)
         for i, (name, b) in enumerate(zip(self.names, parts)):
-            rows = torch.arange(start, start + b["input_ids"].shape[0], device=out.sample_loss.device)
+            rows = torch.arange(start, start + b["input_ids"].shape[0], device=sums.device)
             start += len(rows)
-            total = total + self._rows(i, name, rows, b, out)
+            total = total + self._rows(i, name, rows, b, out, sums)
         return total
 
     def _whole(self, index: int, batch: dict[str, torch.Tensor], out, extra: torch.Tensor | None) -> torch.Tensor:
@@ -139,15 +132,13 @@ class StepLoss:
         sums["tokens"] += int(batch["attention_mask"].sum())
         return loss
 
-    def _rows(self, i: int, name: str, rows: torch.Tensor, part: dict, out) -> torch.Tensor:
+    def _rows(self, i: int, name: str, rows: torch.Tensor, part: dict, out, sample_loss: torch.Tensor) -> torch.Tensor:
         """Job ``name`` of a mixed batch: its rows' token sum over its step's counted tokens."""
         sums = self.sums[name]
-        loss = ce = out.sample_loss[rows].sum() / max(self.counted[i], 1)
+        loss = ce = sample_loss[rows].sum() / max(self.counted[i], 1)
         if out.router_stats and self.aux_coef:
-            aux = (
-                load_balancing_loss([s.for_samples(rows) for s in out.router_stats], self.model.args.moe.num_experts)
-                / self.accum
-            )
+            mine = router_stats_of_samples(out.router_stats, rows, len(sample_loss))
+            aux = load_balancing_loss(mine, self.model.args.moe.num_experts) / self.accum
             loss = loss + self.aux_coef * aux
             sums["aux_loss"] += aux.item()
         loss = self._router(loss, adapter_router_loss(out.records, name), sums)

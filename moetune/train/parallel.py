@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..data import eval_batches
+from ..model.loss import counted_tokens
 from ..model.moe import RouterStats
 from .checkpoint import rng_state, set_rng_state
-from .losses import counted_tokens
 
 
 class Parallel:

@@ -3,7 +3,7 @@
 The policy is the model with the trained adapter; the reference is the same model with every
 adapter off (``adapter_names=None`` per sample): no second copy of the base exists. Sequence
 log-probabilities are the model's per-sample token sums over the completion labels
-(``-sample_loss`` of a ``per_sample`` forward, computed in chunks, so full-vocabulary logits never
+(``-sample_losses(out.token_loss)``, from the chunked cross-entropy, so full-vocabulary logits never
 exist at once), divided by the completion's tokens where an objective averages.
 
 Per micro-batch (B examples: 2B rows, see :mod:`moetune.data.preference`):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from moetune.config import LoraConfig
 from moetune.errors import AdapterError
-from moetune.model.context import ForwardContext, forward_context
+from moetune.peft.core.context import AdapterContext, adapter_context
 from moetune.model.moe import GroupedExperts, dispatch
 from moetune.peft.core.layer import disable_adapters
 from moetune.peft.lora.experts import LoraGroupedExperts
@@ -222,7 +222,7 @@ def test_mixed_adapter_rows():
 
     def run(names, active=None):
         layer.active = active or []
-        with forward_context(ForwardContext(batch_size=batch, seq_len=seq, adapter_names=names)):
+        with adapter_context(AdapterContext(batch_size=batch, seq_len=seq, adapter_names=names)):
             return layer(x, offsets, token_index=token_index)
 
     mixed = run(["a", None, "b"])

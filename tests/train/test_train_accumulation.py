@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from moetune.config import load_train_config
-from moetune.train.distributed import counted_tokens
+from moetune.model.loss import counted_tokens
 from moetune.train.setup import prepare_run
 from moetune.train.trainer import Trainer, train
 from train_helpers import losses, write_run

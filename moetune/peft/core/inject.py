@@ -20,6 +20,7 @@ from ...errors import AdapterError, did_you_mean
 from ..adalora.adapters import svd_adapter
 from ..lora.linear import LoraLinear
 from ..mixtures.plan import place
+from .context import install_hooks
 from .layer import AdapterLayer, adapter_layers, set_active_adapters
 from .params import adapter_parameters
 from .registry import base_of
@@ -91,6 +92,7 @@ def add_adapter(
         _remove(model, name, created)
         raise
     adapter_configs(model)[name] = config
+    install_hooks(model)
     freeze_base(model, trainable=name)
     set_active_adapters(model, active or [name])
     report = build_report(model, name, state=adapter_state(model))

@@ -11,7 +11,8 @@ Which adapters run on which tokens:
 - by default every name in ``active`` runs on every token (normally one);
 - inside :func:`disable_adapters` none run;
 - when the forward was called with ``adapter_names`` (one per sample), each token runs only the
-  adapter its sample named (None = base only), so one batch can mix adapters.
+  adapter its sample named (None = base only), so one batch can mix adapters (the selection is
+  the :class:`~.context.AdapterContext` the model's forward hooks set).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
-from ...model.context import current_context
+from .context import current_context
 
 
 class AdapterLayer(nn.Module):
@@ -105,8 +106,8 @@ class AdapterLayer(nn.Module):
         if self.disabled:
             return []
         ctx = current_context()
-        if ctx is not None and ctx.adapter_names is not None:
-            wanted = {n for n in ctx.adapter_names if n is not None}
+        wanted = None if ctx is None else ctx.names_running()
+        if wanted is not None:
             return [n for n in self.adapter_names if n in wanted and n not in self.merged]
         return [n for n in self.active if n not in self.merged]
 
@@ -128,7 +129,7 @@ class AdapterLayer(nn.Module):
         ctx = current_context()
         if x.dim() >= 3 and x.shape[0] == ctx.batch_size:
             return samples.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        per_token = samples[ctx.sample_of_token(x.device)]
+        per_token = samples[ctx.sample_of_rows(x.device)]
         return per_token.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 

@@ -5,6 +5,7 @@ adapter's :class:`~moetune.config.LoraConfig` and the AdaLoRA rank allocators (b
 importance EMAs) - lives on one :class:`AdapterState`, set on the model as the attribute
 ``adapter_state`` by the first :func:`~moetune.peft.core.inject.add_adapter` and returned with its
 report (:attr:`~moetune.peft.core.report.AdapterReport.state`). Read it with :func:`adapter_state`.
+It also holds the handles of the forward hooks that set the adapter context (:mod:`.context`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ class AdapterState:
         configs: the config of each adapter added to the model, by adapter name.
         allocators: the AdaLoRA rank allocator of each trainable AdaLoRA adapter, by adapter name
             (:class:`~moetune.peft.adalora.allocator.RankAllocator`; built on first use).
+        hooked: the model carries the forward hooks that set the adapter context
+            (:func:`~moetune.peft.core.context.install_hooks`).
     """
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     allocators: dict[str, Any] = field(default_factory=dict)
+    hooked: bool = False
 
 
 def adapter_state(model: nn.Module) -> AdapterState:

@@ -33,8 +33,8 @@ from torch import nn
 
 from ...config import LoraConfig
 from ...errors import AdapterError
-from ...model.context import current_context
 from ...model.moe import GroupedExperts
+from ..core.context import current_context
 from ..core.layer import AdapterLayer, TensorStore
 from . import experts_layout as layout
 from .expert_adapters import ExpertAdapter

@@ -35,7 +35,7 @@ from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
-from ...model.context import current_context
+from ..core.context import current_context
 from ..core.layer import AdapterLayer, TensorStore
 from .linear_adapters import LinearAdapter, lora_adapter
 

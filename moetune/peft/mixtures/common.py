@@ -17,7 +17,8 @@ from torch import nn
 
 from ...config import LoraConfig, MixtureConfig
 from ...errors import AdapterError
-from ...model.context import current_context
+from ...model.context import token_rows
+from ..core.context import current_context
 from ..core.layer import AdapterLayer
 from ..core.tensors import check_tensors
 from .router import MixtureRecord, Route, route
@@ -72,29 +73,34 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return base.weight.detach()
 
 
-def token_rows(layer: AdapterLayer, name: str, n: int, device: torch.device) -> torch.Tensor | None:
-    """(N_a,) indices of the tokens adapter ``name`` of ``layer`` routes among the ``n`` of this
-    call, or None when it routes all of them."""
+def routed_rows(layer: AdapterLayer, name: str, n: int, device: torch.device) -> torch.Tensor | None:
+    """(N_a,) indices of the rows adapter ``name`` of ``layer`` routes among the ``n`` of this
+    call, or None when it routes all of them. Cached per forward for calls on all its tokens."""
     ctx = current_context()
-    if ctx is None or ctx.batch_size * ctx.seq_len != n:
+    called_on = token_rows()  # the tokens of a call on some of them (the LM head's loss chunks)
+    if ctx is None or (called_on is None and ctx.batch_size * ctx.seq_len != n):
         return None
-    key = ("mixture_rows", name, n, device)
-    if key not in ctx.extras:
+    key = ("mixture_rows", name, device)
+    if called_on is not None or key not in ctx.extras:
         samples = layer.sample_mask(name, device)
-        mask = None if samples is None else samples[ctx.sample_of_token(device)]
+        mask = None if samples is None else samples[ctx.sample_of_rows(device)]
         if ctx.token_mask is not None:
             real = ctx.token_mask.to(device).bool()
+            real = real if called_on is None else real[called_on.start : called_on.stop]
             mask = real if mask is None else mask & real
-        ctx.extras[key] = None if mask is None else mask.nonzero().squeeze(1)
+        rows = None if mask is None else mask.nonzero().squeeze(1)
+        if called_on is not None:
+            return rows
+        ctx.extras[key] = rows
     return ctx.extras[key]
 
 
 def _sequence_of(rows: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
     """(N_a,) sequence of each routed token (for per-sequence capacity), when known."""
     ctx = current_context()
-    if ctx is None or ctx.batch_size * ctx.seq_len != n:
+    if ctx is None or (token_rows() is None and ctx.batch_size * ctx.seq_len != n):
         return None
-    sample = ctx.sample_of_token(device)
+    sample = ctx.sample_of_rows(device)
     return sample if rows is None else sample[rows]
 
 

@@ -48,8 +48,8 @@ from .common import (
     refuse_merge,
     require_mixture,
     route_tokens,
+    routed_rows,
     scatter_rows,
-    token_rows,
 )
 from .expert_dora import dora_factor, dora_output, initial_magnitude
 
@@ -195,7 +195,7 @@ class MixtureFFN(AdapterLayer):
             return self.base_layer(x)
         shape, h = x.shape, x.reshape(-1, x.shape[-1])
         N = h.shape[0]
-        rows = {n: token_rows(self, n, N, h.device) for n in names}
+        rows = {n: routed_rows(self, n, N, h.device) for n in names}
         covered = None if any(r is None for r in rows.values()) else torch.cat(list(rows.values()))
         gate0, up0 = base_call(self.gate_proj, h), base_call(self.up_proj, h)  # (N, F), shared by all experts
         out = None if covered is None else self._uncovered(x, h, gate0, up0, covered, plain=not children)

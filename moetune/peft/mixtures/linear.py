@@ -42,7 +42,7 @@ from .common import (
     refuse_merge,
     require_mixture,
     route_tokens,
-    token_rows,
+    routed_rows,
 )
 
 _LORA_STORES = (
@@ -97,7 +97,7 @@ class MixtureAdapter(LinearAdapter):
     @override
     def output(self, layer: MixtureLinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """(N, out) ``sum_e w_e s B_e A_e x'`` on the tokens it routes, zero elsewhere; x (N, in)."""
-        rows = token_rows(layer, self.name, x.shape[0], x.device)
+        rows = routed_rows(layer, self.name, x.shape[0], x.device)
         if rows is None:
             return self._delta(layer, x, None, x.shape[0])
         if rows.numel() == 0:  # its samples are all padding here

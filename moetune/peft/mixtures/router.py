@@ -53,7 +53,7 @@ class MixtureStats:
 
 @dataclass
 class MixtureRecord:
-    """What a mixture layer reports for one adapter in one forward (``ForwardContext.records``)."""
+    """What a mixture layer reports for one adapter in one forward (``AdapterContext.records``)."""
 
     adapter: str
     stats: MixtureStats

@@ -1,7 +1,7 @@
 """Router losses and statistics of adapter mixtures, read from a forward's ``records``.
 
 Every mixture router reports a :class:`~.router.MixtureRecord` per adapter and forward (see
-:class:`~moetune.model.context.ForwardContext`). The trainer adds :func:`adapter_router_loss` of
+:class:`~moetune.peft.core.context.AdapterContext`). The trainer adds :func:`adapter_router_loss` of
 each adapter to that adapter's loss; metrics and ``moetune eval`` show :func:`mixture_metrics`.
 """
 
