@@ -30,25 +30,32 @@ from .outputs import open_folder
 
 BYTE_VOCAB = 272  # the byte tokenizer's 262 ids, rounded up to a multiple of 16
 
+# The shapes both tiny DeepSeeks share: 3 layers (first dense), MLA with kv_lora_rank 16 and
+# decoupled RoPE dims, expert hidden 32. They differ in what the two releases differ in.
+DEEPSEEK_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "max_position_embeddings": 512,
+}
+
 # family -> config.json of the tiny model (transformers 5 key names)
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    # DeepSeek-V3 as released, scaled down: 3 layers (first dense), 16 experts in 4 groups (keep 2),
-    # top-4, one shared expert, q_lora_rank set, YaRN. ~0.3M parameters.
+    # DeepSeek-V3 as released, scaled down: 16 experts in 4 groups (keep 2), top-4, one shared
+    # expert, q_lora_rank set, YaRN. ~0.3M parameters.
     "deepseek_v3": {
+        **DEEPSEEK_SHAPE,
         "model_type": "deepseek_v3",
         "architectures": ["DeepseekV3ForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "first_k_dense_replace": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
         "q_lora_rank": 32,
-        "kv_lora_rank": 16,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
         "n_routed_experts": 16,
         "num_experts_per_tok": 4,
         "n_group": 4,
@@ -57,7 +64,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,
         "rope_interleave": True,
-        "max_position_embeddings": 512,
         "rope_parameters": {
             "rope_type": "yarn",
             "rope_theta": 10000.0,
@@ -71,26 +77,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     },
     # DeepSeek-V2-Lite scaled down: direct q_proj (no q_lora_rank), greedy softmax routing, 2 shared experts.
     "deepseek_v2": {
+        **DEEPSEEK_SHAPE,
         "model_type": "deepseek_v2",
         "architectures": ["DeepseekV2ForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "first_k_dense_replace": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
         "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
         "n_routed_experts": 8,
         "num_experts_per_tok": 2,
         "topk_method": "greedy",
         "n_shared_experts": 2,
         "routed_scaling_factor": 1.0,
-        "max_position_embeddings": 512,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
 }

@@ -97,29 +97,40 @@ class EvalResult:
         return line + ("\n" + self.router if self.router else "")
 
 
+@dataclass(frozen=True)
+class EvalSetup:
+    """What ``moetune eval`` scores and how, whatever it scores it on: the base folder, an adapter
+    (PEFT-format folder or training checkpoint; None: the base alone), the tokenizer (as
+    ``data.tokenizer`` in a run), tokens per example, examples per forward, dtype (default: the
+    checkpoint's) and device (default: CUDA when available)."""
+
+    model_path: str | os.PathLike
+    adapter: str | os.PathLike | None = None
+    tokenizer: str | None = None
+    max_length: int = 1024
+    batch_size: int = 8
+    dtype: str | None = None
+    device: str | None = None
+
+    def load_tokenizer(self):
+        return default_tokenizer(self.model_path, self.tokenizer)
+
+    def load_model(self) -> torch.nn.Module:
+        return load_with_adapter(self.model_path, self.adapter, dtype=self.dtype, device=self.device)[0]
+
+
 @torch.no_grad()
-def evaluate_file(
-    model_path,
-    data_file,
-    *,
-    adapter=None,
-    tokenizer=None,
-    max_length: int = 1024,
-    batch_size: int = 8,
-    train_on_prompt: bool = False,
-    dtype: str | None = None,
-    device: str | None = None,
-) -> EvalResult:
+def evaluate_file(setup: EvalSetup, data_file, *, train_on_prompt: bool = False) -> EvalResult:
     """Token-weighted loss and perplexity of base (or base + adapter) on a JSONL file."""
-    tok = default_tokenizer(model_path, tokenizer)
+    tok = setup.load_tokenizer()
     section = DataSection(
-        train=str(data_file), max_length=max_length, train_on_prompt=train_on_prompt, tokenizer="byte"
+        train=str(data_file), max_length=setup.max_length, train_on_prompt=train_on_prompt, tokenizer="byte"
     )
     examples = build_datasets(section, tok).train
-    model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    model = setup.load_model()
     on = next(model.parameters()).device
     total, count, tally = 0.0, 0, RouterTally()
-    for batch in eval_batches(examples, batch_size=batch_size, pad_id=tok.pad_id):
+    for batch in eval_batches(examples, batch_size=setup.batch_size, pad_id=tok.pad_id):
         batch = {k: v.to(on) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         out = model(
@@ -138,22 +149,10 @@ def evaluate_file(
 
 
 @torch.no_grad()
-def evaluate_task_files(
-    model_path,
-    files: list[str],
-    *,
-    adapter=None,
-    tokenizer=None,
-    max_length: int = 1024,
-    batch_size: int = 8,
-    chat: bool = False,
-    dtype: str | None = None,
-    device: str | None = None,
-) -> list[TaskResult]:
+def evaluate_task_files(setup: EvalSetup, files: list[str], *, chat: bool = False) -> list[TaskResult]:
     """Multiple-choice accuracy per task file (see :mod:`moetune.evaluation`)."""
-    tok = default_tokenizer(model_path, tokenizer)
-    model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
-    return evaluate_tasks(model, tok, list(files), batch_size=batch_size, max_length=max_length, chat=chat)
+    tok, model = setup.load_tokenizer(), setup.load_model()
+    return evaluate_tasks(model, tok, list(files), batch_size=setup.batch_size, max_length=setup.max_length, chat=chat)
 
 
 def generate_text(

@@ -37,20 +37,14 @@ TEXTS = {  # subcommand: (help line, description)
 
 def _cmd_eval(ns: argparse.Namespace) -> None:
     from ..errors import ConfigError
-    from ..workflows import evaluate_file, evaluate_task_files
+    from ..workflows import EvalSetup, evaluate_file, evaluate_task_files
 
     if not ns.data and not ns.task:
         raise ConfigError("give --data FILE (loss/perplexity) and/or --task FILE (multiple-choice accuracy)")
-    common = {
-        "adapter": ns.adapter,
-        "tokenizer": ns.tokenizer,
-        "max_length": ns.max_length,
-        "batch_size": ns.batch_size,
-    }
-    common |= {"dtype": ns.dtype, "device": ns.device}
+    setup = EvalSetup(ns.model, ns.adapter, ns.tokenizer, ns.max_length, ns.batch_size, ns.dtype, ns.device)
     if ns.data:
-        print(evaluate_file(ns.model, ns.data, **common).summary())
-    for result in evaluate_task_files(ns.model, ns.task or [], chat=ns.chat, **common):
+        print(evaluate_file(setup, ns.data).summary())
+    for result in evaluate_task_files(setup, ns.task or [], chat=ns.chat):
         print(result.summary())
 
 

@@ -140,12 +140,28 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
 
 
 def _read_checkpoint(path: Path) -> TrainState:
+    meta = _read_meta(path)
+    adapters = {n: _read_tensors(path, path / f"adapter-{n}.safetensors") for n in meta["adapters"]}
+    allocators = {n: _read_tensors(path, path / f"allocator-{n}.safetensors") for n in meta.get("allocators", [])}
+    return TrainState(
+        step=meta["step"],
+        data=meta["data"],
+        extra=meta.get("extra", {}),
+        adapters=adapters,
+        allocators=allocators,
+        **_read_trainer_state(path),
+    )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json``: step, data position, adapter names (checked present), extra."""
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise CheckpointError(f"'{path}' is not a moetune training checkpoint (no meta.json)")
     try:
         meta = json.loads(meta_file.read_text())
-        step, data, names = meta["step"], meta["data"], meta["adapters"]
+        for key in ("step", "data", "adapters"):
+            meta[key]  # missing (KeyError) or not an object (TypeError): said below
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         why = (
             f"has no '{exc.args[0]}'"
@@ -155,14 +171,17 @@ def _read_checkpoint(path: Path) -> TrainState:
             else f"is not valid JSON ({exc})"
         )
         raise CheckpointError(f"checkpoint '{path}' is unreadable ('{meta_file}' {why})") from None
-    adapters = {n: _read_tensors(path, path / f"adapter-{n}.safetensors") for n in names}
-    allocators = {n: _read_tensors(path, path / f"allocator-{n}.safetensors") for n in meta.get("allocators", [])}
+    return meta
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt``: the :class:`TrainState` fields it holds (optimizers, schedulers, rng)."""
     state_file = path / "trainer_state.pt"
     try:
         if state_file.is_file() and state_file.stat().st_size == 0:
             raise EOFError("empty file")
         trainer = torch.load(state_file, weights_only=True)
-        optimizers, schedulers, rng = trainer["optimizers"], trainer["schedulers"], trainer["rng"]
+        return {key: trainer[key] for key in ("optimizers", "schedulers", "rng")}
     except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
         why = (
             "does not exist"
@@ -170,16 +189,6 @@ def _read_checkpoint(path: Path) -> TrainState:
             else f"is damaged ({type(exc).__name__}: {_first_sentence(exc)})"
         )
         raise CheckpointError(f"checkpoint '{path}' is unreadable ('{state_file}' {why})") from None
-    return TrainState(
-        step=step,
-        adapters=adapters,
-        optimizers=optimizers,
-        schedulers=schedulers,
-        data=data,
-        rng=rng,
-        extra=meta.get("extra", {}),
-        allocators=allocators,
-    )
 
 
 def _read_tensors(path: Path, file: Path) -> dict[str, torch.Tensor]:

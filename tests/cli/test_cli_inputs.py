@@ -14,7 +14,7 @@ from safetensors import safe_open
 from moetune.cli import build_parser, main
 from moetune.tiny_models import tiny_moe_args
 from moetune.model import build_random_model
-from moetune.workflows import evaluate_file, generate_text, load_with_adapter, merge_to_checkpoint
+from moetune.workflows import EvalSetup, evaluate_file, generate_text, load_with_adapter, merge_to_checkpoint
 from tokenizer_helpers import make_hf_tokenizer
 from train_helpers import write_run
 
@@ -132,10 +132,10 @@ def test_a_training_checkpoint_works_as_adapter(bf16_run):
     root, base = bf16_run
     checkpoint = root / "run" / "checkpoints" / "checkpoint-00000004"
     final = root / "run" / "adapter"
-    from_checkpoint = evaluate_file(base, root / "val.jsonl", adapter=str(checkpoint), dtype="fp32")
-    from_folder = evaluate_file(base, root / "val.jsonl", adapter=str(final), dtype="fp32")
+    from_checkpoint = evaluate_file(EvalSetup(base, str(checkpoint), dtype="fp32"), root / "val.jsonl")
+    from_folder = evaluate_file(EvalSetup(base, str(final), dtype="fp32"), root / "val.jsonl")
     assert from_checkpoint.loss == pytest.approx(from_folder.loss, abs=1e-6)
-    base_only = evaluate_file(base, root / "val.jsonl", dtype="fp32")
+    base_only = evaluate_file(EvalSetup(base, dtype="fp32"), root / "val.jsonl")
     assert abs(base_only.loss - from_folder.loss) > 1e-4  # the adapter does something
     proc = _cli(
         "generate",

@@ -13,7 +13,7 @@ from moetune.demo_data import make_rows
 from moetune.demo_mixlora import run_comparison
 from moetune.errors import DataError
 from moetune.evaluation import read_task
-from moetune.workflows import evaluate_task_files
+from moetune.workflows import EvalSetup, evaluate_task_files
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def _task(path, n=30):
 def test_eval_task_scores_choices_by_log_likelihood(demo):
     out, _ = demo
     task = _task(out / "upper_mc.jsonl")
-    base = evaluate_task_files(out / "base-model", [task], chat=True)[0]
-    mix = evaluate_task_files(out / "base-model", [task], adapter=out / "run" / "adapter-mixlora", chat=True)[0]
+    base = evaluate_task_files(EvalSetup(out / "base-model"), [task], chat=True)[0]
+    mix = evaluate_task_files(EvalSetup(out / "base-model", out / "run" / "adapter-mixlora"), [task], chat=True)[0]
     assert base.accuracy_norm < 0.5 and mix.accuracy_norm >= 0.9 and mix.questions == 30
     assert "model.layers.0.mlp" in mix.router and "entropy" in mix.router
     proc = subprocess.run(

@@ -15,7 +15,7 @@ from moetune.config import LoraConfig
 from moetune.errors import AdapterError
 from moetune.peft.core.context import AdapterContext, adapter_context
 from moetune.model.moe import GroupedExperts, dispatch
-from moetune.peft.core.layer import disable_adapters
+from moetune.peft.core.layer import AddOptions, disable_adapters
 from moetune.peft.lora.experts import LoraGroupedExperts
 
 E, D, FH, R = 4, 32, 24, 4
@@ -46,7 +46,7 @@ def _layer(parts=ALL, rank_mode="per_expert", dropout=0.0, name="default", layer
     layer.add_adapter(
         name,
         LoraConfig(r=R, alpha=8.0, dropout=dropout, target_modules=["experts"], expert_rank=rank_mode),
-        parts=set(parts),
+        AddOptions(parts=frozenset(parts)),
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -178,7 +178,9 @@ def test_zero_b_is_base_and_merge_roundtrip(parts, rank_mode):
 def test_init_and_adapter_params():
     layer = LoraGroupedExperts(_experts())
     layer.add_adapter("k", LoraConfig(r=8, target_modules=["experts"]))
-    layer.add_adapter("g", LoraConfig(r=8, init="gaussian", target_modules=["experts"]), parts={"down_proj"})
+    layer.add_adapter(
+        "g", LoraConfig(r=8, init="gaussian", target_modules=["experts"]), AddOptions(frozenset({"down_proj"}))
+    )
     names = dict(layer.adapter_params("k"))
     assert sorted(names) == ["lora_A_down.k", "lora_A_gate_up.k", "lora_B_down.k", "lora_B_gate_up.k"]
     a = names["lora_A_gate_up.k"]
@@ -210,7 +212,7 @@ def test_dora_and_pissa_are_refused():
     with pytest.raises(AdapterError, match="pissa"):
         layer.add_adapter("d", LoraConfig(init="pissa", target_modules=["experts"]))
     with pytest.raises(AdapterError, match="unknown parts"):
-        layer.add_adapter("d", LoraConfig(target_modules=["experts"]), parts={"w1"})
+        layer.add_adapter("d", LoraConfig(target_modules=["experts"]), AddOptions(frozenset({"w1"})))
 
 
 def test_mixed_adapter_rows():
@@ -262,7 +264,7 @@ def _wrap_experts(model, config: LoraConfig, parts=ALL, patterns: dict | None = 
                     )
                     for p in ("gate_up_proj", "down_proj")
                 }
-            layers[path].add_adapter("default", config, parts=set(parts), param_configs=per_param)
+            layers[path].add_adapter("default", config, AddOptions(frozenset(parts), per_param))
     return layers
 
 
@@ -421,7 +423,7 @@ def test_saved_adapter_loads_in_peft_with_our_logits(case, parts, rank_mode, rsl
 
 def _wrap_fresh(layer: LoraGroupedExperts, config: LoraConfig, parts) -> LoraGroupedExperts:
     fresh = LoraGroupedExperts(layer.base_layer)
-    fresh.add_adapter("default", config, parts=set(parts))
+    fresh.add_adapter("default", config, AddOptions(frozenset(parts)))
     return fresh
 
 

@@ -13,6 +13,7 @@ from moetune.config import MixtureConfig
 from moetune.errors import AdapterError
 from moetune.model import build_random_model, model_args_from_hf
 from moetune.model.layers import SwiGLU
+from moetune.peft.core.layer import AddOptions
 from moetune.peft.mixtures.ffn import MixtureFFN
 from moetune.peft.mixtures.linear import MixtureLinear
 from moetune.peft.mixtures.stats import adapter_router_loss, mixture_metrics
@@ -75,7 +76,7 @@ def _ffn_layer(config, *, parts=None, seed=0) -> MixtureFFN:
     for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
         nn.init.normal_(lin.weight, std=0.2)
     layer = MixtureFFN(ffn)
-    layer.add_adapter("mix", config, parts=parts)
+    layer.add_adapter("mix", config, AddOptions(None if parts is None else frozenset(parts)))
     _randomise(layer)
     for p in ffn.parameters():
         p.requires_grad_(False)

@@ -21,7 +21,7 @@ from ..adalora.adapters import svd_adapter
 from ..lora.linear import LoraLinear
 from ..mixtures.plan import place
 from .context import install_hooks
-from .layer import AdapterLayer, adapter_layers, set_active_adapters
+from .layer import AdapterLayer, AddOptions, adapter_layers, set_active_adapters
 from .params import adapter_parameters
 from .registry import base_of
 from .report import AdapterReport, build_report
@@ -135,9 +135,7 @@ def _add_to(module: AdapterLayer, path: str, name: str, config: LoraConfig, part
         param_configs = {p: per_module(f"{path}.{p}", config) for p in params}
     module_config = per_module(path, config) if per_module else config
     adapter = None if module_config.adalora is None else svd_adapter(module, name, module_config, param_configs)
-    module.add_adapter(
-        name, module_config, parts=set(parts) if parts else None, param_configs=param_configs, adapter=adapter
-    )
+    module.add_adapter(name, module_config, AddOptions(frozenset(parts or ()) or None, param_configs, adapter))
 
 
 def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -> None:

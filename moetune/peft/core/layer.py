@@ -18,13 +18,43 @@ Which adapters run on which tokens:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ...errors import AdapterError
 from .context import current_context
+
+
+@dataclass(frozen=True)
+class AddOptions:
+    """What :meth:`AdapterLayer.add_adapter` may say besides an adapter's name and config; each
+    wrapper reads the fields that apply to it and ignores the others.
+
+    Attributes:
+        parts: the projections of an expert layer or a MixLoRA FFN to adapt (``gate_proj``,
+            ``up_proj``, ``down_proj``); None: all of them.
+        param_configs: a config per base parameter (PEFT's rank_pattern on a routed-experts
+            parameter, ``gate_up_proj``), for layers with several parameters.
+        adapter: the adapter object to hold (AdaLoRA's SVD form); None: the layer's own kind
+            for the config.
+    """
+
+    parts: frozenset[str] | None = None
+    param_configs: dict[str, Any] | None = None
+    adapter: Any = None
+
+    def chosen_parts(self, allowed: tuple[str, ...], what: str) -> set[str]:
+        """The parts asked for (all of ``allowed`` when none), each one of ``allowed``."""
+        parts = set(self.parts or allowed)
+        if not parts <= set(allowed):
+            raise AdapterError(f"{what}: unknown parts {sorted(parts - set(allowed))}; allowed: {', '.join(allowed)}")
+        return parts
+
+
+DEFAULT_OPTIONS = AddOptions()
 
 
 class AdapterLayer(nn.Module):
@@ -50,19 +80,8 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
 
-    def add_adapter(
-        self, name: str, config, *, parts: set[str] | None = None, param_configs: dict | None = None, adapter=None
-    ) -> None:
-        """Create adapter ``name`` from a LoraConfig (and initialise it).
-
-        Args:
-            parts: restricts an expert layer to some projections (``gate_proj``, ``up_proj``,
-                ``down_proj``); linears ignore it.
-            param_configs: a config per base parameter (PEFT's rank_pattern on a routed-experts
-                parameter, ``gate_up_proj``); layers with one parameter ignore it.
-            adapter: the adapter object to hold (AdaLoRA's SVD form); None: the layer's own kind
-                for ``config``.
-        """
+    def add_adapter(self, name: str, config, options: AddOptions = DEFAULT_OPTIONS) -> None:
+        """Create adapter ``name`` from a LoraConfig (and initialise it), as ``options`` say."""
         raise NotImplementedError
 
     @classmethod

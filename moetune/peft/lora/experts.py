@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import LoraConfig
-from ...errors import AdapterError
 from ...model.moe import GroupedExperts
 from ..core.context import current_context
-from ..core.layer import AdapterLayer, TensorStore
+from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
 from . import experts_layout as layout
 from .expert_adapters import ExpertAdapter
 from .experts_layout import PROJ_OF_PAIR
@@ -98,31 +97,15 @@ class LoraGroupedExperts(AdapterLayer):
         """The pairs adapter ``name`` holds, in :data:`PAIRS` order."""
         return [p for p in PAIRS if name in self.lora_a(p)]
 
-    def add_adapter(
-        self,
-        name: str,
-        config: LoraConfig,
-        *,
-        parts: set[str] | None = None,
-        param_configs: dict[str, LoraConfig] | None = None,
-        adapter: ExpertAdapter | None = None,
-    ) -> None:
-        """Create adapter ``name`` on ``parts`` (default all of gate_proj, up_proj, down_proj).
-
-        Args:
-            param_configs: optional rank/alpha per base parameter (``gate_up_proj``, ``down_proj``),
-                e.g. from PEFT's ``rank_pattern``/``alpha_pattern``; other options come from ``config``.
-            adapter: the adapter object to hold (default: plain LoRA pairs).
+    def add_adapter(self, name: str, config: LoraConfig, options: AddOptions = DEFAULT_OPTIONS) -> None:
+        """Create adapter ``name`` on ``options.parts`` (default all of gate_proj, up_proj, down_proj),
+        with ``options.param_configs`` (rank/alpha per base parameter, ``gate_up_proj`` / ``down_proj``,
+        from PEFT's ``rank_pattern``/``alpha_pattern``) and ``options.adapter`` (default: LoRA pairs).
 
         Calling again for an existing name adds the new parts and re-initialises the adapter.
         """
-        parts = set(parts or layout.EXPERT_PROJS)
-        if not parts <= set(layout.EXPERT_PROJS):
-            raise AdapterError(
-                f"experts: unknown parts {sorted(parts - set(layout.EXPERT_PROJS))}; "
-                f"allowed: {', '.join(layout.EXPERT_PROJS)}"
-            )
-        adapter = adapter if adapter is not None else ExpertAdapter(name, config, param_configs)
+        parts = options.chosen_parts(layout.EXPERT_PROJS, "experts")
+        adapter = options.adapter if options.adapter is not None else ExpertAdapter(name, config, options.param_configs)
         adapter.check()
         if name in self.adapters:
             parts |= {p for pair in self.pairs(name) for p in _parts_of(pair)}

@@ -36,7 +36,7 @@ from typing_extensions import override
 from ...config import LoraConfig
 from ...errors import AdapterError
 from ..core.context import current_context
-from ..core.layer import AdapterLayer, TensorStore
+from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
 from .linear_adapters import LinearAdapter, lora_adapter
 
 
@@ -71,22 +71,14 @@ class LoraLinear(AdapterLayer):
         return list(self.adapters)
 
     @override
-    def add_adapter(
-        self,
-        name: str,
-        config: LoraConfig,
-        *,
-        parts: set[str] | None = None,
-        param_configs: dict[str, LoraConfig] | None = None,
-        adapter: LinearAdapter | None = None,
-    ) -> None:
-        """Create adapter ``name`` (``parts`` and ``param_configs`` are ignored: a linear has one
-        projection). ``adapter`` is the adapter object to hold (default: LoRA, DoRA with ``use_dora``)."""
+    def add_adapter(self, name: str, config: LoraConfig, options: AddOptions = DEFAULT_OPTIONS) -> None:
+        """Create adapter ``name``: ``options.adapter``, or by default LoRA (DoRA with ``use_dora``);
+        a linear has one projection, so ``parts`` and ``param_configs`` do not apply."""
         if name in self.adapters:
             raise AdapterError(f"adapter '{name}' already exists on this layer")
         if self.configs and (config.init == "pissa" or any(self.is_pissa(n) for n in self.configs)):
             raise AdapterError("a PiSSA adapter changes the base weight, so it must be the only adapter of its layer")
-        adapter = adapter if adapter is not None else self.default_adapter(name, config)
+        adapter = options.adapter if options.adapter is not None else self.default_adapter(name, config)
         adapter.create(self)
         self.adapters[name], self.configs[name], self.scaling[name] = adapter, config, adapter.scaling
         if adapter.routed and not self.active:  # as MixtureFFN: a lone mixture layer runs its first adapter

@@ -26,40 +26,43 @@ from .router import MixtureRecord, Route, route
 
 @dataclasses.dataclass(frozen=True)
 class ExpertOptions:
-    """The LoRA options of one adapter's experts (``MixtureConfig.expert_*`` over the adapter's)."""
+    """One mixture adapter's experts and router as its config sets them (``MixtureConfig.expert_*``
+    over the adapter's LoRA options), and the fresh parameters every mixture wrapper starts from."""
 
+    num_experts: int
     rank: int
     scaling: float
     dropout: float
     init: str
+    router_std: float
 
     @classmethod
-    def of(cls, config: LoraConfig) -> ExpertOptions:
-        mix = config.mixture
+    def of(cls, config: LoraConfig, where: str) -> ExpertOptions:
+        """The options of ``config``, which must have a mixture with one expert count (``where`` names the caller)."""
+        mix = require_mixture(config, where)
         r = mix.expert_r or config.r
         alpha = mix.expert_alpha or config.alpha
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         dropout = config.dropout if mix.expert_dropout is None else mix.expert_dropout
-        return cls(rank=r, scaling=scaling, dropout=dropout, init=config.init)
+        return cls(mix.num_experts, r, scaling, dropout, config.init, mix.router_init_std)
 
+    def new_pair(self, d_in: int, d_out: int, device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+        """A (E, r, in) fp32, initialised like ``nn.Linear`` per expert (kaiming) or N(0, 1/r);
+        B (E, out, r) zeros, so every expert starts as the frozen layer."""
+        a = torch.empty(self.num_experts, self.rank, d_in, dtype=torch.float32, device=device)
+        if self.init == "gaussian":
+            nn.init.normal_(a, std=1 / self.rank)
+        else:  # per expert = on the (E*r, in) view: fan_in is `in` either way
+            nn.init.kaiming_uniform_(a.view(-1, d_in), a=math.sqrt(5))
+        b = torch.zeros(self.num_experts, d_out, self.rank, dtype=torch.float32, device=device)
+        return nn.Parameter(a), nn.Parameter(b)
 
-def new_expert_pair(
-    num_experts: int, rank: int, d_in: int, d_out: int, init: str, device: torch.device
-) -> tuple[nn.Parameter, nn.Parameter]:
-    """A (E, r, in) fp32, initialised like ``nn.Linear`` per expert (kaiming) or N(0, 1/r);
-    B (E, out, r) zeros, so every expert starts as the frozen layer."""
-    a = torch.empty(num_experts, rank, d_in, dtype=torch.float32, device=device)
-    if init == "gaussian":
-        nn.init.normal_(a, std=1 / rank)
-    else:  # per expert = on the (E*r, in) view: fan_in is `in` either way
-        nn.init.kaiming_uniform_(a.view(-1, d_in), a=math.sqrt(5))
-    b = torch.zeros(num_experts, d_out, rank, dtype=torch.float32, device=device)
-    return nn.Parameter(a), nn.Parameter(b)
+    def new_router(self, dim: int, device: torch.device) -> nn.Parameter:
+        """Router weight (E, D), fp32, N(0, router_init_std)."""
+        return nn.Parameter(torch.randn(self.num_experts, dim, dtype=torch.float32, device=device) * self.router_std)
 
-
-def new_router(num_experts: int, dim: int, std: float, device: torch.device) -> nn.Parameter:
-    """Router weight (E, D), fp32, N(0, std)."""
-    return nn.Parameter(torch.randn(num_experts, dim, dtype=torch.float32, device=device) * std)
+    def new_dropout(self) -> nn.Module:
+        return nn.Dropout(self.dropout) if self.dropout > 0 else nn.Identity()
 
 
 def base_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

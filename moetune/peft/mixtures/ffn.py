@@ -36,17 +36,14 @@ from ...errors import AdapterError
 from ...model.grouped import grouped_linear
 from ...model.layers import SwiGLU
 from ...model.moe import combine, dispatch
-from ..core.layer import AdapterLayer
+from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions
 from .common import (
     ExpertOptions,
     base_call,
     check_not_stacked,
     dense_weight,
     load_own,
-    new_expert_pair,
-    new_router,
     refuse_merge,
-    require_mixture,
     route_tokens,
     routed_rows,
     scatter_rows,
@@ -101,39 +98,25 @@ class MixtureFFN(AdapterLayer):
         return [p for p in PROJS if name in self.params("A", p)]
 
     @override
-    def add_adapter(
-        self,
-        name: str,
-        config: LoraConfig,
-        *,
-        parts: set[str] | None = None,
-        param_configs: dict | None = None,
-        adapter=None,
-    ) -> None:
-        """Create MixLoRA adapter ``name`` with experts on ``parts`` (default all projections);
-        ``param_configs`` is ignored and ``adapter`` must be None (the mixture is the layer's own kind)."""
-        if adapter is not None:
-            raise AdapterError(f"a MixLoRA FFN holds mixtures only, not {type(adapter).__name__} adapters")
-        mix = require_mixture(config, "MixtureFFN.add_adapter")
-        parts = set(parts or PROJS)
+    def add_adapter(self, name: str, config: LoraConfig, options: AddOptions = DEFAULT_OPTIONS) -> None:
+        """Create MixLoRA adapter ``name`` with experts on ``options.parts`` (default all
+        projections); the mixture is the layer's own kind, so ``options.adapter`` must be None."""
+        if options.adapter is not None:
+            raise AdapterError(f"a MixLoRA FFN holds mixtures only, not {type(options.adapter).__name__} adapters")
+        opts = ExpertOptions.of(config, "MixtureFFN.add_adapter")
         if name in self.mixtures:
             raise AdapterError(f"adapter '{name}' already exists on this layer")
-        if not parts <= set(PROJS):
-            raise AdapterError(
-                f"mixlora: unknown projections {sorted(parts - set(PROJS))}; allowed: {', '.join(PROJS)}"
-            )
-        opts = ExpertOptions.of(config)
+        parts = options.chosen_parts(PROJS, "mixlora")
         device = dense_weight(self.gate_proj).device
         dim, hidden = self.dim, self.hidden
-        self.router[name] = new_router(mix.num_experts, dim, mix.router_init_std, device)
+        self.router[name] = opts.new_router(dim, device)
         for proj in (p for p in PROJS if p in parts):
             d_in, d_out = (hidden, dim) if proj == "down_proj" else (dim, hidden)
-            a, b = new_expert_pair(mix.num_experts, opts.rank, d_in, d_out, opts.init, device)
-            self.params("A", proj)[name], self.params("B", proj)[name] = a, b
+            self.params("A", proj)[name], self.params("B", proj)[name] = opts.new_pair(d_in, d_out, device)
             if config.use_dora:  # m starts at ||W|| per row: every expert equals the frozen layer
                 weight = dense_weight(getattr(self, proj))
-                self.params("magnitude", proj)[name] = initial_magnitude(weight, mix.num_experts)
-        self.lora_dropout[name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+                self.params("magnitude", proj)[name] = initial_magnitude(weight, opts.num_experts)
+        self.lora_dropout[name] = opts.new_dropout()
         self.mixtures[name], self.options[name] = config, opts
         if not self.active:
             self.active.append(name)

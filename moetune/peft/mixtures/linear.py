@@ -33,17 +33,7 @@ from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
 from ..lora.linear import LoraLinear
 from ..lora.linear_adapters import LinearAdapter
-from .common import (
-    ExpertOptions,
-    check_not_stacked,
-    load_own,
-    new_expert_pair,
-    new_router,
-    refuse_merge,
-    require_mixture,
-    route_tokens,
-    routed_rows,
-)
+from .common import ExpertOptions, check_not_stacked, load_own, refuse_merge, route_tokens, routed_rows
 
 _LORA_STORES = (
     "lora_A",
@@ -64,8 +54,8 @@ class MixtureAdapter(LinearAdapter):
 
     def __init__(self, name: str, config: LoraConfig) -> None:
         super().__init__(name, config)
-        self.mixture = require_mixture(config, "MixtureLinear.add_adapter")
-        self.options = ExpertOptions.of(config)
+        self.options = ExpertOptions.of(config, "MixtureLinear.add_adapter")
+        self.mixture = config.mixture
 
     @property
     def scaling(self) -> float:
@@ -77,13 +67,10 @@ class MixtureAdapter(LinearAdapter):
                 f"adapter '{self.name}': DoRA experts exist for mixlora (MixDoRA) only, not for {self.mixture.kind}"
             )
         opts, device = self.options, layer.base_layer.weight.device
-        layer.router[self.name] = new_router(
-            self.mixture.num_experts, layer.in_features, self.mixture.router_init_std, device
-        )
-        layer.moe_lora_A[self.name], layer.moe_lora_B[self.name] = new_expert_pair(
-            self.mixture.num_experts, opts.rank, layer.in_features, layer.out_features, opts.init, device
-        )
-        layer.moe_dropout[self.name] = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+        layer.router[self.name] = opts.new_router(layer.in_features, device)
+        pair = opts.new_pair(layer.in_features, layer.out_features, device)
+        layer.moe_lora_A[self.name], layer.moe_lora_B[self.name] = pair
+        layer.moe_dropout[self.name] = opts.new_dropout()
 
     def remove(self, layer: MixtureLinear) -> None:
         for store in (layer.router, layer.moe_lora_A, layer.moe_lora_B, layer.moe_dropout):
