@@ -187,3 +187,23 @@ def test_adapter_kinds_start_at_the_reference(base, tmp_path, adapter, model):
     cfg.write_text(yaml.safe_dump(raw))
     first, second = train(load_train_config(cfg)).losses
     assert abs(first - math.log(2)) <= 1e-6 and second < first
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_precomputed_reference_equals_the_reference_forward(base, tmp_path, objective):
+    """The table gives each example the log-probs the per-step reference forward gives it (the
+    lookup by example index follows the shuffled order; KTO's second column is its KL row)."""
+    runs = {}
+    for precompute in (False, True):
+        cfg = _config(tmp_path / str(precompute), base, objective, 3, precompute_reference=precompute)
+        raw = yaml.safe_load(cfg.read_text())
+        raw["adapter"]["dropout"] = 0.0  # the per-step forward draws no dropout masks for the table to miss
+        cfg.write_text(yaml.safe_dump(raw))
+        train(load_train_config(cfg))
+        runs[precompute] = _records(tmp_path / str(precompute) / "run")
+    assert (tmp_path / "True" / "run" / REFERENCE_FILE).exists() and not (
+        tmp_path / "False" / "run" / REFERENCE_FILE
+    ).exists()
+    for key in ("loss", "reward_chosen", "reward_rejected", "kl"):
+        a, b = [r[key] for r in runs[False]], [r[key] for r in runs[True]]
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (key, a, b)
