@@ -34,6 +34,7 @@ ONLY_FOR = {
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
     "precompute_reference": ("dpo", "ipo", "kto"),
+    "reference": ("dpo", "ipo", "kto"),
 }
 
 
@@ -47,9 +48,12 @@ class PreferenceSection(ConfigSection):
         gamma: SimPO's target reward margin (TRL ``simpo_gamma``).
         label_smoothing: SimPO's probability that a pair's labels are flipped.
         desirable_weight, undesirable_weight: KTO's weights of desirable / undesirable rows.
-        precompute_reference: compute the reference log-probs (base, adapters off) once before
-            training and keep them in ``reference_logps.safetensors`` in the run folder, instead
-            of one reference forward per step.
+        precompute_reference: compute the reference log-probs once before training and keep them
+            in ``reference_logps.safetensors`` in the run folder, instead of one reference forward
+            per step.
+        reference: ``base`` (every adapter off) or ``initial``: the trained adapter as it was
+            loaded from ``adapter.path`` (e.g. an SFT adapter), kept as a frozen copy beside it,
+            as TRL does when it trains an existing adapter.
     """
 
     beta: float | None = None
@@ -58,6 +62,7 @@ class PreferenceSection(ConfigSection):
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     precompute_reference: bool = False
+    reference: Literal["base", "initial"] = "base"
 
     def validate(self) -> None:
         require(self.beta is None or self.beta > 0, "beta", "a number > 0", self.beta)

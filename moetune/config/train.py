@@ -194,6 +194,9 @@ class TrainConfig(ConfigSection):
             "would be in the policy but not in the reference: merge them into the base first)",
             ("data", "packing"): self.data.packing and "false: each row is one prompt and completion",
             ("data", "train_on_prompt"): self.data.train_on_prompt and "false: only completion tokens are scored",
+            ("optim", "preference", "reference"): self.optim.preference.reference == "initial"
+            and self.adapters[0].path is None
+            and "an adapter to start from (adapter.path) for reference: initial",
             ("optim", "batch_size"): objective == "kto"
             and self.optim.batch_size < 2
             and "at least 2: KTO's KL estimate pairs each prompt with another row's completion",
@@ -201,6 +204,13 @@ class TrainConfig(ConfigSection):
         for key, reason in reasons.items():
             if reason:
                 raise ConfigFieldError(f"{{key}}: objective {objective} needs {reason}", key)
+
+    @property
+    def reference_adapter(self) -> str | None:
+        """The name of the frozen copy of the starting adapter that a preference objective scores
+        against (``optim.preference.reference: initial``), or None (the base)."""
+        pref = self.optim.preference
+        return f"{self.adapters[0].name}-reference" if pref is not None and pref.reference == "initial" else None
 
     def _validate_adalora(self) -> None:
         """AdaLoRA's ``total_step`` defaults to the adapter's ``max_steps``; its schedule must fit."""

@@ -9,7 +9,8 @@ exist at once), divided by the completion's tokens where an objective averages.
 Per micro-batch (B examples: 2B rows, see :mod:`moetune.data.preference`):
 
 - dpo, ipo: the policy forward on all 2B rows (with gradient); the reference from a forward of the
-  same rows with every adapter off, without gradient (it keeps no activations), or from the table
+  same rows with every adapter off (``reference: initial``: only the frozen copy of the starting
+  adapter), without gradient (it keeps no activations) and in eval mode, or from the table
   precomputed once (``precompute_reference``, :mod:`.reference`);
 - simpo, orpo: the policy forward only (reference-free);
 - kto: the policy forward on the B rows; one forward without gradient serves KTO's KL rows under
@@ -63,12 +64,16 @@ class PreferenceObjective:
     Args:
         reference: precomputed reference log-probs of the training examples
             (:class:`~moetune.train.reference.ReferenceTable`), or None to compute them each step.
+        reference_name: the frozen adapter the reference runs with (``reference: initial``), or
+            None: every adapter off.
         mean_over_ranks: averages a scalar tensor over the data-parallel ranks (KTO's z).
     """
 
-    def __init__(self, model, name: str, *, kind: str, options, reference=None, mean_over_ranks=None) -> None:
+    def __init__(
+        self, model, name: str, *, kind: str, options, reference=None, reference_name=None, mean_over_ranks=None
+    ) -> None:
         self.kind, self.opts, self.model, self.name = kind, options, model, name
-        self.reference = reference
+        self.reference, self.reference_name = reference, reference_name
         self.mean_over_ranks = mean_over_ranks or (lambda value: value)
         self.needs_reference = self.kind not in REFERENCE_FREE
 
@@ -78,13 +83,22 @@ class PreferenceObjective:
         return logps, completion_tokens(batch).to(logps), out
 
     @torch.no_grad()
+    def unlearnt_logps(self, batch: dict[str, torch.Tensor], adapter_names: list[str | None]) -> torch.Tensor:
+        """Log-probs of rows that take no gradient (the reference; KTO's KL rows), in eval mode: no
+        adapter dropout makes them noisy, so the precomputed table equals them."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.logps(batch, adapter_names)[0]
+        finally:
+            self.model.train(was_training)
+
     def reference_logps(self, batch: dict[str, torch.Tensor], train: bool = True) -> torch.Tensor:
         """(2B,) reference log-probs of a batch's rows: from the table (training batches) or a
-        forward with every adapter off."""
+        forward with every adapter off (or only the frozen starting adapter)."""
         if train and self.reference is not None:
             return self.reference.lookup(batch["example_index"]).to(batch["input_ids"].device)
-        n = batch["input_ids"].shape[0]
-        return self.logps(batch, [None] * n)[0]
+        return self.unlearnt_logps(batch, [self.reference_name] * batch["input_ids"].shape[0])
 
     def score(self, batch: dict[str, torch.Tensor], *, train: bool = True) -> ScoredBatch:
         """Losses and rewards of a micro-batch (policy with gradient unless under no_grad)."""
@@ -111,11 +125,10 @@ class PreferenceObjective:
         first, second = rows(batch, slice(0, n)), rows(batch, slice(n, 2 * n))
         policy, _, out = self.logps(first)
         cached = train and self.reference is not None
-        with torch.no_grad():
-            parts, names = [second], [self.name] * n
-            if not cached:
-                parts, names = [second, first, second], names + [None] * (2 * n)
-            scored = self.logps(cat_rows(parts), names)[0]
+        parts, names = [second], [self.name] * n
+        if not cached:
+            parts, names = [second, first, second], names + [self.reference_name] * (2 * n)
+        scored = self.unlearnt_logps(cat_rows(parts), names)
         reference = self.reference.lookup(batch["example_index"]).to(scored) if cached else scored[n:]
         policy_kl, reference_kl = scored[:n], reference[n:]
         z = kto_reference_point(policy_kl, reference_kl, self.mean_over_ranks)
@@ -221,10 +234,11 @@ def preference_objective(trainer) -> PreferenceObjective | None:
     optim = trainer.config.optim
     if optim.objective == "sft":
         return None
-    if optim.objective not in REFERENCE_FREE and trainer.config.adapters[0].path is not None:
+    name = trainer.config.reference_adapter
+    if optim.objective not in REFERENCE_FREE and trainer.config.adapters[0].path is not None and name is None:
         log.warning(
             "adapter '%s' starts from %s; the reference is the base without it (every adapter off), "
-            "not the adapter as loaded",
+            "not the adapter as loaded (optim.preference.reference: initial scores against that)",
             trainer.jobs[0].name,
             trainer.config.adapters[0].path,
         )
@@ -239,6 +253,7 @@ def preference_objective(trainer) -> PreferenceObjective | None:
         trainer.jobs[0].name,
         kind=optim.objective,
         options=optim.preference,
-        reference=reference_table(trainer, optim.objective) if precompute else None,
+        reference=reference_table(trainer, optim.objective, name) if precompute else None,
+        reference_name=name,
         mean_over_ranks=mean_over_ranks,
     )

@@ -58,15 +58,19 @@ def compute_table(
     pad_id: int,
     device: torch.device,
     autocast: Callable[[], ContextManager],
+    adapter: str | None = None,
 ) -> torch.Tensor:
-    """(N, 2) fp32 log-probs of every example's sequences under the base (adapters off)."""
-    table = torch.zeros(len(examples), 2)
+    """(N, 2) fp32 log-probs of every example's sequences under the base (adapters off; or with
+    only ``adapter``), in eval mode."""
+    table, was_training = torch.zeros(len(examples), 2), model.training
+    model.eval()
     for batch in preference_batches(examples, batch_size=batch_size, pad_id=pad_id):
         index = batch.pop("example_index")
         inputs = {k: batch[k].to(device) for k in INPUTS}
         with autocast():
-            logps = sequence_logps(model, inputs, [None] * inputs["input_ids"].shape[0])[0]
+            logps = sequence_logps(model, inputs, [adapter] * inputs["input_ids"].shape[0])[0]
         table[index] = logps.float().cpu().view(2, -1).T
+    model.train(was_training)
     return table
 
 
@@ -83,10 +87,11 @@ def read_table(path: Path, objective: str, digest: str, count: int) -> torch.Ten
     return table
 
 
-def reference_table(trainer, objective: str) -> ReferenceTable:
-    """The run's precomputed reference table: read back when it is there and matches, else computed
-    (and written by rank 0)."""
+def reference_table(trainer, objective: str, adapter: str | None = None) -> ReferenceTable:
+    """The run's precomputed reference table (the base, or with only ``adapter``): read back when it
+    is there and matches, else computed (and written by rank 0)."""
     job = trainer.jobs[0]
+    objective = objective if adapter is None else f"{objective}, reference {adapter}"
     examples, digest = job.data.train, fingerprint(job.data.train)
     path = trainer.folder.entry(REFERENCE_FILE) if trainer.parallel.is_main else trainer.out / REFERENCE_FILE
     trainer.parallel.barrier()  # every rank reads the folder as it was before rank 0 writes
@@ -102,6 +107,7 @@ def reference_table(trainer, objective: str) -> ReferenceTable:
         pad_id=trainer.parts.tokenizer.pad_id,
         device=trainer.device,
         autocast=trainer.autocast,
+        adapter=adapter,
     )
     if trainer.parallel.is_main:
         meta = {"objective": objective, "fingerprint": digest}

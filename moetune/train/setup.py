@@ -82,9 +82,12 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
             load_adapter(model, section.path, name=section.name)
         else:
             add_adapter(model, section.to_lora_config(), name=section.name)
-    for section in config.adapters:  # after every add_adapter, which marks all adapter parameters trainable
-        if section.frozen:
-            for p in adapter_parameters(model, section.name).values():
-                p.requires_grad_(False)
+    reference = config.reference_adapter  # preference.reference: initial: the starting adapter, kept as it is
+    if reference is not None:
+        load_adapter(model, config.adapters[0].path, name=reference)
+    frozen = [s.name for s in config.adapters if s.frozen] + ([reference] if reference else [])
+    for name in frozen:  # after every add_adapter, which marks all adapter parameters trainable
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(False)
     model.set_gradient_checkpointing(config.optim.activation_checkpointing)
     return RunParts(model=model, tokenizer=tokenizer, data=data, device=device, dtype=dtype)

@@ -44,6 +44,8 @@ def test_defaults_per_objective():
         ({}, {"data": {"train": "t.jsonl", "packing": True}}, "data.packing: objective dpo needs false"),
         ({}, {"data": {"train": "t.jsonl", "train_on_prompt": True}}, "only completion tokens are scored"),
         ({"objective": "kto", "batch_size": 1}, {}, "optim.batch_size: objective kto needs at least 2"),
+        ({"preference": {"reference": "initial"}}, {}, "optim.preference.reference: objective dpo needs an adapter"),
+        ({"objective": "simpo", "preference": {"reference": "initial"}}, {}, "reference is an option of objective"),
         ({}, {"adapters": [{"name": "a"}, {"name": "b"}]}, "adapters: objective dpo needs one adapter"),
     ],
 )

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from safetensors.torch import load_file
+
 import moetune
 from moetune.config import DataSection, load_train_config
 from moetune.config.preference import PreferenceSection
@@ -25,6 +27,7 @@ from moetune.data.preference import build_preference_datasets, preference_batche
 from moetune.demo_data import make_rows, random_word, write_jsonl
 from moetune.model import build_random_model
 from moetune.outputs import read_marker
+from moetune.peft.core.params import trainable_parameters
 from moetune.tiny_models import tiny_moe_args
 from moetune.train.preference import PreferenceObjective
 from moetune.train.reference import REFERENCE_FILE
@@ -207,3 +210,27 @@ def test_precomputed_reference_equals_the_reference_forward(base, tmp_path, obje
     for key in ("loss", "reward_chosen", "reward_rejected", "kl"):
         a, b = [r[key] for r in runs[False]], [r[key] for r in runs[True]]
         assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+
+
+def test_reference_initial_scores_against_the_starting_adapter(base, tmp_path, caplog):
+    """``reference: initial``: an adapter started from a folder (an SFT adapter, say) is scored
+    against a frozen copy of itself as loaded, so the first loss is log 2; with the base as the
+    reference it is not, and the run warns that the reference lacks the starting adapter."""
+    model = moetune.load_model(base)
+    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.copy_(torch.randn_like(p) * 0.3)
+    start = moetune.save_adapter(model, tmp_path / "sft")
+    first = {}
+    for reference in ("initial", "base"):
+        cfg = _config(tmp_path / reference, base, "dpo", 2, 1, precompute_reference=True, reference=reference)
+        raw = yaml.safe_load(cfg.read_text())
+        raw["adapter"] = {"path": str(start), "dropout": 0.0}
+        cfg.write_text(yaml.safe_dump(raw))
+        first[reference] = train(load_train_config(cfg)).losses[0]
+    assert abs(first["initial"] - math.log(2)) <= 1e-6 and abs(first["base"] - math.log(2)) > 1e-3
+    assert "the reference is the base without it" in caplog.text
+    checkpoint = tmp_path / "initial" / "run" / "checkpoints" / "checkpoint-00000002"
+    assert sorted(p.name for p in checkpoint.glob("adapter-*")) == ["adapter-default.safetensors"]  # no copy saved
+    assert load_file(str(checkpoint / "adapter-default.safetensors"))
