@@ -75,7 +75,6 @@ class PreferenceObjective:
         self.kind, self.opts, self.model, self.name = kind, options, model, name
         self.reference, self.reference_name = reference, reference_name
         self.mean_over_ranks = mean_over_ranks or (lambda value: value)
-        self.needs_reference = self.kind not in REFERENCE_FREE
 
     def logps(self, batch: dict[str, torch.Tensor], adapter_names=None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Per-row summed completion log-probs, completion token counts and the forward's output."""
