@@ -3,16 +3,17 @@
 Routed experts are written as 2D pairs per expert and projection under the names the family's
 serving checkpoints use, ``<block>.experts.{e}.<proj>.lora_A.weight`` (r, in) / ``...lora_B.weight``
 (out, r): ``mlp.experts.{e}.gate_proj|up_proj|down_proj`` for most families, Mixtral's and
-MiniMax-M2's ``block_sparse_moe.experts.{e}.w1|w3|w2`` (:data:`SERVING_EXPERTS`). vLLM names the LoRA module of
-expert e ``<FusedMoE prefix>.experts.{e}.<checkpoint name>`` (``get_moe_expert_mapping`` /
-``process_packed_modules_mapping`` in ``vllm/lora/utils.py``) and silently leaves a tensor under any
-other name unused, so the names are per family. Linears keep PEFT's keys.
+MiniMax-M2's ``block_sparse_moe.experts.{e}.w1|w3|w2`` (:data:`SERVING_EXPERTS`). vLLM names the
+LoRA module of expert e ``<module path of its experts>.{e}.<checkpoint name>`` (``get_moe_expert_mapping``
+/ ``process_packed_modules_mapping`` in ``vllm/lora/utils.py``) and leaves a tensor under any other
+name unused (silently, or refuses the folder), so the names are per family. Linears keep PEFT's keys.
 
 What else the servers need, each checked against their loading code (docs/serving.md):
 
 - every expert has all three projections (vLLM's ``PackedLoRALayerWeights.pack_moe`` asserts
   w1, w2 and w3 per expert): an untargeted projection is written as a zero pair (A = 0, B = 0, at
-  the adapter's rank), which adds nothing, and is left out of ``target_modules``;
+  the adapter's rank), which adds nothing, and is left out of ``target_modules`` (listed when the
+  scaling is folded for SGLang, whose strict loading refuses unlisted tensors);
 - a projection whose rank or alpha differs from the adapter-wide values gets ``rank_pattern`` /
   ``alpha_pattern`` entries keyed ``<module path>\\.experts\\.\\d+\\.<proj>`` (PEFT's and vLLM's
   pattern rule: ``re.match(rf"(.*\\.)?({key})$", name)``);
