@@ -140,8 +140,9 @@ def chunk_gated_delta_rule(
     )
     ut = (k_beta @ k.transpose(-1, -2)) * pair
     intra = (q @ k.transpose(-1, -2)) * pair
-    new_v = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
-    k_cumdecay = torch.linalg.solve_triangular(ut, k_beta * decay_in[..., None], upper=False, unitriangular=True)
+    # one solve for both right-hand sides: batched small triangular solves dominate on CPU
+    rhs = torch.cat((v_beta, k_beta * decay_in[..., None]), dim=-1)
+    new_v, k_cumdecay = torch.linalg.solve_triangular(ut, rhs, upper=False, unitriangular=True).split([Dv, Dk], -1)
     q, k = q * decay_in[..., None], k * decay_out[..., None]
     state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q)
     outs = []
