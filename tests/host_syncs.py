@@ -5,7 +5,10 @@ they cost nothing, so a CPU test can only find them by name. Two modes watch tog
 ``TorchDispatchMode`` sees aten ops (``_local_scalar_dense`` behind ``item``/``bool``/``int``,
 ``nonzero``, ``bincount``, boolean-mask indexing, ``repeat_interleave`` with tensor repeats and no
 ``output_size``, ...); ``TorchFunctionMode`` sees the tensor methods that read memory on the host
-without an aten op (``tolist``, ``numpy``, ``cpu``).
+without an aten op (``tolist``, ``numpy``, ``cpu``), and tensors made from Python data
+(``torch.tensor``, ``as_tensor``, ``new_tensor``): built on the host, then copied to a GPU with a
+copy that waits for the stream. (A Python scalar written into a tensor, ``t[i] = 1.0``, is filled
+on the device and is not counted.)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SYNC_OPS = {
     "histc",
 }
 SYNC_METHODS = {"tolist", "numpy", "cpu"}
+FROM_HOST_DATA = {"tensor", "as_tensor", "new_tensor", "asarray"}
 INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
@@ -72,7 +76,14 @@ class _Function(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in SYNC_METHODS or (name == "to" and _to_host(args, kwargs or {})):
             self.record(f"Tensor.{name}")
+        elif name in FROM_HOST_DATA and not isinstance(_data_arg(name, args, kwargs or {}), torch.Tensor):
+            self.record(f"{name}(host data)")
         return func(*args, **(kwargs or {}))
+
+
+def _data_arg(name: str, args, kwargs):
+    data = args[1:] if name == "new_tensor" else args  # new_tensor is a method: args[0] is the tensor
+    return data[0] if data else kwargs.get("data")
 
 
 def _to_host(args, kwargs) -> bool:

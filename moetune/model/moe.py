@@ -183,7 +183,8 @@ def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tenso
         return RouterStats(
             counts=counts.float(),
             prob_sum=routing.probs.sum(0),
-            tokens=routing.probs.new_tensor(routing.probs.shape[0]),
+            # a fill on the device: new_tensor(N) would copy N from the host and wait for the stream
+            tokens=routing.probs.new_full((), routing.probs.shape[0]),
             routing=routing,
         )
     m = token_mask.float()

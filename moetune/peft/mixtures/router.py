@@ -171,7 +171,7 @@ def _stats(
     return MixtureStats(
         counts=counts,
         prob_sum=probs.sum(0),
-        tokens=probs.new_tensor(float(probs.shape[0])),
+        tokens=probs.new_full((), float(probs.shape[0])),  # a device fill, not a copy from the host
         z_sum=torch.logsumexp(logits, dim=-1).pow(2).sum(),
         entropy_sum=entropy,
         dropped=zero if dropped is None else dropped.float(),
