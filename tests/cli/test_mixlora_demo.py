@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from moetune.cli import main
 from moetune.demo_data import make_rows
 from moetune.demo_mixlora import run_comparison
 from moetune.errors import DataError
@@ -18,8 +17,10 @@ from moetune.workflows import EvalSetup, evaluate_task_files
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    # The dense base needs its 600 steps (at 300-450 steps, or batch 16, it has not learnt to copy
+    # and no adapter learns 'upper'); both adapters pass the same bar after 40 steps as after 80.
     out = tmp_path_factory.mktemp("mixlora-demo")
-    return out, run_comparison(out, base_steps=600, steps=80, held_out=50, verbose=False)
+    return out, run_comparison(out, base_steps=600, steps=40, held_out=50, verbose=False)
 
 
 def test_mixlora_and_lora_both_learn_the_task(demo):
@@ -45,33 +46,17 @@ def _task(path, n=30):
     return path
 
 
-def test_eval_task_scores_choices_by_log_likelihood(demo):
+def test_eval_task_scores_choices_by_log_likelihood(demo, capsys):
     out, _ = demo
     task = _task(out / "upper_mc.jsonl")
     base = evaluate_task_files(EvalSetup(out / "base-model"), [task], chat=True)[0]
     mix = evaluate_task_files(EvalSetup(out / "base-model", out / "run" / "adapter-mixlora"), [task], chat=True)[0]
     assert base.accuracy_norm < 0.5 and mix.accuracy_norm >= 0.9 and mix.questions == 30
     assert "model.layers.0.mlp" in mix.router and "entropy" in mix.router
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moetune",
-            "eval",
-            "--model",
-            str(out / "base-model"),
-            "--adapter",
-            str(out / "run" / "adapter-lora"),
-            "--task",
-            str(task),
-            "--chat",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "upper_mc.jsonl: accuracy_norm" in proc.stdout and "(headline" in proc.stdout
+    args = ["--model", str(out / "base-model"), "--adapter", str(out / "run" / "adapter-lora"), "--task", str(task)]
+    assert main(["eval", *args, "--chat"]) == 0  # the command line, in this process (no second interpreter)
+    printed = capsys.readouterr().out
+    assert "upper_mc.jsonl: accuracy_norm" in printed and "(headline" in printed
 
 
 def test_task_file_errors_name_the_line(tmp_path):
