@@ -18,9 +18,9 @@ from moetune.workflows import EvalSetup, evaluate_task_files
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     # The dense base needs its 600 steps (at 300-450 steps, or batch 16, it has not learnt to copy
-    # and no adapter learns 'upper'); both adapters pass the same bar after 40 steps as after 80.
+    # and no adapter learns 'upper'); 40 adapter steps are not enough on every thread count (70%).
     out = tmp_path_factory.mktemp("mixlora-demo")
-    return out, run_comparison(out, base_steps=600, steps=40, held_out=50, verbose=False)
+    return out, run_comparison(out, base_steps=600, steps=80, held_out=50, verbose=False)
 
 
 def test_mixlora_and_lora_both_learn_the_task(demo):
