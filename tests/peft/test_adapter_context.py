@@ -96,3 +96,13 @@ def test_per_sample_sums_equal_each_sample_alone():
             mine = router_stats_of_samples(out.router_stats, torch.tensor([i]), len(names))
             aux = load_balancing_loss(mine, MOE["num_experts"])
             assert abs(float(aux) - float(alone.aux_loss)) < 1e-5, i
+
+
+def test_an_unknown_adapter_name_is_an_error_not_the_base_model():
+    """A misspelt name in adapter_names would run its sample on the base model, silently."""
+    model = _model()
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(ValueError, match="no adapter named 'c'.*'a', 'b'"):
+        model(ids, adapter_names=["a", "c"])
+    assert current_context() is None
+    model(ids, adapter_names=["a", None])  # None is the base model, by choice

@@ -126,8 +126,23 @@ def _before(module: nn.Module, args: tuple, kwargs: dict) -> None:
     input_ids = given.get("input_ids")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         return  # not a causal LM's token batch: adapter layers run their active adapters everywhere
-    ctx = context_of_call(input_ids, given.get("attention_mask"), given.get("adapter_names"))
+    names = given.get("adapter_names")
+    _check_known(module, names)
+    ctx = context_of_call(input_ids, given.get("attention_mask"), names)
     ctx.reset, ctx.owner = _CONTEXT.set(ctx), module
+
+
+def _check_known(model: nn.Module, names) -> None:
+    # A misspelt name would otherwise run those samples on the base model: a silently wrong result.
+    if names is None:
+        return
+    known = adapter_state(model).configs
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(
+            f"adapter_names: no adapter named {', '.join(map(repr, unknown))} (this model has: "
+            f"{', '.join(map(repr, known)) or 'none'}; None = the base model)"
+        )
 
 
 def _after(module: nn.Module, args: tuple, kwargs: dict, output) -> None:  # noqa: ARG001 - the hook's signature
