@@ -110,8 +110,13 @@ class DeepSeekRouter(Router):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
-        probs = scores if self.scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
-        return Routing(weights=weights.to(x.dtype), experts=experts, probs=probs)
+        probs, aux_experts = self.balance_terms(logits, scores)
+        return Routing(weights=weights.to(x.dtype), experts=experts, probs=probs, aux_experts=aux_experts)
+
+    def balance_terms(self, logits: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ARG002 - the interface
+        """The load-balancing loss's (N, E) probabilities from the (N, E) fp32 logits and scores, and
+        its (N, k) counted choices where they are not the routed experts (None: they are)."""
+        return (scores if self.scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)), None
 
     @property
     def has_correction_bias(self) -> bool:
@@ -187,12 +192,17 @@ ROUTER_OPTIONS = (
 )
 
 
-def build_deepseek_moe(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - the part builder signature
+def build_deepseek_moe(
+    args: ModelArgs,
+    layer: int,  # noqa: ARG001 - the part builder signature
+    *,
+    router_cls: type[DeepSeekRouter] = DeepSeekRouter,
+) -> nn.Module:
     moe, D = args.moe, args.hidden_size
     shared = None
     if moe.shared_intermediate_size:
         shared = SwiGLU(dim=D, hidden=moe.shared_intermediate_size, act=args.hidden_act, bias=args.mlp_bias)
-    router = DeepSeekRouter(dim=D, **{name: getattr(moe, name) for name in ROUTER_OPTIONS})
+    router = router_cls(dim=D, **{name: getattr(moe, name) for name in ROUTER_OPTIONS})
     experts = GroupedExperts(num_experts=moe.num_experts, dim=D, hidden=moe.intermediate_size, act=args.hidden_act)
     return MoEBlock(gate=router, experts=experts, shared_expert=shared, shared_name="shared_experts")
 

@@ -116,9 +116,10 @@ def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Ten
     """Switch/Mixtral auxiliary loss over all MoE layers, padding excluded.
 
     ``E * sum_e f_e * P_e`` with f_e = routed rows to e / tokens and P_e = mean probability of e,
-    both pooled over layers - the same value transformers returns as ``aux_loss``.
+    both pooled over layers - the same value transformers returns as ``aux_loss``. The counts are
+    :attr:`RouterStats.loss_counts` (a router may define the loss on other choices than its routing).
     """
-    counts = torch.stack([s.counts for s in stats]).sum(0)
+    counts = torch.stack([s.loss_counts for s in stats]).sum(0)
     probs = torch.stack([s.prob_sum for s in stats]).sum(0)
     tokens = torch.stack([torch.as_tensor(s.tokens, device=counts.device) for s in stats]).sum().clamp_min(1)
     return num_experts * torch.sum((counts / tokens) * (probs / tokens))
@@ -126,15 +127,17 @@ def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Ten
 
 def sample_router_sums(stats: RouterStats, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's routing sums per sample: counts (B, E), probability sums (B, E) and tokens (B,),
-    padding excluded, from its per-token routing (``stats.routing``)."""
+    padding excluded, from its per-token routing (``stats.routing``). The counts are the load-balancing
+    loss's (``routing.aux_experts`` where the router gives them), as ``RouterStats.loss_counts``."""
     routing = stats.routing
     if routing is None:
         raise ValueError("these router stats carry no per-token routing (sums of several batches cannot be split)")
-    probs, (N, k) = routing.probs, routing.experts.shape
+    experts = routing.experts if routing.aux_experts is None else routing.aux_experts
+    probs, (N, k) = routing.probs, experts.shape
     E = probs.shape[1]
     sample = torch.arange(batch_size, device=probs.device).repeat_interleave(N // batch_size)
     m = probs.new_ones(N) if stats.token_mask is None else stats.token_mask.to(probs.dtype)
-    flat = sample.repeat_interleave(k) * E + routing.experts.reshape(-1)
+    flat = sample.repeat_interleave(k) * E + experts.reshape(-1)
     counts = probs.new_zeros(batch_size * E).index_add(0, flat, m.repeat_interleave(k)).view(batch_size, E)
     prob_sum = probs.new_zeros(batch_size, E).index_add(0, sample, probs * m[:, None])
     return counts, prob_sum, probs.new_zeros(batch_size).index_add(0, sample, m)

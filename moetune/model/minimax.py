@@ -11,11 +11,11 @@ Attention: GQA without biases, RMSNorm over the whole q and k projections (all h
 before the heads are split: :class:`~.attention.Attention` with ``qk_norm="full"``), rotate-half
 RoPE on the first ``partial_rotary_factor`` of each head.
 
-Aux loss: ours is the shared load-balancing loss over the routing actually used (counts of the
-chosen experts, bias included; probabilities = sigmoid scores normalised per token, as for
-DeepSeek-V3). transformers 5.17 returns Mixtral's loss for this model when asked
-(``output_router_logits``): softmax over the raw logits and their bias-free top-k, a selection the
-model never makes. The two differ by design and are not compared.
+Aux loss: transformers 5.17 returns Mixtral's load-balancing loss for this model when asked
+(``output_router_logits``): softmax over the raw router logits and their top-k without the
+correction bias, not the sigmoid-and-bias selection the model routes by. ``.aux_loss`` follows
+transformers' definition (:class:`MiniMaxRouter`), so a run with ``optim.aux_loss_coef`` trains the
+loss a transformers trainer would; the routed counts (bias balancing, metrics) stay the real ones.
 
 ``rotary_dim``: MiniMax's own configs give the rotary width as ``rotary_dim`` (64 of 128), which
 transformers 5.17 does not read (it rotates ``partial_rotary_factor`` of the head, default all of
@@ -25,12 +25,15 @@ read it: ``rotary_dim / head_dim``; one with both must agree.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
+
+import torch
 
 from ..errors import CheckpointError
 from .build import MOE_BUILDERS
 from .config import MoEArgs, ModelArgs
-from .deepseek import build_deepseek_moe
+from .deepseek import DeepSeekRouter, build_deepseek_moe
 from .families import config_value, parse_llama, register_family
 
 DEFAULTS: dict[str, Any] = dict(
@@ -42,6 +45,15 @@ DEFAULTS: dict[str, Any] = dict(
     num_experts_per_tok=8,
     router_aux_loss_coef=0.001,
 )
+
+
+class MiniMaxRouter(DeepSeekRouter):
+    """DeepSeek-V3's sigmoid router whose load-balancing terms are transformers' for MiniMax-M2."""
+
+    def balance_terms(self, logits: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG002 - the interface
+        # transformers' load_balancing_loss_func on this model's router logits: softmax, bias-free top-k
+        probs = torch.softmax(logits, dim=-1)
+        return probs, torch.topk(probs, self.top_k, dim=-1).indices
 
 
 def _partial_rotary(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
@@ -82,4 +94,4 @@ def parse_minimax_m2(raw: dict[str, Any]) -> ModelArgs:
 
 
 register_family("minimax_m2", parse_minimax_m2)
-MOE_BUILDERS["minimax_m2"] = build_deepseek_moe
+MOE_BUILDERS["minimax_m2"] = partial(build_deepseek_moe, router_cls=MiniMaxRouter)

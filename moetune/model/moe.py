@@ -26,6 +26,9 @@ class Routing:
     weights: torch.Tensor  # (N, k) combine weights
     experts: torch.Tensor  # (N, k) expert ids
     probs: torch.Tensor  # (N, E) fp32 probabilities (for the aux loss)
+    # (N, k) the choices the aux loss counts where its definition is not the routing itself
+    # (MiniMax-M2, after transformers); None: ``experts``
+    aux_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -40,6 +43,7 @@ class RouterStats:
             (what :func:`moetune.model.loss.router_stats_of_samples` splits by sample); None for
             sums over several batches. Autograd keeps ``probs`` for the router's backward anyway.
         token_mask: (N,) 1 for real tokens, 0 for padding, or None when there is no padding.
+        aux_counts: (E,) the counts of ``routing.aux_experts`` where the router gives them, else None.
     """
 
     counts: torch.Tensor
@@ -47,6 +51,13 @@ class RouterStats:
     tokens: torch.Tensor
     routing: Routing | None = None
     token_mask: torch.Tensor | None = None
+    aux_counts: torch.Tensor | None = None
+
+    @property
+    def loss_counts(self) -> torch.Tensor:
+        """(E,) the counts the load-balancing loss uses (``counts`` - the routed rows - unless the
+        router defines the loss on other choices); balancing and metrics read ``counts``."""
+        return self.counts if self.aux_counts is None else self.aux_counts
 
 
 class Router(nn.Module):
@@ -178,7 +189,16 @@ def combine(rows: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Ten
     return (unsorted.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
 
 
+def masked_counts(experts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """(E,) float choices of each expert in ``experts`` (N, k), tokens weighted by ``token_mask`` (N,)."""
+    weights = torch.ones_like(experts, dtype=torch.float32) if token_mask is None else token_mask.float()[:, None]
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=experts.device)
+    return counts.scatter_add_(0, experts.reshape(-1), weights.expand_as(experts).reshape(-1))
+
+
 def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
+    E = routing.probs.shape[1]
+    aux = None if routing.aux_experts is None else masked_counts(routing.aux_experts, E, token_mask)
     if token_mask is None:
         return RouterStats(
             counts=counts.float(),
@@ -186,13 +206,14 @@ def router_stats(routing: Routing, counts: torch.Tensor, token_mask: torch.Tenso
             # a fill on the device: new_tensor(N) would copy N from the host and wait for the stream
             tokens=routing.probs.new_full((), routing.probs.shape[0]),
             routing=routing,
+            aux_counts=aux,
         )
     m = token_mask.float()
-    counts = torch.zeros_like(routing.probs[0]).scatter_add_(
-        0, routing.experts.reshape(-1), m.repeat_interleave(routing.experts.shape[1])
-    )
+    counts = masked_counts(routing.experts, E, token_mask)
     prob_sum = (routing.probs * m[:, None]).sum(0)
-    return RouterStats(counts=counts, prob_sum=prob_sum, tokens=m.sum(), routing=routing, token_mask=token_mask)
+    return RouterStats(
+        counts=counts, prob_sum=prob_sum, tokens=m.sum(), routing=routing, token_mask=token_mask, aux_counts=aux
+    )
 
 
 class MoEBlock(nn.Module):

@@ -110,7 +110,7 @@ class DataParallel(Parallel):
         stats = out.router_stats
         if not stats:
             return out.aux_loss
-        counts = torch.stack([s.counts.detach().double() for s in stats])
+        counts = torch.stack([s.loss_counts.detach().double() for s in stats])
         tokens = torch.stack([torch.as_tensor(s.tokens).detach().double().to(counts.device) for s in stats])
         total = self._reduce(torch.cat([counts.flatten(), tokens]))
         counts_g, tokens_g = total[: counts.numel()].view_as(counts), total[counts.numel() :]

@@ -13,6 +13,7 @@ import moetune
 from moetune.errors import CheckpointError
 from moetune.inspect import inspect_model
 from moetune.model.generate import SamplingConfig, generate
+from moetune.model.loss import load_balancing_loss, router_stats_of_samples
 from tiny_families import CASES, make_hf
 
 transformers = pytest.importorskip("transformers")
@@ -69,9 +70,10 @@ def test_logits_match_transformers(name, saved):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_loss_matches_transformers(name, saved):
-    """Causal-LM loss on a padded batch with masked labels (none of these families' transformers
-    models returns an aux loss by default; MiniMax-M2's optional one is not compared, see minimax.py)."""
+def test_loss_and_aux_loss_match_transformers(name, saved):
+    """Causal-LM loss on a padded batch with masked labels, and the aux loss where transformers
+    computes one when asked (``output_router_logits``: MiniMax-M2 only among these; its loss then
+    includes ``router_aux_loss_coef * aux_loss``)."""
     hf, _, ours = saved(name)
     ids, mask = _inputs(_text(hf).vocab_size)
     labels = ids.masked_fill(mask == 0, -100)
@@ -79,10 +81,36 @@ def test_loss_matches_transformers(name, saved):
     labels[1, 4] = -100  # first real token after left padding: a pad position would predict it
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
-        got = ours(ids, attention_mask=mask, labels=labels).loss
-    print(f"{name}: loss transformers {ref.item():.6f} moetune {got.item():.6f}")
-    assert abs(ref.item() - got.item()) < 1e-5
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels, output_router_logits=True)
+        got = ours(ids, attention_mask=mask, labels=labels)
+    aux = getattr(ref, "aux_loss", None)
+    assert (aux is not None) == (name == "minimax_m2")
+    loss = ref.loss.item() - (0.0 if aux is None else _text(hf).router_aux_loss_coef * aux.item())
+    print(
+        f"{name}: loss transformers {loss:.6f} moetune {got.loss.item():.6f}, aux transformers "
+        f"{None if aux is None else round(aux.item(), 6)} moetune {got.aux_loss.item():.6f}"
+    )
+    assert abs(loss - got.loss.item()) < 1e-5
+    if aux is not None:
+        assert abs(aux.item() - got.aux_loss.item()) < 1e-5
+
+
+def test_minimax_aux_loss_splits_by_sample_and_balancing_reads_the_routed_counts(saved):
+    """MiniMax-M2's aux loss counts transformers' bias-free choices in every path the trainer takes
+    (whole batch, each job's rows); router-bias balancing and metrics read the experts actually routed."""
+    _, _, ours = saved("minimax_m2")
+    ids, mask = _inputs(128)
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask)
+        for i in range(len(ids)):
+            alone = ours(ids[i : i + 1], attention_mask=mask[i : i + 1]).aux_loss
+            mine = load_balancing_loss(router_stats_of_samples(out.router_stats, torch.tensor([i]), len(ids)), 8)
+            assert abs(mine.item() - alone.item()) < 1e-5, i
+    real = mask.reshape(-1).float()[:, None]
+    for s in out.router_stats:
+        routed = torch.zeros(8).index_add_(0, s.routing.experts.reshape(-1), real.expand(-1, 2).reshape(-1))
+        assert torch.equal(s.counts, routed)
+    assert any(not torch.equal(s.counts, s.loss_counts) for s in out.router_stats)  # the bias moves choices
 
 
 @pytest.mark.parametrize("name", NAMES)

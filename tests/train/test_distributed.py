@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from moetune.config import load_train_config
 from moetune.demo_data import make_rows, write_jsonl
 from moetune.errors import ConfigError
+from moetune.model.moe import RouterStats
 from moetune.train.checkpoint import load_checkpoint
 from moetune.train.distributed import DataParallel, LaunchEnv, launch_env, rank_seed
 from moetune.train.distributed import resolve_launch as _resolve
@@ -194,6 +196,14 @@ def test_resolve_strategy_and_backend(tmp_path):
         load_train_config(cfg, ["distributed.stratgy=fsdp"])
 
 
+def _router_stats(rank: int) -> RouterStats:
+    """One token per rank, routed to expert 0 twice; the aux loss counts other choices (MiniMax-M2)."""
+    aux_counts = torch.tensor([0.0, 2.0 * (rank + 1)])
+    return RouterStats(
+        counts=torch.tensor([2.0, 0.0]), prob_sum=torch.full((2,), 0.5), tokens=torch.tensor(1.0), aux_counts=aux_counts
+    )
+
+
 def _collectives(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     par = DataParallel(
@@ -214,6 +224,7 @@ def _collectives(rank: int, world: int, store: str, out: str) -> None:
         "weights": par.micro_weights([{"labels": labels, "attention_mask": torch.ones_like(labels)}]),
         "grads": [a.grad.tolist(), b.grad.tolist(), c.grad],
         "sums": par.sum_floats(1.5, rank),
+        "aux": float(par.aux_loss(SimpleNamespace(router_stats=[_router_stats(rank)], aux_loss=None), 2)),
     }
     torch.save(result, os.path.join(out, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -227,3 +238,5 @@ def test_collectives_agree_across_ranks(tmp_path):
         assert r["weights"] == pytest.approx([weight])  # share of the global batch's counted tokens
         assert r["grads"] == [[3.0] * 3, [1.0] * 2, None]
         assert r["sums"] == [3.0, 1.0]
+        # E * sum_e (aux counts [0, 6] / 2 tokens) * (local probs 0.5 / 2 tokens): the loss's counts, reduced
+        assert r["aux"] == pytest.approx(1.5)
