@@ -30,21 +30,26 @@ from .outputs import open_folder
 
 BYTE_VOCAB = 272  # the byte tokenizer's 262 ids, rounded up to a multiple of 16
 
-# The shapes both tiny DeepSeeks share: 3 layers (first dense), MLA with kv_lora_rank 16 and
-# decoupled RoPE dims, expert hidden 32. They differ in what the two releases differ in.
-DEEPSEEK_SHAPE: dict[str, Any] = {
+# The layer plan of the tiny models in DeepSeek-V3's style (DeepSeek-V2/V3, GLM-4.5): 3 layers, the
+# first dense, hidden 64, dense FFN 128, expert hidden 32, 4 query heads.
+V3_STYLE_SHAPE: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "moe_intermediate_size": 32,
     "num_hidden_layers": 3,
     "first_k_dense_replace": 1,
     "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+}
+# Both tiny DeepSeeks' latent attention: kv_lora_rank 16 and decoupled RoPE dims. They differ in
+# what the two releases differ in.
+DEEPSEEK_SHAPE: dict[str, Any] = {
+    **V3_STYLE_SHAPE,
     "num_key_value_heads": 4,
     "kv_lora_rank": 16,
     "qk_nope_head_dim": 16,
     "qk_rope_head_dim": 8,
     "v_head_dim": 16,
-    "max_position_embeddings": 512,
 }
 
 # family -> config.json of the tiny model (transformers 5 key names)
@@ -155,12 +160,7 @@ TINY_CONFIGS["gpt_oss"] = {
 TINY_CONFIGS["glm4_moe"] = {
     "model_type": "glm4_moe",
     "architectures": ["Glm4MoeForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 3,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 4,
+    **V3_STYLE_SHAPE,
     "num_key_value_heads": 2,
     "head_dim": 16,
     "n_routed_experts": 16,
@@ -174,7 +174,6 @@ TINY_CONFIGS["glm4_moe"] = {
     "attention_bias": True,
     "partial_rotary_factor": 0.5,
     "num_nextn_predict_layers": 0,
-    "max_position_embeddings": 512,
     "rope_theta": 10000.0,
 }
 # Qwen3.5-MoE (text model) as released, scaled down: three gated DeltaNet layers then one gated-attention

@@ -113,19 +113,23 @@ def unwrap_config(cfg: dict[str, Any], *, where: str = "config.json") -> tuple[d
     return out, wrapper
 
 
+def _prefixes(wrapper: str | None) -> tuple[str, str]:
+    """(native, in-memory) module-path prefix of a wrapper's text model; ("", "") for a plain model."""
+    spec = WRAPPERS.get(wrapper) if wrapper else None
+    return spec.adapter_prefix if spec is not None else ("", "")
+
+
+def _swap_prefix(path: str, old: str, new: str) -> str:
+    return new + path[len(old) :] if path.startswith(old) else path
+
+
 def wrapped_path(wrapper: str | None, path: str) -> str:
     """A native module path as the wrapper holds it in memory (adapter files name those paths)."""
-    spec = WRAPPERS.get(wrapper) if wrapper else None
-    if spec is None:
-        return path
-    native, wrapped = spec.adapter_prefix
-    return wrapped + path[len(native) :] if path.startswith(native) else path
+    native, wrapped = _prefixes(wrapper)
+    return _swap_prefix(path, native, wrapped)
 
 
 def native_path(wrapper: str | None, path: str) -> str:
     """Inverse of :func:`wrapped_path`: a wrapper's module path as the native model names it."""
-    spec = WRAPPERS.get(wrapper) if wrapper else None
-    if spec is None:
-        return path
-    native, wrapped = spec.adapter_prefix
-    return native + path[len(wrapped) :] if path.startswith(wrapped) else path
+    native, wrapped = _prefixes(wrapper)
+    return _swap_prefix(path, wrapped, native)
