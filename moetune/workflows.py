@@ -204,28 +204,31 @@ def combine_adapters(model_path, adapters: list[str], out_dir, **options) -> str
     return combine_adapter_folders(model_path, adapters, out_dir, **options).summary()
 
 
+def load_to_write(
+    model_path, adapter, out_dir, what: str, *, overwrite: bool, dequantize: bool = False, **load
+) -> tuple[torch.nn.Module, str]:
+    """Base + adapter (:func:`load_with_adapter`; ``load``: its ``dtype``, ``device``) for a command
+    that writes a ``what`` ("model", "adapter") into ``out_dir``, which is checked first, before
+    minutes of loading."""
+    check_output(out_dir, what, overwrite=overwrite, inputs=(model_path, adapter))
+    return load_with_adapter(model_path, adapter, dequantize=dequantize, **load)
+
+
 def merge_to_checkpoint(
-    model_path,
-    adapter,
-    out_dir,
-    *,
-    tokenizer: str | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    overwrite: bool = False,
-    requantize: bool = False,
+    model_path, adapter, out_dir, *, tokenizer: str | None = None, requantize: bool = False, overwrite: bool = False,
+    **load,
 ) -> Path:
     """Fold an adapter into the base and write a plain Hugging Face checkpoint, in the base's dtype
     unless ``dtype`` says otherwise, with the base folder's generation config and the tokenizer
     files of ``tokenizer`` (a folder; default: the base folder's), so it generates as base + adapter did.
     A base released quantized is written dequantized, or with ``requantize`` in its own format (FP8, INT4).
+    ``load``: ``dtype``, ``device`` of :func:`load_with_adapter`.
     """
-    inputs = (model_path, adapter)
-    check_output(out_dir, "model", overwrite=overwrite, inputs=inputs)  # before minutes of loading
     files = merged_companions(model_path, tokenizer)
-    model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device, dequantize=True)
+    model, name = load_to_write(model_path, adapter, out_dir, "model", overwrite=overwrite, dequantize=True, **load)
     plan = checked_plan(model, model_path) if requantize else None
     merge_adapter(model, name=name)
+    inputs = (model_path, adapter)
     return model.save_pretrained(out_dir, overwrite=overwrite, inputs=inputs, extra_files=files, requantize=plan)
 
 
@@ -268,22 +271,14 @@ def export_plan(layout: str | None, reader: str | None, fold_scaling: bool) -> t
 
 
 def export_adapter(
-    model_path,
-    adapter,
-    out_dir,
-    *,
-    layout: str | None = None,
-    reader: str | None = None,
-    fold_scaling: bool = False,
-    dtype: str | None = None,
-    device: str | None = None,
-    overwrite: bool = False,
+    model_path, adapter, out_dir, *, layout: str | None = None, reader: str | None = None, fold_scaling: bool = False,
+    overwrite: bool = False, **load,
 ) -> Path:
     """Re-save an adapter for a reader (``reader``: peft, vllm, sglang, moe_peft) or in a layout
-    (peft, per_expert, moe_peft; ``fold_scaling``: the scaling folded into B, per_expert only)."""
+    (peft, per_expert, moe_peft; ``fold_scaling``: the scaling folded into B, per_expert only);
+    ``load``: ``dtype``, ``device`` of :func:`load_with_adapter`."""
     chosen, fold_scaling = export_plan(layout, reader, fold_scaling)
-    check_output(out_dir, "adapter", overwrite=overwrite, inputs=(model_path, adapter))
-    model, name = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
+    model, name = load_to_write(model_path, adapter, out_dir, "adapter", overwrite=overwrite, **load)
     if reader == "vllm" and layout is None and model.args.family in FUSED_SERVING:
         chosen = "peft"
         log.info("vLLM reads %s expert adapters in PEFT's fused layout: writing that", model.args.family)

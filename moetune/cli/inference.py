@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import command, fraction, model_args, non_negative_float, overwrite_arg, positive_int, probability
+from .options import command, flag, fraction, model_args, non_negative_float, overwrite_arg, positive_int, probability
 
 TEXTS = {  # subcommand: (help line, description)
     "eval": (
@@ -58,9 +58,7 @@ def add_eval(sub) -> None:
         metavar="FILE.jsonl",
         help="multiple-choice task file (repeat for several); reports accuracy_norm (headline) and accuracy",
     )
-    p.add_argument(
-        "--chat", action="store_true", help="--task: ask each question as a chat user turn (chat-tuned adapters)"
-    )
+    flag(p, "--chat", "--task: ask each question as a chat user turn (chat-tuned adapters)")
     p.add_argument(
         "--max-length", type=positive_int, default=1024, help="tokens per row (longer rows are cut, and counted)"
     )
@@ -80,7 +78,7 @@ def add_generate(sub) -> None:
     p = command(sub, "generate", _cmd_generate, TEXTS)
     model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    flag(p, "--raw", "do not wrap the prompt in the chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most per prompt")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument(
@@ -115,10 +113,10 @@ def add_merge(sub) -> None:
         "(default: the base folder's tokenizer, chat template and generation config)",
     )
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier merge's")
-    p.add_argument(
+    flag(
+        p,
         "--requantize",
-        action="store_true",
-        help="a base released quantized (fp8, int4) is written back in its own format, scales recomputed from "
+        "a base released quantized (fp8, int4) is written back in its own format, scales recomputed from "
         "the merged weights (default: written dequantized); the largest error of doing so is reported",
     )
     overwrite_arg(p)
@@ -153,10 +151,10 @@ def add_export(sub) -> None:
         help="peft (default): PEFT's keys; per_expert: 2D pairs per expert (vLLM, SGLang); moe_peft: MoE-PEFT's "
         "MixLoRA layout (MixLoRA adapters)",
     )
-    p.add_argument(
+    flag(
+        p,
         "--fold-scaling",
-        action="store_true",
-        help="per_expert: fold each module's scaling (rsLoRA, rank/alpha patterns) into B and write alpha = r, "
+        "per_expert: fold each module's scaling (rsLoRA, rank/alpha patterns) into B and write alpha = r, "
         "for readers that scale every module by alpha/r (SGLang)",
     )
 

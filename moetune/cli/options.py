@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 
+OVERWRITE_HELP = (
+    "write into a non-empty folder moetune did not write, beside its files (never replacing or deleting them); "
+    "moetune's own earlier output of the same kind is replaced without it"
+)
 
-def overwrite_arg(p) -> None:
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty folder moetune did not write, beside its "
-        "files (never replacing or deleting them); moetune's own earlier output of the same kind is replaced "
-        "without it",
-    )
+
+def flag(p, name: str, text: str) -> None:
+    """An on/off option, off unless given; ``text`` is its help."""
+    p.add_argument(name, action="store_true", help=text)
+
+
+def overwrite_arg(p, text: str = OVERWRITE_HELP) -> None:
+    flag(p, "--overwrite", text)
 
 
 def model_args(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import command, overwrite_arg
+from .options import command, flag, overwrite_arg
 
 TEXTS = {  # subcommand: (help line, description)
     "train": (
@@ -43,7 +43,7 @@ def add_train(sub) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-4 adapter.r=16"
     )
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    flag(p, "--print-config", "print the resolved config and exit")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -52,10 +52,9 @@ def add_train(sub) -> None:
         metavar="PATH",
         help="resume from the latest checkpoint of this run, or from PATH",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in an output_dir that holds a run (deletes only that run's own files), "
+    overwrite_arg(
+        p,
+        "start over in an output_dir that holds a run (deletes only that run's own files), "
         "or write beside files moetune did not write (never touching them)",
     )
 
@@ -76,12 +75,8 @@ def _cmd_demo(ns: argparse.Namespace) -> None:
 def add_demo(sub) -> None:
     p = command(sub, "demo", _cmd_demo, TEXTS)
     p.add_argument("--out", default="moetune-demo", help="output folder (default: ./moetune-demo)")
-    p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
-    p.add_argument(
-        "--mixlora",
-        action="store_true",
-        help="instead: MixLoRA next to a same-size LoRA on a tiny dense base, trained together",
-    )
+    flag(p, "--quick", "fewer steps (smoke test)")
+    flag(p, "--mixlora", "instead: MixLoRA next to a same-size LoRA on a tiny dense base, trained together")
     overwrite_arg(p)
 
 

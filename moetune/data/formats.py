@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Union
 
@@ -66,23 +66,27 @@ class TextRow:
 
 
 @dataclass(frozen=True)
-class PreferenceRow:
-    """A prompt with a chosen and a rejected completion."""
+class PromptedRow:
+    """A prompt whose completions (the subclass's fields) are learnt, the prompt never."""
 
     prompt: Turns
-    chosen: Turns
-    rejected: Turns
-    line: int = 0
+    line: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True)
-class KTORow:
+class PreferenceRow(PromptedRow):
+    """A prompt with a chosen and a rejected completion."""
+
+    chosen: Turns
+    rejected: Turns
+
+
+@dataclass(frozen=True)
+class KTORow(PromptedRow):
     """A prompt with one completion, desirable (``label`` true) or not."""
 
-    prompt: Turns
     completion: Turns
     label: bool
-    line: int = 0
 
 
 Row = Union[InstructionRow, ChatRow, TextRow, PreferenceRow, KTORow]
@@ -203,22 +207,14 @@ def _parse_kto(obj: dict[str, Any], line: int) -> KTORow:
     return KTORow(prompt=prompt, completion=completion, label=obj["label"], line=line)
 
 
-PARSERS: dict[RowFormat, Callable[[dict[str, Any], int], Row]] = {
-    "instruction": _parse_instruction,
-    "chat": _parse_chat,
-    "text": _parse_text,
-    "preference": _parse_preference,
-    "kto": _parse_kto,
+# Each format's parser, and the field that tells a row is of that format (tried in this order).
+PARSERS: dict[RowFormat, tuple[Callable[[dict[str, Any], int], Row], str]] = {
+    "chat": (_parse_chat, "messages"),
+    "instruction": (_parse_instruction, "instruction"),
+    "text": (_parse_text, "text"),
+    "preference": (_parse_preference, "chosen"),
+    "kto": (_parse_kto, "completion"),
 }
-
-
-DETECT: tuple[tuple[str, RowFormat], ...] = (
-    ("messages", "chat"),
-    ("instruction", "instruction"),
-    ("text", "text"),
-    ("chosen", "preference"),
-    ("completion", "kto"),
-)
 
 
 def detect_format(obj: dict[str, Any]) -> RowFormat:
@@ -227,7 +223,7 @@ def detect_format(obj: dict[str, Any]) -> RowFormat:
     Raises:
         RowError: none of ``messages``, ``instruction``, ``text``, ``chosen``, ``completion`` is present.
     """
-    for key, shape in DETECT:
+    for shape, (_, key) in PARSERS.items():
         if key in obj:
             return shape
     found = ", ".join(sorted(obj)) or "none"
@@ -284,7 +280,7 @@ def load_rows(path: str | Path, format: str = "auto", skip_bad_rows: bool = Fals
             if isinstance(obj, RowError):
                 raise obj
             row_shape = shape or detect_format(obj)
-            rows.append(PARSERS[row_shape](obj, line_no))
+            rows.append(PARSERS[row_shape][0](obj, line_no))
             shape = row_shape
         except RowError as err:
             message = f"{path} line {line_no}: {err}"

@@ -32,7 +32,7 @@ from moetune.data.collate import Collator
 from moetune.data.dataset import DataReport, DataSplits, split_rows
 from moetune.data.examples import IGNORE, Example, encode_row
 from moetune.data.formats import ChatRow, InstructionRow, KTORow, LoadedRows, PreferenceRow, RowError, Turns, load_rows
-from moetune.data.sampling import BatchLoader, ResumableSampler
+from moetune.data.sampling import BatchLoader, in_order, shuffled_loader
 from moetune.data.tokenizer import Tokenizer
 from moetune.errors import DataError
 
@@ -195,27 +195,17 @@ class PreferenceCollator:
         return batch
 
 
-def make_preference_loader(
-    examples: Sequence[PreferenceExample],
-    *,
-    batch_size: int,
-    pad_id: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> BatchLoader:
-    """The training :class:`BatchLoader` of preference examples (the same resumable order as SFT's)."""
-    sampler = ResumableSampler(
-        num_items=len(examples), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
-    )
-    return BatchLoader(rows=[[e] for e in examples], sampler=sampler, collator=PreferenceCollator(pad_id=pad_id))
+def make_preference_loader(examples: Sequence[PreferenceExample], *, pad_id: int, **order: int) -> BatchLoader:
+    """The training :class:`BatchLoader` of preference examples, in the same resumable order as SFT's
+    (``order``: ``batch_size``, ``seed``, ``rank``, ``world_size`` of :func:`shuffled_loader`)."""
+    return shuffled_loader([[e] for e in examples], PreferenceCollator(pad_id=pad_id), **order)
 
 
 def preference_batches(
     examples: Sequence[PreferenceExample], *, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in split order (evaluation, precomputing reference log-probs); rank ``r`` takes
-    examples ``r, r + W, ...``; the last batch may be smaller."""
-    mine, collate = list(examples[rank::world_size]), PreferenceCollator(pad_id=pad_id)
-    for start in range(0, len(mine), batch_size):
-        yield collate([[e] for e in mine[start : start + batch_size]])
+    """Batches in split order (evaluation, precomputing reference log-probs), sharded over ranks as
+    :func:`in_order` says."""
+    collate = PreferenceCollator(pad_id=pad_id)
+    for chunk in in_order(examples, batch_size=batch_size, rank=rank, world_size=world_size):
+        yield collate([[e] for e in chunk])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -110,7 +110,7 @@ class ResumableSampler:
 class BatchLoader:
     """Collated training batches in the sampler's order, resumable from a :class:`SamplerState`."""
 
-    def __init__(self, *, rows: Sequence[Sequence[Example]], sampler: ResumableSampler, collator: Collator) -> None:
+    def __init__(self, *, rows: Sequence[Sequence[Any]], sampler: ResumableSampler, collator: Callable) -> None:
         if len(rows) != sampler.num_items:
             raise ValueError(f"{len(rows)} rows but the sampler expects {sampler.num_items}")
         self.rows, self.sampler, self.collator = rows, sampler, collator
@@ -119,6 +119,14 @@ class BatchLoader:
         """Yield ``(batch, state after it)`` forever; save the state to resume after that batch."""
         for indices, after in self.sampler.iter_from(state):
             yield self.collator([self.rows[i] for i in indices]), after
+
+
+def shuffled_loader(
+    rows: Sequence[Sequence[Any]], collator: Callable, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> BatchLoader:
+    """``rows`` collated in the resumable, rank-sharded order of :class:`ResumableSampler`."""
+    sampler = ResumableSampler(num_items=len(rows), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    return BatchLoader(rows=rows, sampler=sampler, collator=collator)
 
 
 def make_train_loader(
@@ -134,18 +142,22 @@ def make_train_loader(
 ) -> BatchLoader:
     """The training :class:`BatchLoader`: packs (if asked), then shards and shuffles rows."""
     rows = pack_examples(examples, max_length) if packing else [[example] for example in examples]
-    sampler = ResumableSampler(num_items=len(rows), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
-    return BatchLoader(rows=rows, sampler=sampler, collator=Collator(pad_id=pad_id, packing=packing))
+    collator = Collator(pad_id=pad_id, packing=packing)
+    return shuffled_loader(rows, collator, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def in_order(items: Sequence[Any], *, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[list[Any]]:
+    """Rank ``r``'s items ``r, r + W, r + 2W, ...`` in file order, ``batch_size`` at a time: every item is
+    seen once across ranks; the last batch may be smaller."""
+    mine = list(items[rank::world_size])
+    for start in range(0, len(mine), batch_size):
+        yield mine[start : start + batch_size]
 
 
 def eval_batches(
     examples: Sequence[Example], *, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Unpacked eval batches in file order; rank ``r`` takes examples ``r, r + W, r + 2W, ...``.
-
-    Every example is seen once across ranks; the last batch may be smaller.
-    """
-    mine = list(examples[rank::world_size])
+    """Unpacked eval batches in file order, sharded over ranks as :func:`in_order` says."""
     collator = Collator(pad_id=pad_id)
-    for start in range(0, len(mine), batch_size):
-        yield collator([[example] for example in mine[start : start + batch_size]])
+    for chunk in in_order(examples, batch_size=batch_size, rank=rank, world_size=world_size):
+        yield collator([[example] for example in chunk])
