@@ -19,19 +19,32 @@ from .transformer import CausalLM, DecoderLayer, DecoderModel
 PartBuilder = Callable[[ModelArgs, int], nn.Module]
 
 
-def build_attention(args: ModelArgs, layer: int) -> nn.Module:
+def build_attention(
+    args: ModelArgs,
+    layer: int,
+    *,
+    kind: type[Attention] = Attention,
+    norm: Callable[..., nn.Module] = RMSNorm,
+    q_per_head: int = 1,
+) -> nn.Module:
+    """Grouped-query attention of class ``kind`` with its projections and q/k norms injected.
+
+    Families whose attention differs only in what it does with them pass their own ``kind`` (gpt-oss's
+    sinks), ``norm`` class for the q/k norms and ``q_per_head``, the vectors ``q_proj`` emits per head
+    (Qwen3-Next: the query and an output gate).
+    """
     D, H, K, Dh = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
     q_norm = k_norm = None
     if args.qk_norm == "head":
-        q_norm, k_norm = RMSNorm(Dh, eps=args.rms_norm_eps), RMSNorm(Dh, eps=args.rms_norm_eps)
+        q_norm, k_norm = norm(Dh, eps=args.rms_norm_eps), norm(Dh, eps=args.rms_norm_eps)
     elif args.qk_norm == "full":
-        q_norm, k_norm = RMSNorm(H * Dh, eps=args.rms_norm_eps), RMSNorm(K * Dh, eps=args.rms_norm_eps)
-    return Attention(
+        q_norm, k_norm = norm(H * Dh, eps=args.rms_norm_eps), norm(K * Dh, eps=args.rms_norm_eps)
+    return kind(
         layer_idx=layer,
         num_heads=H,
         num_kv_heads=K,
         head_dim=Dh,
-        q_proj=nn.Linear(D, H * Dh, bias=args.qkv_bias),
+        q_proj=nn.Linear(D, q_per_head * H * Dh, bias=args.qkv_bias),
         k_proj=nn.Linear(D, K * Dh, bias=args.qkv_bias),
         v_proj=nn.Linear(D, K * Dh, bias=args.qkv_bias),
         o_proj=nn.Linear(H * Dh, D, bias=args.o_bias),

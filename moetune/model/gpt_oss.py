@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .attention import Attention, sdpa
-from .build import ATTENTION_BUILDERS, MOE_BUILDERS
+from .build import ATTENTION_BUILDERS, MOE_BUILDERS, build_attention
 from .config import MoEArgs, ModelArgs
 from .families import config_value, parse_llama, register_family
 from .moe import GroupedExperts, MoEBlock, Router, Routing
@@ -215,17 +215,7 @@ class GptOssExperts(GroupedExperts):
 
 
 def build_gpt_oss_attention(args: ModelArgs, layer: int) -> nn.Module:
-    D, H, K, Dh = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
-    return SinkAttention(
-        layer_idx=layer,
-        num_heads=H,
-        num_kv_heads=K,
-        head_dim=Dh,
-        q_proj=nn.Linear(D, H * Dh, bias=args.qkv_bias),
-        k_proj=nn.Linear(D, K * Dh, bias=args.qkv_bias),
-        v_proj=nn.Linear(D, K * Dh, bias=args.qkv_bias),
-        o_proj=nn.Linear(H * Dh, D, bias=args.o_bias),
-    )
+    return build_attention(args, layer, kind=SinkAttention)
 
 
 def build_gpt_oss_moe(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001 - the part builder signature

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .attention import Attention, KVCache
-from .build import ATTENTION_BUILDERS, NORM_BUILDERS
+from .build import ATTENTION_BUILDERS, NORM_BUILDERS, build_attention
 from .config import LinearAttentionArgs, MoEArgs, ModelArgs
 from .families import config_value, parse_llama, register_family
 from .layers import Rope, apply_rope
@@ -67,20 +67,8 @@ class GatedAttention(Attention):
 
 
 def build_gated_attention(args: ModelArgs, layer: int) -> nn.Module:
-    D, H, K, Dh = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
-    return GatedAttention(
-        layer_idx=layer,
-        num_heads=H,
-        num_kv_heads=K,
-        head_dim=Dh,
-        q_proj=nn.Linear(D, 2 * H * Dh, bias=args.qkv_bias),
-        k_proj=nn.Linear(D, K * Dh, bias=args.qkv_bias),
-        v_proj=nn.Linear(D, K * Dh, bias=args.qkv_bias),
-        o_proj=nn.Linear(H * Dh, D, bias=args.o_bias),
-        q_norm=ZeroCenteredRMSNorm(Dh, eps=args.rms_norm_eps),
-        k_norm=ZeroCenteredRMSNorm(Dh, eps=args.rms_norm_eps),
-        qk_norm="head",
-    )
+    """Per-head q/k norms (zero-centred); ``q_proj`` emits each head's query and its output gate."""
+    return build_attention(args, layer, kind=GatedAttention, norm=ZeroCenteredRMSNorm, q_per_head=2)
 
 
 def build_gated_deltanet(args: ModelArgs, layer: int) -> nn.Module:
