@@ -12,6 +12,7 @@ from moetune import LoraConfig
 from moetune.model import build_random_model, model_args_from_hf
 from moetune.model.loss import load_balancing_loss, router_stats_of_samples, sample_losses
 from moetune.peft.core.context import current_context
+from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
 
 MOE = dict(
@@ -68,6 +69,23 @@ def test_recomputes_in_backward_see_the_forwards_adapter_selection():
     for k in plain:
         assert torch.allclose(plain[k], recomputed[k], atol=1e-6), k
     assert any(plain[k].abs().sum() > 0 for k in plain if ".b" in k or "_b" in k.lower())
+
+
+def test_decoder_blocks_hand_their_layers_the_selection_for_the_forward_only():
+    """Inside a block the adapter layers read the selection the block's hooks put on them (a compiled
+    block reads no ContextVar); outside any forward no layer holds one."""
+    model = _model().eval()
+    q = model.model.layers[1].self_attn.q_proj
+    seen = []
+    q.register_forward_pre_hook(lambda m, _args: seen.append(m.installed_selection))
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, adapter_names=["b", None, "b"])
+        model(ids)
+    assert seen[0].names == {"b"} and seen[0].sample_masks["b"].tolist() == [True, False, True]
+    assert seen[0].sample_of_row.tolist() == [i // 9 for i in range(27)]
+    assert seen[1].names is None  # no per-sample names: the active adapters everywhere
+    assert all(layer.installed_selection is None for _, layer in adapter_layers(model))
 
 
 def test_a_failing_forward_leaves_no_context_and_names_must_match_the_batch():

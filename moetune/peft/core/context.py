@@ -15,6 +15,12 @@ Rows: inside the decoder a layer's input rows are the forward's ``B*T`` tokens i
 When the model calls a module on some tokens only (the LM head on the loss's chunks), it says
 which (:func:`moetune.model.context.token_rows`); :meth:`AdapterContext.sample_of_rows` maps
 either to samples.
+
+What a layer reads is a :class:`Selection`: the names and the per-sample tensors of one call,
+built once per forward. Inside a decoder block it is not read from the ``ContextVar`` at all: hooks
+on the block (:func:`moetune.peft.core.layer.install_selection_hooks`) hand it to the block's adapter
+layers before the block's forward runs and take it back after, outside the block's forward, so a
+block compiled with ``fullgraph=True`` traces no ``ContextVar`` read and no host data.
 """
 
 from __future__ import annotations
@@ -31,7 +37,33 @@ from torch import nn
 from ...model.context import token_rows
 from .state import adapter_state
 
-__all__ = ["AdapterContext", "adapter_context", "current_context", "install_hooks"]
+__all__ = ["EVERYWHERE", "AdapterContext", "Selection", "adapter_context", "current_context", "install_hooks"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which adapters run on which rows of a module call, as tensors built before the call.
+
+    Attributes:
+        names: the adapters some row of the call asks for (per-sample ``adapter_names``); None:
+            no per-sample names, every active adapter runs on every row.
+        batch_size: B of the forward.
+        sample_masks: adapter name -> (B,) bool, the samples that use it, for every name in ``names``.
+        sample_of_row: (n,) sample index of each row of the call: the ``B*T`` tokens in batch order
+            inside the decoder, a chunk's rows for the LM head in the loss.
+    """
+
+    names: frozenset[str] | None = None
+    batch_size: int = 0
+    sample_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_of_row: torch.Tensor | None = None
+
+    def sample_mask(self, name: str) -> torch.Tensor | None:
+        """(B,) bool mask of the samples that use ``name``, or None when all samples do."""
+        return None if self.names is None else self.sample_masks[name]
+
+
+EVERYWHERE = Selection()  # no per-sample names: the active adapters on every row
 
 
 @dataclass
@@ -47,12 +79,14 @@ class AdapterContext:
             adapter mixtures), keyed by the reporter; the forward hook puts a copy on the
             output. A key is written again, not added, when checkpointing recomputes a layer.
         extras: caches of adapter layers for the full token layout (per-adapter row masks).
+        device: where the forward's tokens are (the selection's tensors are made there).
     """
 
     batch_size: int
     seq_len: int
     adapter_names: list[str | None] | None = None
     token_mask: torch.Tensor | None = None
+    device: torch.device | None = None
     records: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
     reset: Token | None = field(default=None, repr=False)  # undoes the hook's set
@@ -73,15 +107,29 @@ class AdapterContext:
             return self.sample_of_token(device)
         return torch.arange(rows.start, rows.stop, device=device) // self.seq_len
 
-    def names_running(self) -> set[str] | None:
-        """The adapter names the current call's rows ask for; None: no per-sample names."""
+    def selection(self, rows: range | None = None) -> Selection:
+        """The :class:`Selection` of a call on the tokens ``rows`` (flat positions in ``B*T``), or on
+        every token in batch order (None, the decoder's calls: made once per forward and kept)."""
         if self.adapter_names is None:
-            return None
-        rows = token_rows()
+            return EVERYWHERE
         if rows is None:
-            return {n for n in self.adapter_names if n is not None}
+            if "selection" not in self.extras:
+                self.extras["selection"] = self._selection(range(self.batch_size * self.seq_len))
+            return self.extras["selection"]
+        return self._selection(rows)
+
+    def _selection(self, rows: range) -> Selection:
+        names = sorted({n for n in self.adapter_names if n is not None})
+        if "sample_masks" not in self.extras:  # one copy from the host per forward, for every name
+            masks = torch.tensor([[n == a for n in self.adapter_names] for a in names], device=self.device)
+            self.extras["sample_masks"] = dict(zip(names, masks.view(len(names), self.batch_size).unbind()))
         present = self.adapter_names[rows.start // self.seq_len : (rows.stop - 1) // self.seq_len + 1]
-        return {n for n in present if n is not None}
+        return Selection(
+            names=frozenset(n for n in present if n is not None),
+            batch_size=self.batch_size,
+            sample_masks=self.extras["sample_masks"],
+            sample_of_row=torch.arange(rows.start, rows.stop, device=self.device) // self.seq_len,
+        )
 
 
 _CONTEXT: ContextVar[AdapterContext | None] = ContextVar("moetune_adapter_context", default=None)
@@ -107,7 +155,9 @@ def context_of_call(input_ids: torch.Tensor, attention_mask, adapter_names) -> A
     if adapter_names is not None and len(adapter_names) != B:
         raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {B}")
     token_mask = attention_mask[:, -T:].reshape(-1) if attention_mask is not None else None
-    return AdapterContext(batch_size=B, seq_len=T, adapter_names=adapter_names, token_mask=token_mask)
+    return AdapterContext(
+        batch_size=B, seq_len=T, adapter_names=adapter_names, token_mask=token_mask, device=input_ids.device
+    )
 
 
 _SIGNATURES: dict[type, inspect.Signature] = {}

@@ -20,8 +20,7 @@ from ...errors import AdapterError, did_you_mean
 from ..adalora.adapters import svd_adapter
 from ..lora.linear import LoraLinear
 from ..mixtures.plan import place
-from .context import install_hooks
-from .layer import AdapterLayer, AddOptions, adapter_layers, set_active_adapters
+from .layer import AdapterLayer, AddOptions, adapter_layers, install_selection_hooks, set_active_adapters
 from .params import adapter_parameters
 from .registry import base_of
 from .report import AdapterReport, build_report
@@ -92,7 +91,7 @@ def add_adapter(
         _remove(model, name, created)
         raise
     adapter_configs(model)[name] = config
-    install_hooks(model)
+    install_selection_hooks(model)
     freeze_base(model, trainable=name)
     set_active_adapters(model, active or [name])
     report = build_report(model, name, state=adapter_state(model))

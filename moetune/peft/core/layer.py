@@ -13,6 +13,14 @@ Which adapters run on which tokens:
 - when the forward was called with ``adapter_names`` (one per sample), each token runs only the
   adapter its sample named (None = base only), so one batch can mix adapters (the selection is
   the :class:`~.context.AdapterContext` the model's forward hooks set).
+
+A layer reads the selection through :meth:`AdapterLayer.selection`. Inside a decoder block that is
+the :class:`~.context.Selection` the block's hooks (:func:`install_selection_hooks`) put on the layer
+before the block's forward and take back after it: the block's forward (what ``train.compile``
+compiles, ``fullgraph=True``) reads an attribute holding prepared tensors, never the ``ContextVar``,
+and a recompute in backward (activation checkpointing) calls the block again, so its hooks hand
+the layers the same selection from the copied context. Anywhere else (the LM head in the loss's
+chunks, a layer called on its own) the layer reads the context itself.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
-from .context import current_context
+from ...model.context import token_rows
+from ...model.transformer import DecoderLayer
+from .context import EVERYWHERE, Selection, current_context, install_hooks
+from .state import adapter_state
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,8 @@ class AdapterLayer(nn.Module):
     # Whether target matching looks inside it: its base's children keep their own module paths
     # (a MixLoRA FFN, whose projections can still take other adapters).
     transparent = False
+    # The selection the hooks of the decoder block holding the layer hand it for the block's forward.
+    installed_selection: Selection | None = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -120,35 +133,35 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     # --- shared helpers -------------------------------------------------------------------
+    def selection(self) -> Selection:
+        """Which adapters run on which rows of the current call."""
+        if self.installed_selection is not None:  # inside a decoder block: no ContextVar read
+            return self.installed_selection
+        ctx = current_context()
+        return EVERYWHERE if ctx is None else ctx.selection(token_rows())
+
     def running(self) -> list[str]:
         """Adapters that may run in this forward (unmerged, not disabled)."""
         if self.disabled:
             return []
-        ctx = current_context()
-        wanted = None if ctx is None else ctx.names_running()
+        wanted = self.selection().names
         if wanted is not None:
             return [n for n in self.adapter_names if n in wanted and n not in self.merged]
         return [n for n in self.active if n not in self.merged]
 
-    def sample_mask(self, name: str, device: torch.device) -> torch.Tensor | None:
+    def sample_mask(self, name: str, device: torch.device) -> torch.Tensor | None:  # noqa: ARG002 - kept for callers
         """(B,) bool mask of samples that use ``name``, or None when all samples do."""
-        ctx = current_context()
-        if ctx is None or ctx.adapter_names is None:
-            return None
-        key = ("sample_mask", name, device)
-        if key not in ctx.extras:
-            ctx.extras[key] = torch.tensor([n == name for n in ctx.adapter_names], device=device)
-        return ctx.extras[key]
+        return self.selection().sample_mask(name)
 
     def token_mask(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """Mask broadcastable to ``x`` (B, T, ...) or (N, ...) selecting tokens of ``name``'s samples."""
-        samples = self.sample_mask(name, x.device)
+        selection = self.selection()
+        samples = selection.sample_mask(name)
         if samples is None:
             return None
-        ctx = current_context()
-        if x.dim() >= 3 and x.shape[0] == ctx.batch_size:
+        if x.dim() >= 3 and x.shape[0] == selection.batch_size:
             return samples.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        per_token = samples[ctx.sample_of_rows(x.device)]
+        per_token = samples[selection.sample_of_row]
         return per_token.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
@@ -199,3 +212,29 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     for _, m in adapter_layers(model):
         m.active = [n for n in names if n in m.adapter_names]
+
+
+def install_selection_hooks(model: nn.Module) -> None:
+    """Give ``model`` (once) the hooks that set the adapter context around each of its forwards
+    (:func:`~.context.install_hooks`), and hooks on each of its decoder blocks that give the block's
+    adapter layers the forward's selection before the block's forward runs and take it back after
+    (even when it raises)."""
+    if adapter_state(model).hooked:
+        return
+    install_hooks(model)
+    for block in model.modules():
+        if isinstance(block, DecoderLayer):
+            block.register_forward_pre_hook(_hand_selection)
+            block.register_forward_hook(_take_selection, always_call=True)
+
+
+def _hand_selection(block: nn.Module, args: tuple) -> None:  # noqa: ARG001 - the hook's signature
+    ctx = current_context()
+    selection = EVERYWHERE if ctx is None else ctx.selection()  # a block runs on every token in batch order
+    for _, layer in adapter_layers(block):
+        layer.installed_selection = selection
+
+
+def _take_selection(block: nn.Module, args: tuple, output) -> None:  # noqa: ARG001 - the hook's signature
+    for _, layer in adapter_layers(block):
+        layer.installed_selection = None

@@ -33,7 +33,6 @@ from torch import nn
 
 from ...config import LoraConfig
 from ...model.moe import GroupedExperts
-from ..core.context import current_context
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
 from . import experts_layout as layout
 from .expert_adapters import ExpertAdapter
@@ -173,11 +172,11 @@ class LoraGroupedExperts(AdapterLayer):
 
     def _rows(self, name: str, token_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """(R, 1) 1/0 per routed row: does the row's sample use ``name``? None when all do."""
-        samples = self.sample_mask(name, token_index.device)
+        selection = self.selection()
+        samples = selection.sample_mask(name)
         if samples is None:
             return None
-        ctx = current_context()
-        return samples[ctx.sample_of_token(token_index.device)][token_index].to(dtype).unsqueeze(-1)
+        return samples[selection.sample_of_row][token_index].to(dtype).unsqueeze(-1)
 
     def _split_lora(
         self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None

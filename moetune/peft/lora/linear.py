@@ -35,7 +35,6 @@ from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
-from ..core.context import current_context
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
 from .linear_adapters import LinearAdapter, lora_adapter
 
@@ -131,8 +130,7 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out): base output plus each running adapter, on its tokens only."""
         if self.merged:
-            ctx = current_context()
-            if self.disabled or (ctx is not None and ctx.adapter_names is not None):
+            if self.disabled or self.selection().names is not None:
                 raise AdapterError(
                     f"adapter(s) {self.merged} are merged into the base weights; unmerge them "
                     "before disabling adapters or choosing adapters per sample"
