@@ -37,6 +37,7 @@ from ..formats.adapters import load_adapter
 from ..formats.folder import write_adapter_folder
 from ..formats.peft import add_adapter_from, read_adapter_folder
 from ..formats.peft_config import PREFIX
+from ..formats.wrapper_paths import to_file
 from ..lora.experts import LoraGroupedExperts
 from ..lora.experts_layout import peft_prefixes
 from ..lora.linear import LoraLinear
@@ -199,7 +200,9 @@ def _write_checked(
     overwrite: bool,
     inputs: tuple,
 ) -> Path:
-    """Write the merged folder, then load it onto ``model``: the result must load like any adapter."""
+    """Write the merged folder, then load it onto ``model``: the result must load like any adapter.
+    Merging runs on the text model's module paths; the folder names a multimodal wrapper's."""
+    merged, cfg = to_file(model, merged, cfg)
     out = write_adapter_folder(
         out_dir,
         {k: v.contiguous() for k, v in merged.items()},

@@ -36,6 +36,7 @@ from ..lora.experts import LoraGroupedExperts
 from .folder import write_adapter_folder
 from .peft_config import PREFIX, compact_targets
 from .peft_meta import moetune_meta
+from .wrapper_paths import to_file
 
 
 def adalora_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, list[bool]]]:
@@ -103,6 +104,7 @@ def save_adalora(model: nn.Module, out_dir: str | os.PathLike, name: str = "defa
     """
     tensors, pattern = adalora_tensors(model, name)
     cfg = adalora_config(model, name, pattern)  # refuses a name that is not an AdaLoRA adapter
+    tensors, cfg = to_file(model, tensors, cfg)  # a multimodal wrapper's module paths, as PEFT sees it
     meta = moetune_meta(adapter_configs(model)[name], name=name, layout="adalora")
     return write_adapter_folder(Path(out_dir), tensors, cfg, meta=meta)
 

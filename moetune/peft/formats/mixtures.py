@@ -5,7 +5,8 @@ and the adapter's full ``lora_config`` (mixture included); ``adapter_model.safet
 keys ``base_model.model.<module path>.<suffix>``: a MixLoRA FFN writes ``router.weight`` (E, D)
 and ``{proj}.experts.lora_A.weight`` (E, r, in) / ``.lora_B.weight`` (E, out, r) /
 ``.lora_magnitude_vector`` (E, out); a MoLA/LoRAMoE linear ``router.weight`` and
-``experts.lora_{A,B}.weight``; plain LoRA targets (attention) PEFT's keys.
+``experts.lora_{A,B}.weight``; plain LoRA targets (attention) PEFT's keys. Module paths are the
+ones PEFT's layout writes (a multimodal wrapper's: :mod:`.wrapper_paths`).
 
 MoE-PEFT's layout (``layout="moe_peft"``, read automatically): ``peft_type: MIXLORA`` with
 ``routing_strategy``, ``num_experts``, ``top_k``/``top_p``, optional ``expert_lora``; keys
@@ -34,6 +35,7 @@ from . import moe_peft
 from .folder import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors, write_adapter_folder
 from .peft import fill_adapter
 from .peft_config import PREFIX
+from .wrapper_paths import from_file, to_file
 
 MOETUNE_TYPE = "MOETUNE_MIXTURE"
 MIXTURE_TYPES = (MOETUNE_TYPE, moe_peft.PEFT_TYPE)
@@ -65,6 +67,7 @@ def save_mixture_adapter(
         tensors, cfg = moe_peft.export(model, config, parts)
     elif layout == "peft":
         tensors = {f"{PREFIX}{path}.{suffix}": t for path, part in parts.items() for suffix, t in part.items()}
+        tensors, _ = to_file(model, tensors, None)  # a multimodal wrapper's module paths, as PEFT's layout
         cfg = {
             "peft_type": MOETUNE_TYPE,
             "format_version": FORMAT_VERSION,
@@ -95,6 +98,7 @@ def load_mixture_adapter(model: nn.Module, folder: Path, name: str) -> AdapterRe
         tensors = moe_peft.import_tensors(tensors, str(weights), config)
     else:
         config = _our_config(raw, str(cfg_file))
+        tensors, _ = from_file(model, tensors, None)
     try:
         report = add_adapter(model, config, name)
     except AdapterError as err:

@@ -24,7 +24,6 @@ from torch import nn
 
 from ...config import LoraConfig
 from ...errors import AdapterError
-from ...model.wrappers import native_path, wrapped_path
 from ..core.inject import add_adapter, delete_adapter
 from ..core.report import AdapterReport
 from ..core.targets import logical_modules
@@ -45,6 +44,7 @@ from .peft_config import (
 from .peft_meta import moetune_meta
 from .fold_scaling import fold_into_b
 from .per_expert import SERVING_TASK_TYPE, expert_targets, load_part, native_keys, per_expert_part, zero_pairs
+from .wrapper_paths import from_file, to_file
 
 __all__ = ["AdapterFolder", "add_adapter_from", "fill_adapter", "read_adapter_folder", "save_peft"]
 
@@ -75,9 +75,6 @@ def save_peft(
     # Zero pairs are listed too when folding for SGLang, whose strict loading refuses unlisted tensors.
     target_modules += list(dict.fromkeys(p for e in experts for p in EXPERT_PROJS if p in e.ranks or fold_scaling))
     targets = {"target_modules": target_modules, "target_parameters": list(dict.fromkeys(params))}
-    patterns = (rank_pattern, alpha_pattern)
-    if layout == "peft":  # the servers read a wrapped model's text model under its own names (below)
-        tensors, targets, (rank_pattern, alpha_pattern) = _wrapper_paths(model, tensors, targets, *patterns)
     cfg = config_to_peft(
         config,
         r=r,
@@ -89,6 +86,8 @@ def save_peft(
     )
     if experts:  # PEFT reads per-expert names wrongly for some families: make it refuse the folder
         cfg["task_type"] = SERVING_TASK_TYPE
+    if layout == "peft":  # PEFT sees a wrapper's paths; servers read the per-expert layout on the text model
+        tensors, cfg = to_file(model, tensors, cfg)
     tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
     if fold_scaling:
         tensors, cfg = fold_into_b(tensors, cfg)
@@ -114,20 +113,6 @@ def _collect(model: nn.Module, name: str, layout: str) -> tuple[dict, list, list
         patterns.append((path, targets.get("rank_pattern", {}), targets.get("alpha_pattern", {})))
         tensors.update({f"{PREFIX}{path}.{suffix}": t for suffix, t in layer.peft_tensors(name).items()})
     return tensors, linear_paths, params, patterns, experts
-
-
-def _wrapper_paths(model: nn.Module, tensors: dict, targets: dict, *patterns: dict) -> tuple[dict, dict, tuple]:
-    """A text model loaded from a multimodal wrapper (Kimi-K2.5): keys, targets and patterns name
-    the wrapper's module paths (``model.language_model.layers...``), as PEFT sees that model.
-    PEFT's layout only: the per-expert layout names the text model itself (``model.layers...``), what
-    a server reads for it (vLLM 0.33's Kimi-K2.5 wrapper takes no LoRA - no ``SupportsLoRA`` -, so
-    vLLM serves the adapter on the text model, DeepSeek-V3; SGLang finds modules by layer and name)."""
-    wrapper = getattr(getattr(model, "args", None), "wrapper", None)
-    if wrapper is None:
-        return tensors, targets, patterns
-    tensors = {PREFIX + wrapped_path(wrapper, k[len(PREFIX) :]): t for k, t in tensors.items()}
-    targets = {kind: [wrapped_path(wrapper, t) for t in names] for kind, names in targets.items()}
-    return tensors, targets, tuple({wrapped_path(wrapper, k): v for k, v in p.items()} for p in patterns)
 
 
 def _avoid_peft_retargeting(
@@ -174,12 +159,11 @@ def read_adapter_folder(folder: Path) -> AdapterFolder:
 
 def add_adapter_from(model: nn.Module, files: AdapterFolder, name: str) -> AdapterReport:
     """:func:`load_adapter` for a folder already read; nothing is left behind when it fails."""
-    files.tensors = native_keys(files.tensors)
-    wrapper = getattr(getattr(model, "args", None), "wrapper", None)
-    raw = _native_paths(files.raw, wrapper)
+    files.tensors, files.raw = from_file(model, native_keys(files.tensors), files.raw)  # the text model's paths
+    raw = files.raw
     if isinstance(raw, dict) and not (files.meta or {}).get("lora_config"):  # no metadata: targets from the file
         listed = raw.get("target_modules")
-        keys = [native_path(wrapper, normalise_key(k)) for k in files.tensors]
+        keys = [normalise_key(k) for k in files.tensors]
         targets = expert_targets(keys, listed) if isinstance(listed, list) else None
         raw = raw if targets is None else {**raw, "target_modules": targets}
     config, per_module = config_from_peft(raw, str(files.cfg_file), files.meta)
@@ -195,29 +179,14 @@ def add_adapter_from(model: nn.Module, files: AdapterFolder, name: str) -> Adapt
     return report
 
 
-def _native_paths(raw: Any, wrapper: str | None) -> Any:
-    """A PEFT config written on a multimodal wrapper names the wrapper's module paths in its
-    target lists and patterns; the native model's paths, as our targets are matched against them."""
-    if wrapper is None or not isinstance(raw, dict):
-        return raw
-    out = dict(raw)
-    for key in ("target_modules", "target_parameters"):
-        if isinstance(raw.get(key), list):
-            out[key] = [native_path(wrapper, t) for t in raw[key]]
-    for key in ("rank_pattern", "alpha_pattern"):
-        if isinstance(raw.get(key), dict):
-            out[key] = {native_path(wrapper, k): v for k, v in raw[key].items()}
-    return out
-
-
 def fill_adapter(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """Copy file ``tensors`` (PEFT keys) into adapter ``name``, each to the adapted module whose path
-    prefixes its key; errors name ``file`` and the tensor."""
+    """Copy file ``tensors`` (PEFT keys, the text model's paths: :func:`~.wrapper_paths.from_file`)
+    into adapter ``name``, each to the adapted module whose path prefixes its key; errors name
+    ``file`` and the tensor."""
     layers = dict(layers_holding(model, name))
-    wrapper = getattr(getattr(model, "args", None), "wrapper", None)
     grouped: dict[str, dict[str, torch.Tensor]] = {path: {} for path in layers}
     for key, tensor in tensors.items():
-        body = native_path(wrapper, normalise_key(key))
+        body = normalise_key(key)
         tokens = body.split(".")
         path = next((p for i in range(len(tokens) - 1, 0, -1) if (p := ".".join(tokens[:i])) in layers), None)
         if path is None:
