@@ -13,8 +13,10 @@ A weight is stored as:
   ``absmax_scale`` per 256 of them (nb2,).
 
 That is 0.5 + 1/64 + 4/(64*256) ~= 0.516 bytes per element. Quantization rounds to the nearest code
-(``bucketize`` against the midpoints, ties to the lower code) exactly as bitsandbytes' reference
-kernel does, so codes can be compared with it (tests/model/test_quant.py does when it is installed).
+(the number of midpoints strictly below the value: ties go to the lower code) exactly as bitsandbytes'
+reference kernel does, so codes can be compared with it (tests/model/test_quant.py does when it is
+installed), by table lookup rather than ``bucketize`` (:mod:`.rounding`: same codes, several times
+faster), in chunks of whole blocks, on the weight's device.
 
 Writing a weight in pieces (:class:`BlockQuantizer`) lets the loader quantize each checkpoint
 tensor as soon as it is read, whatever slice of the native weight it fills (one expert, the gate
@@ -29,8 +31,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .rounding import LevelTable
+
 BLOCK = 64
 SCALE_BLOCK = 256
+# Elements quantized at once: on CPU the ~17 bytes of temporaries per element stay in cache; on a
+# GPU, enough to fill it. Either way the working memory is bounded whatever the weight's size.
+CHUNK = {"cpu": 1 << 18}
+CHUNK_OTHER = 1 << 24
 
 # The 16 NormalFloat levels of QLoRA (Dettmers et al. 2023, appendix E), as bitsandbytes holds them.
 NF4_CODE = torch.tensor(
@@ -86,7 +94,7 @@ def _table(kind: str, device: torch.device) -> torch.Tensor:
     """Cached per device: code tables, their rounding midpoints, and the byte -> 2 values table."""
     key = (kind, device)
     if key not in _TABLES:
-        code = NF4_CODE if kind.startswith("nf4") else DYNAMIC_CODE
+        code = NF4_CODE if kind.startswith("nf4") else DYNAMIC_CODE  # "dyn..."
         if kind.endswith("bounds"):
             t = (code[:-1] + code[1:]) / 2
         elif kind == "nf4_pairs":  # byte b -> (code[b >> 4], code[b & 15]): one gather per byte
@@ -98,11 +106,12 @@ def _table(kind: str, device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def _scale_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (n,) fp32 -> values scaled into [-1, 1] per block (n,) and the block absmax (ceil(n/block),).
 
     Full blocks are multiplied by the reciprocal, a short last block divided: the reference
-    kernel's arithmetic, so the rounded codes agree with it to the bit.
+    kernel's arithmetic, so the rounded codes agree with it to the bit. The block scales are
+    scaled here; :func:`quantize_blocks` does the same arithmetic in chunks (tests compare them).
     """
     n = x.numel()
     full = n - n % block
@@ -115,22 +124,66 @@ def _scale_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return scaled, absmax
 
 
+_SAME_SIZE_INT = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}  # element size -> (int, all but sign)
+_ROUNDING: dict[str, LevelTable] = {}
+
+
+def nearest_codes(scaled: torch.Tensor, kind: str = "nf4") -> torch.Tensor:
+    """(m,) fp32 values (scaled into [-1, 1], or NaN) -> (m,) uint8 index of the nearest level of
+    the map ``kind`` ("nf4": :data:`NF4_CODE`, "dyn": :data:`DYNAMIC_CODE`), ties to the lower one:
+    ``torch.bucketize(scaled, midpoints)`` to the bit, by table (:class:`.rounding.LevelTable`)."""
+    if kind not in _ROUNDING:
+        _ROUNDING[kind] = LevelTable(_table(kind + "_bounds", torch.device("cpu")))
+    return _ROUNDING[kind](scaled)
+
+
+def _quantize_whole_blocks(x: torch.Tensor, block: int, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+    """x (m,) bf16, fp16 or fp32, m a multiple of ``block`` (even) -> ``codes`` (m/2,) and ``absmax``
+    (m/block,) written in place. |x| is x's bits without the sign bit, whose integer order is the
+    order of the magnitudes (NaN above inf, so NaN still wins the max): exact, and cheaper than
+    abs() on floats. The product with the fp32 reciprocal widens x exactly. The clamp to [-1, 1]
+    of the reference is left out: scaled values exceed 1 in magnitude only by rounding, and code
+    15 (or 0) is already theirs. Two codes a byte: odd element + 16 * even element."""
+    v = x.view(-1, block)
+    int_type, magnitude = _SAME_SIZE_INT[x.element_size()]
+    absmax.copy_(v.view(int_type).bitwise_and(magnitude).amax(dim=1).view(x.dtype))
+    q = nearest_codes((v * (1.0 / absmax.clamp(min=1e-38))[:, None]).view(-1))
+    torch.add(q[1::2], q[0::2], alpha=16, out=codes)
+
+
 def quantize_blocks(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """First level: x (n,) float -> codes (ceil(n/2),) uint8 packed, absmax (ceil(n/block),) fp32."""
-    scaled, absmax = _scale_blocks(x.reshape(-1).float(), block)
-    if scaled.numel() % 2:
-        scaled = F.pad(scaled, (0, 1))  # the pad element rounds to code 7 (0.0), as in bitsandbytes
-    q = torch.bucketize(scaled, _table("nf4_bounds", scaled.device), out_int32=True).to(torch.uint8)
-    return (q[0::2] << 4) | q[1::2], absmax
+    """First level: x (n,) float -> codes (ceil(n/2),) uint8 packed, absmax (ceil(n/block),) fp32.
+
+    Whole blocks go in chunks of :data:`CHUNK` elements; the short last block is divided, not
+    multiplied by the reciprocal, as the reference kernel does.
+    """
+    if block % 2:
+        raise ValueError(f"NF4 block size must be even (two codes a byte), got {block}")
+    x = x.reshape(-1)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        x = x.float()  # rounded once, as the reference does, before any arithmetic
+    n = x.numel()
+    full = n - n % block
+    codes = torch.empty(math.ceil(n / 2), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(math.ceil(n / block), dtype=torch.float32, device=x.device)
+    step = max(1, CHUNK.get(x.device.type, CHUNK_OTHER) // block) * block
+    for start in range(0, full, step):
+        end = min(start + step, full)
+        _quantize_whole_blocks(x[start:end], block, codes[start // 2 : end // 2], absmax[start // block : end // block])
+    if full < n:
+        tail = x[full:].float()
+        absmax[-1] = tail.abs().amax().clamp(min=1e-38)
+        q = nearest_codes(F.pad(torch.clamp(tail / absmax[-1], -1, 1), (0, (n - full) % 2)))  # pad: code 7 (0.0)
+        codes[full // 2 :] = (q[0::2] << 4) | q[1::2]
+    return codes, absmax
 
 
 def quantize_scales(absmax: torch.Tensor, block: int = SCALE_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Second level (double quantization): absmax (nb,) fp32 -> codes (nb,) uint8, scale (nb2,)
     fp32, offset () fp32. Centring on the mean first uses the signed map's full range."""
     offset = absmax.mean()
-    scaled, scale = _scale_blocks(absmax - offset, block)
-    codes = torch.bucketize(scaled, _table("dyn_bounds", scaled.device), out_int32=True).to(torch.uint8)
-    return codes, scale, offset
+    scaled, scale = scale_blocks(absmax - offset, block)
+    return nearest_codes(scaled, "dyn"), scale, offset
 
 
 def dequantize_scales(
@@ -190,7 +243,7 @@ class BlockQuantizer:
 
     def write(self, start: int, values: torch.Tensor) -> bool:
         """Put ``values`` (any shape, numel m) at flat positions [start, start+m)."""
-        x = values.reshape(-1).to(device=self.codes.device, dtype=torch.float32)
+        x = values.reshape(-1).to(device=self.codes.device)  # moved first, widened to fp32 in chunks there
         end = start + x.numel()
         if start < 0 or end > self.n:
             raise ValueError(f"piece [{start}, {end}) lies outside a weight of {self.n} elements")
