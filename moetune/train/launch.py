@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
-from ..errors import ConfigError, MoetuneError
+from ..errors import ConfigError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -89,29 +88,9 @@ def resolve_launch(config: TrainConfig, env: LaunchEnv) -> tuple[torch.device, s
     strategy = section.strategy
     if strategy == "auto":
         strategy = "fsdp" if cuda and env.world_size > 1 else "replicate"
-    stored = _stored_method(config.model.path)
-    if strategy == "fsdp" and (config.model.quantize is not None or stored):
-        kind = f"{config.model.quantize}-quantized" if config.model.quantize else f"{stored}-stored (as released)"
-        raise ConfigError(
-            f"distributed.strategy: fsdp cannot shard a {kind} base (FSDP2 shards parameters, and the packed "
-            "weights are held as buffers); use replicate"
-        )
     if strategy == "fsdp" and config.model.dtype == "fp16":
         raise ConfigError(
             "model.dtype: fp16 with distributed.strategy: fsdp is not supported (the fp16 loss scaler needs the "
             "full gradient on every rank to agree on overflows); use bf16, or distributed.strategy: replicate"
         )
     return device, backend, strategy
-
-
-def _stored_method(path) -> str | None:
-    """The quantization method a model folder is released in (fp8, mxfp4 ...), None for full precision
-    or a folder that cannot be read yet (loading says what is wrong with it)."""
-    from ..model.model_folder import read_hf_config
-    from ..model.quant.formats import stored_format
-
-    try:
-        fmt = stored_format(read_hf_config(path), Path(path) / "config.json")
-    except MoetuneError:
-        return None
-    return None if fmt is None else fmt.method

@@ -7,6 +7,7 @@ other - tested too, with a 2-rank save and a 2-rank resume.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,9 @@ from moetune.model.moe import RouterStats
 from moetune.train.checkpoint import load_checkpoint
 from moetune.train.distributed import DataParallel, LaunchEnv, launch_env, rank_seed
 from moetune.train.distributed import resolve_launch as _resolve
+from moetune.tiny_models import make_tiny
 from moetune.train.trainer import train
+from quant_fixtures import write_fp8_folder
 from train_helpers import write_run
 
 pytestmark = pytest.mark.skipif(
@@ -37,12 +40,21 @@ TOL = 1e-5
 STEPS = 4
 
 
-def _config(root: Path, *, batch_size: int, dropout: float = 0.0, grad_accum: int = 2) -> Path:
+def _config(
+    root: Path,
+    *,
+    batch_size: int,
+    dropout: float = 0.0,
+    grad_accum: int = 2,
+    targets=("q_proj", "v_proj", "experts"),
+    **sections,
+) -> Path:
     """A tiny MoE LoRA run with the aux loss on, clipping, grad accumulation and an eval set of 9
     rows (uneven over 2 ranks, so FSDP evaluation needs a filler forward on rank 1)."""
     cfg = write_run(
         root,
-        adapter={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "v_proj", "experts"]},
+        **sections,
+        adapter={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": list(targets)},
         optim={
             "lr": 3e-3,
             "max_steps": STEPS,
@@ -59,7 +71,7 @@ def _config(root: Path, *, batch_size: int, dropout: float = 0.0, grad_accum: in
     return cfg
 
 
-def _torchrun(cfg: Path, *args: str, nproc: int = 2) -> None:
+def _torchrun(cfg: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -75,6 +87,7 @@ def _torchrun(cfg: Path, *args: str, nproc: int = 2) -> None:
         f"--nproc_per_node={nproc}",
         "-m",
         "moetune",
+        "-v",
         "train",
         str(cfg),
         *args,
@@ -82,6 +95,7 @@ def _torchrun(cfg: Path, *args: str, nproc: int = 2) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("trained ") == 1, proc.stdout  # rank 0 alone prints the summary
+    return proc
 
 
 def _records(run: Path) -> list[dict]:
@@ -96,15 +110,19 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def _assert_same_run(a: Path, b: Path, tol: float = TOL) -> None:
+def _assert_same_run(a: Path, b: Path, tol: float = TOL) -> dict[str, float]:
+    """Max |difference| of each metric series and of the adapter tensors, each within ``tol``."""
+    diffs = {}
     for key in ("loss", "aux_loss", "grad_norm", "eval_loss"):
         xa, xb = _series(a, key), _series(b, key)
         assert len(xa) == len(xb) > 0, (key, xa, xb)
-        assert max(abs(x - y) for x, y in zip(xa, xb)) <= tol, (key, xa, xb)
+        diffs[key] = max(abs(x - y) for x, y in zip(xa, xb))
     assert _series(a, "tokens") == _series(b, "tokens")
     wa, wb = _adapter(a), _adapter(b)
     assert wa.keys() == wb.keys() and len(wa) > 0
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+    diffs["adapter"] = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert max(diffs.values()) <= tol, diffs
+    return diffs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,6 +190,25 @@ def test_dropout_runs_resume_exactly_on_the_same_rank_count(tmp_path):
     _assert_same_run(a / "run", b / "run", tol=0.0)
 
 
+def test_fsdp_shards_an_fp8_base_and_trains_as_one_process(tmp_path):
+    """DeepSeek-V3 as released in FP8 (block-scaled e4m3 + fp32 scales) under FSDP on 2 ranks: each
+    rank holds half of the stored bytes, all-gathered per layer for its forward and backward, and the
+    run equals one process with the global batch."""
+    fp8 = tmp_path / "fp8"
+    write_fp8_folder(make_tiny("deepseek_v3", tmp_path / "tiny"), fp8, block=(16, 16))
+    model = {"path": str(fp8), "device": "cpu"}
+    targets = ("q_b_proj", "kv_b_proj", "o_proj", "experts", "shared_experts")
+    train(load_train_config(_config(tmp_path / "one", batch_size=8, targets=targets, model=model)))
+    proc = _torchrun(_config(tmp_path / "two", batch_size=4, targets=targets, model=model), "distributed.strategy=fsdp")
+    held = re.findall(r"rank (\d)/2 holds (\d+) of (\d+) bytes of the base's fp8 weights", proc.stderr)
+    assert sorted(r for r, _, _ in held) == ["0", "1"], proc.stderr[-3000:]
+    whole = int(held[0][2])
+    assert {int(w) for _, _, w in held} == {whole} and sum(int(h) for _, h, _ in held) == whole
+    assert all(abs(int(h) - whole / 2) <= 0.01 * whole for _, h, _ in held)
+    diffs = _assert_same_run(tmp_path / "one" / "run", tmp_path / "two" / "run")
+    print(f"fp8 base, fsdp on 2 ranks: {[int(h) for _, h, _ in held]} of {whole} stored bytes; vs 1 process {diffs}")
+
+
 def test_launch_env_and_resolution():
     assert launch_env({}) is None
     assert launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == LaunchEnv(
@@ -190,6 +227,7 @@ def test_resolve_strategy_and_backend(tmp_path):
     device, backend, strategy = _resolve(load_train_config(cfg), env)
     assert (device.type, backend, strategy) == ("cpu", "gloo", "replicate")  # auto on CPU
     assert _resolve(load_train_config(cfg, ["distributed.strategy=fsdp"]), env)[2] == "fsdp"
+    assert _resolve(load_train_config(cfg, ["distributed.strategy=fsdp", "model.quantize=nf4"]), env)[2] == "fsdp"
     with pytest.raises(ConfigError, match="nccl"):
         _resolve(load_train_config(cfg, ["distributed.backend=nccl"]), env)
     with pytest.raises(ConfigError, match="did you mean 'strategy'"):

@@ -54,21 +54,3 @@ def test_example_trains_on_an_fp8_base_and_the_adapter_loads_in_peft(tmp_path):
     print(f"adapter trained on the FP8 base: PEFT on the dequantized model vs moetune on FP8, max |dlogits| {err:.2e}")
     assert err <= 1e-5
 
-
-def test_fsdp_on_a_stored_base_is_refused(tmp_path):
-    """FSDP2 shards parameters; the stored bytes are buffers, so every rank would hold the whole base."""
-    import pytest
-
-    from moetune.errors import ConfigError
-    from moetune.train.distributed import LaunchEnv, resolve_launch
-
-    folder = make_tiny("deepseek_v3", tmp_path / "tiny")
-    write_fp8_folder(folder, tmp_path / "fp8", block=(16, 16))
-    env = LaunchEnv(rank=0, world_size=2, local_rank=0)
-    for path, refused in ((folder, False), (tmp_path / "fp8", True)):
-        config = load_train_config(EXAMPLE, [f"model.path={path}", "distributed.strategy=fsdp"])
-        if refused:
-            with pytest.raises(ConfigError, match="fsdp cannot shard a fp8-stored"):
-                resolve_launch(config, env)
-        else:
-            assert resolve_launch(config, env)[2] == "fsdp"

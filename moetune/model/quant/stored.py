@@ -1,10 +1,11 @@
 """The holder every frozen base weight kept in a stored format lives in: :class:`StoredWeight`.
 
-A holder is an ``nn.Module`` with buffers only (the stored bytes and their scales), a logical
-``shape`` and a ``dtype`` it dequantizes to by default (the dtype the full-precision weight would
-have). Its buffers never change dtype: ``model.to(torch.bfloat16)`` moves them and changes
-:attr:`StoredWeight.dtype`, but does not round the fp32 scales nor turn FP8 bytes into bf16
-(``nn.Module.to`` casts every floating tensor, and float8 counts as floating).
+A holder is an ``nn.Module`` with buffers only (the stored bytes and their scales; frozen parameters
+once sharded, see below), a logical ``shape`` and a ``dtype`` it dequantizes to by default (the dtype
+the full-precision weight would have). Its stored tensors never change dtype:
+``model.to(torch.bfloat16)`` moves them and changes :attr:`StoredWeight.dtype`, but does not round
+the fp32 scales nor turn FP8 bytes into bf16 (``nn.Module.to`` casts every floating tensor, and
+float8 counts as floating).
 
 A format subclass says how its buffers are filled from a checkpoint:
 - quantized while loading (NF4 from a full-precision folder): :meth:`StoredWeight.write` takes
@@ -12,6 +13,14 @@ A format subclass says how its buffers are filled from a checkpoint:
 - read as released (FP8, INT4, MXFP4): :meth:`StoredWeight.checkpoint_tensors` names the buffers
   the checkpoint's tensors are copied into byte for byte (``weight`` and ``weight_scale_inv`` for
   FP8), with the suffix each one's checkpoint key has after the weight's own key.
+
+Sharded training (FSDP2) shards parameters and leaves buffers whole on every rank, so
+:meth:`StoredWeight.hold_as_parameters` turns the stored tensors into frozen parameters (integer
+and float8 parameters are allowed when they do not require grad). FSDP then keeps each rank's
+slice along dim 0 and all-gathers the whole stored tensors of a layer for its forward and again
+for its backward; :meth:`StoredWeight.dequantize` reads whatever tensors the holder has at that
+moment, the gathered ones. A scalar (NF4's ``absmax_offset``) cannot be split along dim 0 and
+stays a buffer.
 """
 
 from __future__ import annotations
@@ -38,14 +47,26 @@ class StoredWeight(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.buffers()).device
+        return next(self.stored_tensors()).device
+
+    def stored_tensors(self):
+        """The stored values and their scales: this holder's buffers, then its (frozen) parameters."""
+        yield from self._buffers.values()
+        yield from self._parameters.values()
 
     def numel(self) -> int:
         return self.shape.numel()
 
     def storage_bytes(self) -> int:
-        """Bytes held: the stored values and their scales."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held: the stored values and their scales (of the whole weight, sharded or not)."""
+        return sum(b.numel() * b.element_size() for b in self.stored_tensors())
+
+    def hold_as_parameters(self) -> None:
+        """Hold the stored tensors (all but scalars) as frozen parameters, for FSDP to shard."""
+        for key, t in list(self._buffers.items()):
+            if t is not None and t.ndim > 0:
+                del self._buffers[key]
+                self.register_parameter(key, nn.Parameter(t, requires_grad=False))
 
     def layout(self) -> torch.Tensor:
         """A meta tensor of ``shape``: index it like the weight to find a slice's flat offset."""
@@ -83,11 +104,13 @@ class StoredWeight(nn.Module):
         # `.to(dtype)` reaches every floating buffer, and the stored bytes and scales must only follow
         # the device. The dtype a plain weight would be cast to is read off a zero-size probe.
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-        kept = dict(self._buffers)
+        kept = {**self._buffers, **self._parameters}
         super()._apply(fn, recurse)
         for key, old in kept.items():
-            new = self._buffers[key]
+            held = self._buffers if key in self._buffers else self._parameters
+            new = held[key]
             if new is not None and new.dtype != old.dtype:
-                self._buffers[key] = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
+                moved = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
+                held[key] = nn.Parameter(moved, requires_grad=False) if held is self._parameters else moved
         self.dtype = probe.dtype
         return self
