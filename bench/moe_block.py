@@ -12,17 +12,16 @@ Prints one JSON line per (tool, lora, compiled): median milliseconds, and peak m
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
 from moetune.config import LoraConfig
 from moetune.model.moe import GroupedExperts, MoEBlock, TopKRouter
 from moetune.peft.lora.experts import LoraGroupedExperts
+from harness import parser, peak_gib, reset_peak, synchronize, timed  # the bench folder's own module
 
 
 def hf_block(cfg, dtype, device):
@@ -72,29 +71,21 @@ def step_fn(block, ours: bool):
 
 
 def time_it(fn, x, grad, *, iters: int, warmup: int, device: str) -> tuple[float, float]:
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     for _ in range(warmup):
         fn(x, grad)
-    sync()
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    reset_peak(device)
     times = []
     for _ in range(iters):
         x.grad = None
-        t0 = time.perf_counter()
-        fn(x, grad)
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
-    return statistics.median(times) * 1e3, peak
+        times.append(timed(lambda: fn(x, grad), device)[0])
+    return statistics.median(times) * 1e3, peak_gib(device)
 
 
 def main(argv=None) -> int:
     from transformers import Qwen3MoeConfig
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true")
+    p = parser(__doc__)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

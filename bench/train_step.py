@@ -15,18 +15,17 @@ memory, MFU against --peak-tflops, first-step loss.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 import moetune
 from moetune.model.build import build_causal_lm
 from moetune.model.families import model_args_from_hf
+from harness import parser, peak_gib, reset_peak, timed  # the bench folder's own module
 
 CASES = {
     "attention": dict(modules=["q_proj", "k_proj", "v_proj", "o_proj"], experts=False, ckpt=False),
@@ -35,36 +34,20 @@ CASES = {
 }
 
 
+# Qwen3-MoE shapes: the reference (Qwen3-30B-A3B layers) and a tiny one for a smoke test on CPU.
+SHAPES = {
+    "reference": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936),
+    "tiny": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                 num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, vocab_size=512),
+}  # fmt: skip
+
+
 def hf_config(tiny: bool, layers: int):
     from transformers import Qwen3MoeConfig
 
-    if tiny:
-        return Qwen3MoeConfig(
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            intermediate_size=64,
-            vocab_size=512,
-            num_hidden_layers=2,
-            norm_topk_prob=True,
-        )
-    return Qwen3MoeConfig(
-        hidden_size=2048,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        moe_intermediate_size=768,
-        intermediate_size=6144,
-        vocab_size=151936,
-        num_hidden_layers=layers,
-        norm_topk_prob=True,
-    )
+    layers = 2 if tiny else layers
+    return Qwen3MoeConfig(**SHAPES["tiny" if tiny else "reference"], num_hidden_layers=layers, norm_topk_prob=True)
 
 
 def build_pair(cfg, dtype, device):
@@ -118,32 +101,22 @@ def flops_per_token(args, seq: int) -> float:
 def run_steps(model, batch, *, steps: int, warmup: int, device: str, ours: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    times, first = [], None
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = (
-            model(batch["input_ids"], labels=batch["labels"])
-            if ours
-            else model(input_ids=batch["input_ids"], labels=batch["labels"])
-        )
+
+    def step() -> torch.Tensor:
+        ids, labels = batch["input_ids"], batch["labels"]
+        out = model(ids, labels=labels) if ours else model(input_ids=ids, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        first = out.loss.item() if first is None else first
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
-    return statistics.median(times), peak, first
+        return out.loss
+
+    reset_peak(device)
+    runs = [timed(step, device) for _ in range(warmup + steps)]
+    return statistics.median(seconds for seconds, _ in runs[warmup:]), peak_gib(device), runs[0][1].item()
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true")
+    p = parser(__doc__)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
