@@ -26,7 +26,7 @@ from torch import nn
 
 from .build import ATTENTION_BUILDERS, DENSE_BUILDERS, MOE_BUILDERS
 from .config import ModelArgs
-from .deepseek_config import parse_deepseek_v2, parse_deepseek_v3, parse_kimi_k2
+from .deepseek_config import DEFAULTS, parse_deepseek_v2, parse_deepseek_v3, parse_kimi_k2
 from .families import register_family
 from .layers import RMSNorm, SwiGLU
 from .mla import MultiHeadLatentAttention, mla_softmax_scale
@@ -213,11 +213,11 @@ def build_deepseek_dense(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG
 
 def _register() -> None:
     for family, parser in (("deepseek_v2", parse_deepseek_v2), ("deepseek_v3", parse_deepseek_v3)):
-        register_family(family, parser)
+        register_family(family, parser, defaults=DEFAULTS[family])
         ATTENTION_BUILDERS[family] = build_mla
         MOE_BUILDERS[family] = build_deepseek_moe
         DENSE_BUILDERS[family] = build_deepseek_dense
-    register_family("kimi_k2", parse_kimi_k2)  # builds a family "deepseek_v3" model
+    register_family("kimi_k2", parse_kimi_k2, defaults=DEFAULTS["deepseek_v3"])  # builds a family "deepseek_v3" model
 
 
 _register()

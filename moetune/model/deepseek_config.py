@@ -20,27 +20,28 @@ from ..errors import CheckpointError
 from .config import MLAArgs, MoEArgs, ModelArgs
 from .families import config_value, parse_llama
 
+# transformers 5.17's defaults of each family, for the keys a config.json leaves out
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v2": dict(
-        q_lora_rank=1536,
-        first_k_dense_replace=0,
-        n_shared_experts=2,
-        routed_scaling_factor=1.0,
-        topk_method="greedy",
-        n_group=None,
-        topk_group=None,
-        norm_topk_prob=False,
-    ),
-    "deepseek_v3": dict(
-        q_lora_rank=1536,
-        first_k_dense_replace=3,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        n_group=8,
-        topk_group=4,
-        norm_topk_prob=True,
-        rope_interleave=True,
-    ),
+    "deepseek_v2": {
+        "q_lora_rank": 1536,
+        "first_k_dense_replace": 0,
+        "n_shared_experts": 2,
+        "routed_scaling_factor": 1.0,
+        "topk_method": "greedy",
+        "n_group": None,
+        "topk_group": None,
+        "norm_topk_prob": False,
+    },
+    "deepseek_v3": {
+        "q_lora_rank": 1536,
+        "first_k_dense_replace": 3,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 2.5,
+        "n_group": 8,
+        "topk_group": 4,
+        "norm_topk_prob": True,
+        "rope_interleave": True,
+    },
 }
 
 
@@ -120,34 +121,38 @@ def mla_model_args(cfg: dict[str, Any], rope_layout: str) -> ModelArgs:
     return args
 
 
-def parse_deepseek_v2(raw: dict[str, Any]) -> ModelArgs:
+def v3_moe_args(cfg: dict[str, Any], num_layers: int, *, scoring: str = "sigmoid") -> MoEArgs | None:
+    """DeepSeek-V3's routing (``noaux_tc`` groups, ``norm_topk_prob`` as configured) scored by ``scoring``."""
+    return deepseek_moe_args(
+        cfg, num_layers, scoring=scoring, topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob"))
+    )
+
+
+def v3_rope_layout(cfg: dict[str, Any]) -> str:
+    """The rope layout of DeepSeek-V3 and its descendants: interleaved pairs unless ``rope_interleave`` is false."""
+    return "interleave" if cfg.get("rope_interleave", True) else "half"
+
+
+def parse_deepseek_v2(cfg: dict[str, Any]) -> ModelArgs:
     """DeepSeek-V2 / V2-Lite / V2.5: softmax router, greedy or group-limited greedy top-k."""
-    cfg = {**DEFAULTS["deepseek_v2"], **raw}
     method = cfg.get("topk_method") or "greedy"
     if method not in ("greedy", "group_limited_greedy"):
         raise _bad(cfg, "topk_method", "greedy or group_limited_greedy")
     args = mla_model_args(cfg, rope_layout="complex")
     args.moe = deepseek_moe_args(cfg, args.num_layers, scoring="softmax", topk_method=method, norm_topk_prob=False)
-    args.hf_config = dict(raw)  # save_pretrained writes the user's config back, not our defaults
     return args
 
 
-def parse_deepseek_v3(raw: dict[str, Any]) -> ModelArgs:
+def parse_deepseek_v3(cfg: dict[str, Any]) -> ModelArgs:
     """DeepSeek-V3 / R1 and others with model_type deepseek_v3: sigmoid router with a correction bias."""
-    cfg = {**DEFAULTS["deepseek_v3"], **raw}
-    args = mla_model_args(cfg, rope_layout="interleave" if cfg.get("rope_interleave", True) else "half")
-    args.moe = deepseek_moe_args(
-        cfg, args.num_layers, scoring="sigmoid", topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob"))
-    )
-    args.hf_config = dict(raw)
+    args = mla_model_args(cfg, rope_layout=v3_rope_layout(cfg))
+    args.moe = v3_moe_args(cfg, args.num_layers)
     return args
 
 
-def parse_kimi_k2(raw: dict[str, Any]) -> ModelArgs:
+def parse_kimi_k2(cfg: dict[str, Any]) -> ModelArgs:
     """Kimi-K2 / K2-Thinking (model_type ``kimi_k2``): DeepSeek-V3's architecture under another name.
     transformers 5.17 has no ``kimi_k2`` model and reads one as ``deepseek_v3`` (Kimi-K2.5's text
-    config does the same), so it is built and saved as DeepSeek-V3 would be; its own config.json is
-    written back unchanged."""
-    args = parse_deepseek_v3({**raw, "model_type": "deepseek_v3"})
-    args.hf_config = dict(raw)
-    return args
+    config does the same), so it is built and saved as DeepSeek-V3 would be (with V3's defaults);
+    its own config.json is written back unchanged."""
+    return parse_deepseek_v3({**cfg, "model_type": "deepseek_v3"})

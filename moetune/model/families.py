@@ -165,9 +165,29 @@ FAMILIES: dict[str, Parser] = {
 }
 
 
-def register_family(model_type: str, parser: Parser) -> None:
-    """Add a family parser (used by families defined in other modules, e.g. DeepSeek)."""
-    FAMILIES[model_type] = parser
+def with_defaults(parser: Parser, defaults: dict[str, Any], rope: dict[str, Any] | None = None) -> Parser:
+    """``parser`` reading a config with ``defaults`` (transformers' for that family) for the keys it
+    leaves out, and ``rope`` as its rope parameters when it gives neither ``rope_parameters`` nor
+    ``rope_scaling``. The model keeps the config as given: save_pretrained writes the user's config
+    back, not our defaults."""
+
+    def parse(raw: dict[str, Any]) -> ModelArgs:
+        cfg = {**defaults, **raw}
+        if rope is not None and not (cfg.get("rope_parameters") or cfg.get("rope_scaling")):
+            cfg["rope_parameters"] = dict(rope)
+        args = parser(cfg)
+        args.hf_config = dict(raw)
+        return args
+
+    return parse
+
+
+def register_family(
+    model_type: str, parser: Parser, *, defaults: dict[str, Any] | None = None, rope: dict[str, Any] | None = None
+) -> None:
+    """Add a family parser (used by families defined in other modules, e.g. DeepSeek), with the
+    family's defaults for keys a config leaves out (see :func:`with_defaults`)."""
+    FAMILIES[model_type] = parser if defaults is None and rope is None else with_defaults(parser, defaults or {}, rope)
 
 
 def model_args_from_hf(cfg: dict[str, Any], *, where: str = "config.json") -> ModelArgs:

@@ -25,49 +25,42 @@ from ..errors import CheckpointError
 from .build import ATTENTION_BUILDERS, DENSE_BUILDERS, MOE_BUILDERS
 from .config import ModelArgs
 from .deepseek import build_deepseek_dense, build_deepseek_moe, build_mla
-from .deepseek_config import deepseek_moe_args, mla_model_args
+from .deepseek_config import mla_model_args, v3_moe_args, v3_rope_layout
 from .families import parse_llama, parse_rope, register_family
 
+# transformers 5.17's defaults of each family, for the keys a config.json leaves out
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "glm4_moe": dict(
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        routed_scaling_factor=1.0,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        partial_rotary_factor=0.5,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-    ),
-    "glm4_moe_lite": dict(
-        q_lora_rank=768,
-        n_shared_experts=1,
-        routed_scaling_factor=1.8,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        rope_interleave=True,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=202752,
-    ),
+    "glm4_moe": {
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 1.0,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+    },
+    "glm4_moe_lite": {
+        "q_lora_rank": 768,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 1.8,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "rope_interleave": True,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 202752,
+    },
 }
 
 
-def _router_moe(cfg: dict[str, Any], num_layers: int):
-    return deepseek_moe_args(
-        cfg, num_layers, scoring="sigmoid", topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob"))
-    )
-
-
-def parse_glm4_moe(raw: dict[str, Any]) -> ModelArgs:
+def parse_glm4_moe(cfg: dict[str, Any]) -> ModelArgs:
     """GLM-4.5 / 4.5-Air / 4.6 / 4.7: GQA with partial RoPE, DeepSeek-V3 routing, dense first layers."""
-    cfg = {**DEFAULTS["glm4_moe"], **raw}
     args = parse_llama(cfg)
     args.o_bias = False  # attention_bias covers q/k/v only
     args.qk_norm = "head" if cfg.get("use_qk_norm") else None
-    args.moe = _router_moe(cfg, args.num_layers)
-    args.hf_config = dict(raw)  # save_pretrained writes the user's config back, not our defaults
+    args.moe = v3_moe_args(cfg, args.num_layers)
     return args
 
 
@@ -81,27 +74,25 @@ def _lite_moe_layers(cfg: dict[str, Any], num_layers: int) -> list[bool]:
     return [k == "sparse" for k in kinds]
 
 
-def parse_glm4_moe_lite(raw: dict[str, Any]) -> ModelArgs:
+def parse_glm4_moe_lite(cfg: dict[str, Any]) -> ModelArgs:
     """GLM-4.7-Flash: multi-head latent attention (DeepSeek-V3's) and DeepSeek-V3 routing."""
-    cfg = {**DEFAULTS["glm4_moe_lite"], **raw}
     partial = parse_rope(cfg).partial_rotary_factor
     if partial != 1.0:  # the latent attention rotates exactly its qk_rope_head_dim dims
         raise CheckpointError(
             f"config.json of a 'glm4_moe_lite' model: partial_rotary_factor={partial} is not supported (1.0)"
         )
-    args = mla_model_args(cfg, rope_layout="interleave" if cfg.get("rope_interleave", True) else "half")
-    args.moe = _router_moe(cfg, args.num_layers)
+    args = mla_model_args(cfg, rope_layout=v3_rope_layout(cfg))
+    args.moe = v3_moe_args(cfg, args.num_layers)
     if args.moe is not None:
         args.moe.layers = _lite_moe_layers(cfg, args.num_layers)
-    args.hf_config = dict(raw)
     return args
 
 
 def _register() -> None:
-    register_family("glm4_moe", parse_glm4_moe)
+    register_family("glm4_moe", parse_glm4_moe, defaults=DEFAULTS["glm4_moe"])
     MOE_BUILDERS["glm4_moe"] = build_deepseek_moe
     DENSE_BUILDERS["glm4_moe"] = build_deepseek_dense
-    register_family("glm4_moe_lite", parse_glm4_moe_lite)
+    register_family("glm4_moe_lite", parse_glm4_moe_lite, defaults=DEFAULTS["glm4_moe_lite"])
     ATTENTION_BUILDERS["glm4_moe_lite"] = build_mla
     MOE_BUILDERS["glm4_moe_lite"] = build_deepseek_moe
     DENSE_BUILDERS["glm4_moe_lite"] = build_deepseek_dense

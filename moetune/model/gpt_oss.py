@@ -34,27 +34,33 @@ from .families import config_value, parse_llama, register_family
 from .moe import GroupedExperts, MoEBlock, Router, Routing
 
 # transformers 5.17 GptOssConfig defaults, for keys a config.json leaves out.
-DEFAULTS: dict[str, Any] = dict(
-    num_hidden_layers=36,
-    num_local_experts=128,
-    vocab_size=201088,
-    hidden_size=2880,
-    intermediate_size=2880,
-    head_dim=64,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    sliding_window=128,
-    tie_word_embeddings=False,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    num_experts_per_tok=4,
-    router_aux_loss_coef=0.001,
-    attention_bias=True,
-    rope_theta=150000.0,
-)
-DEFAULT_ROPE = dict(
-    rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096
-)
+DEFAULTS: dict[str, Any] = {
+    "num_hidden_layers": 36,
+    "num_local_experts": 128,
+    "vocab_size": 201088,
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "head_dim": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "sliding_window": 128,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "num_experts_per_tok": 4,
+    "router_aux_loss_coef": 0.001,
+    "attention_bias": True,
+    "rope_theta": 150000.0,
+}
+# its rope_parameters when a config has none (rope_theta: the config's own)
+DEFAULT_ROPE: dict[str, Any] = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # transformers hard-codes both
 LAYER_TYPES = ("sliding_attention", "full_attention")
 SINK_PAD = 8  # the sink's extra q/k coordinates: keeps the head dim a multiple of 8 for fused SDPA kernels
@@ -73,11 +79,8 @@ def _layer_types(cfg: dict[str, Any], num_layers: int) -> list[str]:
     return list(types)
 
 
-def parse_gpt_oss(raw: dict[str, Any]) -> ModelArgs:
+def parse_gpt_oss(cfg: dict[str, Any]) -> ModelArgs:
     """``config.json`` of ``model_type: gpt_oss`` -> :class:`ModelArgs` (missing keys: transformers' defaults)."""
-    cfg = {**DEFAULTS, **raw}
-    if not (cfg.get("rope_parameters") or cfg.get("rope_scaling")):
-        cfg["rope_parameters"] = {**DEFAULT_ROPE, "rope_theta": cfg["rope_theta"]}
     limit = cfg.get("swiglu_limit", SWIGLU_LIMIT)
     if limit != SWIGLU_LIMIT:  # transformers ignores the key and clamps at 7: refuse rather than differ
         raise _bad("swiglu_limit", limit, f"{SWIGLU_LIMIT}, the limit transformers' gpt-oss applies")
@@ -93,7 +96,6 @@ def parse_gpt_oss(raw: dict[str, Any]) -> ModelArgs:
         layers=[True] * layers,
         router_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0),
     )
-    args.hf_config = dict(raw)  # save_pretrained writes the user's config back, not our defaults
     return args
 
 
@@ -228,7 +230,7 @@ def build_gpt_oss_moe(args: ModelArgs, layer: int) -> nn.Module:  # noqa: ARG001
 
 
 def _register() -> None:
-    register_family("gpt_oss", parse_gpt_oss)
+    register_family("gpt_oss", parse_gpt_oss, defaults=DEFAULTS, rope=DEFAULT_ROPE)
     ATTENTION_BUILDERS["gpt_oss"] = build_gpt_oss_attention
     MOE_BUILDERS["gpt_oss"] = build_gpt_oss_moe
 

@@ -23,34 +23,35 @@ from ..errors import CheckpointError
 from .build import ATTENTION_BUILDERS, DENSE_BUILDERS, MOE_BUILDERS, ROTARY_BUILDERS
 from .config import ModelArgs
 from .deepseek import build_deepseek_dense, build_deepseek_moe, build_mla
-from .deepseek_config import deepseek_moe_args, mla_model_args
+from .deepseek_config import mla_model_args, v3_moe_args, v3_rope_layout
 from .families import register_family
 from .layers import RotaryEmbedding
 
-DEFAULTS: dict[str, Any] = dict(
-    first_k_dense_replace=0,
-    n_shared_experts=1,
-    routed_scaling_factor=1.0,
-    q_lora_rank=1024,
-    n_group=1,
-    topk_group=1,
-    norm_topk_prob=True,
-    rope_interleave=True,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=1048576,
-)
+# transformers 5.17's defaults, for the keys a config.json leaves out
+DEFAULTS: dict[str, Any] = {
+    "first_k_dense_replace": 0,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 1.0,
+    "q_lora_rank": 1024,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "rope_interleave": True,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 1048576,
+}
 # transformers' rope_parameters when a config has none
-DEFAULT_ROPE: dict[str, Any] = dict(
-    rope_type="yarn",
-    rope_theta=10000.0,
-    factor=128.0,
-    original_max_position_embeddings=8192,
-    beta_fast=32.0,
-    beta_slow=1.0,
-    mscale_all_dim=1.0,
-    mscale=1.0,
-    llama_4_scaling_beta=0.1,
-)
+DEFAULT_ROPE: dict[str, Any] = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 128.0,
+    "original_max_position_embeddings": 8192,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale_all_dim": 1.0,
+    "mscale": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
 
 
 class QueryScaledRotary(RotaryEmbedding):
@@ -66,22 +67,16 @@ class QueryScaledRotary(RotaryEmbedding):
         return cos, sin, scale.to(dtype)
 
 
-def parse_mistral4(raw: dict[str, Any]) -> ModelArgs:
+def parse_mistral4(cfg: dict[str, Any]) -> ModelArgs:
     """Mistral 4: MLA with a position-dependent query temperature, softmax group-limited routing."""
-    cfg = {**DEFAULTS, **raw}
-    if not (cfg.get("rope_parameters") or cfg.get("rope_scaling")):
-        cfg["rope_parameters"] = dict(DEFAULT_ROPE)
-    args = mla_model_args(cfg, rope_layout="interleave" if cfg.get("rope_interleave", True) else "half")
+    args = mla_model_args(cfg, rope_layout=v3_rope_layout(cfg))
     if args.rope.llama_4_scaling_beta is None or not args.rope.original_max_position_embeddings:
         given = cfg.get("rope_parameters") or cfg.get("rope_scaling")
         raise CheckpointError(
             "config.json of a 'mistral4' model: rope_parameters needs llama_4_scaling_beta and "
             f"original_max_position_embeddings (the query temperature), got {given!r}"
         )
-    args.moe = deepseek_moe_args(
-        cfg, args.num_layers, scoring="softmax", topk_method="noaux_tc", norm_topk_prob=bool(cfg.get("norm_topk_prob"))
-    )
-    args.hf_config = dict(raw)
+    args.moe = v3_moe_args(cfg, args.num_layers, scoring="softmax")
     return args
 
 
@@ -95,7 +90,7 @@ def build_rotary(args: ModelArgs) -> nn.Module:
     )
 
 
-register_family("mistral4", parse_mistral4)
+register_family("mistral4", parse_mistral4, defaults=DEFAULTS, rope=DEFAULT_ROPE)
 ATTENTION_BUILDERS["mistral4"] = build_mla
 MOE_BUILDERS["mistral4"] = build_deepseek_moe
 DENSE_BUILDERS["mistral4"] = build_deepseek_dense
