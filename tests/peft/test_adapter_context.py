@@ -9,32 +9,17 @@ import torch
 
 import moetune
 from moetune import LoraConfig
-from moetune.model import build_random_model, model_args_from_hf
 from moetune.model.loss import load_balancing_loss, router_stats_of_samples, sample_losses
 from moetune.peft.core.context import current_context
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
+from tiny_configs import MOE, tiny_model
 
-MOE = dict(
-    model_type="qwen2_moe",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    norm_topk_prob=False,
-    max_position_embeddings=64,
-)
 TARGETS = ["q_proj", "v_proj", "experts", "lm_head"]
 
 
 def _model():
-    model = build_random_model(model_args_from_hf(MOE, where="test"), std=0.1)
+    model = tiny_model(MOE)
     for name, r in (("a", 4), ("b", 2)):
         moetune.add_adapter(model, LoraConfig(r=r, target_modules=TARGETS), name=name)
     with torch.no_grad():

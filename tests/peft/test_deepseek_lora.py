@@ -15,8 +15,8 @@ from moetune.errors import AdapterError
 from moetune.inspect import inspect_model
 from moetune.peft.core.aliases import TARGET_ALIASES
 from moetune.peft.core.layer import adapter_layers
-from moetune.peft.core.params import trainable_parameters
 from moetune.peft.core.targets import plan_targets, targetable_names
+from peft_parity import PEFT_FFN_PARAMS, linear_grad_gap, logits, peft_model_with, peft_state, randomise, sample_ids
 from tiny_deepseek import make_hf
 
 peft = pytest.importorskip("peft")
@@ -31,44 +31,7 @@ CASES = {
     "v2_lite_greedy": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
 }
 FFN = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "shared_experts", "lm_head"]
-# PEFT reaches transformers' fused 3D experts (DeepseekV3Experts.gate_up_proj / down_proj) through
-# target_parameters. The dense MLP and shared-expert linears go there too, as their 2D weights: PEFT
-# 0.21 under transformers 5 rewrites any target_modules entry ending in gate_proj/up_proj/down_proj
-# on DeepSeek into the routed experts' parameters (its v4 -> v5 MoE conversion), which would leave
-# them without LoRA. Wrapping the 2D weight is the same LoRA (same keys, same output).
-PEFT_PARAMS = [
-    "gate_proj.weight",
-    "up_proj.weight",
-    "down_proj.weight",
-    "mlp.experts.gate_up_proj",
-    "mlp.experts.down_proj",
-]
 R, ALPHA = 4, 8
-
-
-def _ids(vocab: int = 128):
-    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(3))
-
-
-def _randomise(model, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def _peft_state(model) -> dict[str, torch.Tensor]:
-    """Our adapter tensors under the keys of a PEFT adapter file (adapter name left out)."""
-    return {
-        f"base_model.model.{path}.{k}": v
-        for path, layer in adapter_layers(model)
-        for k, v in layer.peft_tensors("default").items()
-    }
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return (model(ids) if isinstance(model, moetune.CausalLM) else model(input_ids=ids)).logits
 
 
 def _pair(case: str, tmp_path: Path, targets: list[str] | None = None):
@@ -79,17 +42,11 @@ def _pair(case: str, tmp_path: Path, targets: list[str] | None = None):
     moetune.add_adapter(
         ours, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=targets or [*CASES[case], *FFN, "experts"])
     )
-    _randomise(ours)
-    pm = peft.get_peft_model(
-        hf,
-        peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[*CASES[case], "lm_head"], target_parameters=PEFT_PARAMS),
-    ).eval()
-    state = _peft_state(ours)
-    result = peft.set_peft_model_state_dict(pm, state)
-    theirs = {k for k, _ in pm.named_parameters() if "lora_" in k}
-    assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if "lora_" in k]
-    assert len(theirs) == len(state)  # every PEFT LoRA tensor was set from ours, and no more
+    randomise(ours)
+    config = peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=[*CASES[case], "lm_head"], target_parameters=PEFT_FFN_PARAMS
+    )
+    pm = peft_model_with(hf, config, peft_state(ours))
     return ours, pm
 
 
@@ -108,10 +65,10 @@ def test_lora_on_every_deepseek_module_matches_peft(case, tmp_path):
         "mlp.experts",
         "lm_head",
     }
-    ids = _ids()
-    ref, got = _logits(pm, ids), _logits(ours, ids)
+    ids = sample_ids()
+    ref, got = logits(pm, ids), logits(ours, ids)
     with pm.disable_adapter():
-        base = _logits(pm, ids)
+        base = logits(pm, ids)
     err = (ref - got).abs().max().item()
     print(
         f"{case}: moetune vs PEFT (MLA + dense MLP + shared + routed experts + lm_head) max|dlogits| {err:.2e}, "
@@ -120,17 +77,7 @@ def test_lora_on_every_deepseek_module_matches_peft(case, tmp_path):
     assert err <= 1e-4
     assert (ref - base).abs().max() > 1e-2  # the adapters change the output
 
-    ours.train(), pm.train()
-    ours(ids, labels=ids).loss.backward()
-    pm(input_ids=ids, labels=ids).loss.backward()
-    theirs = dict(pm.named_parameters())
-    worst = 0.0
-    for key, p in trainable_parameters(ours).items():
-        path, kind, name = key.rsplit(".", 2)
-        peer = theirs.get(f"base_model.model.{path}.{kind}.{name}.weight")
-        if peer is None:  # routed experts: PEFT's (E*r, in) layout, compared through the logits above
-            continue
-        worst = max(worst, ((p.grad - peer.grad).abs().max() / peer.grad.abs().max().clamp_min(1e-12)).item())
+    worst, _ = linear_grad_gap(ours, pm, ids)  # routed experts: PEFT's (E*r, in) layout, compared through the logits
     print(f"{case}: linear adapters' max relative grad diff vs PEFT {worst:.2e}")
     assert worst <= 1e-4
 
@@ -155,14 +102,14 @@ def test_saved_adapter_loads_in_peft(case, tmp_path):
         saved["target_parameters"]
     )  # not retargeted by PEFT
     pm = peft.PeftModel.from_pretrained(make_hf(case), str(out)).eval()
-    assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(_peft_state(ours))
-    ids = _ids()
-    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
+    assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(peft_state(ours))
+    ids = sample_ids()
+    err = (logits(ours, ids) - logits(pm, ids)).abs().max().item()
     print(f"{case}: moetune.save_adapter -> PeftModel.from_pretrained max|dlogits| {err:.2e}")
     assert err <= 1e-4
     back = moetune.load_model(tmp_path / "base")
     moetune.load_adapter(back, out)
-    assert (_logits(back, ids) - _logits(ours, ids)).abs().max() <= 1e-6
+    assert (logits(back, ids) - logits(ours, ids)).abs().max() <= 1e-6
 
 
 def _plan(model, targets):
@@ -227,8 +174,8 @@ def test_example_config_trains_the_tiny_deepseek_v3(tmp_path):
     folder = make_tiny("deepseek_v3", tmp_path / "tiny")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
-    ids = _ids(272)
-    err = (_logits(hf, ids) - _logits(moetune.load_model(folder), ids)).abs().max().item()
+    ids = sample_ids(272)
+    err = (logits(hf, ids) - logits(moetune.load_model(folder), ids)).abs().max().item()
     assert err <= 1e-4, err
 
     data = tmp_path / "tiny" / "data"
@@ -263,6 +210,6 @@ def test_example_config_trains_the_tiny_deepseek_v3(tmp_path):
     mine.eval()  # (dropout modules created by load_adapter follow the model's mode only once inject.py sets it)
     assert mine.get_submodule("model.layers.0.self_attn.q_b_proj").configs["default"].dropout == 0.05
     pm = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
-    err = (_logits(pm, ids) - _logits(mine, ids)).abs().max().item()
+    err = (logits(pm, ids) - logits(mine, ids)).abs().max().item()
     print(f"trained example adapter: moetune vs PeftModel.from_pretrained max|dlogits| {err:.2e}")
     assert err <= 1e-4

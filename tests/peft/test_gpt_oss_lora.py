@@ -9,8 +9,9 @@ import torch
 import moetune
 from moetune.errors import AdapterError
 from moetune.model.hf import to_checkpoint
-from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import trainable_parameters
+from peft_parity import check_files_both_ways, check_mixed_adapters_per_sample, logits, peft_model_with, randomise
+from peft_parity import linear_grad_gap, logits_gap, peft_state, sample_ids
 from tiny_gpt_oss import make_hf
 
 peft = pytest.importorskip("peft")
@@ -29,57 +30,24 @@ def base(tmp_path_factory):
     return folder
 
 
-def _ids():
-    return torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return (model(ids) if isinstance(model, moetune.CausalLM) else model(input_ids=ids)).logits
-
-
-def _randomise(model, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _ours(base, targets=(*ATTN, "experts", "lm_head")):
     model = moetune.load_model(base)
     moetune.add_adapter(model, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=list(targets)))
-    _randomise(model)
+    randomise(model)
     return model
 
 
 def _peft_model(state):
-    pm = peft.get_peft_model(
-        make_hf(),
-        peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[*ATTN, "lm_head"], target_parameters=PEFT_PARAMS),
-    ).eval()
-    result = peft.set_peft_model_state_dict(pm, state)
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
-    assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(state)  # every PEFT tensor set from ours
-    return pm
-
-
-def _peft_state(model):
-    return {
-        f"base_model.model.{path}.{k}": v
-        for path, layer in adapter_layers(model)
-        for k, v in layer.peft_tensors("default").items()
-    }
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[*ATTN, "lm_head"], target_parameters=PEFT_PARAMS)
+    return peft_model_with(make_hf(), config, state)
 
 
 def test_lora_matches_peft_logits_grads_and_expert_delta(base):
     """LoRA everywhere vs PEFT: logits, the linears' gradients, PEFT's own expert deltas; expert biases frozen."""
     ours = _ours(base)
-    pm = _peft_model(_peft_state(ours))
-    ids = _ids()
-    ref, got = _logits(pm, ids), _logits(ours, ids)
-    with pm.disable_adapter():
-        effect = (ref - _logits(pm, ids)).abs().max().item()
-    err = (ref - got).abs().max().item()
+    pm = _peft_model(peft_state(ours))
+    ids = sample_ids()
+    err, effect = logits_gap(pm, ours, ids)
     print(f"gpt_oss LoRA (q,k,v,o + routed experts + lm_head) vs PEFT: max|dlogits| {err:.2e}, effect {effect:.2f}")
     assert err <= 1e-5 and effect > 1e-1
 
@@ -92,64 +60,32 @@ def test_lora_matches_peft_logits_grads_and_expert_delta(base):
         expected = to_checkpoint(mine.delta("default", pair), layout)
         assert torch.allclose(peft_layer.get_delta_weight("default"), expected, atol=1e-6), pair
 
-    ours.train(), pm.train()
-    ours(ids, labels=ids).loss.backward()
-    pm(input_ids=ids, labels=ids).loss.backward()
+    worst, _ = linear_grad_gap(ours, pm, ids)  # the linears; the experts' pairs: through logits and deltas
     experts = ours.model.layers[0].mlp.experts.base_layer  # the experts' biases stay frozen
     assert not any("bias" in k for k in trainable_parameters(ours))
     assert experts.gate_up_proj_bias.grad is None and experts.down_proj_bias.grad is None
     assert not experts.gate_up_proj_bias.requires_grad and not experts.down_proj_bias.requires_grad
-    theirs, worst = dict(pm.named_parameters()), 0.0
-    for key, p in trainable_parameters(ours).items():
-        path, kind, name = key.rsplit(".", 2)
-        peer = theirs.get(f"base_model.model.{path}.{kind}.{name}.weight")
-        if peer is not None:  # the linears; the experts' pairs are compared through logits and deltas
-            worst = max(worst, ((p.grad - peer.grad).abs().max() / peer.grad.abs().max()).item())
     print(f"gpt_oss: linear adapters' max relative grad diff vs PEFT {worst:.2e}")
     assert worst <= 1e-4
 
 
 def test_adapter_files_both_ways(base, tmp_path):
     """Ours -> PeftModel.from_pretrained, and PEFT's save_pretrained -> moetune.load_adapter."""
-    ours = _ours(base)
-    out = moetune.save_adapter(ours, tmp_path / "ours")
-    pm = peft.PeftModel.from_pretrained(make_hf(), str(out)).eval()
-    ids = _ids()
-    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
-    print(f"gpt_oss: moetune.save_adapter -> PeftModel.from_pretrained max|dlogits| {err:.2e}")
-    assert err <= 1e-5
-
-    theirs = _peft_model(_peft_state(_ours(base)))  # a PEFT model with its own (different) adapter
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "peft")
-    back = moetune.load_model(base)
-    moetune.load_adapter(back, tmp_path / "peft")
-    err = (_logits(theirs, ids) - _logits(back, ids)).abs().max().item()
-    print(f"gpt_oss: PeftModel.save_pretrained -> moetune.load_adapter max|dlogits| {err:.2e}")
-    assert err <= 1e-5
+    check_files_both_ways(
+        "gpt_oss", base, tmp_path, ours=lambda: _ours(base), make_hf=make_hf, theirs=_peft_model, noise=0.05
+    )
 
 
 def test_mixed_adapters_per_sample(base):
-    ours = _ours(base)
-    moetune.add_adapter(ours, moetune.LoraConfig(r=2, alpha=2, target_modules=["experts", "q_proj"]), name="other")
-    _randomise(ours, seed=9)
-    ids = _ids()
-    with torch.no_grad():
-        alone = {n: ours(ids, adapter_names=[n, n]).logits for n in ("default", "other")}
-        mixed = ours(ids, adapter_names=["default", "other"]).logits
-    assert (mixed[0] - alone["default"][0]).abs().max() <= 1e-5
-    assert (mixed[1] - alone["other"][1]).abs().max() <= 1e-5
+    check_mixed_adapters_per_sample(_ours(base), moetune.LoraConfig(r=2, alpha=2, target_modules=["experts", "q_proj"]))
 
 
 def test_merge_folds_into_the_biased_experts(base):
     ours = _ours(base)
-    ids = _ids()
-    unmerged = _logits(ours, ids)
+    ids = sample_ids()
+    unmerged = logits(ours, ids)
     moetune.merge_adapter(ours)
-    err = (_logits(ours, ids) - unmerged).abs().max().item()
+    err = (logits(ours, ids) - unmerged).abs().max().item()
     print(f"gpt_oss: merged vs unmerged max|dlogits| {err:.2e}")
     assert err <= 1e-4
 
@@ -199,10 +135,10 @@ def test_one_half_of_gate_up_round_trips_through_peft(base, tmp_path, targets):
     ours = _ours(base, targets=targets)
     out = moetune.save_adapter(ours, tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(make_hf(), str(out)).eval()
-    ids = _ids()
-    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
+    ids = sample_ids()
+    err = (logits(ours, ids) - logits(pm, ids)).abs().max().item()
     print(f"gpt_oss {targets}: moetune -> PEFT max|dlogits| {err:.2e}")
     assert err <= 1e-5
     back = moetune.load_model(base)
     moetune.load_adapter(back, out)
-    assert (_logits(back, ids) - _logits(ours, ids)).abs().max() <= 1e-6
+    assert (logits(back, ids) - logits(ours, ids)).abs().max() <= 1e-6

@@ -14,44 +14,19 @@ from torch import nn
 import moetune
 from moetune import LoraConfig
 from moetune.errors import AdapterError
-from moetune.model import build_random_model, model_args_from_hf
 import moetune.peft.formats.folder as peft_io
 from moetune.model.saving import native_state_dict
 from moetune.peft.core.layer import adapter_layers, disable_adapters
 from moetune.peft.core.params import trainable_parameters
 from moetune.peft.core.targets import targetable_names
 from moetune.peft.lora.linear import LoraLinear
+from tiny_configs import DENSE, MOE, tiny_model
 
-MOE = dict(
-    model_type="qwen2_moe",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    norm_topk_prob=False,
-    max_position_embeddings=64,
-)
-DENSE = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "shared_expert", "lm_head"]
 
 
 def _model(cfg=MOE, **kw):
-    return build_random_model(model_args_from_hf(dict(cfg, **kw), where="test"), std=0.1).eval()
+    return tiny_model(cfg, **kw).eval()
 
 
 def _ids(batch=3, seq=7, vocab=64, seed=1):

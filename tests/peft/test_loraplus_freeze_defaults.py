@@ -11,41 +11,16 @@ from moetune import LoraConfig
 from moetune.config import DEFAULT_TARGETS, AdaLoraOptions, MixtureConfig
 from moetune.config.train import AdapterSection
 from moetune.errors import ConfigError
-from moetune.model import build_random_model, model_args_from_hf
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import adapter_parameters
 from moetune.train.optim import build_optimizer
+from tiny_configs import DENSE, MOE, tiny_model
 
-DENSE = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
-MOE = dict(
-    model_type="qwen2_moe",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    norm_topk_prob=False,
-    max_position_embeddings=64,
-)
 FFN = ["gate_proj", "up_proj", "down_proj"]
 
 
 def _model(cfg: dict):
-    return build_random_model(model_args_from_hf(dict(cfg), where="test"), std=0.1)
+    return tiny_model(cfg)
 
 
 def _mix(kind: str, **kw) -> MixtureConfig:

@@ -11,39 +11,14 @@ import moetune
 from moetune import LoraConfig
 from moetune.config import MixtureConfig
 from moetune.errors import AdapterError
-from moetune.model import build_random_model, model_args_from_hf
 from moetune.model.layers import SwiGLU
 from moetune.peft.core.layer import AddOptions
 from moetune.peft.mixtures.ffn import MixtureFFN
 from moetune.peft.mixtures.linear import MixtureLinear
 from moetune.peft.mixtures.stats import adapter_router_loss, mixture_metrics
 from mixture_reference import RecordingDropout, reference_mixlora, reference_mixture_linear
+from tiny_configs import DENSE, MOE, tiny_model
 
-DENSE = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
-MOE = dict(
-    model_type="qwen2_moe",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    norm_topk_prob=False,
-    max_position_embeddings=64,
-)
 FFN_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -139,7 +114,7 @@ def test_mixture_linear_matches_reference(kind, routing):
 
 
 def _model(cfg=DENSE):
-    return build_random_model(model_args_from_hf(dict(cfg), where="test"), std=0.1).eval()
+    return tiny_model(cfg).eval()
 
 
 @pytest.mark.parametrize("cfg,kind", [(DENSE, "mixlora"), (MOE, "mixlora"), (DENSE, "mola"), (MOE, "loramoe")])

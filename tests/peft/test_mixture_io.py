@@ -13,23 +13,13 @@ import moetune
 from moetune import LoraConfig
 from moetune.config import MixtureConfig
 from moetune.errors import AdapterError
-from moetune.model import build_random_model, model_args_from_hf
+from tiny_configs import DENSE, tiny_model
 
-DENSE = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model():
-    return build_random_model(model_args_from_hf(dict(DENSE), where="test"), seed=0, std=0.1).eval()
+    return tiny_model(DENSE).eval()
 
 
 def _trained(config: LoraConfig, name="mix"):

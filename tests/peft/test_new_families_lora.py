@@ -3,13 +3,15 @@ experts, LM head) vs the real ``peft`` on transformers' model, and adapter files
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import moetune
 from moetune.model.wrappers import wrapped_path
 from moetune.peft.core.layer import adapter_layers
-from moetune.peft.core.params import trainable_parameters
+from peft_parity import logits, logits_gap, peft_model_with, peft_state, randomise, sample_ids
 from tiny_families import CASES, make_hf
 
 peft = pytest.importorskip("peft")
@@ -28,23 +30,6 @@ DENSE = ["gate_proj", "up_proj", "down_proj", "shared_experts"]  # dense-FFN lay
 NO_DENSE = {"minimax_m2"}  # every layer MoE, no shared expert
 R, ALPHA = 4, 8
 NAMES = sorted(CASES)
-
-
-def _ids(vocab: int = 128):
-    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(3))
-
-
-def _logits(model, ids, **kw):
-    with torch.no_grad():
-        return (model(ids, **kw) if isinstance(model, moetune.CausalLM) else model(input_ids=ids)).logits
-
-
-def _randomise(model, seed: int = 5, adapter: str = "default"):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in trainable_parameters(model).items():
-            if f".{adapter}" in key or adapter in key.split("."):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +53,17 @@ def _ffn(name: str) -> list[str]:
 def _ours(name: str, folder):
     model = moetune.load_model(folder)
     moetune.add_adapter(model, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=[*ATTENTION[name], *_ffn(name)]))
-    _randomise(model)
+    randomise(model)
     return model
 
 
-def _peft_model(name: str):
-    config = peft.LoraConfig(
+def _peft_config(name: str):
+    return peft.LoraConfig(
         r=R,
         lora_alpha=ALPHA,
         target_modules=[*ATTENTION[name], "lm_head"],
         target_parameters=EXPERT_PARAMS + ([] if name in NO_DENSE else DENSE_PARAMS),
     )
-    return peft.get_peft_model(make_hf(name), config).eval()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -91,29 +75,19 @@ def test_lora_everywhere_matches_peft(name, base):
     dense = set() if name in NO_DENSE else {"gate_proj", "up_proj", "down_proj"}
     assert {*ATTENTION[name], *dense, "experts", "lm_head"} <= kinds
     assert any(".shared_experts." in path for path, _ in adapter_layers(ours)) == (name not in NO_DENSE)
-    pm = _peft_model(name)
-    state = {  # Kimi-K2.5: PEFT sees the wrapper's paths (model.language_model.layers...)
-        f"base_model.model.{wrapped_path(ours.args.wrapper, path)}.{k}": v
-        for path, layer in adapter_layers(ours)
-        for k, v in layer.peft_tensors("default").items()
-    }
-    result = peft.set_peft_model_state_dict(pm, state)
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
-    assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(state)
-    ids = _ids()
-    ref, got = _logits(pm, ids), _logits(ours, ids)
-    with pm.disable_adapter():
-        effect = (ref - _logits(pm, ids)).abs().max().item()
-    err = (ref - got).abs().max().item()
+    state = peft_state(ours, path=partial(wrapped_path, ours.args.wrapper))  # Kimi-K2.5: the wrapper's paths
+    pm = peft_model_with(make_hf(name), _peft_config(name), state)
+    ids = sample_ids()
+    err, effect = logits_gap(pm, ours, ids)
     print(f"{name}: LoRA everywhere, moetune vs PEFT max|dlogits| {err:.2e} (adapter effect {effect:.2f})")
     assert err <= 1e-5 and effect > 1e-2
 
     moetune.add_adapter(ours, moetune.LoraConfig(r=2, alpha=4, target_modules=[*ATTENTION[name], *_ffn(name)]), "other")
-    _randomise(ours, seed=7, adapter="other")
-    mixed = _logits(ours, ids, adapter_names=["default", "other"])
-    alone = [_logits(ours, ids[i : i + 1], adapter_names=[a]) for i, a in enumerate(["default", "other"])]
+    randomise(ours, seed=7, adapter="other")
+    mixed = logits(ours, ids, adapter_names=["default", "other"])
+    alone = [logits(ours, ids[i : i + 1], adapter_names=[a]) for i, a in enumerate(["default", "other"])]
     assert (mixed - torch.cat(alone)).abs().max() <= 1e-5
-    assert (alone[0] - _logits(ours, ids[:1], adapter_names=["other"])).abs().max() > 1e-3
+    assert (alone[0] - logits(ours, ids[:1], adapter_names=["other"])).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -125,10 +99,10 @@ def test_adapter_files_both_ways(name, base, tmp_path):
     ours = _ours(name, base(name))
     out = moetune.save_adapter(ours, tmp_path / "ours")
     pm = peft.PeftModel.from_pretrained(make_hf(name), str(out)).eval()
-    ids = _ids()
-    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
+    ids = sample_ids()
+    err = (logits(ours, ids) - logits(pm, ids)).abs().max().item()
 
-    theirs = _peft_model(name)
+    theirs = peft.get_peft_model(make_hf(name), _peft_config(name)).eval()
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for key, p in theirs.named_parameters():
@@ -137,7 +111,7 @@ def test_adapter_files_both_ways(name, base, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     back = moetune.load_model(base(name))
     moetune.load_adapter(back, tmp_path / "peft")
-    err_back = (_logits(theirs, ids) - _logits(back, ids)).abs().max().item()
+    err_back = (logits(theirs, ids) - logits(back, ids)).abs().max().item()
     print(f"{name}: ours -> PeftModel max|dlogits| {err:.2e}; PEFT's file -> moetune {err_back:.2e}")
     assert err <= 1e-5 and err_back <= 1e-5
 
@@ -150,4 +124,4 @@ def test_adapter_files_both_ways(name, base, tmp_path):
     # a wrapped text model (Kimi-K2.5) is written under the text model's names, what servers read
     assert all(k.startswith("base_model.model.model.layers.") or "lm_head" in k for k in keys), keys[:5]
     moetune.load_adapter(back, serving, name="serving")
-    assert (_logits(back, ids, adapter_names=["serving"] * 2) - _logits(ours, ids)).abs().max() <= 1e-5
+    assert (logits(back, ids, adapter_names=["serving"] * 2) - logits(ours, ids)).abs().max() <= 1e-5

@@ -5,14 +5,15 @@ Qwen3-Next; adapter files both ways; per-sample mixed adapters through the Delta
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import pytest
 import torch
 
 import moetune
-from moetune.peft.core.layer import adapter_layers
-from moetune.peft.core.params import trainable_parameters
 from moetune.peft.core.targets import plan_targets
+from peft_parity import PEFT_FFN_PARAMS, check_files_both_ways, check_mixed_adapters_per_sample, logits, peft_model_with
+from peft_parity import linear_grad_gap, logits_gap, peft_state, randomise, sample_ids
 from tiny_hybrid import make_hf
 
 peft = pytest.importorskip("peft")
@@ -22,16 +23,6 @@ DENSE = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # layer 1's dense FFN
 LINEAR_ATTN = ["in_proj_qkvz", "in_proj_ba", "out_proj"]
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TARGETS = [*LINEAR_ATTN, *ATTN, "experts", "shared_expert", "shared_expert_gate", *DENSE, "lm_head"]
-# PEFT 0.21 retargets target_modules entries named gate_proj/up_proj/down_proj to the fused experts on
-# qwen3_next (transformers' qwen2_moe conversion pattern); the shared expert's and the dense FFN's
-# 2D weights are reached through target_parameters instead (same LoRA, same keys).
-PEFT_PARAMS = [
-    "gate_proj.weight",
-    "up_proj.weight",
-    "down_proj.weight",
-    "mlp.experts.gate_up_proj",
-    "mlp.experts.down_proj",
-]
 R, ALPHA = 4, 8
 
 
@@ -42,47 +33,17 @@ def base(tmp_path_factory):
     return folder
 
 
-def _ids():
-    return torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return (model(ids) if isinstance(model, moetune.CausalLM) else model(input_ids=ids)).logits
-
-
-def _randomise(model, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _ours(base, targets=TARGETS):
     model = moetune.load_model(base)
     moetune.add_adapter(model, moetune.LoraConfig(r=R, alpha=ALPHA, target_modules=list(targets)))
-    _randomise(model)
+    randomise(model)
     return model
-
-
-def _peft_state(model):
-    return {
-        f"base_model.model.{path}.{k}": v
-        for path, layer in adapter_layers(model)
-        for k, v in layer.peft_tensors("default").items()
-    }
 
 
 def _peft_model(state):
     targets = [*LINEAR_ATTN, *ATTN, "shared_expert_gate", "lm_head"]
-    pm = peft.get_peft_model(
-        make_hf("qwen3_next"),
-        peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, target_parameters=PEFT_PARAMS),
-    ).eval()
-    result = peft.set_peft_model_state_dict(pm, state)
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
-    assert sum("lora_" in k for k, _ in pm.named_parameters()) == len(state)  # every PEFT tensor set from ours
-    return pm
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, target_parameters=PEFT_FFN_PARAMS)
+    return peft_model_with(make_hf("qwen3_next"), config, state)
 
 
 def test_targets_reach_every_hybrid_module(base):
@@ -108,65 +69,28 @@ def test_targets_reach_every_hybrid_module(base):
 
 def test_lora_matches_peft_logits_and_grads(base):
     ours = _ours(base)
-    pm = _peft_model(_peft_state(ours))
-    ids = _ids()
-    ref, got = _logits(pm, ids), _logits(ours, ids)
-    with pm.disable_adapter():
-        effect = (ref - _logits(pm, ids)).abs().max().item()
-    err = (ref - got).abs().max().item()
+    pm = _peft_model(peft_state(ours))
+    ids = sample_ids()
+    err, effect = logits_gap(pm, ours, ids)
     print(f"qwen3_next LoRA on every target vs PEFT: max|dlogits| {err:.2e}, adapter effect {effect:.2f}")
     assert err <= 1e-5 and effect > 1e-1
 
-    ours.train(), pm.train()
-    ours(ids, labels=ids).loss.backward()
-    pm(input_ids=ids, labels=ids).loss.backward()
-    theirs, worst, compared = dict(pm.named_parameters()), 0.0, 0
-    for key, p in trainable_parameters(ours).items():
-        path, kind, name = key.rsplit(".", 2)
-        peer = theirs.get(f"base_model.model.{path}.{kind}.{name}.weight")
-        if peer is None:  # routed experts and target_parameters wrappers: compared through the logits
-            continue
-        compared += 1
-        worst = max(worst, ((p.grad - peer.grad).abs().max() / peer.grad.abs().max().clamp_min(1e-12)).item())
+    worst, compared = linear_grad_gap(ours, pm, ids)
     print(f"qwen3_next: {compared} linear adapter grads, max relative diff vs PEFT {worst:.2e}")
     assert compared >= 2 * 4 * 3 and worst <= 1e-4
 
 
 def test_adapter_files_both_ways(base, tmp_path):
     """Ours -> PeftModel.from_pretrained, and PEFT's save_pretrained -> moetune.load_adapter."""
-    ours = _ours(base)
-    out = moetune.save_adapter(ours, tmp_path / "ours")
-    pm = peft.PeftModel.from_pretrained(make_hf("qwen3_next"), str(out)).eval()
-    ids = _ids()
-    err = (_logits(ours, ids) - _logits(pm, ids)).abs().max().item()
-    print(f"qwen3_next: moetune.save_adapter -> PeftModel.from_pretrained max|dlogits| {err:.2e}")
-    assert err <= 1e-5
-
-    theirs = _peft_model(_peft_state(_ours(base)))
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.add_(0.02 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "peft")
-    back = moetune.load_model(base)
-    moetune.load_adapter(back, tmp_path / "peft")
-    err = (_logits(theirs, ids) - _logits(back, ids)).abs().max().item()
-    print(f"qwen3_next: PeftModel.save_pretrained -> moetune.load_adapter max|dlogits| {err:.2e}")
-    assert err <= 1e-5
+    hf = partial(make_hf, "qwen3_next")
+    check_files_both_ways(
+        "qwen3_next", base, tmp_path, ours=partial(_ours, base), make_hf=hf, theirs=_peft_model, noise=0.02
+    )
 
 
 def test_mixed_adapters_per_sample(base):
-    ours = _ours(base)
-    moetune.add_adapter(
-        ours, moetune.LoraConfig(r=2, alpha=2, target_modules=["in_proj_qkvz", "experts"]), name="other"
-    )
-    _randomise(ours, seed=9)
-    ids = _ids()
-    with torch.no_grad():
-        alone = {n: ours(ids, adapter_names=[n, n]).logits for n in ("default", "other")}
-        mixed = ours(ids, adapter_names=["default", "other"]).logits
-    assert (mixed[0] - alone["default"][0]).abs().max() <= 1e-5
-    assert (mixed[1] - alone["other"][1]).abs().max() <= 1e-5
+    other = moetune.LoraConfig(r=2, alpha=2, target_modules=["in_proj_qkvz", "experts"])
+    check_mixed_adapters_per_sample(_ours(base), other)
 
 
 def test_example_config_trains_the_tiny_qwen3_5_moe(tmp_path):
@@ -197,7 +121,7 @@ def test_example_config_trains_the_tiny_qwen3_5_moe(tmp_path):
     mine = moetune.load_model(folder)
     moetune.load_adapter(mine, result.adapter_dirs["default"])
     pm = peft.PeftModel.from_pretrained(hf, str(result.adapter_dirs["default"])).eval()
-    ids = torch.randint(0, 272, (2, 11), generator=torch.Generator().manual_seed(3))
-    err = (_logits(pm, ids) - _logits(mine.eval(), ids)).abs().max().item()
+    ids = sample_ids(272)
+    err = (logits(pm, ids) - logits(mine.eval(), ids)).abs().max().item()
     print(f"trained example adapter: moetune vs PeftModel.from_pretrained max|dlogits| {err:.2e}")
     assert err <= 1e-5
