@@ -26,7 +26,7 @@ from .attention import Attention, KVCache
 from .build import ATTENTION_BUILDERS, NORM_BUILDERS, build_attention
 from .config import LinearAttentionArgs, MoEArgs, ModelArgs
 from .families import config_value, parse_llama, register_family
-from .layers import Rope, apply_rope
+from .layers import Rope, apply_rope, rms_normalize
 from .linear_attention import GatedDeltaNet
 
 
@@ -39,9 +39,7 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
 
 
 class GatedAttention(Attention):
