@@ -71,6 +71,7 @@ class _Filler:
         return target, target.name
 
     def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
+        shown = f"{file.name}: tensor '{key}'"  # errors name the file's key (a wrapper's prefix included)
         if self.wrapper is not None:
             text_key = self.wrapper.text_key(key)
             if text_key is None:
@@ -82,33 +83,26 @@ class _Filler:
             return
         target, name = self._target(key)
         if name in self.checks:
-            return self._check(name, target, tensor, f"{file.name}: tensor '{key}'")
+            return self._check(name, target, tensor, shown)
         if name not in self.params:
             if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
                 return
-            raise CheckpointError(
-                f"{file.name}: tensor '{key}' is not part of a {self.keymap.family} model (unexpected key)"
-            )
+            raise CheckpointError(f"{shown} is not part of a {self.keymap.family} model (unexpected key)")
         native = self.params[name]
         if target.expert is not None and target.expert >= native.shape[0]:
-            raise CheckpointError(
-                f"{file.name}: tensor '{key}' names expert {target.expert}, but the config has {native.shape[0]} "
-                "experts"
-            )
+            raise CheckpointError(f"{shown} names expert {target.expert}, but the config has {native.shape[0]} experts")
         quantized = isinstance(native, StoredWeight)
         dest = destination(native.layout() if quantized else native.data, target)
         layout = None if name in self.stored else target.layout  # stored buffers have the checkpoint's shape
         expected = checkpoint_shape(dest, layout)
         if expected != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{file.name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {expected} from config.json"
-            )
+            raise CheckpointError(f"{shown} has shape {tuple(tensor.shape)}, expected {expected} from config.json")
         if layout is not None:
             tensor = from_checkpoint(tensor, layout)
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
         else:
-            dest.copy_(self._converted(name, target, tensor, dest.dtype, f"{file.name}: tensor '{key}'"))
+            dest.copy_(self._converted(name, target, tensor, dest.dtype, shown))
         self.filled[name].add((target.expert, target.part))
 
     def _check(self, name: str, target: Target, tensor: torch.Tensor, what: str) -> None:

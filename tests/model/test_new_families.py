@@ -167,26 +167,49 @@ def test_inspect_names_the_family(name, saved):
     assert "experts           8 routed" in report and "adapter targets" in report
 
 
-def test_multi_token_prediction_layers_are_skipped_by_rule(saved, tmp_path, caplog):
-    """Layers num_hidden_layers .. + num_nextn_predict_layers - 1 are skipped with one log line;
-    a layer past them is still an unknown tensor."""
+def _copy_with(folder, out, tensors: dict, **text_config):
+    """A copy of checkpoint ``folder`` at ``out`` with more ``tensors`` in a second file and
+    ``text_config`` set in the text model's config (a wrapper's ``text_config``)."""
     from safetensors.torch import save_file
 
-    hf, folder, _ = saved("glm4_moe")
-    L = hf.config.num_hidden_layers
-    for name in ("config.json", "model.safetensors"):
-        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    out.mkdir(exist_ok=True)
+    (out / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     cfg = json.loads((folder / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
-    mtp = {f"model.layers.{L}.eh_proj.weight": torch.zeros(4, 4), f"model.layers.{L}.enorm.weight": torch.ones(4)}
-    save_file(mtp, str(tmp_path / "mtp.safetensors"))
+    text = cfg.get("text_config", cfg)
+    text.update(text_config)
+    (out / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(out / "extra.safetensors"))
+    return out
+
+
+def _text_prefix(name: str) -> str:
+    return "language_model.model." if name == "kimi_k25" else "model."  # Kimi-K2.5 as released
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe_lite", "kimi_k25"])  # the releases that carry MTP layers
+def test_multi_token_prediction_layers_are_skipped_by_rule(name, saved, tmp_path, caplog):
+    """Layers num_hidden_layers .. + num_nextn_predict_layers - 1 are skipped with one log line;
+    a layer past them is still an unknown tensor."""
+    hf, folder, _ = saved(name)
+    L, pre = _text(hf).num_hidden_layers, _text_prefix(name)
+    mtp = {f"{pre}layers.{L}.eh_proj.weight": torch.zeros(4, 4), f"{pre}layers.{L}.enorm.weight": torch.ones(4)}
+    _copy_with(folder, tmp_path / "mtp", mtp, num_nextn_predict_layers=1)
     with caplog.at_level("INFO", logger="moetune.model.loading"):
-        moetune.load_model(tmp_path)
+        moetune.load_model(tmp_path / "mtp")
     lines = [r.getMessage() for r in caplog.records if "multi-token-prediction" in r.getMessage()]
     assert len(lines) == 1 and f"model.layers.{L} " in lines[0] and "2 tensors" in lines[0], lines
-    save_file({f"model.layers.{L + 1}.eh_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "mtp.safetensors"))
-    with pytest.raises(CheckpointError, match=f"model.layers.{L + 1}.eh_proj.weight"):
-        moetune.load_model(tmp_path)
+    _copy_with(folder, tmp_path / "mtp", {f"{pre}layers.{L + 1}.eh_proj.weight": torch.zeros(4, 4)})
+    with pytest.raises(CheckpointError, match=f"'{pre}layers.{L + 1}.eh_proj.weight'"):
+        moetune.load_model(tmp_path / "mtp")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_tensor_is_an_error_naming_it(name, saved, tmp_path):
+    _, folder, _ = saved(name)
+    key = f"{_text_prefix(name)}layers.0.mlp.unknown_proj.weight"
+    _copy_with(folder, tmp_path / "bad", {key: torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=f"'{key}' is not part"):
+        moetune.load_model(tmp_path / "bad")
 
 
 def test_vision_tower_is_skipped_with_one_line(saved, caplog):
