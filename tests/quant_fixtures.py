@@ -38,6 +38,18 @@ from transformers.utils.quantization_config import FineGrainedFP8Config
 FP8_SKIP = ("embed_tokens", "norm", "lm_head", "mlp.gate.weight")
 
 
+def read_folder(src: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (one safetensors file) and config.json of a checkpoint folder."""
+    return load_file(str(src / "model.safetensors")), json.loads((src / "config.json").read_text())
+
+
+def write_folder(dst: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> None:
+    """A checkpoint folder of ``tensors`` (one safetensors file) and ``cfg`` (config.json)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def _padded(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     rows, cols = w.shape[-2:]
     pr, pc = math.ceil(rows / block[0]) * block[0] - rows, math.ceil(cols / block[1]) * block[1] - cols
@@ -61,15 +73,13 @@ def fp8_dequantize_reference(q: torch.Tensor, scale_inv: torch.Tensor, block, dt
 
 def write_fp8_folder(src: Path, dst: Path, block=(16, 16), not_converted: list[str] | None = None) -> None:
     """The FP8 release of the full-precision folder ``src`` (one safetensors file) in ``dst``."""
-    dst.mkdir(parents=True, exist_ok=True)
+    full, cfg = read_folder(src)
     tensors = {}
-    for key, w in load_file(str(src / "model.safetensors")).items():
+    for key, w in full.items():
         if key.endswith(".weight") and w.ndim == 2 and not any(s in key for s in FP8_SKIP):
             tensors[key], tensors[key + "_scale_inv"] = fp8_quantize(w, block)
         else:
             tensors[key] = w
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {
         "activation_scheme": "dynamic",
         "fmt": "e4m3",
@@ -77,23 +87,20 @@ def write_fp8_folder(src: Path, dst: Path, block=(16, 16), not_converted: list[s
         "weight_block_size": list(block),
         **({"modules_to_not_convert": not_converted} if not_converted else {}),
     }
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_folder(dst, tensors, cfg)
 
 
 def write_dequantized_folder(src: Path, dst: Path, dtype=torch.float32) -> None:
     """The FP8 folder ``src`` dequantized by transformers' ``Fp8Dequantize``, as a plain folder."""
-    dst.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((src / "config.json").read_text())
+    tensors, cfg = read_folder(src)
     block = cfg.pop("quantization_config")["weight_block_size"]
-    tensors = load_file(str(src / "model.safetensors"))
     out = {}
     for key, t in tensors.items():
         if key.endswith("_scale_inv"):
             continue
         scale = tensors.get(key + "_scale_inv")
         out[key] = t if scale is None else fp8_dequantize_reference(t, scale, block, dtype).contiguous()
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_folder(dst, out, cfg)
 
 
 INT4_GROUP = 32
@@ -132,9 +139,9 @@ def _ignored(module: str, ignore: list[str]) -> bool:
 
 def write_int4_folder(src: Path, dst: Path, ignore: list[str], group: int = INT4_GROUP) -> None:
     """The pack-quantized INT4 release of ``src`` in ``dst`` (weights not ignored, bf16 scales)."""
-    dst.mkdir(parents=True, exist_ok=True)
+    full, cfg = read_folder(src)
     tensors = {}
-    for key, w in load_file(str(src / "model.safetensors")).items():
+    for key, w in full.items():
         module = key.removesuffix(".weight")
         quantized = w.ndim == 2 and not any(s in key for s in FP8_SKIP) and not _ignored(module, ignore)
         if key.endswith(".weight") and quantized:
@@ -142,8 +149,6 @@ def write_int4_folder(src: Path, dst: Path, ignore: list[str], group: int = INT4
                 tensors[module + "." + suffix] = t
         else:
             tensors[key] = w
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
     # The keys Kimi-K2-Thinking's config.json has (newer compressed-tensors leaves the None ones out).
     extra = {"actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
     weights = {**extra, **int4_scheme(group).weights.model_dump(mode="json")}
@@ -156,15 +161,13 @@ def write_int4_folder(src: Path, dst: Path, ignore: list[str], group: int = INT4
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",
     }
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_folder(dst, tensors, cfg)
 
 
 def write_int4_dequantized_folder(src: Path, dst: Path, group: int = INT4_GROUP) -> None:
     """The INT4 folder ``src`` decompressed by compressed-tensors, as a plain folder."""
-    dst.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((src / "config.json").read_text())
+    tensors, cfg = read_folder(src)
     cfg.pop("quantization_config")
-    tensors = load_file(str(src / "model.safetensors"))
     out = {}
     for key, t in tensors.items():
         if key.endswith("weight_packed"):
@@ -173,17 +176,16 @@ def write_int4_dequantized_folder(src: Path, dst: Path, group: int = INT4_GROUP)
             out[module + ".weight"] = int4_decompress({f"weight_{s}": t for s, t in parts.items()}, group)
         elif not key.endswith(("weight_scale", "weight_shape")):
             out[key] = t
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_folder(dst, out, cfg)
 
 
 def write_mxfp4_folder(src: Path, dst: Path, exponents=(121, 125), seed: int = 0) -> None:
     """gpt-oss's MXFP4 release of the full-precision gpt-oss folder ``src``: routed experts as random
     MXFP4 codes with scales 2**(exponents - 127), the rest as it is."""
-    dst.mkdir(parents=True, exist_ok=True)
+    full, cfg = read_folder(src)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for key, w in load_file(str(src / "model.safetensors")).items():
+    for key, w in full.items():
         if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
             experts, inputs, outputs = w.shape  # gpt-oss's full-precision layout is (E, in, out)
             grid = (experts, outputs, inputs // 32)
@@ -191,8 +193,6 @@ def write_mxfp4_folder(src: Path, dst: Path, exponents=(121, 125), seed: int = 0
             tensors[key + "_scales"] = torch.randint(*exponents, grid, generator=gen, dtype=torch.uint8)
         else:
             tensors[key] = w
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {
         "modules_to_not_convert": [
             "model.layers.*.self_attn",
@@ -202,17 +202,15 @@ def write_mxfp4_folder(src: Path, dst: Path, exponents=(121, 125), seed: int = 0
         ],
         "quant_method": "mxfp4",
     }
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_folder(dst, tensors, cfg)
 
 
 def write_mxfp4_dequantized_folder(src: Path, dst: Path) -> None:
     """The MXFP4 folder ``src`` dequantized by transformers' ``convert_moe_packed_tensors`` (fp32)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    dst.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((src / "config.json").read_text())
+    tensors, cfg = read_folder(src)
     cfg.pop("quantization_config")
-    tensors = load_file(str(src / "model.safetensors"))
     out = {}
     for key, t in tensors.items():
         if key.endswith("_blocks"):
@@ -220,5 +218,32 @@ def write_mxfp4_dequantized_folder(src: Path, dst: Path) -> None:
             out[base] = convert_moe_packed_tensors(t, tensors[base + "_scales"], dtype=torch.float32)
         elif not key.endswith("_scales"):
             out[key] = t
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_folder(dst, out, cfg)
+
+
+def nonzero_lora_b(model, std: float = 0.05) -> None:
+    """Every LoRA B drawn from N(0, std^2) (B starts at zero), so the adapters change the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
+def lora_grad_gap(quant, ids: torch.Tensor) -> tuple[float, torch.nn.Module]:
+    """Give the LoRA pairs on the quantized base ``quant`` non-zero B, then run one backward of the LM
+    loss on ``ids`` through it and through a dequantized copy, dropout drawn alike: the largest
+    gradient difference, and the copy. Both have gradients on the same tensors, experts' among them."""
+    import copy
+
+    from moetune.model.quant import dequantize_model
+
+    nonzero_lora_b(quant)
+    plain = dequantize_model(copy.deepcopy(quant))
+    grads = []
+    for model in (quant, plain):
+        model.train()
+        torch.manual_seed(7)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("experts" in n for n in grads[0])
+    return max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]), plain

@@ -1,7 +1,8 @@
 """Tiny random DeepSeek-V2/V3 checkpoints built with transformers itself (parity references)."""
 
-import torch
 import transformers
+
+from tiny_hf import randomised
 
 BASE = dict(
     vocab_size=128,
@@ -25,6 +26,9 @@ YARN = dict(
     mscale_all_dim=0.707,
 )
 
+# Compressed q, 16 experts in 4 groups of which 2 are kept, top-3 (the V3 and V2.5 releases' routing, scaled down).
+GROUPS = dict(q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2)
+
 # name -> (family, config kwargs)
 CASES = {
     # V3 as released: compressed q, 4 groups keep 2, sigmoid + bias, shared expert, dense first layer, YaRN.
@@ -32,12 +36,8 @@ CASES = {
         "v3",
         dict(
             BASE,
+            **GROUPS,
             num_hidden_layers=3,
-            q_lora_rank=24,
-            n_routed_experts=16,
-            num_experts_per_tok=3,
-            n_group=4,
-            topk_group=2,
             n_shared_experts=1,
             first_k_dense_replace=1,
             routed_scaling_factor=2.5,
@@ -84,13 +84,9 @@ CASES = {
         "v2",
         dict(
             BASE,
+            **GROUPS,
             num_hidden_layers=3,
-            q_lora_rank=24,
-            n_routed_experts=16,
-            num_experts_per_tok=3,
             topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
             n_shared_experts=1,
             first_k_dense_replace=2,
             routed_scaling_factor=16.0,
@@ -101,17 +97,8 @@ CASES = {
 
 
 def make_hf(name: str, seed: int = 0, std: float = 0.08):
-    """transformers model with N(0, std) weights (norms ~1) and, for V3, random correction biases."""
+    """transformers model of a case, :func:`tiny_hf.randomised` (V3's router correction biases included)."""
     family, kwargs = CASES[name]
     prefix = "DeepseekV3" if family == "v3" else "DeepseekV2"
     config = getattr(transformers, prefix + "Config")(**kwargs)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = getattr(transformers, prefix + "ForCausalLM")(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in pname else p.normal_(0.0, std)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))  # sigmoid scores sit near 0.5 +- 0.1: this reorders them
-    return model.eval()
+    return randomised(getattr(transformers, prefix + "ForCausalLM"), config, seed, std)

@@ -3,11 +3,14 @@ Mistral 4, Kimi-K2.x), built and saved by transformers itself as parity referenc
 
 from __future__ import annotations
 
-import torch
 import transformers
 
+from tiny_hf import randomised
+
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, max_position_embeddings=256)
-MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+# Latent attention with a compressed query, 4 heads, 8 routed experts (GLM-4.7-Flash, Mistral 4, Kimi-K2.5).
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, q_lora_rank=24)
+MLA |= dict(num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8)
 
 # name -> (config class, causal-LM class, config kwargs)
 CASES: dict[str, tuple[str, str, dict]] = {
@@ -40,10 +43,6 @@ CASES: dict[str, tuple[str, str, dict]] = {
             BASE,
             **MLA,
             num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            q_lora_rank=24,
-            n_routed_experts=8,
             num_experts_per_tok=3,
             routed_scaling_factor=1.8,
             mlp_layer_types=["dense", "sparse", "sparse"],
@@ -76,10 +75,6 @@ CASES: dict[str, tuple[str, str, dict]] = {
             BASE,
             **MLA,
             num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            q_lora_rank=24,
-            n_routed_experts=8,
             num_experts_per_tok=2,
             n_group=2,
             topk_group=1,
@@ -108,10 +103,6 @@ CASES: dict[str, tuple[str, str, dict]] = {
                 **MLA,
                 model_type="kimi_k2",
                 num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                q_lora_rank=24,
-                n_routed_experts=8,
                 num_experts_per_tok=2,
                 n_group=2,
                 topk_group=1,
@@ -136,17 +127,6 @@ CASES: dict[str, tuple[str, str, dict]] = {
 
 
 def make_hf(name: str, seed: int = 0, std: float = 0.08):
-    """transformers model of a case: N(0, std) weights, norms ~1, random router correction biases
-    (sigmoid scores sit near 0.5 +- 0.1, so biases of 0.1 reorder the choice)."""
+    """transformers model of a case, :func:`tiny_hf.randomised` (router correction biases included)."""
     cfg_cls, model_cls, kwargs = CASES[name]
-    config = getattr(transformers, cfg_cls)(**kwargs)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in pname else p.normal_(0.0, std)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
-    return model.eval()
+    return randomised(getattr(transformers, model_cls), getattr(transformers, cfg_cls)(**kwargs), seed, std)

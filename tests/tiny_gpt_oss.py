@@ -1,7 +1,8 @@
 """Tiny random gpt-oss checkpoints built with transformers itself (parity references)."""
 
-import torch
 import transformers
+
+from tiny_hf import randomised
 
 # 3 layers (sliding, full, sliding) with a window of 4 so a 12-token batch crosses it; 8 experts
 # top-2; GQA; YaRN as released (truncate false); attention biases; sinks.
@@ -30,20 +31,17 @@ CONFIG = dict(
 
 
 def make_hf(seed: int = 0, std: float = 0.08, **overrides):
-    """transformers' GptOssForCausalLM with N(0, std) weights (norms ~1); biases and sinks large enough
-    to matter, and expert weights large enough that the +-7 clamps cut some activations."""
+    """transformers' GptOssForCausalLM, :func:`tiny_hf.randomised` with eager attention; biases and sinks
+    large enough to matter, and expert weights large enough that the +-7 clamps cut some activations."""
     config = transformers.GptOssConfig(**{**CONFIG, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.GptOssForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("sinks"):
-                p.normal_(0.0, 1.0)
-            elif "experts" in name and not name.endswith("bias"):
-                p.normal_(0.0, 0.6)
-            else:
-                p.normal_(0.0, std)
-    return model.eval()
+    return randomised(transformers.GptOssForCausalLM, config, seed, std, attention="eager", init=_sinks_and_experts)
+
+
+def _sinks_and_experts(name: str, p) -> bool:
+    if name.endswith("sinks"):
+        p.normal_(0.0, 1.0)
+    elif "experts" in name and not name.endswith("bias"):
+        p.normal_(0.0, 0.6)
+    else:
+        return False
+    return True

@@ -81,26 +81,44 @@ CASES: dict[str, tuple[str, str, dict]] = {
 }
 
 
+def randomised(model_cls, config, seed: int = 0, std: float = 0.08, *, attention: str = "sdpa", init=None):
+    """transformers' ``model_cls(config)`` with weights far from its own init, so that routing and
+    attention are far from uniform and a wrong detail shows in the logits: N(0, std), norms
+    1 + N(0, 0.1), router correction biases N(0, 0.1) (sigmoid scores sit near 0.5 +- 0.1, so they
+    reorder the choice); ``init(name, p)`` sets a parameter its own way when it returns True."""
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if init is not None and init(name, p):
+                continue
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, std)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model.eval()
+
+
 def make_hf_model(name: str, seed: int = 0, std: float = 0.08):
-    """Build the transformers model for a case with random weights (larger std than HF init
-    so routing and attention are far from uniform and a wrong detail shows in the logits)."""
+    """The transformers model of a case, :func:`randomised`."""
     import transformers
 
     cfg_cls, model_cls, kwargs = CASES[name]
-    config = getattr(transformers, cfg_cls)(**kwargs)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, std)
-    return model.eval()
+    return randomised(getattr(transformers, model_cls), getattr(transformers, cfg_cls)(**kwargs), seed, std)
 
 
 def save_hf_model(name: str, folder, seed: int = 0):
     model = make_hf_model(name, seed)
     model.save_pretrained(folder)
     return model
+
+
+def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (3, 12) and an attention mask that pads row 1 on the left (4) and row 2 on the right (3)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    return ids, mask

@@ -3,6 +3,8 @@
 import torch
 import transformers
 
+from tiny_hf import randomised
+
 TEXT = dict(
     vocab_size=128,
     hidden_size=64,
@@ -57,18 +59,18 @@ def make_hf(name: str, seed: int = 0, std: float = 0.08):
     return _randomised(getattr(transformers, model_cls), getattr(transformers, cfg_cls)(**kwargs), seed, std)
 
 
+def _deltanet_init(name: str, p) -> bool:
+    """DeltaNet decays spread as transformers initialises them; norms near their neutral value."""
+    if name.endswith("A_log"):
+        p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
+    elif name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    elif "norm" in name:
+        p.copy_(0.1 * torch.randn_like(p))  # zero-centred: the scale is 1 + w
+    else:
+        return False
+    return True
+
+
 def _randomised(model_cls, config, seed: int, std: float):
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("A_log"):
-                p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
-            elif pname.endswith("dt_bias") or pname.endswith("linear_attn.norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "norm" in pname:
-                p.copy_(0.1 * torch.randn_like(p))  # zero-centred: the scale is 1 + w
-            else:
-                p.normal_(0.0, std)
-    return model.eval()
+    return randomised(model_cls, config, seed, std, init=_deltanet_init)

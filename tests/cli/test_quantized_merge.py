@@ -4,7 +4,7 @@ which is written as a plain (full-precision) checkpoint."""
 import json
 
 import torch
-from quant_fixtures import write_fp8_folder
+from quant_fixtures import nonzero_lora_b, write_fp8_folder
 from tiny_hf import save_hf_model
 
 import moetune
@@ -12,16 +12,19 @@ from moetune.model.quant import FP8Weight, QuantLinear
 from moetune.workflows import merge_to_checkpoint
 
 
+def _saved_adapter(base, targets: list[str], out):
+    """A LoRA with non-zero B on the quantized base folder ``base``, saved at ``out``; the model carrying it."""
+    model = moetune.load_model(base)
+    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=targets))
+    nonzero_lora_b(model)
+    moetune.save_adapter(model, out)
+    return model
+
+
 def test_merge_on_an_fp8_base_writes_the_dequantized_merged_model(tmp_path):
     save_hf_model("qwen3_moe", tmp_path / "full")
     write_fp8_folder(tmp_path / "full", tmp_path / "fp8", block=(16, 16))
-    model = moetune.load_model(tmp_path / "fp8")
-    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "o_proj", "experts"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    moetune.save_adapter(model, tmp_path / "adapter")
+    model = _saved_adapter(tmp_path / "fp8", ["q_proj", "o_proj", "experts"], tmp_path / "adapter")
     merge_to_checkpoint(tmp_path / "fp8", str(tmp_path / "adapter"), tmp_path / "merged")
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     merged = moetune.load_model(tmp_path / "merged")
@@ -41,13 +44,7 @@ def test_merge_requantize_writes_the_fp8_format_back(tmp_path, caplog):
 
     save_hf_model("qwen3_moe", tmp_path / "full")
     write_fp8_folder(tmp_path / "full", tmp_path / "fp8", block=(16, 16))
-    model = moetune.load_model(tmp_path / "fp8")
-    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "experts"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    moetune.save_adapter(model, tmp_path / "adapter")
+    _saved_adapter(tmp_path / "fp8", ["q_proj", "experts"], tmp_path / "adapter")
     merge_to_checkpoint(tmp_path / "fp8", str(tmp_path / "adapter"), tmp_path / "plain")
     with caplog.at_level("WARNING"):
         argv = ["merge", "--model", str(tmp_path / "fp8"), "--adapter", str(tmp_path / "adapter")]
@@ -85,13 +82,7 @@ def test_merge_requantize_writes_the_int4_format_back(tmp_path, caplog):
 
     save_hf_model("qwen3_moe", tmp_path / "full")
     write_int4_folder(tmp_path / "full", tmp_path / "int4", ignore=["lm_head"])
-    model = moetune.load_model(tmp_path / "int4")
-    moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=["o_proj", "experts"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    moetune.save_adapter(model, tmp_path / "adapter")
+    _saved_adapter(tmp_path / "int4", ["o_proj", "experts"], tmp_path / "adapter")
     merge_to_checkpoint(tmp_path / "int4", str(tmp_path / "adapter"), tmp_path / "plain")
     with caplog.at_level("WARNING"):
         merge_to_checkpoint(tmp_path / "int4", str(tmp_path / "adapter"), tmp_path / "requantized", requantize=True)

@@ -8,21 +8,13 @@ from moetune.model import KVCache
 from moetune.model.deepseek import DeepSeekRouter
 
 from tiny_deepseek import CASES, make_hf
+from tiny_hf import padded_batch
 
 transformers = pytest.importorskip("transformers")
 
 
-def _inputs(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, 9:] = 0  # right padding
-    return ids, mask
-
-
 def _max_diffs(hf, ours):
-    ids, mask = _inputs(hf.config.vocab_size)
+    ids, mask = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         err = (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item()
         ref_pad, got_pad = hf(input_ids=ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
@@ -45,7 +37,7 @@ def test_routing_is_exercised(tmp_path):
     hf = make_hf("v3_groups_yarn")
     hf.save_pretrained(tmp_path)
     ours = moetune.load_model(tmp_path)
-    ids, _ = _inputs(hf.config.vocab_size)
+    ids, _ = padded_batch(hf.config.vocab_size)
     moe = ours.model.layers[1].mlp
     h = torch.randn(36, 64)
     with torch.no_grad():
@@ -76,7 +68,7 @@ def test_save_pretrained_round_trip(name, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = getattr(transformers, type(hf).__name__).from_pretrained(tmp_path / "ours").eval()
     back.config._attn_implementation = "sdpa"
-    ids, _ = _inputs(hf.config.vocab_size)
+    ids, _ = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         err = (back(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"{name}: round trip max|dlogits| {err:.2e}")
@@ -87,7 +79,7 @@ def test_save_pretrained_round_trip(name, tmp_path):
 def test_latent_kv_cache_matches_full_forward(name, tmp_path):
     make_hf(name).save_pretrained(tmp_path)
     ours = moetune.load_model(tmp_path)
-    ids, _ = _inputs(128)
+    ids, _ = padded_batch(128)
     with torch.no_grad():
         full = ours(ids).logits
         cache = KVCache()
@@ -130,7 +122,7 @@ def test_bias_update_moves_toward_balance():
 def test_bias_update_from_forward_stats(tmp_path):
     make_hf("v3_groups_yarn").save_pretrained(tmp_path)
     ours = moetune.load_model(tmp_path)
-    ids, mask = _inputs(128)
+    ids, mask = padded_batch(128)
     out = ours(ids, attention_mask=mask)
     assert torch.isfinite(out.aux_loss)
     assert ours.update_router_biases(out.router_stats, speed=1e-3) == 2

@@ -14,6 +14,7 @@ from moetune.model import KVCache
 from moetune.model.families import model_args_from_hf
 from moetune.model.generate import SamplingConfig, generate
 from tiny_gpt_oss import make_hf
+from tiny_hf import padded_batch  # 12 tokens: three times the window of 4
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,19 +28,10 @@ def saved(tmp_path_factory):
     return hf, folder
 
 
-def _inputs(vocab: int = 128):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (3, 12), generator=g)  # 12 tokens: three times the window of 4
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, 9:] = 0  # right padding
-    return ids, mask
-
-
 def test_logits_loss_and_aux_loss_match_transformers(saved):
     hf, folder = saved
     ours = moetune.load_model(folder, dtype=torch.float32)
-    ids, mask = _inputs()
+    ids, mask = padded_batch(128)
     labels = ids.masked_fill(mask == 0, -100)
     labels[1, 4] = -100  # first real token after left padding: transformers would score a pad position on it
     with torch.no_grad():
@@ -64,7 +56,7 @@ def test_sinks_clamps_and_biases_are_exercised(saved):
     """The parity case would fail if any gpt-oss detail were dropped: each changes the logits."""
     _, folder = saved
     ours = moetune.load_model(folder)
-    ids, _ = _inputs()
+    ids, _ = padded_batch(128)
     seen = []
     experts = ours.model.layers[0].mlp.experts
     hook = experts.register_forward_pre_hook(lambda _module, args: seen.append(args))  # (rows, offsets)
@@ -100,7 +92,7 @@ def test_save_pretrained_round_trip_is_byte_exact(saved, tmp_path):
     for key, t in theirs.items():
         assert t.dtype == mine[key].dtype and torch.equal(t, mine[key]), key
     back = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    ids, _ = _inputs()
+    ids, _ = padded_batch(128)
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, hf(input_ids=ids).logits)
 
@@ -124,7 +116,7 @@ def test_sliding_layers_cache_only_their_window(saved):
     layers (0 and 2, window 4) hold 3 positions while the full layer holds all of them."""
     _, folder = saved
     ours = moetune.load_model(folder)
-    ids, mask = _inputs()
+    ids, mask = padded_batch(128)
     with torch.no_grad():
         full = ours(ids, attention_mask=mask).logits
         cache = KVCache()

@@ -4,25 +4,16 @@ import pytest
 import torch
 
 import moetune
-from tiny_hf import CASES, save_hf_model
+from tiny_hf import CASES, padded_batch, save_hf_model
 
 pytest.importorskip("transformers")
-
-
-def _inputs(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, 9:] = 0  # right padding
-    return ids, mask
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_logits_match_transformers(name, tmp_path):
     hf = save_hf_model(name, tmp_path)
     ours = moetune.load_model(tmp_path, dtype=torch.float32)
-    ids, mask = _inputs(hf.config.vocab_size)
+    ids, mask = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
         got = ours(ids).logits
@@ -40,7 +31,7 @@ def test_logits_match_transformers(name, tmp_path):
 def test_aux_loss_matches_transformers(name, tmp_path):
     hf = save_hf_model(name, tmp_path)
     ours = moetune.load_model(tmp_path)
-    ids, mask = _inputs(hf.config.vocab_size)
+    ids, mask = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
         got = ours(ids, attention_mask=mask).aux_loss
@@ -52,7 +43,7 @@ def test_loss_matches_transformers(name, tmp_path):
     hf = save_hf_model(name, tmp_path)
     ours = moetune.load_model(tmp_path)
     ours.loss_chunk_size = 7  # force several chunks
-    ids, mask = _inputs(hf.config.vocab_size)
+    ids, mask = padded_batch(hf.config.vocab_size)
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :5] = -100
     labels[1, 4] = -100  # first real token after left padding: a pad position would predict it

@@ -15,6 +15,7 @@ from moetune.inspect import inspect_model
 from moetune.model.generate import SamplingConfig, generate
 from moetune.model.loss import load_balancing_loss, router_stats_of_samples
 from tiny_families import CASES, make_hf
+from tiny_hf import padded_batch
 
 transformers = pytest.importorskip("transformers")
 NAMES = sorted(CASES)
@@ -45,19 +46,10 @@ def _text(hf):
     return hf.config.get_text_config()
 
 
-def _inputs(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, 9:] = 0  # right padding
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_transformers(name, saved):
     hf, _, ours = saved(name)
-    ids, mask = _inputs(_text(hf).vocab_size)
+    ids, mask = padded_batch(_text(hf).vocab_size)
     with torch.no_grad():
         err = (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item()
         # positions count real tokens (as generate does; Mistral 4's query temperature depends on them)
@@ -75,7 +67,7 @@ def test_loss_and_aux_loss_match_transformers(name, saved):
     computes one when asked (``output_router_logits``: MiniMax-M2 only among these; its loss then
     includes ``router_aux_loss_coef * aux_loss``)."""
     hf, _, ours = saved(name)
-    ids, mask = _inputs(_text(hf).vocab_size)
+    ids, mask = padded_batch(_text(hf).vocab_size)
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :5] = -100
     labels[1, 4] = -100  # first real token after left padding: a pad position would predict it
@@ -99,7 +91,7 @@ def test_minimax_aux_loss_splits_by_sample_and_balancing_reads_the_routed_counts
     """MiniMax-M2's aux loss counts transformers' bias-free choices in every path the trainer takes
     (whole batch, each job's rows); router-bias balancing and metrics read the experts actually routed."""
     _, _, ours = saved("minimax_m2")
-    ids, mask = _inputs(128)
+    ids, mask = padded_batch(128)
     with torch.no_grad():
         out = ours(ids, attention_mask=mask)
         for i in range(len(ids)):
@@ -133,7 +125,7 @@ def test_save_pretrained_round_trip(name, saved, tmp_path):
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == _family(name)
     cls = transformers.AutoModelForCausalLM if name == "kimi_k25" else type(hf)  # Kimi: its text model alone
     back = cls.from_pretrained(tmp_path / "ours").eval()
-    ids, _ = _inputs(_text(hf).vocab_size)
+    ids, _ = padded_batch(_text(hf).vocab_size)
     with torch.no_grad():
         err = (back(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"{name}: save_pretrained -> transformers from_pretrained max|dlogits| {err:.2e}")
@@ -236,7 +228,7 @@ def test_kimi_int4_release_loads_its_text_model(saved, tmp_path):
     stored, elements = quantized_bytes(ours)
     assert 0 < stored < 0.6 * elements  # the routed experts stay INT4 (+ bf16 group scales)
     ref = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "dequantized", dtype=torch.float32)
-    ids, mask = _inputs(_text(ref).vocab_size)
+    ids, mask = padded_batch(_text(ref).vocab_size)
     with torch.no_grad():
         err = (ref.eval()(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"kimi_k25 INT4 release: moetune vs transformers on the decompressed folder max|dlogits| {err:.2e}")
@@ -252,7 +244,7 @@ def test_text_only_kimi_k2_reads_as_deepseek_v3(tmp_path):
     cfg = json.loads((tmp_path / "k2" / "config.json").read_text())
     (tmp_path / "k2" / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
     ours = moetune.load_model(tmp_path / "k2")
-    ids, _ = _inputs(hf.config.vocab_size)
+    ids, _ = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max() <= 1e-4
     assert ours.args.family == "deepseek_v3" and ours.args.hf_config["model_type"] == "kimi_k2"
@@ -275,7 +267,7 @@ def test_fp8_release_matches_transformers(name, saved, tmp_path):
     write_dequantized_folder(tmp_path / "fp8", tmp_path / "dequantized")
     ours = moetune.load_model(tmp_path / "fp8")
     ref = type(hf).from_pretrained(tmp_path / "dequantized", dtype=torch.float32).eval()
-    ids, _ = _inputs(_text(hf).vocab_size)
+    ids, _ = padded_batch(_text(hf).vocab_size)
     with torch.no_grad():
         err = (ref(input_ids=ids).logits - ours(ids).logits).abs().max().item()
     print(f"{name}: FP8 release vs transformers on the dequantized folder max|dlogits| {err:.2e}")

@@ -37,6 +37,12 @@ def _adapter(base, out, seed, targets=TARGETS, **kw):
     return model
 
 
+def _merge_a_and_b(folders, out, *options: str) -> int:
+    """``moetune merge-adapters`` of the folders ``a`` and ``b`` on ``base`` into ``out``; the exit status."""
+    inputs = ["--model", str(folders / "base"), "--adapter", str(folders / "a"), "--adapter", str(folders / "b")]
+    return main(["merge-adapters", *inputs, *options, "--out", str(out)])
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
@@ -49,24 +55,7 @@ def folders(tmp_path_factory):
 def test_cat_merge_equals_both_adapters_at_once(folders, tmp_path, capsys):
     """``cat`` is exact: the merged adapter's output is base + w_a D_a + w_b D_b (experts included)."""
     out = tmp_path / "merged"
-    assert (
-        main(
-            [
-                "merge-adapters",
-                "--model",
-                str(folders / "base"),
-                "--adapter",
-                str(folders / "a"),
-                "--adapter",
-                str(folders / "b"),
-                "--method",
-                "cat",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _merge_a_and_b(folders, out, "--method", "cat") == 0
     assert "merged adapter written" in capsys.readouterr().out
     both = moetune.load_model(folders / "base")
     moetune.load_adapter(both, folders / "a", name="a")
@@ -91,28 +80,7 @@ def test_methods_write_adapters_that_moetune_and_peft_load(folders, tmp_path, me
     import transformers
 
     out = tmp_path / method
-    assert (
-        main(
-            [
-                "merge-adapters",
-                "--model",
-                str(folders / "base"),
-                "--adapter",
-                str(folders / "a"),
-                "--adapter",
-                str(folders / "b"),
-                "--weights",
-                "0.5",
-                "0.5",
-                "--method",
-                method,
-                *extra,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _merge_a_and_b(folders, out, "--weights", "0.5", "0.5", "--method", method, *extra) == 0
     ours = moetune.load_model(folders / "base")
     moetune.load_adapter(ours, out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folders / "base")
@@ -136,24 +104,7 @@ def test_mismatches_name_the_first_tensor(folders, tmp_path):
     with pytest.raises(AdapterError, match=r"q_proj\.lora_B\.weight.*shape \(96, 4\)"):
         merge_adapter_dirs(folders / "base", [folders / "a", tmp_path / "qwen3_adapter"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    assert (
-        main(
-            [
-                "merge-adapters",
-                "--model",
-                str(folders / "base"),
-                "--adapter",
-                str(folders / "a"),
-                "--adapter",
-                str(folders / "b"),
-                "--method",
-                "ties",
-                "--out",
-                str(tmp_path / "y"),
-            ]
-        )
-        == 2
-    )  # no density
+    assert _merge_a_and_b(folders, tmp_path / "y", "--method", "ties") == 2  # no density
 
 
 def test_adalora_layout_folder_merges_as_the_plain_lora_beside_it(tmp_path):
