@@ -12,6 +12,8 @@ Timings mean something only on a quiet machine: no other jobs, threads pinned (`
 
     taskset -c 0,1 python bench/cpu_grid.py                        # the whole grid (long)
     python bench/cpu_grid.py --experts 8 --tokens 512 --steps 3     # one point
+    python bench/cpu_grid.py --by-dtype --experts 64 --tokens 2048 --cases attention+experts
+        # each tool's bf16 step over its own fp32 step (bf16 on CPU should be no slower)
 """
 
 from __future__ import annotations
@@ -61,7 +63,26 @@ def one_step(model, opt, ids, ours: bool) -> float:
     return time.perf_counter() - t0
 
 
-def point(experts: int, tokens: int, case: str, dtype: torch.dtype, ns) -> dict:
+def interleaved(tools: dict[str, tuple], ids: torch.Tensor, steps: int) -> dict[str, list[float]]:
+    """tool -> (model, is moetune): each tool's step times, A, B, ... then ... B, A, after one warm-up each."""
+    trainable = {t: [p for p in m.parameters() if p.requires_grad] for t, (m, _) in tools.items()}
+    opts = {t: torch.optim.AdamW(params, lr=1e-5) for t, params in trainable.items()}
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    for i in range(steps + 1):
+        for tool, (model, ours) in list(tools.items())[:: 1 if i % 2 == 0 else -1]:
+            sec = one_step(model, opts[tool], ids, ours)
+            if i:
+                times[tool].append(sec)
+    return times
+
+
+def spreads(times: dict[str, list[float]]) -> dict[str, dict]:
+    ms = {"median_ms": statistics.median, "min_ms": min, "max_ms": max}
+    return {t: {k: round(f(v) * 1e3, 1) for k, f in ms.items()} for t, v in times.items()}
+
+
+def tool_pair(experts: int, case: str, dtype: torch.dtype, ns) -> dict[str, tuple]:
+    """moetune and transformers + PEFT with the same base and adapter weights."""
     cfg = grid_config(experts, ns.hidden, ns.layers)
     hf, ours = build_pair(cfg, dtype, "cpu")
     if hasattr(hf, "set_experts_implementation"):
@@ -69,21 +90,34 @@ def point(experts: int, tokens: int, case: str, dtype: torch.dtype, ns) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         peft_model = add_adapters(hf, ours, CASES[case], tmp)
     ours.train(), peft_model.train()
-    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
-    tools = {"moetune": ours, "transformers+peft": peft_model}
-    opts = {t: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for t, m in tools.items()}
-    times: dict[str, list[float]] = {t: [] for t in tools}
-    for i in range(ns.steps + 1):
-        for tool, model in tools.items() if i % 2 == 0 else reversed(tools.items()):
-            sec = one_step(model, opts[tool], ids, tool == "moetune")
-            if i:
-                times[tool].append(sec)
+    return {"moetune": (ours, True), "transformers+peft": (peft_model, False)}
+
+
+def _ids(tokens: int, ns) -> torch.Tensor:
+    vocab = grid_config(8, ns.hidden, ns.layers).vocab_size
+    return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+
+
+def point(experts: int, tokens: int, case: str, dtype: torch.dtype, ns) -> dict:
+    times = interleaved(tool_pair(experts, case, dtype, ns), _ids(tokens, ns), ns.steps)
     med = {t: statistics.median(v) for t, v in times.items()}
     row = {"experts": experts, "tokens": tokens, "case": case, "dtype": str(dtype).removeprefix("torch.")}
-    for t, v in times.items():
-        row[t] = {"median_ms": round(med[t] * 1e3, 1), "min_ms": round(min(v) * 1e3, 1)}
-        row[t]["max_ms"] = round(max(v) * 1e3, 1)
+    row |= spreads(times)
     row["ratio"] = round(med["transformers+peft"] / med["moetune"], 3)
+    row.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    return row
+
+
+def dtype_point(experts: int, tokens: int, case: str, ns) -> dict:
+    """Each tool's bf16 step against its own fp32 step at one shape, all four interleaved."""
+    tools = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pair = tool_pair(experts, case, dtype, ns)
+        tools |= {f"{t} {str(dtype).removeprefix('torch.')}": v for t, v in pair.items() if t in ns.tools}
+    times = interleaved(tools, _ids(tokens, ns), ns.steps)
+    med = {t: statistics.median(v) for t, v in times.items()}
+    row = {"experts": experts, "tokens": tokens, "case": case} | spreads(times)
+    row["bf16_over_fp32"] = {t: round(med[f"{t} bfloat16"] / med[f"{t} float32"], 3) for t in ns.tools}
     row.update(threads=torch.get_num_threads(), torch=torch.__version__)
     return row
 
@@ -97,7 +131,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per tool (median of these)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--by-dtype", action="store_true", help="each tool's bf16 step over its fp32 step instead")
+    p.add_argument("--tools", default="moetune,transformers+peft", help="with --by-dtype: the tools timed")
     ns = p.parse_args(argv)
+    ns.tools = ns.tools.split(",")
+    if ns.by_dtype:
+        for case in ns.cases.split(","):
+            for experts in map(int, ns.experts.split(",")):
+                for tokens in map(int, ns.tokens.split(",")):
+                    print(json.dumps(dtype_point(experts, tokens, case, ns)), flush=True)
+        return 0
     for dtype in ns.dtypes.split(","):
         for case in ns.cases.split(","):
             for experts in map(int, ns.experts.split(",")):

@@ -15,7 +15,7 @@ import torch
 import moetune
 from moetune.config import LoraConfig
 from moetune.model import build_random_model
-from moetune.model.grouped import grouped_linear, grouped_linear_loop, grouped_support
+from moetune.model.grouped import CPU_ROW_MULTIPLE, grouped_linear, grouped_linear_loop, grouped_support
 from moetune.model.moe import GroupedExperts, dispatch
 from moetune.peft.lora.experts import LoraGroupedExperts
 from moetune.tiny_models import tiny_model_args
@@ -85,6 +85,32 @@ def test_bf16_grouped_matches_loop_on_gpu(rank):
 
 def test_bf16_grouped_matches_loop_on_cpu():
     _bf16_parity("cpu", 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_precision_rows_come_in_multiples_and_equal_the_loop(dtype, monkeypatch):
+    """On CPU in bf16/fp16 each expert's rows reach grouped_mm as a multiple of CPU_ROW_MULTIPLE
+    (so oneDNN meets the same few shapes step after step), with the same results as the loop, bit
+    for bit, gradients included; fp32 rows go as they are."""
+    calls = []
+    real = torch.nn.functional.grouped_mm
+
+    def spy(a, b, *, offs, **kwargs):
+        calls.append((a.dtype, torch.diff(offs, prepend=offs.new_zeros(1))))
+        return real(a, b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
+    d = dispatch(torch.randint(0, 6, (300, 2), generator=torch.Generator().manual_seed(0)), 7)  # expert 6: none
+    for dt in (dtype, torch.float32):
+        x = torch.randn(600, 40, dtype=dt, requires_grad=True)
+        w = torch.randn(7, 24, 40, dtype=dt, requires_grad=True)
+        y, y_ref = grouped_linear(x, w, d.offsets), grouped_linear_loop(x, w, d.offsets)
+        dy = torch.randn_like(y)
+        assert torch.equal(y, y_ref)
+        assert all(map(torch.equal, torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y_ref, (x, w), dy)))
+    (half, counts), (full, full_counts) = calls
+    assert half == dtype and bool((counts % CPU_ROW_MULTIPLE == 0).all()) and counts.sum() > 600
+    assert full == torch.float32 and torch.equal(full_counts, d.counts.int())
 
 
 @gpu
