@@ -14,3 +14,12 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module's tests on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    from train_helpers import one_torch_thread
+
+    with one_torch_thread():
+        yield

@@ -114,6 +114,13 @@ def logits_gap(pm, model, ids: torch.Tensor) -> tuple[float, float]:
     return (ref - logits(model, ids)).abs().max().item(), effect
 
 
+def check_logits_match_peft(label: str, pm, model, ids: torch.Tensor, *, effect: float = 1e-1) -> None:
+    """Our logits within 1e-5 of PEFT's, and PEFT's adapter changing its logits by more than ``effect``."""
+    err, changed = logits_gap(pm, model, ids)
+    print(f"{label} vs PEFT: max|dlogits| {err:.2e}, adapter effect {changed:.2f}")
+    assert err <= 1e-5 and changed > effect
+
+
 def linear_grad_gap(model, pm, ids: torch.Tensor) -> tuple[float, int]:
     """After one backward of the LM loss on ``ids`` through both: the largest relative difference of our
     adapter gradients from PEFT's tensor of the same name, and how many had one (routed experts and

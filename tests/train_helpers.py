@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import torch
 import yaml
 
 from moetune.demo_data import make_rows, write_jsonl
@@ -67,3 +69,28 @@ def train_killed_after(cfg: Path, step: int) -> subprocess.CompletedProcess:
     """``moetune train cfg`` in a subprocess that SIGKILLs itself once checkpoint ``step`` is written."""
     script = KILL_AFTER_SAVE.format(step=step)
     return subprocess.run([sys.executable, "-c", script, str(cfg)], capture_output=True, text=True, timeout=300)
+
+
+def loraplus_optimizer(params: dict, **kw):
+    """``build_optimizer`` with LoRA+ at ratio 16 over base lr 1e-3 (AdamW defaults otherwise); ``kw``:
+    its other arguments (``b_side``)."""
+    from moetune.train.optim import build_optimizer
+
+    return build_optimizer(params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, loraplus_lr_ratio=16, **kw)
+
+
+def lr_of(opt) -> dict[int, float]:
+    """id(parameter) -> its learning rate in ``opt``."""
+    return {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread inside, as the torchrun ranks (OMP_NUM_THREADS=1): the same kernels and rounding,
+    and no OpenMP threads spin-waiting on a shared 2-core machine (that can be many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -94,29 +94,10 @@ def test_merge_tokenizer_option_is_honoured_or_rejected(bf16_run, tmp_path):
     out = merge_to_checkpoint(base, root / "run" / "adapter", tmp_path / "m1", tokenizer=str(other))
     assert (out / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
     assert (out / "generation_config.json").is_file()
-    proc = _cli(
-        "merge",
-        "--model",
-        str(base),
-        "--adapter",
-        str(root / "run" / "adapter"),
-        "--out",
-        str(tmp_path / "m2"),
-        "--tokenizer",
-        "byte",
-    )
+    inputs = ["--model", str(base), "--adapter", str(root / "run" / "adapter")]
+    proc = _cli("merge", *inputs, "--out", str(tmp_path / "m2"), "--tokenizer", "byte")
     assert proc.returncode == 2 and "byte" in proc.stderr and not (tmp_path / "m2").exists()
-    proc = _cli(
-        "export",
-        "--model",
-        str(base),
-        "--adapter",
-        str(root / "run" / "adapter"),
-        "--out",
-        str(tmp_path / "e"),
-        "--tokenizer",
-        str(other),
-    )
+    proc = _cli("export", *inputs, "--out", str(tmp_path / "e"), "--tokenizer", str(other))
     assert proc.returncode == 2 and "--tokenizer" in proc.stderr
 
 

@@ -13,8 +13,8 @@ from moetune.config.train import AdapterSection
 from moetune.errors import ConfigError
 from moetune.peft.core.layer import adapter_layers
 from moetune.peft.core.params import adapter_parameters
-from moetune.train.optim import build_optimizer
 from tiny_configs import DENSE, MOE, tiny_model
+from train_helpers import loraplus_optimizer, lr_of
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 
@@ -56,10 +56,9 @@ def test_loraplus_gives_every_b_side_parameter_the_higher_lr(kind):
     assert b_keys and len(b_keys) < len(params)
     if kind in ("mola", "loramoe"):
         assert any(".moe_lora_B." in k for k in b_keys)  # the instance in the issue
-    opt = build_optimizer(params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, loraplus_lr_ratio=16)
-    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-    assert len(lr_of) == len(params)
-    wrong = [k for k, p in params.items() if lr_of[id(p)] != (16e-3 if k in b_keys else 1e-3)]
+    lrs = lr_of(loraplus_optimizer(params))
+    assert len(lrs) == len(params)
+    wrong = [k for k, p in params.items() if lrs[id(p)] != (16e-3 if k in b_keys else 1e-3)]
     assert not wrong, f"{kind}: wrong LoRA+ group for {wrong}"
 
 
@@ -80,24 +79,9 @@ def test_every_adapter_layer_declares_its_b_side():
 def test_loraplus_without_a_b_side_declaration_is_refused():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="b_side"):
-        build_optimizer(
-            {"x.moe_lora_A.a": a, "x.moe_lora_B.a": b},
-            lr=1e-3,
-            weight_decay=0.0,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-            loraplus_lr_ratio=16,
-        )
-    opt = build_optimizer(
-        {"x.A": a, "x.B": b},
-        lr=1e-3,
-        weight_decay=0.0,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        loraplus_lr_ratio=16,
-        b_side={"x.B"},
-    )
-    assert {id(p): g["lr"] for g in opt.param_groups for p in g["params"]} == {id(a): 1e-3, id(b): 16e-3}
+        loraplus_optimizer({"x.moe_lora_A.a": a, "x.moe_lora_B.a": b})
+    opt = loraplus_optimizer({"x.A": a, "x.B": b}, b_side={"x.B"})
+    assert lr_of(opt) == {id(a): 1e-3, id(b): 16e-3}
 
 
 # --- add_adapter keeps what the user froze ----------------------------------------------------

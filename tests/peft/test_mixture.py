@@ -45,6 +45,12 @@ def _randomise(layer: nn.Module, scale=0.3) -> None:
                 p.normal_(0, 0.5)
 
 
+def _recording_dropout(table) -> RecordingDropout:
+    """Adapter ``mix``'s dropout in ``table`` (a layer's dropout dict) replaced by one that records its masks."""
+    table["mix"] = drop = RecordingDropout(0.05)
+    return drop
+
+
 def _ffn_layer(config, *, parts=None, seed=0) -> MixtureFFN:
     torch.manual_seed(seed)
     ffn = SwiGLU(dim=32, hidden=48)
@@ -77,8 +83,7 @@ def _grads_equal(fast, ref, params):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_mixlora_matches_reference_forward_and_grads_with_dropout(routing, dora):
     layer = _ffn_layer(_config(routing, dora=dora, top_p=0.6, capacity_factor=0.75)).train()
-    drop = RecordingDropout(0.05)
-    layer.lora_dropout["mix"] = drop
+    drop = _recording_dropout(layer.lora_dropout)
     x = torch.randn(2, 9, 32, requires_grad=True)
     fast = layer(x)
     ref = reference_mixlora(layer, "mix", x.reshape(-1, 32), drop).view_as(fast)
@@ -89,8 +94,7 @@ def test_mixlora_matches_reference_forward_and_grads_with_dropout(routing, dora)
 @pytest.mark.parametrize("parts", [{"gate_proj"}, {"up_proj", "down_proj"}])
 def test_mixlora_on_some_projections(parts):
     layer = _ffn_layer(_config(), parts=parts).train()
-    drop = RecordingDropout(0.05)
-    layer.lora_dropout["mix"] = drop
+    drop = _recording_dropout(layer.lora_dropout)
     x = torch.randn(10, 32, requires_grad=True)
     fast = layer(x)
     ref = reference_mixlora(layer, "mix", x, drop)
@@ -105,8 +109,7 @@ def test_mixture_linear_matches_reference(kind, routing):
     layer.add_adapter("mix", _config(routing, kind=kind, top_p=0.6))
     _randomise(layer)
     layer.train()
-    drop = RecordingDropout(0.05)
-    layer.moe_dropout["mix"] = drop
+    drop = _recording_dropout(layer.moe_dropout)
     x = torch.randn(11, 32, requires_grad=True)
     fast = layer(x)
     ref = reference_mixture_linear(layer, "mix", x, drop)

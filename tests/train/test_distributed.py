@@ -33,9 +33,12 @@ from moetune.train.trainer import train
 from quant_fixtures import write_fp8_folder
 from train_helpers import write_run
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+    ),
+    pytest.mark.usefixtures("one_thread"),  # in-process runs on one thread, like the torchrun ranks
+]
 TOL = 1e-5
 STEPS = 4
 
@@ -123,16 +126,6 @@ def _assert_same_run(a: Path, b: Path, tol: float = TOL) -> dict[str, float]:
     diffs["adapter"] = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert max(diffs.values()) <= tol, diffs
     return diffs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process runs use one thread like the torchrun ranks (OMP_NUM_THREADS=1): two OpenMP
-    threads spin-waiting on a shared 2-core machine can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,7 @@ from train_helpers import losses, train_killed_after
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny_qwen3_moe_dpo.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread, as the torchrun ranks: two OpenMP threads spin-waiting on a shared 2-core machine
-    can be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one thread, as the torchrun ranks
 
 
 @pytest.fixture(scope="module")

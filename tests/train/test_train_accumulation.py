@@ -17,7 +17,7 @@ from moetune.config import load_train_config
 from moetune.model.loss import counted_tokens
 from moetune.train.setup import prepare_run
 from moetune.train.trainer import Trainer, train
-from train_helpers import losses, write_run
+from train_helpers import losses, one_torch_thread, write_run
 
 TOL = 1e-6
 
@@ -124,11 +124,7 @@ def test_two_ranks_with_accumulation_equal_one_large_batch(tmp_path):
     """2 ranks x batch 2 x grad_accum 2 reads the rows of one batch of 8 per step: same run."""
     from test_distributed import _assert_same_run, _torchrun
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the ranks (OMP_NUM_THREADS=1): same kernels, same rounding
-    try:
+    with one_torch_thread():  # like the ranks: same kernels, same rounding
         train(load_train_config(_config(tmp_path / "big", batch_size=8, grad_accum=1)))
-    finally:
-        torch.set_num_threads(threads)
     _torchrun(_config(tmp_path / "ranks", batch_size=2, grad_accum=2), "distributed.strategy=replicate")
     _assert_same_run(tmp_path / "big" / "run", tmp_path / "ranks" / "run")

@@ -6,11 +6,10 @@ import torch
 
 import moetune
 from moetune.config import load_train_config
-from moetune.train.optim import build_optimizer
 from moetune.train.setup import prepare_run
 from moetune.train.trainer import Trainer
 from tiny_hf import save_hf_model
-from train_helpers import write_run
+from train_helpers import loraplus_optimizer, lr_of, write_run
 
 
 def test_non_finite_step_is_skipped_and_reported(tmp_path):
@@ -57,14 +56,6 @@ def test_activation_checkpointing_gives_identical_loss_and_grads(tmp_path):
 
 def test_loraplus_gives_b_matrices_a_higher_lr():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    opt = build_optimizer(
-        {"x.lora_A.default": a, "x.lora_B.default": b},
-        lr=1e-3,
-        weight_decay=0.0,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        loraplus_lr_ratio=16,
-        b_side={"x.lora_B.default"},
-    )
-    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    opt = loraplus_optimizer({"x.lora_A.default": a, "x.lora_B.default": b}, b_side={"x.lora_B.default"})
+    lrs = lr_of(opt)
     assert lrs[id(a)] == 1e-3 and lrs[id(b)] == 16e-3
