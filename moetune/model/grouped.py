@@ -14,7 +14,7 @@ dropped: zero rows and columns add exact zeros, so the result is the unpadded pr
 On CPU the grouped GEMM is one matmul per expert, and in bf16/fp16 oneDNN builds a kernel for
 every new shape (3-6 ms, against 0.1-0.25 ms for a cached one): with rows per expert changing every
 step, a training step met ~950 new shapes and its cache (1024) never settled, so bf16 ran 1.5-1.9x
-slower than fp32. There each expert's rows are placed at a multiple of :data:`CPU_ROW_MULTIPLE`
+slower than fp32. There each expert's rows are placed at a multiple of :func:`cpu_row_multiple`
 rows in a zero-filled buffer of static size (rows + E * (multiple - 1), so no host sync), which
 makes shapes repeat; the zero rows give zero outputs, which are not read back, and add nothing to
 the weight gradients.
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
-CPU_ROW_MULTIPLE = 32  # rows per expert rounded up to this on CPU in bf16/fp16 (shapes that repeat)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -106,10 +105,19 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         _fallback_once(reason)
         return grouped_linear_loop(x, weight, offsets)
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        rows, padded_offsets, length = _rows_at_multiples(offsets, x.shape[0], CPU_ROW_MULTIPLE)
+        multiple = cpu_row_multiple(x.shape[0], offsets.shape[0])
+        rows, padded_offsets, length = _rows_at_multiples(offsets, x.shape[0], multiple)
         padded = x.new_zeros(length, x.shape[1]).index_copy(0, rows, x)
         return _aligned_grouped_mm(padded, weight, padded_offsets).index_select(0, rows)
     return _aligned_grouped_mm(x, weight, offsets)
+
+
+def cpu_row_multiple(rows: int, experts: int) -> int:
+    """What each expert's row count is rounded up to on CPU in bf16/fp16: about an eighth of the
+    mean rows per expert, a power of two in [8, 64]. The counts spread by a few square roots of
+    their mean, so that is a handful of shapes per matmul, for ~1/16 more rows on average."""
+    eighth = rows // max(experts, 1) // 8
+    return min(64, max(8, 1 << max(0, eighth.bit_length() - 1)))
 
 
 def _rows_at_multiples(offsets: torch.Tensor, n: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor, int]:

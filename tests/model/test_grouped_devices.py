@@ -15,7 +15,7 @@ import torch
 import moetune
 from moetune.config import LoraConfig
 from moetune.model import build_random_model
-from moetune.model.grouped import CPU_ROW_MULTIPLE, grouped_linear, grouped_linear_loop, grouped_support
+from moetune.model.grouped import cpu_row_multiple, grouped_linear, grouped_linear_loop, grouped_support
 from moetune.model.moe import GroupedExperts, dispatch
 from moetune.peft.lora.experts import LoraGroupedExperts
 from moetune.tiny_models import tiny_model_args
@@ -89,7 +89,7 @@ def test_bf16_grouped_matches_loop_on_cpu():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_half_precision_rows_come_in_multiples_and_equal_the_loop(dtype, monkeypatch):
-    """On CPU in bf16/fp16 each expert's rows reach grouped_mm as a multiple of CPU_ROW_MULTIPLE
+    """On CPU in bf16/fp16 each expert's rows reach grouped_mm as a multiple of cpu_row_multiple()
     (so oneDNN meets the same few shapes step after step), with the same results as the loop, bit
     for bit, gradients included; fp32 rows go as they are."""
     calls = []
@@ -109,7 +109,9 @@ def test_cpu_half_precision_rows_come_in_multiples_and_equal_the_loop(dtype, mon
         assert torch.equal(y, y_ref)
         assert all(map(torch.equal, torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y_ref, (x, w), dy)))
     (half, counts), (full, full_counts) = calls
-    assert half == dtype and bool((counts % CPU_ROW_MULTIPLE == 0).all()) and counts.sum() > 600
+    multiple = cpu_row_multiple(600, 7)
+    assert multiple == 8 and cpu_row_multiple(32768, 128) == 32 and cpu_row_multiple(10**6, 8) == 64
+    assert half == dtype and bool((counts % multiple == 0).all()) and counts.sum() > 600
     assert full == torch.float32 and torch.equal(full_counts, d.counts.int())
 
 
