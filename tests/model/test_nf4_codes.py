@@ -94,6 +94,14 @@ def test_bf16_pieces_quantize_as_their_fp32_values():
     assert all(map(torch.equal, (absmax_codes, scale, offset), _bucketize_scales(ref_absmax)))
 
 
+def test_table_rounding_takes_fp32_only_and_any_layout():
+    values = torch.linspace(-1, 1, 101)
+    expected = torch.bucketize(values[::2].contiguous(), _bounds("nf4")).to(torch.uint8)
+    assert torch.equal(nf4.nearest_codes(values[::2]), expected)
+    with pytest.raises(TypeError, match="rounds fp32 values"):
+        nf4.nearest_codes(values.bfloat16())
+
+
 def test_odd_block_size_is_refused():
     with pytest.raises(ValueError, match="block size must be even"):
         nf4.quantize_blocks(torch.randn(10), block=5)

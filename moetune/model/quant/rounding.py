@@ -40,6 +40,9 @@ class LevelTable:
         self.devices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        if values.dtype != torch.float32:  # the table reads fp32 bits: another dtype's would be wrong, silently
+            raise TypeError(f"LevelTable rounds fp32 values, got {values.dtype}")
+        values = values.contiguous()
         if values.device not in self.devices:
             self.devices[values.device] = (self.low.to(values.device), self.cut.to(values.device))
         low, cut = self.devices[values.device]
