@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import CheckpointError
@@ -23,9 +21,10 @@ from .build import build_causal_lm
 from .config import ModelArgs
 from .hf import KeyMap, Target, checkpoint_shape, destination, from_checkpoint
 from .layers import RMSNorm
-from .model_folder import model_args_from_folder, read_hf_config, weight_files
+from .model_folder import CheckpointTensor, iter_checkpoint, model_args_from_folder, read_hf_config, weight_files
 from .prequantized import folder_format, stored_layout, stored_to_nf4, swap_stored_modules
 from .quant import StoredWeight, quantize_model, quantized_weights
+from .quant.stored import copy_rows
 from .transformer import CausalLM
 from .wrappers import Wrapper, unwrap_config
 
@@ -35,7 +34,9 @@ log = logging.getLogger(__name__)
 class _Filler:
     """Copies checkpoint tensors into native ones and tracks what was filled."""
 
-    def __init__(self, model: nn.Module, keymap: KeyMap, *, tied: bool, wrapper: Wrapper | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, keymap: KeyMap, *, tied: bool, wrapper: Wrapper | None = None, shard=None
+    ) -> None:
         self.params: dict[str, torch.Tensor | StoredWeight] = dict(model.named_parameters())
         self.stored: dict[str, tuple[StoredWeight, str]] = {}  # buffers read as released -> (holder, suffix)
         self.suffixes: set[str] = set()
@@ -45,6 +46,8 @@ class _Filler:
                 self.checks[name + suffix] = holder
                 self.suffixes.add(suffix)
             parts = holder.checkpoint_tensors()
+            if parts and shard is not None:  # read as stored: this rank's rows only (an FSDP load)
+                holder.load_rows_of(*shard)
             if not parts:  # quantized while loading (quantize="nf4"): filled through the holder
                 self.params[name] = holder
             for suffix, buffer in parts.items():  # e.g. FP8: "" -> weight, "_scale_inv" -> scales
@@ -70,7 +73,7 @@ class _Filler:
         target = self.keymap.target(key)
         return target, target.name
 
-    def fill(self, key: str, tensor: torch.Tensor, file: Path) -> None:
+    def fill(self, key: str, entry: CheckpointTensor, file: Path) -> None:
         shown = f"{file.name}: tensor '{key}'"  # errors name the file's key (a wrapper's prefix included)
         if self.wrapper is not None:
             text_key = self.wrapper.text_key(key)
@@ -83,7 +86,7 @@ class _Filler:
             return
         target, name = self._target(key)
         if name in self.checks:
-            return self._check(name, target, tensor, shown)
+            return self._check(name, target, entry.read(), shown)
         if name not in self.params:
             if self.keymap.ignored(key) or (self.tied and key == "lm_head.weight"):
                 return
@@ -95,14 +98,19 @@ class _Filler:
         dest = destination(native.layout() if quantized else native.data, target)
         layout = None if name in self.stored else target.layout  # stored buffers have the checkpoint's shape
         expected = checkpoint_shape(dest, layout)
-        if expected != tuple(tensor.shape):
-            raise CheckpointError(f"{shown} has shape {tuple(tensor.shape)}, expected {expected} from config.json")
+        if expected != entry.shape:
+            raise CheckpointError(f"{shown} has shape {entry.shape}, expected {expected} from config.json")
+        if name in self.stored and not self.stored[name][0].keeps(target.expert, native.shape[0]):
+            self.filled[name].add((target.expert, target.part))  # an expert another rank keeps: not read here
+            return
+        tensor = entry.read()
         if layout is not None:
             tensor = from_checkpoint(tensor, layout)
         if quantized:  # quantized now, so full-precision weights never accumulate
             native.write(dest.storage_offset(), tensor)
         else:
-            dest.copy_(self._converted(name, target, tensor, dest.dtype, shown))
+            value = self._converted(name, target, tensor, dest.dtype, shown)
+            copy_rows(native, dest, value, self.stored[name][0].shard if name in self.stored else None)
         self.filled[name].add((target.expert, target.part))
 
     def _check(self, name: str, target: Target, tensor: torch.Tensor, what: str) -> None:
@@ -153,23 +161,13 @@ def _describe_missing(param: torch.Tensor, parts: set) -> str:
 _EXACT = {(torch.float8_e8m0fnu, torch.float32)}  # power-of-two scales (scale_fmt "ue8m0")
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield file, key, f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
-
-
 def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     quantize: str | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
 ) -> CausalLM:
     """Load a Hugging Face causal-LM folder (config.json + safetensors) as a native model.
 
@@ -179,6 +177,8 @@ def load_model(
         device: where the weights are allocated.
         quantize: None, or "nf4" for 4-bit base weights: every linear but the LM head and the
             routers, and every routed-expert weight (see :mod:`moetune.model.quant`).
+        shard: (rank, world) of an FSDP run: the weights read as stored get only the rows FSDP2
+            will keep on this rank, and dequantize only once sharded (``StoredWeight.sharded``).
 
     A folder released quantized (``quantization_config``: block-scaled FP8, pack-quantized INT4,
     MXFP4 experts) is read as stored: its quantized weights stay in that form on ``device`` and are
@@ -201,9 +201,10 @@ def load_model(
     keymap = KeyMap(args.family, skipped_layers=mtp)
     stored = None if fmt is None else stored_layout(fmt, files, keymap, wrapper)
     model = _allocate(args, dtype, device, quantize if fmt is None else None, stored)
-    filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=wrapper)
-    for file, key, tensor in iter_checkpoint(files):
-        filler.fill(key, tensor, file)
+    shard = shard if quantize is None else None  # nf4 from a stored folder dequantizes it whole first
+    filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=wrapper, shard=shard)
+    for file, key, entry in iter_checkpoint(files):
+        filler.fill(key, entry, file)
     filler.check_complete()
     _report_skipped(filler, args, mtp)
     if fmt is not None and quantize == "nf4":  # read as stored first: 1.0-1.5 bytes per weight at the peak

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from .config import ModelArgs
@@ -63,3 +67,34 @@ def weight_files(folder: Path) -> list[Path]:
             "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
         )
     raise CheckpointError(f"'{folder}' has no *.safetensors weights")
+
+
+class CheckpointTensor:
+    """One tensor of an open safetensors file: its shape from the header, its values read on demand
+    (a rank of a sharded load reads only the experts it keeps)."""
+
+    def __init__(self, handle, key: str, file: Path) -> None:
+        self.handle, self.key, self.file = handle, key, file
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(self.key).get_shape())
+
+    def read(self) -> torch.Tensor:
+        try:
+            return self.handle.get_tensor(self.key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.file}: cannot read tensor '{self.key}' ({exc})") from None
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, CheckpointTensor]]:
+    """(file, key, tensor) for every tensor of ``files``, each valid until the next is yielded."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield file, key, CheckpointTensor(f, key, file)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None

@@ -59,8 +59,19 @@ class RunParts:
     dtype: torch.dtype
 
 
-def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer: Tokenizer | None = None) -> RunParts:
-    """Load (or take) the model and tokenizer, build the data, add the adapters."""
+def prepare_run(
+    config: TrainConfig,
+    *,
+    model: CausalLM | None = None,
+    tokenizer: Tokenizer | None = None,
+    shard: tuple[int, int] | None = None,
+) -> RunParts:
+    """Load (or take) the model and tokenizer, build the data, add the adapters.
+
+    ``shard`` (rank, world) of an FSDP run: a base read as stored (FP8, INT4, MXFP4) is loaded with
+    only this rank's rows, unless an adapter reads the base's values when it is made (DoRA's
+    magnitude, an adapter loaded from a folder), which needs the whole base until it is sharded.
+    """
     check_writable(config.checkpoint.output_dir)
     # One seed fixes adapter init and dropout masks, so two runs of a config are identical.
     torch.manual_seed(config.seed)
@@ -70,7 +81,10 @@ def prepare_run(config: TrainConfig, *, model: CausalLM | None = None, tokenizer
     data = build_run_data(config.data, tokenizer, config.seed, config.optim.objective)
     log.info(data.report.summary())
     if model is None:
-        model = load_model(config.model.path, dtype=dtype, device=device, quantize=config.model.quantize)
+        if shard is not None and not all(s.path is None and not s.to_lora_config().use_dora for s in config.adapters):
+            log.info("loading the whole base on every rank before sharding: an adapter reads its values when made")
+            shard = None
+        model = load_model(config.model.path, dtype=dtype, device=device, quantize=config.model.quantize, shard=shard)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(
             f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; "

@@ -68,10 +68,15 @@ def shard_model(model: nn.Module, *, device: torch.device, world_size: int) -> N
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     if holders:
+        rank, loaded = mesh.get_rank(), "its own rows" if any(h.shard for h in holders) else "whole"
+        for holder in holders:  # FSDP holds them now, all-gathered when their layer runs
+            holder.sharded(rank, world_size)
         held, whole = stored_bytes_held(holders)
         formats = "/".join(sorted({h.format for h in holders}))
-        rank = mesh.get_rank()
-        log.info("rank %d/%d holds %d of %d bytes of the base's %s weights", rank, world_size, held, whole, formats)
+        log.info(
+            "rank %d/%d holds %d of %d bytes of the base's %s weights (loaded %s)",
+            *(rank, world_size, held, whole, formats, loaded),
+        )
 
 
 def stored_bytes_held(holders: list[StoredWeight]) -> tuple[int, int]:

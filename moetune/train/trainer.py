@@ -39,7 +39,8 @@ def train(
     checkpoint = resolve_resume(config, resume, plan.run_id)
     with distributed_run(config) as (config, parallel):
         check_supported(config, parallel.world_size)  # before the model is loaded
-        parts = prepare_run(config, model=model, tokenizer=tokenizer)
+        shard = (parallel.rank, parallel.world_size) if parallel.strategy == "fsdp" else None
+        parts = prepare_run(config, model=model, tokenizer=tokenizer, shard=shard)
         parallel.barrier()  # every rank has checked the folder (plan) before rank 0 changes it
         folder = open_run_folder(plan) if parallel.is_main else run_view(plan)
         parallel.barrier()

@@ -193,7 +193,8 @@ def test_fsdp_shards_an_fp8_base_and_trains_as_one_process(tmp_path):
     targets = ("q_b_proj", "kv_b_proj", "o_proj", "experts", "shared_experts")
     train(load_train_config(_config(tmp_path / "one", batch_size=8, targets=targets, model=model)))
     proc = _torchrun(_config(tmp_path / "two", batch_size=4, targets=targets, model=model), "distributed.strategy=fsdp")
-    held = re.findall(r"rank (\d)/2 holds (\d+) of (\d+) bytes of the base's fp8 weights", proc.stderr)
+    logged = r"rank (\d)/2 holds (\d+) of (\d+) bytes of the base's fp8 weights \(loaded its own rows\)"
+    held = re.findall(logged, proc.stderr)
     assert sorted(r for r, _, _ in held) == ["0", "1"], proc.stderr[-3000:]
     whole = int(held[0][2])
     assert {int(w) for _, _, w in held} == {whole} and sum(int(h) for _, h, _ in held) == whole

@@ -1,12 +1,12 @@
 """FSDP2 on a base held in a stored format (FP8, INT4, MXFP4 as released; NF4 quantized on load):
-2 CPU ranks with gloo each hold about half of the stored bytes, stay sharded after a forward and
-backward, and give the LoRA gradients of one process on the whole batch.
+2 CPU ranks with gloo, each loading only the rows it keeps of what is read as stored, each hold
+about half of the stored bytes, stay sharded after a forward and backward, and give the LoRA
+gradients of one process on the whole batch.
 
 The end-to-end ``moetune train`` run on an FP8 base under torchrun is in test_distributed.py.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 import moetune
 from moetune.model.quant import StoredWeight
+from moetune.model.quant.stored import fsdp_rows
 from moetune.tiny_models import make_tiny
 from moetune.train.sharding import is_dtensor, shard_model, stored_bytes_held
 
@@ -46,9 +47,9 @@ def folders(tmp_path_factory) -> Path:
     return root
 
 
-def _model(root: Path, fmt: str):
+def _model(root: Path, fmt: str, shard: tuple[int, int] | None = None):
     folder, quantize, targets = CASES[fmt]
-    model = moetune.load_model(root / folder, quantize=quantize)
+    model = moetune.load_model(root / folder, quantize=quantize, shard=shard)
     moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=targets))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # B = 0 at init would leave A without a gradient
@@ -67,7 +68,7 @@ def _ranks(rank: int, world: int, root: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     result = {}
     for fmt in CASES:
-        model = _model(Path(root), fmt)
+        model = _model(Path(root), fmt, shard=(rank, world))  # this rank's rows only, of what is read as stored
         holders = [m for m in model.modules() if isinstance(m, StoredWeight)]
         shard_model(model, device=torch.device("cpu"), world_size=world)
         held = stored_bytes_held(holders)
@@ -100,4 +101,19 @@ def test_stored_bases_shard_in_halves_and_give_one_process_gradients(folders, tm
             assert err <= 1e-6
     finally:
         torch.set_num_threads(threads)
-        shutil.rmtree(tmp_path / "store", ignore_errors=True)
+
+
+def test_a_rank_loads_its_own_rows_and_dequantizes_only_once_sharded(folders):
+    whole = moetune.load_model(folders / "fp8")
+    for rank in range(2):
+        part = moetune.load_model(folders / "fp8", shard=(rank, 2))
+        holders = [(p, h) for p, h in part.named_modules() if isinstance(h, StoredWeight)]
+        assert len(holders) > 0
+        for path, holder in holders:
+            for key, t in holder.named_buffers():
+                start, end = fsdp_rows(t.shape[0], rank, 2)
+                expected = whole.get_submodule(path).get_buffer(key)[start:end]
+                assert torch.equal(t[start:end].view(torch.uint8), expected.view(torch.uint8)), (path, key)
+        kv_b = part.get_submodule("model.layers.0.self_attn.kv_b_proj")
+        with pytest.raises(RuntimeError, match=f"holds only rank {rank}'s rows of 2 until the model is sharded"):
+            kv_b(torch.zeros(1, kv_b.in_features))

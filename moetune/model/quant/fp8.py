@@ -105,8 +105,8 @@ class FP8Weight(StoredWeight):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"": self.weight, SCALE_SUFFIX: self.weight_scale_inv}
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_fp8(self.weight, self.weight_scale_inv, self.block, dtype or self.dtype)
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(self.weight, self.weight_scale_inv, self.block, dtype)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, fp8 e4m3, block={self.block}, dtype={self.dtype}"

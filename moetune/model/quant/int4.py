@@ -98,8 +98,8 @@ class Int4Weight(StoredWeight):
     def checked_suffixes(self) -> tuple[str, ...]:
         return ("_shape",)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int4(self.weight_packed, self.weight_scale, self.shape[-1], dtype or self.dtype)
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int4(self.weight_packed, self.weight_scale, self.shape[-1], dtype)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, int4 pack-quantized, group={self.group}, dtype={self.dtype}"

@@ -78,8 +78,8 @@ class MXFP4Weight(StoredWeight):
             return _deinterleave_rows(tensor, tensor.ndim - (3 if suffix == MARKER else 2))
         return super().from_checkpoint(suffix, tensor, layout)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_mxfp4(self.blocks, self.scales, dtype or self.dtype)
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_mxfp4(self.blocks, self.scales, dtype)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, mxfp4, block={BLOCK}, dtype={self.dtype}"

@@ -63,9 +63,8 @@ class NF4Weight(StoredWeight):
         """(nb,) fp32 first-level scales, after undoing the double quantization."""
         return nf4.dequantize_scales(self.absmax_codes, self.absmax_scale, self.absmax_offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full weight ``shape`` in ``dtype`` (default :attr:`dtype`); a new tensor each call."""
-        flat = nf4.dequantize_blocks(self.codes, self.block_absmax(), self.numel(), dtype or self.dtype)
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        flat = nf4.dequantize_blocks(self.codes, self.block_absmax(), self.numel(), dtype)
         return flat.view(self.shape)
 
     def extra_repr(self) -> str:

@@ -21,6 +21,11 @@ slice along dim 0 and all-gathers the whole stored tensors of a layer for its fo
 for its backward; :meth:`StoredWeight.dequantize` reads whatever tensors the holder has at that
 moment, the gathered ones. A scalar (NF4's ``absmax_offset``) cannot be split along dim 0 and
 stays a buffer.
+
+So that a rank never holds the whole base in memory before it is sharded, the loader can fill
+only the rows a rank will keep (:meth:`StoredWeight.load_rows_of`, :func:`copy_rows`): the other
+rows of the tensors are allocated but never written, so the operating system never backs them
+with memory, and FSDP drops them when it shards. Until then the holder refuses to dequantize.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from ...errors import CheckpointError
 class StoredWeight(nn.Module):
     """One frozen weight of ``shape`` held in a stored format (buffers only).
 
-    Subclasses register their buffers and implement :meth:`dequantize`; ``format`` names the
-    format in messages and summaries.
+    Subclasses register their buffers and implement :meth:`decode` (what :meth:`dequantize` returns);
+    ``format`` names the format in messages and summaries.
     """
 
     format = "?"
@@ -44,6 +49,32 @@ class StoredWeight(nn.Module):
         super().__init__()
         self.shape = torch.Size(shape)
         self.dtype = dtype
+        self.shard: tuple[int, int] | None = None  # (rank, world): only that rank's rows were loaded
+
+    def load_rows_of(self, rank: int, world: int) -> None:
+        """Let the loader fill only the rows of each stored tensor that FSDP keeps on ``rank`` of
+        ``world`` (:func:`fsdp_rows`); the holder cannot dequantize until :meth:`sharded`."""
+        self.shard = (rank, world)
+
+    def keeps(self, row: int | None, rows: int) -> bool:
+        """Whether this rank loads dim-0 row ``row`` (None: the whole tensor, some rows of which it
+        keeps) of a stored tensor of ``rows`` rows."""
+        if self.shard is None or row is None:
+            return True
+        start, end = fsdp_rows(rows, *self.shard)
+        return start <= row < end
+
+    def sharded(self, rank: int, world: int) -> None:
+        """FSDP now holds this rank's rows, all-gathered when a layer runs: the holder is whole again.
+
+        Raises:
+            ValueError: the holder was loaded for another rank or world size.
+        """
+        if self.shard not in (None, (rank, world)):
+            raise ValueError(
+                f"a weight loaded for rank {self.shard[0]} of {self.shard[1]} is sharded as {rank} of {world}"
+            )
+        self.shard = None
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +105,15 @@ class StoredWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full weight ``shape`` in ``dtype`` (default :attr:`dtype`); a new tensor each call."""
+        if self.shard is not None:
+            rank, world = self.shard
+            raise RuntimeError(
+                f"this {self.format} weight holds only rank {rank}'s rows of {world} until the model is sharded"
+            )
+        return self.decode(dtype or self.dtype)
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        """The format's dequantization of the whole weight into ``dtype``."""
         raise NotImplementedError
 
     def write(self, start: int, values: torch.Tensor) -> None:  # noqa: ARG002 - the interface
@@ -114,3 +154,30 @@ class StoredWeight(nn.Module):
                 held[key] = nn.Parameter(moved, requires_grad=False) if held is self._parameters else moved
         self.dtype = probe.dtype
         return self
+
+
+def fsdp_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the dim-0 rows FSDP2 keeps on ``rank`` (``torch.chunk``: ceil(rows/world) each)."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+def copy_rows(native: torch.Tensor, dest: torch.Tensor, value: torch.Tensor, shard: tuple[int, int] | None) -> None:
+    """``dest.copy_(value)``, where ``dest`` is a view of the contiguous ``native``; with ``shard``
+    (rank, world) only the part in that rank's dim-0 rows of ``native`` is written. A view this
+    cannot place in rows (none the loader makes) is written whole: correct, just not smaller."""
+    start, end = (0, native.shape[0]) if shard is None else fsdp_rows(native.shape[0], *shard)
+    if shard is None or not native.is_contiguous() or native.ndim == 0:
+        dest.copy_(value)
+        return
+    first = (dest.storage_offset() - native.storage_offset()) // native.stride(0)
+    if dest.ndim == native.ndim - 1 and dest.stride() == native.stride()[1:]:  # within one row (an expert)
+        if start <= first < end:
+            dest.copy_(value)
+    elif dest.ndim == native.ndim and dest.stride() == native.stride() and dest.shape[1:] == native.shape[1:]:
+        lo, hi = max(start, first) - first, min(end, first + dest.shape[0]) - first
+        if lo < hi:
+            dest[lo:hi].copy_(value[lo:hi])
+    else:
+        dest.copy_(value)

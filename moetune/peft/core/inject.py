@@ -150,8 +150,10 @@ def _check_pissa(model: nn.Module, plan: dict[str, Parts], config: LoraConfig) -
                 f"{path}: a PiSSA adapter changes the base weight, so it must be the only "
                 f"adapter of its module (it already has {existing})"
             )
+        if config.init != "pissa":
+            continue  # and a stored base is not dequantized just to look at its weight
         weight = getattr(base_of(module), "weight", None)
-        if config.init == "pissa" and weight is not None and counts.get(id(weight), 0) > 1:
+        if weight is not None and counts.get(id(weight), 0) > 1:
             raise AdapterError(
                 f"{path}: init 'pissa' would change {path}.weight, which is tied to another "
                 "weight (tied embeddings); leave this module out or use another init"

@@ -16,6 +16,7 @@ Legend: in/out the linear's features, r rank, s scaling. See :mod:`.linear` for 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator
 
@@ -85,14 +86,19 @@ class LinearAdapter:
         return self.config.r, self.config.alpha
 
 
+def base_device(base: nn.Module) -> torch.device:
+    """Where a base layer's tensors are, without reading its weight (a stored base would dequantize)."""
+    return next(itertools.chain(base.parameters(), base.buffers())).device
+
+
 class LoraAdapter(LinearAdapter):
     """Plain LoRA: ``s * B @ A @ dropout(x)``; ``init="pissa"`` starts from the top-r singular part of W."""
 
     def create(self, layer: AdapterLayer) -> None:
-        config, weight = self.config, layer.base_layer.weight
+        config, device = self.config, base_device(layer.base_layer)
         r = config.r
-        a = torch.empty(r, layer.in_features, dtype=torch.float32, device=weight.device)
-        b = torch.zeros(layer.out_features, r, dtype=torch.float32, device=weight.device)
+        a = torch.empty(r, layer.in_features, dtype=torch.float32, device=device)
+        b = torch.zeros(layer.out_features, r, dtype=torch.float32, device=device)
         if config.init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT's default
         elif config.init == "gaussian":
@@ -103,12 +109,12 @@ class LoraAdapter(LinearAdapter):
         layer.lora_dropout[self.name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def _pissa(self, layer: AdapterLayer, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = layer.base_layer.weight
         if not layer.base_is_writable:
             raise AdapterError(
                 "init='pissa' rewrites the base weight, which is held quantized here (nf4 or fp8); "
                 "use init='kaiming' or 'gaussian', or load a full-precision base"
             )
+        weight = layer.base_layer.weight
         if r > min(weight.shape):
             raise AdapterError(f"init 'pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={r}")
         with torch.no_grad():
@@ -171,7 +177,7 @@ class LoraAdapter(LinearAdapter):
         """``base_layer.weight`` (PEFT writes the LM head's base weight when it is targeted) is
         copied into the base, as PEFT does."""
         expected = self.expected_tensors(layer)
-        check_tensors(expected, tensors, where, optional={"base_layer.weight": tuple(layer.base_layer.weight.shape)})
+        check_tensors(expected, tensors, where, optional={"base_layer.weight": (layer.out_features, layer.in_features)})
         with torch.no_grad():
             for key in expected:
                 getattr(layer, key.removesuffix(".weight"))[self.name].copy_(tensors[key])

@@ -32,7 +32,7 @@ from ...model.grouped import grouped_linear
 from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
 from ..lora.linear import LoraLinear
-from ..lora.linear_adapters import LinearAdapter
+from ..lora.linear_adapters import LinearAdapter, base_device
 from .common import ExpertOptions, check_not_stacked, load_own, refuse_merge, route_tokens, routed_rows
 
 _LORA_STORES = (
@@ -66,7 +66,7 @@ class MixtureAdapter(LinearAdapter):
             raise AdapterError(
                 f"adapter '{self.name}': DoRA experts exist for mixlora (MixDoRA) only, not for {self.mixture.kind}"
             )
-        opts, device = self.options, layer.base_layer.weight.device
+        opts, device = self.options, base_device(layer.base_layer)
         layer.router[self.name] = opts.new_router(layer.in_features, device)
         pair = opts.new_pair(layer.in_features, layer.out_features, device)
         layer.moe_lora_A[self.name], layer.moe_lora_B[self.name] = pair
