@@ -20,9 +20,12 @@ from moetune.model.quant.stored import fsdp_rows
 from moetune.tiny_models import make_tiny
 from moetune.train.sharding import is_dtensor, shard_model, stored_bytes_held
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+    ),
+    pytest.mark.usefixtures("one_thread"),  # the one-process reference on one thread, like the ranks
+]
 MLA = ["q_b_proj", "kv_b_proj", "o_proj", "experts", "shared_experts"]
 # format -> (folder, quantize, targets)
 CASES = {
@@ -82,25 +85,20 @@ def _ranks(rank: int, world: int, root: str, out: str) -> None:
 
 
 def test_stored_bases_shard_in_halves_and_give_one_process_gradients(folders, tmp_path):
-    threads = torch.get_num_threads()
     mp.spawn(_ranks, args=(2, str(folders), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
-    torch.set_num_threads(1)
-    try:
-        for fmt in CASES:
-            model = _model(folders, fmt)
-            ids = _ids()
-            sum(model(ids[r::2], labels=ids[r::2]).loss / 2 for r in range(2)).backward()
-            expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            (held0, whole), (held1, _) = ranks[0][fmt]["held"], ranks[1][fmt]["held"]
-            err = max((expected[n] - ranks[0][fmt]["grads"][n]).abs().max().item() for n in expected)
-            print(f"{fmt}: ranks hold {held0} + {held1} of {whole} stored bytes; max |dgrad| vs 1 process {err:.1e}")
-            assert all(r[fmt]["sharded"] and r[fmt]["after"] == r[fmt]["held"] for r in ranks)
-            assert max(held0, held1) <= 0.51 * whole and held0 + held1 <= 1.01 * whole
-            assert ranks[0][fmt]["grads"].keys() == expected.keys() and len(expected) > 0
-            assert err <= 1e-6
-    finally:
-        torch.set_num_threads(threads)
+    for fmt in CASES:
+        model = _model(folders, fmt)
+        ids = _ids()
+        sum(model(ids[r::2], labels=ids[r::2]).loss / 2 for r in range(2)).backward()
+        expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        (held0, whole), (held1, _) = ranks[0][fmt]["held"], ranks[1][fmt]["held"]
+        err = max((expected[n] - ranks[0][fmt]["grads"][n]).abs().max().item() for n in expected)
+        print(f"{fmt}: ranks hold {held0} + {held1} of {whole} stored bytes; max |dgrad| vs 1 process {err:.1e}")
+        assert all(r[fmt]["sharded"] and r[fmt]["after"] == r[fmt]["held"] for r in ranks)
+        assert max(held0, held1) <= 0.51 * whole and held0 + held1 <= 1.01 * whole
+        assert ranks[0][fmt]["grads"].keys() == expected.keys() and len(expected) > 0
+        assert err <= 1e-6
 
 
 def test_a_rank_loads_its_own_rows_and_dequantizes_only_once_sharded(folders):
