@@ -115,8 +115,9 @@ class Attention(nn.Module):
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """SDPA with GQA; causal when ``mask`` is None (only valid when T == S)."""
     gqa = q.shape[1] != k.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
+    # a branch, not is_causal=(T > 1): a compiled caller sees T as a symbol, which is_causal refuses
+    if mask is None and q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 

@@ -7,6 +7,11 @@ a kernel for the dtype (CPU: fp32/fp16/bf16; CUDA: bf16 on compute capability >=
 otherwise runs :func:`grouped_linear_loop`, the reference with the same signature, saying so once
 at INFO. The loop reads the offsets on the host (a device sync per call); the grouped path never does.
 
+Compiled code: dynamo traces ``grouped_mm`` through its meta kernel, which takes bf16 only (the CPU
+kernel itself takes fp32 and fp16 too). Under ``torch.compile`` any other dtype, or a device the
+kernel does not serve, runs the eager path above as one opaque op (``moetune::grouped_linear``, with
+its own backward), so a compiled block has no graph break there and computes what eager computes.
+
 The kernel needs 16-byte aligned row strides. A dimension that misses it (a LoRA rank of 4 in bf16,
 an odd expert width) is padded with zeros to the next multiple and the extra output columns are
 dropped: zero rows and columns add exact zeros, so the result is the unpadded product.
@@ -101,6 +106,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if x.shape[0] == 0:  # grouped_mm's backward rejects empty operands; nothing to sync on either
         return grouped_linear_loop(x, weight, offsets)
     reason = grouped_unsupported(x, weight)
+    if torch.compiler.is_compiling() and (reason is not None or x.dtype != torch.bfloat16):
+        return grouped_linear_opaque(x, weight, offsets)
     if reason is not None:
         _fallback_once(reason)
         return grouped_linear_loop(x, weight, offsets)
@@ -155,3 +162,45 @@ def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
     starts = [0] + ends[:-1]
     parts = [F.linear(x[s:e], weight[i]) for i, (s, e) in enumerate(zip(starts, ends))]
     return torch.cat(parts, dim=0) if parts else x.new_zeros(0, weight.shape[1])
+
+
+@torch.library.custom_op("moetune::grouped_linear", mutates_args=())
+def grouped_linear_opaque(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_linear` run eagerly inside compiled code (what the tracer cannot see into)."""
+    return grouped_linear(x, weight, offsets)
+
+
+@grouped_linear_opaque.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # noqa: ARG001 - the op's signature
+    return x.new_empty(x.shape[0], weight.shape[-2])
+
+
+@torch.library.custom_op("moetune::grouped_weight_grad", mutates_args=())
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, experts: int) -> torch.Tensor:
+    """(E, out, in) gradient of the weight of :func:`grouped_linear`: ``grad_e^T @ x_e`` per expert."""
+    ends = offsets.tolist()
+    out = grad.new_zeros(experts, grad.shape[1], x.shape[1])
+    for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
+        if end > start:
+            out[e] = grad[start:end].T @ x[start:end]
+    return out
+
+
+@grouped_weight_grad.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, experts: int) -> torch.Tensor:  # noqa: ARG001
+    return grad.new_empty(experts, grad.shape[1], x.shape[1])
+
+
+def _save(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ARG001 - register_autograd's signature
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grouped_linear_opaque(grad, weight.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_weight_grad(grad, x, offsets, weight.shape[0]) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+grouped_linear_opaque.register_autograd(_backward, setup_context=_save)

@@ -180,6 +180,15 @@ class CausalLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.model.gradient_checkpointing = enabled
 
+    def compile_blocks(self, **options) -> None:
+        """Compile each decoder block's forward with ``torch.compile(fullgraph=True, **options)``
+        (a graph break is an error, never a silent split). The forward only: hooks on a block run
+        eagerly around it (peft hands its adapter layers the forward's selection there). Embedding,
+        final norm, LM head and loss stay eager. Compiling again is a no-op."""
+        for layer in self.model.layers:
+            if "forward" not in vars(layer):  # an instance attribute: already compiled
+                layer.forward = torch.compile(layer.forward, fullgraph=True, **options)
+
     @torch.no_grad()
     def update_router_biases(self, stats: list[RouterStats], speed: float) -> int:
         """One aux-loss-free balancing step on every router that holds a correction bias.
