@@ -37,6 +37,7 @@ from .sections import (
     LoggingSection,
     ModelSection,
     OptimSection,
+    TrainSection,
 )
 from .train import AdapterSection, DataOverride, METHOD_KINDS, OptimOverride, TrainConfig
 
@@ -63,6 +64,7 @@ __all__ = [
     "OptimSection",
     "ROUTINGS",
     "TrainConfig",
+    "TrainSection",
     "check_types",
     "dotted",
     "dump_config",

@@ -1,5 +1,5 @@
-"""The run file's plain sections: model, data, optim (with distillation), checkpoint, logging
-and distributed.
+"""The run file's plain sections: model, data, optim (with distillation), train, checkpoint,
+logging and distributed.
 """
 
 from __future__ import annotations
@@ -187,6 +187,20 @@ class OptimSection(ConfigSection):
             self.aux_loss_coef = PREFERENCE_AUX_LOSS_COEF
         if self.distill is not None:
             raise ConfigFieldError(f"{{key}} cannot be combined with objective: {self.objective}", ("distill",))
+
+
+@dataclass(kw_only=True)
+class TrainSection(ConfigSection):
+    """How each step runs.
+
+    Attributes:
+        compile: compile each decoder block's forward with ``torch.compile(fullgraph=True)`` (per
+            block, the torchtitan way; embedding, LM head and loss stay eager). The first steps
+            trace and compile, and so does the first step at a second sequence length (after
+            which lengths are symbolic). Not with mixture adapters (their routing is not traceable).
+    """
+
+    compile: bool = False
 
 
 @dataclass(kw_only=True)

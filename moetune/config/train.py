@@ -12,7 +12,15 @@ from typing import ClassVar, Literal
 
 from .adapter import AdaLoraOptions, LoraConfig, MixtureConfig
 from .schema import PATH_FIELD, ConfigFieldError, ConfigSection, Key, T, require
-from .sections import CheckpointSection, DataSection, DistributedSection, LoggingSection, ModelSection, OptimSection
+from .sections import (
+    CheckpointSection,
+    DataSection,
+    DistributedSection,
+    LoggingSection,
+    ModelSection,
+    OptimSection,
+    TrainSection,
+)
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -139,6 +147,7 @@ class TrainConfig(ConfigSection):
     adapters: list[AdapterSection] = field(default_factory=lambda: [AdapterSection()])
     data: DataSection
     optim: OptimSection
+    train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection
     logging: LoggingSection = field(default_factory=LoggingSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
@@ -152,6 +161,13 @@ class TrainConfig(ConfigSection):
             self.adapter_data(i), self.adapter_optim(i)
         self._validate_adalora()
         self._validate_preference()
+        mixtures = [f"adapters[{i}]" for i, a in enumerate(self.adapters) if a.mixture is not None]
+        if self.train.compile and mixtures:
+            raise ConfigFieldError(
+                f"{{key}}: true cannot compile mixture adapters ({', '.join(mixtures)}): their routing reads "
+                "the adapter context and row counts that a compiled block cannot trace; set it to false",
+                ("train", "compile"),
+            )
         trained = [a.name for a in self.adapters if not a.frozen]
         require(len(trained) > 0, "adapters", "at least one adapter that is not frozen", names)
         # AdaLoRA's allocation and distillation run in the single-adapter trainer (frozen adapters beside it)

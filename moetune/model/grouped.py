@@ -32,23 +32,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .layers import contiguous_grad
+
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    grouped_mm's backward rejects stride-0 gradients (a ``.sum()`` loss produces one).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd.Function signature
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd.Function signature
-        return grad.contiguous()
 
 
 def _fallback_once(reason: str) -> None:
@@ -153,7 +140,7 @@ def _aligned_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
     y = F.grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)
     if pad_out:
         y = y[:, :out].contiguous()
-    return _ContiguousGrad.apply(y)
+    return contiguous_grad(y)
 
 
 def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

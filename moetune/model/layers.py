@@ -29,6 +29,24 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd.Function signature
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd.Function signature
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``, with its gradient made contiguous on the way back (for backward kernels that reject
+    or mis-lay-out a strided gradient: grouped_mm refuses stride-0 ones, as a ``.sum()`` loss gives)."""
+    return _ContiguousGrad.apply(x)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in fp32."""
 

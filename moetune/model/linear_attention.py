@@ -29,7 +29,7 @@ from torch import nn
 from .attention import KVCache
 from .delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from .delta_rule_fast import fast_chunk_rule
-from .layers import RMSNorm, Rope
+from .layers import RMSNorm, Rope, contiguous_grad
 
 
 class GatedRMSNorm(RMSNorm):
@@ -119,7 +119,10 @@ class GatedDeltaNet(nn.Module):
         if self.hv > self.hk:
             q, k = q.repeat_interleave(self.hv // self.hk, dim=2), k.repeat_interleave(self.hv // self.hk, dim=2)
         beta = b.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        # softplus's eager backward lays its result out like the incoming gradient (transposed here,
+        # by the delta rule's heads-first copy), its meta kernel like the input: a compiled backward
+        # then views it with the wrong strides. A contiguous gradient makes both agree.
+        g = -self.A_log.float().exp() * contiguous_grad(F.softplus(a.float() + self.dt_bias))
         if state is not None and T == 1:
             rule = recurrent_gated_delta_rule
         else:  # flash-linear-attention's kernel on CUDA where installed, else the PyTorch reference

@@ -104,4 +104,11 @@ def prepare_run(
         for p in adapter_parameters(model, name).values():
             p.requires_grad_(False)
     model.set_gradient_checkpointing(config.optim.activation_checkpointing)
+    if config.train.compile:
+        model.compile_blocks()
+        log.info(
+            "train.compile: the forward of each of the %d decoder blocks is compiled (torch.compile, "
+            "fullgraph=True); the first steps trace and compile",
+            len(model.model.layers),
+        )
     return RunParts(model=model, tokenizer=tokenizer, data=data, device=device, dtype=dtype)

@@ -175,6 +175,17 @@ def test_run_file_errors(tmp_path: Path, old: str, new: str, expected: str) -> N
     assert str(tmp_path / "run.yaml") in message
 
 
+def test_train_compile_switch(tmp_path: Path) -> None:
+    assert load_train_config(write(tmp_path, RUN)).train.compile is False
+    assert load_train_config(tmp_path / "run.yaml", ["train.compile=true"]).train.compile is True
+    assert "unknown key 'train.compiel' in override 'train.compiel=true' (did you mean 'compile'?)" in error_of(
+        load_train_config, tmp_path / "run.yaml", ["train.compiel=true"]
+    )
+    mixture = write(tmp_path, RUN.replace("  r: 16", "  method: mixlora\n  r: 16"), "mix.yaml")
+    message = error_of(load_train_config, mixture, ["train.compile=true"])
+    assert "train.compile: true cannot compile mixture adapters (adapters[0])" in message, message
+
+
 def test_adapters_list(tmp_path: Path) -> None:
     text = RUN.replace(
         "adapter:\n  r: 16\n  alpha: 32\n  target_modules: [q_proj, experts]\n",
