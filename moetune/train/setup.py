@@ -103,6 +103,12 @@ def prepare_run(
     for name in frozen:  # after every add_adapter, which marks all adapter parameters trainable
         for p in adapter_parameters(model, name).values():
             p.requires_grad_(False)
+    _set_step_options(model, config)
+    return RunParts(model=model, tokenizer=tokenizer, data=data, device=device, dtype=dtype)
+
+
+def _set_step_options(model: CausalLM, config: TrainConfig) -> None:
+    """Activation checkpointing and compiled blocks, as the run file says."""
     model.set_gradient_checkpointing(config.optim.activation_checkpointing)
     if config.train.compile:
         model.compile_blocks()
@@ -111,4 +117,3 @@ def prepare_run(
             "fullgraph=True); the first steps trace and compile",
             len(model.model.layers),
         )
-    return RunParts(model=model, tokenizer=tokenizer, data=data, device=device, dtype=dtype)
