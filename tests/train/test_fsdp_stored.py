@@ -15,10 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moetune
+from moetune.config import load_train_config
 from moetune.model.quant import StoredWeight
 from moetune.model.quant.stored import fsdp_rows
 from moetune.tiny_models import make_tiny
+from moetune.train.setup import prepare_run
 from moetune.train.sharding import is_dtensor, shard_model, stored_bytes_held
+from train_helpers import write_run
 
 pytestmark = [
     pytest.mark.skipif(
@@ -115,3 +118,13 @@ def test_a_rank_loads_its_own_rows_and_dequantizes_only_once_sharded(folders):
         kv_b = part.get_submodule("model.layers.0.self_attn.kv_b_proj")
         with pytest.raises(RuntimeError, match=f"holds only rank {rank}'s rows of 2 until the model is sharded"):
             kv_b(torch.zeros(1, kv_b.in_features))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_run_loads_its_rows_unless_an_adapter_reads_the_base_when_made(folders, tmp_path, dora):
+    """DoRA's magnitude is the norm of the base weight's rows, all of them: that run loads whole."""
+    adapter = {"r": 4, "alpha": 8, "target_modules": ["q_b_proj", "kv_b_proj"], "method": "dora" if dora else "lora"}
+    cfg = write_run(tmp_path, model={"path": str(folders / "fp8"), "device": "cpu"}, adapter=adapter)
+    parts = prepare_run(load_train_config(cfg), shard=(1, 2))
+    shards = {h.shard for h in parts.model.modules() if isinstance(h, StoredWeight)}
+    assert shards == ({None} if dora else {(1, 2)})
