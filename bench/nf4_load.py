@@ -12,6 +12,7 @@ bytes.
 
     python bench/nf4_load.py                       # ~380 MB checkpoint, 5 rounds
     python bench/nf4_load.py --tiny --rounds 1     # seconds
+    python bench/nf4_load.py --layers 12 --rounds 3  # ~1.9 GB
     python bench/nf4_load.py --device cuda         # quantized on the GPU
 """
 
@@ -120,10 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="loads per case (median of these)")
     p.add_argument("--before", default=BUCKETIZE_REVISION, help="git revision of the quantizer to compare with")
     p.add_argument("--tiny", action="store_true", help="a ~10 MB checkpoint (smoke test)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers: ~160 MB each, plus 67 MB")
     p.add_argument("--folder", type=Path, help="write the checkpoint here (default: a temporary folder)")
     ns = p.parse_args(argv)
     size = dict(hidden=256, experts=8, moe_hidden=128, layers=2, vocab=4096) if ns.tiny else {}
-    size = {**dict(hidden=1024, experts=64, moe_hidden=384, layers=2, vocab=16384), **size}
+    size = {**dict(hidden=1024, experts=64, moe_hidden=384, layers=ns.layers, vocab=16384), **size}
     before = module_at(ns.before)
     with tempfile.TemporaryDirectory() as tmp:
         folder = ns.folder or Path(tmp)

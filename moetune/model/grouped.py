@@ -17,12 +17,13 @@ an odd expert width) is padded with zeros to the next multiple and the extra out
 dropped: zero rows and columns add exact zeros, so the result is the unpadded product.
 
 On CPU the grouped GEMM is one matmul per expert, and in bf16/fp16 oneDNN builds a kernel for
-every new shape (3-6 ms, against 0.1-0.25 ms for a cached one): with rows per expert changing every
-step, a training step met ~950 new shapes and its cache (1024) never settled, so bf16 ran 1.5-1.9x
-slower than fp32. There each expert's rows are placed at a multiple of :func:`cpu_row_multiple`
-rows in a zero-filled buffer of static size (rows + E * (multiple - 1), so no host sync), which
-makes shapes repeat; the zero rows give zero outputs, which are not read back, and add nothing to
-the weight gradients.
+every new shape (0.2-0.3 ms each here, 3-6 ms seen on a loaded machine): with rows per expert
+changing every step, a training step met 700-1400 new shapes (its cache holds 1024), and bf16 ran
+up to 1.4-1.9x slower than fp32 (docs/benchmarks.md). There each expert's rows are placed at a
+multiple of :func:`cpu_row_multiple` rows in a zero-filled buffer of static size (rows + E *
+(multiple - 1), so no host sync), which makes shapes repeat; the zero rows give zero outputs, which
+are not read back, and add nothing to the weight gradients. Backward is written out so that only
+the unpadded rows are kept for it.
 """
 
 from __future__ import annotations
@@ -99,11 +100,54 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         _fallback_once(reason)
         return grouped_linear_loop(x, weight, offsets)
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        multiple = cpu_row_multiple(x.shape[0], offsets.shape[0])
-        rows, padded_offsets, length = _rows_at_multiples(offsets, x.shape[0], multiple)
-        padded = x.new_zeros(length, x.shape[1]).index_copy(0, rows, x)
-        return _aligned_grouped_mm(padded, weight, padded_offsets).index_select(0, rows)
+        return _RowPaddedGroupedLinear.apply(x, weight, offsets, cpu_row_multiple(x.shape[0], offsets.shape[0]))
     return _aligned_grouped_mm(x, weight, offsets)
+
+
+class _RowPaddedGroupedLinear(torch.autograd.Function):
+    """``grouped_linear`` on rows placed at multiples of ``multiple`` per expert. Backward keeps the
+    unpadded rows and the (E,) offsets and places the rows again (a copy, a search), so autograd
+    holds no more than for the unpadded product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets, multiple):
+        rows, padded_offsets, length = _rows_at_multiples(offsets, x.shape[0], multiple)
+        y = _aligned_grouped_mm(_placed(x, rows, length), weight, padded_offsets).index_select(0, rows)
+        keep_x, keep_weight = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        ctx.save_for_backward(x if keep_x else None, weight if keep_weight else None, offsets)
+        ctx.n, ctx.multiple = x.shape[0], multiple
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, offsets = ctx.saved_tensors
+        rows, offsets, length = _rows_at_multiples(offsets, ctx.n, ctx.multiple)
+        grad = _placed(grad_y, rows, length)  # zero on the padding rows: they add nothing below
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:  # per expert grad_e @ W_e
+            grad_x = _aligned_grouped_mm(grad, weight.transpose(-2, -1), offsets).index_select(0, rows)
+        if ctx.needs_input_grad[1]:  # per expert grad_e^T @ x_e, as F.linear's weight gradient
+            grad_weight = _grouped_weight_grad(grad, _placed(x, rows, length), offsets)
+        return grad_x, grad_weight, None, None
+
+
+def _placed(x: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """(length, d) zeros with x's rows at ``rows``."""
+    return x.new_zeros(length, x.shape[1]).index_copy_(0, rows, x)
+
+
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(E, out, in): each expert's ``grad_e^T @ x_e``, ``out`` and ``in`` zero-padded to 16 bytes
+    where they miss it (zero columns give zero entries, dropped)."""
+    multiple = 16 // x.element_size()
+    out, inp = grad.shape[1], x.shape[1]
+    pad_out, pad_in = _pad_to(out, multiple), _pad_to(inp, multiple)
+    if pad_out:
+        grad = F.pad(grad, (0, pad_out))
+    if pad_in:
+        x = F.pad(x, (0, pad_in))
+    return F.grouped_mm(grad.t(), x, offs=offsets)[:, :out, :inp]
 
 
 def cpu_row_multiple(rows: int, experts: int) -> int:
