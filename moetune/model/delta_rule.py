@@ -22,6 +22,8 @@ state crosses a document boundary; the convolution restarts at the same places.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -31,41 +33,51 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def _heads_first(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """(B, T, H, ...) -> (B, H, T, ...) fp32 contiguous."""
-    return [x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for x in xs]
+class DeltaRuleInputs(NamedTuple):
+    """The inputs of one gated-delta-rule call, whichever form runs it.
 
+    q, k: (B, T, H, Dk) raw queries and keys (each form L2-normalises them).
+    v: (B, T, H, Dv).
+    g: (B, T, H) log decay (<= 0).
+    beta: (B, T, H) write strength in (0, 1).
+    resets: (B, T) bool, True where the state is dropped before the token, or None.
+    initial_state: (B, H, Dk, Dv) state before the first token, or None for zeros.
 
-def recurrent_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    resets: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-by-token gated delta rule.
-
-    Args:
-        q, k: (B, T, H, Dk) raw queries and keys (normalised here).
-        v: (B, T, H, Dv).
-        g: (B, T, H) log decay (<= 0).
-        beta: (B, T, H) write strength in (0, 1).
-        resets: (B, T) bool, True where the state is dropped before the token.
-        initial_state: (B, H, Dk, Dv) state before the first token, or None for zeros.
-
-    Returns:
-        Output (B, T, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) fp32.
+    Every form returns the output (B, T, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) fp32.
     """
-    dtype = q.dtype
-    q, k, v, beta, g = _heads_first(q, k, v, beta, g)
-    q, k = l2norm(q), l2norm(k)
-    q = q / (q.shape[-1] ** 0.5)
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    resets: torch.Tensor | None = None
+    initial_state: torch.Tensor | None = None
+
+
+def _heads_first(x: DeltaRuleInputs) -> tuple[torch.Tensor, ...]:
+    """q, k (L2-normalised, not yet scaled), v, beta, g as (B, H, T, ...) fp32 contiguous."""
+    q, k, v, beta, g = (
+        t.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for t in (x.q, x.k, x.v, x.beta, x.g)
+    )
+    return l2norm(q), l2norm(k), v, beta, g
+
+
+def _initial_state(x: DeltaRuleInputs, like: torch.Tensor) -> torch.Tensor:
+    """The state before the first token: the given one in fp32, or zeros (B, H, Dk, Dv)."""
+    if x.initial_state is not None:
+        return x.initial_state.to(like)
+    B, _, H, Dk = x.k.shape
+    return like.new_zeros(B, H, Dk, x.v.shape[-1])
+
+
+def recurrent_gated_delta_rule(x: DeltaRuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token gated delta rule (generation, and the reference in tests)."""
+    q, k, v, beta, g = _heads_first(x)
+    q = q / (q.shape[-1] ** 0.5)  # transformers' recurrent form divides, its chunked form multiplies
     B, H, T, Dk = k.shape
-    state = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(q)
-    keep = None if resets is None else (~resets).to(q.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    state = _initial_state(x, q)
+    keep = None if x.resets is None else (~x.resets).to(q.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     outs = []
     for t in range(T):
         if keep is not None:
@@ -76,7 +88,7 @@ def recurrent_gated_delta_rule(
         state = state + k[:, :, t, :, None] * delta[:, :, None, :]
         outs.append((state * q[:, :, t, :, None]).sum(dim=-2))
     out = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
-    return out.transpose(1, 2).contiguous().to(dtype), state
+    return out.transpose(1, 2).contiguous().to(x.q.dtype), state
 
 
 def _chunk_decays(g: torch.Tensor, resets: torch.Tensor | None):
@@ -107,25 +119,13 @@ def _chunk_decays(g: torch.Tensor, resets: torch.Tensor | None):
     return pair.exp(), cum.exp(), to_end.exp(), cum[..., -1].exp()
 
 
-def chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    resets: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_gated_delta_rule(x: DeltaRuleInputs, *, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule; same arguments and results as :func:`recurrent_gated_delta_rule`.
 
     Inside a chunk the C delta-rule writes are condensed by one unit-lower-triangular solve (the
     UT transform); the state then crosses chunk boundaries in a scan of N steps.
     """
-    dtype = q.dtype
-    q, k, v, beta, g = _heads_first(q, k, v, beta, g)
-    q, k = l2norm(q), l2norm(k)
+    q, k, v, beta, g = _heads_first(x)
     q = q * q.shape[-1] ** -0.5
     B, H, T, Dk = k.shape
     Dv, C = v.shape[-1], chunk_size
@@ -136,7 +136,7 @@ def chunk_gated_delta_rule(
     v_beta, k_beta = v * beta[..., None], k * beta[..., None]
     q, k, k_beta, v_beta = (x.reshape(B, H, N, C, -1) for x in (q, k, k_beta, v_beta))
     pair, decay_in, decay_out, carry = _chunk_decays(
-        g.reshape(B, H, N, C), None if resets is None else F.pad(resets, (0, pad))
+        g.reshape(B, H, N, C), None if x.resets is None else F.pad(x.resets, (0, pad))
     )
     ut = (k_beta @ k.transpose(-1, -2)) * pair
     intra = (q @ k.transpose(-1, -2)) * pair
@@ -144,14 +144,14 @@ def chunk_gated_delta_rule(
     rhs = torch.cat((v_beta, k_beta * decay_in[..., None]), dim=-1)
     new_v, k_cumdecay = torch.linalg.solve_triangular(ut, rhs, upper=False, unitriangular=True).split([Dv, Dk], -1)
     q, k = q * decay_in[..., None], k * decay_out[..., None]
-    state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q)
+    state = _initial_state(x, q)
     outs = []
     for i in range(N):
         v_new = new_v[:, :, i] - k_cumdecay[:, :, i] @ state
         outs.append(q[:, :, i] @ state + intra[:, :, i] @ v_new)
         state = state * carry[:, :, i, None, None] + k[:, :, i].transpose(-1, -2) @ v_new
     out = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
-    return out.transpose(1, 2).contiguous().to(dtype), state
+    return out.transpose(1, 2).contiguous().to(x.q.dtype), state
 
 
 def causal_conv(

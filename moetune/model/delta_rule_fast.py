@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from .delta_rule import DeltaRuleInputs
+
 log = logging.getLogger(__name__)
 RESET_LOG_DECAY = -200.0
 _said: set[str] = set()
@@ -54,23 +56,14 @@ def fast_chunk_rule(device: torch.device) -> Callable | None:
     return fla_chunk_gated_delta_rule if kernel else None
 
 
-def fla_chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    resets: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same arguments and results as :func:`.delta_rule.chunk_gated_delta_rule` (CUDA only)."""
+def fla_chunk_gated_delta_rule(x: DeltaRuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same inputs and results as :func:`.delta_rule.chunk_gated_delta_rule` (CUDA only)."""
     kernel, _ = _kernel()
-    g = g.float()
-    if resets is not None:
-        g = g.masked_fill(resets[..., None], RESET_LOG_DECAY)
-    state = None if initial_state is None else initial_state.float()
-    out, final = kernel(
-        q, k, v, g, beta.to(v.dtype), initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
-    )
-    return out.to(q.dtype), final
+    g = x.g.float()
+    if x.resets is not None:
+        g = g.masked_fill(x.resets[..., None], RESET_LOG_DECAY)
+    state = None if x.initial_state is None else x.initial_state.float()
+    beta = x.beta.to(x.v.dtype)
+    kw = {"initial_state": state, "output_final_state": True, "use_qk_l2norm_in_kernel": True}
+    out, final = kernel(x.q, x.k, x.v, g, beta, **kw)
+    return out.to(x.q.dtype), final

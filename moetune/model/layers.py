@@ -50,9 +50,12 @@ def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in fp32."""
 
+    # the weight that leaves the normalised input unchanged (a random model starts there)
+    neutral_weight = 1.0
+
     def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), self.neutral_weight))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

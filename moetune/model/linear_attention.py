@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KVCache
-from .delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .delta_rule import DeltaRuleInputs, causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from .delta_rule_fast import fast_chunk_rule
 from .layers import RMSNorm, Rope, contiguous_grad
 
@@ -127,7 +127,7 @@ class GatedDeltaNet(nn.Module):
             rule = recurrent_gated_delta_rule
         else:  # flash-linear-attention's kernel on CUDA where installed, else the PyTorch reference
             rule = fast_chunk_rule(qkv.device) or chunk_gated_delta_rule
-        out, recurrent_state = rule(q, k, v, g, beta, resets=resets, initial_state=recurrent_state)
+        out, recurrent_state = rule(DeltaRuleInputs(q, k, v, g, beta, resets, recurrent_state))
         return out, (conv_state, recurrent_state)
 
     def forward(

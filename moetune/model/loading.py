@@ -264,11 +264,11 @@ def build_random_model(
         model = build_causal_lm(args)
     model.to(dtype=dtype).to_empty(device=device)
     _after_materialise(model)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    norms = {id(m.weight): m.neutral_weight for m in model.modules() if isinstance(m, RMSNorm)}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if id(p) in norms:
-                p.fill_(1.0)
+                p.fill_(norms[id(p)])
             elif name.endswith("bias"):
                 p.zero_()
             else:

@@ -26,17 +26,14 @@ from .attention import Attention, KVCache
 from .build import ATTENTION_BUILDERS, NORM_BUILDERS, build_attention
 from .config import LinearAttentionArgs, MoEArgs, ModelArgs
 from .families import config_value, parse_llama, register_family
-from .layers import Rope, apply_rope, rms_normalize
+from .layers import RMSNorm, Rope, apply_rope, rms_normalize
 from .linear_attention import GatedDeltaNet
 
 
-class ZeroCenteredRMSNorm(nn.Module):
+class ZeroCenteredRMSNorm(RMSNorm):
     """RMSNorm with weight stored as an offset from 1: ``x_normed * (1 + w)``, in fp32, then cast."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
+    neutral_weight = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)

@@ -6,7 +6,7 @@ import torch
 
 import moetune
 from moetune.model import KVCache
-from moetune.model.delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from moetune.model.delta_rule import DeltaRuleInputs, causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from moetune.model.generate import SamplingConfig, generate
 
 from tiny_hybrid import CASES, make_hf
@@ -199,7 +199,7 @@ def test_chunked_equals_recurrent_outputs_and_gradients(with_resets):
 
     def run(rule, **kw):
         a, b, c, d, e, s = leaves
-        out, state = rule(a, b, c, d, e, resets=resets, initial_state=s, **kw)
+        out, state = rule(DeltaRuleInputs(a, b, c, d, e, resets=resets, initial_state=s), **kw)
         grads = torch.autograd.grad((out * probe).sum() + state.square().sum(), leaves)
         return out, state, grads
 
@@ -220,10 +220,10 @@ def test_delta_rule_matches_transformers_fallbacks():
     state0 = torch.randn(2, 3, 8, 6)
     kw = dict(initial_state=state0, output_final_state=True, use_qk_l2norm_in_kernel=True)
     out_ref, state_ref = ref.torch_chunk_gated_delta_rule(q, k, v, gate, beta, chunk_size=16, **kw)
-    out, state = chunk_gated_delta_rule(q, k, v, gate, beta, chunk_size=16, initial_state=state0)
+    out, state = chunk_gated_delta_rule(DeltaRuleInputs(q, k, v, gate, beta, initial_state=state0), chunk_size=16)
     assert (out - out_ref).abs().max() <= 1e-6 and (state - state_ref).abs().max() <= 1e-6
     out_ref, _ = ref.torch_recurrent_gated_delta_rule(q, k, v, gate, beta, **kw)
-    out, _ = recurrent_gated_delta_rule(q, k, v, gate, beta, initial_state=state0)
+    out, _ = recurrent_gated_delta_rule(DeltaRuleInputs(q, k, v, gate, beta, initial_state=state0))
     assert (out - out_ref).abs().max() <= 1e-6
 
 
@@ -273,8 +273,9 @@ def test_fast_path_is_cuda_only_and_matches_the_reference(caplog):
         pytest.skip("flash-linear-attention is not installed")
     q, k, v, gate, beta, resets = (t.cuda() for t in _rule_inputs(T=200, Dk=16, Dv=16))
     state0 = torch.randn(2, 3, 16, 16, device="cuda")
-    ref, ref_state = chunk_gated_delta_rule(q, k, v, gate, beta, resets=resets, initial_state=state0)
-    out, state = rule(q, k, v, gate, beta, resets=resets, initial_state=state0)
+    inputs = DeltaRuleInputs(q, k, v, gate, beta, resets=resets, initial_state=state0)
+    ref, ref_state = chunk_gated_delta_rule(inputs)
+    out, state = rule(inputs)
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max() and (
         state - ref_state
     ).abs().max() <= 1e-3 * ref_state.abs().max()
