@@ -14,6 +14,11 @@ from moetune.errors import DataError
 from moetune.evaluation import read_task
 from moetune.workflows import EvalSetup, evaluate_task_files
 
+# One thread: the tiny pre-training is hundreds of small ops a step, which a second thread slows down
+# on a 2-core machine that runs anything else (measured: 1.25x the CPU time with idle OpenMP threads
+# sleeping, 10x and more with them spinning); the results are the same at 1 and 2 threads.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
