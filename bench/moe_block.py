@@ -12,6 +12,7 @@ Prints one JSON line per (tool, lora, compiled): median milliseconds, and peak m
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from moetune.config import LoraConfig
 from moetune.model.moe import GroupedExperts, MoEBlock, TopKRouter
+from moetune.peft.core.layer import selection_handed
 from moetune.peft.lora.experts import LoraGroupedExperts
 from harness import parser, peak_gib, reset_peak, synchronize, timed  # the bench folder's own module
 
@@ -61,13 +63,26 @@ def our_block(hf, cfg, lora: bool) -> MoEBlock:
     return block
 
 
-def step_fn(block, ours: bool):
+def step_fn(block, ours: bool, compiled):
     def step(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         out = block(x)[0] if ours else block(x)
         out.backward(grad)
         return out
 
-    return step
+    if not ours:
+        return compiled(step)
+    inner = compiled(step)
+
+    def handed(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        # the expert LoRA reads its adapter selection from an attribute set here, outside the traced code
+        with selection_handed(block):
+            return inner(x, grad)
+
+    return handed
+
+
+def _as_is(fn):
+    return fn
 
 
 def time_it(fn, x, grad, *, iters: int, warmup: int, device: str) -> tuple[float, float]:
@@ -107,12 +122,11 @@ def main(argv=None) -> int:
             diff = (ours(x0)[0].float() - hf(x0).float()).abs().max().item()
         for tool, block in (("moetune", ours), ("transformers+peft" if lora else "transformers", hf)):
             for compiled in (False, True):
-                fn = step_fn(block, tool == "moetune")
                 row = {"case": "moe_block", "tool": tool, "lora": lora, "compiled": compiled, "tokens": tokens}
                 try:
-                    if compiled:
-                        torch._dynamo.reset()
-                        fn = torch.compile(fn, backend=ns.compile_backend)
+                    torch._dynamo.reset()
+                    wrap = functools.partial(torch.compile, backend=ns.compile_backend) if compiled else _as_is
+                    fn = step_fn(block, tool == "moetune", wrap)
                     x = x0.clone().requires_grad_(True)
                     ms, peak = time_it(fn, x, grad, iters=iters, warmup=warmup, device=ns.device)
                     row.update(ms=round(ms, 3), peak_gib=round(peak, 2), max_abs_diff_vs_transformers=diff)

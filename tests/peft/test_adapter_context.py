@@ -10,8 +10,8 @@ import torch
 import moetune
 from moetune import LoraConfig
 from moetune.model.loss import load_balancing_loss, router_stats_of_samples, sample_losses
-from moetune.peft.core.context import current_context
-from moetune.peft.core.layer import adapter_layers
+from moetune.peft.core.context import EVERYWHERE, current_context
+from moetune.peft.core.layer import adapter_layers, selection_handed
 from moetune.peft.core.params import trainable_parameters
 from tiny_configs import MOE, tiny_model
 
@@ -71,6 +71,15 @@ def test_decoder_blocks_hand_their_layers_the_selection_for_the_forward_only():
     assert seen[0].sample_of_row.tolist() == [i // 9 for i in range(27)]
     assert seen[1].names is None  # no per-sample names: the active adapters everywhere
     assert all(layer.installed_selection is None for _, layer in adapter_layers(model))
+
+
+def test_a_module_compiled_on_its_own_is_handed_the_selection():
+    """What a decoder block's hooks do, for a module that is not a block (bench/moe_block.py)."""
+    model = _model().eval()
+    experts = model.model.layers[0].mlp.experts
+    with selection_handed(experts):
+        assert experts.installed_selection is EVERYWHERE  # no forward running: the active adapters everywhere
+    assert experts.installed_selection is None
 
 
 def test_a_failing_forward_leaves_no_context_and_names_must_match_the_batch():

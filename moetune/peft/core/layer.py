@@ -228,6 +228,18 @@ def install_selection_hooks(model: nn.Module) -> None:
             block.register_forward_hook(_take_selection, always_call=True)
 
 
+@contextlib.contextmanager
+def selection_handed(module: nn.Module) -> Iterator[None]:
+    """Inside the block, the adapter layers in ``module`` hold the current selection (the adapter
+    context's, else every active adapter on every row) instead of reading the context: what a
+    decoder block's hooks do, for compiling a module that is not a decoder block (one MoE block)."""
+    _hand_selection(module, ())
+    try:
+        yield
+    finally:
+        _take_selection(module, (), None)
+
+
 def _hand_selection(block: nn.Module, args: tuple) -> None:  # noqa: ARG001 - the hook's signature
     ctx = current_context()
     selection = EVERYWHERE if ctx is None else ctx.selection()  # a block runs on every token in batch order
