@@ -9,9 +9,11 @@ is, for each adapter in turn, a forward + backward on its own micro-batch with o
 active, and its optimizer step. Both do the same work for the adapters; the pairs alternate
 (together, apart, apart, together, ...) so that whatever else the machine runs falls on both.
 
-Prints one JSON line: each mode's median seconds per step with min and max, the throughput ratio
-(apart time / together time: > 1 means training together is faster), and the largest difference
-between an adapter's loss in the together forward and alone (same weights, before any step).
+Prints one JSON line: each mode's [median, min, max] seconds per step, by the wall clock and by
+the process's CPU time, the throughput ratio of each (apart time / together time: > 1 means
+training together is faster), and the largest difference between an adapter's loss in the
+together forward and alone (same weights, before any step); also each mode's median minor page
+faults per step (see :func:`timed`).
 
     python bench/multi_adapter.py                        # hidden 512, 32 experts top-4, 4 x 2 x 256 tokens
     python bench/multi_adapter.py --tiny --steps 2       # smoke test (seconds)
@@ -25,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads m
 
 import argparse  # noqa: E402 - after the OpenMP setting, which must precede torch
 import json  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -86,25 +89,32 @@ def together_losses(model, names, batches) -> tuple[dict[str, torch.Tensor], obj
     return losses, out
 
 
-def together_step(model, names, opts, batches) -> float:
-    t0 = time.perf_counter()
+def together_step(model, names, opts, batches) -> None:
     losses, _ = together_losses(model, names, batches)
     sum(losses.values()).backward()
     for n in names:
         opts[n].step()
         opts[n].zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
 
 
-def apart_step(model, names, opts, batches) -> float:
-    t0 = time.perf_counter()
+def apart_step(model, names, opts, batches) -> None:
     for n in names:
         moetune.set_adapter(model, n)
         out = model(batches[n], labels=batches[n])
         out.loss.backward()
         opts[n].step()
         opts[n].zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+
+
+def timed(step, *args) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, minor page faults) of one step. On a loaded
+    machine the CPU time is the steadier clock (waiting for a core does not count). Page faults:
+    glibc's malloc hands large blocks back to the system when freed, so a step whose tensors are
+    larger (all adapters' samples at once) touches fresh pages every step, which the CPU pays in
+    the first op that writes them; a caching allocator (CUDA's) does not."""
+    w, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(*args)
+    return time.perf_counter() - w, time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
 
 
 def loss_difference(model, names, batches) -> float:
@@ -139,17 +149,21 @@ def main(argv=None) -> int:
         ns.hidden, ns.experts, ns.top_k, ns.vocab, ns.tokens, ns.rank = 64, 8, 2, 512, 32, 4
     model, names, opts, batches = build(ns)
     diff = loss_difference(model, names, batches)
-    times: dict[str, list[float]] = {"together": [], "apart": []}
+    times: dict[str, list[tuple[float, float, float]]] = {"together": [], "apart": []}
     for i in range(ns.steps + 1):  # the first pair warms up
         order = ("together", "apart") if i % 2 == 0 else ("apart", "together")
         for mode in order:
-            sec = (together_step if mode == "together" else apart_step)(model, names, opts, batches)
+            sec = timed(together_step if mode == "together" else apart_step, model, names, opts, batches)
             if i:
                 times[mode].append(sec)
     row = {k: v for k, v in vars(ns).items() if k not in ("tiny", "steps")}
-    for mode, v in times.items():
-        row[mode] = {"median_s": round(statistics.median(v), 4), "min_s": round(min(v), 4), "max_s": round(max(v), 4)}
-    row["throughput_ratio"] = round(statistics.median(times["apart"]) / statistics.median(times["together"]), 3)
+    for j, clock in enumerate(("wall", "cpu")):
+        for mode, v in times.items():
+            t = [s[j] for s in v]
+            row[f"{mode}_{clock}_s"] = [round(statistics.median(t), 3), round(min(t), 3), round(max(t), 3)]
+        med = {mode: statistics.median(s[j] for s in v) for mode, v in times.items()}
+        row[f"throughput_ratio_{clock}"] = round(med["apart"] / med["together"], 3)
+    row.update({f"{mode}_page_faults": int(statistics.median(s[2] for s in v)) for mode, v in times.items()})
     row["max_loss_diff"] = diff
     row.update(steps=ns.steps, threads=torch.get_num_threads(), torch=torch.__version__)
     print(json.dumps(row), flush=True)

@@ -40,16 +40,13 @@ def _step(family: str, rank: int, adapters: int) -> HostSyncCounter:
     return counter
 
 
-# Two adapters per batch: the per-sample adapter masks are built from the adapter names, a list on
-# the host, once per forward for every adapter at once (peft/core/context.py AdapterContext.selection):
-# on a GPU one blocking host-to-device copy, left to where the adapter selection lives. Anything else fails.
-@pytest.mark.parametrize(
-    "family,rank,adapters,allowed",
-    [("qwen3_moe", 2, 1, {}), ("deepseek_v3", 4, 2, {"tensor(host data)": 1})],
-)
-def test_training_step_has_no_host_sync(family, rank, adapters, allowed):
+# Two adapters per batch: each adapter's rows are known on the host from the adapter names (ranges
+# of samples), so the layers slice them, and the experts regroup their routed rows by adapter with
+# a sort on the device and static block sizes: nothing is read back or copied from the host.
+@pytest.mark.parametrize("family,rank,adapters", [("qwen3_moe", 2, 1), ("deepseek_v3", 4, 2)])
+def test_training_step_has_no_host_sync(family, rank, adapters):
     counter = _step(family, rank, adapters)
-    assert dict(counter.counts) == allowed, counter.report()
+    assert not counter.counts, counter.report()
 
 
 def test_router_stats_without_padding_make_no_host_copy():

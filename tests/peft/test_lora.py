@@ -206,8 +206,12 @@ def test_mixed_adapter_batch_equals_each_sample_alone():
 
 def test_mixed_adapter_loss_and_gradients_match_logits_path():
     """The chunked loss runs lm_head on filtered rows (and again in backward): per-sample LoRA
-    there must give the same loss and adapter gradients as full logits + cross-entropy."""
-    model, ids = _two_adapter_model(), _ids(batch=3, seq=9)
+    there must give the same loss and adapter gradients as full logits + cross-entropy.
+
+    In float64: the two paths run each adapter's head LoRA on different row blocks (a chunk's
+    rows vs a sample's), so in fp32 they round differently, and the randomised adapters (scale
+    0.3) amplify that to ~3e-5 in layer-0 gradients (each fp32 path is that far from float64)."""
+    model, ids = _two_adapter_model().double(), _ids(batch=3, seq=9)
     model.loss_chunk_size = 5
     names = ["b", "a", None]
     labels = ids.clone()
@@ -220,9 +224,9 @@ def test_mixed_adapter_loss_and_gradients_match_logits_path():
     shifted = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
     ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100)
     ref.backward()
-    assert abs(out.loss.item() - ref.item()) < 1e-5
+    assert abs(out.loss.item() - ref.item()) < 1e-6  # the loss's cross-entropy runs in fp32
     for k, p in trainable_parameters(model).items():
-        assert torch.allclose(grads[k], p.grad, atol=1e-6), k
+        assert torch.allclose(grads[k], p.grad, atol=1e-10), k
 
 
 def test_per_sample_selection_refused_while_merged():

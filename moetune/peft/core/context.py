@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ...model.context import token_rows
+from .selection import SampleRuns
 from .state import adapter_state
 
 __all__ = ["EVERYWHERE", "AdapterContext", "Selection", "adapter_context", "current_context", "install_hooks"]
@@ -51,12 +52,20 @@ class Selection:
         sample_masks: adapter name -> (B,) bool, the samples that use it, for every name in ``names``.
         sample_of_row: (n,) sample index of each row of the call: the ``B*T`` tokens in batch order
             inside the decoder, a chunk's rows for the LM head in the loss.
+        runs: the forward's choice as host data (runs of samples, their adapter slots), from
+            which a layer knows each adapter's rows without reading the device.
+        rows: the call's rows, flat positions in the forward's ``B*T`` tokens.
+        slot_of_token: (B*T,) int64 adapter slot of each token of the forward (see
+            :class:`~.selection.SampleRuns`), for layers that regroup rows by adapter.
     """
 
     names: frozenset[str] | None = None
     batch_size: int = 0
     sample_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     sample_of_row: torch.Tensor | None = None
+    runs: SampleRuns | None = None
+    rows: range | None = None
+    slot_of_token: torch.Tensor | None = None
 
     def sample_mask(self, name: str) -> torch.Tensor | None:
         """(B,) bool mask of the samples that use ``name``, or None when all samples do."""
@@ -119,16 +128,19 @@ class AdapterContext:
         return self._selection(rows)
 
     def _selection(self, rows: range) -> Selection:
-        names = sorted({n for n in self.adapter_names if n is not None})
-        if "sample_masks" not in self.extras:  # one copy from the host per forward, for every name
-            masks = torch.tensor([[n == a for n in self.adapter_names] for a in names], device=self.device)
-            self.extras["sample_masks"] = dict(zip(names, masks.view(len(names), self.batch_size).unbind()))
+        if "runs" not in self.extras:  # once per forward; filled on the device, no copy from the host
+            runs = SampleRuns.of(self.adapter_names, self.seq_len)
+            self.extras["runs"], self.extras["slot_of_token"] = runs, runs.slot_of_token(self.device)
+            self.extras["sample_masks"] = {n: runs.sample_mask(n, self.device) for n in runs.names}
         present = self.adapter_names[rows.start // self.seq_len : (rows.stop - 1) // self.seq_len + 1]
         return Selection(
             names=frozenset(n for n in present if n is not None),
             batch_size=self.batch_size,
             sample_masks=self.extras["sample_masks"],
             sample_of_row=torch.arange(rows.start, rows.stop, device=self.device) // self.seq_len,
+            runs=self.extras["runs"],
+            rows=rows,
+            slot_of_token=self.extras["slot_of_token"],
         )
 
 

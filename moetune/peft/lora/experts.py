@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import LoraConfig
-from ...model.moe import GroupedExperts
+from ...model.moe import GroupedExperts, gather_rows
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
+from ..core.selection import ExpertBlocks, add_rows, cat
 from . import experts_layout as layout
 from .expert_adapters import ExpertAdapter
 from .experts_layout import PROJ_OF_PAIR
@@ -151,36 +152,54 @@ class LoraGroupedExperts(AdapterLayer):
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:
         """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,) -> (R, D)."""
-        base = self.base_layer
-        names = self.running()
-        rows = {n: self._rows(n, token_index, x.dtype) for n in names}
+        base, names = self.base_layer, self.running()
+        blocks = self._blocks(names, token_index, offsets)
         gate_up = base.project_gate_up(x, offsets)  # (R, 2F)
-        Fh = self.hidden
-        for n in names:
-            fused, alone = _gate_up_groups(self.pairs(n))
-            if fused:  # one pair over the 2F rows, or gate+up pairs with their A's in one grouped GEMM
-                gate_up = gate_up + self._split_lora(n, fused, x, offsets, rows[n])
-            for half in alone:  # zero-padded to 2F so the base path below stays bit-identical
-                pad = (0, Fh) if half == "gate" else (Fh, 0)
-                gate_up = gate_up + F.pad(self._split_lora(n, [half], x, offsets, rows[n]), pad)
+        up = [n for n in names if _gate_up_groups(self.pairs(n)) != ([], [])]
+        gate_up = self._add_deltas(gate_up, up, blocks, x, offsets, self._gate_up_delta)
         h = base.gated(gate_up)  # (R, F)
         out = base.project_down(h, offsets)  # (R, D)
-        for n in names:
-            if "down" in self.pairs(n):
-                out = out + self._split_lora(n, ["down"], h, offsets, rows[n])
-        return out
+        down = [n for n in names if "down" in self.pairs(n)]
+        return self._add_deltas(out, down, blocks, h, offsets, lambda n, xs, o: self._split_lora(n, ["down"], xs, o))
 
-    def _rows(self, name: str, token_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """(R, 1) 1/0 per routed row: does the row's sample use ``name``? None when all do."""
-        selection = self.selection()
-        samples = selection.sample_mask(name)
-        if samples is None:
+    def _gate_up_delta(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s (R, 2F) delta on the gate_up output: one fused pair over the 2F rows,
+        or gate+up pairs with their A's in one grouped GEMM, or a lone half zero-padded to 2F."""
+        fused, alone = _gate_up_groups(self.pairs(name))
+        delta = self._split_lora(name, fused, x, offsets) if fused else None
+        for half in alone:
+            pad = (0, self.hidden) if half == "gate" else (self.hidden, 0)
+            d = F.pad(self._split_lora(name, [half], x, offsets), pad)
+            delta = d if delta is None else delta + d
+        return delta
+
+    def _blocks(self, names: list[str], token_index: torch.Tensor, offsets: torch.Tensor) -> ExpertBlocks | None:
+        """The routed rows regrouped by adapter when samples choose adapters and more than one
+        choice is in the batch; None: every running adapter runs on every row."""
+        runs = self.selection().runs
+        if runs is None or not names or len(runs.runs) == 1:
             return None
-        return samples[selection.sample_of_row][token_index].to(dtype).unsqueeze(-1)
+        return ExpertBlocks.of(runs, self.selection().slot_of_token, token_index, offsets)
 
-    def _split_lora(
-        self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _add_deltas(self, y, names, blocks: ExpertBlocks | None, x, offsets, delta_of) -> torch.Tensor:
+        """``y`` (R, out) plus each adapter's delta ``delta_of(name, rows, offsets)``: on all rows,
+        or (per-sample adapters) on its block of rows only, then put back in expert-sorted order."""
+        if blocks is None:
+            for n in names:
+                y = y + delta_of(n, x, offsets)
+            return y
+        slots = [self.selection().runs.slot(n) for n in names]
+        runs = [(n, slot, blocks.span(slot)) for n, slot in zip(names, slots)]
+        runs = [(n, slot, (a, b)) for n, slot, (a, b) in runs if b > a]
+        if not runs:
+            return y
+        rows = cat([blocks.order[a:b] for _, _, (a, b) in runs])  # the rows of the adapters that run here
+        # one gather for all of them, split (not sliced: a slice's backward fills a whole-size zero gradient)
+        xs = gather_rows(x, rows).split([b - a for _, _, (a, b) in runs])
+        deltas = [delta_of(n, xn, blocks.ends[slot]) for (n, slot, _), xn in zip(runs, xs)]
+        return add_rows(y, rows, cat(deltas))
+
+    def _split_lora(self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated."""
         adapter = self.adapters[name]
         config = adapter.config
@@ -188,7 +207,7 @@ class LoraGroupedExperts(AdapterLayer):
         a_list = [adapter.effective_a(self, p).to(x.dtype) for p in pairs]
         t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets)  # (R, r)
         s = adapter.scaling(PROJ_OF_PAIR[pairs[0]])
-        t = t * (s if rows is None else rows * s)
+        t = t * s
         b_list = [self.lora_b(p)[name] for p in pairs]
         parts = t.split([b.shape[-1] for b in b_list], dim=-1) if len(pairs) > 1 else [t]
         outs = [self._matmul(tp, b.to(x.dtype), offsets) for tp, b in zip(parts, b_list)]

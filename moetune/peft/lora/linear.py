@@ -35,7 +35,9 @@ from typing_extensions import override
 
 from ...config import LoraConfig
 from ...errors import AdapterError
+from ..core.context import Selection
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
+from ..core.selection import cat
 from .linear_adapters import LinearAdapter, lora_adapter
 
 
@@ -129,18 +131,48 @@ class LoraLinear(AdapterLayer):
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out): base output plus each running adapter, on its tokens only."""
+        selection = self.selection()
         if self.merged:
-            if self.disabled or self.selection().names is not None:
+            if self.disabled or selection.names is not None:
                 raise AdapterError(
                     f"adapter(s) {self.merged} are merged into the base weights; unmerge them "
                     "before disabling adapters or choosing adapters per sample"
                 )
         base = result = self.base_layer(x)
-        for name in self.running():  # each adapter's term is relative to the base output alone
-            delta = self.adapters[name].output(self, x, base)
-            mask = self.token_mask(name, x)
-            result = result + (delta if mask is None else delta * mask)
+        names = self.running()
+        if names and selection.runs is not None and len(selection.runs.runs) > 1:
+            delta = self._per_sample(names, selection, x, base)
+            return base if delta is None else base + delta
+        for name in names:  # each adapter's term is relative to the base output alone
+            result = result + self.adapters[name].output(self, x, base)
         return result
+
+    def _per_sample(
+        self, names: list[str], selection: Selection, x: torch.Tensor, base: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The adapters' terms when samples choose adapters: each adapter runs on its samples' rows
+        only (host-known runs of rows, split apart and put back together: no mask, no index), zeros
+        on rows of no adapter here; None when no row of this call chose one of ``names``."""
+        h, b = x.reshape(-1, self.in_features), base.reshape(-1, self.out_features)
+        segments = selection.runs.segments(selection.rows)
+        sizes = [n for n, _ in segments]
+        if h.shape[0] != sum(sizes):
+            raise AdapterError(
+                f"per-sample adapters need this layer's input in token order ({sum(sizes)} rows); "
+                f"got shape {tuple(x.shape)}"
+            )
+        hs, bs = h.split(sizes), b.split(sizes)  # split, not sliced: one concatenation in backward
+        out: list[torch.Tensor | None] = [None] * len(segments)
+        for name in names:
+            mine = [i for i, (_, slot) in enumerate(segments) if slot == selection.runs.slot(name)]
+            if mine:
+                delta = self.adapters[name].output(self, cat([hs[i] for i in mine]), cat([bs[i] for i in mine]))
+                for i, piece in zip(mine, delta.split([sizes[i] for i in mine])):
+                    out[i] = piece
+        if all(piece is None for piece in out):
+            return None
+        parts = [b.new_zeros(n, self.out_features) if p is None else p for n, p in zip(sizes, out)]
+        return cat(parts).view(base.shape)
 
     # --- weights --------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:

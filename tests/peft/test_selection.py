@@ -1,0 +1,41 @@
+"""Per-sample adapter rows from the host list of names: ranges, regrouped expert rows, no host copy."""
+
+from __future__ import annotations
+
+import torch
+
+from host_syncs import HostSyncCounter
+from moetune.model.moe import dispatch
+from moetune.peft.core.selection import ExpertBlocks, SampleRuns, add_rows
+
+
+def test_runs_ranges_and_slots():
+    sel = SampleRuns.of(["b", "b", None, "a", "b"], seq_len=3)
+    assert sel.names == ("b", "a") and sel.runs == ((0, 2, 0), (2, 3, 2), (3, 4, 1), (4, 5, 0))
+    assert sel.segments() == [(6, 0), (3, 2), (3, 1), (3, 0)] and sel.tokens_per_slot() == [9, 3, 3]
+    assert sel.segments(range(4, 13)) == [(2, 0), (3, 2), (3, 1), (1, 0)]  # a call on token rows 4..12 (a loss chunk)
+    assert sel.slot_of_token(torch.device("cpu")).tolist() == [0] * 6 + [2] * 3 + [1] * 3 + [0] * 3
+    assert sel.sample_mask("b", torch.device("cpu")).tolist() == [True, True, False, False, True]
+
+
+def test_expert_blocks_regroup_routed_rows_by_adapter_without_host_syncs():
+    B, T, k, E = 4, 3, 2, 5
+    sel = SampleRuns.of(["a", None, "b", "a"], seq_len=T)
+    g = torch.Generator().manual_seed(0)
+    choice = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B * T)])
+    d = dispatch(choice, E)
+    with HostSyncCounter() as counter:
+        blocks = ExpertBlocks.of(sel, sel.slot_of_token(torch.device("cpu")), d.token_index, d.offsets)
+    assert not counter.counts, counter.report()
+    assert blocks.starts == (0, 12, 18, 24)  # a: 2 samples x 3 tokens x 2 rows; b: 6; no adapter: 6
+    sample = d.token_index // T
+    expert = torch.searchsorted(d.offsets, torch.arange(B * T * k, dtype=torch.int32), right=True)
+    for slot, samples in enumerate([{0, 3}, {2}, {1}]):
+        lo, hi = blocks.span(slot)
+        rows = blocks.order[lo:hi]
+        assert set(sample[rows].tolist()) == samples
+        assert torch.equal(expert[rows], expert[rows].sort().values)  # still sorted by expert
+        counts = torch.bincount(expert[rows], minlength=E)
+        assert torch.equal(blocks.ends[slot], counts.cumsum(0).to(torch.int32))
+    y = torch.zeros(B * T * k, 1)
+    assert add_rows(y, blocks.order[:12], torch.ones(12, 1)).sum() == 12
