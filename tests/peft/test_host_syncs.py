@@ -58,17 +58,28 @@ def test_router_stats_without_padding_make_no_host_copy():
     assert not counter.counts, counter.report()
 
 
-def test_mixlora_top_k_step_has_no_host_sync():
-    """MixLoRA as published (top-k routing) on a dense FFN; top-p and switch routing still read
-    the number of kept rows on the host."""
+# MixLoRA's top_p reads how many of the E slots per token are used (one sync per mixture layer):
+# the frozen FFN would otherwise run on every slot. Switch's unused slots (dropped tokens) and a
+# MoLA linear's join the last expert's group with combine weight 0 instead.
+@pytest.mark.parametrize(
+    "kind,routing,syncs",
+    [
+        ("mixlora", "top_k", {}),
+        ("mixlora", "switch", {}),
+        ("mola", "top_p", {}),
+        ("mixlora", "top_p", {"_local_scalar_dense": 2}),
+    ],
+)
+def test_mixture_step_host_syncs(kind, routing, syncs):
+    """Mixtures on a dense model's FFN (2 layers) or linears: a training step's host syncs."""
     model = build_random_model(tiny_model_args("qwen3"))
-    mixture = MixtureConfig(kind="mixlora", num_experts=4, routing="top_k")
+    mixture = MixtureConfig(kind=kind, num_experts=4, routing=routing, top_p=0.6)
     targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
     moetune.add_adapter(model, moetune.LoraConfig(r=4, alpha=8, target_modules=targets, mixture=mixture))
     ids = torch.randint(0, 200, (2, 12))
     with HostSyncCounter() as counter:
         model(ids, labels=ids).loss.backward()
-    assert not counter.counts, counter.report()
+    assert dict(counter.counts) == syncs, counter.report()
 
 
 def test_counter_sees_what_it_should():

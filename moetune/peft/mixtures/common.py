@@ -165,3 +165,14 @@ def require_mixture(config: LoraConfig, where: str) -> MixtureConfig:
     if config.mixture is None or isinstance(config.mixture.num_experts, list):
         raise AdapterError(f"{where} needs a LoraConfig with a mixture and one expert count")
     return config.mixture
+
+
+def offsets_with_unused(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (E,) offsets of a variable route's real experts (``top_p``, ``switch``), the last group
+    extended over the unused slots that sort after it (id E) to all ``rows``.
+
+    An unused slot's combine weight is 0, so what the last expert computes on it is dropped from
+    the output (times 0) and sends no gradient back: the result is the one that skips those rows,
+    without reading on the host how many there are.
+    """
+    return torch.cat([offsets[:-1], offsets.new_full((1,), rows)])

@@ -43,6 +43,7 @@ from .common import (
     check_not_stacked,
     dense_weight,
     load_own,
+    offsets_with_unused,
     refuse_merge,
     route_tokens,
     routed_rows,
@@ -211,9 +212,13 @@ class MixtureFFN(AdapterLayer):
         r = route_tokens(self, name, self.mixtures[name], x, rows, n)
         E = self.router[name].shape[0]
         d = dispatch(r.experts, E + 1 if r.variable else E)
-        count = int(d.offsets[E - 1]) if r.variable else d.order.numel()  # rows of real experts
-        tok, offsets = d.token_index[:count], d.offsets[:E]
-        expert = r.experts.reshape(-1)[d.order[:count]]  # (R,) expert of each sorted row
+        count, offsets = d.order.numel(), d.offsets
+        if r.variable and self.mixtures[name].mixture.routing == "switch":  # unused slots: the few dropped tokens
+            offsets = offsets_with_unused(d.offsets[:E], count)
+        elif r.variable:  # top_p: most of the E slots per token are unused; the dense FFN skips them,
+            count, offsets = int(d.offsets[E - 1]), d.offsets[:E]  # which needs their number (a host sync)
+        tok = d.token_index[:count]
+        expert = r.experts.reshape(-1)[d.order[:count]].clamp_max(E - 1)  # (R,) expert of each sorted row
         drop = self.lora_dropout[name]
         dropping = self.training and not isinstance(drop, nn.Identity)  # DoRA then needs W x' too
         xd = drop(x)  # one mask per token, shared by its experts
@@ -222,7 +227,7 @@ class MixtureFFN(AdapterLayer):
         y = base_call(self.down_proj, hidden)  # (R, D)
         if "down_proj" in self.projections(name):
             y = self._project(name, "down_proj", hidden, drop(hidden), y, offsets, expert, dropped=dropping)
-        if count < d.order.numel():  # unused slots (top_p, switch) contribute zero rows
+        if count < d.order.numel():  # unused top_p slots contribute zero rows
             y = torch.cat([y, y.new_zeros(d.order.numel() - count, y.shape[1])])
         out = combine(y, d, r.weights)
         if r.base_weight is not None:  # switch: the frozen FFN's share

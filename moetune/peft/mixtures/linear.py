@@ -33,7 +33,15 @@ from ...model.moe import combine, dispatch
 from ..core.layer import AdapterLayer
 from ..lora.linear import LoraLinear
 from ..lora.linear_adapters import LinearAdapter, base_device
-from .common import ExpertOptions, check_not_stacked, load_own, refuse_merge, route_tokens, routed_rows
+from .common import (
+    ExpertOptions,
+    check_not_stacked,
+    load_own,
+    offsets_with_unused,
+    refuse_merge,
+    route_tokens,
+    routed_rows,
+)
 
 _LORA_STORES = (
     "lora_A",
@@ -104,11 +112,8 @@ class MixtureAdapter(LinearAdapter):
             t = F.linear(xd, a.reshape(E * rank, -1)).view(-1, E, rank) * (r.weights * s).unsqueeze(-1)
             return F.linear(t.reshape(-1, E * rank), b.permute(1, 0, 2).reshape(b.shape[1], E * rank))
         d = dispatch(r.experts, E + 1 if r.variable else E)
-        count = int(d.offsets[E - 1]) if r.variable else d.order.numel()
-        offsets = d.offsets[:E]
-        y = grouped_linear(grouped_linear(xd[d.token_index[:count]], a, offsets) * s, b, offsets)  # (R, out)
-        if count < d.order.numel():
-            y = torch.cat([y, y.new_zeros(d.order.numel() - count, y.shape[1])])
+        offsets = offsets_with_unused(d.offsets[:E], d.order.numel()) if r.variable else d.offsets
+        y = grouped_linear(grouped_linear(xd[d.token_index], a, offsets) * s, b, offsets)  # (R, out)
         return combine(y, d, r.weights)
 
     @override
