@@ -54,3 +54,11 @@ def test_moetune_saves_less_than_transformers_peft_at_toy_size():
     ours, theirs, _ = saved_activations.measure(cfg, tokens=64, dtype=torch.bfloat16)
     assert ours["tool"] == "moetune" and theirs["tool"] == "transformers+peft"
     assert 0 < ours["bytes_per_token_per_layer"] <= theirs["bytes_per_token_per_layer"], (ours, theirs)
+
+
+def test_multi_adapter_bench_runs_and_losses_together_equal_alone(capsys):
+    import multi_adapter
+
+    assert multi_adapter.main(["--tiny", "--steps", "1", "--layers", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["max_loss_diff"] < 1e-5 and row["throughput_ratio_cpu"] > 0
