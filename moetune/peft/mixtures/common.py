@@ -20,6 +20,7 @@ from ...errors import AdapterError
 from ...model.context import token_rows
 from ..core.context import current_context
 from ..core.layer import AdapterLayer
+from ..core.selection import SampleRuns, cat
 from ..core.tensors import check_tensors
 from .router import MixtureRecord, Route, route
 
@@ -85,17 +86,33 @@ def routed_rows(layer: AdapterLayer, name: str, n: int, device: torch.device) ->
         return None
     key = ("mixture_rows", name, device)
     if called_on is not None or key not in ctx.extras:
+        runs = layer.selection().runs
+        if ctx.token_mask is None and runs is not None:  # its samples' rows are known on the host: no nonzero
+            return _cached(ctx, key, called_on, _rows_of_runs(runs, name, called_on, device))
         samples = layer.sample_mask(name, device)
         mask = None if samples is None else samples[ctx.sample_of_rows(device)]
         if ctx.token_mask is not None:
             real = ctx.token_mask.to(device).bool()
             real = real if called_on is None else real[called_on.start : called_on.stop]
             mask = real if mask is None else mask & real
-        rows = None if mask is None else mask.nonzero().squeeze(1)
-        if called_on is not None:
-            return rows
-        ctx.extras[key] = rows
+        return _cached(ctx, key, called_on, None if mask is None else mask.nonzero().squeeze(1))
     return ctx.extras[key]
+
+
+def _cached(ctx, key, called_on: range | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    if called_on is None:  # a call on every token: kept for the forward's other calls
+        ctx.extras[key] = rows
+    return rows
+
+
+def _rows_of_runs(runs: SampleRuns, name: str, called_on: range | None, device: torch.device) -> torch.Tensor:
+    """(N_a,) the call's rows of ``name``'s samples, from the runs of samples (aranges on the device)."""
+    slot, at, parts = runs.slot(name), 0, []
+    for n, s in runs.segments(called_on):
+        if s == slot:
+            parts.append(torch.arange(at, at + n, device=device))
+        at += n
+    return cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _sequence_of(rows: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:

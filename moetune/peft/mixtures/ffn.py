@@ -197,6 +197,8 @@ class MixtureFFN(AdapterLayer):
         """(N, D) frozen-FFN output for tokens no mixture routes (padding, other adapters' samples)."""
         if not plain:  # the projections carry other adapters: let them run on their own samples
             return self.base_layer(x).reshape(h.shape[0], -1)
+        if covered.shape[0] == h.shape[0]:  # the mixtures' rows (disjoint: one adapter per sample) are all of them
+            return h.new_zeros(h.shape[0], self.dim)
         rest = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         rest[covered] = False
         out = h.new_zeros(h.shape[0], self.dim)
