@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from host_syncs import HostSyncCounter
@@ -39,3 +40,27 @@ def test_expert_blocks_regroup_routed_rows_by_adapter_without_host_syncs():
         assert torch.equal(blocks.ends[slot], counts.cumsum(0).to(torch.int32))
     y = torch.zeros(B * T * k, 1)
     assert add_rows(y, blocks.order[:12], torch.ones(12, 1)).sum() == 12
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 8), (3, 2, 4, 8)], ids=["B,T,H,in", "B,H,T,in"])
+def test_linear_inputs_samples_first_take_their_samples_adapter(shape):
+    """A linear called on (B, ...) (heads after or before the tokens, as attention variants do):
+    each sample's rows run its own adapter only."""
+    from torch import nn
+
+    from moetune.config import LoraConfig
+    from moetune.peft.core.context import AdapterContext, adapter_context
+    from moetune.peft.lora.linear import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 6))
+    for name in ("a", "b"):
+        layer.add_adapter(name, LoraConfig(r=2, target_modules=["x"]))
+        torch.nn.init.normal_(layer.lora_B[name])
+    x = torch.randn(shape)
+    names = ["b", None, "a"]
+    with adapter_context(AdapterContext(batch_size=3, seq_len=4, adapter_names=names)):
+        mixed = layer(x)
+    for i, n in enumerate(names):
+        layer.active = [] if n is None else [n]
+        assert torch.allclose(mixed[i], layer(x[i]), atol=1e-6), (i, n)

@@ -150,29 +150,33 @@ class LoraLinear(AdapterLayer):
     def _per_sample(
         self, names: list[str], selection: Selection, x: torch.Tensor, base: torch.Tensor
     ) -> torch.Tensor | None:
-        """The adapters' terms when samples choose adapters: each adapter runs on its samples' rows
-        only (host-known runs of rows, split apart and put back together: no mask, no index), zeros
-        on rows of no adapter here; None when no row of this call chose one of ``names``."""
-        h, b = x.reshape(-1, self.in_features), base.reshape(-1, self.out_features)
-        segments = selection.runs.segments(selection.rows)
+        """The adapters' terms when samples choose adapters: each adapter runs on its samples only
+        (host-known runs of samples, or of token rows, split apart along the first dim and put back
+        together: no mask, no index), zeros where no adapter here runs; None when no row of this
+        call chose one of ``names``. ``x`` is samples first (B, ...) or token rows first (n, ...)."""
+        runs, B = selection.runs, selection.batch_size
+        if x.dim() >= 3 and x.shape[0] == B and selection.rows == range(B * runs.seq_len):
+            segments = [(end - first, slot) for first, end, slot in runs.runs]  # samples first: (B, ...)
+        else:
+            segments = runs.segments(selection.rows)  # token rows: (n, ...)
         sizes = [n for n, _ in segments]
-        if h.shape[0] != sum(sizes):
+        if x.shape[0] != sum(sizes):
             raise AdapterError(
-                f"per-sample adapters need this layer's input in token order ({sum(sizes)} rows); "
+                f"per-sample adapters need this layer's input samples or tokens first ({sum(sizes)} rows); "
                 f"got shape {tuple(x.shape)}"
             )
-        hs, bs = h.split(sizes), b.split(sizes)  # split, not sliced: one concatenation in backward
+        hs, bs = x.split(sizes), base.split(sizes)  # split, not sliced: one concatenation in backward
         out: list[torch.Tensor | None] = [None] * len(segments)
         for name in names:
-            mine = [i for i, (_, slot) in enumerate(segments) if slot == selection.runs.slot(name)]
+            mine = [i for i, (_, slot) in enumerate(segments) if slot == runs.slot(name)]
             if mine:
                 delta = self.adapters[name].output(self, cat([hs[i] for i in mine]), cat([bs[i] for i in mine]))
                 for i, piece in zip(mine, delta.split([sizes[i] for i in mine])):
                     out[i] = piece
         if all(piece is None for piece in out):
             return None
-        parts = [b.new_zeros(n, self.out_features) if p is None else p for n, p in zip(sizes, out)]
-        return cat(parts).view(base.shape)
+        parts = [base.new_zeros(n, *base.shape[1:]) if p is None else p for n, p in zip(sizes, out)]
+        return cat(parts)
 
     # --- weights --------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
