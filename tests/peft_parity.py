@@ -65,20 +65,25 @@ def peft_model_with(hf, config, state: dict[str, torch.Tensor]):
     return pm
 
 
+def check_peft_reads(label: str, model, hf, folder, *, tol: float = 1e-5):
+    """``PeftModel.from_pretrained(hf, folder)`` (our saved adapter) gives our logits within ``tol``;
+    returns PEFT's model and the ids compared on."""
+    import peft
+
+    pm = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
+    ids = sample_ids()
+    err = (logits(model, ids) - logits(pm, ids)).abs().max().item()
+    print(f"{label}: moetune.save_adapter -> PeftModel.from_pretrained max|dlogits| {err:.2e}")
+    assert err <= tol
+    return pm, ids
+
+
 def check_files_both_ways(label: str, base, tmp_path, *, ours: Callable, make_hf: Callable, theirs: Callable, noise):
     """Ours -> ``PeftModel.from_pretrained``, and PEFT's ``save_pretrained`` -> ``moetune.load_adapter``:
     ``ours()`` a fresh adapted model, ``theirs(state)`` PEFT's model holding a state, ``noise`` the
     scale of what PEFT's adapter adds to ours (so it is its own)."""
-    import peft
-
     mine = ours()
-    out = moetune.save_adapter(mine, tmp_path / "ours")
-    pm = peft.PeftModel.from_pretrained(make_hf(), str(out)).eval()
-    ids = sample_ids()
-    err = (logits(mine, ids) - logits(pm, ids)).abs().max().item()
-    print(f"{label}: moetune.save_adapter -> PeftModel.from_pretrained max|dlogits| {err:.2e}")
-    assert err <= 1e-5
-
+    _, ids = check_peft_reads(label, mine, make_hf(), moetune.save_adapter(mine, tmp_path / "ours"))
     other = theirs(peft_state(ours()))
     with torch.no_grad():
         for name, p in other.named_parameters():
