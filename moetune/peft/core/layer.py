@@ -149,7 +149,7 @@ class AdapterLayer(nn.Module):
             return [n for n in self.adapter_names if n in wanted and n not in self.merged]
         return [n for n in self.active if n not in self.merged]
 
-    def sample_mask(self, name: str, device: torch.device) -> torch.Tensor | None:  # noqa: ARG002 - kept for callers
+    def sample_mask(self, name: str) -> torch.Tensor | None:
         """(B,) bool mask of samples that use ``name``, or None when all samples do."""
         return self.selection().sample_mask(name)
 

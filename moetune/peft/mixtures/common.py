@@ -89,7 +89,7 @@ def routed_rows(layer: AdapterLayer, name: str, n: int, device: torch.device) ->
         runs = layer.selection().runs
         if ctx.token_mask is None and runs is not None:  # its samples' rows are known on the host: no nonzero
             return _cached(ctx, key, called_on, _rows_of_runs(runs, name, called_on, device))
-        samples = layer.sample_mask(name, device)
+        samples = layer.sample_mask(name)
         mask = None if samples is None else samples[ctx.sample_of_rows(device)]
         if ctx.token_mask is not None:
             real = ctx.token_mask.to(device).bool()
