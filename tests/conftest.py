@@ -6,6 +6,11 @@ import os
 # anything else, spinning threads burn the time slices the other thread waits for: two threads made
 # the MixLoRA demo's tiny pre-training over 10x slower than one, in wall and in CPU time.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Each test process uses at most two threads, its share of the cores under pytest-xdist (``-n 2``), and the
+# CLI and torchrun subprocesses it starts use the same number (set, not defaulted: the xdist workers inherit
+# the controller's value): tests compare a subprocess's run with one in this process bit for bit.
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(_THREADS)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
