@@ -12,10 +12,16 @@ for several adapters in one batch, ``moetune eval`` for per-choice log-likelihoo
 Chunking: full fp32 logits for a long batch are the largest activation in LoRA training: at
 vocab 151936 and 8192 tokens they take 151936 * 8192 * 4 B = 4.6 GiB, plus the same again for
 their gradient (and 2.3 GiB more for a bf16 copy). Here the LM head and the loss run on chunks of
-``chunk_size`` tokens (default 1024) under activation checkpointing: the forward keeps only each
-chunk's per-token losses, and the backward recomputes one chunk's logits at a time. Peak logits
-memory is ``chunk_size * vocab * 4`` bytes - 0.58 GiB for 1024 tokens at vocab 151936, an 8x
-saving at 8192 tokens (16x counting the gradient), for the price of one extra LM-head matmul.
+``chunk_size`` tokens (default 1024), so peak logits memory is ``chunk_size * vocab * 4`` bytes -
+0.58 GiB for 1024 tokens at vocab 151936, an 8x saving at 8192 tokens (16x counting the gradient).
+When no parameter of the head trains (LoRA elsewhere, the usual case), each chunk's gradient with
+respect to its hidden rows is computed in the forward, right after its loss (a fused linear
+cross-entropy): each position's loss depends on its own row only, so whatever weights the backward
+brings per position (1/count for the mean, other sums for per-sample losses) scale those rows, and
+the forward keeps one (chunk, D) gradient in place of the chunk's input. That is two LM-head matmuls
+per chunk, as with full logits. A head that trains needs its parameter gradients weighted inside the
+sum, so it runs under activation checkpointing instead: the forward keeps each chunk's per-position
+losses and the backward recomputes one chunk's logits at a time (one LM-head matmul more).
 
 Chunks cover every position, ignored ones (-100) included, as transformers' loss does: keeping
 only the counted rows would size the work from the labels' values, which the host must read first
@@ -25,6 +31,7 @@ the flattened ``B*T`` positions, which the head call is told (:func:`~.context.o
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -60,6 +67,41 @@ def _chunk_losses(
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
+class _FusedChunkLosses(torch.autograd.Function):
+    """A chunk's per-position losses; its gradient to the hidden rows is computed in forward (each
+    row's gradient of its own loss) and scaled in backward by the weight each loss receives."""
+
+    @staticmethod
+    def forward(ctx, head, hidden, targets, rows):
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_()
+            losses = _chunk_losses(head, h, targets, rows)
+            (grad,) = torch.autograd.grad(losses.sum(), h)
+        ctx.save_for_backward(grad)
+        return losses.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses):
+        (grad,) = ctx.saved_tensors
+        return None, (grad.float() * grad_losses[:, None]).to(grad.dtype), None, None
+
+
+def _head_trains(head: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether a parameter of ``head`` takes a gradient (any plain callable might)."""
+    return not isinstance(head, torch.nn.Module) or any(p.requires_grad for p in head.parameters())
+
+
+def _chunk_fn(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """How each chunk's losses are computed: plainly without autograd, fused (gradient in forward)
+    when only the hidden states need one, else checkpointed (recomputed in backward)."""
+    if not torch.is_grad_enabled():
+        return _chunk_losses
+    if not _head_trains(head):
+        return _FusedChunkLosses.apply if hidden.requires_grad else _chunk_losses
+    return functools.partial(checkpoint, in_forward_context(_chunk_losses), use_reentrant=False)
+
+
 def chunked_cross_entropy(
     head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +120,10 @@ def chunked_cross_entropy(
     B, T, D = hidden.shape
     targets, h = shift_labels(labels).reshape(-1), hidden.reshape(-1, D)
     count = (targets != IGNORE_INDEX).sum()
-    total, parts = hidden.new_zeros((), dtype=torch.float32), []
+    total, parts, chunk_losses = hidden.new_zeros((), dtype=torch.float32), [], _chunk_fn(head, hidden)
     for start in range(0, B * T, chunk_size):
         end = min(start + chunk_size, B * T)
-        args = (head, h[start:end], targets[start:end], range(start, end))
-        part = (
-            checkpoint(in_forward_context(_chunk_losses), *args, use_reentrant=False)
-            if torch.is_grad_enabled()
-            else _chunk_losses(*args)
-        )
+        part = chunk_losses(head, h[start:end], targets[start:end], range(start, end))
         total, parts = total + part.sum(), parts + [part]
     return total / count.clamp_min(1), torch.cat(parts).view(B, T)
 

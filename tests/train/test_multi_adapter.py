@@ -113,8 +113,11 @@ def test_adapters_trained_together_equal_each_alone(tmp_path, fixed):
         assert max(abs(x - y) for x, y in zip(a, t)) < 1e-5, (name, a, t)
         wa, wt = _weights(tmp_path / name / "run" / "adapter"), _weights(result.adapter_dirs[name])
         assert wa.keys() == wt.keys()
+        # Rows of other adapters share the LM head's matmuls together, not alone: rounding that Adam
+        # amplifies where a gradient is near zero. Measured on adapter a after 6 steps at lr 3e-3:
+        # 2.8e-6 to 1.4e-5 with one length, 1.5e-5 to 4.5e-5 with mixed lengths (losses within 1e-6).
         for k in wa:
-            torch.testing.assert_close(wa[k], wt[k], atol=1e-5 if fixed else 1e-4, rtol=1e-5)
+            torch.testing.assert_close(wa[k], wt[k], atol=3e-5 if fixed else 1e-4, rtol=1e-5)
 
 
 def test_together_resume_and_output_dirs(tmp_path):
