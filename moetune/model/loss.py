@@ -67,18 +67,33 @@ def _chunk_losses(
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
+def _losses_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of fp32 ``logits`` (n, V) and its gradient ``softmax - onehot``,
+    written over ``logits`` (no other (n, V) buffer); rows whose target is ignored get 0 and 0."""
+    counted = (targets != IGNORE_INDEX).unsqueeze(1)
+    index = targets.clamp_min(0).unsqueeze(1)  # ignored rows pick column 0, then count for nothing
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    losses = ((lse - logits.gather(1, index)) * counted).squeeze(1)
+    grad = logits.sub_(lse).exp_().scatter_add_(1, index, -counted.to(logits.dtype)).mul_(counted)
+    return losses, grad
+
+
 class _FusedChunkLosses(torch.autograd.Function):
     """A chunk's per-position losses; its gradient to the hidden rows is computed in forward (each
     row's gradient of its own loss) and scaled in backward by the weight each loss receives."""
 
     @staticmethod
     def forward(ctx, head, hidden, targets, rows):
-        with torch.enable_grad():
+        with torch.enable_grad(), on_rows(rows):
             h = hidden.detach().requires_grad_()
-            losses = _chunk_losses(head, h, targets, rows)
-            (grad,) = torch.autograd.grad(losses.sum(), h)
+            out = head(h)
+        # fp32 logits, the head's own output when it is fp32: only that (n, V) buffer and, for a
+        # bf16 head, its output and the gradient cast back are live (PyTorch's cross_entropy
+        # would hold log-probabilities and their gradient besides).
+        losses, grad_logits = _losses_and_logit_grad(out.detach().float(), targets)
+        (grad,) = torch.autograd.grad(out, h, grad_logits.to(out.dtype))
         ctx.save_for_backward(grad)
-        return losses.detach()
+        return losses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
