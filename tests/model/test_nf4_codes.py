@@ -62,7 +62,7 @@ def test_table_rounding_equals_bucketize(kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("n", [1, 63, 64, 1001, 2 * (1 << 18) + 64 * 5 + 37])
+@pytest.mark.parametrize("n", [1, 63, 64, 1001, 2 * nf4.CHUNK["cpu"] + 64 * 5 + 37])
 def test_chunked_quantizer_equals_bucketize_quantizer(n, dtype):
     g = torch.Generator().manual_seed(n)
     w = torch.randn(n, generator=g) * 0.02
