@@ -40,7 +40,7 @@ import moetune  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_grid import grid_config  # noqa: E402 - the bench folder's own module
-from moetune.model.quant import nf4, quantized_weights  # noqa: E402
+from moetune.model.quant import nf4_pieces, quantized_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent  # the git checkout the earlier quantizer is read from
 BUCKETIZE_REVISION = "3dd440bd150759b9b5f98e6d3608450c961135be"
@@ -87,15 +87,33 @@ def module_at(revision: str) -> types.ModuleType:
     return module
 
 
+def holder_interface(module: types.ModuleType) -> type:
+    """``module``'s BlockQuantizer as today's holders call it: told where the codes go, which an
+    earlier quantizer did not take, so they are copied there at the end, as its holder then did."""
+
+    class Before(module.BlockQuantizer):
+        def __init__(self, n: int, device: torch.device, block: int = module.BLOCK, codes=None) -> None:
+            super().__init__(n, device, block)
+            self.out = codes
+
+        def result(self):
+            codes, *rest = super().result()
+            if self.out is not None:
+                self.out.copy_(codes)
+            return (codes, *rest)
+
+    return Before
+
+
 @contextlib.contextmanager
 def quantizer(before: types.ModuleType | None):
     """The holders write through ``before``'s BlockQuantizer (None: the current one)."""
-    current = nf4.BlockQuantizer
-    nf4.BlockQuantizer = before.BlockQuantizer if before is not None else current
+    current = nf4_pieces.BlockQuantizer
+    nf4_pieces.BlockQuantizer = holder_interface(before) if before is not None else current
     try:
         yield
     finally:
-        nf4.BlockQuantizer = current
+        nf4_pieces.BlockQuantizer = current
 
 
 def load(folder: Path, device: str, case: str, before: types.ModuleType) -> tuple[float, torch.nn.Module]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moetune.model.quant import nf4
+from moetune.model.quant import nf4, nf4_pieces
 
 CPU = torch.device("cpu")
 
@@ -85,7 +85,7 @@ def test_chunked_quantizer_equals_bucketize_quantizer(n, dtype):
 def test_bf16_pieces_quantize_as_their_fp32_values():
     # The holder now widens pieces to fp32 after moving them, chunk by chunk: same codes.
     w = (torch.randn(3 * 1000 + 7, generator=torch.Generator().manual_seed(3)) * 0.02).bfloat16()
-    q = nf4.BlockQuantizer(w.numel(), CPU)
+    q = nf4_pieces.BlockQuantizer(w.numel(), CPU)
     for start, end in [(1500, 3007), (0, 999), (999, 1500)]:
         q.write(start, w[start:end])
     codes, absmax_codes, scale, offset = q.result()
@@ -105,3 +105,58 @@ def test_table_rounding_takes_fp32_only_and_any_layout():
 def test_odd_block_size_is_refused():
     with pytest.raises(ValueError, match="block size must be even"):
         nf4.quantize_blocks(torch.randn(10), block=5)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so CPU pieces go to the quantizer's workers (the suite may run with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_pieces_quantized_by_cpu_workers_equal_bucketize(two_threads):
+    n = 3 * nf4.CHUNK["cpu"] + 64 * 7 + 33  # several chunks a piece, and a short last block
+    w = (torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.02).bfloat16()
+    cuts = [0, 100, 64 * 9000, nf4.CHUNK["cpu"] * 2 + 5, n - 40, n]  # edges inside blocks, a piece over 2 chunks
+    q = nf4_pieces.BlockQuantizer(n, CPU)
+    for start, end in reversed(list(zip(cuts[:-1], cuts[1:]))):
+        q.write(start, w[start:end])
+    codes, absmax_codes, scale, offset = q.result()
+    ref_codes, ref_absmax = _bucketize_quantize(w)
+    assert torch.equal(codes, ref_codes)
+    assert all(map(torch.equal, (absmax_codes, scale, offset), _bucketize_scales(ref_absmax)))
+
+
+def test_cpu_workers_leave_the_thread_count_alone(two_threads):
+    from moetune.model.quant import cpu_workers
+
+    cpu_workers.shutdown()  # the pool is made anew below, by this thread's call
+    assert cpu_workers.submit(lambda: torch.get_num_threads()).result() == 1  # a worker runs one-threaded
+    seen = []
+    thread = __import__("threading").Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == 2 and seen == [2]  # here, and in threads started later
+
+
+def test_a_workers_error_is_raised_by_result(two_threads, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(nf4, "_quantize_whole_blocks", fail)
+    q = nf4_pieces.BlockQuantizer(64 * 10, CPU)
+    q.write(0, torch.randn(64 * 10))
+    with pytest.raises(RuntimeError, match="worker failed"):
+        q.result()
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_code_pairs_pack_high_nibble_first(byteorder, monkeypatch):
+    if byteorder != __import__("sys").byteorder:
+        monkeypatch.setattr(nf4.sys, "byteorder", byteorder)  # the other branch: the strided form
+    q = torch.stack(torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij"), -1).reshape(-1).to(torch.uint8)
+    codes = torch.empty(256, dtype=torch.uint8)
+    nf4._pack_pairs(q, codes)
+    assert torch.equal(codes, torch.arange(256, dtype=torch.uint8))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moetune
 from moetune.errors import AdapterError, CheckpointError
-from moetune.model.quant import nf4
+from moetune.model.quant import nf4, nf4_pieces
 from moetune.model.moe import GroupedExperts
 from moetune.model.quant import (
     NF4Weight,
@@ -119,7 +119,7 @@ def test_piecewise_writes_in_any_order_equal_whole_quantization():
     cuts = [0, 5, 64, 70, 128, 500, 501, 777, 1003]
     pieces = list(zip(cuts[:-1], cuts[1:]))
     order = torch.randperm(len(pieces), generator=g).tolist()
-    q = nf4.BlockQuantizer(w.numel(), torch.device("cpu"))
+    q = nf4_pieces.BlockQuantizer(w.numel(), torch.device("cpu"))
     finished = [q.write(pieces[i][0], w[pieces[i][0] : pieces[i][1]]) for i in order]
     assert finished[-1] and not any(finished[:-1])
     codes, absmax_codes, scale, offset = q.result()

@@ -2,7 +2,8 @@
 
 - :mod:`.stored` — :class:`StoredWeight`, the holder protocol every format implements;
 - :mod:`.nf4` / :mod:`.nf4_weight` — NF4 (QLoRA), quantized from a full-precision folder
-  (:mod:`.rounding`: nearest level by table, as ``bucketize`` rounds);
+  (:mod:`.rounding`: nearest level by table, as ``bucketize`` rounds; on CPU by
+  :mod:`.cpu_workers`, one per core, with :mod:`.scratch` buffers);
 - :mod:`.fp8` — block-scaled FP8 as released (DeepSeek-V3, Qwen3 ``-FP8`` ...), read as stored;
 - :mod:`.int4` — compressed-tensors pack-quantized INT4 (Kimi releases), read as stored;
 - :mod:`.mxfp4` — MXFP4 experts (gpt-oss), read as stored;

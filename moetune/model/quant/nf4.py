@@ -21,25 +21,28 @@ faster), in chunks of whole blocks, on the weight's device.
 Writing a weight in pieces (:class:`BlockQuantizer`) lets the loader quantize each checkpoint
 tensor as soon as it is read, whatever slice of the native weight it fills (one expert, the gate
 half of one expert): only the block scales of the weight being filled and at most the two blocks
-that straddle a piece's ends are held in full precision until the weight is complete.
+that straddle a piece's ends are held in full precision until the weight is complete
+(:mod:`.nf4_pieces`). CPU temporaries live in reused per-thread buffers (:mod:`.scratch`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from .rounding import LevelTable
+from .scratch import buffer
 
 BLOCK = 64
 SCALE_BLOCK = 256
 # Elements quantized at once, so the working memory (~17 bytes per element of a chunk) is bounded
-# whatever the weight's size. On CPU a chunk's ~12 elementwise passes cost a fixed dispatch each:
-# 2^20 quantized a 48M-element bf16 tensor at 2.8-3.8 ns an element on 2 idle cores, 2^18 at 5.0-5.4
-# and 2^22 at 7.7-8.6 (no longer in cache). On a GPU, enough to fill it.
-CHUNK = {"cpu": 1 << 20}
+# whatever the weight's size. On CPU each chunk is one worker's task on one thread: 2^19 keeps two
+# workers' temporaries in a 32 MB L3 (one thread: 2.8 ns an element at 2^19, 3.5 at 2^21) and is
+# few enough calls that their hand-overs of the GIL stay small. On a GPU, enough to fill it.
+CHUNK = {"cpu": 1 << 19}
 CHUNK_OTHER = 1 << 24
 
 # The 16 NormalFloat levels of QLoRA (Dettmers et al. 2023, appendix E), as bitsandbytes holds them.
@@ -134,9 +137,13 @@ def nearest_codes(scaled: torch.Tensor, kind: str = "nf4") -> torch.Tensor:
     """(m,) fp32 values (scaled into [-1, 1], or NaN) -> (m,) uint8 index of the nearest level of
     the map ``kind`` ("nf4": :data:`NF4_CODE`, "dyn": :data:`DYNAMIC_CODE`), ties to the lower one:
     ``torch.bucketize(scaled, midpoints)`` to the bit, by table (:class:`.rounding.LevelTable`)."""
+    return _rounding(kind)(scaled)
+
+
+def _rounding(kind: str) -> LevelTable:
     if kind not in _ROUNDING:
         _ROUNDING[kind] = LevelTable(_table(kind + "_bounds", torch.device("cpu")))
-    return _ROUNDING[kind](scaled)
+    return _ROUNDING[kind]
 
 
 def _quantize_whole_blocks(x: torch.Tensor, block: int, codes: torch.Tensor, absmax: torch.Tensor) -> None:
@@ -146,15 +153,33 @@ def _quantize_whole_blocks(x: torch.Tensor, block: int, codes: torch.Tensor, abs
     abs() on floats. The product with the fp32 reciprocal widens x exactly. The clamp to [-1, 1]
     of the reference is left out: scaled values exceed 1 in magnitude only by rounding, and code
     15 (or 0) is already theirs. Two codes a byte: odd element + 16 * even element."""
-    v = x.view(-1, block)
+    v, m = x.view(-1, block), x.numel()
     int_type, magnitude = _SAME_SIZE_INT[x.element_size()]
-    absmax.copy_(v.view(int_type).bitwise_and(magnitude).amax(dim=1).view(x.dtype))
-    q = nearest_codes((v * (1.0 / absmax.clamp(min=1e-38))[:, None]).view(-1))
-    torch.add(q[1::2], q[0::2], alpha=16, out=codes)
+    bits = torch.bitwise_and(v.view(int_type), magnitude, out=buffer("nf4_magnitude", m, int_type, x.device).view_as(v))
+    absmax.copy_(bits.amax(dim=1).view(x.dtype))
+    scaled = buffer("nf4_scaled", m, torch.float32, x.device).view(-1, block)
+    scaled.copy_(v).mul_((1.0 / absmax.clamp(min=1e-38))[:, None])  # widened in place: no temporary copy of x
+    _pack_pairs(_rounding("nf4")(scaled.view(-1), out=buffer("nf4_codes", m, torch.uint8, x.device)), codes)
 
 
-def quantize_blocks(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """First level: x (n,) float -> codes (ceil(n/2),) uint8 packed, absmax (ceil(n/block),) fp32.
+def _pack_pairs(q: torch.Tensor, codes: torch.Tensor) -> None:
+    """codes[i] = 16 * q[2i] + q[2i+1], for q (2k,) uint8 codes < 16. On a little-endian machine a
+    pair read as one int16 w is q[2i] + 256 q[2i+1], so the byte is the low byte of (w << 4) + (w >> 8):
+    three passes over k int16 values, cheaper than one over the 2k bytes read with a stride of 2."""
+    if sys.byteorder != "little":
+        torch.add(q[1::2], q[0::2], alpha=16, out=codes)
+        return
+    w = q.view(torch.int16)
+    high = torch.bitwise_left_shift(w, 4, out=buffer("nf4_pack", w.numel(), torch.int16, q.device))
+    high.add_(torch.bitwise_right_shift(w, 8, out=buffer("nf4_pack_low", w.numel(), torch.int16, q.device)))
+    codes.copy_(high)  # the low byte of each int16
+
+
+def quantize_blocks(
+    x: torch.Tensor, block: int = BLOCK, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First level: x (n,) float -> codes (ceil(n/2),) uint8 packed, absmax (ceil(n/block),) fp32,
+    written into ``out`` when given.
 
     Whole blocks go in chunks of :data:`CHUNK` elements; the short last block is divided, not
     multiplied by the reciprocal, as the reference kernel does.
@@ -166,9 +191,13 @@ def quantize_blocks(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
         x = x.float()  # rounded once, as the reference does, before any arithmetic
     n = x.numel()
     full = n - n % block
-    codes = torch.empty(math.ceil(n / 2), dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(math.ceil(n / block), dtype=torch.float32, device=x.device)
-    step = max(1, CHUNK.get(x.device.type, CHUNK_OTHER) // block) * block
+    if out is None:
+        out = (
+            torch.empty(math.ceil(n / 2), dtype=torch.uint8, device=x.device),
+            torch.empty(math.ceil(n / block), dtype=torch.float32, device=x.device),
+        )
+    codes, absmax = out
+    step = chunk_elements(x.device, block)
     for start in range(0, full, step):
         end = min(start + step, full)
         _quantize_whole_blocks(x[start:end], block, codes[start // 2 : end // 2], absmax[start // block : end // block])
@@ -178,6 +207,11 @@ def quantize_blocks(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
         q = nearest_codes(F.pad(torch.clamp(tail / absmax[-1], -1, 1), (0, (n - full) % 2)))  # pad: code 7 (0.0)
         codes[full // 2 :] = (q[0::2] << 4) | q[1::2]
     return codes, absmax
+
+
+def chunk_elements(device: torch.device, block: int) -> int:
+    """Elements quantized at once on ``device``: whole blocks, about :data:`CHUNK`."""
+    return max(1, CHUNK.get(device.type, CHUNK_OTHER) // block) * block
 
 
 def quantize_scales(absmax: torch.Tensor, block: int = SCALE_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,67 +255,3 @@ def dequantize_blocks(
         values = F.pad(values, (0, (b1 - b0) * block - values.numel())).view(-1, block)
         out[start:end] = (values * absmax[b0:b1, None]).view(-1)[: end - start]
     return out
-
-
-class BlockQuantizer:
-    """Quantizes a weight of n elements that arrives in contiguous pieces, in any order.
-
-    Blocks a piece covers whole are quantized at once; the part of a block at a piece's edge waits
-    in a small fp32 buffer until the rest of that block arrives. :meth:`write` returns True once
-    every block is done; :meth:`result` then gives the double-quantized state.
-    """
-
-    def __init__(self, n: int, device: torch.device, block: int = BLOCK) -> None:
-        self.n, self.block = n, block
-        self.nb = math.ceil(n / block)
-        self.codes = torch.zeros(math.ceil(n / 2), dtype=torch.uint8, device=device)
-        self.absmax = torch.zeros(self.nb, dtype=torch.float32, device=device)
-        self.done = torch.zeros(self.nb, dtype=torch.bool)
-        self.remaining = self.nb  # a counter, not done.all(): a 128-expert weight arrives in 384 pieces
-        self.partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (values, filled mask)
-
-    def _block_end(self, b: int) -> int:
-        return min((b + 1) * self.block, self.n)
-
-    def write(self, start: int, values: torch.Tensor) -> bool:
-        """Put ``values`` (any shape, numel m) at flat positions [start, start+m)."""
-        x = values.reshape(-1).to(device=self.codes.device)  # moved first, widened to fp32 in chunks there
-        end = start + x.numel()
-        if start < 0 or end > self.n:
-            raise ValueError(f"piece [{start}, {end}) lies outside a weight of {self.n} elements")
-        if end == start:
-            return self.remaining == 0
-        first, last = start // self.block, (end - 1) // self.block  # blocks the piece touches
-        lo = first if first * self.block >= start else first + 1  # those it covers whole: [lo, hi)
-        hi = last + 1 if self._block_end(last) <= end else last
-        if lo < hi:
-            self._quantize(lo, hi, x[lo * self.block - start : self._block_end(hi - 1) - start])
-        for b in {first, last} - set(range(lo, hi)):  # at most the two edge blocks
-            s, e = max(start, b * self.block), min(end, self._block_end(b))
-            self._add_partial(b, s, x[s - start : e - start])
-        return self.remaining == 0
-
-    def _quantize(self, lo: int, hi: int, x: torch.Tensor) -> None:
-        codes, absmax = quantize_blocks(x, self.block)
-        self.codes[lo * self.block // 2 : lo * self.block // 2 + codes.numel()] = codes
-        self.absmax[lo:hi] = absmax
-        self.remaining -= (hi - lo) - int(self.done[lo:hi].sum())  # a block written twice counts once
-        self.done[lo:hi] = True
-
-    def _add_partial(self, b: int, start: int, x: torch.Tensor) -> None:
-        size = self._block_end(b) - b * self.block
-        values, filled = self.partial.setdefault(
-            b, (torch.zeros(size, device=x.device), torch.zeros(size, dtype=torch.bool))
-        )
-        offset = start - b * self.block
-        values[offset : offset + x.numel()] = x
-        filled[offset : offset + x.numel()] = True
-        if bool(filled.all()):
-            self._quantize(b, b + 1, values)
-            del self.partial[b]
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """codes (ceil(n/2),) uint8, absmax codes (nb,) uint8, scale (nb2,) fp32, offset () fp32."""
-        if self.remaining:
-            raise ValueError(f"{self.remaining} of {self.nb} blocks were never written")
-        return (self.codes, *quantize_scales(self.absmax))

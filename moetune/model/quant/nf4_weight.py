@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import nf4
+from . import nf4, nf4_pieces
 from .stored import StoredWeight
 
 
@@ -35,7 +35,7 @@ class NF4Weight(StoredWeight):
         self.register_buffer("absmax_codes", torch.zeros(nb, dtype=torch.uint8, device=device))
         self.register_buffer("absmax_scale", torch.zeros(math.ceil(nb / nf4.SCALE_BLOCK), device=device))
         self.register_buffer("absmax_offset", torch.zeros((), device=device))
-        self._writer: nf4.BlockQuantizer | None = None
+        self._writer: nf4_pieces.BlockQuantizer | None = None
 
     @torch.no_grad()
     def write(self, start: int, values: torch.Tensor) -> None:
@@ -45,10 +45,9 @@ class NF4Weight(StoredWeight):
         is in, and only then is the weight usable.
         """
         if self._writer is None:
-            self._writer = nf4.BlockQuantizer(self.numel(), self.device)
+            self._writer = nf4_pieces.BlockQuantizer(self.numel(), self.device, codes=self.codes)
         if self._writer.write(start, values):
-            codes, absmax_codes, scale, offset = self._writer.result()
-            self.codes.copy_(codes)
+            _, absmax_codes, scale, offset = self._writer.result()  # the codes are in self.codes already
             self.absmax_codes.copy_(absmax_codes)
             self.absmax_scale.copy_(scale)
             self.absmax_offset.copy_(offset)

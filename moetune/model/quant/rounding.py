@@ -11,11 +11,10 @@ five element-wise passes (upper bits, two gathers, compare, add), on any device.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
-_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which int16 of an fp32 holds its sign and exponent
+from .scratch import buffer
 
 
 class LevelTable:
@@ -39,12 +38,19 @@ class LevelTable:
         self.cut = torch.where(high_code > low, bounds[low.clamp(max=bounds.numel() - 1)], math.inf)  # (65536,)
         self.devices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+    def __call__(self, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes of ``values``, written into ``out`` (m,) uint8 when given."""
         if values.dtype != torch.float32:  # the table reads fp32 bits: another dtype's would be wrong, silently
             raise TypeError(f"LevelTable rounds fp32 values, got {values.dtype}")
-        values = values.contiguous()
-        if values.device not in self.devices:
-            self.devices[values.device] = (self.low.to(values.device), self.cut.to(values.device))
-        low, cut = self.devices[values.device]
-        high = values.view(torch.int16)[_HIGH_HALF::2].to(torch.int32).bitwise_and_(0xFFFF)
-        return low.index_select(0, high).add_(torch.gt(values, cut.index_select(0, high)))
+        values = values.contiguous().view(-1)
+        device, m = values.device, values.numel()
+        if device not in self.devices:
+            self.devices[device] = (self.low.to(device), self.cut.to(device))
+        low, cut = self.devices[device]
+        high = buffer("level_high", m, torch.int32, device)  # sign, exponent, 7 bits; any byte order:
+        torch.bitwise_right_shift(values.view(torch.int32), 16, out=high).bitwise_and_(0xFFFF)
+        out = torch.empty(m, dtype=torch.uint8, device=device) if out is None else out
+        torch.index_select(low, 0, high, out=out)
+        cuts = torch.index_select(cut, 0, high, out=buffer("level_cut", m, torch.float32, device))
+        above = torch.gt(values, cuts, out=buffer("level_above", m, torch.bool, device))
+        return out.add_(above.view(torch.uint8))  # as bytes: a bool operand would be widened in a copy first
