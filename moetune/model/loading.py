@@ -23,7 +23,7 @@ from .hf import KeyMap, Target, checkpoint_shape, destination, from_checkpoint
 from .layers import RMSNorm
 from .model_folder import CheckpointTensor, iter_checkpoint, model_args_from_folder, read_hf_config, weight_files
 from .prequantized import folder_format, stored_layout, stored_to_nf4, swap_stored_modules
-from .quant import StoredWeight, quantize_model, quantized_weights
+from .quant import StoredWeight, cpu_workers, quantize_model, quantized_weights
 from .quant.stored import copy_rows
 from .transformer import CausalLM
 from .wrappers import Wrapper, unwrap_config
@@ -203,14 +203,23 @@ def load_model(
     model = _allocate(args, dtype, device, quantize if fmt is None else None, stored)
     shard = shard if quantize is None else None  # nf4 from a stored folder dequantizes it whole first
     filler = _Filler(model, keymap, tied=args.tie_word_embeddings, wrapper=wrapper, shard=shard)
-    for file, key, entry in iter_checkpoint(files):
-        filler.fill(key, entry, file)
+    _fill_all(filler, files)
     filler.check_complete()
     _report_skipped(filler, args, mtp)
     if fmt is not None and quantize == "nf4":  # read as stored first: 1.0-1.5 bytes per weight at the peak
         stored_to_nf4(model)
     model.source_path = str(folder)
     return model.eval()
+
+
+def _fill_all(filler: _Filler, files: list[Path]) -> None:
+    """Every checkpoint tensor into the model. The NF4 quantizer's CPU workers, if it started them,
+    stop afterwards: their threads and per-thread buffers are not needed once the model is loaded."""
+    try:
+        for file, key, entry in iter_checkpoint(files):
+            filler.fill(key, entry, file)
+    finally:
+        cpu_workers.shutdown()
 
 
 def _report_skipped(filler: _Filler, args: ModelArgs, mtp: range) -> None:

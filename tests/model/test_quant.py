@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import threading
 
 import pytest
 import torch
@@ -193,8 +194,15 @@ def test_to_dtype_keeps_fp32_scales():
 
 
 # --- loading ------------------------------------------------------------------------------
-def test_load_nf4_quantizes_linears_and_experts(odd_moe_dir):
-    model = moetune.load_model(odd_moe_dir, quantize="nf4")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_load_nf4_quantizes_linears_and_experts(odd_moe_dir, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 2: the pieces are quantized by the CPU workers
+    try:
+        model = moetune.load_model(odd_moe_dir, quantize="nf4")
+    finally:
+        torch.set_num_threads(before)
+    assert not [t for t in threading.enumerate() if t.name.startswith("moetune-cpu-worker")]  # stopped after
     names = set(quantized_weights(model))
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= names
