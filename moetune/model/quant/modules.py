@@ -32,6 +32,7 @@ from torch import nn
 from ...errors import CheckpointError
 from ..grouped import grouped_linear, grouped_linear_loop
 from ..moe import GroupedExperts
+from . import cpu_workers
 from .nf4_weight import NF4Weight
 from .stored import StoredWeight
 
@@ -224,6 +225,7 @@ def quantize_model(model: nn.Module) -> nn.Module:
             # e.g. gpt-oss's biased experts: leaving them full precision would silently break the promise
             kind = type(module).__name__
             raise CheckpointError(f"quantize='nf4' does not support the experts of '{path}' ({kind}) yet")
+    cpu_workers.shutdown()  # the quantizer's CPU workers, if it started them, are not needed now
     return model
 
 
