@@ -140,7 +140,9 @@ def chunked_cross_entropy(
         end = min(start + chunk_size, B * T)
         part = chunk_losses(head, h[start:end], targets[start:end], range(start, end))
         total, parts = total + part.sum(), parts + [part]
-    return total / count.clamp_min(1), torch.cat(parts).view(B, T)
+    # a copy (B*T floats), not a view of the concatenation: FSDP2 warns when a model returns a view
+    # (an in-place op on it would skip the pre-backward hook that gathers the shards)
+    return total / count.clamp_min(1), torch.cat(parts).view(B, T).clone()
 
 
 def causal_lm_loss(

@@ -52,3 +52,16 @@ def test_loss_matches_transformers(name, tmp_path):
         got = ours(ids, attention_mask=mask, labels=labels)
     assert got.logits is None
     assert abs(ref.item() - got.loss.item()) < 1e-5
+
+
+def test_outputs_that_take_a_gradient_are_not_views(tmp_path):
+    """FSDP2 hooks a root module's outputs for backward and warns on a view (an in-place op on it would
+    skip the hook): what a training forward returns with a gradient must not be one."""
+    save_hf_model("qwen3_moe", tmp_path)
+    ours = moetune.load_model(tmp_path).train()
+    ours.loss_chunk_size = 7  # several chunks, concatenated
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = ours(ids, labels=ids)
+    tensors = {"loss": out.loss, "token_loss": out.token_loss, "aux_loss": out.aux_loss}
+    assert all(t.requires_grad for t in tensors.values())
+    assert {name for name, t in tensors.items() if t._base is not None} == set()
