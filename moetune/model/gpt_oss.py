@@ -198,9 +198,11 @@ class GptOssExperts(GroupedExperts):
         self.limit, self.alpha = limit, alpha
         self.act_name = "gpt_oss"
 
-    def project_gate_up(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    places_rows = False  # the biases are indexed by row: a layout's rows past the last expert have none
+
+    def project_gate_up(self, x: torch.Tensor, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
         bias = self.gate_up_proj_bias[row_experts(offsets, x.shape[0])]
-        return super().project_gate_up(x, offsets) + bias.to(x.dtype)
+        return super().project_gate_up(x, offsets, placed) + bias.to(x.dtype)
 
     def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
@@ -208,9 +210,9 @@ class GptOssExperts(GroupedExperts):
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
-    def project_down(self, h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def project_down(self, h: torch.Tensor, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
         bias = self.down_proj_bias[row_experts(offsets, h.shape[0])]
-        return super().project_down(h, offsets) + bias.to(h.dtype)
+        return super().project_down(h, offsets, placed) + bias.to(h.dtype)
 
 
 # --- builders -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouped import grouped_linear, grouped_linear_loop
+from .grouped import RowLayout, grouped_linear, grouped_linear_loop, row_layout
 from .layers import ACTIVATIONS, SwiGLU
 
 
@@ -100,6 +100,8 @@ class GroupedExperts(nn.Module):
     # True where the Hugging Face tensor interleaves gate and up (gpt-oss): files in HF's layout
     # (PEFT target_parameters) then hold gate_up rows interleaved too. In memory they never are.
     gate_up_interleaved = False
+    # False where a stage needs the rows as routed (gpt-oss indexes its biases by row): no layout.
+    places_rows = True
 
     def __init__(self, *, num_experts: int, dim: int, hidden: int, act: str = "silu", use_loop: bool = False) -> None:
         super().__init__()
@@ -110,27 +112,39 @@ class GroupedExperts(nn.Module):
         self.act = ACTIVATIONS[act]
         self.use_loop = use_loop  # reference path for tests
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return (grouped_linear_loop if self.use_loop else grouped_linear)(x, weight, offsets)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, placed: bool = False):
+        """Per-expert ``x_e @ W_e^T``; ``placed``: x's rows are in this forward's :meth:`layout`."""
+        if self.use_loop:
+            return grouped_linear_loop(x, weight, offsets)
+        return grouped_linear(x, weight, offsets, placed=placed)
+
+    def layout(self, x: torch.Tensor, offsets: torch.Tensor) -> RowLayout | None:
+        """Where the expert GEMMs of one forward place x's rows, once for all of them (CPU bf16/fp16),
+        or None: each GEMM takes the rows as they are."""
+        return None if self.use_loop or not self.places_rows else row_layout(x, offsets)
 
     # The three stages of an expert, apart so an expert LoRA adds its deltas between them and a
     # family changes one stage (gpt-oss: biases, its own gated activation) without a new forward.
-    def project_gate_up(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def project_gate_up(self, x: torch.Tensor, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
         """x (R, D) sorted by expert -> (R, 2F), gate columns first."""
-        return self.linear(x, self.gate_up_proj, offsets)
+        return self.linear(x, self.gate_up_proj, offsets, placed)
 
     def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(R, 2F) -> (R, F): ``act(gate) * up``."""
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 
-    def project_down(self, h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def project_down(self, h: torch.Tensor, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
         """h (R, F) sorted by expert -> (R, D)."""
-        return self.linear(h, self.down_proj, offsets)
+        return self.linear(h, self.down_proj, offsets, placed)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - LoRA wrappers use it
         """x (R, D) sorted by expert; offsets (E,) int32; token_index (R,) token of each row -> (R, D)."""
-        return self.project_down(self.gated(self.project_gate_up(x, offsets)), offsets)
+        layout = self.layout(x, offsets)
+        if layout is None:
+            return self.project_down(self.gated(self.project_gate_up(x, offsets)), offsets)
+        h = self.gated(self.project_gate_up(layout.place(x), layout.offsets, placed=True))
+        return layout.take(self.project_down(h, layout.offsets, placed=True))
 
 
 @dataclass

@@ -147,3 +147,51 @@ def test_bf16_training_step_never_syncs_on_gpu():
         (out.loss + out.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cpu_half_precision_lora_experts_place_rows_once(dropout, monkeypatch):
+    """On CPU in bf16 a LoRA experts layer places its routed rows once for the base's and the
+    adapter's six GEMMs (none pads again) and computes what padding per GEMM computes, outputs and
+    gradients bit for bit. With dropout it pads per GEMM: a mask over the placed rows would draw
+    other random numbers than the one over the rows."""
+    from moetune.model import grouped
+
+    layer, _ = _experts_pair("cpu", 16)
+    layer.adapters["default"].config.dropout = dropout
+    padded_per_call = []
+    real = grouped._RowPaddedGroupedLinear.apply
+    monkeypatch.setattr(grouped._RowPaddedGroupedLinear, "apply", lambda *a: padded_per_call.append(1) or real(*a))
+    d = dispatch(torch.randint(0, 7, (256, 2), generator=torch.Generator().manual_seed(1)), 8)
+    x = torch.randn(256, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    results = []
+    for places_rows in (True, False):
+        layer.base_layer.places_rows = places_rows
+        padded_per_call.clear()
+        torch.manual_seed(3)  # the same dropout mask for both
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi[d.token_index], d.offsets, token_index=d.token_index)
+        y.float().pow(2).sum().backward()
+        results.append([y, xi.grad] + [p.grad for _, p in layer.adapter_params("default")])
+        layer.zero_grad(set_to_none=True)
+        assert len(padded_per_call) == (6 if dropout or not places_rows else 0)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_cpu_half_precision_experts_place_rows_once_with_the_same_results():
+    torch.manual_seed(0)
+    base = GroupedExperts(num_experts=8, dim=64, hidden=32).to(torch.bfloat16)
+    with torch.no_grad():
+        base.gate_up_proj.normal_(0, 0.1), base.down_proj.normal_(0, 0.1)
+    d = dispatch(torch.randint(0, 7, (256, 2), generator=torch.Generator().manual_seed(1)), 8)
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    results = []
+    for places_rows in (True, False):
+        base.places_rows = places_rows
+        assert (base.layout(x[d.token_index], d.offsets) is not None) == places_rows
+        xi = x.clone().requires_grad_(True)
+        y = base(xi[d.token_index], d.offsets, token_index=d.token_index)
+        y.float().pow(2).sum().backward()
+        results.append([y, xi.grad, base.gate_up_proj.grad, base.down_proj.grad])
+        base.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

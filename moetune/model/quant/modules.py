@@ -58,11 +58,11 @@ class _StoredGrouped(torch.autograd.Function):
     """Per-expert x_e @ W_e^T on expert-sorted rows, W (E, out, in) recomputed for backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: StoredWeight, offsets: torch.Tensor, loop: bool) -> torch.Tensor:
-        ctx.weight, ctx.loop = weight, loop
+    def forward(ctx, x: torch.Tensor, weight: StoredWeight, offsets: torch.Tensor, loop: bool, placed: bool):
+        ctx.weight, ctx.loop, ctx.placed = weight, loop, placed
         ctx.save_for_backward(offsets)
-        fn = grouped_linear_loop if loop else grouped_linear
-        y = fn(x, weight.dequantize(x.dtype), offsets)
+        w = weight.dequantize(x.dtype)
+        y = grouped_linear_loop(x, w, offsets) if loop else grouped_linear(x, w, offsets, placed=placed)
         # grouped_linear returns a same-shape view (its grad hook); return the base so later
         # in-place ops on the output are not in-place ops on a view made inside a Function.
         return y._base if y._base is not None and y._base.shape == y.shape else y
@@ -70,11 +70,12 @@ class _StoredGrouped(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         (offsets,) = ctx.saved_tensors
-        fn = grouped_linear_loop if ctx.loop else grouped_linear
         w_t = ctx.weight.dequantize(grad.dtype).transpose(-2, -1)  # (E, in, out): dx_e = g_e @ W_e
-        return fn(grad.contiguous(), w_t, offsets), None, None, None
+        g = grad.contiguous()
+        dx = grouped_linear_loop(g, w_t, offsets) if ctx.loop else grouped_linear(g, w_t, offsets, placed=ctx.placed)
+        return dx, None, None, None, None
 
 
 class QuantLinear(nn.Linear):
@@ -161,10 +162,10 @@ class QuantGroupedExperts(GroupedExperts):
 
     plain_class: type = GroupedExperts  # the full-precision class (dequantize_model swaps back to it)
 
-    def linear(self, x: torch.Tensor, weight, offsets: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
         if isinstance(weight, StoredWeight):
-            return _StoredGrouped.apply(x, weight, offsets, self.use_loop)
-        return super().linear(x, weight, offsets)
+            return _StoredGrouped.apply(x, weight, offsets, self.use_loop, placed)
+        return super().linear(x, weight, offsets, placed)
 
     def dequantized_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``gate_up_proj`` (E, 2F, D) or ``down_proj`` (E, D, F), dequantized."""

@@ -25,6 +25,7 @@ the layer runs them all the same way, with ``effective_a`` as the A side.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
@@ -151,25 +152,40 @@ class LoraGroupedExperts(AdapterLayer):
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:
-        """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,) -> (R, D)."""
-        base, names = self.base_layer, self.running()
-        blocks = self._blocks(names, token_index, offsets)
-        gate_up = base.project_gate_up(x, offsets)  # (R, 2F)
-        up = [n for n in names if _gate_up_groups(self.pairs(n)) != ([], [])]
-        gate_up = self._add_deltas(gate_up, up, blocks, x, offsets, self._gate_up_delta)
-        h = base.gated(gate_up)  # (R, F)
-        out = base.project_down(h, offsets)  # (R, D)
-        down = [n for n in names if "down" in self.pairs(n)]
-        return self._add_deltas(out, down, blocks, h, offsets, lambda n, xs, o: self._split_lora(n, ["down"], xs, o))
+        """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,) -> (R, D).
 
-    def _gate_up_delta(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        Where the base places the rows for its GEMMs (CPU bf16/fp16, :meth:`GroupedExperts.layout`),
+        they are placed once for the base and every adapter's GEMMs, unless the rows are regrouped
+        by adapter or an adapter drops out inputs (a mask over the placed rows would draw other
+        random numbers than one over the rows)."""
+        names = self.running()
+        blocks = self._blocks(names, token_index, offsets)
+        drops = self.training and any(self.adapters[n].config.dropout for n in names)
+        layout = None if blocks is not None or drops else self.base_layer.layout(x, offsets)
+        if layout is None:
+            return self._experts(x, offsets, names, blocks, placed=False)
+        return layout.take(self._experts(layout.place(x), layout.offsets, names, None, placed=True))
+
+    def _experts(self, x, offsets, names: list[str], blocks: ExpertBlocks | None, placed: bool) -> torch.Tensor:
+        base = self.base_layer
+        gate_up = base.project_gate_up(x, offsets, placed)  # (R, 2F)
+        up = [n for n in names if _gate_up_groups(self.pairs(n)) != ([], [])]
+        gate_up_delta = functools.partial(self._gate_up_delta, placed=placed)
+        gate_up = self._add_deltas(gate_up, up, blocks, x, offsets, gate_up_delta)
+        h = base.gated(gate_up)  # (R, F)
+        out = base.project_down(h, offsets, placed)  # (R, D)
+        down = [n for n in names if "down" in self.pairs(n)]
+        down_delta = functools.partial(self._split_lora, pairs=["down"], placed=placed)
+        return self._add_deltas(out, down, blocks, h, offsets, lambda n, rows, o: down_delta(n, x=rows, offsets=o))
+
+    def _gate_up_delta(self, name: str, x: torch.Tensor, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
         """Adapter ``name``'s (R, 2F) delta on the gate_up output: one fused pair over the 2F rows,
         or gate+up pairs with their A's in one grouped GEMM, or a lone half zero-padded to 2F."""
         fused, alone = _gate_up_groups(self.pairs(name))
-        delta = self._split_lora(name, fused, x, offsets) if fused else None
+        delta = self._split_lora(name, fused, x, offsets, placed) if fused else None
         for half in alone:
             pad = (0, self.hidden) if half == "gate" else (self.hidden, 0)
-            d = F.pad(self._split_lora(name, [half], x, offsets), pad)
+            d = F.pad(self._split_lora(name, [half], x, offsets, placed), pad)
             delta = d if delta is None else delta + d
         return delta
 
@@ -199,22 +215,22 @@ class LoraGroupedExperts(AdapterLayer):
         deltas = [delta_of(n, xn, blocks.ends[slot]) for (n, slot, _), xn in zip(runs, xs)]
         return add_rows(y, rows, cat(deltas))
 
-    def _split_lora(self, name: str, pairs: list[str], x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _split_lora(self, name: str, pairs: list[str], x, offsets, placed: bool = False) -> torch.Tensor:
         """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated."""
         adapter = self.adapters[name]
         config = adapter.config
         h = F.dropout(x, config.dropout, self.training) if config.dropout else x
         a_list = [adapter.effective_a(self, p).to(x.dtype) for p in pairs]
-        t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets)  # (R, r)
+        t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets, placed)  # (R, r)
         s = adapter.scaling(PROJ_OF_PAIR[pairs[0]])
         t = t * s
         b_list = [self.lora_b(p)[name] for p in pairs]
         parts = t.split([b.shape[-1] for b in b_list], dim=-1) if len(pairs) > 1 else [t]
-        outs = [self._matmul(tp, b.to(x.dtype), offsets) for tp, b in zip(parts, b_list)]
+        outs = [self._matmul(tp, b.to(x.dtype), offsets, placed) for tp, b in zip(parts, b_list)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w) if w.dim() == 2 else self.base_layer.linear(x, w, offsets)
+    def _matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, placed: bool) -> torch.Tensor:
+        return F.linear(x, w) if w.dim() == 2 else self.base_layer.linear(x, w, offsets, placed)
 
     # --- merge ----------------------------------------------------------------------------
     def delta(self, name: str, pair: str) -> torch.Tensor:
