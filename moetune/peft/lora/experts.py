@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import LoraConfig
+from ...model.grouped import RowLayout
 from ...model.moe import GroupedExperts, gather_rows
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
 from ..core.selection import ExpertBlocks, add_rows, cat
@@ -156,36 +157,35 @@ class LoraGroupedExperts(AdapterLayer):
 
         Where the base places the rows for its GEMMs (CPU bf16/fp16, :meth:`GroupedExperts.layout`),
         they are placed once for the base and every adapter's GEMMs, unless the rows are regrouped
-        by adapter or an adapter drops out inputs (a mask over the placed rows would draw other
-        random numbers than one over the rows)."""
+        by adapter."""
         names = self.running()
         blocks = self._blocks(names, token_index, offsets)
-        drops = self.training and any(self.adapters[n].config.dropout for n in names)
-        layout = None if blocks is not None or drops else self.base_layer.layout(x, offsets)
+        layout = None if blocks is not None else self.base_layer.layout(x, offsets)
         if layout is None:
-            return self._experts(x, offsets, names, blocks, placed=False)
-        return layout.take(self._experts(layout.place(x), layout.offsets, names, None, placed=True))
+            return self._experts(x, offsets, names, blocks, None)
+        return layout.take(self._experts(layout.place(x), layout.offsets, names, None, layout))
 
-    def _experts(self, x, offsets, names: list[str], blocks: ExpertBlocks | None, placed: bool) -> torch.Tensor:
-        base = self.base_layer
+    def _experts(self, x, offsets, names: list[str], blocks: ExpertBlocks | None, layout: RowLayout | None):
+        """The base's stages and the adapters' deltas on x's rows (placed in ``layout`` if not None)."""
+        base, placed = self.base_layer, layout is not None
         gate_up = base.project_gate_up(x, offsets, placed)  # (R, 2F)
         up = [n for n in names if _gate_up_groups(self.pairs(n)) != ([], [])]
-        gate_up_delta = functools.partial(self._gate_up_delta, placed=placed)
+        gate_up_delta = functools.partial(self._gate_up_delta, layout=layout)
         gate_up = self._add_deltas(gate_up, up, blocks, x, offsets, gate_up_delta)
         h = base.gated(gate_up)  # (R, F)
         out = base.project_down(h, offsets, placed)  # (R, D)
         down = [n for n in names if "down" in self.pairs(n)]
-        down_delta = functools.partial(self._split_lora, pairs=["down"], placed=placed)
+        down_delta = functools.partial(self._split_lora, pairs=["down"], layout=layout)
         return self._add_deltas(out, down, blocks, h, offsets, lambda n, rows, o: down_delta(n, x=rows, offsets=o))
 
-    def _gate_up_delta(self, name: str, x: torch.Tensor, offsets: torch.Tensor, placed: bool = False) -> torch.Tensor:
+    def _gate_up_delta(self, name: str, x: torch.Tensor, offsets: torch.Tensor, layout: RowLayout | None = None):
         """Adapter ``name``'s (R, 2F) delta on the gate_up output: one fused pair over the 2F rows,
         or gate+up pairs with their A's in one grouped GEMM, or a lone half zero-padded to 2F."""
         fused, alone = _gate_up_groups(self.pairs(name))
-        delta = self._split_lora(name, fused, x, offsets, placed) if fused else None
+        delta = self._split_lora(name, fused, x, offsets, layout) if fused else None
         for half in alone:
             pad = (0, self.hidden) if half == "gate" else (self.hidden, 0)
-            d = F.pad(self._split_lora(name, [half], x, offsets, placed), pad)
+            d = F.pad(self._split_lora(name, [half], x, offsets, layout), pad)
             delta = d if delta is None else delta + d
         return delta
 
@@ -215,13 +215,16 @@ class LoraGroupedExperts(AdapterLayer):
         deltas = [delta_of(n, xn, blocks.ends[slot]) for (n, slot, _), xn in zip(runs, xs)]
         return add_rows(y, rows, cat(deltas))
 
-    def _split_lora(self, name: str, pairs: list[str], x, offsets, placed: bool = False) -> torch.Tensor:
-        """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated."""
+    def _split_lora(self, name: str, pairs: list[str], x, offsets, layout: RowLayout | None = None) -> torch.Tensor:
+        """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated. The
+        dropout mask of placed rows is drawn over the rows themselves: the same random numbers."""
         adapter = self.adapters[name]
         config = adapter.config
-        h = F.dropout(x, config.dropout, self.training) if config.dropout else x
+        h, placed = x, layout is not None
+        if config.dropout and self.training:
+            h = F.dropout(x, config.dropout) if not placed else layout.place(F.dropout(layout.take(x), config.dropout))
         a_list = [adapter.effective_a(self, p).to(x.dtype) for p in pairs]
-        t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets, placed)  # (R, r)
+        t = self._matmul(h, a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=-2), offsets, placed)
         s = adapter.scaling(PROJ_OF_PAIR[pairs[0]])
         t = t * s
         b_list = [self.lora_b(p)[name] for p in pairs]
