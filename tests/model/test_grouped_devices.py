@@ -149,14 +149,33 @@ def test_bf16_training_step_never_syncs_on_gpu():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _nf4_lora_experts() -> LoraGroupedExperts:
+    """A QLoRA experts layer in bf16: the base's GEMMs go through its stored (NF4) weights."""
+    from moetune.model.quant import QuantGroupedExperts
+    from moetune.peft.lora.qlora import QLoraGroupedExperts
+
+    torch.manual_seed(0)
+    base = GroupedExperts(num_experts=8, dim=64, hidden=32)
+    with torch.no_grad():
+        base.gate_up_proj.normal_(0, 0.1), base.down_proj.normal_(0, 0.1)
+    layer = QLoraGroupedExperts(QuantGroupedExperts.from_experts(base).to(torch.bfloat16))
+    layer.add_adapter("default", LoraConfig(r=16, alpha=32, target_modules=["experts"]))
+    with torch.no_grad():
+        for _, p in layer.adapter_params("default"):
+            p.normal_(0, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("base", ["bf16", "nf4"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_cpu_half_precision_lora_experts_place_rows_once(dropout, monkeypatch):
+def test_cpu_half_precision_lora_experts_place_rows_once(base, dropout, monkeypatch):
     """On CPU in bf16 a LoRA experts layer places its routed rows once for the base's and the
     adapter's six GEMMs (none pads again) and computes what padding per GEMM computes, outputs and
-    gradients bit for bit, dropout masks included (drawn over the rows, not the placed rows)."""
+    gradients bit for bit, dropout masks included (drawn over the rows, not the placed rows), on a
+    bf16 base and on an NF4 one."""
     from moetune.model import grouped
 
-    layer, _ = _experts_pair("cpu", 16)
+    layer = _experts_pair("cpu", 16)[0] if base == "bf16" else _nf4_lora_experts()
     layer.adapters["default"].config.dropout = dropout
     padded_per_call = []
     real = grouped._RowPaddedGroupedLinear.apply
@@ -173,7 +192,8 @@ def test_cpu_half_precision_lora_experts_place_rows_once(dropout, monkeypatch):
         y.float().pow(2).sum().backward()
         results.append([y, xi.grad] + [p.grad for _, p in layer.adapter_params("default")])
         layer.zero_grad(set_to_none=True)
-        assert len(padded_per_call) == (0 if places_rows else 6)
+        per_call = {"bf16": 6, "nf4": 8}[base]  # NF4: the base's input gradients run grouped_linear again
+        assert len(padded_per_call) == (0 if places_rows else per_call)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
