@@ -165,14 +165,14 @@ def _quantize_whole_blocks(x: torch.Tensor, block: int, codes: torch.Tensor, abs
 def _pack_pairs(q: torch.Tensor, codes: torch.Tensor) -> None:
     """codes[i] = 16 * q[2i] + q[2i+1], for q (2k,) uint8 codes < 16. On a little-endian machine a
     pair read as one int16 w is q[2i] + 256 q[2i+1], so the byte is the low byte of (w << 4) + (w >> 8):
-    three passes over k int16 values, cheaper than one over the 2k bytes read with a stride of 2."""
+    four passes over k int16 values, cheaper than one over the 2k bytes read with a stride of 2."""
     if sys.byteorder != "little":
         torch.add(q[1::2], q[0::2], alpha=16, out=codes)
         return
     w = q.view(torch.int16)
     high = torch.bitwise_left_shift(w, 4, out=buffer("nf4_pack", w.numel(), torch.int16, q.device))
     high.add_(torch.bitwise_right_shift(w, 8, out=buffer("nf4_pack_low", w.numel(), torch.int16, q.device)))
-    codes.copy_(high)  # the low byte of each int16
+    codes.copy_(high.bitwise_and_(0xFF))  # masked first: a narrowing copy may saturate instead of wrapping
 
 
 def quantize_blocks(
