@@ -106,12 +106,15 @@ def grouped_linear(
     if reason is not None:
         _fallback_once(reason)
         return grouped_linear_loop(x, weight, offsets)
-    if x.device.type == "cpu" and x.dtype in _ROW_PADDED and not placed:
+    if _places_rows(x) and not placed:
         return _RowPaddedGroupedLinear.apply(x, weight, offsets, cpu_row_multiple(x.shape[0], offsets.shape[0]))
     return _aligned_grouped_mm(x, weight, offsets)
 
 
-_ROW_PADDED = (torch.bfloat16, torch.float16)  # the CPU dtypes whose grouped GEMM wants repeating row counts
+def _places_rows(x: torch.Tensor) -> bool:
+    """Whether the grouped GEMM wants x's rows at multiples per expert: on CPU in bf16/fp16, where
+    oneDNN builds a kernel for every new shape."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 class RowLayout(NamedTuple):
@@ -130,7 +133,7 @@ class RowLayout(NamedTuple):
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
         """(n, d) -> (length, d), zero rows between the experts' rows (they give zero outputs)."""
-        return x.new_zeros(self.length, x.shape[1]).index_copy(0, self.rows, x)
+        return _placed(x, self.rows, self.length)
 
     def take(self, y: torch.Tensor) -> torch.Tensor:
         """(length, d) -> (n, d): the placed rows' outputs, in the original order."""
@@ -140,7 +143,7 @@ class RowLayout(NamedTuple):
 def row_layout(x: torch.Tensor, offsets: torch.Tensor) -> RowLayout | None:
     """The layout :func:`grouped_linear` would place ``x``'s rows in before each GEMM (CPU, bf16 or
     fp16, a grouped kernel for the dtype), for a caller that runs several GEMMs on them; else None."""
-    if x.device.type != "cpu" or x.dtype not in _ROW_PADDED or x.shape[0] == 0 or grouped_support("cpu", x.dtype):
+    if not _places_rows(x) or x.shape[0] == 0 or grouped_support("cpu", x.dtype):
         return None
     n = x.shape[0]
     return RowLayout(*_rows_at_multiples(offsets, n, cpu_row_multiple(n, offsets.shape[0])))

@@ -13,12 +13,20 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
 _PREFIX = "moetune-cpu-worker"
 QUEUED_PER_WORKER = 2  # chunks waiting per worker: enough to never idle, few enough to bound memory
-_state: dict[str, object] = {}
+
+
+class _Workers(NamedTuple):
+    pool: ThreadPoolExecutor
+    queued: threading.BoundedSemaphore  # a slot per chunk queued or running
+
+
+_workers: _Workers | None = None
 _lock = threading.Lock()
 
 
@@ -41,32 +49,32 @@ def _one_thread() -> None:
     torch.ones(1 << 16).add_(1)  # a thread reads its count at its first parallel op: fix it at 1 now
 
 
-def _pool() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+def _pool() -> _Workers:
+    global _workers
     with _lock:
-        if "pool" not in _state:
+        if _workers is None:
             n = torch.get_num_threads()
             pool = ThreadPoolExecutor(n, thread_name_prefix=_PREFIX, initializer=_one_thread)
             started = threading.Barrier(n)
             list(pool.map(lambda _: started.wait(), range(n)))  # n distinct threads, each initialized
             torch.set_num_threads(n)  # a worker's setting is global for threads started later: restore it
-            _state["pool"], _state["queued"] = pool, threading.BoundedSemaphore(QUEUED_PER_WORKER * n)
-        return _state["pool"], _state["queued"]  # type: ignore[return-value]
+            _workers = _Workers(pool, threading.BoundedSemaphore(QUEUED_PER_WORKER * n))
+        return _workers
 
 
 def shutdown() -> None:
     """Stop the workers once their queued work is done; a new pool is made when next needed."""
+    global _workers
     with _lock:
-        pool = _state.pop("pool", None)
-        _state.pop("queued", None)
-    if pool is not None:
-        pool.shutdown(wait=True)  # type: ignore[attr-defined]
+        workers, _workers = _workers, None
+    if workers is not None:
+        workers.pool.shutdown(wait=True)
 
 
 def _forget_after_fork() -> None:
     """A forked child has none of the parent's threads: a new pool is made there when needed."""
-    global _lock
-    _state.clear()
-    _lock = threading.Lock()
+    global _workers, _lock
+    _workers, _lock = None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
