@@ -253,7 +253,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
 
 @torch.library.custom_op("moetune::grouped_weight_grad", mutates_args=())
 def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, experts: int) -> torch.Tensor:
-    """(E, out, in) gradient of the weight of :func:`grouped_linear`: ``grad_e^T @ x_e`` per expert."""
+    """(E, out, in) gradient of the weight of :func:`grouped_linear`: ``grad_e^T @ x_e`` per expert;
+    one grouped GEMM where the device has one for the dtype (fp32 on CPU: what compiled fp32 code
+    runs here), else the loop, which reads the offsets on the host as the forward's loop does."""
+    if grad.shape[0] and grouped_unsupported(grad, x) is None:
+        return _grouped_weight_grad(grad.contiguous(), x.contiguous(), offsets).contiguous()
     ends = offsets.tolist()
     out = grad.new_zeros(experts, grad.shape[1], x.shape[1])
     for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):

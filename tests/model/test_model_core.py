@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import moetune
 from moetune.errors import CheckpointError
-from moetune.model.grouped import grouped_linear, grouped_linear_loop
+from moetune.model import grouped
+from moetune.model.grouped import grouped_linear, grouped_linear_loop, grouped_weight_grad
 from moetune.model.moe import GroupedExperts, dispatch
 from tiny_hf import save_hf_model
 
@@ -35,6 +36,26 @@ def test_grouped_linear_matches_loop_including_empty_experts():
     (gx, gw) = torch.autograd.grad(y.sum(), (x, w))  # .sum() gives a stride-0 grad: must work
     (rx, rw) = torch.autograd.grad(y_ref.sum(), (x, w))
     assert (gx - rx).abs().max() < 1e-5 and (gw - rw).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("width", [16, 13])  # 13: fp32 rows miss the grouped GEMM's 16-byte rule, padded
+def test_opaque_weight_gradient_equals_the_per_expert_products(width, monkeypatch):
+    """Compiled fp32 code runs the grouped GEMM as an opaque op with its own backward: the weight
+    gradient is one grouped GEMM there (not a loop that reads the offsets on the host), equal to
+    each expert's ``grad_e^T @ x_e``, zero for experts without rows; rows past the last offset
+    belong to no expert."""
+    calls = []
+    one_gemm = grouped._grouped_weight_grad
+    monkeypatch.setattr(grouped, "_grouped_weight_grad", lambda *a: calls.append(1) or one_gemm(*a))
+    g = torch.Generator().manual_seed(3)
+    grad, x = torch.randn(23, width, generator=g), torch.randn(23, 32, generator=g)
+    offsets = torch.tensor([3, 3, 11, 11, 20], dtype=torch.int32)
+    got = grouped_weight_grad(grad, x, offsets, 5)
+    assert calls == [1]
+    starts = [0, 3, 3, 11, 11]
+    want = torch.stack([grad[a:b].T @ x[a:b] for a, b in zip(starts, offsets.tolist())])
+    assert got.shape == (5, width, 32) and got.is_contiguous()
+    assert (got - want).abs().max() < 1e-5 and got[1].abs().max() == 0 and got[3].abs().max() == 0
 
 
 def test_grouped_experts_match_loop_outputs_and_gradients():
