@@ -7,8 +7,12 @@ machine does falls on both; the first step of each is a warm-up. Prints one JSON
 each tool's median step and its spread (min, max), and the ratio of medians (> 1: moetune faster).
 
 Timings mean something only on a quiet machine: no other jobs, threads pinned (``taskset``),
-``OMP_WAIT_POLICY=PASSIVE`` (set here before torch loads; spinning threads of two processes made
-2-thread steps 3-10x slower and erratic). Report the spread with the ratio.
+``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (set here before torch loads; spinning
+threads of two processes made 2-thread steps 3-10x slower and erratic). Report the spread with the
+ratio. PASSIVE puts OpenMP's threads to sleep after every parallel op, and waking them cost ~100 us
+per op here: at this hidden size it doubles both tools' steps and weighs most on whichever runs
+more (smaller) ops. A process that does not set the policy spins between ops, as ACTIVE does; on a
+quiet machine ``OMP_WAIT_POLICY=ACTIVE taskset -c 0,1 python bench/cpu_grid.py`` times that.
 
     taskset -c 0,1 python bench/cpu_grid.py                        # the whole grid (long)
     python bench/cpu_grid.py --experts 8 --tokens 512 --steps 3     # one point
@@ -104,7 +108,7 @@ def point(experts: int, tokens: int, case: str, dtype: torch.dtype, ns) -> dict:
     row = {"experts": experts, "tokens": tokens, "case": case, "dtype": str(dtype).removeprefix("torch.")}
     row |= spreads(times)
     row["ratio"] = round(med["transformers+peft"] / med["moetune"], 3)
-    row.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    row.update(threads=torch.get_num_threads(), omp_wait_policy=os.environ["OMP_WAIT_POLICY"], torch=torch.__version__)
     return row
 
 
@@ -118,7 +122,7 @@ def dtype_point(experts: int, tokens: int, case: str, ns) -> dict:
     med = {t: statistics.median(v) for t, v in times.items()}
     row = {"experts": experts, "tokens": tokens, "case": case} | spreads(times)
     row["bf16_over_fp32"] = {t: round(med[f"{t} bfloat16"] / med[f"{t} float32"], 3) for t in ns.tools}
-    row.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    row.update(threads=torch.get_num_threads(), omp_wait_policy=os.environ["OMP_WAIT_POLICY"], torch=torch.__version__)
     return row
 
 

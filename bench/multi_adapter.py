@@ -9,6 +9,10 @@ is, for each adapter in turn, a forward + backward on its own micro-batch with o
 active, and its optimizer step. Both do the same work for the adapters; the pairs alternate
 (together, apart, apart, together, ...) so that whatever else the machine runs falls on both.
 
+``OMP_WAIT_POLICY`` is PASSIVE unless the environment sets it (see ``bench/cpu_grid.py``: PASSIVE
+adds ~100 us to every parallel op, which favours the together step, the one with fewer ops; ACTIVE
+is what a process that sets nothing gets between ops).
+
 Prints one JSON line: each mode's [median, min, max] seconds per step, by the wall clock and by
 the process's CPU time, the throughput ratio of each (apart time / together time: > 1 means
 training together is faster), and the largest difference between an adapter's loss in the
@@ -166,6 +170,7 @@ def main(argv=None) -> int:
     row.update({f"{mode}_page_faults": int(statistics.median(s[2] for s in v)) for mode, v in times.items()})
     row["max_loss_diff"] = diff
     row.update(steps=ns.steps, threads=torch.get_num_threads(), torch=torch.__version__)
+    row["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"]
     print(json.dumps(row), flush=True)
     return 0
 
