@@ -40,6 +40,7 @@ from ..core.selection import ExpertBlocks, add_rows, cat
 from . import experts_layout as layout
 from .expert_adapters import ExpertAdapter
 from .experts_layout import PROJ_OF_PAIR
+from .stacked_experts import stacked_experts, stacked_slots
 
 PAIRS = ("gate_up", "gate", "up", "down")
 
@@ -156,9 +157,12 @@ class LoraGroupedExperts(AdapterLayer):
         """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,) -> (R, D).
 
         Where the base places the rows for its GEMMs (CPU bf16/fp16, :meth:`GroupedExperts.layout`),
-        they are placed once for the base and every adapter's GEMMs, unless the rows are regrouped
-        by adapter."""
+        they are placed once for the base and every adapter's GEMMs. Samples choosing adapters:
+        :mod:`.stacked_experts` where it applies, else rows regrouped by adapter per delta."""
         names = self.running()
+        slots = stacked_slots(self, names)
+        if slots is not None:
+            return stacked_experts(self, x, offsets, token_index, slots)
         blocks = self._blocks(names, token_index, offsets)
         layout = None if blocks is not None else self.base_layer.layout(x, offsets)
         if layout is None:
