@@ -1,4 +1,4 @@
-"""Per-sample adapter rows from the host list of names: ranges, regrouped expert rows, no host copy."""
+"""Per-sample adapter rows from the host list of names: ranges, expert rows sorted by adapter, no host copy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 
 from host_syncs import HostSyncCounter
 from moetune.model.moe import dispatch
-from moetune.peft.core.selection import ExpertBlocks, SampleRuns, add_rows
+from moetune.peft.core.selection import SampleRuns
+from moetune.peft.lora.stacked_experts import _slot_order
 
 
 def test_runs_ranges_and_slots():
@@ -19,27 +20,28 @@ def test_runs_ranges_and_slots():
     assert sel.sample_mask("b", torch.device("cpu")).tolist() == [True, True, False, False, True]
 
 
-def test_expert_blocks_regroup_routed_rows_by_adapter_without_host_syncs():
+def test_routed_rows_sorted_by_expert_then_adapter_without_host_syncs():
+    """The stacked expert path's row order: each expert's rows sorted by adapter slot (a
+    permutation inside the expert's range, so the base's offsets still hold), with the group ends."""
     B, T, k, E = 4, 3, 2, 5
     sel = SampleRuns.of(["a", None, "b", "a"], seq_len=T)
     g = torch.Generator().manual_seed(0)
     choice = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B * T)])
     d = dispatch(choice, E)
+    slot_of_token = sel.slot_of_token(torch.device("cpu"))
     with HostSyncCounter() as counter:
-        blocks = ExpertBlocks.of(sel, sel.slot_of_token(torch.device("cpu")), d.token_index, d.offsets)
+        order, ends, slot_of_row = _slot_order(slot_of_token, d.token_index, d.offsets, 3)
     assert not counter.counts, counter.report()
-    assert blocks.starts == (0, 12, 18, 24)  # a: 2 samples x 3 tokens x 2 rows; b: 6; no adapter: 6
-    sample = d.token_index // T
     expert = torch.searchsorted(d.offsets, torch.arange(B * T * k, dtype=torch.int32), right=True)
-    for slot, samples in enumerate([{0, 3}, {2}, {1}]):
-        lo, hi = blocks.span(slot)
-        rows = blocks.order[lo:hi]
-        assert set(sample[rows].tolist()) == samples
-        assert torch.equal(expert[rows], expert[rows].sort().values)  # still sorted by expert
-        counts = torch.bincount(expert[rows], minlength=E)
-        assert torch.equal(blocks.ends[slot], counts.cumsum(0).to(torch.int32))
-    y = torch.zeros(B * T * k, 1)
-    assert add_rows(y, blocks.order[:12], torch.ones(12, 1)).sum() == 12
+    assert torch.equal(expert[order], expert)  # every row stays in its expert's range
+    slot = slot_of_token[d.token_index[order]]
+    assert torch.equal(slot, slot_of_row)
+    counts = torch.bincount(expert * 3 + slot_of_token[d.token_index], minlength=E * 3)
+    assert torch.equal(ends, counts.cumsum(0).to(torch.int32))
+    for e in range(E):  # inside an expert: by slot, then in token order
+        rows = slice(int(d.offsets[e - 1]) if e else 0, int(d.offsets[e]))
+        key = slot[rows] * 1000 + d.token_index[order][rows]
+        assert torch.equal(key, key.sort().values)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 2, 8), (3, 2, 4, 8)], ids=["B,T,H,in", "B,H,T,in"])

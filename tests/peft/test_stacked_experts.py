@@ -1,6 +1,6 @@
 """Several adapters chosen per sample on routed experts, run as stacked grouped GEMMs: outputs and
-gradients equal each adapter run alone on its own samples' rows (float64, to rounding); which
-batches take the stacked path and which take the regrouping path."""
+gradients equal each adapter run alone on its own samples' rows (float64, to rounding), for every
+kind of pair; each row gets its own adapter's dropout."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from moetune.model.moe import GroupedExperts, dispatch
 from moetune.peft.core.context import AdapterContext, adapter_context
 from moetune.peft.core.layer import AddOptions
 from moetune.peft.lora import experts as experts_module
+from moetune.peft.lora import stacked_experts as stacked_module
 from moetune.peft.lora.experts import LoraGroupedExperts
 
 E, D, FH = 5, 16, 12
@@ -44,16 +45,32 @@ def _routed():
 
 
 ALL = {"gate_proj", "up_proj", "down_proj"}
-STACKABLE = {  # fused gate_up and down pairs, ranks 4 and 6, a down-only adapter, a shared-rank one
+STACKED = {  # fused pairs, ranks 4 and 6, a down-only adapter, a shared-rank one
     "a": (ALL, {}),
     "b": ({"down_proj"}, {"r": 6, "alpha": 3.0}),
     "c": (ALL, {"expert_rank": "shared", "use_rslora": True}),
 }
+HALVES = {  # a gate half with down, an up half alone (shared), beside a fused pair; dropouts differ
+    "a": (ALL, {"dropout": 0.1}),
+    "g": ({"gate_proj", "down_proj"}, {"r": 3}),
+    "u": ({"up_proj"}, {"expert_rank": "shared", "dropout": 0.3}),
+}
 
 
-@pytest.mark.parametrize("names", [["a", "b", "c", None], ["b", "a", "b", "a"], ["c", None, None, "a"]])
-def test_stacked_adapters_equal_each_adapter_alone(names, monkeypatch):
-    layer = _layer(STACKABLE)
+@pytest.mark.parametrize(
+    "adapters, names",
+    [
+        (STACKED, ["a", "b", "c", None]),
+        (STACKED, ["b", "a", "b", "a"]),
+        (STACKED, ["c", None, None, "a"]),
+        (HALVES, ["g", "a", "u", None]),
+        (HALVES, ["u", "g", "u", "g"]),
+    ],
+)
+def test_stacked_adapters_equal_each_adapter_alone(adapters, names, monkeypatch):
+    """Evaluation mode (no dropout): the together output and every gradient equal each adapter
+    run alone, each row then taking its own sample's result."""
+    layer = _layer(adapters).eval()
     taken = []
     stacked = experts_module.stacked_experts
     monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: taken.append(1) or stacked(*a))
@@ -79,24 +96,23 @@ def test_stacked_adapters_equal_each_adapter_alone(names, monkeypatch):
         assert (got is None) == (want is None) and (got is None or (got - want).abs().max() < 1e-12)
 
 
-@pytest.mark.parametrize(
-    "adapters",
-    [
-        {"a": (ALL, {}), "g": ({"gate_proj", "down_proj"}, {})},  # a gate half: no fused pair to stack
-        {"a": (ALL, {}), "d": (ALL, {"dropout": 0.1})},  # two dropouts
-    ],
-)
-def test_other_batches_take_the_regrouping_path(adapters, monkeypatch):
-    layer = _layer(adapters)
-    monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: pytest.fail("stacked path taken"))
-    x, offsets, token_index = _routed()
-    layer.active = []
-    with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=list(adapters) * 2)):
-        layer(x, offsets, token_index=token_index)
+def test_each_row_gets_its_own_adapters_dropout():
+    """Adapters with different dropouts in one batch: each row's mask is drawn with its adapter's
+    probability and kept values are scaled by 1 / (1 - p); one shared probability is F.dropout."""
+    layer = _layer(HALVES)
+    x = torch.ones(30000, 8, dtype=torch.float64)
+    slot_of_row = torch.arange(30000) % 4  # slots a, g, u, and samples without an adapter
+    dropped = stacked_module._dropped(layer, ["a", "g", "u", None], x, slot_of_row)
+    for slot, p in enumerate([0.1, 0.0, 0.3]):
+        rows = dropped[slot_of_row == slot]
+        assert set(rows.unique().tolist()) <= {0.0, 1 / (1 - p)}
+        assert abs((rows == 0).double().mean().item() - p) < 0.01
+    layer.eval()
+    assert stacked_module._dropped(layer, ["a", "g", "u", None], x, slot_of_row) is x
 
 
 def test_one_adapter_for_the_whole_batch_runs_as_usual(monkeypatch):
-    layer = _layer(STACKABLE)
+    layer = _layer(STACKED)
     monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: pytest.fail("stacked path taken"))
     x, offsets, token_index = _routed()
     layer.active = []

@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["ExpertBlocks", "SampleRuns", "add_rows", "cat"]
+__all__ = ["SampleRuns", "cat"]
 
 
 @dataclass(frozen=True)
@@ -93,56 +92,3 @@ class SampleRuns:
 
 def cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-@dataclass(frozen=True)
-class ExpertBlocks:
-    """An MoE layer's routed rows regrouped by adapter: each slot's rows one contiguous block,
-    still sorted by expert inside it, with the block's own per-expert offsets.
-
-    Attributes:
-        order: (R,) the routed row (expert-sorted position) at each position of the regrouped order.
-        starts: (S+2,) host ints, block s is ``order[starts[s]:starts[s+1]]``; static sizes
-            (``k`` routed rows per token of the slot's samples), so slicing reads nothing back.
-        ends: (S+1, E) cumulative per-expert row ends of every block, relative to the block.
-    """
-
-    order: torch.Tensor
-    starts: tuple[int, ...]
-    ends: torch.Tensor
-
-    @classmethod
-    def of(cls, runs: SampleRuns, slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets: torch.Tensor):
-        """Blocks of the R expert-sorted rows (``token_index`` (R,) their tokens, ``offsets`` (E,)
-        int32 cumulative expert ends); every token has R/N routed rows."""
-        R, E, slots = token_index.shape[0], offsets.shape[0], len(runs.names) + 1
-        k = R // (runs.batch_size * runs.seq_len)
-        rows = torch.arange(R, device=offsets.device, dtype=offsets.dtype)
-        expert = torch.searchsorted(offsets, rows, right=True)  # (R,) expert of each sorted row
-        key = slot_of_token.index_select(0, token_index) * E + expert
-        sorted_key, order = torch.sort(key, stable=True)
-        starts = [0]
-        for tokens in runs.tokens_per_slot():
-            starts.append(starts[-1] + tokens * k)
-        ids = torch.arange(slots * E, device=key.device)
-        ends = torch.searchsorted(sorted_key, ids, right=True).view(slots, E)
-        # each block's start is the previous block's last end: on the device, no host copy
-        ends = ends - F.pad(ends[:-1, -1], (1, 0)).unsqueeze(1)
-        return cls(order=order, starts=tuple(starts), ends=ends.to(torch.int32))
-
-    def span(self, slot: int) -> tuple[int, int]:
-        """Where slot ``slot``'s block lies in :attr:`order` (host ints)."""
-        return self.starts[slot], self.starts[slot + 1]
-
-
-def add_rows(y: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``y`` (R, ...) with ``rows[i]`` added to row ``index[i]``, out of place; ``index`` holds no
-    row twice, so the sums are exact and in a fixed order on every device.
-
-    On CPU ``index_add`` (several times faster than ``index_put``, see
-    :func:`moetune.model.moe.gather_rows`); on CUDA ``index_put`` with ``accumulate``, whose
-    kernel is deterministic (sorted), where ``index_add`` uses atomics.
-    """
-    if y.device.type == "cpu":
-        return y.index_add(0, index, rows)
-    return y.index_put((index,), rows, accumulate=True)

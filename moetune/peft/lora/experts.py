@@ -25,7 +25,6 @@ the layer runs them all the same way, with ``effective_a`` as the A side.
 
 from __future__ import annotations
 
-import functools
 from typing import Iterator
 
 import torch
@@ -34,9 +33,8 @@ from torch import nn
 
 from ...config import LoraConfig
 from ...model.grouped import RowLayout
-from ...model.moe import GroupedExperts, gather_rows
+from ...model.moe import GroupedExperts
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions, TensorStore
-from ..core.selection import ExpertBlocks, add_rows, cat
 from . import experts_layout as layout
 from .expert_adapters import ExpertAdapter
 from .experts_layout import PROJ_OF_PAIR
@@ -157,30 +155,31 @@ class LoraGroupedExperts(AdapterLayer):
         """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,) -> (R, D).
 
         Where the base places the rows for its GEMMs (CPU bf16/fp16, :meth:`GroupedExperts.layout`),
-        they are placed once for the base and every adapter's GEMMs. Samples choosing adapters:
-        :mod:`.stacked_experts` where it applies, else rows regrouped by adapter per delta."""
+        they are placed once for the base and every adapter's GEMMs. When the samples choose
+        among adapters, every adapter runs on its own rows (:mod:`.stacked_experts`)."""
         names = self.running()
         slots = stacked_slots(self, names)
         if slots is not None:
             return stacked_experts(self, x, offsets, token_index, slots)
-        blocks = self._blocks(names, token_index, offsets)
-        layout = None if blocks is not None else self.base_layer.layout(x, offsets)
+        layout = self.base_layer.layout(x, offsets)
         if layout is None:
-            return self._experts(x, offsets, names, blocks, None)
-        return layout.take(self._experts(layout.place(x), layout.offsets, names, None, layout))
+            return self._experts(x, offsets, names, None)
+        return layout.take(self._experts(layout.place(x), layout.offsets, names, layout))
 
-    def _experts(self, x, offsets, names: list[str], blocks: ExpertBlocks | None, layout: RowLayout | None):
-        """The base's stages and the adapters' deltas on x's rows (placed in ``layout`` if not None)."""
+    def _experts(self, x, offsets, names: list[str], layout: RowLayout | None):
+        """The base's stages and every adapter's delta on all of x's rows (placed in ``layout`` if
+        not None)."""
         base, placed = self.base_layer, layout is not None
         gate_up = base.project_gate_up(x, offsets, placed)  # (R, 2F)
-        up = [n for n in names if _gate_up_groups(self.pairs(n)) != ([], [])]
-        gate_up_delta = functools.partial(self._gate_up_delta, layout=layout)
-        gate_up = self._add_deltas(gate_up, up, blocks, x, offsets, gate_up_delta)
+        for n in names:
+            if _gate_up_groups(self.pairs(n)) != ([], []):
+                gate_up = gate_up + self._gate_up_delta(n, x, offsets, layout)
         h = base.gated(gate_up)  # (R, F)
         out = base.project_down(h, offsets, placed)  # (R, D)
-        down = [n for n in names if "down" in self.pairs(n)]
-        down_delta = functools.partial(self._split_lora, pairs=["down"], layout=layout)
-        return self._add_deltas(out, down, blocks, h, offsets, lambda n, rows, o: down_delta(n, x=rows, offsets=o))
+        for n in names:
+            if "down" in self.pairs(n):
+                out = out + self._split_lora(n, ["down"], h, offsets, layout)
+        return out
 
     def _gate_up_delta(self, name: str, x: torch.Tensor, offsets: torch.Tensor, layout: RowLayout | None = None):
         """Adapter ``name``'s (R, 2F) delta on the gate_up output: one fused pair over the 2F rows,
@@ -192,32 +191,6 @@ class LoraGroupedExperts(AdapterLayer):
             d = F.pad(self._split_lora(name, [half], x, offsets, layout), pad)
             delta = d if delta is None else delta + d
         return delta
-
-    def _blocks(self, names: list[str], token_index: torch.Tensor, offsets: torch.Tensor) -> ExpertBlocks | None:
-        """The routed rows regrouped by adapter when samples choose adapters and more than one
-        choice is in the batch; None: every running adapter runs on every row."""
-        runs = self.selection().runs
-        if runs is None or not names or len(runs.runs) == 1:
-            return None
-        return ExpertBlocks.of(runs, self.selection().slot_of_token, token_index, offsets)
-
-    def _add_deltas(self, y, names, blocks: ExpertBlocks | None, x, offsets, delta_of) -> torch.Tensor:
-        """``y`` (R, out) plus each adapter's delta ``delta_of(name, rows, offsets)``: on all rows,
-        or (per-sample adapters) on its block of rows only, then put back in expert-sorted order."""
-        if blocks is None:
-            for n in names:
-                y = y + delta_of(n, x, offsets)
-            return y
-        slots = [self.selection().runs.slot(n) for n in names]
-        runs = [(n, slot, blocks.span(slot)) for n, slot in zip(names, slots)]
-        runs = [(n, slot, (a, b)) for n, slot, (a, b) in runs if b > a]
-        if not runs:
-            return y
-        rows = cat([blocks.order[a:b] for _, _, (a, b) in runs])  # the rows of the adapters that run here
-        # one gather for all of them, split (not sliced: a slice's backward fills a whole-size zero gradient)
-        xs = gather_rows(x, rows).split([b - a for _, _, (a, b) in runs])
-        deltas = [delta_of(n, xn, blocks.ends[slot]) for (n, slot, _), xn in zip(runs, xs)]
-        return add_rows(y, rows, cat(deltas))
 
     def _split_lora(self, name: str, pairs: list[str], x, offsets, layout: RowLayout | None = None) -> torch.Tensor:
         """``s * B (A drop(x))`` per expert for ``pairs`` sharing input x; outputs concatenated. The

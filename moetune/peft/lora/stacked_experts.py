@@ -4,19 +4,18 @@ When the samples of a batch choose adapters (``adapter_names``), each routed row
 expert and one adapter slot (see :class:`~..core.selection.SampleRuns`). Sorting each expert's rows
 by slot - a permutation inside each expert's range, so the base's offsets still hold - makes every
 (expert, slot) pair a contiguous group. Stacking the adapters' pairs per expert into (E*S, r, in)
-and (E*S, out, r) weights (zeros for a slot whose adapter does not run or lacks the pair, ranks
-padded with zero rows, each B times its adapter's scaling) turns all adapters' low-rank products
-into two grouped GEMMs over the E*S groups, on the same rows as the base's.
+and (E*S, out, r) weights (zeros for a slot whose adapter does not run or lacks the projection,
+ranks padded with zero rows, each B times its adapter's scaling; separate gate and up halves as
+their exact block-diagonal pair over the 2F rows) turns all adapters' low-rank products into two
+grouped GEMMs over the E*S groups, on the same rows as the base's. Each row's dropout is its own
+adapter's.
 
-The other way (:class:`~..core.selection.ExpertBlocks`) regroups the rows by adapter for each delta:
-a gather, a concatenation and a scatter-add of (R, D)-sized tensors for gate_up and again for down,
-forward and backward. Here the rows move twice per layer (sorted, then put back) and only the small
+Regrouping the rows by adapter for each delta instead (a gather, a concatenation and a
+scatter-add of (R, D)-sized tensors for gate_up and again for down, forward and backward) moved
+the rows a dozen times per layer; here they move twice (sorted, then put back) and only the small
 weights are copied. Four adapters of 2 x 256 tokens (``bench/multi_adapter.py``): the forward saves
 220 instead of 256 MiB for backward in fp32 (124 instead of 156 in bf16) and a step runs 8% fewer
 ops; CPU step time stayed within the noise.
-
-Taken when every running adapter holds a fused ``gate_up`` pair and/or a ``down`` pair and all share
-one dropout; separate gate/up halves take the regrouping path.
 
 Legend: R routed rows, E experts, S adapter slots of the batch, r the largest rank.
 """
@@ -28,23 +27,17 @@ import torch.nn.functional as F
 
 from ...model.moe import gather_rows
 from ..core.layer import AdapterLayer
-from .experts_layout import PROJ_OF_PAIR
+from .experts_layout import PROJ_OF_PAIR, block_diag_pairs
 
 # ``layer`` below is a LoraGroupedExperts (importing it here would make a cycle): its adapters,
 # pairs, stores and base experts
 
-STACKABLE = frozenset({"gate_up", "down"})
-
 
 def stacked_slots(layer: AdapterLayer, names: list[str]) -> list[str | None] | None:
     """The adapter of each slot of this batch (None: no adapter, or one that does not run here)
-    when the stacked path applies, else None."""
+    when its samples choose among adapters, else None (every running adapter on every row)."""
     runs = layer.selection().runs
     if runs is None or not names or len(runs.runs) == 1:
-        return None
-    if any(not set(layer.pairs(n)) <= STACKABLE for n in names):
-        return None
-    if len({layer.adapters[n].config.dropout for n in names}) > 1:
         return None
     slots = [n if n in names else None for n in runs.names]
     return slots + [None] if runs.tokens_per_slot()[-1] else slots
@@ -53,59 +46,92 @@ def stacked_slots(layer: AdapterLayer, names: list[str]) -> list[str | None] | N
 def stacked_experts(layer: AdapterLayer, x: torch.Tensor, offsets: torch.Tensor, token_index, slots) -> torch.Tensor:
     """The experts' output (R, D) for expert-sorted rows x (R, D), every slot's adapter on its rows."""
     base = layer.base_layer
-    order, groups = _slot_order(layer.selection().slot_of_token, token_index, offsets, len(slots))
+    order, groups, slot_of_row = _slot_order(layer.selection().slot_of_token, token_index, offsets, len(slots))
     xs = gather_rows(x, order)
-    gate_up = base.project_gate_up(xs, offsets)
-    gate_up = _add_products(layer, slots, "gate_up", gate_up, xs, groups)
+    gate_up = _add_products(layer, slots, "gate_up", base.project_gate_up(xs, offsets), xs, groups, slot_of_row)
     h = base.gated(gate_up)
-    out = _add_products(layer, slots, "down", base.project_down(h, offsets), h, groups)
+    out = _add_products(layer, slots, "down", base.project_down(h, offsets), h, groups, slot_of_row)
     inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
     return gather_rows(out, inverse)
 
 
 def _slot_order(slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets: torch.Tensor, slots: int):
-    """Rows sorted by (expert, slot), stably: (R,) where each sorted row comes from, and the
-    (E*S,) int32 cumulative ends of the groups. Built on the device, no host sync."""
+    """Rows sorted by (expert, slot), stably: (R,) where each sorted row comes from, the (E*S,)
+    int32 cumulative ends of the groups, and (R,) the slot of each sorted row. On the device, no
+    host sync."""
     rows = torch.arange(token_index.shape[0], device=offsets.device, dtype=offsets.dtype)
     expert = torch.searchsorted(offsets, rows, right=True)
     key = expert * slots + slot_of_token.index_select(0, token_index)
     sorted_key, order = torch.sort(key, stable=True)
     ends = torch.searchsorted(sorted_key, torch.arange(offsets.shape[0] * slots, device=key.device), right=True)
-    return order, ends.to(torch.int32)
+    return order, ends.to(torch.int32), sorted_key % slots
 
 
-def _add_products(layer, slots, pair: str, y: torch.Tensor, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """``y`` plus each row's adapter's ``s * B_e (A_e drop(x))`` for ``pair``, as two grouped GEMMs."""
-    holders = [n for n in slots if n is not None and pair in layer.pairs(n)]
-    if not holders:
+def _add_products(layer, slots, proj: str, y, x, groups, slot_of_row) -> torch.Tensor:
+    """``y`` plus each row's adapter's ``s * B_e (A_e drop(x))`` on ``proj`` (gate_up or down), as
+    two grouped GEMMs over the (expert, slot) groups."""
+    pairs = {n: _projection_pair(layer, n, proj, x.dtype) for n in slots if n is not None}
+    pairs = {n: pair for n, pair in pairs.items() if pair is not None}
+    if not pairs:
         return y
-    a, b = _stacked_pair(layer, slots, pair, x.dtype)
-    dropout = layer.adapters[holders[0]].config.dropout
-    h = F.dropout(x, dropout) if dropout and layer.training else x
+    a, b = _stacked(pairs, slots, layer.num_experts)
+    h = _dropped(layer, [n if n in pairs else None for n in slots], x, slot_of_row)
     return y + layer.base_layer.linear(layer.base_layer.linear(h, a, groups), b, groups)
 
 
-def _stacked_pair(layer, slots, pair: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E*S, r, in) A and (E*S, out, r) s*B, expert-major: group e*S + s is slot s's pair of expert e."""
-    E, (d_in, d_out) = layer.num_experts, layer.dims(pair)
-    held = {
-        n: (layer.adapters[n].effective_a(layer, pair), layer.lora_b(pair)[n])
-        for n in slots
-        if n is not None and pair in layer.pairs(n)
-    }
-    rank = max(a.shape[-2] for a, _ in held.values())
-    device = next(iter(held.values()))[0].device
+def _projection_pair(layer, name: str, proj: str, dtype: torch.dtype):
+    """Adapter ``name``'s product on ``proj`` as one ((E, r, in), (E, out, r)) pair, B scaled, or
+    None: a fused pair as it is, gate/up halves as their block-diagonal pair over the 2F rows (a
+    half the adapter lacks: rank 0, zero rows), a shared pair expanded to every expert."""
+    held = [p for p in layer.pairs(name) if p == proj or (proj == "gate_up" and p in ("gate", "up"))]
+    if not held:
+        return None
+    adapter, E = layer.adapters[name], layer.num_experts
+
+    def pair(p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a = adapter.effective_a(layer, p).to(dtype)
+        b = layer.lora_b(p)[name].to(dtype) * adapter.scaling(PROJ_OF_PAIR[p])
+        return (a.expand(E, -1, -1), b.expand(E, -1, -1)) if a.dim() == 2 else (a, b)
+
+    if held == [proj]:
+        return pair(proj)
+    halves = [pair(h) if h in held else None for h in ("gate", "up")]
+    a, b = next(p for p in halves if p is not None)
+    missing = (a[:, :0], b.new_zeros(E, b.shape[1], 0))
+    return block_diag_pairs([p if p is not None else missing for p in halves])
+
+
+def _stacked(pairs: dict, slots: list[str | None], experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E*S, r, in) A and (E*S, out, r) B, expert-major: group e*S + s is slot s's pair of expert e;
+    zeros for a slot without a pair, ranks padded with zeros (exact)."""
+    a0, b0 = next(iter(pairs.values()))
+    rank, d_in, d_out = max(a.shape[-2] for a, _ in pairs.values()), a0.shape[-1], b0.shape[-2]
     a_parts, b_parts = [], []
     for n in slots:
-        if n not in held:  # zero products for its rows
-            a_parts.append(torch.zeros(E, rank, d_in, dtype=dtype, device=device))
-            b_parts.append(torch.zeros(E, d_out, rank, dtype=dtype, device=device))
+        if n not in pairs:
+            a_parts.append(a0.new_zeros(experts, rank, d_in))
+            b_parts.append(b0.new_zeros(experts, d_out, rank))
             continue
-        a, b = held[n]
-        s = layer.adapters[n].scaling(PROJ_OF_PAIR[pair])
-        a = a.to(dtype).expand(E, -1, -1) if a.dim() == 2 else a.to(dtype)  # shared rank: one pair for all
-        b = (b.to(dtype) * s).expand(E, -1, -1) if b.dim() == 2 else b.to(dtype) * s
+        a, b = pairs[n]
         a_parts.append(F.pad(a, (0, 0, 0, rank - a.shape[-2])))
         b_parts.append(F.pad(b, (0, rank - b.shape[-1])))
-    stack = len(slots)
-    return torch.stack(a_parts, 1).view(E * stack, rank, d_in), torch.stack(b_parts, 1).view(E * stack, d_out, rank)
+    S = len(slots)
+    return torch.stack(a_parts, 1).view(experts * S, rank, d_in), torch.stack(b_parts, 1).view(experts * S, d_out, rank)
+
+
+def _dropped(layer, holders: list[str | None], x: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
+    """x with each row's adapter's dropout (rows of slots without a pair: theirs are multiplied by
+    zero weights, so any). One ``F.dropout`` when the adapters share a probability, else a mask
+    drawn with each row's own probability."""
+    probs = [layer.adapters[n].config.dropout if n is not None else 0.0 for n in holders]
+    used = {p for n, p in zip(holders, probs) if n is not None}
+    if not layer.training or used == {0.0}:
+        return x
+    if len(used) == 1:
+        return F.dropout(x, used.pop())
+    keep = x.new_ones(len(holders))
+    for i, p in enumerate(probs):
+        if p:
+            keep[i] = 1.0 - p  # a fill on the device, no host copy
+    keep = keep.index_select(0, slot_of_row).unsqueeze(1)
+    return torch.where(torch.rand_like(x) < keep, x / keep, 0.0)
