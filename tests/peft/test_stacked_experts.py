@@ -118,3 +118,33 @@ def test_one_adapter_for_the_whole_batch_runs_as_usual(monkeypatch):
     layer.active = []
     with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=["a"] * BATCH)):
         layer(x, offsets, token_index=token_index)
+
+
+def test_nf4_base_with_stacked_adapters_equals_each_alone():
+    """QLoRA: the stacked products run on an NF4 base's rows the same way (fp32, to rounding)."""
+    from moetune.model.quant.modules import QuantGroupedExperts
+    from moetune.peft.lora.qlora import QLoraGroupedExperts
+
+    g = torch.Generator().manual_seed(0)
+    base = GroupedExperts(num_experts=E, dim=64, hidden=32)
+    with torch.no_grad():
+        base.gate_up_proj.copy_(torch.randn(base.gate_up_proj.shape, generator=g) * 0.2)
+        base.down_proj.copy_(torch.randn(base.down_proj.shape, generator=g) * 0.2)
+    layer = QLoraGroupedExperts(QuantGroupedExperts.from_experts(base))
+    for name, parts in (("a", ALL), ("g", {"gate_proj", "down_proj"})):
+        layer.add_adapter(name, LoraConfig(r=4, alpha=8.0, target_modules=["experts"]), AddOptions(frozenset(parts)))
+    with torch.no_grad():
+        for _, p in layer.adapter_params():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    tokens = torch.randn(BATCH * SEQ, 64, generator=g)
+    d = dispatch(torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(BATCH * SEQ)]), E)
+    x, names, sample = tokens[d.token_index], ["a", "g", None, "a"], d.token_index // SEQ
+    layer.active = []
+    with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=names)):
+        together = layer(x, d.offsets, token_index=d.token_index)
+    alone = layer(x, d.offsets, token_index=d.token_index)
+    for n in ("a", "g"):
+        layer.active = [n]
+        mine = torch.tensor([names[s] == n for s in sample.tolist()]).unsqueeze(1)
+        alone = torch.where(mine, layer(x, d.offsets, token_index=d.token_index), alone)
+    assert (together - alone).abs().max() <= 1e-6 * max(1.0, alone.abs().max().item())
