@@ -31,7 +31,7 @@ from .attention import Attention, sdpa
 from .build import ATTENTION_BUILDERS, MOE_BUILDERS, build_attention
 from .config import MoEArgs, ModelArgs
 from .families import config_value, parse_llama, register_family
-from .moe import GroupedExperts, MoEBlock, Router, Routing
+from .moe import GroupedExperts, MoEBlock, Router, Routing, row_experts
 
 # transformers 5.17 GptOssConfig defaults, for keys a config.json leaves out.
 DEFAULTS: dict[str, Any] = {
@@ -165,12 +165,6 @@ class GptOssRouter(Router):
         top, experts = torch.topk(logits, self.top_k, dim=-1)
         weights = torch.softmax(top, dim=-1)
         return Routing(weights=weights.to(x.dtype), experts=experts, probs=torch.softmax(logits.float(), dim=-1))
-
-
-def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """(R,) expert of each expert-sorted row, from the (E,) int32 cumulative ends (no host sync)."""
-    index = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets, index, right=True)
 
 
 class GptOssExperts(GroupedExperts):

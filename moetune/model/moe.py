@@ -169,6 +169,13 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order=order, token_index=order // experts.shape[1], offsets=ends.to(torch.int32), counts=counts)
 
 
+def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """(R,) expert of each expert-sorted row, from the (E,) int32 cumulative ends (no host sync);
+    rows past the last end get E."""
+    index = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, index, right=True)
+
+
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(E,) int64 number of choices of each expert id in ``experts`` (ids >= E are not counted).
 

@@ -44,6 +44,18 @@ def _routed():
     return tokens[d.token_index].clone().requires_grad_(), d.offsets, d.token_index
 
 
+def _each_alone(layer, x, offsets, token_index, names):
+    """Every row from its own sample's adapter run alone (the base for samples without one)."""
+    sample = token_index // SEQ
+    layer.active = []
+    alone = layer(x, offsets, token_index=token_index)
+    for n in {n for n in names if n is not None}:
+        layer.active = [n]
+        mine = torch.tensor([names[s] == n for s in sample.tolist()]).unsqueeze(1)
+        alone = torch.where(mine, layer(x, offsets, token_index=token_index), alone)
+    return alone
+
+
 ALL = {"gate_proj", "up_proj", "down_proj"}
 STACKED = {  # fused pairs, ranks 4 and 6, a down-only adapter, a shared-rank one
     "a": (ALL, {}),
@@ -75,7 +87,6 @@ def test_stacked_adapters_equal_each_adapter_alone(adapters, names, monkeypatch)
     stacked = experts_module.stacked_experts
     monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: taken.append(1) or stacked(*a))
     x, offsets, token_index = _routed()
-    sample = token_index // SEQ
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     params = dict(layer.adapter_params())
 
@@ -86,11 +97,7 @@ def test_stacked_adapters_equal_each_adapter_alone(adapters, names, monkeypatch)
     with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=names)):
         together = layer(x, offsets, token_index=token_index)
     assert taken == [1]
-    alone = layer(x, offsets, token_index=token_index)  # the base, for samples without an adapter
-    for n in {n for n in names if n is not None}:
-        layer.active = [n]
-        mine = torch.tensor([names[s] == n for s in sample.tolist()]).unsqueeze(1)
-        alone = torch.where(mine, layer(x, offsets, token_index=token_index), alone)
+    alone = _each_alone(layer, x, offsets, token_index, names)
     assert (together - alone).abs().max() < 1e-12
     for got, want in zip(grads(together), grads(alone)):
         assert (got is None) == (want is None) and (got is None or (got - want).abs().max() < 1e-12)
@@ -138,13 +145,9 @@ def test_nf4_base_with_stacked_adapters_equals_each_alone():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     tokens = torch.randn(BATCH * SEQ, 64, generator=g)
     d = dispatch(torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(BATCH * SEQ)]), E)
-    x, names, sample = tokens[d.token_index], ["a", "g", None, "a"], d.token_index // SEQ
+    x, names = tokens[d.token_index], ["a", "g", None, "a"]
     layer.active = []
     with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=names)):
         together = layer(x, d.offsets, token_index=d.token_index)
-    alone = layer(x, d.offsets, token_index=d.token_index)
-    for n in ("a", "g"):
-        layer.active = [n]
-        mine = torch.tensor([names[s] == n for s in sample.tolist()]).unsqueeze(1)
-        alone = torch.where(mine, layer(x, d.offsets, token_index=d.token_index), alone)
+    alone = _each_alone(layer, x, d.offsets, d.token_index, names)
     assert (together - alone).abs().max() <= 1e-6 * max(1.0, alone.abs().max().item())

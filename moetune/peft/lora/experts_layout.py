@@ -77,6 +77,18 @@ def block_diag_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[to
     return a, b
 
 
+def gate_up_pair(pairs: list[str], pair_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter's (E, r, D), (E, 2F, r) pair over the fused gate_up rows, from ``pair_of(p)`` of
+    each pair it holds: the fused pair as it is, or its gate/up halves as their exact block-diagonal
+    pair (a half it lacks: rank 0, rows zero)."""
+    if "gate_up" in pairs:
+        return pair_of("gate_up")
+    halves = [pair_of(h) if h in pairs else None for h in ("gate", "up")]
+    a, b = next(p for p in halves if p is not None)
+    empty = (a[:, :0], torch.zeros_like(b[..., :0]))
+    return block_diag_pairs([p if p is not None else empty for p in halves])
+
+
 def per_expert_keys(e: int, proj: str) -> tuple[str, str]:
     return f"{e}.{proj}.lora_A.weight", f"{e}.{proj}.lora_B.weight"
 
@@ -137,13 +149,8 @@ def peft_config_targets(layer: AdapterLayer, module_path: str, name: str | None 
 def proj_pairs(layer: AdapterLayer, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One (a, b) per targeted 3D parameter, gate_up as PEFT sees it (over the fused 2F rows)."""
     pairs, out, adapter = layer.pairs(name), {}, layer.adapters[name]
-    if "gate_up" in pairs:
-        out["gate_up_proj"] = adapter.file_pair(layer, "gate_up")
-    elif "gate" in pairs or "up" in pairs:
-        halves = [adapter.file_pair(layer, h) if h in pairs else None for h in ("gate", "up")]
-        a, b = next(p for p in halves if p is not None)
-        empty = (a[:, :0], torch.zeros_like(b[..., :0]))  # the untargeted half: rank 0, rows zero
-        out["gate_up_proj"] = block_diag_pairs([p if p is not None else empty for p in halves])
+    if any(p in pairs for p in ("gate_up", "gate", "up")):
+        out["gate_up_proj"] = gate_up_pair(pairs, lambda p: adapter.file_pair(layer, p))
     if "down" in pairs:
         out["down_proj"] = adapter.file_pair(layer, "down")
     return out

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...model.moe import gather_rows
+from ...model.moe import gather_rows, row_experts
 from ..core.layer import AdapterLayer
-from .experts_layout import PROJ_OF_PAIR, block_diag_pairs
+from .experts_layout import PROJ_OF_PAIR, gate_up_pair
 
 # ``layer`` below is a LoraGroupedExperts (importing it here would make a cycle): its adapters,
 # pairs, stores and base experts
@@ -59,9 +59,7 @@ def _slot_order(slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets:
     """Rows sorted by (expert, slot), stably: (R,) where each sorted row comes from, the (E*S,)
     int32 cumulative ends of the groups, and (R,) the slot of each sorted row. On the device, no
     host sync."""
-    rows = torch.arange(token_index.shape[0], device=offsets.device, dtype=offsets.dtype)
-    expert = torch.searchsorted(offsets, rows, right=True)
-    key = expert * slots + slot_of_token.index_select(0, token_index)
+    key = row_experts(offsets, token_index.shape[0]) * slots + slot_of_token.index_select(0, token_index)
     sorted_key, order = torch.sort(key, stable=True)
     ends = torch.searchsorted(sorted_key, torch.arange(offsets.shape[0] * slots, device=key.device), right=True)
     return order, ends.to(torch.int32), sorted_key % slots
@@ -83,8 +81,8 @@ def _projection_pair(layer, name: str, proj: str, dtype: torch.dtype):
     """Adapter ``name``'s product on ``proj`` as one ((E, r, in), (E, out, r)) pair, B scaled, or
     None: a fused pair as it is, gate/up halves as their block-diagonal pair over the 2F rows (a
     half the adapter lacks: rank 0, zero rows), a shared pair expanded to every expert."""
-    held = [p for p in layer.pairs(name) if p == proj or (proj == "gate_up" and p in ("gate", "up"))]
-    if not held:
+    pairs = layer.pairs(name)
+    if not any(p == proj or (proj == "gate_up" and p in ("gate", "up")) for p in pairs):
         return None
     adapter, E = layer.adapters[name], layer.num_experts
 
@@ -93,12 +91,7 @@ def _projection_pair(layer, name: str, proj: str, dtype: torch.dtype):
         b = layer.lora_b(p)[name].to(dtype) * adapter.scaling(PROJ_OF_PAIR[p])
         return (a.expand(E, -1, -1), b.expand(E, -1, -1)) if a.dim() == 2 else (a, b)
 
-    if held == [proj]:
-        return pair(proj)
-    halves = [pair(h) if h in held else None for h in ("gate", "up")]
-    a, b = next(p for p in halves if p is not None)
-    missing = (a[:, :0], b.new_zeros(E, b.shape[1], 0))
-    return block_diag_pairs([p if p is not None else missing for p in halves])
+    return gate_up_pair(pairs, pair) if proj == "gate_up" else pair(proj)
 
 
 def _stacked(pairs: dict, slots: list[str | None], experts: int) -> tuple[torch.Tensor, torch.Tensor]:
