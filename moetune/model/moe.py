@@ -138,8 +138,20 @@ class GroupedExperts(nn.Module):
         """h (R, F) sorted by expert -> (R, D)."""
         return self.linear(h, self.down_proj, offsets, placed)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - LoRA wrappers use it
-        """x (R, D) sorted by expert; offsets (E,) int32; token_index (R,) token of each row -> (R, D)."""
+    def row_subgroups(self) -> tuple[torch.Tensor, int] | None:
+        """((N,) subgroup of each token, S) to have each expert's rows sorted by it (:func:`dispatch`); None: no."""
+        return None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        *,
+        token_index: torch.Tensor,  # noqa: ARG002 - LoRA wrappers use it
+        groups: torch.Tensor | None = None,  # noqa: ARG002 - LoRA wrappers use it
+    ) -> torch.Tensor:
+        """x (R, D) sorted by expert; offsets (E,) int32; token_index (R,) token of each row; groups:
+        the dispatch's (E*S,) subgroup ends when the rows were sorted by :meth:`row_subgroups` -> (R, D)."""
         layout = self.layout(x, offsets)
         if layout is None:
             return self.project_down(self.gated(self.project_gate_up(x, offsets)), offsets)
@@ -153,20 +165,27 @@ class Dispatch:
     token_index: torch.Tensor  # (R,) token of each sorted row
     offsets: torch.Tensor  # (E,) int32 cumulative ends
     counts: torch.Tensor  # (E,) rows per expert
+    groups: torch.Tensor | None = None  # (E*S,) int32 cumulative ends of the (expert, subgroup) groups
 
 
-def dispatch(experts: torch.Tensor, num_experts: int) -> Dispatch:
-    """Sort the (N, k) expert choices by expert id (stable, so ties keep token order).
+def dispatch(experts: torch.Tensor, num_experts: int, subgroups: tuple[torch.Tensor, int] | None = None) -> Dispatch:
+    """Sort the (N, k) expert choices by expert id (stable, so ties keep token order); with
+    ``subgroups`` ((N,) subgroup of each token, S), by (expert, subgroup): each expert's rows are
+    still one range, in S contiguous groups whose ends are ``groups``.
 
     The offsets come from a binary search of each expert id in the sorted ids, on the device:
     ``bincount`` would size its output from the data, which reads it on the host (a sync).
     """
-    flat = experts.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    ids = torch.arange(num_experts, device=flat.device, dtype=sorted_ids.dtype)
-    ends = torch.searchsorted(sorted_ids, ids, right=True)  # (E,) cumulative row ends
+    flat, S = experts.reshape(-1), 1 if subgroups is None else subgroups[1]
+    if subgroups is not None:  # the token's subgroup, once per choice: a fixed expand, no data-dependent shape
+        flat = flat * S + subgroups[0].to(flat.dtype).unsqueeze(1).expand_as(experts).reshape(-1)
+    sorted_keys, order = torch.sort(flat, stable=True)
+    keys = torch.arange(num_experts * S, device=flat.device, dtype=sorted_keys.dtype)
+    group_ends = torch.searchsorted(sorted_keys, keys, right=True)  # (E*S,) cumulative row ends
+    ends = group_ends[S - 1 :: S]  # (E,) an expert's last subgroup ends where the expert does
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    return Dispatch(order=order, token_index=order // experts.shape[1], offsets=ends.to(torch.int32), counts=counts)
+    groups = None if subgroups is None else group_ends.to(torch.int32)
+    return Dispatch(order, order // experts.shape[1], ends.to(torch.int32), counts, groups)
 
 
 def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -269,8 +288,8 @@ class MoEBlock(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         routing = self.routing_module(h)
-        d = dispatch(routing.experts, self.experts.num_experts)
-        rows = self.experts(gather_rows(h, d.token_index), d.offsets, token_index=d.token_index)
+        d = dispatch(routing.experts, self.experts.num_experts, self.experts.row_subgroups())
+        rows = self.experts(gather_rows(h, d.token_index), d.offsets, token_index=d.token_index, groups=d.groups)
         out = combine(rows, d, routing.weights)
         shared = getattr(self, self.shared_name, None)
         if shared is not None:

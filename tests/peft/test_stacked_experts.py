@@ -36,12 +36,14 @@ def _layer(adapters: dict[str, tuple[set[str], dict]]) -> LoraGroupedExperts:
     return layer.double()
 
 
-def _routed():
+def _routed(subgroups=None):
+    """Routed rows (R, D), offsets, token index and the (expert, slot) group ends (None unless
+    ``subgroups``, the layer's :meth:`row_subgroups`, asked the dispatch to sort by slot)."""
     g = torch.Generator().manual_seed(1)
     tokens = torch.randn(BATCH * SEQ, D, generator=g, dtype=torch.float64)
     choice = torch.stack([torch.randperm(E - 1, generator=g)[:2] for _ in range(BATCH * SEQ)])  # expert E-1: none
-    d = dispatch(choice, E)
-    return tokens[d.token_index].clone().requires_grad_(), d.offsets, d.token_index
+    d = dispatch(choice, E, subgroups)
+    return tokens[d.token_index].clone().requires_grad_(), d.offsets, d.token_index, d.groups
 
 
 def _each_alone(layer, x, offsets, token_index, names):
@@ -69,6 +71,7 @@ HALVES = {  # a gate half with down, an up half alone (shared), beside a fused p
 }
 
 
+@pytest.mark.parametrize("sorted_by_slot", [True, False], ids=["dispatched-by-slot", "sorted-here"])
 @pytest.mark.parametrize(
     "adapters, names",
     [
@@ -79,24 +82,25 @@ HALVES = {  # a gate half with down, an up half alone (shared), beside a fused p
         (HALVES, ["u", "g", "u", "g"]),
     ],
 )
-def test_stacked_adapters_equal_each_adapter_alone(adapters, names, monkeypatch):
+def test_stacked_adapters_equal_each_adapter_alone(adapters, names, sorted_by_slot, monkeypatch):
     """Evaluation mode (no dropout): the together output and every gradient equal each adapter
-    run alone, each row then taking its own sample's result."""
+    run alone, each row then taking its own sample's result - whether the dispatch sorted each
+    expert's rows by slot (as the MoE block does) or the rows arrive sorted by expert only."""
     layer = _layer(adapters).eval()
     taken = []
     stacked = experts_module.stacked_experts
-    monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: taken.append(1) or stacked(*a))
-    x, offsets, token_index = _routed()
-    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: taken.append(a[-1]) or stacked(*a))
     params = dict(layer.adapter_params())
+    layer.active = []
+    with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=names)):
+        x, offsets, token_index, groups = _routed(layer.row_subgroups() if sorted_by_slot else None)
+        together = layer(x, offsets, token_index=token_index, groups=groups)
+    assert len(taken) == 1 and (taken[0] is not None) == sorted_by_slot
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
     def grads(y):
         return torch.autograd.grad((y * weights).sum(), [x, *params.values()], allow_unused=True)
 
-    layer.active = []
-    with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=names)):
-        together = layer(x, offsets, token_index=token_index)
-    assert taken == [1]
     alone = _each_alone(layer, x, offsets, token_index, names)
     assert (together - alone).abs().max() < 1e-12
     for got, want in zip(grads(together), grads(alone)):
@@ -121,10 +125,35 @@ def test_each_row_gets_its_own_adapters_dropout():
 def test_one_adapter_for_the_whole_batch_runs_as_usual(monkeypatch):
     layer = _layer(STACKED)
     monkeypatch.setattr(experts_module, "stacked_experts", lambda *a: pytest.fail("stacked path taken"))
-    x, offsets, token_index = _routed()
+    x, offsets, token_index, _ = _routed()
     layer.active = []
     with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=["a"] * BATCH)):
+        assert layer.row_subgroups() is None  # the dispatch sorts by expert only
         layer(x, offsets, token_index=token_index)
+
+
+def test_dispatch_by_subgroup_keeps_each_expert_one_range_split_by_subgroup():
+    """Sorting by (expert, subgroup): the same offsets and counts as by expert, each expert's rows
+    in subgroup order (stable: tokens in order inside a group), ``groups`` their ends."""
+    g = torch.Generator().manual_seed(3)
+    choice = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(30)])
+    sub = torch.randint(0, 3, (30,), generator=g)
+    plain, by_sub = dispatch(choice, E), dispatch(choice, E, (sub, 3))
+    assert torch.equal(plain.offsets, by_sub.offsets) and torch.equal(plain.counts, by_sub.counts)
+    want = sorted(range(60), key=lambda i: (choice.view(-1)[i].item(), sub[i // 2].item(), i))
+    assert by_sub.order.tolist() == want and torch.equal(by_sub.token_index, by_sub.order // 2)
+    keys = [(choice.view(-1)[i].item() * 3 + sub[i // 2].item()) for i in want]
+    assert by_sub.groups.tolist() == [sum(k <= group for k in keys) for group in range(E * 3)]
+    assert plain.groups is None
+
+
+def test_groups_for_another_number_of_slots_are_refused():
+    layer = _layer(STACKED)
+    layer.active = []
+    with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=["a", "b", "c", None])):
+        x, offsets, token_index, groups = _routed((layer.selection().slot_of_token, 2))
+        with pytest.raises(ValueError, match="groups for 5 experts x 4 slots"):
+            layer(x, offsets, token_index=token_index, groups=groups)
 
 
 def test_nf4_base_with_stacked_adapters_equals_each_alone():

@@ -151,8 +151,17 @@ class LoraGroupedExperts(AdapterLayer):
         return any(name in self.lora_e(p) for p in PAIRS)
 
     # --- forward --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor) -> torch.Tensor:
-        """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,) -> (R, D).
+    def row_subgroups(self) -> tuple[torch.Tensor, int] | None:
+        """The adapter slot of each token when the samples choose among adapters: the dispatch then
+        sorts each expert's rows by slot, as :mod:`.stacked_experts` needs them."""
+        slots = stacked_slots(self, self.running())
+        return None if slots is None else (self.selection().slot_of_token, len(slots))
+
+    def forward(
+        self, x: torch.Tensor, offsets: torch.Tensor, *, token_index: torch.Tensor, groups: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (R, D) sorted by expert; offsets (E,) int32 cumulative ends; token_index (R,); groups:
+        the dispatch's (expert, slot) ends when it sorted by :meth:`row_subgroups` -> (R, D).
 
         Where the base places the rows for its GEMMs (CPU bf16/fp16, :meth:`GroupedExperts.layout`),
         they are placed once for the base and every adapter's GEMMs. When the samples choose
@@ -160,7 +169,7 @@ class LoraGroupedExperts(AdapterLayer):
         names = self.running()
         slots = stacked_slots(self, names)
         if slots is not None:
-            return stacked_experts(self, x, offsets, token_index, slots)
+            return stacked_experts(self, x, offsets, token_index, slots, groups)
         layout = self.base_layer.layout(x, offsets)
         if layout is None:
             return self._experts(x, offsets, names, None)

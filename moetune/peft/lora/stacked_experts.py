@@ -10,6 +10,10 @@ their exact block-diagonal pair over the 2F rows) turns all adapters' low-rank p
 grouped GEMMs over the E*S groups, on the same rows as the base's. Each row's dropout is its own
 adapter's.
 
+The MoE block's dispatch sorts by (expert, slot) from the start when the experts ask
+(``row_subgroups``), so the rows arrive grouped; called on rows sorted by expert only, the
+forward sorts them itself and puts them back.
+
 Regrouping the rows by adapter for each delta instead (a gather, a concatenation and a
 scatter-add of (R, D)-sized tensors for gate_up and again for down, forward and backward) moved
 the rows a dozen times per layer; here they move twice (sorted, then put back) and only the small
@@ -43,16 +47,26 @@ def stacked_slots(layer: AdapterLayer, names: list[str]) -> list[str | None] | N
     return slots + [None] if runs.tokens_per_slot()[-1] else slots
 
 
-def stacked_experts(layer: AdapterLayer, x: torch.Tensor, offsets: torch.Tensor, token_index, slots) -> torch.Tensor:
-    """The experts' output (R, D) for expert-sorted rows x (R, D), every slot's adapter on its rows."""
+def stacked_experts(layer: AdapterLayer, x, offsets: torch.Tensor, token_index, slots, groups=None) -> torch.Tensor:
+    """The experts' output (R, D) for expert-sorted rows x (R, D), every slot's adapter on its rows.
+    ``groups``: the (E*S,) ends of the (expert, slot) groups when the dispatch already sorted each
+    expert's rows by slot (``row_subgroups``); else the rows are sorted here and put back after."""
+    slot_of_token = layer.selection().slot_of_token
+    if groups is None:
+        order, groups, slot_of_row = _slot_order(slot_of_token, token_index, offsets, len(slots))
+        out = _stacked_forward(layer, slots, gather_rows(x, order), offsets, groups, slot_of_row)
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
+        return gather_rows(out, inverse)
+    if groups.shape[0] != offsets.shape[0] * len(slots):
+        raise ValueError(f"{groups.shape[0]} (expert, slot) groups for {offsets.shape[0]} experts x {len(slots)} slots")
+    return _stacked_forward(layer, slots, x, offsets, groups, slot_of_token.index_select(0, token_index))
+
+
+def _stacked_forward(layer, slots, x, offsets, groups, slot_of_row) -> torch.Tensor:
     base = layer.base_layer
-    order, groups, slot_of_row = _slot_order(layer.selection().slot_of_token, token_index, offsets, len(slots))
-    xs = gather_rows(x, order)
-    gate_up = _add_products(layer, slots, "gate_up", base.project_gate_up(xs, offsets), xs, groups, slot_of_row)
+    gate_up = _add_products(layer, slots, "gate_up", base.project_gate_up(x, offsets), x, groups, slot_of_row)
     h = base.gated(gate_up)
-    out = _add_products(layer, slots, "down", base.project_down(h, offsets), h, groups, slot_of_row)
-    inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
-    return gather_rows(out, inverse)
+    return _add_products(layer, slots, "down", base.project_down(h, offsets), h, groups, slot_of_row)
 
 
 def _slot_order(slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets: torch.Tensor, slots: int):
