@@ -180,3 +180,35 @@ def test_nf4_base_with_stacked_adapters_equals_each_alone():
         together = layer(x, d.offsets, token_index=d.token_index)
     alone = _each_alone(layer, x, d.offsets, d.token_index, names)
     assert (together - alone).abs().max() <= 1e-6 * max(1.0, alone.abs().max().item())
+
+
+@pytest.mark.parametrize("adapters, names", [(STACKED, ["a", "b", "c", None]), (HALVES, ["g", "a", "u", None])])
+def test_bf16_rows_placed_once_per_group_equal_unplaced(adapters, names, monkeypatch):
+    """CPU bf16: each (expert, slot) group's rows are placed at a multiple once for all six GEMMs
+    (base and stacked products); outputs and gradients equal the unplaced path bit for bit, and
+    each adapter's dropout draws the same numbers."""
+    layer = _layer(adapters).to(torch.bfloat16)
+    layouts = []
+    real = layer.base_layer.layout
+
+    def layout(x, offsets):
+        layouts.append(real(x, offsets))
+        return layouts[-1]
+
+    def run(place: bool):
+        monkeypatch.setattr(layer.base_layer, "layout", layout if place else lambda *_: None)
+        layer.active = []
+        torch.manual_seed(0)
+        with adapter_context(AdapterContext(batch_size=BATCH, seq_len=SEQ, adapter_names=names)):
+            x, offsets, token_index, groups = _routed(layer.row_subgroups())
+            x = x.detach().to(torch.bfloat16).requires_grad_()
+            y = layer(x, offsets, token_index=token_index, groups=groups)
+        y.float().pow(2).sum().backward()
+        grads = [x.grad] + [p.grad.clone() for _, p in layer.adapter_params() if p.grad is not None]
+        layer.zero_grad()
+        return y, grads
+
+    placed, unplaced = run(True), run(False)
+    assert layouts and layouts[0] is not None and layouts[0].offsets.shape[0] == E * len(set(names))
+    assert torch.equal(placed[0], unplaced[0])
+    assert all(torch.equal(a, b) for a, b in zip(placed[1], unplaced[1], strict=True))

@@ -12,7 +12,10 @@ adapter's.
 
 The MoE block's dispatch sorts by (expert, slot) from the start when the experts ask
 (``row_subgroups``), so the rows arrive grouped; called on rows sorted by expert only, the
-forward sorts them itself and puts them back.
+forward sorts them itself and puts them back. On CPU in bf16/fp16, where every grouped GEMM would
+otherwise place its rows at multiples (``model.grouped``) on its own, the rows are placed once per
+(expert, slot) group for the base's and the adapters' GEMMs alike: four adapters of 2 x 256 tokens
+in bf16 ran 504 fewer aten ops a step (2916 -> 2412), the same bits, 3-6% faster.
 
 Regrouping the rows by adapter for each delta instead (a gather, a concatenation and a
 scatter-add of (R, D)-sized tensors for gate_up and again for down, forward and backward) moved
@@ -63,10 +66,19 @@ def stacked_experts(layer: AdapterLayer, x, offsets: torch.Tensor, token_index, 
 
 
 def _stacked_forward(layer, slots, x, offsets, groups, slot_of_row) -> torch.Tensor:
-    base = layer.base_layer
-    gate_up = _add_products(layer, slots, "gate_up", base.project_gate_up(x, offsets), x, groups, slot_of_row)
+    """Base stages and stacked products on rows grouped by (expert, slot). Where the base places
+    rows (CPU bf16/fp16), each group's rows are placed at a multiple once for all six GEMMs: an
+    expert's placed range is its groups' (it ends where its last slot's group does)."""
+    base, S = layer.base_layer, len(slots)
+    layout = base.layout(x, groups)
+    if layout is not None:
+        x, groups, offsets = layout.place(x), layout.offsets, layout.offsets[S - 1 :: S].contiguous()
+    placed = layout is not None
+    gate_up = base.project_gate_up(x, offsets, placed)
+    gate_up = _add_products(layer, slots, "gate_up", gate_up, x, groups, slot_of_row, layout)
     h = base.gated(gate_up)
-    return _add_products(layer, slots, "down", base.project_down(h, offsets), h, groups, slot_of_row)
+    out = _add_products(layer, slots, "down", base.project_down(h, offsets, placed), h, groups, slot_of_row, layout)
+    return out if layout is None else layout.take(out)
 
 
 def _slot_order(slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets: torch.Tensor, slots: int):
@@ -79,16 +91,17 @@ def _slot_order(slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets:
     return order, ends.to(torch.int32), sorted_key % slots
 
 
-def _add_products(layer, slots, proj: str, y, x, groups, slot_of_row) -> torch.Tensor:
+def _add_products(layer, slots, proj: str, y, x, groups, slot_of_row, layout=None) -> torch.Tensor:
     """``y`` plus each row's adapter's ``s * B_e (A_e drop(x))`` on ``proj`` (gate_up or down), as
-    two grouped GEMMs over the (expert, slot) groups."""
+    two grouped GEMMs over the (expert, slot) groups (rows placed in ``layout`` when given)."""
     pairs = {n: _projection_pair(layer, n, proj, x.dtype) for n in slots if n is not None}
     pairs = {n: pair for n, pair in pairs.items() if pair is not None}
     if not pairs:
         return y
     a, b = _stacked(pairs, slots, layer.num_experts)
-    h = _dropped(layer, [n if n in pairs else None for n in slots], x, slot_of_row)
-    return y + layer.base_layer.linear(layer.base_layer.linear(h, a, groups), b, groups)
+    h = _dropped(layer, [n if n in pairs else None for n in slots], x, slot_of_row, layout)
+    linear, placed = layer.base_layer.linear, layout is not None
+    return y + linear(linear(h, a, groups, placed), b, groups, placed)
 
 
 def _projection_pair(layer, name: str, proj: str, dtype: torch.dtype):
@@ -126,14 +139,17 @@ def _stacked(pairs: dict, slots: list[str | None], experts: int) -> tuple[torch.
     return torch.stack(a_parts, 1).view(experts * S, rank, d_in), torch.stack(b_parts, 1).view(experts * S, d_out, rank)
 
 
-def _dropped(layer, holders: list[str | None], x: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
+def _dropped(layer, holders: list[str | None], x: torch.Tensor, slot_of_row: torch.Tensor, layout=None):
     """x with each row's adapter's dropout (rows of slots without a pair: theirs are multiplied by
     zero weights, so any). One ``F.dropout`` when the adapters share a probability, else a mask
-    drawn with each row's own probability."""
+    drawn with each row's own probability. Placed rows (``layout``) are taken out for it and put
+    back: the same random numbers as unplaced, none spent on padding."""
     probs = [layer.adapters[n].config.dropout if n is not None else 0.0 for n in holders]
     used = {p for n, p in zip(holders, probs) if n is not None}
     if not layer.training or used == {0.0}:
         return x
+    if layout is not None:
+        return layout.place(_dropped(layer, holders, layout.take(x), slot_of_row))
     if len(used) == 1:
         return F.dropout(x, used.pop())
     keep = x.new_ones(len(holders))
