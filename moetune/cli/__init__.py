@@ -71,5 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return 143
 
 
+def run() -> None:
+    """The ``moetune`` command: :func:`main`'s status as the process's (see :mod:`...train.teardown`)."""
+    from ..train.teardown import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

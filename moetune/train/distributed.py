@@ -60,6 +60,7 @@ from .checkpoint import rng_state, set_rng_state
 from .launch import ENV_KEYS, LaunchEnv, is_main_process, launch_env, resolve_launch  # noqa: F401  (importable from here too)
 from .parallel import Parallel
 from .sharding import full_tensor, is_dtensor, local_like, shard_model
+from .teardown import joined_process_group
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 64 * 2**20  # gradient all-reduce bucket (replicate)
@@ -286,6 +287,7 @@ def distributed_run(config: TrainConfig) -> Iterator[tuple[TrainConfig, Parallel
             timeout=timedelta(seconds=config.distributed.timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
+        joined_process_group()
     # FSDP on CUDA: load on the CPU and let fully_shard move one layer's shard at a time to the GPU.
     load_on = "cpu" if strategy == "fsdp" else str(device)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=load_on))

@@ -81,6 +81,7 @@ def _torchrun(cfg: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProc
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that dies prints every thread's Python stack into the failure
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     cmd = [
         sys.executable,

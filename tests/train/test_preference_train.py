@@ -136,6 +136,7 @@ def test_each_objective_trains(base, tmp_path, objective):
 def _torchrun(cfg: Path, *args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that dies prints every thread's Python stack into the failure
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moetune"]
     proc = subprocess.run([*cmd, "train", str(cfg), *args], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
