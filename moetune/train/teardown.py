@@ -2,9 +2,10 @@
 
 Now and then, under load, a rank of a finished run aborted after its last write (SIGABRT,
 "terminate called without an active exception"; torchrun then reports the run failed). What was
-seen: after ``destroy_process_group`` the gloo backend's worker threads still run in every FSDP2
-rank (its parameters' hooks keep the device mesh, and so the group, alive through reference cycles
-that pass through C++, which the garbage collector cannot see). The message is what a thread prints
+seen: after ``destroy_process_group`` and a garbage collection the gloo backend's worker threads
+still run in every rank, under ``fsdp`` and ``replicate`` alike, so something still holds the group
+(under FSDP2, its parameters' hooks keep the device mesh alive through reference cycles that pass
+through C++, which the garbage collector cannot see). The message is what a thread prints
 when it is ended by ``pthread_exit`` through a C++ frame that cannot unwind, and CPython ends that
 way any thread that takes the GIL while the interpreter finalizes - as a gloo worker must when it
 drops the last reference to a tensor with a Python object. Skipping finalization closes that window
