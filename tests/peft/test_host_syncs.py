@@ -20,8 +20,8 @@ from moetune.tiny_models import tiny_model_args
 ATTENTION = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"], "deepseek_v3": ["q_b_proj", "kv_b_proj", "o_proj"]}
 
 
-def _step(family: str, rank: int, adapters: int) -> HostSyncCounter:
-    model = build_random_model(tiny_model_args(family))
+def _step(family: str, rank: int, adapters: int, dtype: torch.dtype = torch.float32) -> HostSyncCounter:
+    model = build_random_model(tiny_model_args(family), dtype=dtype)
     targets = ATTENTION[family] + ["experts"]
     # rank 2 in fp32 (like 4 in bf16) is 8 bytes: the LoRA grouped GEMMs must pad, not fall back to the loop
     moetune.add_adapter(model, moetune.LoraConfig(r=rank, alpha=8, dropout=0.1, target_modules=targets))
@@ -43,9 +43,14 @@ def _step(family: str, rank: int, adapters: int) -> HostSyncCounter:
 # Two adapters per batch: each adapter's rows are known on the host from the adapter names (ranges
 # of samples), so the layers slice them, and the experts regroup their routed rows by adapter with
 # a sort on the device and static block sizes: nothing is read back or copied from the host.
-@pytest.mark.parametrize("family,rank,adapters", [("qwen3_moe", 2, 1), ("deepseek_v3", 4, 2)])
-def test_training_step_has_no_host_sync(family, rank, adapters):
-    counter = _step(family, rank, adapters)
+# bf16 on CPU: the routed rows are placed at multiples for the expert GEMMs (per (expert, adapter)
+# group when two adapters share the batch), with positions computed on the device too.
+@pytest.mark.parametrize(
+    "family,rank,adapters,dtype",
+    [("qwen3_moe", 2, 1, torch.float32), ("deepseek_v3", 4, 2, torch.float32), ("qwen3_moe", 4, 2, torch.bfloat16)],
+)
+def test_training_step_has_no_host_sync(family, rank, adapters, dtype):
+    counter = _step(family, rank, adapters, dtype)
     assert not counter.counts, counter.report()
 
 
