@@ -66,9 +66,12 @@ def _batch(vocab: int):
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
+@pytest.mark.parametrize("adapters", [1, 2], ids=["one-adapter", "adapters-per-sample"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_block_compiles_without_a_graph_break(family):
-    model = _model(family, torch.bfloat16, dropout=0.1)  # one adapter: per-sample choice is the test below
+def test_every_block_compiles_without_a_graph_break(family, adapters):
+    """bf16, LoRA with dropout on attention and experts; with two adapters chosen per sample the
+    experts run the stacked products on rows the dispatch sorted by adapter."""
+    model = _model(family, torch.bfloat16, adapters=adapters, dropout=0.1)
     breaks = []
 
     def explain(block, args, kwargs):  # runs after peft's block hook: the adapter layers hold the selection
@@ -80,7 +83,7 @@ def test_every_block_compiles_without_a_graph_break(family):
     for block in blocks:
         block.register_forward_pre_hook(explain, with_kwargs=True)
     ids, mask, labels = _batch(model.args.vocab_size)
-    model(ids, attention_mask=mask, labels=labels)
+    model(ids, attention_mask=mask, labels=labels, adapter_names=["b", "a"] if adapters == 2 else None)
     assert len(breaks) == len(blocks)
     assert all(count == 0 for count, _ in breaks), breaks
 
