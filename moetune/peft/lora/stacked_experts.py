@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...model.moe import gather_rows, row_experts
+from ...model.moe import dispatch, gather_rows, row_experts
 from ..core.layer import AdapterLayer
 from .experts_layout import PROJ_OF_PAIR, gate_up_pair
 
@@ -83,12 +83,12 @@ def _stacked_forward(layer, slots, x, offsets, groups, slot_of_row) -> torch.Ten
 
 def _slot_order(slot_of_token: torch.Tensor, token_index: torch.Tensor, offsets: torch.Tensor, slots: int):
     """Rows sorted by (expert, slot), stably: (R,) where each sorted row comes from, the (E*S,)
-    int32 cumulative ends of the groups, and (R,) the slot of each sorted row. On the device, no
-    host sync."""
-    key = row_experts(offsets, token_index.shape[0]) * slots + slot_of_token.index_select(0, token_index)
-    sorted_key, order = torch.sort(key, stable=True)
-    ends = torch.searchsorted(sorted_key, torch.arange(offsets.shape[0] * slots, device=key.device), right=True)
-    return order, ends.to(torch.int32), sorted_key % slots
+    int32 cumulative ends of the groups, and (R,) the slot of each sorted row. The dispatch's sort,
+    each row taken as a token whose one choice is its expert; on the device, no host sync."""
+    slot_of_row = slot_of_token.index_select(0, token_index)
+    experts = row_experts(offsets, token_index.shape[0]).unsqueeze(1)
+    d = dispatch(experts, offsets.shape[0], (slot_of_row, slots))
+    return d.order, d.groups, slot_of_row.index_select(0, d.order)
 
 
 def _add_products(layer, slots, proj: str, y, x, groups, slot_of_row, layout=None) -> torch.Tensor:
