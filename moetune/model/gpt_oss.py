@@ -31,7 +31,8 @@ from .attention import Attention, sdpa
 from .build import ATTENTION_BUILDERS, MOE_BUILDERS, build_attention
 from .config import MoEArgs, ModelArgs
 from .families import config_value, parse_llama, register_family
-from .moe import GroupedExperts, MoEBlock, Router, Routing, row_experts
+from .dispatch import row_experts
+from .moe import GroupedExperts, MoEBlock, Router, Routing
 
 # transformers 5.17 GptOssConfig defaults, for keys a config.json leaves out.
 DEFAULTS: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts FFN: router, token dispatch, grouped experts, shared experts, aux loss.
+"""Mixture-of-Experts FFN: router, grouped experts, shared experts, aux loss (dispatch: :mod:`.dispatch`).
 
 Legend: N tokens (B*T flattened), D model dim, F expert hidden, E experts, k experts per token,
 R = N*k routed rows. Expert weights are 3D ``(E, out, in)``: ``gate_up_proj`` (E, 2F, D) with gate
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import combine, dispatch, gather_rows
 from .grouped import RowLayout, grouped_linear, grouped_linear_loop, row_layout
 from .layers import ACTIVATIONS, SwiGLU
 
@@ -157,76 +158,6 @@ class GroupedExperts(nn.Module):
             return self.project_down(self.gated(self.project_gate_up(x, offsets)), offsets)
         h = self.gated(self.project_gate_up(layout.place(x), layout.offsets, placed=True))
         return layout.take(self.project_down(h, layout.offsets, placed=True))
-
-
-@dataclass
-class Dispatch:
-    order: torch.Tensor  # (R,) position in the flat (N*k) list of each sorted row
-    token_index: torch.Tensor  # (R,) token of each sorted row
-    offsets: torch.Tensor  # (E,) int32 cumulative ends
-    counts: torch.Tensor  # (E,) rows per expert
-    groups: torch.Tensor | None = None  # (E*S,) int32 cumulative ends of the (expert, subgroup) groups
-
-
-def dispatch(experts: torch.Tensor, num_experts: int, subgroups: tuple[torch.Tensor, int] | None = None) -> Dispatch:
-    """Sort the (N, k) expert choices by expert id (stable, so ties keep token order); with
-    ``subgroups`` ((N,) subgroup of each token, S), by (expert, subgroup): each expert's rows are
-    still one range, in S contiguous groups whose ends are ``groups``.
-
-    The offsets come from a binary search of each expert id in the sorted ids, on the device:
-    ``bincount`` would size its output from the data, which reads it on the host (a sync).
-    """
-    flat, S = experts.reshape(-1), 1 if subgroups is None else subgroups[1]
-    if subgroups is not None:  # the token's subgroup, once per choice: a fixed expand, no data-dependent shape
-        flat = flat * S + subgroups[0].to(flat.dtype).unsqueeze(1).expand_as(experts).reshape(-1)
-    sorted_keys, order = torch.sort(flat, stable=True)
-    keys = torch.arange(num_experts * S, device=flat.device, dtype=sorted_keys.dtype)
-    group_ends = torch.searchsorted(sorted_keys, keys, right=True)  # (E*S,) cumulative row ends
-    ends = group_ends[S - 1 :: S]  # (E,) an expert's last subgroup ends where the expert does
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    groups = None if subgroups is None else group_ends.to(torch.int32)
-    return Dispatch(order, order // experts.shape[1], ends.to(torch.int32), counts, groups)
-
-
-def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """(R,) expert of each expert-sorted row, from the (E,) int32 cumulative ends (no host sync);
-    rows past the last end get E."""
-    index = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets, index, right=True)
-
-
-def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) int64 number of choices of each expert id in ``experts`` (ids >= E are not counted).
-
-    A sum of one-hot rows on the device: ``bincount`` sizes its output from the largest id, which
-    the host reads (a sync), and a ``minlength`` does not spare it.
-    """
-    flat = experts.reshape(-1)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, flat.clamp_max(num_experts), torch.ones_like(flat))[:num_experts]
-
-
-def gather_rows(h: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """(N, D) token states -> (R, D) routed rows.
-
-    The backward sums each token's k row gradients. On CPU ``index_select`` (backward
-    ``index_add_``) does it several times faster than advanced indexing (backward
-    ``index_put_(accumulate=True)``); on CUDA ``index_add_`` adds with atomics, in an order that
-    changes from run to run, so there the deterministic sorted ``index_put_`` stays.
-    """
-    return h.index_select(0, token_index) if h.device.type == "cpu" else h[token_index]
-
-
-def combine(rows: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each token's k expert outputs; (R, D) sorted rows -> (N, D).
-
-    Rows are put back in (N, k) order and summed over k instead of ``index_add_`` so the result
-    is deterministic on GPU (no atomics) and matches the reference summation order.
-    """
-    N, k = weights.shape
-    unsorted = torch.empty_like(rows)
-    unsorted[d.order] = rows
-    return (unsorted.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def masked_counts(experts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:

@@ -16,7 +16,8 @@ import moetune
 from moetune.config import LoraConfig
 from moetune.model import build_random_model
 from moetune.model.grouped import cpu_row_multiple, grouped_linear, grouped_linear_loop, grouped_support
-from moetune.model.moe import GroupedExperts, dispatch
+from moetune.model.dispatch import dispatch
+from moetune.model.moe import GroupedExperts
 from moetune.peft.lora.experts import LoraGroupedExperts
 from moetune.tiny_models import tiny_model_args
 

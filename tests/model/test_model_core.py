@@ -13,7 +13,8 @@ import moetune
 from moetune.errors import CheckpointError
 from moetune.model import grouped
 from moetune.model.grouped import grouped_linear, grouped_linear_loop, grouped_weight_grad
-from moetune.model.moe import GroupedExperts, dispatch
+from moetune.model.dispatch import dispatch
+from moetune.model.moe import GroupedExperts
 from tiny_hf import save_hf_model
 
 

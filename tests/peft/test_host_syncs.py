@@ -14,7 +14,7 @@ from host_syncs import HostSyncCounter
 from moetune.model import build_random_model
 from moetune.model.grouped import grouped_linear, grouped_linear_loop
 from moetune.config import MixtureConfig
-from moetune.model.moe import dispatch, expert_counts
+from moetune.model.dispatch import dispatch, expert_counts
 from moetune.tiny_models import tiny_model_args
 
 ATTENTION = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"], "deepseek_v3": ["q_b_proj", "kv_b_proj", "o_proj"]}

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from moetune.config import LoraConfig
 from moetune.errors import AdapterError
 from moetune.peft.core.context import AdapterContext, adapter_context
-from moetune.model.moe import GroupedExperts, dispatch
+from moetune.model.dispatch import dispatch
+from moetune.model.moe import GroupedExperts
 from moetune.peft.core.layer import AddOptions, disable_adapters
 from moetune.peft.lora.experts import LoraGroupedExperts
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from host_syncs import HostSyncCounter
-from moetune.model.moe import dispatch
+from moetune.model.dispatch import dispatch
 from moetune.peft.core.selection import SampleRuns
 from moetune.peft.lora.stacked_experts import _slot_order
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moetune.config import LoraConfig
-from moetune.model.moe import GroupedExperts, dispatch
+from moetune.model.dispatch import dispatch
+from moetune.model.moe import GroupedExperts
 from moetune.peft.core.context import AdapterContext, adapter_context
 from moetune.peft.core.layer import AddOptions
 from moetune.peft.lora import experts as experts_module

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...model.moe import dispatch, gather_rows, row_experts
+from ...model.dispatch import dispatch, gather_rows, row_experts
 from ..core.layer import AdapterLayer
 from .experts_layout import PROJ_OF_PAIR, gate_up_pair
 

@@ -10,7 +10,7 @@ Expert e is the frozen FFN with its own LoRA pairs on the targeted projections:
 
 - the base ``W1 x`` and ``W3 x`` are computed once per token and shared by every expert (and
   every adapter) - they do not depend on the expert;
-- the rows (token, expert) are sorted by expert once (:func:`~moetune.model.moe.dispatch`) and
+- the rows (token, expert) are sorted by expert once (:func:`~moetune.model.dispatch.dispatch`) and
   each LoRA term is a grouped GEMM on the sorted rows (split-LoRA: ``(x A_e^T) B_e^T``, never
   ``B_e A_e``); gate and up share one A GEMM; ``W2`` runs once on all R rows;
 - dropout on the expert input is one mask per token, shared by the token's experts (as MixLoRA,
@@ -35,7 +35,7 @@ from ...config import LoraConfig
 from ...errors import AdapterError
 from ...model.grouped import grouped_linear
 from ...model.layers import SwiGLU
-from ...model.moe import combine, dispatch
+from ...model.dispatch import combine, dispatch
 from ..core.layer import DEFAULT_OPTIONS, AdapterLayer, AddOptions
 from .common import (
     ExpertOptions,

@@ -29,7 +29,7 @@ from typing_extensions import override
 from ...config import LoraConfig
 from ...errors import AdapterError
 from ...model.grouped import grouped_linear
-from ...model.moe import combine, dispatch
+from ...model.dispatch import combine, dispatch
 from ..core.layer import AdapterLayer
 from ..lora.linear import LoraLinear
 from ..lora.linear_adapters import LinearAdapter, base_device

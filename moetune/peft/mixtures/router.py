@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import MixtureConfig
-from ...model.moe import expert_counts
+from ...model.dispatch import expert_counts
 
 
 @dataclass
