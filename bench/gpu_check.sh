@@ -4,6 +4,7 @@
 #   2. bench/train_step.py, moetune and transformers + PEFT at the reference shape of docs/benchmarks.md
 #      (attention-only LoRA, attention + experts, the same with activation checkpointing);
 #   3. bench/moe_block.py, the one-MoE-block benchmark, eager and compiled, with and without LoRA;
+#   4. bench/multi_adapter.py, four adapters trained together vs one after another, bf16;
 # and prints one table (results also kept as JSON lines in a fresh temporary folder, printed at the end).
 #
 #   bash bench/gpu_check.sh             # the GPU
@@ -41,12 +42,15 @@ if [ "$dry" = 1 ]; then
     tests/model/test_grouped_devices.py -k "bf16 or support"
   step train-step 300 python bench/train_step.py --device cpu --tiny --steps 1 --warmup 0
   step moe-block 300 python bench/moe_block.py --device cpu --tiny --compile-backend eager
+  step multi-adapter 120 python bench/multi_adapter.py --tiny --steps 1
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  # limits add up to 7.5 minutes; the device-independent sync tests run on every CPU CI already
+  # limits add up to 7.8 minutes; the device-independent sync tests run on every CPU CI already
   step gpu-tests 90 python -m pytest -q -rs -p no:cacheprovider tests/model/test_grouped_devices.py
   step train-step 150 python bench/train_step.py --steps 5 --warmup 2
-  step moe-block 210 python bench/moe_block.py
+  step moe-block 190 python bench/moe_block.py
+  step multi-adapter 40 python bench/multi_adapter.py --device cuda --dtype bfloat16 --hidden 2048 \
+    --experts 64 --top-k 8 --tokens 1024 --steps 5
 fi
 
 python bench/table.py "$results"

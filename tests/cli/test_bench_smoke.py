@@ -23,7 +23,8 @@ def test_gpu_check_dry_run_runs_every_step():
     results = Path(proc.stdout.rsplit("results: ", 1)[1].split()[0])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     steps = {r["step"]: r for r in rows if "rc" in r}
-    assert set(steps) == {"gpu-tests", "train-step", "moe-block"} and all(r["rc"] == 0 for r in steps.values())
+    assert set(steps) == {"gpu-tests", "train-step", "moe-block", "multi-adapter"}
+    assert all(r["rc"] == 0 for r in steps.values())
     train = [r for r in rows if r.get("step") == "train-step" and "tool" in r]
     assert {r["case"] for r in train} == {"attention", "attention+experts", "attention+experts+ckpt"}
     for case in {r["case"] for r in train}:
@@ -32,7 +33,9 @@ def test_gpu_check_dry_run_runs_every_step():
     block = [r for r in rows if r.get("step") == "moe-block" and "tool" in r]
     assert len(block) == 8 and not any("error" in r for r in block), block
     assert all(r["max_abs_diff_vs_transformers"] < 1e-2 for r in block)
-    assert "block ms" in proc.stdout  # the one table
+    (multi,) = [r for r in rows if r.get("step") == "multi-adapter" and "adapters" in r]
+    assert multi["adapters"] == 4 and multi["max_loss_diff"] < 1e-5 and multi["throughput_ratio_wall"] > 0
+    assert "block ms" in proc.stdout and "together x" in proc.stdout  # the one table
 
 
 def test_moetune_saves_less_than_transformers_peft_at_toy_size():
