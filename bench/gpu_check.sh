@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU day (issue 19): on one H100/H200, in under 8 minutes, it runs
-#   1. the GPU tests: bf16 grouped GEMM vs the per-expert loop, fp32 on CUDA, no host sync in a bf16 step;
+#   1. the GPU tests: bf16 grouped GEMM vs the per-expert loop, fp32 on CUDA, no host sync in a bf16 step,
+#      two adapters chosen per sample against each alone;
 #   2. bench/train_step.py, moetune and transformers + PEFT at the reference shape of docs/benchmarks.md
 #      (attention-only LoRA, attention + experts, the same with activation checkpointing);
 #   3. bench/moe_block.py, the one-MoE-block benchmark, eager and compiled, with and without LoRA;
