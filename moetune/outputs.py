@@ -5,7 +5,8 @@ empty, or that moetune itself wrote for the same kind of output. Ownership is re
 marker file (:data:`MARKER`) that lists the top-level entries moetune wrote there. Anything else is
 refused with one line. ``overwrite=True`` lets moetune write *beside* files it did not write; it
 still never deletes or replaces them (a name that collides with such a file is refused too).
-Replacing moetune's own earlier output removes only the entries its marker lists.
+Replacing moetune's own earlier output removes only the entries its marker lists, and inside
+them only what moetune wrote (:mod:`.removal`).
 
 A folder output is written into a hidden temporary folder next to the target and moved into place
 when complete, so a kill at any moment leaves either the old output or the new one, never a mix
@@ -14,7 +15,7 @@ under the real name (when foreign files share the folder, each entry is moved in
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,59 +25,16 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import MoetuneError
+from .markers import MARKER, Marker, read_marker, write_marker
+from .markers import write_file_atomic as write_file_atomic  # where the writers of single files import it from
+from .markers import write_text_atomic as write_text_atomic
+from .removal import describe_kept, remove_ours
 
-MARKER = ".moetune-output.json"
+log = logging.getLogger(__name__)
 
 
 class OutputError(MoetuneError):
     """An output location moetune may not write to (it would lose or mix someone's files)."""
-
-
-@dataclass(frozen=True)
-class Marker:
-    """What moetune wrote into a folder: the kind of output and its top-level entries."""
-
-    kind: str
-    files: tuple[str, ...] = ()
-    run_id: str | None = None
-
-    def to_json(self) -> str:
-        body = {"kind": self.kind, "files": sorted(self.files)}
-        if self.run_id is not None:
-            body["run_id"] = self.run_id
-        return json.dumps(body, indent=2) + "\n"
-
-
-def read_marker(folder: str | os.PathLike) -> Marker | None:
-    """The folder's marker, or None when moetune has not recorded writing there (or it is unreadable)."""
-    path = Path(folder) / MARKER
-    try:
-        body = json.loads(path.read_text())
-        return Marker(kind=str(body["kind"]), files=tuple(body.get("files", ())), run_id=body.get("run_id"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Replace one file atomically: ``write(tmp)`` writes a temporary file beside it, which is then
-    renamed over ``path`` (a crash leaves the old file or the new one, never half of one)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_file_atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def write_marker(folder: Path, marker: Marker) -> None:
-    write_text_atomic(folder / MARKER, marker.to_json())
 
 
 def record_entries(folder: str | os.PathLike, names: Iterable[str]) -> None:
@@ -194,10 +152,10 @@ def _place(tmp: Path, path: Path, new: Marker, old: Marker | None) -> None:
     ours = set(old.files if old else ()) & _entries(path)
     write_marker(path, replace(new, files=tuple(sorted(ours | set(new.files)))))
     for name in sorted(ours - set(new.files)):
-        _remove(path / name)
+        remove_ours(path / name)
     for name in new.files:
         if (path / name).is_dir() and not (path / name).is_symlink():
-            _remove(path / name)
+            remove_ours(path / name)
         os.replace(tmp / name, path / name)
     write_marker(path, new)
 
@@ -213,13 +171,6 @@ def _swap(tmp: Path, path: Path) -> None:
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 @dataclass
@@ -251,11 +202,13 @@ class OwnedFolder:
         return self.path / name
 
     def remove_recorded(self) -> None:
-        """Delete every entry moetune recorded writing here (start over); other files stay."""
-        for name in sorted(self.files):
-            _remove(self.path / name)
-        self.files.clear()
-        write_marker(self.path, Marker(kind=self.kind, run_id=self.run_id))
+        """Delete what moetune recorded writing here (start over), inside its folders too; other
+        files stay, said in one warning, and the folders holding them stay recorded."""
+        kept = [p for name in sorted(self.files) for p in remove_ours(self.path / name)]
+        self.files = {n for n in self.files if (self.path / n).exists() or (self.path / n).is_symlink()}
+        write_marker(self.path, Marker(kind=self.kind, files=tuple(self.files), run_id=self.run_id))
+        if kept:
+            log.warning("%s: %s", self.key, describe_kept(kept))
 
 
 def open_folder(

@@ -12,11 +12,11 @@ empty; the trainer warns and resumes without it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..outputs import write_folder
+from ..removal import describe_kept, remove_ours
 from ..safetensors_check import safetensors_problem
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^checkpoint-(\d{8})$")
 
@@ -97,7 +100,13 @@ def save_checkpoint(
 def _prune(root: Path, keep_last: int, run_id: str) -> None:
     ours = [p for p in list_checkpoints(root) if checkpoint_run_id(p) == run_id]
     for old in ours[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            kept = remove_ours(old)  # a file the user put into an old checkpoint stays, with the folder
+        except OSError as e:  # a checkpoint that cannot be pruned must not end hours of training
+            log.warning("could not remove old checkpoint %s: %s", old, e)
+            continue
+        if kept:
+            log.warning("pruning %s: %s", old, describe_kept(kept))
 
 
 def checkpoint_run_id(path: Path) -> str | None:
