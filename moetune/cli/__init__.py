@@ -46,9 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; config overrides (``key.sub=value``) may also follow the flags, as in
+    ``moetune train run.yaml --overwrite optim.lr=1e-4`` (argparse alone stops collecting them at
+    the first flag)."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra and hasattr(ns, "overrides") and all("=" in t and not t.startswith("-") for t in extra):
+        ns.overrides = [*ns.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_command_line(parser, argv)
     logging.basicConfig(
         level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

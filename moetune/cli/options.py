@@ -111,4 +111,6 @@ def command(sub, name: str, handler, texts: dict[str, tuple[str, str]]) -> argpa
     short, description = texts[name]
     parser = sub.add_parser(name, formatter_class=Help, help=short, description=description)
     parser.set_defaults(handler=handler)
+    # also after the command (moetune train -v ...); unset here, so the top-level flag still counts
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
     return parser

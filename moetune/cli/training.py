@@ -74,7 +74,7 @@ def _cmd_demo(ns: argparse.Namespace) -> None:
 
 def add_demo(sub) -> None:
     p = command(sub, "demo", _cmd_demo, TEXTS)
-    p.add_argument("--out", default="moetune-demo", help="output folder (default: ./moetune-demo)")
+    p.add_argument("--out", default="moetune-demo", help="output folder")
     flag(p, "--quick", "fewer steps (smoke test)")
     flag(p, "--mixlora", "instead: MixLoRA next to a same-size LoRA on a tiny dense base, trained together")
     overwrite_arg(p)

@@ -131,3 +131,16 @@ def test_a_training_checkpoint_works_as_adapter(bf16_run):
         "4",
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_overrides_may_follow_flags_and_verbose_may_follow_the_command(tmp_path, capsys):
+    cfg = write_run(tmp_path, optim={"lr": 3e-3, "max_steps": 2, "batch_size": 8})
+    assert main(["train", str(cfg), "--print-config", "optim.lr=0.25", "adapter.r=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.25" in printed and "r: 3" in printed
+    assert main(["train", "-v", str(cfg), "--print-config"]) == 0
+    proc = _cli("train", str(cfg), "--print-config", "--no-such-flag")
+    assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    proc = _cli("eval", "--model", "m", "--data", "d.jsonl", "optim.lr=1")  # no overrides there
+    assert proc.returncode == 2 and "unrecognized arguments: optim.lr=1" in proc.stderr
