@@ -24,6 +24,7 @@ from .outputs import check_output
 from .peft.arithmetic.combine import METHODS
 from .peft.arithmetic.folders import combine_adapter_folders
 from .peft.formats.adapters import load_adapter, save_adapter
+from .peft.formats.mixtures import MIXTURE_TYPES, folder_peft_type, not_a_mixture
 from .peft.formats.per_expert import FUSED_SERVING, check_vllm_export
 from .peft.lora.fold import fold_adapter as merge_adapter
 from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_adapter
@@ -278,6 +279,8 @@ def export_adapter(
     (peft, per_expert, moe_peft; ``fold_scaling``: the scaling folded into B, per_expert only);
     ``load``: ``dtype``, ``device`` of :func:`load_with_adapter`."""
     chosen, fold_scaling = export_plan(layout, reader, fold_scaling)
+    if chosen == "moe_peft" and folder_peft_type(adapter) not in (None, *MIXTURE_TYPES):  # before minutes of loading
+        raise ConfigError(not_a_mixture(f"--adapter '{adapter}'"))
     model, name = load_to_write(model_path, adapter, out_dir, "adapter", overwrite=overwrite, **load)
     if reader == "vllm" and layout is None and model.args.family in FUSED_SERVING:
         chosen = "peft"

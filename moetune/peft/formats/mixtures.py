@@ -42,16 +42,31 @@ MIXTURE_TYPES = (MOETUNE_TYPE, moe_peft.PEFT_TYPE)
 FORMAT_VERSION = 1
 
 
-def is_mixture_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a mixture adapter (moetune's or MoE-PEFT's)."""
-    cfg = folder / CONFIG_FILE
+def folder_peft_type(folder: str | os.PathLike) -> str | None:
+    """The ``peft_type`` in a folder's ``adapter_config.json``; None when there is none to read
+    (the loader then says what is wrong with the folder)."""
+    cfg = Path(folder) / CONFIG_FILE
     if not cfg.is_file():
-        return False
+        return None
     try:
         raw = json.loads(cfg.read_text())
     except (json.JSONDecodeError, OSError):
-        return False
-    return isinstance(raw, dict) and raw.get("peft_type") in MIXTURE_TYPES
+        return None
+    kind = raw.get("peft_type") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def is_mixture_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a mixture adapter (moetune's or MoE-PEFT's)."""
+    return folder_peft_type(folder) in MIXTURE_TYPES
+
+
+def not_a_mixture(what: str) -> str:
+    """Why MoE-PEFT's layout refuses a LoRA adapter (``what`` names it), and what to use instead."""
+    return (
+        f"{what} is a LoRA adapter, not a mixture: --for moe_peft writes MoE-PEFT's MixLoRA layout, which "
+        "holds MixLoRA adapters (mixtures of LoRA experts) only; export a LoRA adapter with --for peft, vllm or sglang"
+    )
 
 
 def save_mixture_adapter(
@@ -62,6 +77,8 @@ def save_mixture_adapter(
     config = adapter_configs(model).get(name)
     if config is None:
         raise AdapterError(f"adapter '{name}' was not added with moetune.add_adapter; its config is unknown")
+    if layout == "moe_peft" and config.mixture is None:
+        raise AdapterError(not_a_mixture(f"adapter '{name}'"))
     parts = {path: layer.peft_tensors(name) for path, layer in adapter_layers(model) if name in layer.adapter_names}
     if layout == "moe_peft":
         tensors, cfg = moe_peft.export(model, config, parts)
