@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from .config import DataSection, dump_config, load_train_config
-from .data import build_datasets, eval_batches, resolve_tokenizer
+from .data import build_datasets, check_tokenizer_fits, eval_batches, resolve_tokenizer
 from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.loading import read_hf_config
+from .model.model_folder import model_args_from_folder
 from .model.quant import dequantize_model, quantized_bytes
 from .model.requantize import checked_plan, requantize_plan
 from .model.generate import SamplingConfig, generate
@@ -36,9 +37,15 @@ from .train.trainer import train
 def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
     """The given tokenizer, else the model folder's own, else the byte tokenizer (said in a warning).
 
-    The same rule as ``data.tokenizer`` in a run: :func:`moetune.data.resolve_tokenizer`.
+    The same rule as ``data.tokenizer`` in a run (:func:`moetune.data.resolve_tokenizer`), and refused
+    as a run refuses it when it has more tokens than the model's vocabulary (read from config.json, so
+    before the weights load).
     """
-    return resolve_tokenizer(spec, model_path)
+    tok = resolve_tokenizer(spec, model_path)
+    key = f"--tokenizer {spec}" if spec else f"the tokenizer of {model_path} (no --tokenizer given)"
+    advice = "use the model's own (drop --tokenizer)" if spec else "give the one it was trained with as --tokenizer"
+    check_tokenizer_fits(tok, model_args_from_folder(model_path).vocab_size, key=key, advice=advice)
+    return tok
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

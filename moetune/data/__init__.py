@@ -18,7 +18,7 @@ from moetune.data.formats import ChatRow, InstructionRow, LoadedRows, Row, TextR
 from moetune.data.packing import pack_examples, packing_efficiency
 from moetune.data.sampling import BatchLoader, ResumableSampler, SamplerState, eval_batches, make_train_loader
 from moetune.data.tokenizer import ByteTokenizer, ChatEncoding, Tokenizer
-from moetune.data.tokenizer_loading import load_tokenizer, resolve_tokenizer
+from moetune.data.tokenizer_loading import check_tokenizer_fits, load_tokenizer, resolve_tokenizer
 
 __all__ = [
     "IGNORE",
@@ -38,6 +38,7 @@ __all__ = [
     "TextRow",
     "Tokenizer",
     "build_datasets",
+    "check_tokenizer_fits",
     "detect_format",
     "encode_row",
     "eval_batches",

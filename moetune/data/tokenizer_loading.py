@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from moetune.data.tokenizer import ByteTokenizer, Tokenizer
-from moetune.errors import DataError, MoetuneError
+from moetune.errors import ConfigError, DataError, MoetuneError
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +62,23 @@ def resolve_tokenizer(spec: str | None, model_path: str | os.PathLike) -> Tokeni
         model_path,
     )
     return ByteTokenizer()
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, model_vocab: int, *, key: str, advice: str) -> None:
+    """Refuse a tokenizer with more tokens (added tokens included) than the model has embedding rows.
+
+    The whole tokenizer is checked rather than the ids of the rows or prompts at hand, so that train,
+    eval and generate agree on which tokenizers fit a model, and a file that happens to avoid the
+    extra tokens today does not crash on the next one.
+
+    Args:
+        key: what the tokenizer was given as (``data.tokenizer``, ``--tokenizer``, ...), for the message.
+        advice: what to do instead.
+
+    Raises:
+        ConfigError: naming ``key``, both sizes and ``advice``.
+    """
+    if tokenizer.vocab_size > model_vocab:
+        raise ConfigError(
+            f"{key} has {tokenizer.vocab_size} tokens but the model's vocabulary is {model_vocab}; {advice}"
+        )

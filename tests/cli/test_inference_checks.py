@@ -1,5 +1,5 @@
-"""What eval, generate and export check before they run: a LoRA adapter is not exported in MoE-PEFT's
-MixLoRA layout."""
+"""What eval, generate and export check before they run: a tokenizer larger than the model's vocabulary
+is refused as train refuses it, and a LoRA adapter is not exported in MoE-PEFT's MixLoRA layout."""
 
 from __future__ import annotations
 
@@ -62,3 +62,19 @@ def test_moe_peft_layout_refuses_a_lora_adapter_once_loaded(folders):
     with pytest.raises(AdapterError, match="adapter 'default' is a LoRA adapter, not a mixture"):
         moetune.save_adapter(model, root / "library-export", layout="moe_peft")
     assert not (root / "library-export").exists()
+
+
+def test_eval_and_generate_refuse_a_tokenizer_larger_than_the_model(folders, capsys):
+    root, fits, too_small, rows, task = folders
+    cases = [
+        ("eval", "--model", too_small, "--data", rows),
+        ("eval", "--model", too_small, "--task", task),
+        ("generate", "--model", too_small, "--prompt", "say hi"),
+        ("generate", "--model", too_small, "--prompt", "say hi", "--raw"),
+    ]
+    for args in cases:
+        err = _refused(capsys, *args)
+        assert f"{TOKENS} tokens but the model's vocabulary is 200" in err and str(too_small) in err, (args, err)
+    err = _refused(capsys, "eval", "--model", too_small, "--data", rows, "--tokenizer", fits)
+    assert f"--tokenizer {fits} has {TOKENS} tokens" in err and "drop --tokenizer" in err, err
+    assert main(["generate", "--model", str(fits), "--prompt", "say hi", "--max-new-tokens", "1"]) == 0
