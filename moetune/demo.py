@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, from_dict
-from .data import ByteTokenizer, make_train_loader, tokenize_row
+from .data import ByteTokenizer, instruction_prompt, make_train_loader, tokenize_row
 from .data.formats import InstructionRow
 from .demo_data import make_rows, write_jsonl
 from .model import build_random_model, load_model
@@ -48,9 +48,7 @@ def pretrain_base(model, tok: ByteTokenizer, rows: list[dict], *, steps: int, se
 
 def accuracy(model, tok: ByteTokenizer, rows: list[dict], adapter: str | None = None) -> float:
     model.eval()
-    prompts = [
-        tok.encode_chat([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True).ids for r in rows
-    ]
+    prompts = [instruction_prompt(tok, r["instruction"]) for r in rows]
     names = [adapter] * len(rows) if adapter else None
     outs = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, adapter_names=names)
     return sum(tok.decode(o) == r["output"] for o, r in zip(outs, rows)) / len(rows)

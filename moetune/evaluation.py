@@ -8,7 +8,8 @@ A task file is JSONL, one question per line (ARC / BoolQ / PIQA / HellaSwag styl
 ``choices`` is a list of strings, or ARC's ``{"text": [...], "label": ["A", "B", ...]}``;
 ``answer`` is a 0-based index, a letter (``"B"``) or one of the labels. Each choice is scored
 as the log-likelihood of its tokens after the question (``question + " " + choice``, or with
-``chat`` the question as a user turn and the choice as the reply), in one batched forward per
+``chat`` the question formatted as training formats an instruction - the chat template's user turn,
+else ``### Instruction:`` ... ``### Response:`` - and the choice as the reply), in one batched forward per
 ``batch_size`` (question, choice) pairs. Two accuracies are reported:
 
 - ``accuracy``: the choice with the highest summed log-likelihood;
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .data.collate import Collator
-from .data.examples import IGNORE, Example
+from .data.examples import IGNORE, Example, instruction_prompt
 from .errors import DataError
 from .model.loss import counted_tokens, sample_losses
 from .peft.mixtures.stats import format_metrics, mean_metrics, merge_metrics, mixture_metrics
@@ -101,9 +102,8 @@ def read_task(path: str | Path) -> list[Question]:
 
 
 def _pair(tok, question: str, choice: str, chat: bool, max_length: int) -> Example:
-    if chat and tok.has_chat_template:
-        context = tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True).ids
-        cont = tok.encode(choice)
+    if chat:
+        context, cont = instruction_prompt(tok, question), tok.encode(choice)
     else:
         bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
         context = bos + tok.encode(question)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import DataSection, dump_config, load_train_config
-from .data import build_datasets, check_tokenizer_fits, eval_batches, resolve_tokenizer
+from .data import build_datasets, check_tokenizer_fits, eval_batches, instruction_prompt, resolve_tokenizer
 from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
@@ -177,16 +177,15 @@ def generate_text(
     dtype: str | None = None,
     device: str | None = None,
 ) -> list[str]:
-    """Continue each prompt (as a user turn when ``chat``) and return the decoded text
-    (``temperature`` 0: greedy; else sampled with nucleus ``top_p`` and ``seed``)."""
+    """Continue each prompt and return the decoded text (``temperature`` 0: greedy; else sampled with
+    nucleus ``top_p`` and ``seed``). With ``chat`` a prompt is formatted as training formats an
+    instruction (:func:`moetune.data.instruction_prompt`: the chat template's user turn, else
+    ``### Instruction:`` ... ``### Response:``); without, it is sent as it is (after bos)."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     tok = default_tokenizer(model_path, tokenizer)
     model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
-    if chat and tok.has_chat_template:
-        ids = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts]
-    else:
-        bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-        ids = [bos + tok.encode(p) for p in prompts]
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    ids = [instruction_prompt(tok, p) if chat else bos + tok.encode(p) for p in prompts]
     outs = generate(model, ids, eos_id=tok.eos_id, pad_id=tok.pad_id if tok.pad_id is not None else 0, config=sampling)
     return [tok.decode(o) for o in outs]
 

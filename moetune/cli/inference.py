@@ -15,7 +15,9 @@ TEXTS = {  # subcommand: (help line, description)
     ),
     "generate": (
         "generate text from a prompt (greedy or sampled, KV cache)",
-        "Continue prompts with the base model or base + adapter.",
+        "Continue prompts with the base model or base + adapter. Each prompt is formatted as training formats an "
+        "instruction row: the tokenizer's chat template (a user turn), or, for a tokenizer without one, "
+        "the lines '### Instruction:', <prompt>, '### Response:' (Alpaca); --raw sends it as it is.",
     ),
     "merge": (
         "fold an adapter into the base; write a Hugging Face checkpoint",
@@ -58,7 +60,12 @@ def add_eval(sub) -> None:
         metavar="FILE.jsonl",
         help="multiple-choice task file (repeat for several); reports accuracy_norm (headline) and accuracy",
     )
-    flag(p, "--chat", "--task: ask each question as a chat user turn (chat-tuned adapters)")
+    flag(
+        p,
+        "--chat",
+        "--task: ask each question as training formats an instruction (instruction-tuned adapters): the chat "
+        "template's user turn, or '### Instruction: ... ### Response:' for a tokenizer without one",
+    )
     p.add_argument(
         "--max-length", type=positive_int, default=1024, help="tokens per row (longer rows are cut, and counted)"
     )
@@ -78,7 +85,7 @@ def add_generate(sub) -> None:
     p = command(sub, "generate", _cmd_generate, TEXTS)
     model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    flag(p, "--raw", "do not wrap the prompt in the chat template")
+    flag(p, "--raw", "send the prompt as it is (after bos): no chat template, no '### Instruction:' format")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most per prompt")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument(

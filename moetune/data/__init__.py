@@ -13,7 +13,7 @@ Typical use::
 
 from moetune.data.collate import Collator
 from moetune.data.dataset import DataReport, DataSplits, build_datasets, split_rows
-from moetune.data.examples import IGNORE, Example, encode_row, tokenize_row
+from moetune.data.examples import IGNORE, Example, encode_row, instruction_prompt, tokenize_row
 from moetune.data.formats import ChatRow, InstructionRow, LoadedRows, Row, TextRow, detect_format, load_rows
 from moetune.data.packing import pack_examples, packing_efficiency
 from moetune.data.sampling import BatchLoader, ResumableSampler, SamplerState, eval_batches, make_train_loader
@@ -42,6 +42,7 @@ __all__ = [
     "detect_format",
     "encode_row",
     "eval_batches",
+    "instruction_prompt",
     "load_rows",
     "load_tokenizer",
     "make_train_loader",

@@ -60,18 +60,30 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
-def _user_text(row: InstructionRow) -> str:
-    return f"{row.instruction}\n\n{row.input}" if row.input else row.instruction
+def _user_text(instruction: str, input: str) -> str:
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def instruction_prompt(tokenizer: Tokenizer, instruction: str, input: str = "") -> list[int]:
+    """Token ids of an instruction (and input) formatted as training formats an instruction row's
+    prompt, ending where the response starts: a user turn and the assistant header in the chat
+    template, or, for a tokenizer without one, :data:`PROMPT` (Alpaca) after bos. ``generate`` and
+    ``eval --task --chat`` prompt with it, so an adapter is asked in the format it was trained on."""
+    if tokenizer.has_chat_template:
+        user = {"role": "user", "content": _user_text(instruction, input)}
+        return tokenizer.encode_chat([user], add_generation_prompt=True).ids
+    template = PROMPT_WITH_INPUT if input else PROMPT
+    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    return bos + tokenizer.encode(template.format(instruction=instruction, input=input))
 
 
 def _encode_instruction(row: InstructionRow, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
     if tokenizer.has_chat_template:
-        messages = [{"role": "user", "content": _user_text(row)}, {"role": "assistant", "content": row.output}]
+        user = _user_text(row.instruction, row.input)
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row.output}]
         chat = tokenizer.encode_chat(messages)
         return chat.ids, chat.assistant
-    template = PROMPT_WITH_INPUT if row.input else PROMPT
-    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    prompt = bos + tokenizer.encode(template.format(instruction=row.instruction, input=row.input))
+    prompt = instruction_prompt(tokenizer, row.instruction, row.input)
     response = tokenizer.encode(row.output) + [tokenizer.eos_id]
     return prompt + response, [False] * len(prompt) + [True] * len(response)
 

@@ -1,5 +1,6 @@
 """What eval, generate and export check before they run: a tokenizer larger than the model's vocabulary
-is refused as train refuses it, and a LoRA adapter is not exported in MoE-PEFT's MixLoRA layout."""
+is refused as train refuses it, a LoRA adapter is not exported in MoE-PEFT's MixLoRA layout, and a prompt
+reaches the model in the format training gave an instruction row (chat template or ### Instruction)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 import moetune
 from moetune.cli import main
+from moetune.data import InstructionRow, instruction_prompt, resolve_tokenizer, tokenize_row
 from moetune.errors import AdapterError
+from moetune.evaluation import Question, score_task
 from moetune.model import build_random_model
 from moetune.tiny_models import tiny_moe_args
 from tokenizer_helpers import make_hf_tokenizer, write_jsonl
@@ -78,3 +81,41 @@ def test_eval_and_generate_refuse_a_tokenizer_larger_than_the_model(folders, cap
     err = _refused(capsys, "eval", "--model", too_small, "--data", rows, "--tokenizer", fits)
     assert f"--tokenizer {fits} has {TOKENS} tokens" in err and "drop --tokenizer" in err, err
     assert main(["generate", "--model", str(fits), "--prompt", "say hi", "--max-new-tokens", "1"]) == 0
+
+
+def _training_prompt(tok, instruction: str) -> list[int]:
+    example = tokenize_row(InstructionRow(instruction=instruction, output="hello"), tok, max_length=512)
+    return example.input_ids[: next(i for i, label in enumerate(example.labels) if label != -100)]
+
+
+def test_generate_prompts_in_the_training_format_and_raw_sends_the_text(folders, monkeypatch):
+    root, fits, *_ = folders
+    import moetune.workflows as workflows
+
+    sent = []
+    real = workflows.generate
+    monkeypatch.setattr(workflows, "generate", lambda model, ids, **kw: sent.append(ids) or real(model, ids, **kw))
+    tok = resolve_tokenizer(None, fits)
+    assert not tok.has_chat_template
+    workflows.generate_text(fits, ["say hi"], max_new_tokens=1)
+    assert sent[-1] == [_training_prompt(tok, "say hi")]
+    assert tok.decode(sent[-1][0]) == "### Instruction:\nsay hi\n\n### Response:\n"
+    workflows.generate_text(fits, ["say hi"], max_new_tokens=1, chat=False)
+    assert tok.decode(sent[-1][0]) == "say hi"
+
+
+def test_task_chat_asks_in_the_training_format(folders):
+    root, fits, *_ = folders
+    model, tok = moetune.load_model(fits), resolve_tokenizer(None, fits)
+    seen = []
+    model.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    score_task(model, tok, [Question("hello?", ["world", "fox"], 0)], chat=True)
+    first = [i for i in seen[0][0].tolist() if i != tok.pad_id]
+    assert first == _training_prompt(tok, "hello?") + tok.encode("world")
+
+
+def test_instruction_prompt_is_what_training_masks_as_the_prompt(tmp_path):
+    chat = resolve_tokenizer(str(make_hf_tokenizer(tmp_path / "chat")), tmp_path)
+    for tok in (chat, resolve_tokenizer("byte", tmp_path)):
+        assert tok.has_chat_template
+        assert instruction_prompt(tok, "say hi") == _training_prompt(tok, "say hi")
