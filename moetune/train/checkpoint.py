@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..markers import read_marker
 from ..outputs import write_folder
 from ..removal import describe_kept, remove_ours
 from ..safetensors_check import safetensors_problem
@@ -121,7 +122,13 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and NAME.match(p.name))
+    return sorted(p for p in root.iterdir() if p.is_dir() and NAME.match(p.name) and not _emptied(p))
+
+
+def _emptied(path: Path) -> bool:
+    """A checkpoint whose files moetune removed, left for someone's file in it (``removal``)."""
+    marker = read_marker(path)
+    return marker is not None and marker.kind == "checkpoint" and not marker.files
 
 
 def latest_checkpoint(root: str | os.PathLike, *, run_id: str | None = None) -> Path | None:

@@ -49,6 +49,13 @@ def test_overwrite_keeps_user_files_inside_the_adapter_and_checkpoint_folders(tm
     assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-00000003").iterdir()) == [MARKER, "mine.txt"]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
+    # the emptied checkpoint-00000003 is no checkpoint to resume from; the user's own folder still is
+    # looked at (it has a checkpoint's name), so it goes before resuming
+    (run / "checkpoints" / "checkpoint-00000099" / "my.bin").rename(tmp_path / "my.bin")
+    (run / "checkpoints" / "checkpoint-00000099").rmdir()
+    assert main(["train", str(cfg), "optim.max_steps=3", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3 and (run / "checkpoints" / "checkpoint-00000003" / "mine.txt").is_file()
 
 
 def test_pruning_keeps_a_user_file_inside_an_old_checkpoint(tmp_path, caplog):
