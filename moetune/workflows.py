@@ -11,12 +11,11 @@ from pathlib import Path
 import torch
 
 from .config import DataSection, dump_config, load_train_config
-from .data import build_datasets, check_tokenizer_fits, eval_batches, instruction_prompt, resolve_tokenizer
+from .data import build_datasets, eval_batches, instruction_prompt
 from .errors import ConfigError
 from .evaluation import RouterTally, TaskResult, evaluate_tasks
 from .model import load_model
 from .model.loading import read_hf_config
-from .model.model_folder import model_args_from_folder
 from .model.quant import dequantize_model, quantized_bytes
 from .model.requantize import checked_plan, requantize_plan
 from .model.generate import SamplingConfig, generate
@@ -32,20 +31,7 @@ from .train.checkpoint_adapter import is_training_checkpoint, load_checkpoint_ad
 from .train.launch import is_main_process
 from .train.setup import resolve_device
 from .train.trainer import train
-
-
-def default_tokenizer(model_path: str | os.PathLike, spec: str | None):
-    """The given tokenizer, else the model folder's own, else the byte tokenizer (said in a warning).
-
-    The same rule as ``data.tokenizer`` in a run (:func:`moetune.data.resolve_tokenizer`), and refused
-    as a run refuses it when it has more tokens than the model's vocabulary (read from config.json, so
-    before the weights load).
-    """
-    tok = resolve_tokenizer(spec, model_path)
-    key = f"--tokenizer {spec}" if spec else f"the tokenizer of {model_path} (no --tokenizer given)"
-    advice = "use the model's own (drop --tokenizer)" if spec else "give the one it was trained with as --tokenizer"
-    check_tokenizer_fits(tok, model_args_from_folder(model_path).vocab_size, key=key, advice=advice)
-    return tok
+from .tokenizer_choice import default_tokenizer
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,7 +107,7 @@ class EvalSetup:
     device: str | None = None
 
     def load_tokenizer(self):
-        return default_tokenizer(self.model_path, self.tokenizer)
+        return default_tokenizer(self.model_path, self.tokenizer, self.adapter)
 
     def load_model(self) -> torch.nn.Module:
         return load_with_adapter(self.model_path, self.adapter, dtype=self.dtype, device=self.device)[0]
@@ -182,7 +168,7 @@ def generate_text(
     instruction (:func:`moetune.data.instruction_prompt`: the chat template's user turn, else
     ``### Instruction:`` ... ``### Response:``); without, it is sent as it is (after bos)."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    tok = default_tokenizer(model_path, tokenizer)
+    tok = default_tokenizer(model_path, tokenizer, adapter)
     model, _ = load_with_adapter(model_path, adapter, dtype=dtype, device=device)
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     ids = [instruction_prompt(tok, p) if chat else bos + tok.encode(p) for p in prompts]

@@ -15,7 +15,7 @@ import yaml
 
 from moetune.config import DataSection, dump_config, load_train_config
 from moetune.data import ByteTokenizer, load_rows, resolve_tokenizer, tokenize_row
-from moetune.workflows import default_tokenizer
+from moetune.tokenizer_choice import default_tokenizer
 from tokenizer_helpers import make_hf_tokenizer
 from train_helpers import tiny_model_dir, write_run
 
@@ -76,3 +76,27 @@ def test_a_run_without_data_tokenizer_trains_on_the_model_tokenizer(tmp_path: Pa
     as_model = tokenize_row(row, parts.tokenizer, max_length=config.data.max_length)
     as_bytes = tokenize_row(row, ByteTokenizer(), max_length=config.data.max_length)
     assert parts.data.train[0].input_ids == as_model.input_ids != as_bytes.input_ids
+
+
+def test_eval_and_generate_use_the_tokenizer_the_adapter_was_trained_with(tmp_path: Path, caplog) -> None:
+    """A run trained with ``tokenizer: byte`` on a model folder that has its own tokenizer: its
+    adapter folder and its checkpoints are scored with the byte tokenizer (said once), not the
+    folder's, unless --tokenizer says otherwise."""
+    from moetune.cli import main
+    from moetune.workflows import EvalSetup, evaluate_file
+
+    folder = _model_with_tokenizer(tmp_path)
+    cfg = write_run(tmp_path, model={"path": str(folder), "device": "cpu"})
+    cfg.write_text(cfg.read_text().replace("max_steps: 8", "max_steps: 2"))
+    assert main(["train", str(cfg)]) == 0
+    run, val = tmp_path / "run", tmp_path / "val.jsonl"
+    byte = evaluate_file(EvalSetup(folder, run / "adapter", tokenizer="byte"), val).loss
+    own = evaluate_file(EvalSetup(folder, run / "adapter", tokenizer=str(folder)), val).loss
+    assert byte != own
+    for adapter in (run / "adapter", run / "checkpoints" / "checkpoint-00000002"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moetune"):
+            assert evaluate_file(EvalSetup(folder, adapter), val).loss == byte
+        assert any("'byte', the tokenizer the adapter was trained with" in w for w in _warnings(caplog))
+    assert isinstance(default_tokenizer(folder, None, run / "adapter"), ByteTokenizer)
+    assert not isinstance(default_tokenizer(folder, None, tmp_path / "elsewhere"), ByteTokenizer)
