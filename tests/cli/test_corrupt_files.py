@@ -305,3 +305,16 @@ def test_no_previous_checkpoint_says_so(run):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(ckpts[-1])
     assert str(ckpts[-1] / "meta.json") in str(err.value) and "no earlier checkpoint" in str(err.value)
+
+
+def test_a_folder_without_adapter_config_says_what_it_holds(files, adapter_dir, run, tmp_path):
+    model = moetune.load_model(files["model"])
+    several = tmp_path / "several"  # PEFT's save of several adapters: one subfolder each
+    for name in ("foo", "bar"):
+        shutil.copytree(adapter_dir, several / name)
+    with pytest.raises(AdapterError, match=r"holds adapter folders \(bar, foo\): give one of them"):
+        moetune.load_adapter(model, several)
+    run_dir, _ = run
+    renamed = Path(shutil.copytree(list_checkpoints(run_dir / "checkpoints")[-1], tmp_path / "my-best-step"))
+    with pytest.raises(AdapterError, match="looks like a training checkpoint"):
+        moetune.load_adapter(model, renamed)

@@ -81,12 +81,26 @@ def write_adapter_folder(
     return write_folder(out, "adapter", write, overwrite=overwrite, inputs=inputs)
 
 
+def _what_it_is(folder: Path) -> str:
+    """A hint for a folder without an adapter config: adapters one level down (PEFT saves several
+    adapters as subfolders), or a training checkpoint under another name."""
+    inside = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+    if inside:
+        return f"; it holds adapter folders ({', '.join(inside[:4])}): give one of them"
+    if (folder / "trainer_state.pt").is_file() or any(folder.glob("adapter-*.safetensors")):
+        return (
+            "; it looks like a training checkpoint: give it under the name the run wrote "
+            "(checkpoints/checkpoint-NNNNNNNN, beside its run's moetune_run.yaml), or the run's adapter folder"
+        )
+    return ""
+
+
 def adapter_files(folder: Path) -> tuple[Path, Path]:
     if not folder.is_dir():
         raise AdapterError(f"adapter folder '{folder}' does not exist or is not a folder")
     cfg, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not cfg.is_file():
-        raise AdapterError(f"'{folder}' has no {CONFIG_FILE} (expected a PEFT adapter folder)")
+        raise AdapterError(f"'{folder}' has no {CONFIG_FILE} (expected a PEFT adapter folder){_what_it_is(folder)}")
     if weights.is_file():
         return cfg, weights
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
