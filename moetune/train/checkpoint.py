@@ -229,7 +229,10 @@ def _previous_hint(path: Path) -> str:
     earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
     whole = [p for p in earlier if _looks_whole(p)]
     if whole:
-        return f"; the previous checkpoint is '{whole[-1]}': resume from it with --resume {whole[-1]}"
+        return (
+            f"; the previous checkpoint is '{whole[-1]}' (train --resume {whole[-1]} continues the run from it; "
+            "eval and generate take it as --adapter)"
+        )
     if earlier:
         return f"; the earlier checkpoints in '{path.parent}' are unreadable too"
     return f"; there is no earlier checkpoint in '{path.parent}'"
