@@ -22,7 +22,7 @@ from ..data import DataSplits, SamplerState, build_datasets, make_train_loader
 from ..data.preference import build_preference_datasets, make_preference_loader
 from ..errors import ConfigError
 from ..peft.core.params import AdapterParams, adapter_parameters
-from .optim import build_optimizer, build_scheduler
+from .optim import optimizer_for, scheduler_for
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids")
 PAD = {"attention_mask": 0, "labels": -100, "position_ids": 0, "segment_ids": 0}
@@ -100,21 +100,8 @@ def _job(config: TrainConfig, parts, parallel, index: int, members: list[int]) -
         loader = make_preference_loader(data.train, batch_size=o.batch_size, pad_id=tok.pad_id, **order)
     names = [config.adapters[i].name for i in members]
     params = {n: adapter_parameters(parts.model, n) for n in names}
-    optimizers = {
-        n: build_optimizer(
-            p,
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            loraplus_lr_ratio=o.loraplus_lr_ratio,
-        )
-        for n, p in params.items()
-    }
-    schedulers = {
-        n: build_scheduler(opt, kind=o.lr_schedule, warmup=o.warmup_steps, total=o.max_steps)
-        for n, opt in optimizers.items()
-    }
+    optimizers = {n: optimizer_for(p, o) for n, p in params.items()}
+    schedulers = {n: scheduler_for(opt, o) for n, opt in optimizers.items()}
     return Job(
         name=config.adapters[index].name,
         optim=o,

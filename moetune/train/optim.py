@@ -1,14 +1,22 @@
-"""AdamW over adapter parameters only, with LoRA+ learning rates, and the LR schedules."""
+"""AdamW over adapter parameters only, with LoRA+ learning rates, and the LR schedules.
+
+A resumed run loads its optimizer and scheduler state from the checkpoint, hyperparameters included;
+:func:`follow_settings` then puts the config's back (``--resume optim.max_steps=... optim.lr=...``).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Collection
+from typing import Any, Collection
 
 import torch
 from torch import nn
 
+from ..config import OptimSection
 from ..peft.core.params import AdapterParams
+
+# The optim keys that live in the optimizer's and scheduler's state (the others are read every step)
+STATE_KEYS = ("lr", "loraplus_lr_ratio", "weight_decay", "betas", "eps", "lr_schedule", "warmup_steps", "max_steps")
 
 
 def build_optimizer(
@@ -61,3 +69,48 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, *, kind: str, warmup: int, total: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind=kind, warmup=warmup, total=total))
+
+
+def optimizer_for(params: dict[str, nn.Parameter], optim: OptimSection) -> torch.optim.AdamW:
+    """:func:`build_optimizer` as ``optim`` says."""
+    return build_optimizer(
+        params,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        loraplus_lr_ratio=optim.loraplus_lr_ratio,
+    )
+
+
+def scheduler_for(optimizer: torch.optim.Optimizer, optim: OptimSection) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`build_scheduler` as ``optim`` says."""
+    return build_scheduler(optimizer, kind=optim.lr_schedule, warmup=optim.warmup_steps, total=optim.max_steps)
+
+
+def state_settings(optim: OptimSection) -> dict[str, Any]:
+    """The :data:`STATE_KEYS` of ``optim`` as plain JSON values (recorded in checkpoints)."""
+    values = {k: getattr(optim, k) for k in STATE_KEYS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def follow_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    params: dict[str, nn.Parameter],
+    optim: OptimSection,
+) -> None:
+    """Give an optimizer and scheduler loaded from a checkpoint the hyperparameters of ``optim`` and
+    the lr its schedule has at the scheduler's step; Adam's moments and the step count are kept.
+
+    ``scheduler`` must have been built by :func:`scheduler_for` with ``optim``: a loaded state keeps
+    the schedule's function but not its base lrs. With the settings the checkpoint was trained with,
+    every value is recomputed as it was, so an unchanged resume stays bitwise identical.
+    """
+    fresh = optimizer_for(params, optim)  # its groups line up with the loaded ones: same params, same order
+    for group, new in zip(optimizer.param_groups, fresh.param_groups, strict=True):
+        for key in ("initial_lr", "weight_decay", "betas", "eps"):
+            group[key] = new[key]
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    scheduler.last_epoch -= 1
+    scheduler.step()  # public way to set each group's lr (and get_last_lr) to base lr x factor(step)

@@ -8,6 +8,10 @@ steps straight and N/2 + resume give bitwise-identical losses and weights on CPU
 Two layouts, as before the loops became one: a one-job run keeps its data position and skip count at
 the top level (with the rank count and global batch); a run of several jobs keys them by adapter
 (``extra.multi``, ``extra.steps``, ``extra.skipped``), and each job resumes at its own step.
+
+The optim settings held in optimizer and scheduler state (lr, LoRA+ ratio, weight decay, betas, eps,
+schedule, warmup, max_steps) are recorded too (``extra.optim``); a resume follows the config's, from
+the next step on, and says which changed (``--resume optim.max_steps=...`` trains on).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from ..data import SamplerState
 from ..errors import CheckpointError
 from .checkpoint import TrainState, load_checkpoint
+from .optim import STATE_KEYS, follow_settings, state_settings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ def run_state(loop) -> TrainState:
     }
     if loop.scaler.is_enabled():
         extra["grad_scaler"] = loop.scaler.state_dict()
+    extra["optim"] = {n: state_settings(j.optim) for j in jobs for n in j.optimizers}
     if loop.together:
         data = {j.name: j.state.to_dict() for j in jobs}
         extra.update(multi=True, steps={j.name: j.step for j in jobs}, skipped={j.name: j.skipped for j in jobs})
@@ -76,18 +82,7 @@ def restore_run(loop, path: Path) -> None:
         )
     par = loop.parallel
     for j in loop.jobs:
-        _load_params(j, state, path, par)
-        for n in j.optimizers:
-            par.load_optimizer_state(j.optimizers[n], state.optimizers[n])
-            j.schedulers[n].load_state_dict(state.schedulers[n])
-        if loop.together:
-            j.state, j.step, j.skipped = (
-                SamplerState.from_dict(state.data[j.name]),
-                state.extra["steps"][j.name],
-                state.extra["skipped"][j.name],
-            )
-        else:
-            j.state, j.step, j.skipped = SamplerState.from_dict(state.data), state.step, state.extra.get("skipped", 0)
+        _restore_job(j, state, path, par, together=loop.together)
     par.set_rng_state(state.rng, seed=loop.config.seed, step=state.step)
     loop.step = state.step
     loop.objectives.load_allocator_state(loop.model, state.allocators, where=str(path), copy=par.load_tensor)
@@ -99,6 +94,51 @@ def restore_run(loop, path: Path) -> None:
         loop.scaler.load_state_dict(state.extra["grad_scaler"])
     if not loop.together:
         _warn_global_batch(path, state, loop.jobs[0].optim.batch_size * par.world_size)
+
+
+def _restore_job(job, state: TrainState, path: Path, par, *, together: bool) -> None:
+    """Adapter tensors, optimizers, schedules (then the config's optim settings) and data position of ``job``."""
+    _load_params(job, state, path, par)
+    for n in job.optimizers:
+        par.load_optimizer_state(job.optimizers[n], state.optimizers[n])
+        job.schedulers[n].load_state_dict(state.schedulers[n])
+        follow_settings(job.optimizers[n], job.schedulers[n], job.params[n], job.optim)
+    if together:
+        job.state, job.step, job.skipped = (
+            SamplerState.from_dict(state.data[job.name]),
+            state.extra["steps"][job.name],
+            state.extra["skipped"][job.name],
+        )
+    else:
+        job.state, job.step, job.skipped = SamplerState.from_dict(state.data), state.step, state.extra.get("skipped", 0)
+    _report_settings(job, state.extra.get("optim", {}).get(job.name), path, named=together)
+
+
+def _report_settings(job, saved: dict | None, path: Path, *, named: bool) -> None:
+    """One line naming the optim settings that differ from those the checkpoint was trained with."""
+    nxt, lr = job.step + 1, job.schedulers[job.name].get_last_lr()[0]
+    if saved is None:
+        log.info(
+            "checkpoint '%s' records no optim settings (an earlier moetune wrote it): from step %d on, lr, "
+            "schedule and max_steps are the config's (lr %.4g)",
+            path,
+            nxt,
+            lr,
+        )
+        return
+    now = state_settings(job.optim)
+    changed = [f"optim.{k} {saved.get(k)} -> {now[k]}" for k in STATE_KEYS if saved.get(k) != now[k]]
+    if changed:
+        log.warning(
+            "%sresuming at step %d with changed settings: %s; from step %d on, the lr follows the config's schedule "
+            "(lr %.4g at step %d) and Adam's moments carry over",
+            f"adapter '{job.name}': " if named else "",
+            job.step,
+            ", ".join(changed),
+            nxt,
+            lr,
+            nxt,
+        )
 
 
 def _load_params(job, state: TrainState, path: Path, par) -> None:

@@ -30,6 +30,7 @@ def train(
     latest checkpoint, or from the checkpoint folder ``resume`` names), or ``overwrite``: start over,
     deleting only what the earlier run wrote there (see :mod:`.run_folder`). That and the optional
     dependencies are checked before anything is loaded or written.
+    The optim settings may change: the resumed run follows them from its next step (see :mod:`.state`).
 
     Started by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), this process joins the process group
     and trains as one rank of a data-parallel run (see :mod:`.distributed`).
