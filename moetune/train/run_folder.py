@@ -153,7 +153,8 @@ def open_run_folder(plan: RunPlan) -> OwnedFolder:
     write_marker(folder.path, Marker(kind="run", files=tuple(folder.files), run_id=folder.run_id))
     if plan.mode != "resume" or not (folder.path / RUN_CONFIG).is_file():
         # A resumed run keeps the config it started with: a resume that then fails (a broken
-        # checkpoint) must leave the folder as it was; adapter sections cannot change across a resume.
+        # checkpoint) must leave the folder as it was. Its adapter sections, which reading a checkpoint
+        # as an adapter needs, are the same (refused otherwise by resume.check_resume).
         write_text_atomic(folder.entry(RUN_CONFIG), plan.config_yaml)
     return folder
 

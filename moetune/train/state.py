@@ -145,6 +145,13 @@ def _load_params(job, state: TrainState, path: Path, par) -> None:
     with torch.no_grad():
         for name, params in job.params.items():
             tensors = state.adapters[name]
+            extra = sorted(set(tensors) - set(params))
+            if extra:  # fewer modules adapted now: say so before the optimizer state fails to fit
+                raise CheckpointError(
+                    f"checkpoint '{path}': adapter '{name}' holds tensor '{extra[0]}', which the config does not "
+                    f"make ({len(extra)} such); was it made with different adapter settings (target_modules, "
+                    "layers_to_transform)?"
+                )
             for key, p in params.items():
                 if key not in tensors or tensors[key].shape != p.shape:
                     raise CheckpointError(

@@ -15,6 +15,7 @@ from .distributed import distributed_run
 from .jobs import check_supported
 from .loop import Trainer
 from .results import TrainResult, peak_memory_gib
+from .resume import check_resume
 from .run_folder import open_run_folder, plan_run_folder, resolve_resume, run_view
 from .setup import prepare_run
 
@@ -29,7 +30,8 @@ def train(
     ``checkpoint.output_dir`` must be new or empty, or hold this run (``resume``: continue from its
     latest checkpoint, or from the checkpoint folder ``resume`` names), or ``overwrite``: start over,
     deleting only what the earlier run wrote there (see :mod:`.run_folder`). That and the optional
-    dependencies are checked before anything is loaded or written.
+    dependencies are checked before anything is loaded or written, and so is the checkpoint's adapters:
+    they must be the run's (see :mod:`.resume`).
     The optim settings may change: the resumed run follows them from its next step (see :mod:`.state`).
 
     Started by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), this process joins the process group
@@ -38,6 +40,8 @@ def train(
     config = config.single_adapter_view()  # one adapter: its own data/optim keys are the run's
     plan = plan_run_folder(config, resume=resume, overwrite=overwrite)
     checkpoint = resolve_resume(config, resume, plan.run_id)
+    if checkpoint is not None:
+        check_resume(config, plan, checkpoint)
     with distributed_run(config) as (config, parallel):
         check_supported(config, parallel.world_size)  # before the model is loaded
         shard = (parallel.rank, parallel.world_size) if parallel.strategy == "fsdp" else None

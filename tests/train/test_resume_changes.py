@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moetune.config import load_train_config
+from moetune.errors import CheckpointError
 from moetune.train.checkpoint import latest_checkpoint
 from moetune.train.trainer import train
 from train_helpers import write_run
@@ -63,3 +64,13 @@ def test_resume_names_only_the_changed_settings(tmp_path, caplog):
         train(load_train_config(cfg), resume=True)  # max_steps 2 -> 4: only that is named
     lines = [r.getMessage() for r in caplog.records if "settings" in r.getMessage()]
     assert len(lines) == 1 and "optim.max_steps 2 -> 4" in lines[0] and "optim.lr" not in lines[0], lines
+
+
+def test_fewer_adapted_modules_without_a_run_config_is_a_checkpoint_error(tmp_path):
+    """A run folder without moetune_run.yaml (an earlier moetune): the tensors themselves are checked.
+    Before: torch's raw ValueError about the optimizer's parameter groups."""
+    cfg = _run(tmp_path, "cosine")
+    train(load_train_config(cfg, ["optim.max_steps=2"]))
+    (tmp_path / "run" / "moetune_run.yaml").unlink()
+    with pytest.raises(CheckpointError, match="which the config does not make"):
+        train(load_train_config(cfg, ["adapter.target_modules=[q_proj]"]), resume=True)

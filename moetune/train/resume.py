@@ -1,0 +1,83 @@
+"""What ``--resume`` may not change, checked (reading only) before the model is loaded.
+
+The adapters stay those of the run (``moetune_run.yaml`` in the checkpoint's run folder, which
+reading a checkpoint as an adapter relies on): trained on with another alpha, dropout or targets, an
+adapter would no longer be what the run's files say, so a changed adapter key is refused, named with
+its old and new value. An adapter's ``data``, ``optim`` and ``output_dir`` may change; the optim
+settings a checkpoint's state holds then follow the config (see :mod:`.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Key, TrainConfig, dotted, from_dict, to_plain
+from ..config.schema import show_value
+from ..errors import ConfigError, MoetuneError
+from .run_folder import RUN_CONFIG, RunPlan
+
+log = logging.getLogger(__name__)
+FREE_KEYS = ("data", "optim", "output_dir")  # an adapter's keys that may change across a resume
+SHOWN = 6  # changed keys named in the message
+
+
+def check_resume(config: TrainConfig, plan: RunPlan, checkpoint: Path) -> None:  # noqa: ARG001 - next: the run's id
+    """Refuse resuming ``checkpoint`` as ``config`` and ``plan`` say, when that would change an adapter;
+    one line naming what differs and what to do."""
+    _check_same_adapters(config, checkpoint)
+
+
+def _check_same_adapters(config: TrainConfig, checkpoint: Path) -> None:
+    source = checkpoint.parent.parent / RUN_CONFIG
+    if not source.is_file():
+        return  # a run from before moetune_run.yaml: only the tensors are checked, when loaded (.state)
+    try:
+        run = from_dict(TrainConfig, yaml.safe_load(source.read_text()), where=str(source))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, MoetuneError) as exc:
+        log.warning("cannot compare the adapter settings with the run's (%s); they are the config's", exc)
+        return
+    was, now = [a.name for a in run.adapters], [a.name for a in config.adapters]
+    if was != now:
+        raise ConfigError(
+            f"--resume: the run in '{source.parent}' trains adapters {was}, the config {now}; a run's adapters "
+            "cannot change: resume with the run's adapters, or start a new run without --resume"
+        )
+    before, after = _settings(run), _settings(config)
+    changed = [k for k in {**before, **after} if before.get(k, "unset") != after.get(k, "unset")]
+    if changed:
+        shown = [f"{k} {_show(before, k)} -> {_show(after, k)}" for k in changed[:SHOWN]]
+        more = f" and {len(changed) - SHOWN} more" if len(changed) > SHOWN else ""
+        raise ConfigError(
+            f"--resume: adapter settings differ from the run's ({source}): {', '.join(shown)}{more}; an adapter "
+            "cannot change within a run (its checkpoints and adapter folder are read with the run's settings): "
+            "resume with the run's values, or train with the new ones as a new run, without --resume (--overwrite, "
+            "or another checkpoint.output_dir)"
+        )
+
+
+def _settings(config: TrainConfig) -> dict[str, Any]:
+    """Every adapter's keys that must stay, by the name a user writes them (``adapter.alpha``)."""
+    out: dict[str, Any] = {}
+    for i, adapter in enumerate(config.adapters):
+        plain = {k: v for k, v in to_plain(adapter).items() if k not in FREE_KEYS}
+        if plain["path"] is not None:  # the same folder, however it was written
+            plain["path"] = os.path.realpath(plain["path"])
+        _flatten(plain, ("adapter",) if len(config.adapters) == 1 else ("adapters", i), out)
+    return out
+
+
+def _flatten(value: Any, key: Key, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _flatten(item, (*key, name), out)
+    else:
+        out[dotted(key)] = value
+
+
+def _show(settings: dict[str, Any], key: str) -> str:
+    return show_value(settings[key]) if key in settings else "unset"

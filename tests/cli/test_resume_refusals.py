@@ -1,0 +1,65 @@
+"""``moetune train --resume`` refuses, in one line and before writing anything, what would silently
+give a wrong run: changed adapter settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moetune.cli import main
+from train_helpers import write_run
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _refused(*args: str) -> str:
+    """The one error line of a refused ``moetune train``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetune", "train", *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Runs 'a' and 'b' of one config, 2 steps each, in their own folders."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = write_run(root, optim={"lr": 3e-3, "max_steps": 2, "batch_size": 8}, logging={"progress": False})
+    for name in ("a", "b"):
+        assert main(["train", str(cfg), f"checkpoint.output_dir={root / name}"]) == 0
+    return root, cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        (["adapter.alpha=64", "adapter.dropout=0.5"], ["adapter.alpha 8.0 -> 64.0", "adapter.dropout 0.1 -> 0.5"]),
+        # fewer adapted modules: before, torch's ValueError about the optimizer's parameter groups
+        (["adapter.target_modules=[q_proj]"], ["adapter.target_modules ['q_proj', 'v_proj', 'experts'] -> ['q_proj']"]),
+    ],
+)
+def test_changed_adapter_settings_are_refused_naming_old_and_new(two_runs, changes, named):
+    root, cfg = two_runs
+    before = _snapshot(root / "a")
+    line = _refused(str(cfg), f"checkpoint.output_dir={root / 'a'}", "optim.max_steps=4", *changes, "--resume")
+    assert "adapter settings differ from the run's" in line, line
+    for text in named:
+        assert text in line, line
+    assert _snapshot(root / "a") == before
