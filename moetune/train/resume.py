@@ -1,5 +1,9 @@
 """What ``--resume`` may not change, checked (reading only) before the model is loaded.
 
+A checkpoint continues the run that wrote it, in that run's folder, or starts a new run in a new or
+empty folder. Resumed into the folder of another run it would mix two runs' metrics, checkpoints and
+adapter folder, so that is refused.
+
 The adapters stay those of the run (``moetune_run.yaml`` in the checkpoint's run folder, which
 reading a checkpoint as an adapter relies on): trained on with another alpha, dropout or targets, an
 adapter would no longer be what the run's files say, so a changed adapter key is refused, named with
@@ -18,7 +22,8 @@ import yaml
 
 from ..config import Key, TrainConfig, dotted, from_dict, to_plain
 from ..config.schema import show_value
-from ..errors import ConfigError, MoetuneError
+from ..errors import CheckpointError, ConfigError, MoetuneError
+from .checkpoint import checkpoint_run_id
 from .run_folder import RUN_CONFIG, RunPlan
 
 log = logging.getLogger(__name__)
@@ -26,10 +31,30 @@ FREE_KEYS = ("data", "optim", "output_dir")  # an adapter's keys that may change
 SHOWN = 6  # changed keys named in the message
 
 
-def check_resume(config: TrainConfig, plan: RunPlan, checkpoint: Path) -> None:  # noqa: ARG001 - next: the run's id
-    """Refuse resuming ``checkpoint`` as ``config`` and ``plan`` say, when that would change an adapter;
-    one line naming what differs and what to do."""
+def check_resume(config: TrainConfig, plan: RunPlan, checkpoint: Path) -> None:
+    """Refuse resuming ``checkpoint`` as ``config`` and ``plan`` say, when that would mix two runs or
+    change an adapter; one line naming what differs and what to do."""
+    _check_same_run(plan, checkpoint)
     _check_same_adapters(config, checkpoint)
+
+
+def _check_same_run(plan: RunPlan, checkpoint: Path) -> None:
+    if not plan.holds_run:
+        return  # a new or empty folder: a new run starts from the checkpoint
+    owner, ours = checkpoint_run_id(checkpoint), plan.marker.run_id if plan.marker else None
+    if owner is not None and ours is not None:
+        same = owner == ours
+    else:  # a run from before run ids: its checkpoints are those in its folder
+        same = checkpoint.resolve().parent == (plan.path / "checkpoints").resolve()
+    if same:
+        return
+    home = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    raise CheckpointError(
+        f"--resume: '{checkpoint}' belongs to another run (run {owner or 'without an id'}, in '{home}') than "
+        f"the one in '{plan.path}' (run {ours or 'without an id'}); resuming it there would mix the two runs' "
+        f"metrics, checkpoints and adapter: resume it in its own run folder (checkpoint.output_dir={home}), "
+        "or in a new or empty checkpoint.output_dir to start a new run from it"
+    )
 
 
 def _check_same_adapters(config: TrainConfig, checkpoint: Path) -> None:

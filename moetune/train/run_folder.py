@@ -53,6 +53,11 @@ class RunPlan:
     config_yaml: str = ""  # the resolved config, written to RUN_CONFIG
 
     @property
+    def holds_run(self) -> bool:
+        """The folder holds a run already (the one ``--resume`` continues)."""
+        return self.legacy or (self.marker is not None and bool(self.marker.files))
+
+    @property
     def run_id(self) -> str | None:
         """The id of the run being continued; None for a new run (its id is made on opening) or one
         from before run ids (every checkpoint in it is then taken as this run's when resuming)."""

@@ -30,8 +30,8 @@ def train(
     ``checkpoint.output_dir`` must be new or empty, or hold this run (``resume``: continue from its
     latest checkpoint, or from the checkpoint folder ``resume`` names), or ``overwrite``: start over,
     deleting only what the earlier run wrote there (see :mod:`.run_folder`). That and the optional
-    dependencies are checked before anything is loaded or written, and so is the checkpoint's adapters:
-    they must be the run's (see :mod:`.resume`).
+    dependencies are checked before anything is loaded or written, and so is the checkpoint: it must be
+    this run's (or start a new run, in a new or empty folder), with the same adapters (see :mod:`.resume`).
     The optim settings may change: the resumed run follows them from its next step (see :mod:`.state`).
 
     Started by ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), this process joins the process group

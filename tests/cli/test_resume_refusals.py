@@ -1,5 +1,5 @@
 """``moetune train --resume`` refuses, in one line and before writing anything, what would silently
-give a wrong run: changed adapter settings."""
+give a wrong run: changed adapter settings, and a checkpoint of another run resumed into a run folder."""
 
 from __future__ import annotations
 
@@ -63,3 +63,20 @@ def test_changed_adapter_settings_are_refused_naming_old_and_new(two_runs, chang
     for text in named:
         assert text in line, line
     assert _snapshot(root / "a") == before
+
+
+def test_another_runs_checkpoint_is_refused_into_a_run_folder_and_starts_a_new_run_elsewhere(two_runs):
+    root, cfg = two_runs
+    checkpoint = root / "a" / "checkpoints" / "checkpoint-00000002"
+    before = _snapshot(root / "b")
+    line = _refused(str(cfg), f"checkpoint.output_dir={root / 'b'}", "optim.max_steps=4", "--resume", str(checkpoint))
+    assert "belongs to another run" in line and str(root / "a") in line and "new or empty" in line, line
+    assert _snapshot(root / "b") == before
+    # into a new folder: a new run that starts from a's step 2 (as before)
+    assert (
+        main(
+            ["train", str(cfg), f"checkpoint.output_dir={root / 'c'}", "optim.max_steps=4", "--resume", str(checkpoint)]
+        )
+        == 0
+    )
+    assert _steps(root / "c")[:2] == [3, 4]
