@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import DataSplits, Tokenizer, resolve_tokenizer
+from ..data import DataSplits, Tokenizer, check_tokenizer_fits, resolve_tokenizer
 from ..errors import ConfigError
 from ..model import CausalLM, load_model
+from ..model.model_folder import model_args_from_folder
 from ..peft.core.inject import add_adapter
 from ..peft.formats.adapters import load_adapter
 from ..peft.core.params import adapter_parameters
@@ -78,6 +79,7 @@ def prepare_run(
     random.seed(config.seed)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
     tokenizer = tokenizer or resolve_tokenizer(config.data.tokenizer, config.model.path)  # null: the model's own
+    _check_tokenizer(config, tokenizer, model)
     data = build_run_data(config.data, tokenizer, config.seed, config.optim.objective)
     log.info(data.report.summary())
     if model is None:
@@ -85,11 +87,6 @@ def prepare_run(
             log.info("loading the whole base on every rank before sharding: an adapter reads its values when made")
             shard = None
         model = load_model(config.model.path, dtype=dtype, device=device, quantize=config.model.quantize, shard=shard)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(
-            f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.args.vocab_size}; "
-            "use the model's own tokenizer"
-        )
     for section in config.adapters:
         torch.manual_seed(config.seed)  # each adapter starts as it would alone (adapters trained together == alone)
         if section.path is not None:  # an earlier adapter: its rank, alpha and targets come from its folder
@@ -117,3 +114,14 @@ def _set_step_options(model: CausalLM, config: TrainConfig) -> None:
             "fullgraph=True); the first steps trace and compile",
             len(model.model.layers),
         )
+
+
+def _check_tokenizer(config: TrainConfig, tokenizer: Tokenizer, model: CausalLM | None) -> None:
+    """The check eval and generate make, before the data is tokenized and the weights load."""
+    vocab = model.args.vocab_size if model is not None else model_args_from_folder(config.model.path).vocab_size
+    if config.data.tokenizer:
+        key, advice = f"data.tokenizer '{config.data.tokenizer}'", "use the model's own (data.tokenizer: null)"
+    else:
+        key = f"the tokenizer of {config.model.path} (data.tokenizer: null)"
+        advice = "name the one the model was trained with as data.tokenizer"
+    check_tokenizer_fits(tokenizer, vocab, key=key, advice=advice)

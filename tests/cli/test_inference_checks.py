@@ -119,3 +119,26 @@ def test_instruction_prompt_is_what_training_masks_as_the_prompt(tmp_path):
     for tok in (chat, resolve_tokenizer("byte", tmp_path)):
         assert tok.has_chat_template
         assert instruction_prompt(tok, "say hi") == _training_prompt(tok, "say hi")
+
+
+def test_train_refuses_a_tokenizer_larger_than_the_model_before_loading_it(folders, capsys, monkeypatch, tmp_path):
+    import yaml
+
+    from moetune.train import setup
+
+    root, fits, too_small, rows, _ = folders
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the check"))
+    run = {
+        "model": {"path": str(too_small), "device": "cpu"},
+        "adapter": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+        "data": {"train": str(rows), "max_length": 32},
+        "optim": {"max_steps": 1, "batch_size": 1},
+        "checkpoint": {"output_dir": str(tmp_path / "run")},
+    }
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    err = _refused(capsys, "train", cfg)
+    assert f"the tokenizer of {too_small} (data.tokenizer: null) has {TOKENS} tokens" in err, err
+    assert not any((tmp_path / "run").glob("*"))  # nothing written (the folder may be made, empty)
+    err = _refused(capsys, "train", cfg, f"data.tokenizer={fits}")
+    assert f"data.tokenizer '{fits}' has {TOKENS} tokens" in err and "data.tokenizer: null" in err, err
