@@ -8,7 +8,8 @@ The adapters stay those of the run (``moetune_run.yaml`` in the checkpoint's run
 reading a checkpoint as an adapter relies on): trained on with another alpha, dropout or targets, an
 adapter would no longer be what the run's files say, so a changed adapter key is refused, named with
 its old and new value. An adapter's ``data``, ``optim`` and ``output_dir`` may change; the optim
-settings a checkpoint's state holds then follow the config (see :mod:`.state`).
+settings a checkpoint's state holds then follow the config (see :mod:`.state`), and changed training
+data is said in a warning (the data position is kept); the tokenizer may not change.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def _check_same_adapters(config: TrainConfig, checkpoint: Path) -> None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, MoetuneError) as exc:
         log.warning("cannot compare the adapter settings with the run's (%s); they are the config's", exc)
         return
+    _check_data(run, config, source)
     was, now = [a.name for a in run.adapters], [a.name for a in config.adapters]
     if was != now:
         raise ConfigError(
@@ -83,6 +85,39 @@ def _check_same_adapters(config: TrainConfig, checkpoint: Path) -> None:
             "resume with the run's values, or train with the new ones as a new run, without --resume (--overwrite, "
             "or another checkpoint.output_dir)"
         )
+
+
+def _check_data(run: TrainConfig, config: TrainConfig, source: Path) -> None:
+    """The tokenizer may not change (an adapter is trained on its ids, and ``eval`` reads the run's);
+    other training-data keys may, said in a warning: the checkpoint's data position (how far into
+    which epoch) is kept, and in other data it points at other rows than the run would have read."""
+    before, after = _data_settings(run), _data_settings(config)
+    changed = [k for k in {**before, **after} if before.get(k, "unset") != after.get(k, "unset")]
+    shown = ", ".join(f"{k} {_show(before, k)} -> {_show(after, k)}" for k in changed[:SHOWN])
+    if any(k.endswith(".tokenizer") for k in changed):
+        raise ConfigError(
+            f"--resume: the tokenizer differs from the run's ({source}): {shown}; an adapter is trained on its "
+            "tokenizer's ids: resume with the run's tokenizer, or train with the new one as a new run, without --resume"
+        )
+    if changed:
+        log.warning(
+            "--resume: the training data differs from the run's (%s): %s; the checkpoint's data position is kept "
+            "and now counts in the new data, so the rows that follow are not those the run would have read",
+            source,
+            shown,
+        )
+
+
+def _data_settings(config: TrainConfig) -> dict[str, Any]:
+    """The keys that decide which rows train, and in which order (the eval file does not)."""
+    out: dict[str, Any] = {"seed": config.seed}
+    for i in range(len(config.adapters)):
+        plain = {k: v for k, v in to_plain(config.adapter_data(i)).items() if k != "eval"}
+        for key in ("train", "tokenizer"):  # the same file, however its path was written
+            if plain[key] not in (None, "byte"):
+                plain[key] = os.path.realpath(plain[key])
+        _flatten(plain, ("data",) if len(config.adapters) == 1 else ("adapters", i, "data"), out)
+    return out
 
 
 def _settings(config: TrainConfig) -> dict[str, Any]:

@@ -80,3 +80,20 @@ def test_another_runs_checkpoint_is_refused_into_a_run_folder_and_starts_a_new_r
         == 0
     )
     assert _steps(root / "c")[:2] == [3, 4]
+
+
+def test_a_changed_tokenizer_is_refused_and_changed_data_is_said(two_runs, caplog):
+    import logging
+
+    root, cfg = two_runs
+    before = _snapshot(root / "b")
+    out = f"checkpoint.output_dir={root / 'b'}"
+    line = _refused(str(cfg), out, "optim.max_steps=4", "data.tokenizer=null", "--resume")
+    assert "the tokenizer differs from the run's" in line and "data.tokenizer 'byte' -> null" in line, line
+    assert _snapshot(root / "b") == before
+    with caplog.at_level(logging.WARNING, logger="moetune"):
+        args = [f"checkpoint.output_dir={root / 'b'}", "optim.max_steps=3", "data.max_length=40", "--resume"]
+        assert main(["train", str(cfg), *args]) == 0
+    warned = [r.getMessage() for r in caplog.records if "training data differs" in r.getMessage()]
+    assert len(warned) == 1 and "data.max_length 48 -> 40" in warned[0], warned
+    assert _steps(root / "b")[-1] == 3
