@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .options import command, flag, overwrite_arg
 
@@ -30,6 +31,9 @@ TEXTS = {  # subcommand: (help line, description)
 def _cmd_train(ns: argparse.Namespace) -> None:
     from ..workflows import train_from_file
 
+    if isinstance(ns.resume, str) and "=" in ns.resume and not Path(ns.resume).exists():
+        # "--resume optim.max_steps=8": argparse gives the override to --resume as its PATH
+        ns.overrides, ns.resume = [*ns.overrides, ns.resume], True
     text = train_from_file(
         ns.config, ns.overrides, resume=ns.resume, overwrite=ns.overwrite, print_config=ns.print_config
     )
@@ -50,7 +54,7 @@ def add_train(sub) -> None:
         const=True,
         default=None,
         metavar="PATH",
-        help="resume from the latest checkpoint of this run, or from PATH",
+        help="resume from the latest checkpoint of this run, or from PATH (a key=value after it is an override)",
     )
     overwrite_arg(
         p,

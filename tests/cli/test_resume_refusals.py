@@ -97,3 +97,9 @@ def test_a_changed_tokenizer_is_refused_and_changed_data_is_said(two_runs, caplo
     warned = [r.getMessage() for r in caplog.records if "training data differs" in r.getMessage()]
     assert len(warned) == 1 and "data.max_length 48 -> 40" in warned[0], warned
     assert _steps(root / "b")[-1] == 3
+
+
+def test_an_override_right_after_resume_is_an_override_not_a_checkpoint_path(two_runs):
+    root, cfg = two_runs
+    assert main(["train", str(cfg), f"checkpoint.output_dir={root / 'a'}", "--resume", "optim.max_steps=3"]) == 0
+    assert _steps(root / "a")[-1] == 3
