@@ -36,8 +36,10 @@ def remove_ours(path: Path) -> list[Path]:
     for child in sorted(path.iterdir()):
         if child.name == MARKER:
             continue
-        if _written_by_moetune(child, marker):
-            kept += remove_ours(child) if child.is_dir() and not child.is_symlink() else _unlink(child)
+        if marker is not None and child.name in marker.files or marker is None and _marked_folder(child):
+            kept += remove_ours(child)
+        elif marker is None and any(fnmatch.fnmatchcase(child.name, p) for p in CONTAINED_PATTERNS):
+            _delete_whole(child)  # an event file, or a whole temporary of an interrupted write
         else:
             kept.append(child)
     if not kept:
@@ -49,20 +51,15 @@ def remove_ours(path: Path) -> list[Path]:
     return kept
 
 
-def _written_by_moetune(child: Path, marker) -> bool:
-    if marker is not None:
-        return child.name in marker.files
-    if child.is_dir() and not child.is_symlink() and read_marker(child) is not None:
-        return True
-    return any(fnmatch.fnmatchcase(child.name, p) for p in CONTAINED_PATTERNS)
+def _marked_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and read_marker(path) is not None
 
 
-def _unlink(path: Path) -> list[Path]:
-    if path.is_dir() and not path.is_symlink():  # a temporary folder of an interrupted write
+def _delete_whole(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink()
-    return []
 
 
 def describe_kept(kept: list[Path]) -> str:

@@ -102,3 +102,10 @@ def test_remove_ours_removes_a_folder_of_only_its_files(tmp_path):
     write_marker(out, Marker(kind="adapter", files=("adapter_config.json",)))
     assert remove_ours(out) == [] and not out.exists()
     assert remove_ours(Path(tmp_path / "absent")) == []
+
+
+def test_remove_ours_removes_an_interrupted_checkpoint_write_whole(tmp_path):
+    box = tmp_path / "checkpoints"
+    (box / ".checkpoint-00000005.tmp-x1y2").mkdir(parents=True)
+    (box / ".checkpoint-00000005.tmp-x1y2" / "trainer_state.pt").write_text("ours, half written")
+    assert remove_ours(box) == [] and not box.exists()
