@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...model.dispatch import dispatch, gather_rows, row_experts
+from ...model.dispatch import dispatch, gather_rows, permute_rows, row_experts
 from ..core.layer import AdapterLayer
 from .experts_layout import PROJ_OF_PAIR, gate_up_pair
 
@@ -58,8 +58,7 @@ def stacked_experts(layer: AdapterLayer, x, offsets: torch.Tensor, token_index, 
     if groups is None:
         order, groups, slot_of_row = _slot_order(slot_of_token, token_index, offsets, len(slots))
         out = _stacked_forward(layer, slots, gather_rows(x, order), offsets, groups, slot_of_row)
-        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
-        return gather_rows(out, inverse)
+        return permute_rows(out, order)
     if groups.shape[0] != offsets.shape[0] * len(slots):
         raise ValueError(f"{groups.shape[0]} (expert, slot) groups for {offsets.shape[0]} experts x {len(slots)} slots")
     return _stacked_forward(layer, slots, x, offsets, groups, slot_of_token.index_select(0, token_index))
